@@ -1,0 +1,14 @@
+"""bookings-invoicing: Microsoft Bookings appointments → Business Central draft sales invoices.
+
+Thin on purpose: the app and one blueprint per area. The work lives in `shared/`."""
+
+import azure.functions as func
+
+from shared.blueprints import directory, invoicing, status, sync
+
+app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
+
+app.register_functions(sync.bp)
+app.register_functions(directory.bp)
+app.register_functions(invoicing.bp)
+app.register_functions(status.bp)

@@ -1,0 +1,80 @@
+"""Start Azurite (from the repo's node_modules) on free ports, in memory, and stop it again."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from sandbox.server import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+ACCOUNT = "devstoreaccount1"
+KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+class Azurite:
+    def __init__(self) -> None:
+        self.blob_port, self.queue_port, self.table_port = free_port(), free_port(), free_port()
+        self._workspace = tempfile.mkdtemp(prefix="azurite-")
+        self._process: subprocess.Popen | None = None
+
+    @property
+    def connection_string(self) -> str:
+        host = "http://127.0.0.1"
+        return (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={KEY};"
+                f"BlobEndpoint={host}:{self.blob_port}/{ACCOUNT};"
+                f"QueueEndpoint={host}:{self.queue_port}/{ACCOUNT};"
+                f"TableEndpoint={host}:{self.table_port}/{ACCOUNT};")
+
+    def start(self) -> "Azurite":
+        executable = ROOT / "node_modules" / ".bin" / "azurite"
+        if not executable.exists():
+            raise RuntimeError("Azurite is not installed: run `npm ci` (make does this for you).")
+        command = [str(executable), "--silent", "--inMemoryPersistence", "--skipApiVersionCheck",
+                   "--disableProductStyleUrl", "--location", self._workspace,
+                   "--blobHost", "127.0.0.1", "--blobPort", str(self.blob_port),
+                   "--queueHost", "127.0.0.1", "--queuePort", str(self.queue_port),
+                   "--tableHost", "127.0.0.1", "--tablePort", str(self.table_port)]
+        self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                         start_new_session=True, cwd=self._workspace)
+        deadline = time.monotonic() + 60
+        for port in (self.blob_port, self.queue_port, self.table_port):
+            while not _listening(port):
+                if self._process.poll() is not None:
+                    error = self._process.stderr.read().decode(errors="replace") if self._process.stderr else ""
+                    raise RuntimeError(f"Azurite exited early: {error[:2000]}")
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("Azurite did not start within 60 s")
+                time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self._process and self._process.poll() is None:
+            try:
+                os.killpg(self._process.pid, signal.SIGTERM)
+                self._process.wait(timeout=10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self._process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        shutil.rmtree(self._workspace, ignore_errors=True)
+
+    def __enter__(self) -> "Azurite":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0

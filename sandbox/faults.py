@@ -1,0 +1,266 @@
+"""Latency, concurrency limits, rate limits and injected faults for the simulators.
+
+`FaultMiddleware` wraps a simulator's ASGI app. Everything is driven by `Knobs` (changeable at
+run time) and is deterministic for a given seed, so a failing chaos run can be replayed.
+
+Fault kinds:
+- ``429``: throttled, with ``Retry-After`` and the API's error body.
+- ``500`` / ``503``: server errors with the API's error body.
+- ``timeout``: the response is held for ``Knobs.hang_seconds`` (longer than the client waits).
+- ``reset``: the connection is dropped after the status line, before a complete body.
+- ``malformed``: ``200`` with a truncated JSON body.
+- ``lost``: the request is *executed* (an entity is created) but the answer is lost (``reset``);
+  only for POST requests, the "created but the response was lost" case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import threading
+import time
+from collections import Counter, defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+FAULT_KINDS = ("429", "500", "503", "timeout", "reset", "malformed", "lost")
+
+
+@dataclass
+class Knobs:
+    latency_ms: float = 0.0
+    """Added to every request (after it gets a concurrency slot)."""
+    max_concurrency: int | None = None
+    """Requests per key served at once; more wait in line."""
+    max_queued: int | None = None
+    """Requests per key allowed to wait; beyond that the answer is 429 (None: unbounded)."""
+    rate_limit: int | None = None
+    """At most this many requests per key within `rate_window_seconds`, else 429."""
+    rate_window_seconds: float = 1.0
+    fault_rate: float = 0.0
+    """Probability that a request gets a fault drawn from `fault_kinds`."""
+    fault_kinds: tuple[str, ...] = ("429", "500", "503", "reset", "malformed")
+    retry_after_seconds: int = 1
+    hang_seconds: float = 30.0
+    seed: int = 0
+
+
+@dataclass
+class ScriptedFault:
+    method: str
+    path: re.Pattern
+    kind: str
+    remaining: int
+
+
+@dataclass
+class Stats:
+    requests: Counter = field(default_factory=Counter)
+    """Requests by ``"METHOD /path-shape"``."""
+    faults: Counter = field(default_factory=Counter)
+    """Injected faults by kind (throttling by the limits counts as ``429``)."""
+    max_in_flight: Counter = field(default_factory=Counter)
+    """Highest number of requests served at once, by key."""
+
+    @property
+    def total_requests(self) -> int:
+        return sum(self.requests.values())
+
+    @property
+    def total_faults(self) -> int:
+        return sum(self.faults.values())
+
+
+_ID_SEGMENT = re.compile(r"\([^)]*\)|/[A-Za-z0-9_\-=.@%+]{16,}(?=/|$)")
+
+
+def path_shape(path: str) -> str:
+    """`/companies(abc)/customers(123)` → `/companies()/customers()`; long ids → `/{id}`."""
+    return _ID_SEGMENT.sub(lambda m: "()" if m.group(0).startswith("(") else "/{id}", path)
+
+
+class FaultPlan:
+    """Thread-safe holder of knobs, scripted faults and counters, shared with the middleware."""
+
+    def __init__(self, knobs: Knobs | None = None):
+        self.knobs = knobs or Knobs()
+        self.stats = Stats()
+        self._lock = threading.Lock()
+        self._scripted: list[ScriptedFault] = []
+        self._random = random.Random(self.knobs.seed)
+
+    def configure(self, **changes) -> None:
+        with self._lock:
+            for name, value in changes.items():
+                if not hasattr(self.knobs, name):
+                    raise AttributeError(f"unknown knob {name!r}")
+                setattr(self.knobs, name, value)
+            if "seed" in changes:
+                self._random = random.Random(self.knobs.seed)
+
+    def script(self, method: str, path_regex: str, kind: str, times: int = 1) -> None:
+        """The next `times` requests matching `method` and `path_regex` (searched) get `kind`."""
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}")
+        with self._lock:
+            self._scripted.append(
+                ScriptedFault(method.upper(), re.compile(path_regex), kind, times)
+            )
+
+    def clear(self) -> None:
+        """Forget scripted faults and random faults; keep latency and limits."""
+        with self._lock:
+            self._scripted.clear()
+            self.knobs.fault_rate = 0.0
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self.stats = Stats()
+
+    def pick_fault(self, method: str, path: str) -> str | None:
+        with self._lock:
+            for scripted in self._scripted:
+                if scripted.remaining > 0 and scripted.method in (method, "*") and scripted.path.search(path):
+                    scripted.remaining -= 1
+                    if scripted.remaining == 0:
+                        self._scripted.remove(scripted)
+                    return scripted.kind
+            if self.knobs.fault_rate and self._random.random() < self.knobs.fault_rate:
+                kinds = [k for k in self.knobs.fault_kinds if k != "lost" or method == "POST"]
+                return self._random.choice(kinds) if kinds else None
+        return None
+
+    def count(self, method: str, path: str) -> None:
+        with self._lock:
+            self.stats.requests[f"{method} {path_shape(path)}"] += 1
+
+    def count_fault(self, kind: str) -> None:
+        with self._lock:
+            self.stats.faults[kind] += 1
+
+
+ErrorBody = Callable[[int, str, str], dict]
+
+
+def default_error_body(status: int, code: str, message: str) -> dict:
+    return {"error": {"code": code, "message": message}}
+
+
+class _KeyGate:
+    """Concurrency slots and a sliding-window rate counter for one key (a mailbox, an environment)."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.waiting = 0
+        self.condition: asyncio.Condition | None = None
+        self.recent: deque[float] = deque()
+
+
+class FaultMiddleware:
+    """ASGI middleware applying a `FaultPlan` to every request except those under `/_sim`.
+
+    `key_of(path)` names the resource whose limits apply (e.g. the Bookings mailbox)."""
+
+    def __init__(self, app, plan: FaultPlan, key_of: Callable[[str], str] = lambda path: "*",
+                 error_body: ErrorBody = default_error_body):
+        self.app = app
+        self.plan = plan
+        self.key_of = key_of
+        self.error_body = error_body
+        self._gates: dict[str, _KeyGate] = defaultdict(_KeyGate)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"].startswith("/_sim"):
+            await self.app(scope, receive, send)
+            return
+        method, path = scope["method"], scope["path"]
+        plan, knobs = self.plan, self.plan.knobs
+        plan.count(method, path)
+        gate = self._gates[self.key_of(path)]
+        if gate.condition is None:
+            gate.condition = asyncio.Condition()
+
+        if knobs.rate_limit:
+            now = time.monotonic()
+            while gate.recent and now - gate.recent[0] > knobs.rate_window_seconds:
+                gate.recent.popleft()
+            if len(gate.recent) >= knobs.rate_limit:
+                plan.count_fault("429")
+                await self._throttled(send)
+                return
+            gate.recent.append(now)
+
+        limit = knobs.max_concurrency
+        if limit:
+            if knobs.max_queued is not None and gate.in_flight >= limit and gate.waiting >= knobs.max_queued:
+                plan.count_fault("429")
+                await self._throttled(send)
+                return
+            async with gate.condition:
+                gate.waiting += 1
+                await gate.condition.wait_for(lambda: gate.in_flight < (knobs.max_concurrency or 1 << 30))
+                gate.waiting -= 1
+                gate.in_flight += 1
+        else:
+            gate.in_flight += 1
+        key = self.key_of(path)
+        with plan._lock:
+            if gate.in_flight > plan.stats.max_in_flight[key]:
+                plan.stats.max_in_flight[key] = gate.in_flight
+        try:
+            if knobs.latency_ms:
+                await asyncio.sleep(knobs.latency_ms / 1000)
+            fault = plan.pick_fault(method, path)
+            if fault:
+                plan.count_fault(fault)
+            await self._serve(fault, scope, receive, send)
+        finally:
+            async with gate.condition:
+                gate.in_flight -= 1
+                gate.condition.notify_all()
+
+    async def _serve(self, fault: str | None, scope, receive, send) -> None:
+        if fault is None:
+            await self.app(scope, receive, send)
+        elif fault == "429":
+            await self._throttled(send)
+        elif fault in ("500", "503"):
+            status = int(fault)
+            code = "InternalServerError" if status == 500 else "ServiceUnavailable"
+            await self._json(send, status, self.error_body(status, code, "Injected server error."))
+        elif fault == "timeout":
+            await asyncio.sleep(self.plan.knobs.hang_seconds)
+            await self._json(send, 504, self.error_body(504, "GatewayTimeout", "Injected timeout."))
+        elif fault == "reset":
+            await self._drop(send)
+        elif fault == "malformed":
+            await self._raw(send, 200, b'{"value": [{"id": "trunc', "application/json")
+        elif fault == "lost":
+            async def swallow(message):
+                return None
+            await self.app(scope, receive, swallow)
+            await self._drop(send)
+
+    async def _throttled(self, send) -> None:
+        seconds = self.plan.knobs.retry_after_seconds
+        body = self.error_body(429, "TooManyRequests", "Too many requests. Retry later.")
+        await self._json(send, 429, body, [(b"retry-after", str(seconds).encode())])
+
+    async def _json(self, send, status: int, body: dict, headers: list | None = None) -> None:
+        await self._raw(send, status, json.dumps(body).encode(), "application/json", headers)
+
+    @staticmethod
+    async def _raw(send, status: int, body: bytes, content_type: str, headers: list | None = None) -> None:
+        all_headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": all_headers + (headers or [])})
+        await send({"type": "http.response.body", "body": body})
+
+    @staticmethod
+    async def _drop(send) -> None:
+        """Promise a body, send part of it, then fail: the server closes the connection."""
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")]})
+        await send({"type": "http.response.body", "body": b"{", "more_body": True})
+        raise ConnectionResetError("injected connection reset")

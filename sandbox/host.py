@@ -1,0 +1,273 @@
+"""Drive the function app in process, the way the Azure Functions host does.
+
+Azure Functions Core Tools cannot be installed here, so tests, the demo and the benchmark use
+this small host instead of `func start`. It loads `function_app.app`, and:
+- HTTP: matches the route template and method, enforces function keys for non-anonymous routes
+  (401 without one, as the host does), and passes `HttpRequest` with `route_params`;
+- timers: passes a `TimerRequest`;
+- queues: polls every queue that has a trigger, decodes the body as `host.json`'s
+  `messageEncoding` says, runs up to `batchSize` messages at once, deletes a message on success,
+  makes it visible again after `visibilityTimeout` on failure, and after `maxDequeueCount`
+  failed attempts moves it to `<queue>-poison`.
+All functions run on one event loop in a background thread, as in the Python worker."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import inspect
+import json
+import logging
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+import azure.functions as func
+from azure.functions.queue import QueueMessage
+from azure.storage.queue.aio import QueueClient
+
+from shared.hostconfig import queue_settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QueueStats:
+    processed: int = 0
+    failed_attempts: int = 0
+    poisoned: int = 0
+    by_queue: dict[str, int] = field(default_factory=dict)
+
+
+class FunctionHost:
+    def __init__(self, app: func.FunctionApp, connection_string: str, retry_delay: float | None = None):
+        self.app = app
+        self.connection_string = connection_string
+        self.settings = queue_settings()
+        self.retry_delay = self.settings.visibility_timeout_seconds if retry_delay is None else retry_delay
+        self.function_key = secrets.token_urlsafe(24)
+        self.stats = QueueStats()
+        self._functions = {fn.get_function_name(): fn for fn in app.get_functions()}
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="functions-host", daemon=True)
+        self._thread.start()
+        self._queue_clients: dict[str, QueueClient] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def run(self, coroutine, timeout: float | None = None) -> Any:
+        """Run a coroutine on the host's loop (where the app's clients live)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    def close(self) -> None:
+        async def shutdown() -> None:
+            from shared.runtime import _runtimes
+
+            for client in self._queue_clients.values():
+                await client.close()
+            current = _runtimes.get(asyncio.get_running_loop())
+            if current:
+                await current.aclose()
+
+        try:
+            self.run(shutdown(), timeout=30)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> "FunctionHost":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- invoking ------------------------------------------------------------------------------
+
+    def function(self, name: str):
+        return self._functions[name]
+
+    @staticmethod
+    def _trigger_name(fn) -> str:
+        return next(b.name for b in fn.get_bindings() if b.type.endswith("Trigger"))
+
+    async def _invoke(self, fn, argument) -> Any:
+        user_function = fn.get_user_function()
+        kwargs = {self._trigger_name(fn): argument}
+        if inspect.iscoroutinefunction(user_function):
+            return await user_function(**kwargs)
+        return await asyncio.to_thread(user_function, **kwargs)
+
+    def timer(self, name: str = "sync_bookings", past_due: bool = False, timeout: float = 600) -> Any:
+        from azure.functions.timer import TimerRequest
+
+        return self.run(self._invoke(self.function(name), TimerRequest(past_due=past_due)), timeout)
+
+    # -- HTTP ----------------------------------------------------------------------------------
+
+    def _route(self, method: str, path: str):
+        allowed = False
+        for fn in self._functions.values():
+            trigger = fn.get_trigger()
+            if type(trigger).__name__ != "HttpTrigger":
+                continue
+            pattern = "^" + re.sub(r"\\{(\w+)\\}", r"(?P<\1>[^/]+)", re.escape(trigger.route)) + "$"
+            match = re.match(pattern, path)
+            if match:
+                methods = [str(getattr(m, "value", m)).upper() for m in (trigger.methods or [])]
+                if methods and method.upper() not in methods:
+                    allowed = True
+                    continue
+                return fn, trigger, match.groupdict()
+        return None, "method" if allowed else None, {}
+
+    def http(self, method: str, path: str, body: Any = None, params: dict | None = None,
+             headers: dict | None = None, key: str | None | bool = True, timeout: float = 600) -> func.HttpResponse:
+        """Call `/api/<path>`. `key=True` sends the host's function key; `False`/None sends none."""
+        return self.run(self.http_async(method, path, body, params, headers, key), timeout)
+
+    async def http_async(self, method: str, path: str, body: Any = None, params: dict | None = None,
+                         headers: dict | None = None, key: str | None | bool = True) -> func.HttpResponse:
+        path = path.lstrip("/").removeprefix("api/")
+        fn, trigger, route_params = self._route(method, path)
+        if fn is None:
+            status = 405 if trigger == "method" else 404
+            return func.HttpResponse(status_code=status)
+        headers = {k.lower(): v for k, v in (headers or {}).items()}
+        params = dict(params or {})
+        level = str(getattr(trigger.auth_level, "value", trigger.auth_level)).lower()
+        if level != "anonymous":
+            supplied = headers.get("x-functions-key") or params.get("code")
+            if key is True:
+                supplied = supplied or self.function_key
+            elif isinstance(key, str):
+                supplied = key
+            if supplied != self.function_key:
+                return func.HttpResponse(status_code=401)
+        params.pop("code", None)
+        if isinstance(body, (dict, list)):
+            raw = json.dumps(body).encode()
+            headers.setdefault("content-type", "application/json")
+        elif isinstance(body, str):
+            raw = body.encode()
+        else:
+            raw = body or b""
+        query = f"?{urlencode(params)}" if params else ""
+        request = func.HttpRequest(method.upper(), f"http://localhost:7071/api/{path}{query}", headers=headers,
+                                   params=params, route_params=route_params, body=raw)
+        return await self._invoke(fn, request)
+
+    # -- queues --------------------------------------------------------------------------------
+
+    def _queue_triggers(self) -> dict[str, Any]:
+        found = {}
+        for fn in self._functions.values():
+            trigger = fn.get_trigger()
+            if type(trigger).__name__ == "QueueTrigger":
+                found[trigger.queue_name] = fn
+        return found
+
+    def _client(self, queue: str) -> QueueClient:
+        client = self._queue_clients.get(queue)
+        if client is None:
+            client = self._queue_clients[queue] = QueueClient.from_connection_string(self.connection_string, queue)
+        return client
+
+    def drain(self, timeout: float = 600, queues: list[str] | None = None) -> QueueStats:
+        """Process queue messages until every triggered queue is empty (retries included)."""
+        return self.run(self._drain(timeout, queues), timeout + 30)
+
+    async def _drain(self, timeout: float, only: list[str] | None) -> QueueStats:
+        triggers = {q: fn for q, fn in self._queue_triggers().items() if only is None or q in only}
+        deadline = time.monotonic() + timeout
+        while True:
+            received = await asyncio.gather(*(self._poll(queue, fn) for queue, fn in triggers.items()))
+            if any(received):
+                continue
+            remaining = 0
+            for queue in triggers:
+                try:
+                    properties = await self._client(queue).get_queue_properties()
+                except Exception:  # noqa: BLE001 - queue not created yet
+                    continue
+                remaining += properties.approximate_message_count or 0
+            if remaining == 0:
+                return self.stats
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"queues still hold {remaining} message(s) after {timeout} s")
+            await asyncio.sleep(min(0.05 + self.retry_delay / 4, 0.5))
+
+    async def _poll(self, queue: str, fn) -> int:
+        client = self._client(queue)
+        try:
+            messages = [m async for m in client.receive_messages(
+                messages_per_page=self.settings.batch_size, max_messages=self.settings.batch_size,
+                visibility_timeout=300)]
+        except Exception:  # noqa: BLE001 - the queue does not exist until the app creates it
+            return 0
+        await asyncio.gather(*(self._handle(queue, fn, m) for m in messages))
+        return len(messages)
+
+    async def _handle(self, queue: str, fn, message) -> None:
+        client = self._client(queue)
+        try:
+            body = self._decode(message.content)
+            argument = QueueMessage(id=message.id, body=body, dequeue_count=message.dequeue_count,
+                                    expiration_time=message.expires_on, insertion_time=message.inserted_on,
+                                    time_next_visible=message.next_visible_on, pop_receipt=message.pop_receipt)
+            await self._invoke(fn, argument)
+        except Exception as error:  # noqa: BLE001 - the host catches everything a function raises
+            self.stats.failed_attempts += 1
+            if message.dequeue_count >= self.settings.max_dequeue_count:
+                log.warning("host: moving a %s message to poison after %d attempts: %s", queue,
+                            message.dequeue_count, error)
+                poison = self._client(f"{queue}-poison")
+                try:
+                    await poison.create_queue()
+                except Exception:  # noqa: BLE001 - exists
+                    pass
+                await poison.send_message(message.content)
+                await client.delete_message(message.id, message.pop_receipt)
+                self.stats.poisoned += 1
+            else:
+                await client.update_message(message.id, message.pop_receipt, visibility_timeout=int(self.retry_delay))
+            return
+        await client.delete_message(message.id, message.pop_receipt)
+        self.stats.processed += 1
+        self.stats.by_queue[queue] = self.stats.by_queue.get(queue, 0) + 1
+
+    def _decode(self, content: str) -> bytes:
+        if self.settings.message_encoding == "base64":
+            try:
+                return base64.b64decode(content, validate=True)
+            except (binascii.Error, ValueError) as error:
+                raise ValueError("the message is not valid base64 (host.json messageEncoding)") from error
+        return content.encode()
+
+    def peek_poison(self, queue: str) -> list[dict]:
+        """Messages in `<queue>-poison`, decoded (for tests and the demo summary)."""
+        async def peek() -> list[dict]:
+            client = self._client(f"{queue}-poison")
+            try:
+                messages = await client.peek_messages(max_messages=32)
+            except Exception:  # noqa: BLE001 - no poison queue yet
+                return []
+            found = []
+            for m in messages:
+                text = self._decode(m.content).decode(errors="replace")
+                try:
+                    found.append(json.loads(text))
+                except ValueError:
+                    found.append({"raw": text})
+            return found
+        return self.run(peek(), 60)
+
+    def send(self, queue: str, text: str, encode: bool = True) -> None:
+        """Put a raw message on a queue, encoded as the app would (or not, to test bad input)."""
+        content = base64.b64encode(text.encode()).decode() if encode and self.settings.message_encoding == "base64" \
+            else text
+        self.run(self._client(queue).send_message(content), 60)

@@ -1,0 +1,88 @@
+"""Everything the app talks to, started together: Azurite and the Entra ID, Graph and Business
+Central simulators over HTTPS with a CA made for this run. The demo, the tests and the benchmark
+all use this; the app sees only settings (URLs, ids, the CA through SSL_CERT_FILE)."""
+
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+from sandbox.azurite import Azurite
+from sandbox.bc import BcSimulator
+from sandbox.entra import EntraSimulator
+from sandbox.faults import FaultPlan, Knobs
+from sandbox.graph import GraphSimulator
+from sandbox.server import ServerThread
+from sandbox.tls import TlsFiles, make_tls_files
+
+TENANT = "8f3c1e2a-0000-4000-8000-00000000e1d0"
+CLIENT_ID = "5a1b2c3d-0000-4000-8000-0000000c1e47"
+CLIENT_SECRET = "sim-secret-" + "x" * 24
+ENVIRONMENT = "production"
+
+
+@dataclass
+class Sandbox:
+    tls: TlsFiles
+    azurite: Azurite
+    entra: EntraSimulator
+    graph: GraphSimulator
+    bc: BcSimulator
+    servers: dict[str, ServerThread]
+    company_id: str
+    business_ids: list[str] = field(default_factory=list)
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        """The app settings (and TLS trust) that point the app at this sandbox."""
+        values = {
+            "AzureWebJobsStorage": self.azurite.connection_string,
+            "AZURE_TENANT_ID": TENANT,
+            "AZURE_CLIENT_ID": CLIENT_ID,
+            "AZURE_CLIENT_SECRET": CLIENT_SECRET,
+            "AZURE_AUTHORITY_HOST": self.servers["entra"].url,
+            "GRAPH_BASE_URL": f"{self.servers['graph'].url}/v1.0",
+            "BC_BASE_URL": f"{self.servers['bc'].url}/v2.0",
+            "BC_ENVIRONMENT": ENVIRONMENT,
+            "BC_COMPANY_ID": self.company_id,
+            "BOOKINGS_BUSINESS_IDS": ",".join(self.business_ids),
+            "SYNC_SCHEDULE": "0 */15 * * * *",
+            **self.tls.trust_env(),
+        }
+        values.update(overrides)
+        return values
+
+    def apply_env(self, **overrides: str) -> dict[str, str]:
+        """Set the settings in this process's environment; returns the previous values."""
+        previous = {}
+        for name, value in self.env(**overrides).items():
+            previous[name] = os.environ.get(name)
+            os.environ[name] = value
+        return previous
+
+
+class SandboxStack(ExitStack):
+    """`with SandboxStack() as sandbox:` starts everything and stops it all on exit."""
+
+    def __init__(self, graph_knobs: Knobs | None = None, bc_knobs: Knobs | None = None,
+                 page_size: int = 100, batch_item_ms: float = 0.0):
+        super().__init__()
+        self.graph_knobs, self.bc_knobs = graph_knobs, bc_knobs
+        self.page_size, self.batch_item_ms = page_size, batch_item_ms
+
+    def __enter__(self) -> Sandbox:
+        super().__enter__()
+        try:
+            tls = make_tls_files()
+            azurite = self.enter_context(Azurite())
+            entra = EntraSimulator(FaultPlan())
+            entra.register_client(TENANT, CLIENT_ID, CLIENT_SECRET)
+            graph = GraphSimulator(FaultPlan(self.graph_knobs), page_size=self.page_size)
+            bc = BcSimulator(FaultPlan(self.bc_knobs), batch_item_ms=self.batch_item_ms)
+            company_id = bc.add_company(TENANT, ENVIRONMENT)
+            servers = {name: self.enter_context(ServerThread(sim.app, tls, name=f"{name}-sim"))
+                       for name, sim in (("entra", entra), ("graph", graph), ("bc", bc))}
+        except BaseException:
+            self.close()
+            raise
+        return Sandbox(tls, azurite, entra, graph, bc, servers, company_id)

@@ -1,0 +1,79 @@
+"""Directory triggers: the queue-triggered customer/item upsert and the templates API."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+import azure.functions as func
+from pydantic import BaseModel, Field, ValidationError
+
+from shared.api import ApiRequest, ApiResult, BadRequest, ProblemField, endpoint
+from shared.bc import TEMPLATE_FIELDS, CustomerFields, ItemFields
+from shared.blueprints.common import send_to_poison
+from shared.directory import list_templates, put_template, record_failure, upsert_from_message
+from shared.messages import CustomerUpsert, ItemUpsert, directory_upsert, process_message
+from shared.runtime import runtime
+from shared.store import DIRECTORY_QUEUE
+
+bp = func.Blueprint()
+
+class Template(BaseModel):
+    kind: Literal["customer", "item"]
+    code: str
+    fields: dict[str, Any]
+    updated_at: Any = Field(None, alias="updatedAt")
+
+
+class TemplateList(BaseModel):
+    value: list[Template]
+
+
+CODE = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,19}$", description="Template code, 1–20 characters")
+
+
+@bp.queue_trigger(arg_name="message", queue_name=DIRECTORY_QUEUE, connection="AzureWebJobsStorage")
+async def upsert_directory(message: func.QueueMessage) -> None:
+    rt = runtime()
+
+    async def handle(parsed: CustomerUpsert | ItemUpsert) -> None:
+        await upsert_from_message(rt, parsed)
+
+    async def give_up(parsed: CustomerUpsert | ItemUpsert, reason: str) -> None:
+        store = await rt.store()
+        key = parsed.customer.email if isinstance(parsed, CustomerUpsert) else parsed.service.service_id
+        await record_failure(store, parsed.kind, key, reason)
+
+    await process_message(message, DIRECTORY_QUEUE, directory_upsert, handle, give_up, send_to_poison)
+
+
+@bp.route(route="templates", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+@endpoint("list_templates", "GET", "templates", "List the customer and item templates",
+          responses={200: TemplateList})
+async def get_templates(request: ApiRequest) -> TemplateList:
+    store = await runtime().store()
+    return TemplateList(value=[Template.model_validate(t) for t in await list_templates(store)])
+
+
+@bp.route(route="templates/{kind}/{code}", methods=["PUT"], auth_level=func.AuthLevel.FUNCTION)
+@endpoint("put_template", "PUT", "templates/{kind}/{code}",
+          "Create or replace a template of BC field defaults for new customers or items",
+          body=dict[str, Any], body_doc=Union[CustomerFields, ItemFields],
+          route_params={"kind": Literal["customer", "item"], "code": Annotated[str, CODE]},
+          responses={200: Template})
+async def put_template_route(request: ApiRequest) -> ApiResult:
+    kind, code = request.route["kind"], request.route["code"]
+    model = TEMPLATE_FIELDS[kind]
+    try:
+        fields = model.model_validate(request.body).model_dump(exclude_none=True)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors()[:20]:
+            name = ".".join(str(part) for part in item["loc"])
+            message = (f"'{name}' is not a field a {kind} template may set"
+                       if item["type"] == "extra_forbidden" else item["msg"])
+            problems.append(ProblemField(field=name, message=message))
+        detail = "; ".join(p.message for p in problems)
+        raise BadRequest(f"The template is not valid: {detail}.", problems) from None
+    store = await runtime().store()
+    saved = await put_template(store, kind, code, fields)
+    return ApiResult(Template.model_validate(saved))

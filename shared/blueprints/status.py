@@ -1,0 +1,65 @@
+"""Anonymous endpoints for operators and tools: health and the OpenAPI description."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import azure.functions as func
+from pydantic import BaseModel, Field
+
+from shared.api import ApiRequest, Problem, endpoint
+from shared.directory import directory_health
+from shared.runtime import runtime
+from shared.sync import last_sync
+
+bp = func.Blueprint()
+
+
+class SyncError(BaseModel):
+    business_id: str | None = Field(None, alias="businessId")
+    message: str
+
+
+class LastSync(BaseModel):
+    at: str | None
+    outcome: str = Field(examples=["succeeded"], description="succeeded | partial | failed")
+    counts: dict[str, Any]
+    errors: list[SyncError]
+
+
+class DirectoryHealth(BaseModel):
+    customer_failures: int = Field(alias="customerFailures")
+    item_failures: int = Field(alias="itemFailures")
+    recent: list[dict[str, Any]] = Field(description="Up to 10 recent failures with their reasons")
+
+
+class Health(BaseModel):
+    status: str = Field(description="ok | degraded (the last sync was not fully successful) | "
+                                    "never-synced", examples=["ok"])
+    last_sync: LastSync | None = Field(alias="lastSync")
+    directory: DirectoryHealth | None = None
+
+
+@bp.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+@endpoint("health", "GET", "health", "Health and the outcome of the last sync run",
+          responses={200: Health, 503: Problem}, anonymous=True)
+async def health(request: ApiRequest) -> Health:
+    store = await runtime().store()
+    last = await last_sync(store)
+    directory = await directory_health(store)
+    if last is None:
+        status = "never-synced"
+    elif last["outcome"] == "succeeded" and not (directory["customerFailures"] or directory["itemFailures"]):
+        status = "ok"
+    else:
+        status = "degraded"
+    return Health.model_validate({"status": status, "lastSync": last, "directory": directory})
+
+
+@bp.route(route="openapi.json", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+@endpoint("openapi", "GET", "openapi.json", "This API's OpenAPI 3.1 description",
+          responses={200: dict[str, Any]}, anonymous=True)
+async def openapi(request: ApiRequest) -> dict:
+    from shared.openapi import build_document
+
+    return build_document()

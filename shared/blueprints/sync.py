@@ -1,0 +1,49 @@
+"""Sync triggers: the timer, the queued webhook request, and `POST /api/sync`."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+
+import azure.functions as func
+
+from shared.api import ApiRequest, ApiResult, Problem, Status, endpoint
+from shared.blueprints.common import send_to_poison
+from shared.messages import SyncRequest, encode, process_message
+from shared.runtime import runtime
+from shared.store import SYNC_QUEUE
+from shared.sync import run_sync
+
+log = logging.getLogger(__name__)
+bp = func.Blueprint()
+
+RETRY_WHEN_BUSY_SECONDS = 30
+
+
+@bp.timer_trigger(arg_name="timer", schedule="%SYNC_SCHEDULE%", run_on_startup=False, use_monitor=True)
+async def sync_bookings(timer: func.TimerRequest) -> None:
+    if timer.past_due:
+        log.info("sync timer is past due", extra={"event": "sync_timer_past_due"})
+    await run_sync(runtime(), trigger="timer")
+
+
+@bp.queue_trigger(arg_name="message", queue_name=SYNC_QUEUE, connection="AzureWebJobsStorage")
+async def run_requested_sync(message: func.QueueMessage) -> None:
+    async def handle(request: SyncRequest) -> None:
+        rt = runtime()
+        if await run_sync(rt, trigger=f"request:{request.reason}") is None:
+            # A run is in progress and may have read the calendar before the change that
+            # prompted this request: run again once it is done.
+            store = await rt.store()
+            await store.send(SYNC_QUEUE, encode(request), visibility_timeout=RETRY_WHEN_BUSY_SECONDS)
+
+    await process_message(message, SYNC_QUEUE, SyncRequest, handle, poison=send_to_poison)
+
+
+@bp.route(route="sync", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+@endpoint("request_sync", "POST", "sync", "Queue a sync run soon (webhook for near-real-time sync)",
+          responses={202: Status, 503: Problem})
+async def request_sync(request: ApiRequest) -> ApiResult:
+    store = await runtime().store()
+    await store.send(SYNC_QUEUE, encode(SyncRequest(reason="http", requestedAt=datetime.now(timezone.utc))))
+    return ApiResult(Status(status="queued"), status=202)

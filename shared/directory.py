@@ -1,0 +1,316 @@
+"""Directory: Bookings customers and services as BC customers and service items.
+
+Each customer (by normalised e-mail) and each service (by id) has a link row. Resolving claims
+the row with an ETag before it looks BC up or creates anything, so two workers never create the
+same customer; a create whose answer was lost is found again by e-mail (items: by name) before it
+is repeated. New records get the named template's defaults, overridden by the Bookings fields;
+existing BC records keep their values (only blanks are filled). The same resolution serves the
+queue-triggered upsert and the invoice worker, so no booking ever needs manual linking."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+
+from shared.bc import BcClient
+from shared.http import UpstreamAmbiguous, UpstreamConflict
+from shared.messages import CustomerSource, CustomerUpsert, ItemUpsert, PermanentFailure, ServiceSource
+from shared.runtime import Runtime
+from shared.store import CUSTOMER_LINKS, ITEM_LINKS, TEMPLATES, Store, encode_key, to_json
+
+log = logging.getLogger(__name__)
+
+CUSTOMER_PARTITION = "customer"
+ITEM_PARTITION = "item"
+CLAIM_STALE_AFTER = timedelta(seconds=90)
+WAIT_FOR_OTHER_SECONDS = 45.0
+CREATE_ATTEMPTS = 4
+
+
+class TemplateNotFound(PermanentFailure):
+    pass
+
+
+class LinkBusy(Exception):
+    """Another worker is resolving the same customer/item right now; retry later."""
+
+
+@dataclass(frozen=True)
+class Link:
+    key: str
+    bc_id: str
+    bc_number: str | None
+    origin: str
+    """`created` (from a template by this service) or `linked` (an existing BC record)."""
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    table: str
+    partition: str
+    entity_set: str
+    setting: str
+
+
+CUSTOMER = Kind("customer", CUSTOMER_LINKS, CUSTOMER_PARTITION, "customers", "CUSTOMER_TEMPLATE")
+ITEM = Kind("item", ITEM_LINKS, ITEM_PARTITION, "items", "ITEM_TEMPLATE")
+KINDS = {"customer": CUSTOMER, "item": ITEM}
+
+
+# -- templates ---------------------------------------------------------------------------------
+
+_template_cache: dict[tuple, tuple[float, dict]] = {}
+TEMPLATE_CACHE_SECONDS = 15.0
+
+
+async def get_template(store: Store, kind: str, code: str) -> dict | None:
+    row = await store.get(TEMPLATES, kind, encode_key(code))
+    return json.loads(row["Fields"]) if row else None
+
+
+async def template_defaults(store: Store, kind: Kind, code: str | None) -> dict:
+    """The defaults of the template named in settings; {} when none is named."""
+    if not code:
+        return {}
+    cache_key = (id(store), kind.name, code)
+    cached = _template_cache.get(cache_key)
+    if cached and cached[0] > time.monotonic():
+        return cached[1]
+    fields = await get_template(store, kind.name, code)
+    if fields is None:
+        raise TemplateNotFound(f"The {kind.name} template '{code}' named in {kind.setting} does not exist; "
+                               f"create it with PUT /api/templates/{kind.name}/{code}.")
+    _template_cache[cache_key] = (time.monotonic() + TEMPLATE_CACHE_SECONDS, fields)
+    return fields
+
+
+async def put_template(store: Store, kind: str, code: str, fields: dict) -> dict:
+    now = datetime.now(timezone.utc)
+    await store.upsert(TEMPLATES, {"PartitionKey": kind, "RowKey": encode_key(code), "Code": code,
+                                   "Fields": to_json(fields), "UpdatedAt": now}, merge=False)
+    _template_cache.clear()
+    return {"kind": kind, "code": code, "fields": fields, "updatedAt": now}
+
+
+async def list_templates(store: Store) -> list[dict]:
+    rows = await store.query(TEMPLATES)
+    return [{"kind": row["PartitionKey"], "code": row.get("Code") or row["RowKey"],
+             "fields": json.loads(row.get("Fields") or "{}"), "updatedAt": row.get("UpdatedAt")}
+            for row in sorted(rows, key=lambda r: (r["PartitionKey"], r["RowKey"]))]
+
+
+# -- mapping to BC fields ----------------------------------------------------------------------
+
+def customer_fields(source: CustomerSource) -> dict:
+    mapped = {"displayName": (source.display_name or source.email)[:100], "email": source.email,
+              "phoneNumber": source.phone, "addressLine1": source.address_line1, "city": source.city,
+              "state": source.state, "country": source.country, "postalCode": source.postal_code}
+    return {name: value for name, value in mapped.items() if value}
+
+
+def item_fields(source: ServiceSource) -> dict:
+    return {"displayName": source.display_name[:100], "unitPrice": round(source.default_price, 2)}
+
+
+def new_record(kind: Kind, defaults: dict, mapped: dict) -> dict:
+    """Template defaults, then the Bookings fields (which win), then the fixed type."""
+    fields = {**defaults, **mapped}
+    fields["type"] = "Person" if kind is CUSTOMER else "Service"
+    return fields
+
+
+def blanks_to_fill(existing: dict, mapped: dict) -> dict:
+    """For an existing BC record, BC wins: only empty fields take the Bookings value."""
+    return {name: value for name, value in mapped.items()
+            if value not in (None, "") and existing.get(name) in (None, "")}
+
+
+# -- resolution --------------------------------------------------------------------------------
+
+class Resolver:
+    """Find or create the BC record for one customer/item, exactly once across workers."""
+
+    def __init__(self, rt: Runtime, store: Store, bc: BcClient):
+        self.rt, self.store, self.bc = rt, store, bc
+        self.owner = uuid.uuid4().hex
+
+    async def customer(self, source: CustomerSource, source_hash: str | None = None) -> Link:
+        mapped = customer_fields(source)
+        return await self._resolve(CUSTOMER, source.email, mapped, source_hash,
+                                   lambda: self.bc.customers_by_email(source.email))
+
+    async def item(self, source: ServiceSource, source_hash: str | None = None) -> Link:
+        mapped = item_fields(source)
+        return await self._resolve(ITEM, source.service_id, mapped, source_hash,
+                                   lambda: self.bc.items_by_name(source.display_name))
+
+    async def _resolve(self, kind: Kind, key: str, mapped: dict, source_hash: str | None, find) -> Link:
+        row_key = encode_key(key)
+        deadline = time.monotonic() + WAIT_FOR_OTHER_SECONDS
+        while True:
+            row = await self.store.get(kind.table, kind.partition, row_key)
+            if row and row.get("Status") == "linked" and row.get("BcId"):
+                link = _link(row)
+                if source_hash and row.get("SourceHash") != source_hash:
+                    await self._refresh(kind, row, link, mapped, source_hash)
+                return link
+            etag = await self._claim(kind, key, row_key, row)
+            if etag:
+                break
+            if time.monotonic() > deadline:
+                raise LinkBusy(f"another worker has been resolving {kind.name} {key} for too long")
+            await asyncio.sleep(0.2)
+        try:
+            record, origin = await self._find_or_create(kind, mapped, find)
+        except Exception as error:
+            await self._mark_failed(kind, row_key, key, str(error), etag)
+            raise
+        entity = {"PartitionKey": kind.partition, "RowKey": row_key, "Key": key, "Status": "linked",
+                  "BcId": record["id"], "BcNumber": record.get("number") or "", "Origin": origin,
+                  "Owner": "", "LastError": "", "UpdatedAt": datetime.now(timezone.utc)}
+        if source_hash:
+            entity["SourceHash"] = source_hash
+        try:
+            await self.store.update(kind.table, entity, etag=etag)
+        except ResourceModifiedError:
+            # We were slow and another worker took over the claim: it finds this record in BC.
+            log.warning("lost the claim on %s %s after creating it", kind.name, _mask(key))
+        log.info("%s %s %s as %s", kind.name, origin, _mask(key), record.get("number"),
+                 extra={"event": f"{kind.name}_{origin}", "bc_id": record["id"]})
+        return Link(key, record["id"], record.get("number"), origin)
+
+    async def _claim(self, kind: Kind, key: str, row_key: str, row: dict | None) -> str | None:
+        """Take the link row for this worker; None if another worker holds a fresh claim."""
+        now = datetime.now(timezone.utc)
+        claim = {"PartitionKey": kind.partition, "RowKey": row_key, "Key": key, "Status": "linking",
+                 "Owner": self.owner, "ClaimedAt": now}
+        try:
+            if row is None:
+                return (await self.store.insert(kind.table, claim))["etag"]
+            claimed_at = row.get("ClaimedAt")
+            if (row.get("Status") == "linking" and row.get("Owner") != self.owner and claimed_at
+                    and now - claimed_at < CLAIM_STALE_AFTER):
+                return None
+            return (await self.store.update(kind.table, claim, etag=row.metadata["etag"]))["etag"]
+        except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
+            return None
+
+    async def _find_or_create(self, kind: Kind, mapped: dict, find) -> tuple[dict, str]:
+        existing = await find()
+        if existing:
+            record = existing[0]
+            await self._fill_blanks(kind, record, mapped)
+            return record, "linked"
+        code = self.rt.settings.customer_template if kind is CUSTOMER else self.rt.settings.item_template
+        fields = new_record(kind, await template_defaults(self.store, kind, code), mapped)
+        for attempt in range(1, CREATE_ATTEMPTS + 1):
+            try:
+                return await self.bc.create(kind.entity_set, fields), "created"
+            except UpstreamAmbiguous:
+                # The create may have happened: look before creating again.
+                existing = await find()
+                if existing:
+                    return existing[0], "created"
+                if attempt == CREATE_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _fill_blanks(self, kind: Kind, record: dict, mapped: dict) -> None:
+        for _ in range(3):
+            changes = blanks_to_fill(record, mapped)
+            if not changes:
+                return
+            try:
+                await self.bc.update(kind.entity_set, record["id"], record.get("@odata.etag", "*"), changes)
+                return
+            except UpstreamConflict:
+                record = await self.bc.get(kind.entity_set, record["id"]) or record
+
+    async def _refresh(self, kind: Kind, row: dict, link: Link, mapped: dict, source_hash: str) -> None:
+        """Bookings data changed since the last upsert: fill blanks (customers, linked items) or
+        follow the Bookings name and price (items this service created)."""
+        record = await self.bc.get(kind.entity_set, link.bc_id)
+        if record is not None:
+            if kind is ITEM and link.origin == "created":
+                changes = {k: v for k, v in mapped.items() if record.get(k) != v}
+                if changes:
+                    await self.bc.update(kind.entity_set, record["id"], record.get("@odata.etag", "*"), changes)
+            else:
+                await self._fill_blanks(kind, record, mapped)
+        try:
+            await self.store.update(kind.table, {"PartitionKey": kind.partition, "RowKey": row["RowKey"],
+                                                 "SourceHash": source_hash, "LastError": ""},
+                                    etag=row.metadata["etag"])
+        except ResourceModifiedError:
+            pass
+
+    async def _mark_failed(self, kind: Kind, row_key: str, key: str, reason: str, etag: str | None) -> None:
+        try:
+            await self.store.update(kind.table, {"PartitionKey": kind.partition, "RowKey": row_key, "Key": key,
+                                                 "Status": "failed", "Owner": "", "LastError": reason[:2000],
+                                                 "UpdatedAt": datetime.now(timezone.utc)}, etag=etag)
+        except (ResourceModifiedError, ResourceNotFoundError):
+            pass
+
+
+def _link(row: dict) -> Link:
+    return Link(row.get("Key") or row["RowKey"], row["BcId"], row.get("BcNumber") or None,
+                row.get("Origin") or "linked")
+
+
+def _mask(key: str) -> str:
+    """E-mail addresses are personal data: log only enough to recognise one."""
+    if "@" not in key:
+        return key
+    local, _, domain = key.partition("@")
+    return f"{local[:2]}…@{domain}"
+
+
+async def record_failure(store: Store, kind_name: str, key: str, reason: str) -> None:
+    """Make a failure visible on the link row (health, invoice reasons) without a claim."""
+    kind = KINDS[kind_name]
+    row_key = encode_key(key)
+    row = await store.get(kind.table, kind.partition, row_key)
+    if row and row.get("Status") == "linked":
+        await store.update(kind.table, {"PartitionKey": kind.partition, "RowKey": row_key,
+                                        "LastError": reason[:2000]}, etag=None)
+        return
+    await store.upsert(kind.table, {"PartitionKey": kind.partition, "RowKey": row_key, "Key": key,
+                                    "Status": "failed", "Owner": "", "LastError": reason[:2000],
+                                    "UpdatedAt": datetime.now(timezone.utc)})
+
+
+async def upsert_from_message(rt: Runtime, message: CustomerUpsert | ItemUpsert) -> Link | None:
+    """The queue-triggered upsert. Disabled sides (`SYNC_CUSTOMERS`/`SYNC_ITEMS`) do nothing."""
+    store = await rt.store()
+    resolver = Resolver(rt, store, rt.bc)
+    if isinstance(message, CustomerUpsert):
+        if not rt.settings.sync_customers:
+            return None
+        return await resolver.customer(message.customer, message.source_hash)
+    if not rt.settings.sync_items:
+        return None
+    return await resolver.item(message.service, message.source_hash)
+
+
+async def directory_health(store: Store) -> dict:
+    failures = {"customer": 0, "item": 0}
+    recent = []
+    for kind in (CUSTOMER, ITEM):
+        rows = await store.query(kind.table, "PartitionKey eq @pk and Status eq 'failed'",
+                                 ["RowKey", "Key", "LastError", "UpdatedAt"], {"pk": kind.partition})
+        failures[kind.name] = len(rows)
+        recent += [{"kind": kind.name, "key": _mask(r.get("Key") or r["RowKey"]), "reason": r.get("LastError"),
+                    "at": r.get("UpdatedAt")} for r in rows]
+    recent.sort(key=lambda r: r["at"] or datetime.min.replace(tzinfo=timezone.utc), reverse=True)
+    for item in recent:
+        item["at"] = item["at"].isoformat() if item["at"] else None
+    return {"customerFailures": failures["customer"], "itemFailures": failures["item"], "recent": recent[:10]}

@@ -1,0 +1,176 @@
+"""Microsoft Graph v1.0 Bookings: the payload models and the one client that reads and writes them.
+
+Bookings has no delta query and no change notifications, so a sync re-reads a whole calendar
+window. The service drops `@odata.nextLink` when `$top` is sent, so paging only follows the
+links it returns. An inaccessible business answers `ErrorFolderNotFound` (not 403)."""
+
+from __future__ import annotations
+
+import logging
+import zoneinfo
+from datetime import datetime, timezone
+from urllib.parse import quote as url_quote
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+
+from shared.http import ApiClient, UpstreamError
+
+log = logging.getLogger(__name__)
+
+MAILBOX_CONCURRENCY = 4
+"""Bookings serves at most 4 concurrent requests per app and mailbox."""
+
+
+class GraphModel(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+
+class DateTimeTimeZone(GraphModel):
+    date_time: str = Field(alias="dateTime")
+    time_zone: str | None = Field(None, alias="timeZone")
+
+    def to_utc(self) -> datetime:
+        """Graph returns UTC for Bookings, but honour an offset or a named zone if present."""
+        parsed = datetime.fromisoformat(self.date_time)
+        if parsed.tzinfo is None:
+            zone = timezone.utc
+            if self.time_zone and self.time_zone.upper() not in ("UTC", "Z"):
+                try:
+                    zone = zoneinfo.ZoneInfo(self.time_zone)
+                except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                    zone = timezone.utc
+            parsed = parsed.replace(tzinfo=zone)
+        return parsed.astimezone(timezone.utc)
+
+
+class CustomerInformation(GraphModel):
+    customer_id: str | None = Field(None, alias="customerId")
+    name: str | None = None
+    email_address: str | None = Field(None, alias="emailAddress")
+    phone: str | None = None
+
+
+class Appointment(GraphModel):
+    id: str = Field(min_length=1)
+    start_date_time: DateTimeTimeZone = Field(validation_alias=AliasChoices("startDateTime", "start"))
+    end_date_time: DateTimeTimeZone = Field(validation_alias=AliasChoices("endDateTime", "end"))
+    duration: str | None = None
+    service_id: str | None = Field(None, alias="serviceId")
+    service_name: str | None = Field(None, alias="serviceName")
+    price: float | None = None
+    price_type: str | None = Field(None, alias="priceType")
+    customers: list[CustomerInformation] = Field(default_factory=list)
+    customer_email_address: str | None = Field(None, alias="customerEmailAddress")
+    customer_name: str | None = Field(None, alias="customerName")
+    customer_phone: str | None = Field(None, alias="customerPhone")
+    service_notes: str | None = Field(None, alias="serviceNotes")
+    is_location_online: bool | None = Field(None, alias="isLocationOnline")
+    last_updated_date_time: str | None = Field(None, alias="lastUpdatedDateTime")
+
+    @field_validator("customers", mode="before")
+    @classmethod
+    def _null_is_empty(cls, value):
+        return value or []
+
+    def billed_customers(self) -> list[CustomerInformation]:
+        """The `customers[]` entries, or — as is common — the single-customer fields."""
+        if self.customers:
+            return self.customers
+        return [CustomerInformation(name=self.customer_name, emailAddress=self.customer_email_address,
+                                    phone=self.customer_phone)]
+
+
+class PhysicalAddress(GraphModel):
+    street: str | None = None
+    city: str | None = None
+    state: str | None = None
+    country_or_region: str | None = Field(None, alias="countryOrRegion")
+    postal_code: str | None = Field(None, alias="postalCode")
+
+
+class Phone(GraphModel):
+    number: str | None = None
+    type: str | None = None
+
+
+class BookingCustomer(GraphModel):
+    id: str
+    display_name: str | None = Field(None, alias="displayName")
+    email_address: str | None = Field(None, alias="emailAddress")
+    addresses: list[PhysicalAddress] = Field(default_factory=list)
+    phones: list[Phone] = Field(default_factory=list)
+
+    @field_validator("addresses", "phones", mode="before")
+    @classmethod
+    def _null_is_empty(cls, value):
+        return value or []
+
+
+class BookingService(GraphModel):
+    id: str
+    display_name: str | None = Field(None, alias="displayName")
+    default_price: float | None = Field(None, alias="defaultPrice")
+    default_price_type: str | None = Field(None, alias="defaultPriceType")
+    default_duration: str | None = Field(None, alias="defaultDuration")
+    description: str | None = None
+
+
+class NoAccessToBusiness(UpstreamError):
+    """Graph hides an inaccessible business behind ErrorFolderNotFound."""
+
+
+class GraphClient:
+    def __init__(self, api: ApiClient, base_url: str):
+        self.api = api
+        self.base_url = base_url.rstrip("/")
+
+    def _business_url(self, business_id: str) -> str:
+        return f"{self.base_url}/solutions/bookingBusinesses/{url_quote(business_id, safe='@')}"
+
+    async def _pages(self, business_id: str, url: str, params: dict | None = None):
+        """Yield the raw items of every page, following `@odata.nextLink` only."""
+        next_url: str | None = url
+        while next_url:
+            try:
+                response = await self.api.request("GET", next_url, params=params, limit_key=business_id)
+            except UpstreamError as error:
+                if error.code == "ErrorFolderNotFound" or (error.status == 403):
+                    raise NoAccessToBusiness(error.service, error.status, error.code,
+                                             f"no access to business {business_id}") from error
+                raise
+            body = response.body if isinstance(response.body, dict) else {}
+            items = body.get("value")
+            if not isinstance(items, list):
+                raise UpstreamError("Graph", response.status, "MalformedResponse",
+                                    "a page of results had no 'value' list")
+            for item in items:
+                yield item
+            next_url, params = body.get("@odata.nextLink"), None
+
+    async def calendar_view(self, business_id: str, start: datetime, end: datetime):
+        """Raw appointment payloads overlapping [start, end); validation is the caller's choice
+        so one bad appointment does not hide the others."""
+        params = {"start": _iso_z(start), "end": _iso_z(end)}
+        async for item in self._pages(business_id, f"{self._business_url(business_id)}/calendarView", params):
+            yield item
+
+    async def customers(self, business_id: str):
+        async for item in self._pages(business_id, f"{self._business_url(business_id)}/customers"):
+            yield item
+
+    async def services(self, business_id: str):
+        async for item in self._pages(business_id, f"{self._business_url(business_id)}/services"):
+            yield item
+
+    async def get_appointment(self, business_id: str, appointment_id: str) -> Appointment:
+        url = f"{self._business_url(business_id)}/appointments/{url_quote(appointment_id, safe='')}"
+        response = await self.api.request("GET", url, limit_key=business_id)
+        return Appointment.model_validate(response.body)
+
+    async def update_appointment(self, business_id: str, appointment_id: str, changes: dict) -> None:
+        url = f"{self._business_url(business_id)}/appointments/{url_quote(appointment_id, safe='')}"
+        await self.api.request("PATCH", url, json_body=changes, limit_key=business_id)
+
+
+def _iso_z(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

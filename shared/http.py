@@ -1,0 +1,209 @@
+"""What the Graph and Business Central clients share: one `httpx.AsyncClient` per process and
+event loop, bearer tokens, bounded concurrency, retries that honour `Retry-After`, and errors
+mapped from the APIs' `{"error": {"code", "message"}}` bodies.
+
+Retrying a request that may already have taken effect would bill or create twice, so a POST is
+retried only when the server certainly did not act on it (429, or a connection never made).
+Any other failure of a POST raises `UpstreamAmbiguous`: the caller looks the record up by its
+natural key before trying again."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+from collections.abc import Awaitable, Callable
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = {429, 500, 502, 503, 504}
+MAX_RETRY_AFTER_SECONDS = 120.0
+
+
+class UpstreamError(Exception):
+    """An external API refused or failed a request. `code` is the API's error code."""
+
+    def __init__(self, service: str, status: int | None, code: str, message: str):
+        self.service, self.status, self.code, self.message = service, status, code, message
+        where = f"{service} answered {status}" if status else f"{service} could not be reached"
+        super().__init__(f"{where} ({code}): {message}")
+
+    retryable_override: bool | None = None
+
+    @property
+    def retryable(self) -> bool:
+        if self.retryable_override is not None:
+            return self.retryable_override
+        return self.status is None or self.status in RETRYABLE_STATUS
+
+
+class UpstreamThrottled(UpstreamError):
+    """Still throttled (429) after every retry."""
+
+
+class UpstreamAmbiguous(UpstreamError):
+    """A write may or may not have happened (lost answer): look it up before repeating it."""
+
+
+class UpstreamNotFound(UpstreamError):
+    pass
+
+
+class UpstreamConflict(UpstreamError):
+    """The record changed since it was read (ETag) or already exists."""
+
+
+@dataclass
+class ApiResponse:
+    status: int
+    headers: httpx.Headers
+    body: Any
+
+    @property
+    def etag(self) -> str | None:
+        return self.headers.get("etag")
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return min(max(float(value), 0.0), MAX_RETRY_AFTER_SECONDS)
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        if parsed is None:
+            return None
+        return min(max(parsed.timestamp() - time.time(), 0.0), MAX_RETRY_AFTER_SECONDS)
+
+
+def error_from_body(service: str, status: int, body: Any, text: str) -> UpstreamError:
+    code, message = f"HTTP{status}", text[:300] or "no details"
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict):
+            code = str(error.get("code") or code)
+            message = str(error.get("message") or message)
+        elif isinstance(error, str):
+            code, message = error, str(body.get("error_description") or message)
+    kind = {404: UpstreamNotFound, 409: UpstreamConflict, 412: UpstreamConflict,
+            429: UpstreamThrottled}.get(status, UpstreamError)
+    return kind(service, status, code, message)
+
+
+TokenSource = Callable[[], Awaitable[str]]
+
+
+class ApiClient:
+    """A JSON API behind bearer tokens. One instance per API, process and event loop."""
+
+    def __init__(self, service: str, token: TokenSource, *, timeout: float,
+                 max_concurrency: int, max_attempts: int = 7, backoff_seconds: float = 0.25,
+                 max_backoff_seconds: float = 20.0, max_connections: int = 32):
+        self.service = service
+        self._token = token
+        self._max_concurrency = max_concurrency
+        self._gates: dict[str, asyncio.Semaphore] = defaultdict(lambda: asyncio.Semaphore(self._max_concurrency))
+        self.max_attempts = max_attempts
+        self.backoff_seconds = backoff_seconds
+        self.max_backoff_seconds = max_backoff_seconds
+        self.requests_sent = 0
+        self.retries = 0
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            headers={"Accept": "application/json"},
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return retry_after
+        ceiling = min(self.max_backoff_seconds, self.backoff_seconds * (2 ** attempt))
+        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not security
+
+    async def request(self, method: str, url: str, *, json_body: Any = None,
+                      params: dict | None = None, headers: dict | None = None,
+                      limit_key: str = "*", idempotent: bool | None = None) -> ApiResponse:
+        """Send one request with retries; return the parsed answer or raise `UpstreamError`."""
+        idempotent = method in ("GET", "PUT", "DELETE", "PATCH", "HEAD") if idempotent is None else idempotent
+        token_refreshed = False
+        attempt = 0
+        while True:
+            attempt += 1
+            retry_after: float | None = None
+            try:
+                token = await self._token()
+                request_headers = {"Authorization": f"Bearer {token}", **(headers or {})}
+                async with self._gates[limit_key]:
+                    self.requests_sent += 1
+                    response = await self._http.request(method, url, json=json_body, params=params,
+                                                        headers=request_headers)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
+                failure = UpstreamError(self.service, None, type(error).__name__, "connection failed")
+            except (httpx.TimeoutException, httpx.TransportError) as error:
+                failure = UpstreamError(self.service, None, type(error).__name__,
+                                        "the connection failed before an answer arrived")
+                if not idempotent:
+                    raise UpstreamAmbiguous(self.service, None, failure.code, failure.message) from error
+            else:
+                outcome = self._interpret(response)
+                if isinstance(outcome, ApiResponse):
+                    return outcome
+                failure = outcome
+                if response.status_code == 401 and not token_refreshed:
+                    token_refreshed = True
+                    await self._token_refresh()
+                    continue
+                if not failure.retryable:
+                    raise failure
+                if not idempotent and response.status_code != 429:
+                    raise UpstreamAmbiguous(self.service, failure.status, failure.code, failure.message)
+                retry_after = parse_retry_after(response.headers.get("retry-after"))
+            if not self._may_retry(attempt, failure, method, url):
+                raise failure
+            await asyncio.sleep(self._delay(attempt, retry_after))
+
+    def _interpret(self, response: httpx.Response) -> ApiResponse | UpstreamError:
+        text = response.text
+        try:
+            body = response.json() if text else None
+        except ValueError:
+            if response.is_success:
+                malformed = UpstreamError(self.service, response.status_code, "MalformedResponse",
+                                          "the answer was not valid JSON")
+                malformed.retryable_override = True
+                return malformed
+            body = None
+        if response.is_success:
+            return ApiResponse(response.status_code, response.headers, body)
+        return error_from_body(self.service, response.status_code, body, text)
+
+    def _may_retry(self, attempt: int, failure: UpstreamError, method: str, url: str) -> bool:
+        if attempt >= self.max_attempts:
+            log.warning("giving up on %s %s after %d attempts: %s", method, _path(url), attempt, failure,
+                        extra={"event": "upstream_gave_up", "service": self.service, "status": failure.status})
+            return False
+        self.retries += 1
+        log.info("retrying %s %s after %s", method, _path(url), failure.code,
+                 extra={"event": "upstream_retry", "service": self.service, "status": failure.status,
+                        "attempt": attempt})
+        return True
+
+    async def _token_refresh(self) -> None:
+        refresh = getattr(self._token, "refresh", None)
+        if refresh:
+            await refresh()
+
+
+def _path(url: str) -> str:
+    """The URL without its query string (which may carry skip tokens), for logs."""
+    return url.split("?", 1)[0]

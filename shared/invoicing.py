@@ -1,0 +1,427 @@
+"""Uninvoiced bookings, and turning a selection of them into an invoicing job.
+
+Exactly-once rests on claims: before anything is queued, every selected booking's customers are
+claimed for the job with ETag-guarded table transactions (per partition, ≤ 100). A listed id
+that cannot be claimed rejects the whole request and undoes the claims already taken. The job
+is split into one part per customer (one BC draft invoice each), each with its own queue
+message, so one customer's trouble neither blocks nor fails the others and a retried or
+duplicated message finds its own work already done."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from decimal import Decimal
+
+from azure.core import MatchConditions
+from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
+from azure.data.tables import TableTransactionError
+
+from shared.bookings import FREE, Booking, iso_z, normalise_email
+from shared.messages import InvoiceJobPart, encode
+from shared.runtime import Runtime
+from shared.store import (BOOKINGS, CUSTOMER_LINKS, INVOICE_QUEUE, ITEM_LINKS, JOBS, MAX_BATCH, UPDATE, Store,
+                          encode_key, fit_string, to_json)
+
+log = logging.getLogger(__name__)
+
+HEADER = "job"
+_IF_NOT_MODIFIED = MatchConditions.IfNotModified
+REFS_CHUNK_CHARS = 30_000
+MAX_REFS_CHUNKS = 28
+CLAIM_ATTEMPTS = 6
+
+
+class NotUninvoiced(Exception):
+    def __init__(self, problems: dict[str, str]):
+        super().__init__(f"{len(problems)} booking(s) cannot be invoiced")
+        self.problems = problems
+
+
+class TooLarge(Exception):
+    pass
+
+
+@dataclass
+class Filters:
+    business_id: str | None = None
+    customer_email: str | None = None
+    start_from: datetime | None = None
+    start_to: datetime | None = None
+
+
+@dataclass
+class Candidate:
+    """A booking with its billing view: customers, quantities, amounts, and why not, if not."""
+    booking: Booking
+    invoiceable: bool
+    reason: str | None
+
+    def row(self) -> dict:
+        b = self.booking
+        quantity, amount = b.quantity(), b.amount_per_customer()
+        open_emails = set(b.open_emails())
+        listed = [c for c in b.customers if c.email is None or c.email in open_emails]
+        customers = [{"email": c.email, "name": c.name, "quantity": float(quantity), "amount": float(amount)}
+                     for c in listed]
+        return {"id": b.id, "businessId": b.business_id, "serviceId": b.service_id, "serviceName": b.service_name,
+                "start": iso_z(b.start), "end": iso_z(b.end), "priceType": b.price_type,
+                "price": float(b.unit_price()), "customers": customers,
+                "amount": float(amount * len(customers)),
+                "invoiceable": self.invoiceable, "reason": self.reason}
+
+
+def _billing_problem(booking: Booking, invoice_free: bool, failed_customers: dict, failed_items: dict) -> str | None:
+    if not booking.customers:
+        return "appointment has no customer"
+    if booking.missing_email:
+        return "customer has no e-mail"
+    if not booking.service_id:
+        return "appointment has no service"
+    if booking.price_type != FREE and not booking.price:
+        return "no price: set a price for this appointment in Bookings"
+    if booking.price_type == FREE and not invoice_free:
+        return "free appointment"
+    for email in booking.open_emails():
+        if email in failed_customers:
+            return f"customer {email} could not be set up in Business Central: {failed_customers[email]}"
+    if booking.service_id in failed_items:
+        return f"service could not be set up in Business Central: {failed_items[booking.service_id]}"
+    return None
+
+
+async def _failures(store: Store) -> tuple[dict, dict]:
+    customers = {r.get("Key"): r.get("LastError") for r in await store.query(
+        CUSTOMER_LINKS, "Status eq 'failed'", ["Key", "LastError"])}
+    items = {r.get("Key"): r.get("LastError") for r in await store.query(
+        ITEM_LINKS, "Status eq 'failed'", ["Key", "LastError"])}
+    return customers, items
+
+
+def _time_filter(name: str, moment: datetime) -> str:
+    return f"{name} {{op}} datetime'{moment.astimezone(timezone.utc).strftime('%Y-%m-%dT%H:%M:%S.%fZ')}'"
+
+
+async def candidates(rt: Runtime, store: Store, filters: Filters, now: datetime | None = None) -> list[Candidate]:
+    """Every uninvoiced booking (SPEC §4: ended, not cancelled, not invoiced nor claimed), sorted
+    by start. Free ones only with `INVOICE_FREE_BOOKINGS`; rows that cannot be billed carry a reason."""
+    now = now or datetime.now(timezone.utc)
+    clauses = ["InvoiceState eq 'none'", "Cancelled eq false", _time_filter("EndUtc", now).format(op="lt")]
+    parameters: dict = {}
+    if filters.business_id:
+        clauses.insert(0, "PartitionKey eq @pk")
+        parameters["pk"] = encode_key(filters.business_id)
+    if filters.start_from:
+        clauses.append(_time_filter("StartUtc", filters.start_from).format(op="ge"))
+    if filters.start_to:
+        clauses.append(_time_filter("StartUtc", filters.start_to).format(op="lt"))
+    rows, (failed_customers, failed_items) = await asyncio.gather(
+        store.query(BOOKINGS, " and ".join(clauses), parameters=parameters or None), _failures(store))
+    email = normalise_email(filters.customer_email) if filters.customer_email else None
+    invoice_free = rt.settings.invoice_free_bookings
+    found = []
+    for row in rows:
+        booking = Booking.from_entity(row)
+        if not booking.open_emails() and not booking.missing_email:
+            continue
+        if email and email not in booking.open_emails():
+            continue
+        if booking.price_type == FREE and not invoice_free:
+            continue
+        problem = _billing_problem(booking, invoice_free, failed_customers, failed_items)
+        found.append(Candidate(booking, problem is None, problem))
+    found.sort(key=lambda c: (c.booking.start, c.booking.business_id, c.booking.id))
+    return found
+
+
+def encode_cursor(candidate: Candidate) -> str:
+    b = candidate.booking
+    return base64.urlsafe_b64encode(json.dumps([iso_z(b.start), b.business_id, b.id]).encode()).decode()
+
+
+def after_cursor(found: list[Candidate], cursor: str | None) -> list[Candidate]:
+    if not cursor:
+        return found
+    try:
+        start, business, ident = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+    except (ValueError, TypeError) as error:
+        raise ValueError("the continuation token is not valid") from error
+    key = (start, business, ident)
+    return [c for c in found if (iso_z(c.booking.start), c.booking.business_id, c.booking.id) > key]
+
+
+# -- grouping ----------------------------------------------------------------------------------
+
+@dataclass
+class Part:
+    """One customer's share of a job: one BC draft invoice."""
+    index: int
+    email: str
+    name: str | None
+    bookings: list[Booking] = field(default_factory=list)
+
+    @property
+    def amount(self) -> Decimal:
+        return sum((b.amount_per_customer() for b in self.bookings), Decimal(0))
+
+
+def group_by_customer(bookings: list[Booking], emails_of) -> list[Part]:
+    """One part per customer e-mail, bookings in start order; `emails_of(booking)` says which
+    of a booking's customers to bill (open ones for a preview, the job's claims for a job)."""
+    by_email: dict[str, Part] = {}
+    for booking in sorted(bookings, key=lambda b: (b.start, b.id)):
+        names = {c.email: c.name for c in booking.customers}
+        for email in emails_of(booking):
+            part = by_email.setdefault(email, Part(0, email, names.get(email)))
+            part.bookings.append(booking)
+    parts = [by_email[email] for email in sorted(by_email)]
+    for index, part in enumerate(parts):
+        part.index = index
+    return parts
+
+
+def line_description(booking: Booking, time_zone: str) -> str:
+    from zoneinfo import ZoneInfo
+
+    local = booking.start.astimezone(ZoneInfo(time_zone))
+    return f"{booking.service_name or 'Appointment'} – {local:%Y-%m-%d %H:%M}"[:100]
+
+
+def preview(parts: list[Part], time_zone: str) -> list[dict]:
+    """What `dryRun` answers: the invoices that would be made."""
+    return [{"customerEmail": p.email, "customerName": p.name, "amount": float(p.amount),
+             "bookingIds": [b.id for b in p.bookings],
+             "lines": [{"bookingId": b.id, "description": line_description(b, time_zone),
+                        "quantity": float(b.quantity()), "unitPrice": float(b.unit_price()),
+                        "amount": float(b.amount_per_customer())} for b in p.bookings]}
+            for p in parts]
+
+
+# -- claims ------------------------------------------------------------------------------------
+
+def _refs(bookings: list[Booking]) -> list[list[str]]:
+    return [[b.partition_key, b.row_key] for b in bookings]
+
+
+async def _read(store: Store, refs: list[list[str]]) -> list[Booking | None]:
+    gate = asyncio.Semaphore(16)
+
+    async def one(ref: list[str]) -> Booking | None:
+        async with gate:
+            row = await store.get(BOOKINGS, ref[0], ref[1])
+            return Booking.from_entity(row) if row else None
+
+    return await asyncio.gather(*(one(ref) for ref in refs))
+
+
+async def _apply(store: Store, bookings: list[Booking], change, attempts: int = CLAIM_ATTEMPTS
+                 ) -> tuple[list[Booking], dict[str, str]]:
+    """Apply `change(booking) -> problem | None` to each booking and write the invoicing fields
+    back with ETag-guarded transactions (≤ 100 per partition). A transaction that loses a race is
+    re-read and retried. Returns the bookings written and the problems by booking id."""
+    written: list[Booking] = []
+    problems: dict[str, str] = {}
+    by_partition: dict[str, list[Booking]] = {}
+    for booking in bookings:
+        by_partition.setdefault(booking.partition_key, []).append(booking)
+    chunks = [group[i:i + MAX_BATCH] for group in by_partition.values() for i in range(0, len(group), MAX_BATCH)]
+    gate = asyncio.Semaphore(8)
+
+    async def run(chunk: list[Booking]) -> None:
+        async with gate:
+            for attempt in range(attempts):
+                operations = []
+                ready = []
+                for booking in chunk:
+                    problem = change(booking)
+                    if problem:
+                        problems[booking.id] = problem
+                    else:
+                        ready.append(booking)
+                        operations.append((UPDATE, booking.invoice_fields(),
+                                           {"mode": "merge", "etag": booking.etag,
+                                            "match_condition": _IF_NOT_MODIFIED}))
+                if not operations:
+                    return
+                try:
+                    await store.transact(BOOKINGS, operations)
+                    written.extend(ready)
+                    return
+                except (TableTransactionError, ResourceModifiedError, ResourceNotFoundError):
+                    fresh = await _read(store, _refs(ready))
+                    chunk = []
+                    for old, new in zip(ready, fresh, strict=False):
+                        if new is None:
+                            problems[old.id] = "the booking no longer exists"
+                        else:
+                            chunk.append(new)
+                    await asyncio.sleep(0.05 * (attempt + 1))
+            for booking in chunk:
+                problems.setdefault(booking.id, "the booking kept changing; try again")
+
+    await asyncio.gather(*(run(chunk) for chunk in chunks))
+    return written, problems
+
+
+def _claimable(now: datetime, invoice_free: bool):
+    def check(booking: Booking) -> str | None:
+        if booking.cancelled:
+            return "cancelled"
+        if booking.end >= now:
+            return "has not ended yet"
+        if booking.missing_email:
+            return "customer has no e-mail"
+        if booking.price_type == FREE and not invoice_free:
+            return "free appointment"
+        if not booking.open_emails():
+            held = set(booking.claims.values())
+            return f"being invoiced by job {sorted(held)[0]}" if held else "already invoiced"
+        return None
+    return check
+
+
+async def claim(store: Store, job_id: str, bookings: list[Booking], now: datetime,
+                invoice_free: bool) -> tuple[list[Booking], dict[str, str]]:
+    """Claim every open customer of each booking for `job_id`."""
+    check = _claimable(now, invoice_free)
+
+    def take(booking: Booking) -> str | None:
+        problem = check(booking)
+        if problem is None:
+            for email in booking.open_emails():
+                booking.claims[email] = job_id
+        return problem
+
+    return await _apply(store, bookings, take)
+
+
+async def release(store: Store, job_id: str, refs: list[list[str]], email: str | None = None) -> int:
+    """Give back the claims `job_id` holds (for one customer, or all) on these bookings."""
+    current = [b for b in await _read(store, refs) if b is not None]
+
+    def drop(booking: Booking) -> str | None:
+        mine = [e for e, j in booking.claims.items() if j == job_id and (email is None or e == email)]
+        if not mine:
+            return "nothing to release"
+        for e in mine:
+            del booking.claims[e]
+        return None
+
+    written, _ = await _apply(store, current, drop)
+    return len(written)
+
+
+# -- jobs --------------------------------------------------------------------------------------
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def external_document_number(job_id: str, part: int) -> str:
+    """Deterministic per job part, ≤ 35 characters: finds an invoice created but not recorded."""
+    return f"BKI-{job_id[:22]}-{part:05d}"
+
+
+def _chunks(text: str) -> dict[str, str]:
+    pieces = [text[i:i + REFS_CHUNK_CHARS] for i in range(0, len(text), REFS_CHUNK_CHARS)] or [""]
+    if len(pieces) > MAX_REFS_CHUNKS:
+        raise TooLarge("too many bookings for one customer in one request; select fewer")
+    return {f"Refs{index}": piece for index, piece in enumerate(pieces)}
+
+
+def refs_of(row: dict) -> list[list[str]]:
+    text = "".join(row.get(f"Refs{index}", "") for index in range(MAX_REFS_CHUNKS))
+    return json.loads(text or "[]")
+
+
+def part_key(index: int) -> str:
+    return f"part-{index:05d}"
+
+
+async def create_job(rt: Runtime, store: Store, bookings: list[Booking], strict: bool,
+                     request: dict) -> tuple[str | None, int]:
+    """Claim, record and queue a job. `strict`: any booking that cannot be claimed rejects the
+    whole request (listed ids); otherwise such bookings are left out (`all`)."""
+    job_id = new_job_id()
+    now = datetime.now(timezone.utc)
+    await store.upsert(JOBS, {"PartitionKey": job_id, "RowKey": HEADER, "Status": "claiming", "CreatedAt": now,
+                              "Request": fit_string(to_json(request), 4000)})
+    claimed, problems = await claim(store, job_id, bookings, now, rt.settings.invoice_free_bookings)
+    if (problems and strict) or not claimed:
+        await release(store, job_id, _refs(claimed))
+        await store.upsert(JOBS, {"PartitionKey": job_id, "RowKey": HEADER, "Status": "rejected"})
+        if strict and problems:
+            raise NotUninvoiced(problems)
+        return None, 0
+    parts = group_by_customer(claimed, lambda b: sorted(e for e, j in b.claims.items() if j == job_id))
+    try:
+        rows = [{"PartitionKey": job_id, "RowKey": part_key(p.index), "CustomerEmail": p.email,
+                 "CustomerName": p.name or "", "Status": "queued", "BookingCount": len(p.bookings),
+                 **_chunks(to_json(_refs(p.bookings)))} for p in parts]
+    except TooLarge:
+        await release(store, job_id, _refs(claimed))
+        await store.upsert(JOBS, {"PartitionKey": job_id, "RowKey": HEADER, "Status": "rejected"})
+        raise
+    await store.write_batches(JOBS, [("upsert", row) for row in rows])
+    await store.upsert(JOBS, {"PartitionKey": job_id, "RowKey": HEADER, "Status": "queued",
+                              "BookingCount": len(claimed), "PartCount": len(parts)})
+    await store.send_many(INVOICE_QUEUE, [encode(InvoiceJobPart(jobId=job_id, part=p.index)) for p in parts])
+    log.info("invoicing job %s queued: %d bookings, %d invoices", job_id, len(claimed), len(parts),
+             extra={"event": "invoice_job_queued", "job_id": job_id, "bookings": len(claimed), "parts": len(parts)})
+    return job_id, len(claimed)
+
+
+async def job_status(store: Store, job_id: str) -> dict | None:
+    rows = await store.partition(JOBS, job_id)
+    header = next((r for r in rows if r["RowKey"] == HEADER), None)
+    if header is None or header.get("Status") == "rejected":
+        return None
+    parts = [r for r in rows if r["RowKey"].startswith("part-")]
+    statuses = [p.get("Status") for p in parts]
+    if header.get("Status") == "claiming" or not parts:
+        status = "queued"
+    elif all(s == "succeeded" for s in statuses):
+        status = "succeeded"
+    elif any(s in ("queued", "running") for s in statuses):
+        status = "running" if any(s != "queued" for s in statuses) else "queued"
+    elif any(s == "succeeded" for s in statuses):
+        status = "partial"
+    else:
+        status = "failed"
+    invoices, errors = [], []
+    for part in sorted(parts, key=lambda p: p["RowKey"]):
+        if part.get("InvoiceId"):
+            invoices.append({"customerEmail": part.get("CustomerEmail"), "invoiceId": part.get("InvoiceId"),
+                             "invoiceNumber": part.get("InvoiceNumber"), "amount": part.get("Amount"),
+                             "bookingIds": json.loads(part.get("BookingIds") or "[]")})
+        errors.extend(json.loads(part.get("Errors") or "[]"))
+    return {"jobId": job_id, "status": status, "bookingCount": int(header.get("BookingCount") or 0),
+            "invoices": invoices, "errors": errors}
+
+
+async def select_listed(rt: Runtime, store: Store, ids: list[str], now: datetime
+                        ) -> tuple[list[Booking], dict[str, str]]:
+    """The listed bookings if every one is uninvoiced and invoiceable; else the problems by id."""
+    wanted = set(ids)
+    found: dict[str, Booking] = {}
+    async for row in store.iterate(BOOKINGS):
+        if row.get("AppointmentId") in wanted:
+            found[row["AppointmentId"]] = Booking.from_entity(row)
+    failed_customers, failed_items = await _failures(store)
+    check = _claimable(now, rt.settings.invoice_free_bookings)
+    problems: dict[str, str] = {}
+    for ident in dict.fromkeys(ids):
+        booking = found.get(ident)
+        if booking is None:
+            problems[ident] = "unknown booking"
+            continue
+        problem = check(booking) or _billing_problem(booking, rt.settings.invoice_free_bookings,
+                                                     failed_customers, failed_items)
+        if problem:
+            problems[ident] = problem
+    return [found[i] for i in dict.fromkeys(ids) if i in found], problems

@@ -1,0 +1,133 @@
+"""Queue message schemas, and what happens to a message that cannot be processed.
+
+A message that can never succeed (it does not parse, or names a template that does not exist)
+goes to `<queue>-poison` at once. One that keeps failing is retried by the host until its last
+allowed attempt (`maxDequeueCount`); then the app records why, lets the domain undo its claims,
+and moves it to the poison queue itself. Either way the poison message says why, in words:
+`{"reason", "queue", "dequeueCount", "failedAt", "message"}`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+from typing import Annotated, Literal, TypeVar, Union
+from collections.abc import Awaitable, Callable
+
+import azure.functions as func
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from shared.hostconfig import queue_settings
+
+log = logging.getLogger(__name__)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class SyncRequest(Message):
+    kind: Literal["sync"] = "sync"
+    reason: str = Field("requested", max_length=200)
+    requested_at: datetime | None = Field(None, alias="requestedAt")
+
+
+class CustomerSource(Message):
+    """A Bookings customer as the directory upsert needs it (e-mail already normalised)."""
+    email: str = Field(min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")
+    display_name: str | None = Field(None, alias="displayName", max_length=100)
+    phone: str | None = Field(None, max_length=30)
+    address_line1: str | None = Field(None, alias="addressLine1", max_length=100)
+    city: str | None = Field(None, max_length=30)
+    state: str | None = Field(None, max_length=30)
+    country: str | None = Field(None, max_length=10)
+    postal_code: str | None = Field(None, alias="postalCode", max_length=20)
+    business_id: str | None = Field(None, alias="businessId", max_length=320)
+
+
+class ServiceSource(Message):
+    service_id: str = Field(alias="serviceId", min_length=1, max_length=200)
+    business_id: str | None = Field(None, alias="businessId", max_length=320)
+    display_name: str = Field(alias="displayName", min_length=1, max_length=100)
+    default_price: float = Field(0.0, alias="defaultPrice", ge=0, le=1e12)
+    default_price_type: str | None = Field(None, alias="defaultPriceType", max_length=40)
+
+
+class CustomerUpsert(Message):
+    kind: Literal["customer"] = "customer"
+    customer: CustomerSource
+    source_hash: str = Field(alias="sourceHash", max_length=64)
+
+
+class ItemUpsert(Message):
+    kind: Literal["item"] = "item"
+    service: ServiceSource
+    source_hash: str = Field(alias="sourceHash", max_length=64)
+
+
+DirectoryUpsert = Annotated[Union[CustomerUpsert, ItemUpsert], Field(discriminator="kind")]
+directory_upsert = TypeAdapter(DirectoryUpsert)
+
+
+class InvoiceJobPart(Message):
+    """One customer group of an invoicing job: one BC draft invoice."""
+    kind: Literal["invoice"] = "invoice"
+    job_id: str = Field(alias="jobId", pattern=r"^[0-9a-f]{32}$")
+    part: int = Field(ge=0, le=100_000)
+
+
+class PermanentFailure(Exception):
+    """Retrying cannot help (bad message, missing template…): poison it now, with this reason."""
+
+
+M = TypeVar("M")
+
+
+def encode(message: BaseModel) -> str:
+    return message.model_dump_json(by_alias=True, exclude_none=True)
+
+
+async def process_message(message: func.QueueMessage, queue: str, schema: TypeAdapter | type[BaseModel],
+                          handle: Callable[[M], Awaitable[None]],
+                          give_up: Callable[[M, str], Awaitable[None]] | None = None,
+                          poison: Callable[[str, str], Awaitable[None]] | None = None) -> None:
+    """Parse, handle, and on a final failure record the reason and move the message to poison.
+
+    `poison(queue, body)` sends to `<queue>-poison`; `give_up(parsed, reason)` lets the domain
+    release what the message held (claims, "creating" markers)."""
+    raw = message.get_body().decode("utf-8", errors="replace")
+    attempt = message.dequeue_count or 1
+    try:
+        adapter = schema if isinstance(schema, TypeAdapter) else TypeAdapter(schema)
+        parsed = adapter.validate_json(raw)
+    except ValidationError as error:
+        await _poison(poison, queue, raw, attempt, f"the message is not a valid {queue} message: "
+                      + "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors()[:5]))
+        return
+    try:
+        await handle(parsed)
+    except PermanentFailure as error:
+        reason = str(error)
+    except Exception as error:  # noqa: BLE001 - any failure is retried by the host, then poisoned
+        if attempt < queue_settings().max_dequeue_count:
+            log.warning("attempt %d of a %s message failed, will retry: %s", attempt, queue, error,
+                        extra={"event": "message_retry", "queue": queue, "attempt": attempt})
+            raise
+        reason = f"failed {attempt} times; last error: {error}"
+    if give_up:
+        await give_up(parsed, reason)
+    await _poison(poison, queue, raw, attempt, reason)
+
+
+async def _poison(poison, queue: str, raw: str, attempt: int, reason: str) -> None:
+    try:
+        original = json.loads(raw)
+    except ValueError:
+        original = raw[:20_000]
+    body = json.dumps({"reason": reason, "queue": queue, "dequeueCount": attempt,
+                       "failedAt": datetime.now(timezone.utc).isoformat(), "message": original})
+    log.error("moved a %s message to %s-poison: %s", queue, queue, reason,
+              extra={"event": "message_poisoned", "queue": queue, "reason": reason})
+    if poison is None:
+        raise PermanentFailure(reason)
+    await poison(queue, body)

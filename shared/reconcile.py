@@ -1,0 +1,86 @@
+"""Reconciliation with Business Central, run by every sync.
+
+A draft invoice deleted in BC makes its bookings uninvoiced again; a posted invoice (Open, Paid…)
+marks them posted. Job parts whose last attempt could not ask BC whether their invoice exists are
+checked again here, so their bookings end up either recorded or released, never stuck."""
+
+from __future__ import annotations
+
+import logging
+
+from shared.bookings import Booking
+from shared.http import UpstreamError
+from shared.invoicing import _apply, external_document_number, refs_of, release
+from shared.runtime import Runtime
+from shared.settings import SettingsError
+from shared.store import BOOKINGS, JOBS, Store
+
+log = logging.getLogger(__name__)
+
+POSTED_STATUSES = {"Open", "Paid", "Canceled", "Corrective"}
+
+
+async def reconcile_invoices(rt: Runtime, store: Store) -> dict:
+    try:
+        bc = rt.bc
+    except SettingsError as error:
+        return {"reconcileSkipped": str(error)}
+    rows = await store.query(BOOKINGS, "HasInvoices eq true and InvoiceState ne 'posted'")
+    bookings = [Booking.from_entity(row) for row in rows]
+    open_ids = sorted({inv["invoiceId"] for b in bookings for inv in b.invoices.values() if not inv.get("posted")})
+    counts = {"invoicesChecked": len(open_ids), "bookingsReleased": 0, "bookingsPosted": 0, "partsRechecked": 0}
+    if open_ids:
+        try:
+            states = await bc.invoices_by_id(open_ids)
+        except UpstreamError as error:
+            log.warning("reconciliation skipped: %s", error, extra={"event": "reconcile_failed"})
+            return counts | {"reconcileError": str(error)}
+
+        def follow(booking: Booking) -> str | None:
+            changed = False
+            for email, invoice in list(booking.invoices.items()):
+                if invoice.get("posted") or invoice["invoiceId"] not in states:
+                    continue
+                current = states[invoice["invoiceId"]]
+                if current is None:
+                    del booking.invoices[email]
+                    changed = True
+                elif current.get("status") in POSTED_STATUSES:
+                    invoice["posted"] = True
+                    invoice["postedNumber"] = current.get("number")
+                    changed = True
+            return None if changed else "unchanged"
+
+        before = {b.id: b.invoice_state() for b in bookings}
+        written, _ = await _apply(store, bookings, follow)
+        for booking in written:
+            state = booking.invoice_state().value
+            if state == "none" and before[booking.id].value != "none":
+                counts["bookingsReleased"] += 1
+            elif state == "posted":
+                counts["bookingsPosted"] += 1
+    counts["partsRechecked"] = await _recheck_parts(rt, store)
+    return counts
+
+
+async def _recheck_parts(rt: Runtime, store: Store) -> int:
+    from shared.invoice_worker import invoice_part
+    from shared.messages import InvoiceJobPart
+
+    checked = 0
+    for row in await store.query(JOBS, "NeedsCheck eq true"):
+        job_id, part = row["PartitionKey"], int(row["RowKey"].split("-")[1])
+        try:
+            found = await rt.bc.invoices_by_external_number(external_document_number(job_id, part))
+        except UpstreamError:
+            continue
+        if found:
+            await store.update(JOBS, {"PartitionKey": job_id, "RowKey": row["RowKey"], "Status": "running",
+                                      "NeedsCheck": False}, etag=None)
+            await invoice_part(rt, InvoiceJobPart(jobId=job_id, part=part))
+        else:
+            await release(store, job_id, refs_of(row), row["CustomerEmail"])
+            await store.update(JOBS, {"PartitionKey": job_id, "RowKey": row["RowKey"], "NeedsCheck": False},
+                               etag=None)
+        checked += 1
+    return checked

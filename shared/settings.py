@@ -1,0 +1,141 @@
+"""The app's settings, read from the environment (Function App settings in Azure,
+`local.settings.json` under `func start`).
+
+Reading settings never happens at import time: the app must index with an empty environment.
+A function that needs a setting calls `get_settings()` (or one of the narrower `require_*`), and a
+missing or invalid value fails that function only, with a `SettingsError` naming the setting."""
+
+from __future__ import annotations
+
+import os
+import zoneinfo
+from functools import lru_cache
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PUBLIC_AUTHORITY_HOST = "https://login.microsoftonline.com"
+GRAPH_SCOPE = "https://graph.microsoft.com/.default"
+BC_SCOPE = "https://api.businesscentral.dynamics.com/.default"
+
+
+class SettingsError(Exception):
+    """A setting the function needs is missing or invalid. The message names the setting."""
+
+
+class Settings(BaseSettings):
+    """Every setting of the app. Field aliases are the exact environment names (SPEC §5)."""
+
+    model_config = SettingsConfigDict(populate_by_name=True, extra="ignore", case_sensitive=True)
+
+    storage_connection: str | None = Field(None, alias="AzureWebJobsStorage")
+    """Connection string of the storage account (tables and queues), or unset when the
+    identity-based `AzureWebJobsStorage__accountName` / `__tableServiceUri` settings are used."""
+    storage_account_name: str | None = Field(None, alias="AzureWebJobsStorage__accountName")
+    storage_client_id: str | None = Field(None, alias="AzureWebJobsStorage__clientId")
+
+    tenant_id: str | None = Field(None, alias="AZURE_TENANT_ID")
+    client_id: str | None = Field(None, alias="AZURE_CLIENT_ID")
+    client_secret: str | None = Field(None, alias="AZURE_CLIENT_SECRET", repr=False)
+    client_certificate_path: str | None = Field(None, alias="AZURE_CLIENT_CERTIFICATE_PATH")
+    authority_host: str = Field(PUBLIC_AUTHORITY_HOST, alias="AZURE_AUTHORITY_HOST")
+
+    graph_base_url: str = Field("https://graph.microsoft.com/v1.0", alias="GRAPH_BASE_URL")
+    bc_base_url: str = Field("https://api.businesscentral.dynamics.com/v2.0", alias="BC_BASE_URL")
+    bc_environment: str | None = Field(None, alias="BC_ENVIRONMENT")
+    bc_company_id: str | None = Field(None, alias="BC_COMPANY_ID")
+
+    business_ids: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, alias="BOOKINGS_BUSINESS_IDS"
+    )
+    sync_schedule: str = Field("0 */15 * * * *", alias="SYNC_SCHEDULE")
+    sync_lookback_days: int = Field(60, ge=0, le=3650, alias="SYNC_LOOKBACK_DAYS")
+    sync_lookahead_days: int = Field(30, ge=0, le=3650, alias="SYNC_LOOKAHEAD_DAYS")
+    sync_customers: bool = Field(True, alias="SYNC_CUSTOMERS")
+    sync_items: bool = Field(True, alias="SYNC_ITEMS")
+    customer_template: str | None = Field(None, alias="CUSTOMER_TEMPLATE")
+    item_template: str | None = Field(None, alias="ITEM_TEMPLATE")
+    invoice_free_bookings: bool = Field(False, alias="INVOICE_FREE_BOOKINGS")
+    write_back_to_bookings: bool = Field(False, alias="WRITE_BACK_TO_BOOKINGS")
+    time_zone: str = Field("UTC", alias="BOOKINGS_TIME_ZONE")
+    http_timeout_seconds: float = Field(60.0, gt=0, le=600, alias="HTTP_TIMEOUT_SECONDS")
+
+    @field_validator("business_ids", mode="before")
+    @classmethod
+    def _split_ids(cls, value):
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("customer_template", "item_template", "bc_environment", "bc_company_id",
+                     "tenant_id", "client_id", "client_secret", "storage_connection", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("time_zone")
+    @classmethod
+    def _known_time_zone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError) as error:
+            raise ValueError(f"unknown IANA time zone {value!r}") from error
+        return value
+
+    @field_validator("graph_base_url", "bc_base_url", "authority_host")
+    @classmethod
+    def _absolute_https_url(cls, value: str) -> str:
+        if not value.startswith(("https://", "http://")):
+            raise ValueError("must be an absolute http(s) URL")
+        return value.rstrip("/")
+
+    @property
+    def is_public_authority(self) -> bool:
+        return self.authority_host == PUBLIC_AUTHORITY_HOST
+
+    @property
+    def bc_company_url(self) -> str:
+        """`{BC_BASE_URL}/{tenant}/{environment}/api/v2.0/companies({id})`."""
+        self.require("tenant_id", "bc_environment", "bc_company_id")
+        return (f"{self.bc_base_url}/{self.tenant_id}/{self.bc_environment}"
+                f"/api/v2.0/companies({self.bc_company_id})")
+
+    @property
+    def bc_batch_url(self) -> str:
+        self.require("tenant_id", "bc_environment")
+        return f"{self.bc_base_url}/{self.tenant_id}/{self.bc_environment}/api/v2.0/$batch"
+
+    def require(self, *fields: str) -> None:
+        """Raise `SettingsError` naming every listed setting that is not set."""
+        missing = [setting_name(name) for name in fields if not getattr(self, name)]
+        if missing:
+            raise SettingsError(f"Setting {', '.join(missing)} is required but not set.")
+
+
+def setting_name(field: str) -> str:
+    return Settings.model_fields[field].alias or field
+
+
+def setting_names() -> list[str]:
+    """Every environment name the app reads (used by the config-drift tests)."""
+    return [info.alias for info in Settings.model_fields.values() if info.alias]
+
+
+@lru_cache(maxsize=1)
+def _load(environment_key: tuple) -> Settings:
+    try:
+        return Settings()
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            field = item["loc"][0] if item["loc"] else "?"
+            name = setting_name(field) if field in Settings.model_fields else field
+            problems.append(f"{name}: {item['msg']}")
+        raise SettingsError("Invalid setting " + "; ".join(problems)) from None
+
+
+def get_settings() -> Settings:
+    """The current settings. Cached per distinct environment, so tests may change variables."""
+    names = setting_names()
+    return _load(tuple((name, os.environ.get(name)) for name in names))

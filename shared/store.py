@@ -1,0 +1,257 @@
+"""Azure Table and Queue storage: the app's only state.
+
+One `Store` per process and event loop owns the service clients. Writes go through here so they
+can be counted (the sync proves "nothing changed → nothing written" with these counters) and kept
+within Table Storage's rules: a transaction holds at most 100 operations of one partition, keys
+may not contain `/ \\ # ?` or control characters, a string property holds at most 32K characters.
+
+Storage is reached with the `AzureWebJobsStorage` connection string (Azurite locally) or, in
+Azure, with the Function App's managed identity (`AzureWebJobsStorage__accountName`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from collections.abc import AsyncIterator, Iterable
+
+from azure.core import MatchConditions
+from azure.core.exceptions import ResourceExistsError
+from azure.data.tables import TransactionOperation, UpdateMode
+from azure.data.tables.aio import TableClient, TableServiceClient
+from azure.storage.queue import TextBase64DecodePolicy, TextBase64EncodePolicy
+from azure.storage.queue.aio import QueueClient, QueueServiceClient
+
+from shared.hostconfig import queue_settings
+from shared.settings import Settings, SettingsError
+
+log = logging.getLogger(__name__)
+
+BOOKINGS = "bookings"
+SYNC_RUNS = "syncruns"
+CUSTOMER_LINKS = "customerlinks"
+ITEM_LINKS = "itemlinks"
+TEMPLATES = "templates"
+JOBS = "invoicejobs"
+LEASES = "leases"
+TABLES = (BOOKINGS, SYNC_RUNS, CUSTOMER_LINKS, ITEM_LINKS, TEMPLATES, JOBS, LEASES)
+
+SYNC_QUEUE = "sync-requests"
+DIRECTORY_QUEUE = "directory-upserts"
+INVOICE_QUEUE = "invoice-jobs"
+QUEUES = (SYNC_QUEUE, DIRECTORY_QUEUE, INVOICE_QUEUE)
+
+MAX_BATCH = 100
+MAX_STRING_CHARS = 32_000
+TRUNCATION_MARKER = "…[truncated]"
+_KEY_UNSAFE = re.compile(r"[%/\\#?\x00-\x1f\x7f-\x9f]")
+
+
+def encode_key(value: str) -> str:
+    """A reversible, storage-safe PartitionKey/RowKey for any id or e-mail address."""
+    return _KEY_UNSAFE.sub(lambda m: f"%{ord(m.group(0)):02X}", value)
+
+
+def decode_key(value: str) -> str:
+    return re.sub(r"%([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), value)
+
+
+def fit_string(value: str, limit: int = MAX_STRING_CHARS) -> str:
+    """Truncate a long text with a visible marker so the entity stays within the size limit."""
+    return value if len(value) <= limit else value[: limit - len(TRUNCATION_MARKER)] + TRUNCATION_MARKER
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+
+
+def quote(value: str) -> str:
+    """An OData string literal for table filters (`'` doubled)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+@dataclass
+class StoreStats:
+    """What this process wrote: single writes and transactions count one each."""
+    table_writes: int = 0
+    entities_written: int = 0
+    messages_sent: int = 0
+    by_table: dict[str, int] = field(default_factory=dict)
+
+    def count(self, table: str, entities: int) -> None:
+        self.table_writes += 1
+        self.entities_written += entities
+        self.by_table[table] = self.by_table.get(table, 0) + 1
+
+
+class Store:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.stats = StoreStats()
+        self._credential = None
+        queue_config = queue_settings()
+        if queue_config.message_encoding == "base64":
+            encode, decode = TextBase64EncodePolicy(), TextBase64DecodePolicy()
+        else:
+            encode = decode = None
+        self._queue_policies = {"message_encode_policy": encode, "message_decode_policy": decode}
+        if settings.storage_connection:
+            self.tables = TableServiceClient.from_connection_string(settings.storage_connection)
+            self.queues = QueueServiceClient.from_connection_string(settings.storage_connection,
+                                                                    **self._queue_policies)
+        elif settings.storage_account_name:
+            from azure.identity.aio import DefaultAzureCredential
+
+            account = settings.storage_account_name
+            self._credential = DefaultAzureCredential(managed_identity_client_id=settings.storage_client_id)
+            self.tables = TableServiceClient(f"https://{account}.table.core.windows.net", credential=self._credential)
+            self.queues = QueueServiceClient(f"https://{account}.queue.core.windows.net",
+                                             credential=self._credential, **self._queue_policies)
+        else:
+            raise SettingsError("Setting AzureWebJobsStorage is required but not set "
+                                "(or set AzureWebJobsStorage__accountName to use the managed identity).")
+        self._ready = False
+        self._ready_lock = asyncio.Lock()
+        self._table_clients: dict[str, TableClient] = {}
+        self._queue_clients: dict[str, QueueClient] = {}
+
+    async def aclose(self) -> None:
+        for client in [*self._table_clients.values(), *self._queue_clients.values()]:
+            await client.close()
+        await self.tables.close()
+        await self.queues.close()
+        if self._credential:
+            await self._credential.close()
+
+    async def ensure_ready(self) -> None:
+        """Create tables and queues once per process (cheap to repeat, but not free)."""
+        if self._ready:
+            return
+        async with self._ready_lock:
+            if self._ready:
+                return
+            names = [*QUEUES, *(f"{name}-poison" for name in QUEUES)]
+            await asyncio.gather(*(self._create_table(name) for name in TABLES),
+                                 *(self._create_queue(name) for name in names))
+            self._ready = True
+
+    async def _create_table(self, name: str) -> None:
+        try:
+            await self.tables.create_table(name)
+        except ResourceExistsError:
+            pass
+
+    async def _create_queue(self, name: str) -> None:
+        try:
+            await self.queues.create_queue(name)
+        except ResourceExistsError:
+            pass
+
+    def table(self, name: str) -> TableClient:
+        client = self._table_clients.get(name)
+        if client is None:
+            client = self._table_clients[name] = self.tables.get_table_client(name)
+        return client
+
+    def queue(self, name: str) -> QueueClient:
+        client = self._queue_clients.get(name)
+        if client is None:
+            client = self._queue_clients[name] = self.queues.get_queue_client(name, **self._queue_policies)
+        return client
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    async def get(self, table: str, partition: str, row: str) -> dict | None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            return await self.table(table).get_entity(partition, row)
+        except ResourceNotFoundError:
+            return None
+
+    async def query(self, table: str, filter: str | None = None, select: list[str] | None = None,
+                    parameters: dict | None = None) -> list[dict]:
+        return [entity async for entity in self.iterate(table, filter, select, parameters)]
+
+    async def iterate(self, table: str, filter: str | None = None, select: list[str] | None = None,
+                      parameters: dict | None = None) -> AsyncIterator[dict]:
+        client = self.table(table)
+        if filter:
+            pages = client.query_entities(filter, select=select, parameters=parameters)
+        else:
+            pages = client.list_entities(select=select)
+        async for entity in pages:
+            yield entity
+
+    async def partition(self, table: str, partition: str, select: list[str] | None = None) -> list[dict]:
+        return await self.query(table, "PartitionKey eq @pk", select, {"pk": partition})
+
+    # -- writes --------------------------------------------------------------------------------
+
+    async def insert(self, table: str, entity: dict) -> dict:
+        """Create; raises `ResourceExistsError` if the row exists (used to claim a name)."""
+        self.stats.count(table, 1)
+        return await self.table(table).create_entity(entity)
+
+    async def upsert(self, table: str, entity: dict, merge: bool = True) -> dict:
+        self.stats.count(table, 1)
+        return await self.table(table).upsert_entity(entity, mode=UpdateMode.MERGE if merge else UpdateMode.REPLACE)
+
+    async def update(self, table: str, entity: dict, etag: str | None, merge: bool = True) -> dict:
+        """Update guarded by `etag` (raises `ResourceModifiedError` on a concurrent change)."""
+        self.stats.count(table, 1)
+        kwargs = {"etag": etag, "match_condition": MatchConditions.IfNotModified} if etag else {}
+        return await self.table(table).update_entity(
+            entity, mode=UpdateMode.MERGE if merge else UpdateMode.REPLACE, **kwargs)
+
+    async def delete(self, table: str, partition: str, row: str, etag: str | None = None) -> None:
+        self.stats.count(table, 1)
+        kwargs = {"etag": etag, "match_condition": MatchConditions.IfNotModified} if etag else {}
+        await self.table(table).delete_entity(partition, row, **kwargs)
+
+    async def transact(self, table: str, operations: list[tuple]) -> None:
+        """One all-or-nothing transaction (≤ 100 operations, one partition)."""
+        if not operations:
+            return
+        if len(operations) > MAX_BATCH:
+            raise ValueError("a table transaction holds at most 100 operations")
+        self.stats.count(table, len(operations))
+        await self.table(table).submit_transaction(operations)
+
+    async def write_batches(self, table: str, operations: Iterable[tuple], concurrency: int = 8) -> int:
+        """Apply many operations as transactions of ≤ 100 per partition, a few at a time.
+
+        Not atomic as a whole: each transaction is. Returns the number of transactions."""
+        by_partition: dict[str, list[tuple]] = {}
+        for operation in operations:
+            by_partition.setdefault(operation[1]["PartitionKey"], []).append(operation)
+        chunks = [ops[i:i + MAX_BATCH] for ops in by_partition.values() for i in range(0, len(ops), MAX_BATCH)]
+        gate = asyncio.Semaphore(concurrency)
+
+        async def submit(chunk: list[tuple]) -> None:
+            async with gate:
+                await self.transact(table, chunk)
+
+        await asyncio.gather(*(submit(chunk) for chunk in chunks))
+        return len(chunks)
+
+    async def send(self, queue: str, message: str, visibility_timeout: int | None = None) -> None:
+        self.stats.messages_sent += 1
+        await self.queue(queue).send_message(message, visibility_timeout=visibility_timeout)
+
+    async def send_many(self, queue: str, messages: list[str], concurrency: int = 16) -> None:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(message: str) -> None:
+            async with gate:
+                await self.send(queue, message)
+
+        await asyncio.gather(*(one(message) for message in messages))
+
+
+UPSERT = TransactionOperation.UPSERT
+UPDATE = TransactionOperation.UPDATE
+CREATE = TransactionOperation.CREATE

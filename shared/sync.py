@@ -1,0 +1,315 @@
+"""Sync: pull each Bookings business's calendar window from Graph into the `bookings` table.
+
+Only rows whose content changed are written (a content hash per row), in transactions of at
+most 100 per partition. An appointment that vanished from a *complete* pull is marked cancelled,
+never deleted; after a failed or partial pull nothing is cancelled, so a business that cannot be
+read keeps its rows exactly as they were. New or changed customers and services are queued for
+the directory upsert, one message each. A lease keeps overlapping runs apart."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+from pydantic import ValidationError
+
+from shared import leases
+from shared.bookings import Booking, normalise_email
+from shared.graph import Appointment, BookingCustomer, BookingService
+from shared.http import UpstreamError
+from shared.messages import CustomerSource, CustomerUpsert, ItemUpsert, ServiceSource, encode
+from shared.runtime import Runtime
+from shared.store import (BOOKINGS, CUSTOMER_LINKS, DIRECTORY_QUEUE, ITEM_LINKS, SYNC_RUNS, UPDATE, UPSERT, Store,
+                          encode_key, to_json)
+
+log = logging.getLogger(__name__)
+
+SYNC_LEASE = "sync"
+LEASE_TTL = timedelta(minutes=20)
+CANCELLED_HASH = "cancelled"
+CUSTOMER_PARTITION = "customer"
+ITEM_PARTITION = "item"
+
+
+@dataclass
+class BusinessPull:
+    business_id: str
+    bookings: list[Booking] = field(default_factory=list)
+    customers: list[BookingCustomer] = field(default_factory=list)
+    services: list[BookingService] = field(default_factory=list)
+    complete: bool = False
+    directory_complete: bool = False
+    invalid: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BusinessCounts:
+    fetched: int = 0
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    cancelled: int = 0
+    invalid: int = 0
+
+
+@dataclass
+class SyncResult:
+    run_id: str
+    trigger: str
+    started_at: datetime
+    finished_at: datetime | None = None
+    outcome: str = "succeeded"
+    counts: dict = field(default_factory=dict)
+    errors: list[dict] = field(default_factory=list)
+    table_writes: int = 0
+
+    def summary(self) -> dict:
+        return {"at": self.finished_at.isoformat().replace("+00:00", "Z") if self.finished_at else None,
+                "outcome": self.outcome, "counts": self.counts, "errors": self.errors}
+
+
+def window(settings, now: datetime) -> tuple[datetime, datetime]:
+    return (now - timedelta(days=settings.sync_lookback_days), now + timedelta(days=settings.sync_lookahead_days))
+
+
+async def pull_business(rt: Runtime, business_id: str, start: datetime, end: datetime) -> BusinessPull:
+    """Read one business; never raises for upstream trouble, reports it instead."""
+    pull = BusinessPull(business_id)
+    graph = rt.graph
+
+    async def appointments() -> None:
+        seen: dict[str, Booking] = {}
+        try:
+            async for raw in graph.calendar_view(business_id, start, end):
+                try:
+                    booking = Booking.from_appointment(business_id, Appointment.model_validate(raw))
+                except (ValidationError, ValueError, TypeError) as error:
+                    pull.invalid += 1
+                    ident = raw.get("id") if isinstance(raw, dict) else None
+                    pull.errors.append(f"appointment {ident or '(no id)'} could not be read: "
+                                       f"{str(error).splitlines()[0]}")
+                    continue
+                seen[booking.id] = booking
+        except UpstreamError as error:
+            pull.errors.append(str(error) if error.code != "ErrorFolderNotFound" else error.message)
+            return
+        pull.bookings = list(seen.values())
+        pull.complete = pull.invalid == 0
+
+    async def directory() -> None:
+        try:
+            customers = [c async for c in graph.customers(business_id)]
+            services = [s async for s in graph.services(business_id)]
+        except UpstreamError as error:
+            pull.errors.append(f"customers/services: {error.message if error.code == 'ErrorFolderNotFound' else error}")
+            return
+        for raw in customers:
+            try:
+                pull.customers.append(BookingCustomer.model_validate(raw))
+            except ValidationError:
+                pull.errors.append("a Bookings customer could not be read")
+        for raw in services:
+            try:
+                pull.services.append(BookingService.model_validate(raw))
+            except ValidationError:
+                pull.errors.append("a Bookings service could not be read")
+        pull.directory_complete = True
+
+    await asyncio.gather(appointments(), directory())
+    return pull
+
+
+async def store_business(store: Store, pull: BusinessPull, start: datetime, end: datetime) -> BusinessCounts:
+    """Write what changed; mark vanished appointments cancelled only after a complete pull."""
+    counts = BusinessCounts(fetched=len(pull.bookings), invalid=pull.invalid)
+    partition = encode_key(pull.business_id)
+    existing = {row["RowKey"]: row for row in await store.partition(
+        BOOKINGS, partition, select=["RowKey", "SourceHash", "Cancelled", "StartUtc", "EndUtc"])}
+    operations: list[tuple] = []
+    for booking in pull.bookings:
+        entity = booking.sync_entity()
+        row = existing.pop(entity["RowKey"], None)
+        if row is None:
+            counts.created += 1
+            entity["InvoiceState"] = "none"
+        elif row.get("SourceHash") == entity["SourceHash"]:
+            counts.unchanged += 1
+            continue
+        else:
+            counts.updated += 1
+        operations.append((UPSERT, entity, {"mode": "merge"}))
+    if pull.complete:
+        for row_key, row in existing.items():
+            if row.get("Cancelled") or not _overlaps(row, start, end):
+                continue
+            counts.cancelled += 1
+            operations.append((UPDATE, {"PartitionKey": partition, "RowKey": row_key, "Cancelled": True,
+                                        "SourceHash": CANCELLED_HASH}, {"mode": "merge"}))
+    await store.write_batches(BOOKINGS, operations)
+    return counts
+
+
+def _overlaps(row: dict, start: datetime, end: datetime) -> bool:
+    row_start, row_end = row.get("StartUtc"), row.get("EndUtc")
+    if row_start is None or row_end is None:
+        return False
+    return row_end > start and row_start < end
+
+
+def _digest(model) -> str:
+    return hashlib.sha256(encode(model).encode()).hexdigest()[:32]
+
+
+def customer_sources(pulls: list[BusinessPull]) -> dict[str, CustomerSource]:
+    """Every customer with an e-mail, once, preferring the Bookings customer record (it has the
+    address) over what an appointment carries."""
+    sources: dict[str, CustomerSource] = {}
+    for pull in pulls:
+        for customer in pull.customers:
+            email = normalise_email(customer.email_address)
+            if not email or email in sources:
+                continue
+            address = customer.addresses[0] if customer.addresses else None
+            phone = next((p.number for p in customer.phones if p.number), None)
+            sources[email] = CustomerSource(
+                email=email, displayName=_clip(customer.display_name, 100), phone=_clip(phone, 30),
+                addressLine1=_clip(address and address.street, 100), city=_clip(address and address.city, 30),
+                state=_clip(address and address.state, 30), country=_clip(address and address.country_or_region, 10),
+                postalCode=_clip(address and address.postal_code, 20), businessId=pull.business_id)
+    for pull in pulls:
+        for booking in pull.bookings:
+            for customer in booking.customers:
+                if customer.email and customer.email not in sources:
+                    sources[customer.email] = CustomerSource(
+                        email=customer.email, displayName=_clip(customer.name, 100),
+                        phone=_clip(customer.phone, 30), businessId=pull.business_id)
+    return sources
+
+
+def service_sources(pulls: list[BusinessPull]) -> dict[str, ServiceSource]:
+    sources: dict[str, ServiceSource] = {}
+    for pull in pulls:
+        for service in pull.services:
+            if service.id not in sources:
+                sources[service.id] = ServiceSource(
+                    serviceId=service.id, businessId=pull.business_id,
+                    displayName=_clip(service.display_name, 100) or service.id[:100],
+                    defaultPrice=max(service.default_price or 0.0, 0.0), defaultPriceType=service.default_price_type)
+    return sources
+
+
+def _clip(value: str | None, limit: int) -> str | None:
+    value = (value or "").strip()
+    return value[:limit] or None
+
+
+async def queue_directory_upserts(rt: Runtime, store: Store, pulls: list[BusinessPull]) -> tuple[int, int]:
+    """One message per new or changed customer/service (compared with what the last successful
+    upsert recorded), deduplicated within the run."""
+    settings = rt.settings
+    messages: list[str] = []
+    customers_queued = items_queued = 0
+    if settings.sync_customers:
+        known = {row["RowKey"]: row.get("SourceHash") for row in await store.partition(
+            CUSTOMER_LINKS, CUSTOMER_PARTITION, select=["RowKey", "SourceHash"])}
+        for email, source in customer_sources(pulls).items():
+            digest = _digest(source)
+            if known.get(encode_key(email)) != digest:
+                messages.append(encode(CustomerUpsert(customer=source, sourceHash=digest)))
+                customers_queued += 1
+    if settings.sync_items:
+        known = {row["RowKey"]: row.get("SourceHash") for row in await store.partition(
+            ITEM_LINKS, ITEM_PARTITION, select=["RowKey", "SourceHash"])}
+        for service_id, source in service_sources(pulls).items():
+            digest = _digest(source)
+            if known.get(encode_key(service_id)) != digest:
+                messages.append(encode(ItemUpsert(service=source, sourceHash=digest)))
+                items_queued += 1
+    await store.send_many(DIRECTORY_QUEUE, messages)
+    return customers_queued, items_queued
+
+
+async def run_sync(rt: Runtime, trigger: str, now: datetime | None = None) -> SyncResult | None:
+    """One sync run over every configured business. None when another run holds the lease."""
+    settings = rt.settings
+    settings.require("business_ids")
+    store = await rt.store()
+    lease = await leases.acquire(store, SYNC_LEASE, LEASE_TTL)
+    if lease is None:
+        log.info("sync skipped: another run is in progress", extra={"event": "sync_skipped", "trigger": trigger})
+        return None
+    started = datetime.now(timezone.utc)
+    now = now or started
+    result = SyncResult(run_id=f"{started:%Y%m%dT%H%M%S}-{lease.owner[:8]}", trigger=trigger, started_at=started)
+    writes_before = store.stats.table_writes
+    clock = time.monotonic()
+    try:
+        start, end = window(settings, now)
+        pulls = await asyncio.gather(*(pull_business(rt, business, start, end) for business in settings.business_ids))
+        totals = BusinessCounts()
+        per_business = {}
+        for pull in pulls:
+            counts = await store_business(store, pull, start, end)
+            per_business[pull.business_id] = counts.__dict__ | {"complete": pull.complete}
+            for name, value in counts.__dict__.items():
+                setattr(totals, name, getattr(totals, name) + value)
+            for message in pull.errors[:20]:
+                result.errors.append({"businessId": pull.business_id, "message": message})
+        customers_queued, items_queued = await queue_directory_upserts(rt, store, pulls)
+        reconciled = await _reconcile(rt, store)
+        failed = [p for p in pulls if not p.complete and not p.bookings]
+        if len(failed) == len(pulls):
+            result.outcome = "failed"
+        elif result.errors or any(not p.complete for p in pulls):
+            result.outcome = "partial"
+        result.counts = totals.__dict__ | {"customersQueued": customers_queued, "itemsQueued": items_queued,
+                                           "businesses": per_business, **reconciled}
+    except Exception as error:
+        result.outcome = "failed"
+        result.errors.append({"businessId": None, "message": f"sync failed: {error}"})
+        log.exception("sync run failed", extra={"event": "sync_run_failed", "run_id": result.run_id})
+    finally:
+        result.finished_at = datetime.now(timezone.utc)
+        result.table_writes = store.stats.table_writes - writes_before
+        result.counts["tableWrites"] = result.table_writes
+        result.counts["seconds"] = round(time.monotonic() - clock, 3)
+        await _record(store, result)
+        await leases.release(store, lease)
+    flat = {k: v for k, v in result.counts.items() if isinstance(v, (int, float))}
+    log.info("sync run %s %s", result.run_id, result.outcome,
+             extra={"event": "sync_run_finished", "run_id": result.run_id, "outcome": result.outcome,
+                    "trigger": trigger, **flat})
+    return result
+
+
+async def _reconcile(rt: Runtime, store: Store) -> dict:
+    from shared.reconcile import reconcile_invoices
+
+    return await reconcile_invoices(rt, store)
+
+
+async def _record(store: Store, result: SyncResult) -> None:
+    inverted = f"{10**13 - int(result.started_at.timestamp() * 1000):013d}"
+    await store.upsert(SYNC_RUNS, {
+        "PartitionKey": "run", "RowKey": f"{inverted}-{result.run_id}", "RunId": result.run_id,
+        "Trigger": result.trigger, "StartedAt": result.started_at, "FinishedAt": result.finished_at,
+        "Outcome": result.outcome, "Counts": to_json(result.counts)[:30_000],
+        "Errors": to_json(result.errors)[:30_000], "TableWrites": result.table_writes,
+    })
+
+
+async def last_sync(store: Store) -> dict | None:
+    """The latest run as `GET /api/health` reports it."""
+    async for row in store.table(SYNC_RUNS).query_entities("PartitionKey eq 'run'", results_per_page=1):
+        import json
+
+        finished = row.get("FinishedAt")
+        return {"at": finished.isoformat().replace("+00:00", "Z") if finished else None,
+                "outcome": row.get("Outcome"), "counts": json.loads(row.get("Counts") or "{}"),
+                "errors": json.loads(row.get("Errors") or "[]")}
+    return None

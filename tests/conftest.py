@@ -1,0 +1,99 @@
+"""Shared fixtures: one real Azurite and the three simulators per test session; per test a clean
+storage account, fresh Bookings businesses and a fresh BC company, and an in-process host."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import pytest
+from azure.core.exceptions import ResourceNotFoundError
+from azure.data.tables import TableServiceClient
+from azure.storage.queue import QueueServiceClient
+
+from sandbox.host import FunctionHost
+from sandbox.stack import TENANT, ENVIRONMENT, Sandbox, SandboxStack
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Sandbox:
+    with SandboxStack() as started:
+        yield started
+
+
+def _wipe_storage(connection_string: str) -> None:
+    tables = TableServiceClient.from_connection_string(connection_string)
+    for table in tables.list_tables():
+        tables.delete_table(table.name)
+    queues = QueueServiceClient.from_connection_string(connection_string)
+    for queue in queues.list_queues():
+        try:
+            queues.delete_queue(queue.name)
+        except ResourceNotFoundError:
+            pass
+
+
+@dataclass
+class World:
+    """What one test works with: its businesses, its BC company, the host and the sandbox."""
+    sandbox: Sandbox
+    host: FunctionHost
+    business_ids: list[str]
+    company_id: str
+    monkeypatch: pytest.MonkeyPatch
+
+    @property
+    def graph(self):
+        return self.sandbox.graph
+
+    @property
+    def bc(self):
+        return self.sandbox.bc
+
+    def configure(self, **settings: str) -> None:
+        """Change app settings for the rest of the test (the app re-reads them per call)."""
+        for name, value in settings.items():
+            self.monkeypatch.setenv(name, value)
+
+    def sync(self):
+        """A timer-triggered sync, then every queue drained, as the host would."""
+        self.host.timer("sync_bookings")
+        return self.host.drain()
+
+
+def make_world(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, businesses: int = 1) -> World:
+    _wipe_storage(sandbox.azurite.connection_string)
+    suffix = uuid.uuid4().hex[:8]
+    business_ids = [f"biz{i}-{suffix}@contoso.onmicrosoft.com" for i in range(businesses)]
+    for business_id in business_ids:
+        sandbox.graph.add_business(business_id)
+    company_id = sandbox.bc.add_company(TENANT, ENVIRONMENT)
+    for plan in (sandbox.graph.plan, sandbox.bc.plan, sandbox.entra.plan):
+        plan.clear()
+        plan.reset_stats()
+    sandbox.graph.page_size = 100
+    overrides = {"BOOKINGS_BUSINESS_IDS": ",".join(business_ids), "BC_COMPANY_ID": company_id}
+    for name, value in sandbox.env(**overrides).items():
+        monkeypatch.setenv(name, value)
+    for name in ("CUSTOMER_TEMPLATE", "ITEM_TEMPLATE", "SYNC_CUSTOMERS", "SYNC_ITEMS", "INVOICE_FREE_BOOKINGS",
+                 "WRITE_BACK_TO_BOOKINGS", "BOOKINGS_TIME_ZONE", "SYNC_LOOKBACK_DAYS", "SYNC_LOOKAHEAD_DAYS"):
+        monkeypatch.delenv(name, raising=False)
+    from function_app import app
+
+    host = FunctionHost(app, sandbox.azurite.connection_string, retry_delay=0)
+    return World(sandbox, host, business_ids, company_id, monkeypatch)
+
+
+@pytest.fixture
+def world(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> World:
+    made = make_world(sandbox, monkeypatch)
+    yield made
+    made.host.close()
+
+
+@pytest.fixture
+def world2(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> World:
+    """Two Bookings businesses."""
+    made = make_world(sandbox, monkeypatch, businesses=2)
+    yield made
+    made.host.close()
