@@ -37,7 +37,7 @@ class Azurite:
         if not executable.exists():
             raise RuntimeError("Azurite is not installed: run `npm ci` (make does this for you).")
         command = [str(executable), "--silent", "--inMemoryPersistence", "--skipApiVersionCheck",
-                   "--disableProductStyleUrl", "--location", self._workspace,
+                   "--disableProductStyleUrl",
                    "--blobHost", "127.0.0.1", "--blobPort", str(self.blob_port),
                    "--queueHost", "127.0.0.1", "--queuePort", str(self.queue_port),
                    "--tableHost", "127.0.0.1", "--tablePort", str(self.table_port)]

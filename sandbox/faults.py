@@ -73,7 +73,9 @@ class Stats:
         return sum(self.faults.values())
 
 
-_ID_SEGMENT = re.compile(r"\([^)]*\)|/[A-Za-z0-9_\-=.@%+]{16,}(?=/|$)")
+# A long segment is an id only if it has a digit, `@`, `=` or `%`: names such as
+# `bookingBusinesses` or `salesInvoiceLines` are just as long and must stay readable.
+_ID_SEGMENT = re.compile(r"\([^)]*\)|/(?=[^/]*[0-9@=%])[A-Za-z0-9_\-=.@%+]{16,}(?=/|$)")
 
 
 def path_shape(path: str) -> str:
@@ -101,7 +103,8 @@ class FaultPlan:
                 self._random = random.Random(self.knobs.seed)
 
     def script(self, method: str, path_regex: str, kind: str, times: int = 1) -> None:
-        """The next `times` requests matching `method` and `path_regex` (searched) get `kind`."""
+        """The next `times` requests matching `method` and `path_regex` (searched in the path and
+        query string) get `kind`."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}")
         with self._lock:
@@ -212,7 +215,8 @@ class FaultMiddleware:
         try:
             if knobs.latency_ms:
                 await asyncio.sleep(knobs.latency_ms / 1000)
-            fault = plan.pick_fault(method, path)
+            query = scope.get("query_string", b"").decode("latin-1")
+            fault = plan.pick_fault(method, f"{path}?{query}" if query else path)
             if fault:
                 plan.count_fault(fault)
             await self._serve(fault, scope, receive, send)
@@ -229,7 +233,9 @@ class FaultMiddleware:
         elif fault in ("500", "503"):
             status = int(fault)
             code = "InternalServerError" if status == 500 else "ServiceUnavailable"
-            await self._json(send, status, self.error_body(status, code, "Injected server error."))
+            # Services often say when to come back after a 503, as after a 429.
+            headers = [(b"retry-after", str(self.plan.knobs.retry_after_seconds).encode())] if status == 503 else None
+            await self._json(send, status, self.error_body(status, code, "Injected server error."), headers)
         elif fault == "timeout":
             await asyncio.sleep(self.plan.knobs.hang_seconds)
             await self._json(send, 504, self.error_body(504, "GatewayTimeout", "Injected timeout."))

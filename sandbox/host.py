@@ -44,6 +44,16 @@ class QueueStats:
     by_queue: dict[str, int] = field(default_factory=dict)
 
 
+_indexed: dict[int, dict] = {}
+
+
+def indexed_functions(app: func.FunctionApp) -> dict:
+    """`app.get_functions()` validates names and may be called once per app: index once."""
+    if id(app) not in _indexed:
+        _indexed[id(app)] = {fn.get_function_name(): fn for fn in app.get_functions()}
+    return _indexed[id(app)]
+
+
 class FunctionHost:
     def __init__(self, app: func.FunctionApp, connection_string: str, retry_delay: float | None = None):
         self.app = app
@@ -52,11 +62,12 @@ class FunctionHost:
         self.retry_delay = self.settings.visibility_timeout_seconds if retry_delay is None else retry_delay
         self.function_key = secrets.token_urlsafe(24)
         self.stats = QueueStats()
-        self._functions = {fn.get_function_name(): fn for fn in app.get_functions()}
+        self._functions = indexed_functions(app)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="functions-host", daemon=True)
         self._thread.start()
         self._queue_clients: dict[str, QueueClient] = {}
+        self._created: set[str] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -177,12 +188,25 @@ class FunctionHost:
             client = self._queue_clients[queue] = QueueClient.from_connection_string(self.connection_string, queue)
         return client
 
+    async def _ensure_queue(self, queue: str) -> QueueClient:
+        """The host creates the queues its triggers listen to, as the Functions host does."""
+        client = self._client(queue)
+        if queue not in self._created:
+            try:
+                await client.create_queue()
+            except Exception:  # noqa: BLE001 - it exists already
+                pass
+            self._created.add(queue)
+        return client
+
     def drain(self, timeout: float = 600, queues: list[str] | None = None) -> QueueStats:
         """Process queue messages until every triggered queue is empty (retries included)."""
         return self.run(self._drain(timeout, queues), timeout + 30)
 
     async def _drain(self, timeout: float, only: list[str] | None) -> QueueStats:
         triggers = {q: fn for q, fn in self._queue_triggers().items() if only is None or q in only}
+        for queue in triggers:
+            await self._ensure_queue(queue)
         deadline = time.monotonic() + timeout
         while True:
             received = await asyncio.gather(*(self._poll(queue, fn) for queue, fn in triggers.items()))
@@ -270,4 +294,7 @@ class FunctionHost:
         """Put a raw message on a queue, encoded as the app would (or not, to test bad input)."""
         content = base64.b64encode(text.encode()).decode() if encode and self.settings.message_encoding == "base64" \
             else text
-        self.run(self._client(queue).send_message(content), 60)
+        async def send() -> None:
+            await (await self._ensure_queue(queue)).send_message(content)
+
+        self.run(send(), 60)

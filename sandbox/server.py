@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -15,6 +16,17 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class _QuietInjectedResets(logging.Filter):
+    """An injected connection reset is the point of the exercise, not an error to print."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, ConnectionResetError) and "injected" in str(error))
+
+
+logging.getLogger("uvicorn.error").addFilter(_QuietInjectedResets())
 
 
 class ServerThread:
@@ -43,7 +55,7 @@ class ServerThread:
         scheme = "https" if self.tls else "http"
         return f"{scheme}://127.0.0.1:{self.port}"
 
-    def start(self) -> "ServerThread":
+    def start(self) -> ServerThread:
         self._thread.start()
         deadline = time.monotonic() + 20
         while not self._server.started:
@@ -60,7 +72,7 @@ class ServerThread:
         self._server.force_exit = True
         self._thread.join(timeout=10)
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         return self.start()
 
     def __exit__(self, *exc) -> None:

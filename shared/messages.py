@@ -106,6 +106,7 @@ async def process_message(message: func.QueueMessage, queue: str, schema: TypeAd
         return
     try:
         await handle(parsed)
+        return
     except PermanentFailure as error:
         reason = str(error)
     except Exception as error:  # noqa: BLE001 - any failure is retried by the host, then poisoned

@@ -103,10 +103,11 @@ class Store:
             self.queues = QueueServiceClient.from_connection_string(settings.storage_connection,
                                                                     **self._queue_policies)
         elif settings.storage_account_name:
-            from azure.identity.aio import DefaultAzureCredential
+            from azure.identity.aio import ManagedIdentityCredential
 
+            # The managed identity, never the app registration: only the identity has storage roles.
             account = settings.storage_account_name
-            self._credential = DefaultAzureCredential(managed_identity_client_id=settings.storage_client_id)
+            self._credential = ManagedIdentityCredential(client_id=settings.storage_client_id)
             self.tables = TableServiceClient(f"https://{account}.table.core.windows.net", credential=self._credential)
             self.queues = QueueServiceClient(f"https://{account}.queue.core.windows.net",
                                              credential=self._credential, **self._queue_policies)

@@ -247,6 +247,7 @@ async def run_sync(rt: Runtime, trigger: str, now: datetime | None = None) -> Sy
     now = now or started
     result = SyncResult(run_id=f"{started:%Y%m%dT%H%M%S}-{lease.owner[:8]}", trigger=trigger, started_at=started)
     writes_before = store.stats.table_writes
+    booking_writes_before = store.stats.by_table.get(BOOKINGS, 0)
     clock = time.monotonic()
     try:
         start, end = window(settings, now)
@@ -277,6 +278,7 @@ async def run_sync(rt: Runtime, trigger: str, now: datetime | None = None) -> Sy
         result.finished_at = datetime.now(timezone.utc)
         result.table_writes = store.stats.table_writes - writes_before
         result.counts["tableWrites"] = result.table_writes
+        result.counts["bookingWrites"] = store.stats.by_table.get(BOOKINGS, 0) - booking_writes_before
         result.counts["seconds"] = round(time.monotonic() - clock, 3)
         await _record(store, result)
         await leases.release(store, lease)

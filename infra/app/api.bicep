@@ -1,0 +1,148 @@
+// The function app: Flex Consumption, Python, one user-assigned identity for everything.
+param name string
+param location string = resourceGroup().location
+param tags object = {}
+param appServicePlanId string
+param storageAccountName string
+param deploymentStorageContainerName string
+param applicationInsightsName string
+param identityId string
+param identityClientId string
+param serviceName string = 'api'
+param runtimeVersion string = '3.11'
+param instanceMemoryMB int = 2048
+param maximumInstanceCount int = 40
+
+@description('Versionless URI of the Key Vault secret holding AZURE_CLIENT_SECRET. Empty: the setting is not set.')
+param clientSecretUri string = ''
+
+// Values of the app's own settings (main.bicep documents each one).
+param entraTenantId string
+param entraClientId string
+param clientCertificatePath string
+param authorityHost string
+param graphBaseUrl string
+param bcBaseUrl string
+param bcEnvironment string
+param bcCompanyId string
+param bookingsBusinessIds string
+param syncSchedule string
+param syncLookbackDays string
+param syncLookaheadDays string
+param syncCustomers string
+param syncItems string
+param customerTemplate string
+param itemTemplate string
+param invoiceFreeBookings string
+param writeBackToBookings string
+param bookingsTimeZone string
+param httpTimeoutSeconds string
+
+resource stg 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
+  name: storageAccountName
+}
+
+resource applicationInsights 'Microsoft.Insights/components@2020-02-02' existing = {
+  name: applicationInsightsName
+}
+
+// Every setting the app reads (shared/settings.py setting_names()). AzureWebJobsStorage itself is
+// not set: the identity-based __accountName/__clientId pair replaces the connection string, for
+// the host's triggers and for the app's table and queue clients alike.
+var appSettings = {
+  AzureWebJobsStorage__accountName: stg.name
+  AzureWebJobsStorage__clientId: identityClientId
+  AZURE_TENANT_ID: entraTenantId
+  // Without an app registration the managed identity itself calls Graph and Business Central.
+  AZURE_CLIENT_ID: empty(entraClientId) ? identityClientId : entraClientId
+  AZURE_CLIENT_CERTIFICATE_PATH: clientCertificatePath
+  AZURE_AUTHORITY_HOST: authorityHost
+  GRAPH_BASE_URL: graphBaseUrl
+  BC_BASE_URL: bcBaseUrl
+  BC_ENVIRONMENT: bcEnvironment
+  BC_COMPANY_ID: bcCompanyId
+  BOOKINGS_BUSINESS_IDS: bookingsBusinessIds
+  SYNC_SCHEDULE: syncSchedule
+  SYNC_LOOKBACK_DAYS: syncLookbackDays
+  SYNC_LOOKAHEAD_DAYS: syncLookaheadDays
+  SYNC_CUSTOMERS: syncCustomers
+  SYNC_ITEMS: syncItems
+  CUSTOMER_TEMPLATE: customerTemplate
+  ITEM_TEMPLATE: itemTemplate
+  INVOICE_FREE_BOOKINGS: invoiceFreeBookings
+  WRITE_BACK_TO_BOOKINGS: writeBackToBookings
+  BOOKINGS_TIME_ZONE: bookingsTimeZone
+  HTTP_TIMEOUT_SECONDS: httpTimeoutSeconds
+}
+
+// A Key Vault reference without a version (trailing slash): after a rotation the app reads the
+// newest version on its next restart, or within 24 hours.
+var clientSecretSettings = empty(clientSecretUri) ? {} : {
+  AZURE_CLIENT_SECRET: '@Microsoft.KeyVault(SecretUri=${clientSecretUri}/)'
+}
+
+// Settings only the Functions host and the Python worker read.
+var hostSettings = {
+  AzureWebJobsStorage__credential: 'managedidentity'
+  APPLICATIONINSIGHTS_CONNECTION_STRING: applicationInsights.properties.ConnectionString
+  APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
+  // The worker exports Python logs itself, so `extra={...}` lands in customDimensions.
+  PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY: 'true'
+}
+
+module api 'br/public:avm/res/web/site:0.15.1' = {
+  name: '${serviceName}-flex-consumption'
+  params: {
+    kind: 'functionapp,linux'
+    name: name
+    location: location
+    tags: union(tags, { 'azd-service-name': serviceName })
+    serverFarmResourceId: appServicePlanId
+    managedIdentities: {
+      userAssignedResourceIds: [
+        identityId
+      ]
+    }
+    keyVaultAccessIdentityResourceId: identityId
+    httpsOnly: true
+    siteConfig: {
+      alwaysOn: false
+      minTlsVersion: '1.2'
+      ftpsState: 'Disabled'
+    }
+    basicPublishingCredentialsPolicies: [
+      {
+        name: 'ftp'
+        allow: false
+      }
+      {
+        name: 'scm'
+        allow: false
+      }
+    ]
+    functionAppConfig: {
+      deployment: {
+        storage: {
+          type: 'blobContainer'
+          value: '${stg.properties.primaryEndpoints.blob}${deploymentStorageContainerName}'
+          authentication: {
+            type: 'UserAssignedIdentity'
+            userAssignedIdentityResourceId: identityId
+          }
+        }
+      }
+      scaleAndConcurrency: {
+        instanceMemoryMB: instanceMemoryMB
+        maximumInstanceCount: maximumInstanceCount
+      }
+      runtime: {
+        name: 'python'
+        version: runtimeVersion
+      }
+    }
+    appSettingsKeyValuePairs: union(appSettings, clientSecretSettings, hostSettings)
+  }
+}
+
+output SERVICE_API_NAME string = api.outputs.name
+output SERVICE_API_URI string = 'https://${api.outputs.defaultHostname}'

@@ -1,0 +1,23 @@
+// One Key Vault secret. Every deployment with a changed value adds a new version; the app setting
+// references the secret without a version, so the app reads the newest one (docs/deploy.md).
+param keyVaultName string
+param name string
+
+@secure()
+param value string
+
+resource vault 'Microsoft.KeyVault/vaults@2023-07-01' existing = {
+  name: keyVaultName
+}
+
+resource secret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = {
+  parent: vault
+  name: name
+  properties: {
+    value: value
+    contentType: 'Entra client secret'
+  }
+}
+
+@description('Versionless URI of the secret, for a Key Vault reference.')
+output secretUri string = secret.properties.secretUri

@@ -1,0 +1,465 @@
+"""OData query options as Business Central evaluates them: `$filter`, `$orderby`, `$select`.
+
+Business Central does not run arbitrary OData: it turns a `$filter` into AL record filters and
+reports an error for anything with no AL equivalent. The simulator keeps those limits so that a
+query the app sends here also works against the real service:
+
+- every comparison is *property op literal* (a literal on both sides, e.g. the injected
+  ``1 eq 1``, has no AL equivalent and is refused);
+- ``or`` may only combine conditions on one field (AL filters are per field and ANDed together);
+- the literal must have the property's type (``id eq 'x'`` is refused: GUIDs are unquoted);
+- text comparisons are case-insensitive, because BC's SQL collation is case-insensitive;
+- ``in (...)`` is refused: API v2.0 has been seen to ignore it silently and return every record,
+  so an app that relies on it would work here and fail in production.
+
+Every malformed expression raises `ODataError` (reported as 400 by the simulator), never anything
+else.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+STRING, GUID, NUMBER, BOOL, DATE, DATETIME = "string", "guid", "number", "bool", "date", "datetime"
+
+_EDM = {STRING: "Edm.String", GUID: "Edm.Guid", NUMBER: "Edm.Decimal", BOOL: "Edm.Boolean",
+        DATE: "Edm.Date", DATETIME: "Edm.DateTimeOffset", "null": "null"}
+
+
+class ODataError(Exception):
+    """A query option Business Central would refuse with 400 Bad Request."""
+
+
+@dataclass(frozen=True)
+class EntityType:
+    """What the query layer needs to know about an entity: its name and its properties' types."""
+
+    name: str
+    """OData type name, e.g. ``customer`` (messages say ``Microsoft.NAV.customer``)."""
+    properties: Mapping[str, str]
+    """Property name → one of STRING, GUID, NUMBER, BOOL, DATE, DATETIME."""
+
+    def type_of(self, name: str) -> str:
+        if name not in self.properties:
+            raise ODataError(f"Could not find a property named '{name}' on type 'Microsoft.NAV.{self.name}'.")
+        return self.properties[name]
+
+
+# --- tokens -----------------------------------------------------------------------------------
+
+_TOKEN = re.compile(
+    r"""
+    (?P<ws>\s+)
+  | (?P<string>'(?:[^']|'')*')
+  | (?P<guid>[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}(?![\w-]))
+  | (?P<datetime>\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:\d{2}))
+  | (?P<date>\d{4}-\d{2}-\d{2}(?![\w:]))
+  | (?P<number>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?[mMdDlLfF]?(?![\w.]))
+  | (?P<name>[A-Za-z_][A-Za-z0-9_]*(?:/[A-Za-z_][A-Za-z0-9_]*)*)
+  | (?P<open>\()
+  | (?P<close>\))
+  | (?P<comma>,)
+    """,
+    re.VERBOSE,
+)
+
+
+@dataclass(frozen=True)
+class _Token:
+    kind: str
+    text: str
+    position: int
+
+
+def _tokenize(text: str) -> list[_Token]:
+    tokens: list[_Token] = []
+    position = 0
+    while position < len(text):
+        match = _TOKEN.match(text, position)
+        if not match:
+            raise ODataError(f"Syntax error at position {position} in '{text}'.")
+        kind = match.lastgroup or ""
+        if kind != "ws":
+            tokens.append(_Token(kind, match.group(0), position))
+        position = match.end()
+    return tokens
+
+
+# --- syntax tree ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Literal:
+    kind: str
+    """STRING, GUID, NUMBER, BOOL, DATE, DATETIME or ``null``."""
+    value: Any
+
+
+@dataclass(frozen=True)
+class Property:
+    name: str
+
+
+@dataclass(frozen=True)
+class Call:
+    name: str
+    args: tuple
+
+
+@dataclass(frozen=True)
+class Compare:
+    op: str
+    left: Any
+    right: Any
+
+
+@dataclass(frozen=True)
+class Logical:
+    """``and``/``or`` over a flat tuple, so that a long chain does not nest deeply."""
+
+    op: str
+    operands: tuple
+
+
+@dataclass(frozen=True)
+class Not:
+    operand: Any
+
+
+_COMPARISONS = ("eq", "ne", "gt", "ge", "lt", "le")
+_BOOLEAN_FUNCTIONS = ("contains", "startswith", "endswith")
+_TEXT_FUNCTIONS = ("tolower", "toupper")
+
+
+class _Parser:
+    def __init__(self, text: str):
+        self.text = text
+        self.tokens = _tokenize(text)
+        self.index = 0
+
+    def parse(self):
+        if not self.tokens:
+            raise ODataError("The $filter expression is empty.")
+        node = self._or()
+        if self.index < len(self.tokens):
+            token = self.tokens[self.index]
+            raise ODataError(f"Syntax error at position {token.position} in '{self.text}'.")
+        return node
+
+    def _peek(self) -> _Token | None:
+        return self.tokens[self.index] if self.index < len(self.tokens) else None
+
+    def _take(self, kind: str | None = None, text: str | None = None) -> _Token:
+        token = self._peek()
+        if token is None:
+            raise ODataError(f"Expression expected at position {len(self.text)} in '{self.text}'.")
+        if (kind and token.kind != kind) or (text and token.text.lower() != text):
+            raise ODataError(f"Syntax error at position {token.position} in '{self.text}'.")
+        self.index += 1
+        return token
+
+    def _keyword(self, *words: str) -> str | None:
+        token = self._peek()
+        if token and token.kind == "name" and token.text.lower() in words:
+            self.index += 1
+            return token.text.lower()
+        return None
+
+    def _or(self):
+        operands = [self._and()]
+        while self._keyword("or"):
+            operands.append(self._and())
+        return operands[0] if len(operands) == 1 else Logical("or", tuple(operands))
+
+    def _and(self):
+        operands = [self._not()]
+        while self._keyword("and"):
+            operands.append(self._not())
+        return operands[0] if len(operands) == 1 else Logical("and", tuple(operands))
+
+    def _not(self):
+        if self._keyword("not"):
+            return Not(self._not())
+        return self._comparison()
+
+    def _comparison(self):
+        left = self._primary()
+        op = self._keyword(*_COMPARISONS, "in", "has", "add", "sub", "mul", "div", "mod")
+        if op is None:
+            return left
+        if op == "in":
+            raise ODataError("The 'in' operator is not supported by the Business Central API; "
+                             "combine 'eq' conditions on the same field with 'or'.")
+        if op not in _COMPARISONS:
+            raise ODataError(f"The operator '{op}' is not supported.")
+        return Compare(op, left, self._primary())
+
+    def _primary(self):
+        token = self._take()
+        if token.kind == "open":
+            node = self._or()
+            self._take("close")
+            return node
+        if token.kind == "string":
+            return Literal(STRING, token.text[1:-1].replace("''", "'"))
+        if token.kind == "guid":
+            return Literal(GUID, token.text.lower())
+        if token.kind == "date":
+            try:
+                return Literal(DATE, dt.date.fromisoformat(token.text).isoformat())
+            except ValueError as error:
+                raise ODataError(f"Unrecognized 'Edm.Date' literal '{token.text}'.") from error
+        if token.kind == "datetime":
+            return Literal(DATETIME, _parse_datetime(token.text))
+        if token.kind == "number":
+            try:
+                return Literal(NUMBER, Decimal(token.text.rstrip("mMdDlLfF")))
+            except InvalidOperation as error:
+                raise ODataError(f"Unrecognized number literal '{token.text}'.") from error
+        if token.kind == "name":
+            word = token.text
+            if word.lower() in ("true", "false"):
+                return Literal(BOOL, word.lower() == "true")
+            if word.lower() == "null":
+                return Literal("null", None)
+            nxt = self._peek()
+            if nxt and nxt.kind == "open":
+                return self._call(word)
+            if "/" in word:
+                raise ODataError(f"Navigation in '$filter' ('{word}') is not supported.")
+            return Property(word)
+        raise ODataError(f"Syntax error at position {token.position} in '{self.text}'.")
+
+    def _call(self, name: str):
+        self._take("open")
+        args = []
+        if self._peek() and self._peek().kind == "close":
+            self._take("close")
+        else:
+            args.append(self._or())
+            while self._peek() and self._peek().kind == "comma":
+                self._take("comma")
+                args.append(self._or())
+            self._take("close")
+        lowered = name.lower()
+        if lowered not in _BOOLEAN_FUNCTIONS + _TEXT_FUNCTIONS:
+            raise ODataError(f"An unknown function with name '{name}' was found.")
+        expected = 2 if lowered in _BOOLEAN_FUNCTIONS else 1
+        if len(args) != expected:
+            raise ODataError(f"The function '{name}' takes {expected} argument(s), not {len(args)}.")
+        return Call(lowered, tuple(args))
+
+
+def _parse_datetime(text: str) -> str:
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError as error:
+        raise ODataError(f"Unrecognized 'Edm.DateTimeOffset' literal '{text}'.") from error
+    return value.astimezone(dt.UTC).isoformat(timespec="microseconds")
+
+
+# --- checking and compiling -------------------------------------------------------------------
+
+Predicate = Callable[[Mapping[str, Any]], bool]
+
+
+def _fold(value: Any) -> Any:
+    return value.casefold() if isinstance(value, str) else value
+
+
+def normalize(kind: str, value: Any) -> Any:
+    """A stored value in the form comparisons use (text case-folded, times in UTC, GUIDs lower)."""
+    if value is None:
+        return None
+    if kind == STRING:
+        return str(value).casefold()
+    if kind == GUID:
+        return str(value).lower()
+    if kind == NUMBER:
+        return Decimal(str(value))
+    if kind == DATETIME:
+        return _parse_datetime(str(value))
+    return value
+
+
+def _fields_of(node) -> set[str]:
+    if isinstance(node, Property):
+        return {node.name}
+    if isinstance(node, Literal):
+        return set()
+    if isinstance(node, Call):
+        return set().union(*(_fields_of(arg) for arg in node.args))
+    if isinstance(node, Not):
+        return _fields_of(node.operand)
+    if isinstance(node, Logical):
+        return set().union(*(_fields_of(operand) for operand in node.operands))
+    return _fields_of(node.left) | _fields_of(node.right)
+
+
+class _Compiler:
+    def __init__(self, entity: EntityType):
+        self.entity = entity
+
+    def predicate(self, node) -> Predicate:
+        if isinstance(node, Logical):
+            if node.op == "or":
+                fields = _fields_of(node)
+                if len(fields) > 1:
+                    names = ", ".join(sorted(fields))
+                    raise ODataError(
+                        f"The filter cannot be applied: 'or' combines different fields ({names}). "
+                        "Business Central can only combine conditions on the same field with 'or'.")
+            predicates = [self.predicate(operand) for operand in node.operands]
+            if node.op == "or":
+                return lambda row: any(predicate(row) for predicate in predicates)
+            return lambda row: all(predicate(row) for predicate in predicates)
+        if isinstance(node, Not):
+            inner = self.predicate(node.operand)
+            return lambda row: not inner(row)
+        if isinstance(node, Compare):
+            return self._compare(node)
+        if isinstance(node, Call) and node.name in _BOOLEAN_FUNCTIONS:
+            return self._text_function(node)
+        if isinstance(node, Property) and self.entity.type_of(node.name) == BOOL:
+            name = node.name
+            return lambda row: bool(row.get(name))
+        raise ODataError("The $filter expression must evaluate to a Boolean value.")
+
+    def _operand(self, node) -> tuple[str, Callable[[Mapping[str, Any]], Any]] | None:
+        """(type, getter) for a property or a tolower/toupper of one; None for anything else."""
+        if isinstance(node, Property):
+            kind = self.entity.type_of(node.name)
+            name = node.name
+            return kind, lambda row: normalize(kind, row.get(name))
+        if isinstance(node, Call) and node.name in _TEXT_FUNCTIONS:
+            inner = self._operand(node.args[0])
+            if inner is None or inner[0] != STRING:
+                raise ODataError(f"The function '{node.name}' needs a text property as its argument.")
+            return inner
+        return None
+
+    def _compare(self, node: Compare) -> Predicate:
+        op, left, right = node.op, node.left, node.right
+        if isinstance(left, Literal) and not isinstance(right, Literal):
+            op = {"gt": "lt", "lt": "gt", "ge": "le", "le": "ge"}.get(op, op)
+            left, right = right, left
+        if isinstance(left, Call) and left.name in _BOOLEAN_FUNCTIONS:
+            if not (isinstance(right, Literal) and right.kind == BOOL and op in ("eq", "ne")):
+                raise ODataError(f"The function '{left.name}' can only be compared with true or false.")
+            inner = self._text_function(left)
+            expected = right.value == (op == "eq")
+            return lambda row: inner(row) == expected
+        operand = self._operand(left)
+        if operand is None or not isinstance(right, Literal):
+            raise ODataError(
+                "The filter cannot be applied: each comparison must compare a property with a literal "
+                "value (Business Central has no equivalent for this expression).")
+        kind, getter = operand
+        literal = right
+        if literal.kind not in ("null", kind):
+            raise ODataError(
+                "A binary operator with incompatible types was detected. Found operand types "
+                f"'{_EDM[kind]}' and '{_EDM[literal.kind]}' for operator kind '{_op_name(op)}'.")
+        if literal.kind == "null":
+            if op == "eq":
+                return lambda row: getter(row) is None
+            if op == "ne":
+                return lambda row: getter(row) is not None
+            raise ODataError(f"Cannot compare with null using '{op}'.")
+        value = _fold(literal.value)
+        test = _OPERATORS[op]
+
+        def compare(row: Mapping[str, Any]) -> bool:
+            current = getter(row)
+            return current is not None and test(current, value)
+        return compare
+
+    def _text_function(self, node: Call) -> Predicate:
+        target, needle = node.args
+        operand = self._operand(target)
+        if operand is None or operand[0] != STRING:
+            raise ODataError(f"The first argument of '{node.name}' must be a text property.")
+        if not (isinstance(needle, Literal) and needle.kind == STRING):
+            raise ODataError(f"The second argument of '{node.name}' must be a text literal.")
+        getter, text = operand[1], needle.value.casefold()
+        method = {"contains": str.__contains__, "startswith": str.startswith, "endswith": str.endswith}[node.name]
+        return lambda row: method(getter(row) or "", text)
+
+
+def _op_name(op: str) -> str:
+    return {"eq": "Equal", "ne": "NotEqual", "gt": "GreaterThan", "ge": "GreaterThanOrEqual",
+            "lt": "LessThan", "le": "LessThanOrEqual"}[op]
+
+
+_OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
+    "eq": lambda a, b: a == b,
+    "ne": lambda a, b: a != b,
+    "gt": lambda a, b: a > b,
+    "ge": lambda a, b: a >= b,
+    "lt": lambda a, b: a < b,
+    "le": lambda a, b: a <= b,
+}
+
+
+def compile_filter(text: str, entity: EntityType) -> Predicate:
+    """Parse and type-check a `$filter`; the result tells whether a (stored) record matches."""
+    try:
+        return _Compiler(entity).predicate(_Parser(text).parse())
+    except RecursionError as error:
+        raise ODataError("The $filter expression is nested too deeply.") from error
+
+
+def filter_fields(text: str) -> set[str]:
+    """The properties a `$filter` refers to (used to check the filters BC insists on)."""
+    try:
+        return _fields_of(_Parser(text).parse())
+    except RecursionError as error:
+        raise ODataError("The $filter expression is nested too deeply.") from error
+
+
+def parse_select(text: str, entity: EntityType) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise ODataError("The $select query option is empty.")
+    for name in names:
+        if name != "*":
+            entity.type_of(name)
+    return [] if "*" in names else names
+
+
+def parse_orderby(text: str, entity: EntityType) -> list[tuple[str, bool]]:
+    """`name [asc|desc], …` → [(name, descending)]."""
+    order = []
+    for part in text.split(","):
+        words = part.split()
+        if not words or len(words) > 2 or (len(words) == 2 and words[1].lower() not in ("asc", "desc")):
+            raise ODataError(f"The $orderby expression '{text}' is not valid.")
+        entity.type_of(words[0])
+        order.append((words[0], len(words) == 2 and words[1].lower() == "desc"))
+    return order
+
+
+def sort_rows(rows: list[Mapping[str, Any]], order: list[tuple[str, bool]], entity: EntityType) -> list:
+    """Sort like SQL with a case-insensitive collation (stable, last key applied first)."""
+    result = list(rows)
+    for name, descending in reversed(order):
+        kind = entity.type_of(name)
+
+        def key(row, name=name, kind=kind):
+            value = normalize(kind, row.get(name))
+            return (value is not None, value if value is not None else 0)
+        result.sort(key=key, reverse=descending)
+    return result
+
+
+def is_guid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except (ValueError, AttributeError, TypeError):
+        return False
+    return len(text) == 36

@@ -1,0 +1,243 @@
+"""Directory: Bookings customers and services → BC customers and service items, by template."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+from sandbox.data import generate
+from shared.directory import CUSTOMER_PARTITION
+from shared.messages import CustomerSource, CustomerUpsert, ItemUpsert, ServiceSource, encode
+from shared.store import CUSTOMER_LINKS, ITEM_LINKS
+from tests.helpers import body, rows
+
+
+def customer_message(email: str, name: str = "Alice Example", **fields) -> str:
+    source = CustomerSource(email=email, displayName=name, **fields)
+    return encode(CustomerUpsert(customer=source, sourceHash="h1"))
+
+
+def item_message(service_id: str = "svc-1", name: str = "Haircut", price: float = 45.0) -> str:
+    source = ServiceSource(serviceId=service_id, displayName=name, defaultPrice=price)
+    return encode(ItemUpsert(service=source, sourceHash="h1"))
+
+
+def put_template(world, kind: str, code: str, fields: dict):
+    return world.host.http("PUT", f"templates/{kind}/{code}", body=fields)
+
+
+def bc_customers(world, email: str | None = None) -> list[dict]:
+    found = world.bc.customers(world.company_id)
+    return [c for c in found if email is None or (c.get("email") or "").lower() == email]
+
+
+def test_new_customer_gets_template_defaults_overridden_by_bookings_fields(world):
+    assert put_template(world, "customer", "SALON", {"paymentTermsId": "0b6ea8c8-0000-4000-8000-000000000030",
+                                                     "currencyCode": "EUR", "city": "Template City"}).status_code == 200
+    world.configure(CUSTOMER_TEMPLATE="SALON")
+    world.host.send("directory-upserts", customer_message("new@example.com", city="Lyon", phone="+33 1 23"))
+
+    world.host.drain()
+
+    [created] = bc_customers(world, "new@example.com")
+    assert created["type"] == "Person"
+    assert created["currencyCode"] == "EUR"
+    assert created["paymentTermsId"] == "0b6ea8c8-0000-4000-8000-000000000030"
+    assert created["city"] == "Lyon", "mapped Bookings fields win over template defaults"
+    assert created["displayName"] == "Alice Example" and created["phoneNumber"] == "+33 1 23"
+    [link] = rows(world, CUSTOMER_LINKS)
+    assert link["Status"] == "linked" and link["Origin"] == "created" and link["BcId"] == created["id"]
+
+
+def test_bc_api_template_fills_what_is_still_empty(world):
+    world.bc.set_api_template("customers", taxLiable=True)
+    world.host.send("directory-upserts", customer_message("fill@example.com"))
+    world.host.drain()
+    [created] = bc_customers(world, "fill@example.com")
+    assert created["taxLiable"] is True
+    world.bc.set_api_template("customers")
+
+
+def test_existing_customer_with_other_case_is_linked_not_duplicated(world):
+    existing = world.bc.add_customer(world.company_id, displayName="Alice (BC)", email="Alice@Example.com", city="")
+    world.host.send("directory-upserts", customer_message("alice@example.com", city="Paris"))
+
+    world.host.drain()
+
+    assert len(world.bc.customers(world.company_id)) == 1
+    [customer] = world.bc.customers(world.company_id)
+    assert customer["displayName"] == "Alice (BC)", "for an existing record BC wins"
+    assert customer["city"] == "Paris", "blank BC fields are filled"
+    [link] = rows(world, CUSTOMER_LINKS)
+    assert link["Origin"] == "linked" and link["BcId"] == existing["id"]
+
+
+def test_apostrophe_email_is_matched_and_created_safely(world):
+    world.host.send("directory-upserts", customer_message("o'brien@example.com", "Pat O'Brien"))
+    world.host.send("directory-upserts", customer_message("o'brien@example.com", "Pat O'Brien"))
+    world.host.drain()
+    assert len(bc_customers(world, "o'brien@example.com")) == 1
+
+
+def test_a_customer_without_email_is_never_created_and_its_message_is_poisoned_with_a_reason(world):
+    world.host.send("directory-upserts", json.dumps({"kind": "customer", "customer": {"displayName": "No Mail"},
+                                                     "sourceHash": "x"}))
+    world.host.drain()
+    assert world.bc.customers(world.company_id) == []
+    [poisoned] = world.host.peek_poison("directory-upserts")
+    assert "customer.email" in poisoned["reason"] and "Field required" in poisoned["reason"]
+
+
+def test_duplicate_and_concurrent_messages_for_one_email_create_one_customer(world):
+    world.bc.plan.configure(latency_ms=30)
+    for _ in range(6):
+        world.host.send("directory-upserts", customer_message("same@example.com"))
+    world.host.drain()
+    assert len(bc_customers(world, "same@example.com")) == 1
+
+
+def test_resolving_concurrently_from_two_hosts_creates_one_customer(world, sandbox):
+    from sandbox.host import FunctionHost
+    from function_app import app
+
+    world.bc.plan.configure(latency_ms=40)
+    other = FunctionHost(app, sandbox.azurite.connection_string, retry_delay=0)
+    try:
+        for _ in range(4):
+            world.host.send("directory-upserts", customer_message("race@example.com"))
+        threads = [threading.Thread(target=h.drain) for h in (world.host, other)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        other.close()
+    assert len(bc_customers(world, "race@example.com")) == 1
+
+
+def test_throttling_and_server_error_storms_reach_the_same_end_state(world):
+    world.bc.plan.configure(fault_rate=0.3, fault_kinds=("429", "503"), retry_after_seconds=0, seed=3)
+    for index in range(12):
+        world.host.send("directory-upserts", customer_message(f"storm{index}@example.com", f"Storm {index}"))
+    world.host.send("directory-upserts", item_message())
+    world.host.drain()
+    world.bc.plan.clear()
+
+    assert world.bc.plan.stats.total_faults > 0
+    assert sorted(c["email"] for c in world.bc.customers(world.company_id)) == sorted(
+        f"storm{i}@example.com" for i in range(12))
+    assert len(world.bc.items(world.company_id)) == 1
+    assert all(r["Status"] == "linked" for r in rows(world, CUSTOMER_LINKS))
+
+
+def test_a_create_whose_answer_was_lost_is_found_not_repeated(world):
+    before = dict(world.bc.creates)
+    world.bc.plan.script("POST", r"/customers$", "lost", times=1)
+    world.bc.plan.script("POST", r"/items$", "lost", times=1)
+    world.host.send("directory-upserts", customer_message("lost@example.com"))
+    world.host.send("directory-upserts", item_message("svc-lost", "Massage"))
+    world.host.drain()
+
+    assert world.bc.plan.stats.faults["lost"] == 2
+    assert len(bc_customers(world, "lost@example.com")) == 1
+    assert len(world.bc.items(world.company_id)) == 1
+    assert world.bc.creates["customers"] - before.get("customers", 0) == 1
+    assert world.bc.creates["items"] - before.get("items", 0) == 1
+
+
+def test_a_missing_template_poisons_the_message_naming_it_and_health_reports_it(world):
+    world.configure(CUSTOMER_TEMPLATE="NOPE")
+    world.host.send("directory-upserts", customer_message("t@example.com"))
+    world.host.drain()
+
+    assert world.bc.customers(world.company_id) == []
+    [poisoned] = world.host.peek_poison("directory-upserts")
+    assert "'NOPE'" in poisoned["reason"] and "CUSTOMER_TEMPLATE" in poisoned["reason"]
+    [link] = rows(world, CUSTOMER_LINKS)
+    assert link["Status"] == "failed" and "NOPE" in link["LastError"]
+    health = body(world.host.http("GET", "health", key=False))
+    assert health["directory"]["customerFailures"] == 1
+
+
+def test_a_message_that_keeps_failing_lands_in_poison_after_max_dequeue_count(world):
+    world.bc.plan.script("GET", r"/customers", "500", times=100)
+    world.host.send("directory-upserts", customer_message("down@example.com"))
+    world.host.drain()
+    world.bc.plan.clear()
+
+    [poisoned] = world.host.peek_poison("directory-upserts")
+    assert poisoned["dequeueCount"] == 5 and "failed 5 times" in poisoned["reason"]
+    [link] = rows(world, CUSTOMER_LINKS)
+    assert link["Status"] == "failed" and link["LastError"]
+
+
+def test_new_service_becomes_a_service_item_from_the_item_template(world):
+    put_template(world, "item", "SERVICES", {"baseUnitOfMeasureCode": "HOUR",
+                                              "generalProductPostingGroupCode": "SERVICES", "unitPrice": 1})
+    world.configure(ITEM_TEMPLATE="SERVICES")
+    world.host.send("directory-upserts", item_message("svc-9", "Colour", 80.0))
+    world.host.drain()
+
+    [item] = world.bc.items(world.company_id)
+    assert item["type"] == "Service" and item["displayName"] == "Colour" and item["unitPrice"] == 80.0
+    assert item["baseUnitOfMeasureCode"] == "HOUR" and item["generalProductPostingGroupCode"] == "SERVICES"
+    [link] = rows(world, ITEM_LINKS)
+    assert link["Origin"] == "created"
+
+
+def test_a_renamed_and_repriced_service_updates_the_item_it_created(world):
+    world.host.send("directory-upserts", item_message("svc-2", "Cut", 40.0))
+    world.host.drain()
+    changed = encode(ItemUpsert(service=ServiceSource(serviceId="svc-2", displayName="Cut & style", defaultPrice=55.0),
+                                sourceHash="h2"))
+    world.host.send("directory-upserts", changed)
+    world.host.drain()
+    [item] = world.bc.items(world.company_id)
+    assert (item["displayName"], item["unitPrice"]) == ("Cut & style", 55.0)
+
+
+def test_disabled_sync_flags_leave_bc_alone(world):
+    world.configure(SYNC_CUSTOMERS="false", SYNC_ITEMS="false")
+    world.host.send("directory-upserts", customer_message("off@example.com"))
+    world.host.send("directory-upserts", item_message())
+    world.host.drain()
+    assert world.bc.customers(world.company_id) == [] and world.bc.items(world.company_id) == []
+
+
+def test_sync_queues_each_customer_and_service_once_and_nothing_when_unchanged(world):
+    dataset = generate(appointments=120, customers=30, services=5, business_ids=world.business_ids, seed=11)
+    world.graph.load(dataset)
+    world.sync()
+
+    emails = {(c.get("emailAddress") or "").strip().lower() for b in dataset.businesses.values() for c in b.customers}
+    emails |= {(a.get("customerEmailAddress") or "").strip().lower() for _, a in dataset.appointments()}
+    emails |= {(c.get("emailAddress") or "").strip().lower() for _, a in dataset.appointments() for c in a["customers"]}
+    emails = {e for e in emails if "@" in e}
+    bc_emails = sorted((c["email"] or "").lower() for c in world.bc.customers(world.company_id))
+    assert bc_emails == sorted(emails), "one BC customer per distinct normalised e-mail"
+    assert len(world.bc.items(world.company_id)) == 5
+    creates = dict(world.bc.creates)
+
+    world.sync()
+
+    assert body(world.host.http("GET", "health"))["lastSync"]["counts"]["customersQueued"] == 0
+    assert dict(world.bc.creates) == creates
+
+
+def test_templates_are_listed_and_validated_against_bc_fields(world):
+    assert put_template(world, "item", "BASIC", {"baseUnitOfMeasureCode": "HOUR"}).status_code == 200
+    response = put_template(world, "customer", "BAD", {"paymentTermz": "x"})
+    assert response.status_code == 400 and response.mimetype == "application/problem+json"
+    assert "paymentTermz" in body(response)["detail"]
+    assert put_template(world, "vendor", "X", {}).status_code == 400
+    assert put_template(world, "item", "BAD", {"type": "Inventory"}).status_code == 400
+    listed = body(world.host.http("GET", "templates"))["value"]
+    assert [(t["kind"], t["code"], t["fields"]) for t in listed] == [("item", "BASIC", {"baseUnitOfMeasureCode": "HOUR"})]
+
+
+def test_link_rows_live_in_one_partition_keyed_by_normalised_email(world):
+    world.host.send("directory-upserts", customer_message("a/b#c?d@example.com"))
+    world.host.drain()
+    [link] = rows(world, CUSTOMER_LINKS)
+    assert link["PartitionKey"] == CUSTOMER_PARTITION and "/" not in link["RowKey"] and "#" not in link["RowKey"]
+    assert link["Key"] == "a/b#c?d@example.com"

@@ -1,0 +1,207 @@
+"""Sync: Graph calendar window → bookings table, against real Azurite and the Graph simulator."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta, timezone
+
+from sandbox.data import generate, graph_datetime
+from shared.store import BOOKINGS, SYNC_RUNS
+from tests.helpers import body, bookings, rows
+
+
+def load(world, appointments=250, customers=60, seed=7):
+    dataset = generate(appointments=appointments, customers=customers, services=8,
+                       business_ids=world.business_ids, seed=seed)
+    world.graph.load(dataset)
+    return dataset
+
+
+def in_window(dataset):
+    return {a["id"] for _, a in dataset.appointments()}
+
+
+def last_run(world) -> dict:
+    return body(world.host.http("GET", "health"))["lastSync"]
+
+
+def test_sync_of_250_appointments_with_small_pages_and_throttling_lands_each_exactly_once(world):
+    dataset = load(world)
+    world.graph.page_size = 7
+    world.graph.plan.script("GET", r"/calendarView", "429", times=3)
+    world.graph.plan.configure(retry_after_seconds=0)
+
+    world.host.timer("sync_bookings")
+
+    stored = bookings(world)
+    assert set(stored) == in_window(dataset)
+    assert len(stored) == 250
+    assert world.graph.plan.stats.faults["429"] == 3
+    run = last_run(world)
+    assert run["outcome"] == "succeeded"
+    assert run["counts"]["created"] == 250 and run["counts"]["fetched"] == 250
+
+
+def test_a_second_sync_with_nothing_changed_writes_no_booking(world):
+    load(world)
+    world.host.timer("sync_bookings")
+    world.host.timer("sync_bookings")
+
+    counts = last_run(world)["counts"]
+    assert counts["bookingWrites"] == 0
+    assert (counts["created"], counts["updated"], counts["cancelled"]) == (0, 0, 0)
+    assert counts["unchanged"] == 250
+
+
+def test_a_changed_appointment_is_rewritten_and_only_it(world):
+    dataset = load(world)
+    world.host.timer("sync_bookings")
+    business_id, appointment = next(dataset.appointments())
+    world.graph.update_appointment(business_id, appointment["id"], price=999.5)
+
+    world.host.timer("sync_bookings")
+
+    counts = last_run(world)["counts"]
+    assert counts["updated"] == 1 and counts["bookingWrites"] == 1
+    assert bookings(world)[appointment["id"]]["Price"] == 999.5
+
+
+def test_a_vanished_appointment_is_marked_cancelled_not_deleted(world):
+    dataset = load(world)
+    world.host.timer("sync_bookings")
+    business_id, appointment = next(dataset.appointments())
+    world.graph.delete_appointment(business_id, appointment["id"])
+
+    world.host.timer("sync_bookings")
+
+    stored = bookings(world)
+    assert len(stored) == 250
+    assert stored[appointment["id"]]["Cancelled"] is True
+    assert sum(1 for r in stored.values() if r["Cancelled"]) == 1
+    assert last_run(world)["counts"]["cancelled"] == 1
+
+
+def test_a_failed_pull_cancels_nothing_and_keeps_rows_as_they_were(world):
+    dataset = load(world)
+    world.host.timer("sync_bookings")
+    before = bookings(world)
+    for business_id, appointment in list(dataset.appointments())[:10]:
+        world.graph.delete_appointment(business_id, appointment["id"])
+    world.graph.page_size = 50
+    world.graph.plan.script("GET", r"/calendarView\?.*skiptoken", "503", times=50)
+    world.graph.plan.configure(retry_after_seconds=0)
+
+    world.host.timer("sync_bookings")
+
+    after = bookings(world)
+    assert {k: v["SourceHash"] for k, v in after.items()} == {k: v["SourceHash"] for k, v in before.items()}
+    assert not any(r["Cancelled"] for r in after.values())
+    run = last_run(world)
+    assert run["outcome"] == "failed"
+    assert run["errors"] and world.business_ids[0] == run["errors"][0]["businessId"]
+
+
+def test_an_inaccessible_business_is_reported_by_name_and_keeps_its_rows(world2):
+    world = world2
+    load(world)
+    world.host.timer("sync_bookings")
+    before = bookings(world)
+    locked = world.business_ids[1]
+    world.graph.set_inaccessible(locked)
+
+    world.host.timer("sync_bookings")
+
+    assert bookings(world).keys() == before.keys()
+    assert not any(r["Cancelled"] for r in bookings(world).values())
+    run = last_run(world)
+    assert run["outcome"] == "partial"
+    assert any(e["businessId"] == locked and f"no access to business {locked}" in e["message"]
+               for e in run["errors"])
+
+
+def test_a_malformed_appointment_is_reported_and_loses_no_stored_row(world):
+    dataset = load(world)
+    world.host.timer("sync_bookings")
+    business_id = world.business_ids[0]
+    world.graph.put_appointment(business_id, {
+        "id": "AAMkBROKEN=", "startDateTime": {"dateTime": "not a date", "timeZone": "UTC"},
+        "endDateTime": graph_datetime(datetime.now(timezone.utc))})
+    victim_business, victim = next(dataset.appointments())
+    world.graph.delete_appointment(victim_business, victim["id"])
+
+    world.host.timer("sync_bookings")
+
+    stored = bookings(world)
+    assert len(stored) == 250 and not stored[victim["id"]]["Cancelled"], "an incomplete pull cancels nothing"
+    run = last_run(world)
+    assert run["outcome"] == "partial"
+    assert any("AAMkBROKEN=" in e["message"] for e in run["errors"])
+
+
+def test_group_and_single_customer_fields_are_both_read(world):
+    dataset = load(world)
+    world.host.timer("sync_bookings")
+    stored = bookings(world)
+    import json
+
+    for _, appointment in dataset.appointments():
+        customers = json.loads(stored[appointment["id"]]["Customers"])
+        if appointment["customers"]:
+            assert len(customers) == len(appointment["customers"])
+        else:
+            expected = (appointment.get("customerEmailAddress") or "").strip().lower() or None
+            assert customers[0]["email"] == (expected if expected and "@" in expected else None)
+
+
+def test_overlapping_runs_do_not_corrupt_anything(world):
+    load(world)
+    world.graph.plan.configure(latency_ms=20)
+    errors = []
+
+    def run():
+        try:
+            world.host.timer("sync_bookings")
+        except Exception as error:  # noqa: BLE001
+            errors.append(error)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert not errors
+    assert len(bookings(world)) == 250
+    assert len(rows(world, SYNC_RUNS)) >= 1
+    assert len(rows(world, SYNC_RUNS)) < 3, "overlapping runs are skipped, not run twice at once"
+
+
+def test_post_sync_queues_a_run_that_the_queue_trigger_performs(world):
+    load(world, appointments=20)
+    response = world.host.http("POST", "sync")
+    assert response.status_code == 202 and body(response) == {"status": "queued"}
+    assert rows(world, BOOKINGS) == []
+
+    world.host.drain(queues=["sync-requests"])
+
+    assert len(bookings(world)) == 20
+
+
+def test_a_sync_without_business_ids_fails_naming_the_setting(world):
+    world.monkeypatch.delenv("BOOKINGS_BUSINESS_IDS")
+    import pytest
+
+    from shared.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="BOOKINGS_BUSINESS_IDS"):
+        world.host.timer("sync_bookings")
+
+
+def test_window_excludes_appointments_outside_lookback(world):
+    business_id = world.business_ids[0]
+    old = datetime.now(timezone.utc) - timedelta(days=90)
+    world.graph.put_appointment(business_id, {
+        "id": "AAMkOLD=", "startDateTime": graph_datetime(old), "endDateTime": graph_datetime(old + timedelta(hours=1)),
+        "serviceName": "Old", "price": 10, "priceType": "fixedPrice", "customers": []})
+    world.host.timer("sync_bookings")
+    assert "AAMkOLD=" not in bookings(world)
