@@ -131,7 +131,9 @@ class BcClient:
              "headers": {"Content-Type": "application/json", **request.get("headers", {})},
              **({"body": request["body"]} if "body" in request else {})}
             for index, request in enumerate(requests)]}
-        headers = {"Isolation": "snapshot"} if atomic else None
+        # All-or-nothing batches stop at the first failure; independent ones (reads) should
+        # answer every request, which OData only does when asked to continue on error.
+        headers = {"Isolation": "snapshot"} if atomic else {"Prefer": "odata.continue-on-error"}
         response = await self.api.request("POST", self.batch_url, json_body=payload, headers=headers,
                                           idempotent=idempotent)
         answers = {str(item.get("id")): item for item in (response.body or {}).get("responses", [])}
