@@ -3,7 +3,7 @@
 Pure file parsing (no Bicep CLI, no Azure). The list of settings lives in four places (the
 pydantic model, local.settings.sample.json, infra/app/api.bicep, the README table) and these
 tests keep them one set; they also check that the Bicep modules are wired to each other and pin
-the security and alerting properties that docs/deploy.md and docs/operate.md promise.
+the security and alerting properties that the README's Deploy and Operate sections promise.
 """
 
 from __future__ import annotations

@@ -1,0 +1,174 @@
+"""`make demo`: the whole product on embedded defaults, end to end.
+
+Starts Azurite and the Entra ID, Graph and Business Central simulators, fills Bookings with a
+few hundred appointments, then drives the real functions in process: the sync timer, the queues
+until they are empty, and the HTTP API a bookkeeper would use. Prints what happened and stops
+everything it started (also on Ctrl-C or failure)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+
+from sandbox.data import generate
+from sandbox.faults import Knobs
+from sandbox.host import FunctionHost
+from sandbox.stack import SandboxStack
+
+BUSINESSES = ["contoso-salon@contoso.onmicrosoft.com", "contoso-clinic@contoso.onmicrosoft.com"]
+
+
+def heading(text: str) -> None:
+    print(f"\n== {text} " + "=" * max(0, 70 - len(text)))
+
+
+def call(host: FunctionHost, method: str, path: str, **kwargs) -> dict:
+    response = host.http(method, path, **kwargs)
+    payload = json.loads(response.get_body() or b"null")
+    if response.status_code >= 400:
+        raise RuntimeError(f"{method} /api/{path} answered {response.status_code}: {payload}")
+    return payload
+
+
+def table(rows: list[list], headers: list[str]) -> None:
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    print("  ".join(str(h).ljust(w) for h, w in zip(headers, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    started = time.monotonic()
+    print("Starting Azurite and the Entra ID, Graph and Business Central simulators…")
+    with SandboxStack(graph_knobs=Knobs(latency_ms=15, max_concurrency=4),
+                      bc_knobs=Knobs(latency_ms=25, max_concurrency=5)) as sandbox:
+        dataset = generate(appointments=300, customers=40, services=8, business_ids=BUSINESSES, seed=2026)
+        sandbox.graph.load(dataset)
+        sandbox.business_ids = BUSINESSES
+        # An accountant's existing BC customer, typed with other capitals than in Bookings.
+        first_customer = next(c for c in dataset.businesses[BUSINESSES[0]].customers if c.get("emailAddress"))
+        sandbox.bc.add_customer(sandbox.company_id, displayName=f"{first_customer['displayName']} (existing)",
+                                email=first_customer["emailAddress"].upper())
+        sandbox.apply_env(CUSTOMER_TEMPLATE="BOOKINGS", ITEM_TEMPLATE="SERVICES", BOOKINGS_TIME_ZONE="Europe/Paris")
+        from function_app import app
+
+        with FunctionHost(app, sandbox.azurite.connection_string, retry_delay=1) as host:
+            run(host, sandbox, dataset)
+    print(f"\nEverything stopped. Demo took {time.monotonic() - started:.1f} s.")
+    return 0
+
+
+def run(host: FunctionHost, sandbox, dataset) -> None:
+    heading("Templates (PUT /api/templates/{kind}/{code})")
+    call(host, "PUT", "templates/customer/BOOKINGS", body={"currencyCode": "EUR", "taxLiable": True,
+                                                          "country": "FR"})
+    call(host, "PUT", "templates/item/SERVICES", body={"baseUnitOfMeasureCode": "HOUR",
+                                                      "generalProductPostingGroupCode": "SERVICES"})
+    for template in call(host, "GET", "templates")["value"]:
+        print(f"  {template['kind']:<8} {template['code']:<10} {template['fields']}")
+
+    heading("Sync (timer sync_bookings)")
+    host.timer("sync_bookings")
+    last = call(host, "GET", "health", key=False)["lastSync"]
+    counts = last["counts"]
+    print(f"  outcome {last['outcome']}: {counts['fetched']} appointments read from "
+          f"{len(counts['businesses'])} businesses, {counts['created']} new, {counts['cancelled']} cancelled, "
+          f"{counts['bookingWrites']} table transactions")
+    print(f"  queued {counts['customersQueued']} customer and {counts['itemsQueued']} item upserts")
+
+    heading("Customers and items in Business Central (queue upsert_directory)")
+    stats = host.drain()
+    print(f"  {stats.processed} queue messages processed")
+    links = _links(host)
+    for kind, origins in links.items():
+        print(f"  {kind:<9} created from template: {origins['created']:>3}   linked to existing: {origins['linked']:>3}")
+    print(f"  BC now has {len(sandbox.bc.customers(sandbox.company_id))} customers and "
+          f"{len(sandbox.bc.items(sandbox.company_id))} items")
+
+    heading("Re-sync with nothing changed")
+    host.timer("sync_bookings")
+    counts = call(host, "GET", "health", key=False)["lastSync"]["counts"]
+    print(f"  {counts['unchanged']} unchanged, {counts['bookingWrites']} booking writes, "
+          f"{counts['customersQueued']} upserts queued")
+
+    heading("Uninvoiced bookings (GET /api/bookings/uninvoiced)")
+    page = call(host, "GET", "bookings/uninvoiced", params={"top": "1000"})
+    rows = page["value"]
+    invoiceable = [r for r in rows if r["invoiceable"]]
+    table([[r["start"][:16], r["serviceName"][:22], r["priceType"], ", ".join(c["email"] or "-" for c in
+            r["customers"])[:34], f"{r['amount']:.2f}", "yes" if r["invoiceable"] else r["reason"][:28]]
+           for r in rows[:12]], ["start (UTC)", "service", "price type", "customers", "amount", "invoiceable"])
+    reasons = Counter(r["reason"] for r in rows if not r["invoiceable"])
+    print(f"  … {len(rows)} uninvoiced, {len(invoiceable)} invoiceable, worth "
+          f"{sum(r['amount'] for r in invoiceable):.2f}; not invoiceable: {dict(reasons)}")
+
+    heading("Invoice a selection (POST /api/invoices {bookingIds})")
+    selection = [r["id"] for r in invoiceable[:3]]
+    accepted = call(host, "POST", "invoices", body={"bookingIds": selection})
+    print(f"  202 job {accepted['jobId']} for {accepted['bookingCount']} bookings → {accepted['statusUrl']}")
+    host.drain()
+    _print_job(call(host, "GET", f"invoices/jobs/{accepted['jobId']}"))
+
+    heading("Invoice all the rest (POST /api/invoices {all: true})")
+    accepted = call(host, "POST", "invoices", body={"all": True})
+    print(f"  202 job {accepted['jobId']} for {accepted['bookingCount']} bookings")
+    host.drain()
+    job = call(host, "GET", f"invoices/jobs/{accepted['jobId']}")
+    _print_job(job)
+
+    heading("Draft sales invoices in Business Central")
+    customers = {c["id"]: c for c in sandbox.bc.customers(sandbox.company_id)}
+    drafts = sandbox.bc.invoices(sandbox.company_id)
+    table([[d["number"], customers[d["customerId"]]["displayName"][:26], len(d["salesInvoiceLines"]),
+            f"{d['totalAmountIncludingTax']:.2f}", d["salesInvoiceLines"][0]["description"][:38]]
+           for d in drafts[:10]], ["number", "customer", "lines", "total", "first line"])
+    print(f"  … {len(drafts)} drafts, {sum(len(d['salesInvoiceLines']) for d in drafts)} lines, "
+          f"total {sum(d['totalAmountIncludingTax'] for d in drafts):.2f}")
+    again = call(host, "POST", "invoices", body={"all": True})
+    print(f"  invoicing all again: jobId={again['jobId']}, bookingCount={again['bookingCount']} (nothing twice)")
+
+    heading("Reconciliation: a draft deleted in BC, another posted")
+    deleted, posted = drafts[0], drafts[1]
+    sandbox.bc.delete_invoice(sandbox.company_id, deleted["id"])
+    sandbox.bc.post_invoice(sandbox.company_id, posted["id"])
+    host.timer("sync_bookings")
+    counts = call(host, "GET", "health", key=False)["lastSync"]["counts"]
+    print(f"  deleted {deleted['number']} → {counts['bookingsReleased']} bookings uninvoiced again; "
+          f"posted {posted['number']} → {counts['bookingsPosted']} bookings marked posted")
+
+    heading("Health (GET /api/health)")
+    health = call(host, "GET", "health", key=False)
+    print(f"  status {health['status']}, last sync {health['lastSync']['outcome']} at {health['lastSync']['at']}")
+    print(f"  requests: Graph {sandbox.graph.plan.stats.total_requests}, BC {sandbox.bc.plan.stats.total_requests}")
+
+
+def _links(host: FunctionHost) -> dict:
+    from azure.data.tables import TableServiceClient
+
+    service = TableServiceClient.from_connection_string(os.environ["AzureWebJobsStorage"])
+    found = {}
+    for kind, name in (("customers", "customerlinks"), ("items", "itemlinks")):
+        found[kind] = Counter(row.get("Origin") for row in service.get_table_client(name).list_entities())
+    return found
+
+
+def _print_job(job: dict) -> None:
+    print(f"  job {job['jobId']}: {job['status']}, {job['bookingCount']} bookings, "
+          f"{len(job['invoices'])} invoices, {len(job['errors'])} errors")
+    for invoice in job["invoices"][:5]:
+        print(f"    {invoice['invoiceNumber']}  {invoice['customerEmail']:<32} {invoice['amount']:>9.2f}  "
+              f"{len(invoice['bookingIds'])} booking(s)")
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\nInterrupted; everything started was stopped.")
+        sys.exit(130)
