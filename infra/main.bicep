@@ -95,7 +95,7 @@ param maximumInstanceCount int = 40
 @description('AZURE_TENANT_ID: Entra tenant of the app registration, Graph and Business Central.')
 param entraTenantId string = tenant().tenantId
 
-@description('AZURE_CLIENT_ID: application (client) id of the Entra app registration. Empty: the function app\'s managed identity is the client (secret-less; see the README's Deploy section).')
+@description('AZURE_CLIENT_ID: application (client) id of the Entra app registration. Empty: the function app\'s managed identity is the client (secret-less; see the README Deploy section).')
 param entraClientId string = ''
 
 @secure()
@@ -364,7 +364,7 @@ module alerts 'app/alerts.bicep' = {
   }
 }
 
-// Written to .azure/<env>/.env by azd; the README's Deploy section and Operate sections use them.
+// Written to .azure/<env>/.env by azd; the README Deploy and Operate sections use them.
 output AZURE_LOCATION string = location
 output AZURE_TENANT_ID string = tenant().tenantId
 output AZURE_RESOURCE_GROUP string = rg.name

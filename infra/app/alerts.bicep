@@ -1,5 +1,5 @@
 // Log alerts on the app's structured logs (Python `logging` with extra={...} → customDimensions),
-// evaluated against Application Insights. the README's Operate section says what each one means and what to do.
+// evaluated against Application Insights. the README Operate section says what each one means and what to do.
 param location string = resourceGroup().location
 param tags object = {}
 param resourceToken string
@@ -66,7 +66,7 @@ var rules = [
   {
     name: 'sync-failed'
     displayName: 'Bookings sync failed or partial'
-    description: 'A sync run ended failed or partial: at least one Bookings business was not read. Stored bookings of that business are unchanged. See the README's Operate section.'
+    description: 'A sync run ended failed or partial: at least one Bookings business was not read. Stored bookings of that business are unchanged. See the README Operate section.'
     severity: 2
     query: syncFailedQuery
     operator: 'GreaterThan'
@@ -78,7 +78,7 @@ var rules = [
   {
     name: 'message-poisoned'
     displayName: 'Message moved to a poison queue'
-    description: 'A queue message (directory-upserts, invoice-jobs or sync-requests) failed repeatedly and now waits in <queue>-poison. See the README's Operate section.'
+    description: 'A queue message (directory-upserts, invoice-jobs or sync-requests) failed repeatedly and now waits in <queue>-poison. See the README Operate section.'
     severity: 1
     query: poisonQuery
     operator: 'GreaterThan'
@@ -90,7 +90,7 @@ var rules = [
   {
     name: 'invoice-job-part-failed'
     displayName: 'Invoice job part failed'
-    description: 'An invoicing job could not create one or more draft invoices; those bookings stay uninvoiced. See the README's Operate section.'
+    description: 'An invoicing job could not create one or more draft invoices; those bookings stay uninvoiced. See the README Operate section.'
     severity: 2
     query: invoiceFailedQuery
     operator: 'GreaterThan'
@@ -102,7 +102,7 @@ var rules = [
   {
     name: 'sync-stalled'
     displayName: 'Bookings sync stalled'
-    description: 'No sync run finished within ${syncStalledAfter}. See the README's Operate section.'
+    description: 'No sync run finished within ${syncStalledAfter}. See the README Operate section.'
     severity: 1
     query: syncStalledQuery
     operator: 'LessThan'

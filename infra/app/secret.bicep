@@ -1,5 +1,5 @@
 // One Key Vault secret. Every deployment with a changed value adds a new version; the app setting
-// references the secret without a version, so the app reads the newest one (the README's Deploy section).
+// references the secret without a version, so the app reads the newest one (the README Deploy section).
 param keyVaultName string
 param name string
 
