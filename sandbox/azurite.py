@@ -32,7 +32,7 @@ class Azurite:
                 f"QueueEndpoint={host}:{self.queue_port}/{ACCOUNT};"
                 f"TableEndpoint={host}:{self.table_port}/{ACCOUNT};")
 
-    def start(self) -> "Azurite":
+    def start(self) -> Azurite:
         executable = ROOT / "node_modules" / ".bin" / "azurite"
         if not executable.exists():
             raise RuntimeError("Azurite is not installed: run `npm ci` (make does this for you).")
@@ -67,7 +67,7 @@ class Azurite:
                     pass
         shutil.rmtree(self._workspace, ignore_errors=True)
 
-    def __enter__(self) -> "Azurite":
+    def __enter__(self) -> Azurite:
         return self.start()
 
     def __exit__(self, *exc) -> None:

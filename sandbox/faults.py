@@ -23,7 +23,7 @@ import threading
 import time
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 FAULT_KINDS = ("429", "500", "503", "timeout", "reset", "malformed", "lost")
 

@@ -91,7 +91,7 @@ class FunctionHost:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
 
-    def __enter__(self) -> "FunctionHost":
+    def __enter__(self) -> FunctionHost:
         return self
 
     def __exit__(self, *exc) -> None:

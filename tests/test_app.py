@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from openapi_spec_validator import validate
 
 from sandbox.host import indexed_functions
@@ -63,7 +62,7 @@ def test_host_json_pins_the_bundle_and_chooses_queue_behaviour_on_purpose():
 
 def test_http_routes_and_auth_levels_are_as_the_contract_says():
     routes = {}
-    for name, fn in functions().items():
+    for _name, fn in functions().items():
         trigger = fn.get_trigger()
         if type(trigger).__name__ == "HttpTrigger":
             level = str(getattr(trigger.auth_level, "value", trigger.auth_level)).lower()

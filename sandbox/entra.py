@@ -1,0 +1,301 @@
+"""Simulated Entra ID: the v2.0 token endpoint and the App Service managed-identity endpoint.
+
+It speaks exactly the wire protocol msal 1.39 uses, so the app's real auth code (msal
+`ConfidentialClientApplication` with `instance_discovery=False`, or `ManagedIdentityClient`)
+runs unchanged against it:
+
+- ``GET /{tenant}/v2.0/.well-known/openid-configuration``: msal's tenant discovery, done when the
+  application object is built; an unknown tenant fails there, as in Azure.
+- ``POST /{tenant}/oauth2/v2.0/token``: client credentials, by secret (form field or HTTP Basic)
+  or by ``client_assertion`` (certificate credential; the JWT's signature is not checked, only
+  that ``iss`` and ``sub`` name the client).
+- ``GET /msi/token?api-version=2019-08-01&resource=…`` with ``X-IDENTITY-HEADER``: what App
+  Service and Azure Functions expose through ``IDENTITY_ENDPOINT`` / ``IDENTITY_HEADER``.
+
+Errors use the shapes the real services use (OAuth ``{"error", "error_description",
+"error_codes"}``; App Service ``{"statusCode", "message"}``) because msal branches on them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import secrets
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from urllib.parse import parse_qs, unquote
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from sandbox import tokens
+from sandbox.faults import FaultMiddleware, FaultPlan
+
+KNOWN_AUDIENCES = (tokens.GRAPH_AUDIENCE, tokens.BC_AUDIENCE)
+MSI_API_VERSION = "2019-08-01"
+_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
+# Throttling and server faults injected by FaultMiddleware, in Entra's own vocabulary.
+_FAULT_ERRORS = {
+    429: ("temporarily_unavailable", 90055),
+    500: ("server_error", 50000),
+    503: ("temporarily_unavailable", 90033),
+    504: ("server_error", 50000),
+}
+
+
+def _oauth_body(error: str, code: int, description: str) -> dict:
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    trace_id, correlation_id = str(uuid.uuid4()), str(uuid.uuid4())
+    return {
+        "error": error,
+        "error_description": (f"AADSTS{code}: {description} Trace ID: {trace_id} "
+                              f"Correlation ID: {correlation_id} Timestamp: {now}"),
+        "error_codes": [code],
+        "timestamp": now,
+        "trace_id": trace_id,
+        "correlation_id": correlation_id,
+        "error_uri": f"https://login.microsoftonline.com/error?code={code}",
+    }
+
+
+def oauth_fault_body(status: int, code: str, message: str) -> dict:
+    """FaultMiddleware error body: the OAuth error shape msal parses, not Graph's."""
+    error, aadsts = _FAULT_ERRORS.get(status, ("server_error", 50000))
+    return _oauth_body(error, aadsts, message)
+
+
+def _oauth_error(status: int, error: str, code: int, description: str) -> JSONResponse:
+    return JSONResponse(_oauth_body(error, code, description), status_code=status,
+                        headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+
+
+def _msi_error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"statusCode": status, "message": message,
+                         "correlationId": str(uuid.uuid4())}, status_code=status)
+
+
+def _audience_of_scope(scope: str) -> str | None:
+    """`https://graph.microsoft.com/.default` → `https://graph.microsoft.com`; else None."""
+    if not scope.endswith("/.default"):
+        return None
+    audience = scope[: -len("/.default")].rstrip("/")
+    return audience if audience in KNOWN_AUDIENCES else None
+
+
+def _jwt_claims(assertion: str) -> dict | None:
+    """The payload of a JWT, unverified (the simulator trusts any certificate)."""
+    try:
+        payload = assertion.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError, binascii.Error):
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+@dataclass(frozen=True)
+class _Client:
+    tenant: str
+    client_id: str
+    secret: str | None
+
+
+class EntraSimulator:
+    """Token issuer for the app's service principal and its managed identity.
+
+    `tokens_issued` counts successful tokens by audience (both flows), so tests can check that
+    the app caches tokens instead of asking for one per call."""
+
+    def __init__(self, plan: FaultPlan | None = None, *, identity_header: str | None = None,
+                 managed_identity_tenant: str = "managed-identity-tenant",
+                 managed_identity_client_id: str = "5f0e1c2a-9d7b-4c3e-8a61-6b2d7e9f0a51",
+                 token_lifetime_seconds: int = 3600):
+        self.plan = plan or FaultPlan()
+        self.identity_header = identity_header or secrets.token_hex(16)
+        self.managed_identity_tenant = managed_identity_tenant
+        self.managed_identity_client_id = managed_identity_client_id
+        self.token_lifetime_seconds = token_lifetime_seconds
+        self.tokens_issued: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._clients: dict[tuple[str, str], _Client] = {}
+        self._tenants: set[str] = set()
+        router = Starlette(routes=[
+            Route("/msi/token", self._managed_identity_token, methods=["GET"]),
+            Route("/{tenant}/v2.0/.well-known/openid-configuration", self._openid_configuration,
+                  methods=["GET"]),
+            Route("/{tenant}/oauth2/v2.0/token", self._token, methods=["POST"]),
+            Route("/{tenant}/discovery/v2.0/keys", self._keys, methods=["GET"]),
+        ])
+        self.app = FaultMiddleware(router, self.plan, key_of=_tenant_of_path,
+                                   error_body=oauth_fault_body)
+
+    def register_client(self, tenant: str, client_id: str, secret: str | None) -> None:
+        """Register an app; `secret=None` makes a certificate-only app (assertions only)."""
+        with self._lock:
+            self._tenants.add(tenant.lower())
+            self._clients[(tenant.lower(), client_id.lower())] = _Client(tenant, client_id, secret)
+
+    def managed_identity_env(self, base_url: str) -> dict[str, str]:
+        """The variables App Service / Functions set for a system-assigned identity."""
+        return {"IDENTITY_ENDPOINT": f"{base_url}/msi/token", "IDENTITY_HEADER": self.identity_header}
+
+    def _issue(self, audience: str, tenant: str, client_id: str) -> str:
+        with self._lock:
+            self.tokens_issued[audience] += 1
+        return tokens.issue(audience, tenant, client_id, lifetime_seconds=self.token_lifetime_seconds)
+
+    def _known_tenant(self, tenant: str) -> bool:
+        with self._lock:
+            return tenant.lower() in self._tenants
+
+    async def _openid_configuration(self, request: Request) -> JSONResponse:
+        tenant = request.path_params["tenant"]
+        if not self._known_tenant(tenant):
+            return _oauth_error(400, "invalid_tenant", 90002,
+                                f"Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID.")
+        base = f"{str(request.base_url).rstrip('/')}/{tenant}"
+        return JSONResponse({
+            "token_endpoint": f"{base}/oauth2/v2.0/token",
+            "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt",
+                                                      "client_secret_basic"],
+            "jwks_uri": f"{base}/discovery/v2.0/keys",
+            "response_modes_supported": ["query", "fragment", "form_post"],
+            "subject_types_supported": ["pairwise"],
+            "id_token_signing_alg_values_supported": ["RS256"],
+            "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
+            "scopes_supported": ["openid", "profile", "email", "offline_access"],
+            "issuer": f"{base}/v2.0",
+            "request_uri_parameter_supported": False,
+            "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
+            "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
+            "end_session_endpoint": f"{base}/oauth2/v2.0/logout",
+            "tenant_region_scope": "EU",
+            "cloud_instance_name": "microsoftonline.com",
+            "msgraph_host": "graph.microsoft.com",
+        })
+
+    async def _keys(self, request: Request) -> JSONResponse:
+        return JSONResponse({"keys": []})
+
+    async def _token(self, request: Request) -> JSONResponse:
+        tenant = request.path_params["tenant"]
+        form = {k: v[-1] for k, v in parse_qs((await request.body()).decode(), keep_blank_values=True).items()}
+        basic_id, basic_secret = _basic_credentials(request.headers.get("authorization"))
+        client_id = form.get("client_id") or basic_id
+        secret = form.get("client_secret") or basic_secret
+
+        if form.get("grant_type") != "client_credentials":
+            return _oauth_error(400, "unsupported_grant_type", 70003,
+                                "The app requested an unsupported grant type "
+                                f"'{form.get('grant_type', '')}'.")
+        if not client_id:
+            return _oauth_error(400, "invalid_request", 900144,
+                                "The request body must contain the following parameter: 'client_id'.")
+        if not self._known_tenant(tenant):
+            return _oauth_error(400, "invalid_tenant", 90002, f"Tenant '{tenant}' not found.")
+        with self._lock:
+            client = self._clients.get((tenant.lower(), client_id.lower()))
+        if client is None:
+            return _oauth_error(401, "invalid_client", 700016,
+                                f"Application with identifier '{client_id}' was not found in the "
+                                f"directory '{tenant}'.")
+        denial = self._authenticate(client, secret, form)
+        if denial is not None:
+            return denial
+
+        scopes = form.get("scope", "").split()
+        if len(scopes) != 1:
+            return _oauth_error(400, "invalid_scope", 70011,
+                                "The provided value for the input parameter 'scope' is not valid. "
+                                "The client credentials flow takes exactly one '<resource>/.default' scope.")
+        audience = _audience_of_scope(scopes[0])
+        if audience is None:
+            return _oauth_error(400, "invalid_scope", 1002012,
+                                f"The provided value for scope {scopes[0]} is not valid. Client "
+                                "credential flows must have a scope value with /.default suffixed "
+                                "to the resource identifier (application ID URI).")
+        access_token = self._issue(audience, client.tenant, client.client_id)
+        return JSONResponse(
+            {"token_type": "Bearer", "expires_in": self.token_lifetime_seconds,
+             "ext_expires_in": self.token_lifetime_seconds, "access_token": access_token},
+            headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+
+    @staticmethod
+    def _authenticate(client: _Client, secret: str | None, form: dict[str, str]) -> JSONResponse | None:
+        assertion = form.get("client_assertion")
+        if assertion:
+            if form.get("client_assertion_type") != _ASSERTION_TYPE:
+                return _oauth_error(400, "invalid_request", 700025,
+                                    "client_assertion_type must be "
+                                    f"'{_ASSERTION_TYPE}'.")
+            claims = _jwt_claims(assertion)
+            if claims is None:
+                return _oauth_error(401, "invalid_client", 700027,
+                                    "Client assertion failed signature validation.")
+            if claims.get("iss") != client.client_id or claims.get("sub") != client.client_id:
+                return _oauth_error(401, "invalid_client", 700021,
+                                    "Client assertion application identifier doesn't match "
+                                    "'client_id' parameter.")
+            if claims.get("exp") is not None and claims["exp"] < time.time():
+                return _oauth_error(401, "invalid_client", 700024,
+                                    "Client assertion is not within its valid time range.")
+            return None
+        if not secret:
+            return _oauth_error(401, "invalid_client", 7000218,
+                                "The request body must contain the following parameter: "
+                                "'client_assertion' or 'client_secret'.")
+        if client.secret is None or not secrets.compare_digest(secret, client.secret):
+            return _oauth_error(401, "invalid_client", 7000215,
+                                "Invalid client secret provided. Ensure the secret being sent in "
+                                f"the request is the client secret value, not the client secret ID, "
+                                f"for a secret added to app '{client.client_id}'.")
+        return None
+
+    async def _managed_identity_token(self, request: Request) -> JSONResponse:
+        if not secrets.compare_digest(request.headers.get("x-identity-header", ""), self.identity_header):
+            return _msi_error(401, "The X-IDENTITY-HEADER header is missing or does not match.")
+        params = request.query_params
+        if params.get("api-version") != MSI_API_VERSION:
+            return _msi_error(400, f"Unsupported or missing api-version; expected {MSI_API_VERSION}.")
+        resource = params.get("resource")
+        if not resource:
+            return _msi_error(400, "The 'resource' query parameter is required.")
+        for user_assigned in ("client_id", "mi_res_id", "object_id", "principal_id"):
+            if params.get(user_assigned) and params[user_assigned] != self.managed_identity_client_id:
+                return _msi_error(400, "Unable to load the proper Managed Identity.")
+        audience = resource.removesuffix("/.default").rstrip("/")
+        if audience not in KNOWN_AUDIENCES:
+            return _msi_error(400, f"AADSTS500011: The resource principal named {resource} was not "
+                                   "found in the tenant.")
+        access_token = self._issue(audience, self.managed_identity_tenant, self.managed_identity_client_id)
+        return JSONResponse({
+            "access_token": access_token,
+            "expires_on": str(int(time.time()) + self.token_lifetime_seconds),
+            "resource": resource,
+            "token_type": "Bearer",
+            "client_id": self.managed_identity_client_id,
+        })
+
+
+def _basic_credentials(authorization: str | None) -> tuple[str | None, str | None]:
+    """RFC 6749 §2.3.1 HTTP Basic client authentication (form-encoded id and secret)."""
+    if not authorization or not authorization.startswith("Basic "):
+        return None, None
+    try:
+        decoded = base64.b64decode(authorization[len("Basic "):]).decode()
+    except (ValueError, binascii.Error):
+        return None, None
+    client_id, _, secret = decoded.partition(":")
+    return unquote(client_id.replace("+", " ")), unquote(secret.replace("+", " "))
+
+
+def _tenant_of_path(path: str) -> str:
+    """Limits apply per tenant (the managed-identity endpoint counts as one)."""
+    return path.strip("/").split("/", 1)[0] or "*"

@@ -1,0 +1,283 @@
+"""The Graph Bookings simulator over real HTTPS, and the data generator that feeds it."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import time
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from urllib.parse import quote
+
+import httpx
+import pytest
+
+from sandbox import tokens
+from sandbox.data import (APOSTROPHE_EMAIL, BUSINESS_IDS, DURATIONS_MINUTES, MIXED_CASE_EMAILS, PRICE_TYPES,
+                          business_ids, generate)
+from sandbox.graph import GraphSimulator
+from sandbox.server import ServerThread
+from sandbox.tls import TlsFiles, make_tls_files
+
+NOW = datetime(2026, 11, 20, 10, 7, tzinfo=timezone.utc)
+BUSINESS = BUSINESS_IDS[0]
+OTHER = business_ids(2)[1]
+
+
+@pytest.fixture(scope="module")
+def tls() -> TlsFiles:
+    return make_tls_files()
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return generate(appointments=120, customers=30, services=8, business_ids=business_ids(2), seed=7, now=NOW)
+
+
+@pytest.fixture(scope="module")
+def served(tls: TlsFiles, dataset):
+    sim = GraphSimulator(page_size=7)
+    sim.load(dataset)
+    with ServerThread(sim.app, tls, name="graph-sim") as server:
+        yield sim, server.url
+
+
+@pytest.fixture
+def client(served, tls: TlsFiles):
+    sim, url = served
+    sim.plan.clear()
+    token = tokens.issue(tokens.GRAPH_AUDIENCE, "contoso.onmicrosoft.com", "app")
+    with httpx.Client(base_url=f"{url}/v1.0", verify=ssl.create_default_context(cafile=str(tls.ca_bundle)),
+                      headers={"Authorization": f"Bearer {token}"}) as http:
+        yield http
+
+
+def business_path(business_id: str = BUSINESS) -> str:
+    return f"/solutions/bookingBusinesses/{quote(business_id)}"
+
+
+def parse(value: dict) -> datetime:
+    return datetime.fromisoformat(value["dateTime"])
+
+
+def whole_window(dataset) -> dict:
+    return {"start": (dataset.window_start - timedelta(days=2)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "end": (dataset.window_end + timedelta(days=2)).isoformat()}
+
+
+def test_following_next_links_returns_every_appointment_exactly_once(client, dataset) -> None:
+    response = client.get(f"{business_path()}/calendarView", params=whole_window(dataset))
+    seen, pages = [], 0
+    while True:
+        assert response.status_code == 200
+        body = response.json()
+        seen += [a["id"] for a in body["value"]]
+        pages += 1
+        if "@odata.nextLink" not in body:
+            break
+        assert body["@odata.nextLink"].startswith("https://") and "$skiptoken=" in body["@odata.nextLink"]
+        response = client.get(body["@odata.nextLink"])
+
+    expected = [a["id"] for a in dataset.businesses[BUSINESS].appointments]
+    assert sorted(seen) == sorted(expected) and len(seen) == len(set(seen))
+    assert pages == -(-len(expected) // 7)
+
+
+def test_calendar_view_returns_only_overlapping_appointments_sorted_by_start(client, dataset) -> None:
+    start, end = NOW - timedelta(days=3), NOW + timedelta(hours=2)
+    response = client.get(f"{business_path()}/calendarView",
+                          params={"start": start.isoformat(), "end": end.isoformat(), "$top": "1000"})
+    starts = [parse(a["startDateTime"]) for a in response.json()["value"]]
+    expected = {a["id"] for a in dataset.businesses[BUSINESS].appointments
+                if parse(a["startDateTime"]) < end and parse(a["endDateTime"]) > start}
+    assert {a["id"] for a in response.json()["value"]} == expected and starts == sorted(starts)
+
+
+def test_top_returns_that_many_and_drops_the_next_link(client, dataset) -> None:
+    body = client.get(f"{business_path()}/calendarView", params={**whole_window(dataset), "$top": "3"}).json()
+    assert len(body["value"]) == 3 and "@odata.nextLink" not in body
+
+
+@pytest.mark.parametrize("params", [{"end": "2026-11-21T00:00:00Z"}, {"start": "2026-11-20T00:00:00Z"},
+                                    {"start": "yesterday", "end": "2026-11-21T00:00:00Z"}])
+def test_calendar_view_without_a_valid_window_is_a_bad_request(client, params) -> None:
+    response = client.get(f"{business_path()}/calendarView", params=params)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "ErrorInvalidRequest"
+    assert {"request-id", "date"} <= set(response.json()["error"]["innerError"])
+
+
+def test_inaccessible_or_unknown_business_answers_folder_not_found(client, served) -> None:
+    sim, _ = served
+    sim.set_inaccessible(OTHER, True)
+    try:
+        for business_id in (OTHER, "nobody@contoso.onmicrosoft.com"):
+            response = client.get(f"{business_path(business_id)}/calendarView", params=whole_window_default())
+            assert response.status_code == 404 and response.json()["error"]["code"] == "ErrorFolderNotFound"
+    finally:
+        sim.set_inaccessible(OTHER, False)
+    assert client.get(f"{business_path(OTHER)}/services").status_code == 200
+
+
+def whole_window_default() -> dict:
+    return {"start": "2026-01-01T00:00:00Z", "end": "2027-01-01T00:00:00Z"}
+
+
+def test_patched_notes_show_by_id_but_not_in_lists(client, served, dataset) -> None:
+    sim, _ = served
+    appointment = dataset.businesses[BUSINESS].appointments[0]
+    path = f"{business_path()}/appointments/{appointment['id']}"
+
+    response = client.patch(path, json={"serviceNotes": "Invoiced: SI-1001"})
+
+    assert response.status_code == 204 and response.content == b""
+    by_id = client.get(path).json()
+    assert by_id["serviceNotes"] == "Invoiced: SI-1001"
+    assert by_id["lastUpdatedDateTime"] > appointment["lastUpdatedDateTime"]
+    listed = client.get(f"{business_path()}/calendarView", params={**whole_window(dataset), "$top": "1000"}).json()
+    assert {a["serviceNotes"] for a in listed["value"]} == {""}
+    assert sim.appointment(BUSINESS, appointment["id"])["serviceNotes"] == "Invoiced: SI-1001"
+
+
+def test_patch_refuses_unknown_fields_and_unknown_ids(client, dataset) -> None:
+    appointment_id = dataset.businesses[BUSINESS].appointments[1]["id"]
+    unknown_field = client.patch(f"{business_path()}/appointments/{appointment_id}", json={"invoiceId": "1"})
+    unknown_id = client.patch(f"{business_path()}/appointments/AAMkADnope=", json={"serviceNotes": "x"})
+    assert unknown_field.status_code == 400
+    assert unknown_id.status_code == 404 and unknown_id.json()["error"]["code"] == "ErrorItemNotFound"
+
+
+def test_deleted_appointment_vanishes_from_the_calendar(client, served, dataset) -> None:
+    sim, _ = served
+    victim = dataset.businesses[OTHER].appointments[0]
+    sim.delete_appointment(OTHER, victim["id"])
+    try:
+        listed = client.get(f"{business_path(OTHER)}/calendarView", params={**whole_window(dataset), "$top": "1000"})
+        assert victim["id"] not in {a["id"] for a in listed.json()["value"]}
+        assert client.get(f"{business_path(OTHER)}/appointments/{victim['id']}").status_code == 404
+    finally:
+        sim.put_appointment(OTHER, victim)
+
+
+def test_a_planted_malformed_appointment_is_served_in_every_window(client, served) -> None:
+    sim, _ = served
+    sim.put_appointment(OTHER, {"id": "AAMkADbroken=", "startDateTime": {"dateTime": "not a date", "timeZone": "UTC"}})
+    try:
+        for window in (whole_window_default(), {"start": "2030-01-01T00:00:00Z", "end": "2030-01-02T00:00:00Z"}):
+            listed = client.get(f"{business_path(OTHER)}/calendarView", params={**window, "$top": "1000"}).json()
+            assert "AAMkADbroken=" in {a["id"] for a in listed["value"]}
+    finally:
+        sim.delete_appointment(OTHER, "AAMkADbroken=")
+
+
+def test_scripted_throttling_answers_429_with_retry_after(client, served) -> None:
+    sim, _ = served
+    sim.plan.script("GET", r"/calendarView\?", "429")
+    response = client.get(f"{business_path()}/calendarView", params=whole_window_default())
+    assert response.status_code == 429 and response.headers["Retry-After"] == "1"
+    assert response.json()["error"]["code"] == "TooManyRequests"
+    assert client.get(f"{business_path()}/calendarView", params=whole_window_default()).status_code == 200
+
+
+def test_requests_without_a_graph_token_are_unauthenticated(served, tls: TlsFiles) -> None:
+    _, url = served
+    bc_token = tokens.issue(tokens.BC_AUDIENCE, "contoso.onmicrosoft.com", "app")
+    with httpx.Client(base_url=f"{url}/v1.0", verify=ssl.create_default_context(cafile=str(tls.ca_bundle))) as http:
+        for headers in ({}, {"Authorization": f"Bearer {bc_token}"}):
+            response = http.get("/solutions/bookingBusinesses", headers=headers)
+            assert response.status_code == 401
+            assert response.json()["error"]["code"] == "InvalidAuthenticationToken"
+
+
+def test_customers_and_services_are_paged_lists(client, dataset) -> None:
+    for kind, expected in (("customers", dataset.businesses[BUSINESS].customers),
+                           ("services", dataset.businesses[BUSINESS].services)):
+        url, items = f"{business_path()}/{kind}", []
+        while url:
+            body = client.get(url).json()
+            items += body["value"]
+            url = body.get("@odata.nextLink")
+        assert items == expected
+
+
+def test_batch_runs_inner_requests_and_answers_by_id(client, dataset) -> None:
+    appointment_id = dataset.businesses[BUSINESS].appointments[2]["id"]
+    inner = f"{business_path()}/appointments/{appointment_id}"
+    response = client.post("/$batch", json={"requests": [
+        {"id": "patch", "method": "PATCH", "url": inner, "body": {"serviceNotes": "batched"},
+         "headers": {"Content-Type": "application/json"}},
+        {"id": "get", "method": "GET", "url": inner.lstrip("/"), "dependsOn": ["patch"]},
+        {"id": "missing", "method": "GET", "url": f"{business_path()}/appointments/AAMkADgone="},
+    ]})
+    answers = {answer["id"]: answer for answer in response.json()["responses"]}
+    assert response.status_code == 200
+    assert answers["patch"]["status"] == 204
+    assert answers["get"]["status"] == 200 and answers["get"]["body"]["serviceNotes"] == "batched"
+    assert answers["missing"]["status"] == 404
+
+
+def test_batch_refuses_more_than_twenty_requests(client) -> None:
+    requests = [{"id": str(n), "method": "GET", "url": "/solutions/bookingBusinesses"} for n in range(21)]
+    assert client.post("/$batch", json={"requests": requests}).status_code == 400
+
+
+def test_batch_to_one_mailbox_meets_the_concurrency_limit(client, served) -> None:
+    sim, _ = served
+    sim.plan.configure(latency_ms=100)
+    try:
+        requests = [{"id": str(n), "method": "GET", "url": f"{business_path()}/services"} for n in range(8)]
+        answers = client.post("/$batch", json={"requests": requests}).json()["responses"]
+    finally:
+        sim.plan.configure(latency_ms=0)
+    statuses = Counter(answer["status"] for answer in answers)
+    assert statuses == {200: 4, 429: 4}
+    assert all("Retry-After" in a["headers"] for a in answers if a["status"] == 429)
+
+
+def test_generator_is_deterministic_for_a_seed() -> None:
+    first = generate(appointments=50, seed=3, now=NOW)
+    again = generate(appointments=50, seed=3, now=NOW)
+    other = generate(appointments=50, seed=4, now=NOW)
+    assert json.dumps(first.businesses[BUSINESS].appointments) == json.dumps(again.businesses[BUSINESS].appointments)
+    assert first.businesses[BUSINESS].appointments[0]["id"] != other.businesses[BUSINESS].appointments[0]["id"]
+
+
+def test_generator_contains_every_awkward_case() -> None:
+    data = generate(now=NOW)
+    business = data.businesses[BUSINESS]
+    appointments = business.appointments
+    emails = [c["emailAddress"] for c in business.customers]
+
+    def attendee_emails(a: dict) -> list:
+        return [c["emailAddress"] for c in a["customers"]] if a["customers"] else [a["customerEmailAddress"]]
+
+    used = [email for a in appointments for email in attendee_emails(a)]
+    assert len(appointments) == 250
+    assert {APOSTROPHE_EMAIL, *MIXED_CASE_EMAILS} <= set(emails) and {APOSTROPHE_EMAIL, *MIXED_CASE_EMAILS} <= set(used)
+    assert 1 <= sum(not e for e in emails) <= 4 and any(not e for e in used)
+    groups = [a for a in appointments if len(a["customers"]) > 1]
+    assert 3 <= len(groups) <= 25 and all(2 <= len(a["customers"]) <= 4 for a in groups)
+    singles = [a for a in appointments if len(a["customers"]) <= 1]
+    bare = [a for a in singles if not a["customers"]]
+    assert 0.35 < len(bare) / len(singles) < 0.65 and all(a["customerName"] for a in bare)
+    assert {a["priceType"] for a in appointments} == set(PRICE_TYPES)
+    for a in appointments:
+        minutes = (parse(a["endDateTime"]) - parse(a["startDateTime"])).total_seconds() / 60
+        assert minutes in DURATIONS_MINUTES
+    assert {a["startDateTime"]["dateTime"][-6:] for a in appointments} >= {"+00:00"}
+    assert any(a["startDateTime"]["dateTime"].endswith("0000000Z") for a in appointments)
+    ended = sum(parse(a["endDateTime"]) <= NOW for a in appointments)
+    running = sum(parse(a["startDateTime"]) < NOW < parse(a["endDateTime"]) for a in appointments)
+    assert 0.6 < ended / len(appointments) < 0.8 and running >= 1 and ended + running < len(appointments)
+    service_ids = {s["id"] for s in business.services}
+    customer_ids = {c["id"] for c in business.customers}
+    assert all(a["serviceId"] in service_ids for a in appointments)
+    assert all(c["customerId"] in customer_ids for a in appointments for c in a["customers"])
+    assert all("defaultPrice" in s and s["defaultPriceType"] in PRICE_TYPES for s in business.services)
+
+
+def test_generator_scales_to_ten_thousand_appointments() -> None:
+    started = time.perf_counter()
+    data = generate(appointments=10_000, customers=2_000, services=30, business_ids=business_ids(4), now=NOW)
+    assert time.perf_counter() - started < 2
+    assert data.appointment_count == 10_000
+    assert all(len(b.customers) == 2_000 and len(b.services) == 30 for b in data.businesses.values())
