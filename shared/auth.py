@@ -49,6 +49,7 @@ class TokenProvider:
         self._lock = threading.Lock()
         self._app = self._build()
         self._cached: dict[str, tuple[str, float]] = {}
+        self._scope_locks: dict[str, threading.Lock] = {}
         self.tokens_acquired = 0
 
     @property
@@ -73,6 +74,14 @@ class TokenProvider:
         )
 
     def _acquire(self, scope: str) -> str:
+        # One request to Entra ID per scope at a time: concurrent callers wait and reuse it.
+        with self._scope_locks.setdefault(scope, threading.Lock()):
+            cached = self._cached.get(scope)
+            if cached and cached[1] > time.monotonic():
+                return cached[0]
+            return self._acquire_now(scope)
+
+    def _acquire_now(self, scope: str) -> str:
         with self._lock:
             app = self._app
         if isinstance(app, msal.ManagedIdentityClient):
