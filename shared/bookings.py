@@ -93,7 +93,8 @@ class Booking(BaseModel):
         """The invoicing-owned properties, written only by invoicing and reconciliation."""
         return {"PartitionKey": self.partition_key, "RowKey": self.row_key,
                 "Claims": to_json(self.claims), "Invoices": fit_string(to_json(self.invoices)),
-                "InvoiceState": self.invoice_state().value, "HasInvoices": bool(self.invoices)}
+                "InvoiceState": self.invoice_state().value, "HasInvoices": bool(self.invoices),
+                "HasClaims": bool(self.claims)}
 
     @property
     def minutes(self) -> int:

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import logging
 
+import asyncio
+from datetime import datetime, timedelta, timezone
+
 from shared.bookings import Booking
 from shared.http import UpstreamError
-from shared.invoicing import _apply, external_document_number, refs_of, release
+from shared.invoicing import HEADER, _apply, external_document_number, part_key, refs_of, release
 from shared.runtime import Runtime
 from shared.settings import SettingsError
-from shared.store import BOOKINGS, JOBS, Store
+from shared.messages import InvoiceJobPart, encode
+from shared.store import BOOKINGS, INVOICE_QUEUE, JOBS, Store
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,7 @@ async def reconcile_invoices(rt: Runtime, store: Store) -> dict:
             elif state == "posted":
                 counts["bookingsPosted"] += 1
     counts["partsRechecked"] = await _recheck_parts(rt, store)
+    counts |= await recover_stale_claims(rt, store)
     return counts
 
 
@@ -84,3 +89,50 @@ async def _recheck_parts(rt: Runtime, store: Store) -> int:
                                etag=None)
         checked += 1
     return checked
+
+
+STALE_CLAIMING = timedelta(minutes=15)
+STALE_PART = timedelta(minutes=30)
+
+
+async def recover_stale_claims(rt: Runtime, store: Store, now: datetime | None = None) -> dict:
+    """Claims must end: a job that crashed while claiming gives its claims back; a part whose
+    message was lost (queued or running for too long) is queued again (the worker is idempotent);
+    a failed part's leftover claims are released."""
+    now = now or datetime.now(timezone.utc)
+    rows = await store.query(BOOKINGS, "HasClaims eq true")
+    claimed = [Booking.from_entity(row) for row in rows]
+    jobs = sorted({job for booking in claimed for job in booking.claims.values()})
+    headers = await asyncio.gather(*(store.get(JOBS, job, HEADER) for job in jobs))
+    dead: set[str] = set()
+    requeued = 0
+    for job, header in zip(jobs, headers, strict=True):
+        status = header.get("Status") if header else None
+        created = header.get("CreatedAt") if header else None
+        if header is None or status == "rejected" or (status == "claiming" and created and now - created > STALE_CLAIMING):
+            dead.add(job)
+            continue
+        if status != "queued":
+            continue
+        for part in await store.query(JOBS, "PartitionKey eq @pk and Status ne 'succeeded'", parameters={"pk": job}):
+            if not part["RowKey"].startswith("part-"):
+                continue
+            changed = part.metadata.get("timestamp")
+            if part.get("Status") == "failed" and not part.get("NeedsCheck"):
+                await release(store, job, refs_of(part), part["CustomerEmail"])
+            elif part.get("Status") in ("queued", "running") and changed and now - changed > STALE_PART:
+                await store.send(INVOICE_QUEUE, encode(InvoiceJobPart(jobId=job, part=int(part["RowKey"][5:]))))
+                await store.update(JOBS, {"PartitionKey": job, "RowKey": part_key(int(part["RowKey"][5:])),
+                                          "Requeued": now}, etag=None)
+                requeued += 1
+    released = 0
+    if dead:
+        def drop(booking: Booking) -> str | None:
+            mine = [email for email, job in booking.claims.items() if job in dead]
+            for email in mine:
+                del booking.claims[email]
+            return None if mine else "unchanged"
+
+        written, _ = await _apply(store, [b for b in claimed if dead & set(b.claims.values())], drop)
+        released = len(written)
+    return {"staleClaimsReleased": released, "partsRequeued": requeued}
