@@ -7,18 +7,21 @@ send `If-Match` with the record's ETag."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.http import ApiClient, UpstreamError, UpstreamNotFound
+from shared.http import ApiClient, UpstreamAmbiguous, UpstreamError, UpstreamNotFound, error_from_body
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
 ENVIRONMENT_CONCURRENCY = 5
 MAX_BATCH_REQUESTS = 100
+LOOKUP_CHUNK = 40
+"""Values per `or` filter: keeps the URL well under the limits of gateways in front of BC."""
 
 
 def odata_string(value: str) -> str:
@@ -144,15 +147,50 @@ class BcClient:
 
     # -- entities ------------------------------------------------------------------------------
 
-    async def customers_by_email(self, email: str) -> list[dict]:
-        # BC compares text case-insensitively (its collation); compare again here, normalised.
-        found = await self.list("customers", f"email eq {odata_string(email)}")
-        return [c for c in found if (c.get("email") or "").strip().lower() == email]
+    async def customers_by_emails(self, emails: list[str]) -> dict[str, list[dict]]:
+        """Many e-mails with few requests: `email eq 'a' or email eq 'b' …` per chunk."""
+        return await self._by_values("customers", "email", emails, lambda c: True)
 
-    async def items_by_name(self, name: str) -> list[dict]:
-        found = await self.list("items", f"displayName eq {odata_string(name)}")
-        return [i for i in found if i.get("type") == "Service"
-                and (i.get("displayName") or "").strip().lower() == name.strip().lower()]
+    async def items_by_names(self, names: list[str]) -> dict[str, list[dict]]:
+        return await self._by_values("items", "displayName", names, lambda i: i.get("type") == "Service")
+
+    async def _by_values(self, entity_set: str, field: str, values: list[str], keep) -> dict[str, list[dict]]:
+        wanted = sorted({v.strip().lower() for v in values if v and v.strip()})
+        chunks = [wanted[i:i + LOOKUP_CHUNK] for i in range(0, len(wanted), LOOKUP_CHUNK)]
+        pages = await asyncio.gather(*(self.list(entity_set, " or ".join(
+            f"{field} eq {odata_string(value)}" for value in chunk)) for chunk in chunks))
+        found: dict[str, list[dict]] = {value: [] for value in wanted}
+        for page in pages:
+            for record in page:
+                value = (record.get(field) or "").strip().lower()
+                if value in found and keep(record):
+                    found[value].append(record)
+        return found
+
+    async def create_many(self, entity_set: str, records: list[dict]) -> list[dict | UpstreamError]:
+        """Create records with one request per 100 (`$batch`); answers in order, each the new
+        record or the error BC gave for it. A lost answer raises `UpstreamAmbiguous`."""
+        if len(records) == 1:
+            try:
+                return [await self.create(entity_set, records[0])]
+            except UpstreamAmbiguous:
+                raise
+            except UpstreamError as error:
+                return [error]
+        results: list[dict | UpstreamError] = []
+        for start in range(0, len(records), MAX_BATCH_REQUESTS):
+            chunk = records[start:start + MAX_BATCH_REQUESTS]
+            answers = await self.batch([{"method": "POST", "url": entity_set, "body": record} for record in chunk],
+                                       idempotent=False)
+            for answer in answers:
+                status = int(answer.get("status") or 0)
+                body = answer.get("body")
+                if 200 <= status < 300 and isinstance(body, dict) and "id" in body:
+                    results.append(body)
+                else:
+                    error = body.get("error", {}) if isinstance(body, dict) else {}
+                    results.append(error_from_body(self.api.service, status, body, str(error.get("message", ""))))
+        return results
 
     async def invoices_by_external_number(self, key: str) -> list[dict]:
         return await self.list("salesInvoices", f"externalDocumentNumber eq {odata_string(key)}",

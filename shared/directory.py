@@ -21,7 +21,8 @@ from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, Re
 
 from shared.bc import BcClient
 from shared.http import UpstreamAmbiguous, UpstreamConflict
-from shared.messages import CustomerSource, CustomerUpsert, ItemUpsert, PermanentFailure, ServiceSource
+from shared.messages import (CustomerBatchUpsert, CustomerSource, CustomerUpsert, DirectoryUpsertMessage,
+                             PermanentFailure, ServiceSource)
 from shared.runtime import Runtime
 from shared.store import CUSTOMER_LINKS, ITEM_LINKS, TEMPLATES, Store, encode_key, to_json
 
@@ -135,57 +136,149 @@ def blanks_to_fill(existing: dict, mapped: dict) -> dict:
 
 # -- resolution --------------------------------------------------------------------------------
 
+@dataclass
+class Wanted:
+    """One customer/item to resolve: its key, the Bookings fields, and how BC would know it."""
+    key: str
+    mapped: dict
+    lookup: str
+    source_hash: str | None = None
+
+
 class Resolver:
-    """Find or create the BC record for one customer/item, exactly once across workers."""
+    """Find or create BC records for customers/items, exactly once across workers, in bulk.
+
+    Per call: link rows are read; unlinked ones are claimed (ETag); BC is searched for all of
+    them with a few `or` filters; what is missing is created with one `$batch` per 100. The
+    invoice worker resolves one at a time through the same path."""
 
     def __init__(self, rt: Runtime, store: Store, bc: BcClient):
         self.rt, self.store, self.bc = rt, store, bc
         self.owner = uuid.uuid4().hex
 
     async def customer(self, source: CustomerSource, source_hash: str | None = None) -> Link:
-        mapped = customer_fields(source)
-        return await self._resolve(CUSTOMER, source.email, mapped, source_hash,
-                                   lambda: self.bc.customers_by_email(source.email))
+        return (await self.customers([(source, source_hash)]))[source.email]
 
     async def item(self, source: ServiceSource, source_hash: str | None = None) -> Link:
-        mapped = item_fields(source)
-        return await self._resolve(ITEM, source.service_id, mapped, source_hash,
-                                   lambda: self.bc.items_by_name(source.display_name))
+        return (await self.items([(source, source_hash)]))[source.service_id]
 
-    async def _resolve(self, kind: Kind, key: str, mapped: dict, source_hash: str | None, find) -> Link:
-        row_key = encode_key(key)
+    async def customers(self, entries: list[tuple[CustomerSource, str | None]]) -> dict[str, Link]:
+        wanted = [Wanted(s.email, customer_fields(s), s.email, h) for s, h in entries]
+        return await self._resolve(CUSTOMER, wanted, self.bc.customers_by_emails)
+
+    async def items(self, entries: list[tuple[ServiceSource, str | None]]) -> dict[str, Link]:
+        wanted = [Wanted(s.service_id, item_fields(s), s.display_name, h) for s, h in entries]
+        return await self._resolve(ITEM, wanted, self.bc.items_by_names)
+
+    async def _resolve(self, kind: Kind, wanted: list[Wanted], find) -> dict[str, Link]:
+        pending = {w.key: w for w in wanted}
+        links: dict[str, Link] = {}
         deadline = time.monotonic() + WAIT_FOR_OTHER_SECONDS
-        while True:
-            row = await self.store.get(kind.table, kind.partition, row_key)
-            if row and row.get("Status") == "linked" and row.get("BcId"):
-                link = _link(row)
-                if source_hash and row.get("SourceHash") != source_hash:
-                    await self._refresh(kind, row, link, mapped, source_hash)
-                return link
-            etag = await self._claim(kind, key, row_key, row)
-            if etag:
-                break
-            if time.monotonic() > deadline:
-                raise LinkBusy(f"another worker has been resolving {kind.name} {key} for too long")
-            await asyncio.sleep(0.2)
+        while pending:
+            rows = await _gather_limited([self.store.get(kind.table, kind.partition, encode_key(key))
+                                          for key in pending])
+            claimed: dict[str, str] = {}
+            for (key, want), row in zip(list(pending.items()), rows, strict=True):
+                if row and row.get("Status") == "linked" and row.get("BcId"):
+                    links[key] = _link(row)
+                    if want.source_hash and row.get("SourceHash") != want.source_hash:
+                        await self._refresh(kind, row, links[key], want.mapped, want.source_hash)
+                    del pending[key]
+                    continue
+                etag = await self._claim(kind, key, encode_key(key), row)
+                if etag:
+                    claimed[key] = etag
+            if claimed:
+                batch = [pending.pop(key) for key in claimed]
+                links |= await self._link_claimed(kind, batch, claimed, find)
+            if pending:
+                if time.monotonic() > deadline:
+                    raise LinkBusy(f"another worker has been resolving {kind.name} "
+                                   f"{', '.join(_mask(k) for k in list(pending)[:3])} for too long")
+                await asyncio.sleep(0.2)
+        return links
+
+    async def _link_claimed(self, kind: Kind, wanted: list[Wanted], etags: dict[str, str], find) -> dict[str, Link]:
+        failures: dict[str, Exception] = {}
+        records: dict[str, tuple[dict, str]] = {}
         try:
-            record, origin = await self._find_or_create(kind, mapped, find)
-        except Exception as error:
-            await self._mark_failed(kind, row_key, key, str(error), etag)
-            raise
-        entity = {"PartitionKey": kind.partition, "RowKey": row_key, "Key": key, "Status": "linked",
+            found = await find([w.lookup for w in wanted])
+            to_create = []
+            for want in wanted:
+                existing = found.get(want.lookup.strip().lower())
+                if existing:
+                    await self._fill_blanks(kind, existing[0], want.mapped)
+                    records[want.key] = (existing[0], "linked")
+                else:
+                    to_create.append(want)
+            if to_create:
+                code = self.rt.settings.customer_template if kind is CUSTOMER else self.rt.settings.item_template
+                defaults = await template_defaults(self.store, kind, code)
+                created, failures = await self._create(kind, to_create, defaults, find)
+                records |= {key: (record, "created") for key, record in created.items()}
+        except Exception as error:  # noqa: BLE001 - recorded on every link row below, then raised
+            failures |= {w.key: error for w in wanted if w.key not in records}
+        links = {}
+        for want in wanted:
+            if want.key in records:
+                record, origin = records[want.key]
+                links[want.key] = await self._record_link(kind, want, record, origin, etags[want.key])
+        for key, error in failures.items():
+            await self._mark_failed(kind, encode_key(key), key, str(error), etags[key])
+        if failures:
+            raise next(iter(failures.values()))
+        return links
+
+    async def _create(self, kind: Kind, wanted: list[Wanted], defaults: dict, find
+                      ) -> tuple[dict[str, dict], dict[str, Exception]]:
+        created: dict[str, dict] = {}
+        failures: dict[str, Exception] = {}
+        remaining = list(wanted)
+        for attempt in range(1, CREATE_ATTEMPTS + 1):
+            try:
+                answers = await self.bc.create_many(kind.entity_set, [new_record(kind, defaults, w.mapped)
+                                                                      for w in remaining])
+            except UpstreamAmbiguous as error:
+                answers = [error] * len(remaining)
+            retry = []
+            for want, answer in zip(remaining, answers, strict=True):
+                if isinstance(answer, dict):
+                    created[want.key] = answer
+                elif isinstance(answer, UpstreamAmbiguous) or answer.retryable:
+                    retry.append(want)
+                    failures[want.key] = answer
+                else:
+                    failures[want.key] = answer
+            if not retry:
+                break
+            # The create may have happened: look before creating again.
+            found = await find([w.lookup for w in retry])
+            remaining = []
+            for want in retry:
+                existing = found.get(want.lookup.strip().lower())
+                if existing:
+                    created[want.key] = existing[0]
+                    failures.pop(want.key, None)
+                elif attempt < CREATE_ATTEMPTS:
+                    remaining.append(want)
+            if not remaining:
+                break
+        return created, {k: v for k, v in failures.items() if k not in created}
+
+    async def _record_link(self, kind: Kind, want: Wanted, record: dict, origin: str, etag: str) -> Link:
+        entity = {"PartitionKey": kind.partition, "RowKey": encode_key(want.key), "Key": want.key, "Status": "linked",
                   "BcId": record["id"], "BcNumber": record.get("number") or "", "Origin": origin,
                   "Owner": "", "LastError": "", "UpdatedAt": datetime.now(timezone.utc)}
-        if source_hash:
-            entity["SourceHash"] = source_hash
+        if want.source_hash:
+            entity["SourceHash"] = want.source_hash
         try:
             await self.store.update(kind.table, entity, etag=etag)
         except ResourceModifiedError:
             # We were slow and another worker took over the claim: it finds this record in BC.
-            log.warning("lost the claim on %s %s after creating it", kind.name, _mask(key))
-        log.info("%s %s %s as %s", kind.name, origin, _mask(key), record.get("number"),
+            log.warning("lost the claim on %s %s after linking it", kind.name, _mask(want.key))
+        log.info("%s %s %s as %s", kind.name, origin, _mask(want.key), record.get("number"),
                  extra={"event": f"{kind.name}_{origin}", "bc_id": record["id"]})
-        return Link(key, record["id"], record.get("number"), origin)
+        return Link(want.key, record["id"], record.get("number"), origin)
 
     async def _claim(self, kind: Kind, key: str, row_key: str, row: dict | None) -> str | None:
         """Take the link row for this worker; None if another worker holds a fresh claim."""
@@ -202,26 +295,6 @@ class Resolver:
             return (await self.store.update(kind.table, claim, etag=row.metadata["etag"]))["etag"]
         except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
             return None
-
-    async def _find_or_create(self, kind: Kind, mapped: dict, find) -> tuple[dict, str]:
-        existing = await find()
-        if existing:
-            record = existing[0]
-            await self._fill_blanks(kind, record, mapped)
-            return record, "linked"
-        code = self.rt.settings.customer_template if kind is CUSTOMER else self.rt.settings.item_template
-        fields = new_record(kind, await template_defaults(self.store, kind, code), mapped)
-        for attempt in range(1, CREATE_ATTEMPTS + 1):
-            try:
-                return await self.bc.create(kind.entity_set, fields), "created"
-            except UpstreamAmbiguous:
-                # The create may have happened: look before creating again.
-                existing = await find()
-                if existing:
-                    return existing[0], "created"
-                if attempt == CREATE_ATTEMPTS:
-                    raise
-        raise AssertionError("unreachable")
 
     async def _fill_blanks(self, kind: Kind, record: dict, mapped: dict) -> None:
         for _ in range(3):
@@ -261,6 +334,16 @@ class Resolver:
             pass
 
 
+async def _gather_limited(coroutines: list, limit: int = 16) -> list:
+    gate = asyncio.Semaphore(limit)
+
+    async def one(coroutine):
+        async with gate:
+            return await coroutine
+
+    return await asyncio.gather(*(one(c) for c in coroutines))
+
+
 def _link(row: dict) -> Link:
     return Link(row.get("Key") or row["RowKey"], row["BcId"], row.get("BcNumber") or None,
                 row.get("Origin") or "linked")
@@ -288,17 +371,17 @@ async def record_failure(store: Store, kind_name: str, key: str, reason: str) ->
                                     "UpdatedAt": datetime.now(timezone.utc)})
 
 
-async def upsert_from_message(rt: Runtime, message: CustomerUpsert | ItemUpsert) -> Link | None:
+async def upsert_from_message(rt: Runtime, message: DirectoryUpsertMessage) -> dict[str, Link]:
     """The queue-triggered upsert. Disabled sides (`SYNC_CUSTOMERS`/`SYNC_ITEMS`) do nothing."""
     store = await rt.store()
     resolver = Resolver(rt, store, rt.bc)
-    if isinstance(message, CustomerUpsert):
+    if isinstance(message, (CustomerUpsert, CustomerBatchUpsert)):
         if not rt.settings.sync_customers:
-            return None
-        return await resolver.customer(message.customer, message.source_hash)
+            return {}
+        return await resolver.customers(message.entries())
     if not rt.settings.sync_items:
-        return None
-    return await resolver.item(message.service, message.source_hash)
+        return {}
+    return await resolver.items(message.entries())
 
 
 async def directory_health(store: Store) -> dict:

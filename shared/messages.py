@@ -53,10 +53,18 @@ class ServiceSource(Message):
     default_price_type: str | None = Field(None, alias="defaultPriceType", max_length=40)
 
 
+UPSERT_BATCH = 40
+"""Customers/services per message: one BC lookup and one `$batch` create each, and well
+within the 64 KB queue message limit after base64."""
+
+
 class CustomerUpsert(Message):
     kind: Literal["customer"] = "customer"
     customer: CustomerSource
     source_hash: str = Field(alias="sourceHash", max_length=64)
+
+    def entries(self) -> list[tuple[CustomerSource, str]]:
+        return [(self.customer, self.source_hash)]
 
 
 class ItemUpsert(Message):
@@ -64,8 +72,28 @@ class ItemUpsert(Message):
     service: ServiceSource
     source_hash: str = Field(alias="sourceHash", max_length=64)
 
+    def entries(self) -> list[tuple[ServiceSource, str]]:
+        return [(self.service, self.source_hash)]
 
-DirectoryUpsert = Annotated[Union[CustomerUpsert, ItemUpsert], Field(discriminator="kind")]
+
+class CustomerBatchUpsert(Message):
+    kind: Literal["customers"] = "customers"
+    customers: list[CustomerUpsert] = Field(min_length=1, max_length=UPSERT_BATCH)
+
+    def entries(self) -> list[tuple[CustomerSource, str]]:
+        return [(entry.customer, entry.source_hash) for entry in self.customers]
+
+
+class ItemBatchUpsert(Message):
+    kind: Literal["items"] = "items"
+    services: list[ItemUpsert] = Field(min_length=1, max_length=UPSERT_BATCH)
+
+    def entries(self) -> list[tuple[ServiceSource, str]]:
+        return [(entry.service, entry.source_hash) for entry in self.services]
+
+
+DirectoryUpsertMessage = Union[CustomerUpsert, ItemUpsert, CustomerBatchUpsert, ItemBatchUpsert]
+DirectoryUpsert = Annotated[DirectoryUpsertMessage, Field(discriminator="kind")]
 directory_upsert = TypeAdapter(DirectoryUpsert)
 
 

@@ -21,7 +21,8 @@ from shared import leases
 from shared.bookings import Booking, normalise_email
 from shared.graph import Appointment, BookingCustomer, BookingService
 from shared.http import UpstreamError
-from shared.messages import CustomerSource, CustomerUpsert, ItemUpsert, ServiceSource, encode
+from shared.messages import (UPSERT_BATCH, CustomerBatchUpsert, CustomerSource, CustomerUpsert, ItemBatchUpsert,
+                             ItemUpsert, ServiceSource, encode)
 from shared.runtime import Runtime
 from shared.store import (BOOKINGS, CUSTOMER_LINKS, DIRECTORY_QUEUE, ITEM_LINKS, SYNC_RUNS, UPDATE, UPSERT, Store,
                           encode_key, to_json)
@@ -209,29 +210,31 @@ def _clip(value: str | None, limit: int) -> str | None:
 
 
 async def queue_directory_upserts(rt: Runtime, store: Store, pulls: list[BusinessPull]) -> tuple[int, int]:
-    """One message per new or changed customer/service (compared with what the last successful
-    upsert recorded), deduplicated within the run."""
+    """New or changed customers/services (compared with what the last successful upsert
+    recorded), deduplicated within the run, queued in messages of up to `UPSERT_BATCH`."""
     settings = rt.settings
-    messages: list[str] = []
-    customers_queued = items_queued = 0
+    customers: list[CustomerUpsert] = []
+    services: list[ItemUpsert] = []
     if settings.sync_customers:
         known = {row["RowKey"]: row.get("SourceHash") for row in await store.partition(
             CUSTOMER_LINKS, CUSTOMER_PARTITION, select=["RowKey", "SourceHash"])}
         for email, source in customer_sources(pulls).items():
             digest = _digest(source)
             if known.get(encode_key(email)) != digest:
-                messages.append(encode(CustomerUpsert(customer=source, sourceHash=digest)))
-                customers_queued += 1
+                customers.append(CustomerUpsert(customer=source, sourceHash=digest))
     if settings.sync_items:
         known = {row["RowKey"]: row.get("SourceHash") for row in await store.partition(
             ITEM_LINKS, ITEM_PARTITION, select=["RowKey", "SourceHash"])}
         for service_id, source in service_sources(pulls).items():
             digest = _digest(source)
             if known.get(encode_key(service_id)) != digest:
-                messages.append(encode(ItemUpsert(service=source, sourceHash=digest)))
-                items_queued += 1
+                services.append(ItemUpsert(service=source, sourceHash=digest))
+    messages = [encode(CustomerBatchUpsert(customers=customers[i:i + UPSERT_BATCH]))
+                for i in range(0, len(customers), UPSERT_BATCH)]
+    messages += [encode(ItemBatchUpsert(services=services[i:i + UPSERT_BATCH]))
+                 for i in range(0, len(services), UPSERT_BATCH)]
     await store.send_many(DIRECTORY_QUEUE, messages)
-    return customers_queued, items_queued
+    return len(customers), len(services)
 
 
 async def run_sync(rt: Runtime, trigger: str, now: datetime | None = None) -> SyncResult | None:

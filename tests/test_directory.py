@@ -160,7 +160,8 @@ def test_a_missing_template_poisons_the_message_naming_it_and_health_reports_it(
 
 
 def test_a_message_that_keeps_failing_lands_in_poison_after_max_dequeue_count(world):
-    world.bc.plan.script("GET", r"/customers", "500", times=100)
+    world.bc.plan.configure(retry_after_seconds=0)
+    world.bc.plan.script("GET", r"/customers", "503", times=1000)
     world.host.send("directory-upserts", customer_message("down@example.com"))
     world.host.drain()
     world.bc.plan.clear()

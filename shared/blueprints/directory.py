@@ -11,7 +11,7 @@ from shared.api import ApiRequest, ApiResult, BadRequest, ProblemField, endpoint
 from shared.bc import TEMPLATE_FIELDS, CustomerFields, ItemFields
 from shared.blueprints.common import send_to_poison
 from shared.directory import list_templates, put_template, record_failure, upsert_from_message
-from shared.messages import CustomerUpsert, ItemUpsert, directory_upsert, process_message
+from shared.messages import CustomerBatchUpsert, CustomerUpsert, DirectoryUpsertMessage, directory_upsert, process_message
 from shared.runtime import runtime
 from shared.store import DIRECTORY_QUEUE
 
@@ -35,13 +35,14 @@ CODE = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,19}$", description="Templat
 async def upsert_directory(message: func.QueueMessage) -> None:
     rt = runtime()
 
-    async def handle(parsed: CustomerUpsert | ItemUpsert) -> None:
+    async def handle(parsed: DirectoryUpsertMessage) -> None:
         await upsert_from_message(rt, parsed)
 
-    async def give_up(parsed: CustomerUpsert | ItemUpsert, reason: str) -> None:
+    async def give_up(parsed: DirectoryUpsertMessage, reason: str) -> None:
         store = await rt.store()
-        key = parsed.customer.email if isinstance(parsed, CustomerUpsert) else parsed.service.service_id
-        await record_failure(store, parsed.kind, key, reason)
+        kind = "customer" if isinstance(parsed, (CustomerUpsert, CustomerBatchUpsert)) else "item"
+        for source, _ in parsed.entries():
+            await record_failure(store, kind, source.email if kind == "customer" else source.service_id, reason)
 
     await process_message(message, DIRECTORY_QUEUE, directory_upsert, handle, give_up, send_to_poison)
 
