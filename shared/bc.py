@@ -192,9 +192,10 @@ class BcClient:
                     results.append(error_from_body(self.api.service, status, body, str(error.get("message", ""))))
         return results
 
-    async def invoices_by_external_number(self, key: str) -> list[dict]:
-        return await self.list("salesInvoices", f"externalDocumentNumber eq {odata_string(key)}",
-                               {"$expand": "salesInvoiceLines"})
+    async def invoices_by_external_numbers(self, keys: list[str]) -> dict[str, list[dict]]:
+        """Invoices by our deterministic external document numbers (few requests for many)."""
+        found = await self._by_values("salesInvoices", "externalDocumentNumber", keys, lambda i: True)
+        return {key: found.get(key.strip().lower(), []) for key in keys}
 
     async def invoices_by_id(self, ids: list[str]) -> dict[str, dict | None]:
         """Current state of many invoices with few round trips (`$batch`); None = deleted."""

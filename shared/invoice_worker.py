@@ -1,18 +1,22 @@
-"""The invoice worker: one job part → one BC draft sales invoice for one customer.
+"""The invoice worker: a message names up to 50 parts of a job; each part → one BC draft sales
+invoice for one customer. The parts of a message share their BC round trips (one lookup per 40
+invoices, one `$batch` create per 100), so a job of hundreds of customers costs a few requests.
 
 Order of work, and why it is safe to repeat from any point:
-1. the part already succeeded → nothing to do (duplicate message);
-2. customer and items are resolved through the directory (created from templates if missing);
-3. BC is asked for an invoice with the part's deterministic `externalDocumentNumber`; only if
-   none exists is one created (all lines by deep insert). A create whose answer was lost is
-   looked up again, never blindly repeated;
-4. the invoice is recorded on every booking (ETag-guarded), then on the part.
-A crash anywhere before 4 ends in the retry finding the invoice in step 3."""
+1. parts that already succeeded are skipped (duplicate or retried message);
+2. customers and items are resolved through the directory (created from templates if missing);
+3. BC is asked for invoices with the parts' deterministic `externalDocumentNumber`s; only the
+   missing ones are created (all lines by deep insert). A create whose answer was lost is looked
+   up again, never blindly repeated;
+4. each invoice is recorded on its bookings (ETag-guarded), then on its part.
+A crash anywhere before 4 ends in the retry finding the invoice in step 3. A part that BC refuses
+for good (e.g. a blocked customer) fails alone; its bookings are released."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
@@ -22,7 +26,7 @@ from shared.directory import Resolver
 from shared.http import UpstreamAmbiguous, UpstreamError
 from shared.invoicing import (_apply, _read, external_document_number, line_description, part_key, refs_of,
                               release)
-from shared.messages import CustomerSource, InvoiceJobPart, PermanentFailure, ServiceSource
+from shared.messages import CustomerSource, InvoiceJobPart, ServiceSource
 from shared.runtime import Runtime
 from shared.store import JOBS, Store, fit_string, to_json
 
@@ -32,76 +36,119 @@ CREATE_ATTEMPTS = 4
 MARKER = "Invoiced: Business Central draft invoice {number} ({date})"
 
 
-class PartGone(PermanentFailure):
-    pass
+@dataclass
+class PartWork:
+    index: int
+    row: dict
+    key: str
+    email: str
+    mine: list[Booking] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)
+    lines: list[dict] = field(default_factory=list)
 
 
-async def _part_row(store: Store, message: InvoiceJobPart) -> dict:
-    row = await store.get(JOBS, message.job_id, part_key(message.part))
-    if row is None:
-        raise PartGone(f"invoicing job {message.job_id} has no part {message.part}")
-    return row
+async def _load(store: Store, job_id: str, index: int) -> PartWork | None:
+    row = await store.get(JOBS, job_id, part_key(index))
+    if row is None or row.get("Status") in ("succeeded", "failed"):
+        return None
+    work = PartWork(index, row, external_document_number(job_id, index), row["CustomerEmail"])
+    refs = refs_of(row)
+    bookings = [b for b in await _read(store, refs) if b is not None]
+    for booking in bookings:
+        recorded = booking.invoices.get(work.email, {})
+        if booking.claims.get(work.email) == job_id or recorded.get("jobId") == job_id:
+            work.mine.append(booking)
+        else:
+            work.errors.append({"bookingId": booking.id,
+                                "message": "the booking was released before it was invoiced"})
+    if len(refs) > len(bookings):
+        work.errors.append({"bookingId": None, "message": f"{len(refs) - len(bookings)} booking(s) no longer exist"})
+    work.mine.sort(key=lambda b: (b.start, b.id))
+    return work
 
 
-async def find_or_create_invoice(bc: BcClient, key: str, fields: dict) -> dict:
+async def find_or_create_invoices(bc: BcClient, bodies: dict[str, dict]) -> tuple[dict[str, dict], dict[str, str]]:
+    """Invoices by external document number: found, else created. Returns (invoices, refusals)
+    where refusals are BC's permanent answers (the part cannot be invoiced as it is)."""
+    invoices: dict[str, dict] = {}
+    refused: dict[str, str] = {}
+    remaining = list(bodies)
     for attempt in range(1, CREATE_ATTEMPTS + 1):
-        existing = await bc.invoices_by_external_number(key)
-        if existing:
-            return existing[0]
+        existing = await bc.invoices_by_external_numbers(remaining)
+        invoices |= {key: found[0] for key, found in existing.items() if found}
+        remaining = [key for key in remaining if key not in invoices]
+        if not remaining:
+            break
         try:
-            return await bc.create("salesInvoices", fields)
+            answers = await bc.create_many("salesInvoices", [bodies[key] for key in remaining])
         except UpstreamAmbiguous:
             if attempt == CREATE_ATTEMPTS:
                 raise
-    raise AssertionError("unreachable")
+            continue
+        retry = []
+        for key, answer in zip(remaining, answers, strict=True):
+            if isinstance(answer, dict):
+                invoices[key] = answer
+            elif isinstance(answer, UpstreamAmbiguous) or answer.retryable:
+                retry.append(key)
+            else:
+                refused[key] = answer.message
+        remaining = retry
+        if not remaining:
+            break
+        if attempt == CREATE_ATTEMPTS:
+            raise UpstreamError(bc.api.service, None, "CreateFailed",
+                                f"{len(remaining)} invoice(s) could not be created after {attempt} attempts")
+    return invoices, refused
 
 
-async def invoice_part(rt: Runtime, message: InvoiceJobPart) -> None:
+async def invoice_parts(rt: Runtime, message: InvoiceJobPart) -> None:
     store = await rt.store()
-    row = await _part_row(store, message)
-    if row.get("Status") in ("succeeded", "failed"):
+    job_id = message.job_id
+    loaded = await asyncio.gather(*(_load(store, job_id, index) for index in message.part_indexes()))
+    parts = [work for work in loaded if work is not None]
+    if not parts:
         return
-    job_id, email = message.job_id, row["CustomerEmail"]
-    key = external_document_number(job_id, message.part)
-    context = {"job_id": job_id, "part": message.part}
-    await store.update(JOBS, {"PartitionKey": job_id, "RowKey": row["RowKey"], "Status": "running"}, etag=None)
-
-    refs = refs_of(row)
-    bookings = [b for b in await _read(store, refs) if b is not None]
-    errors: list[dict] = []
-    mine: list[Booking] = []
-    for booking in bookings:
-        recorded = booking.invoices.get(email, {})
-        if booking.claims.get(email) == job_id or recorded.get("jobId") == job_id:
-            mine.append(booking)
-        else:
-            errors.append({"bookingId": booking.id, "message": "the booking was released before it was invoiced"})
-    missing = len(refs) - len(bookings)
-    if missing:
-        errors.append({"bookingId": None, "message": f"{missing} booking(s) no longer exist"})
-    if not mine:
-        await _finish(store, row, "failed", errors=errors)
+    for work in [w for w in parts if not w.mine]:
+        await _finish(store, work.row, "failed", errors=work.errors)
+    parts = [w for w in parts if w.mine]
+    if not parts:
         return
 
     resolver = Resolver(rt, store, rt.bc)
-    customer = await resolver.customer(CustomerSource(email=email, displayName=row.get("CustomerName") or None))
-    services = {b.service_id: b for b in mine}
-    items = dict(zip(services, await asyncio.gather(*(
-        resolver.item(ServiceSource(serviceId=service_id, displayName=(b.service_name or service_id)[:100],
-                                    defaultPrice=float(b.unit_price())))
-        for service_id, b in services.items())), strict=False))
+    names = {w.email: next((c.name for b in w.mine for c in b.customers if c.email == w.email and c.name), None)
+             for w in parts}
+    customers = await resolver.customers([(CustomerSource(email=w.email, displayName=(names[w.email] or None)
+                                                          and names[w.email][:100]), None) for w in parts])
+    services = {b.service_id: b for w in parts for b in w.mine}
+    items = await resolver.items([(ServiceSource(serviceId=service_id, displayName=(b.service_name or service_id)[:100],
+                                                 defaultPrice=float(b.unit_price())), None)
+                                  for service_id, b in services.items()])
     zone = rt.settings.time_zone
     today = datetime.now(ZoneInfo(zone)).date().isoformat()
-    lines = [{"lineType": "Item", "itemId": items[b.service_id].bc_id, "description": line_description(b, zone),
-              "quantity": float(b.quantity()), "unitPrice": float(b.unit_price())}
-             for b in sorted(mine, key=lambda b: (b.start, b.id))]
-    invoice = await find_or_create_invoice(rt.bc, key, {
-        "customerId": customer.bc_id, "externalDocumentNumber": key, "invoiceDate": today,
-        "salesInvoiceLines": lines})
+    bodies = {}
+    for work in parts:
+        work.lines = [{"lineType": "Item", "itemId": items[b.service_id].bc_id,
+                       "description": line_description(b, zone), "quantity": float(b.quantity()),
+                       "unitPrice": float(b.unit_price())} for b in work.mine]
+        bodies[work.key] = {"customerId": customers[work.email].bc_id, "externalDocumentNumber": work.key,
+                            "invoiceDate": today, "salesInvoiceLines": work.lines}
+    invoices, refused = await find_or_create_invoices(rt.bc, bodies)
+    await asyncio.gather(*(_complete(rt, store, job_id, work, invoices.get(work.key), refused.get(work.key), today)
+                           for work in parts))
+
+
+async def _complete(rt: Runtime, store: Store, job_id: str, work: PartWork, invoice: dict | None,
+                    refusal: str | None, today: str) -> None:
+    if invoice is None:
+        reason = f"Business Central refused the invoice: {refusal}"
+        await release(store, job_id, refs_of(work.row), work.email)
+        await _finish(store, work.row, "failed", errors=work.errors + [
+            {"bookingId": b.id, "message": _plain(reason)} for b in work.mine])
+        return
     link = {"invoiceId": invoice["id"], "invoiceNumber": invoice.get("number"), "jobId": job_id,
             "date": invoice.get("invoiceDate") or today}
-    log.info("draft invoice %s for job part %s", invoice.get("number"), key,
-             extra={"event": "invoice_created", "invoice_id": invoice["id"], "lines": len(lines), **context})
+    email = work.email
 
     def record(booking: Booking) -> str | None:
         if booking.invoices.get(email, {}).get("jobId") == job_id:
@@ -112,13 +159,16 @@ async def invoice_part(rt: Runtime, message: InvoiceJobPart) -> None:
         del booking.claims[email]
         return None
 
-    written, problems = await _apply(store, mine, record)
-    errors += [{"bookingId": ident, "message": problem} for ident, problem in problems.items()]
+    written, problems = await _apply(store, work.mine, record)
+    errors = work.errors + [{"bookingId": ident, "message": problem} for ident, problem in problems.items()]
     amount = invoice.get("totalAmountIncludingTax")
     if amount is None:
-        amount = round(sum(line["quantity"] * line["unitPrice"] for line in lines), 2)
-    await _finish(store, row, "succeeded", invoice=invoice, amount=amount,
+        amount = round(sum(line["quantity"] * line["unitPrice"] for line in work.lines), 2)
+    await _finish(store, work.row, "succeeded", invoice=invoice, amount=amount,
                   booking_ids=[b.id for b in written], errors=errors)
+    log.info("draft invoice %s for job part %s", invoice.get("number"), work.key,
+             extra={"event": "invoice_created", "job_id": job_id, "part": work.index, "invoice_id": invoice["id"],
+                    "lines": len(work.lines)})
     if rt.settings.write_back_to_bookings:
         await write_back(rt, written, link)
 
@@ -137,31 +187,46 @@ async def _finish(store: Store, row: dict, status: str, invoice: dict | None = N
 
 
 async def give_up(rt: Runtime, message: InvoiceJobPart, reason: str) -> None:
-    """The part's last attempt failed. If BC has its invoice after all, record it; otherwise
-    release the claims so the bookings are uninvoiced again. If BC cannot be asked, keep the
-    claims: releasing then could bill twice; reconciliation checks the part again later."""
+    """The message's last attempt failed. For each unfinished part: if BC has its invoice after
+    all, record it; otherwise release the claims so the bookings are uninvoiced again. If BC
+    cannot be asked, keep the claims (releasing then could bill twice): reconciliation checks
+    the part again on the next sync."""
     store = await rt.store()
-    row = await store.get(JOBS, message.job_id, part_key(message.part))
-    if row is None or row.get("Status") == "succeeded":
+    unfinished = []
+    for index in message.part_indexes():
+        row = await store.get(JOBS, message.job_id, part_key(index))
+        if row is not None and row.get("Status") not in ("succeeded", "failed"):
+            unfinished.append((index, row))
+    if not unfinished:
         return
-    key = external_document_number(message.job_id, message.part)
+    keys = [external_document_number(message.job_id, index) for index, _ in unfinished]
     try:
-        found = await rt.bc.invoices_by_external_number(key)
+        found = await rt.bc.invoices_by_external_numbers(keys)
     except UpstreamError as error:
-        await _finish(store, row, "failed", errors=[{"bookingId": None, "message": f"{_plain(reason)} "
-                      f"Business Central could not be checked ({error.code}); the bookings stay reserved "
-                      "until the next sync confirms no invoice was made."}])
-        await store.update(JOBS, {"PartitionKey": row["PartitionKey"], "RowKey": row["RowKey"],
-                                  "NeedsCheck": True}, etag=None)
+        for _, row in unfinished:
+            await _finish(store, row, "failed", errors=[{"bookingId": None, "message": f"{_plain(reason)} "
+                          f"Business Central could not be checked ({error.code}); the bookings stay reserved "
+                          "until the next sync confirms no invoice was made."}])
+            await store.update(JOBS, {"PartitionKey": row["PartitionKey"], "RowKey": row["RowKey"],
+                                      "NeedsCheck": True}, etag=None)
         return
-    if found:
-        await invoice_part(rt, message)
-        return
-    released = await release(store, message.job_id, refs_of(row), row["CustomerEmail"])
-    errors = [{"bookingId": ref[1], "message": _plain(reason)} for ref in refs_of(row)]
-    await _finish(store, row, "failed", errors=errors)
-    log.error("invoice job part %s failed; %d bookings released", row["RowKey"], released,
-              extra={"event": "invoice_job_part_released", "job_id": message.job_id, "released": released})
+    recorded = [index for (index, _), key in zip(unfinished, keys, strict=True) if found.get(key)]
+    if recorded:
+        await invoice_parts(rt, InvoiceJobPart(jobId=message.job_id, parts=recorded))
+    for (_, row), key in zip(unfinished, keys, strict=True):
+        if found.get(key):
+            continue
+        released = await release(store, message.job_id, refs_of(row), row["CustomerEmail"])
+        await _finish(store, row, "failed", errors=[{"bookingId": ref[1], "message": _plain(reason)}
+                                                    for ref in _booking_ids(row)])
+        log.error("invoice job part %s failed; %d bookings released", row["RowKey"], released,
+                  extra={"event": "invoice_job_part_released", "job_id": message.job_id, "released": released})
+
+
+def _booking_ids(row: dict) -> list[list[str]]:
+    from shared.store import decode_key
+
+    return [[ref[0], decode_key(ref[1])] for ref in refs_of(row)]
 
 
 def _plain(reason: str) -> str:
@@ -187,4 +252,3 @@ async def write_back(rt: Runtime, bookings: list[Booking], link: dict) -> None:
                         extra={"event": "write_back_failed", "booking_id": booking.id})
 
     await asyncio.gather(*(one(b) for b in bookings))
-

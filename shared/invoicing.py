@@ -23,7 +23,7 @@ from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableTransactionError
 
 from shared.bookings import FREE, Booking, iso_z, normalise_email
-from shared.messages import InvoiceJobPart, encode
+from shared.messages import PARTS_PER_MESSAGE, InvoiceJobPart, encode
 from shared.runtime import Runtime
 from shared.store import (BOOKINGS, CUSTOMER_LINKS, INVOICE_QUEUE, ITEM_LINKS, JOBS, MAX_BATCH, UPDATE, Store,
                           encode_key, fit_string, to_json)
@@ -370,7 +370,9 @@ async def create_job(rt: Runtime, store: Store, bookings: list[Booking], strict:
     await store.write_batches(JOBS, [("upsert", row) for row in rows])
     await store.upsert(JOBS, {"PartitionKey": job_id, "RowKey": HEADER, "Status": "queued",
                               "BookingCount": len(claimed), "PartCount": len(parts)})
-    await store.send_many(INVOICE_QUEUE, [encode(InvoiceJobPart(jobId=job_id, part=p.index)) for p in parts])
+    indexes = [p.index for p in parts]
+    await store.send_many(INVOICE_QUEUE, [encode(InvoiceJobPart(jobId=job_id, parts=indexes[i:i + PARTS_PER_MESSAGE]))
+                                          for i in range(0, len(indexes), PARTS_PER_MESSAGE)])
     log.info("invoicing job %s queued: %d bookings, %d invoices", job_id, len(claimed), len(parts),
              extra={"event": "invoice_job_queued", "job_id": job_id, "bookings": len(claimed), "parts": len(parts)})
     return job_id, len(claimed)

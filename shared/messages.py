@@ -15,7 +15,7 @@ from typing import Annotated, Literal, TypeVar, Union
 from collections.abc import Awaitable, Callable
 
 import azure.functions as func
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from shared.hostconfig import queue_settings
 
@@ -97,11 +97,25 @@ DirectoryUpsert = Annotated[DirectoryUpsertMessage, Field(discriminator="kind")]
 directory_upsert = TypeAdapter(DirectoryUpsert)
 
 
+PARTS_PER_MESSAGE = 50
+
+
 class InvoiceJobPart(Message):
-    """One customer group of an invoicing job: one BC draft invoice."""
+    """Parts (customer groups) of an invoicing job, each one BC draft invoice; a message carries
+    up to 50 so their BC round trips can be shared."""
     kind: Literal["invoice"] = "invoice"
     job_id: str = Field(alias="jobId", pattern=r"^[0-9a-f]{32}$")
-    part: int = Field(ge=0, le=100_000)
+    part: int | None = Field(None, ge=0, le=100_000)
+    parts: list[Annotated[int, Field(ge=0, le=100_000)]] = Field(default_factory=list, max_length=PARTS_PER_MESSAGE)
+
+    @model_validator(mode="after")
+    def _some_part(self):
+        if self.part is None and not self.parts:
+            raise ValueError("name the job's part or parts")
+        return self
+
+    def part_indexes(self) -> list[int]:
+        return sorted(set(self.parts) | ({self.part} if self.part is not None else set()))
 
 
 class PermanentFailure(Exception):

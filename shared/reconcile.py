@@ -69,20 +69,20 @@ async def reconcile_invoices(rt: Runtime, store: Store) -> dict:
 
 
 async def _recheck_parts(rt: Runtime, store: Store) -> int:
-    from shared.invoice_worker import invoice_part
-    from shared.messages import InvoiceJobPart
+    from shared.invoice_worker import invoice_parts
 
     checked = 0
     for row in await store.query(JOBS, "NeedsCheck eq true"):
         job_id, part = row["PartitionKey"], int(row["RowKey"].split("-")[1])
+        key = external_document_number(job_id, part)
         try:
-            found = await rt.bc.invoices_by_external_number(external_document_number(job_id, part))
+            found = (await rt.bc.invoices_by_external_numbers([key]))[key]
         except UpstreamError:
             continue
         if found:
             await store.update(JOBS, {"PartitionKey": job_id, "RowKey": row["RowKey"], "Status": "running",
                                       "NeedsCheck": False}, etag=None)
-            await invoice_part(rt, InvoiceJobPart(jobId=job_id, part=part))
+            await invoice_parts(rt, InvoiceJobPart(jobId=job_id, parts=[part]))
         else:
             await release(store, job_id, refs_of(row), row["CustomerEmail"])
             await store.update(JOBS, {"PartitionKey": job_id, "RowKey": row["RowKey"], "NeedsCheck": False},
@@ -121,7 +121,7 @@ async def recover_stale_claims(rt: Runtime, store: Store, now: datetime | None =
             if part.get("Status") == "failed" and not part.get("NeedsCheck"):
                 await release(store, job, refs_of(part), part["CustomerEmail"])
             elif part.get("Status") in ("queued", "running") and changed and now - changed > STALE_PART:
-                await store.send(INVOICE_QUEUE, encode(InvoiceJobPart(jobId=job, part=int(part["RowKey"][5:]))))
+                await store.send(INVOICE_QUEUE, encode(InvoiceJobPart(jobId=job, parts=[int(part["RowKey"][5:])])))
                 await store.update(JOBS, {"PartitionKey": job, "RowKey": part_key(int(part["RowKey"][5:])),
                                           "Requeued": now}, etag=None)
                 requeued += 1

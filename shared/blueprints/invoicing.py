@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field, StringConstraints, field_validator, model
 
 from shared.api import ApiRequest, ApiResult, BadRequest, Conflict, NotFound, Problem, ProblemField, StrictModel, endpoint
 from shared.blueprints.common import send_to_poison
-from shared.invoice_worker import give_up, invoice_part
+from shared.invoice_worker import give_up, invoice_parts
 from shared.invoicing import (Filters, NotUninvoiced, TooLarge, after_cursor, candidates, create_job, encode_cursor,
                               group_by_customer, job_status, preview, select_listed)
 from shared.messages import InvoiceJobPart, process_message
@@ -234,7 +234,7 @@ async def invoice_worker(message: func.QueueMessage) -> None:
     rt = runtime()
 
     async def handle(part: InvoiceJobPart) -> None:
-        await invoice_part(rt, part)
+        await invoice_parts(rt, part)
 
     async def abandon(part: InvoiceJobPart, reason: str) -> None:
         await give_up(rt, part, reason)
