@@ -214,8 +214,18 @@ class Resolver:
             if to_create:
                 code = self.rt.settings.customer_template if kind is CUSTOMER else self.rt.settings.item_template
                 defaults = await template_defaults(self.store, kind, code)
-                created, failures = await self._create(kind, to_create, defaults, find)
-                records |= {key: (record, "created") for key, record in created.items()}
+                # Entries BC would know by the same name (e.g. one service offered by two
+                # businesses) share one new record, as they would have shared an existing one.
+                first: dict[str, Wanted] = {}
+                for want in to_create:
+                    first.setdefault(want.lookup.strip().lower(), want)
+                created, failed = await self._create(kind, list(first.values()), defaults, find)
+                for want in to_create:
+                    leader = first[want.lookup.strip().lower()]
+                    if leader.key in created:
+                        records[want.key] = (created[leader.key], "created" if want is leader else "linked")
+                    elif leader.key in failed:
+                        failures[want.key] = failed[leader.key]
         except Exception as error:  # noqa: BLE001 - recorded on every link row below, then raised
             failures |= {w.key: error for w in wanted if w.key not in records}
         links = {}

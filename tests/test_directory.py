@@ -7,7 +7,8 @@ import threading
 
 from sandbox.data import generate
 from shared.directory import CUSTOMER_PARTITION
-from shared.messages import CustomerSource, CustomerUpsert, ItemUpsert, ServiceSource, encode
+from shared.messages import (CustomerBatchUpsert, CustomerSource, CustomerUpsert, ItemBatchUpsert, ItemUpsert,
+                             ServiceSource, encode)
 from shared.store import CUSTOMER_LINKS, ITEM_LINKS
 from tests.helpers import body, rows
 
@@ -242,3 +243,20 @@ def test_link_rows_live_in_one_partition_keyed_by_normalised_email(world):
     [link] = rows(world, CUSTOMER_LINKS)
     assert link["PartitionKey"] == CUSTOMER_PARTITION and "/" not in link["RowKey"] and "#" not in link["RowKey"]
     assert link["Key"] == "a/b#c?d@example.com"
+
+
+def test_one_batch_of_new_customers_and_items_costs_a_few_bc_requests(world):
+    customers = [(CustomerSource(email=f"bulk{i}@example.com", displayName=f"Bulk {i}"), "h") for i in range(40)]
+    message = encode(CustomerBatchUpsert(customers=[CustomerUpsert(customer=c, sourceHash=h) for c, h in customers]))
+    services = [ItemUpsert(service=ServiceSource(serviceId=f"svc-{i}", displayName=f"Service {i % 5}",
+                                                 defaultPrice=10 + i), sourceHash="h") for i in range(10)]
+    world.host.send("directory-upserts", message)
+    world.host.send("directory-upserts", encode(ItemBatchUpsert(services=services)))
+    world.bc.plan.reset_stats()
+
+    world.host.drain()
+
+    assert len(world.bc.customers(world.company_id)) == 40
+    assert len(world.bc.items(world.company_id)) == 5, "services BC knows by one name share one item"
+    assert len({r["BcId"] for r in rows(world, ITEM_LINKS)}) == 5 and len(rows(world, ITEM_LINKS)) == 10
+    assert world.bc.plan.stats.total_requests <= 4, dict(world.bc.plan.stats.requests)
