@@ -20,7 +20,7 @@ from datetime import datetime, timedelta, timezone
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 
 from shared.bc import BcClient
-from shared.http import UpstreamAmbiguous, UpstreamConflict
+from shared.http import UpstreamAmbiguous, UpstreamConflict, UpstreamError
 from shared.messages import (CustomerBatchUpsert, CustomerSource, CustomerUpsert, DirectoryUpsertMessage,
                              PermanentFailure, ServiceSource)
 from shared.runtime import Runtime
@@ -236,7 +236,11 @@ class Resolver:
         for key, error in failures.items():
             await self._mark_failed(kind, encode_key(key), key, str(error), etags[key])
         if failures:
-            raise next(iter(failures.values()))
+            first = next(iter(failures.values()))
+            if all(_permanent(error) for error in failures.values()):
+                reasons = "; ".join(f"{_mask(key)}: {error}" for key, error in list(failures.items())[:5])
+                raise PermanentFailure(f"Business Central refused {len(failures)} {kind.name}(s): {reasons}") from first
+            raise first
         return links
 
     async def _create(self, kind: Kind, wanted: list[Wanted], defaults: dict, find
@@ -352,6 +356,14 @@ async def _gather_limited(coroutines: list, limit: int = 16) -> list:
             return await coroutine
 
     return await asyncio.gather(*(one(c) for c in coroutines))
+
+
+def _permanent(error: Exception) -> bool:
+    """Retrying cannot help: a missing template, or BC refusing the record itself (4xx)."""
+    if isinstance(error, PermanentFailure):
+        return True
+    return isinstance(error, UpstreamError) and not isinstance(error, UpstreamAmbiguous) and not error.retryable \
+        and error.status is not None and 400 <= error.status < 500
 
 
 def _link(row: dict) -> Link:

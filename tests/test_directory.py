@@ -260,3 +260,15 @@ def test_one_batch_of_new_customers_and_items_costs_a_few_bc_requests(world):
     assert len(world.bc.items(world.company_id)) == 5, "services BC knows by one name share one item"
     assert len({r["BcId"] for r in rows(world, ITEM_LINKS)}) == 5 and len(rows(world, ITEM_LINKS)) == 10
     assert world.bc.plan.stats.total_requests <= 4, dict(world.bc.plan.stats.requests)
+
+
+def test_a_customer_bc_refuses_is_poisoned_at_once_with_bcs_reason(world):
+    put_template(world, "customer", "BROKEN", {"paymentTermsId": "not-a-guid"})
+    world.configure(CUSTOMER_TEMPLATE="BROKEN")
+    world.host.send("directory-upserts", customer_message("refused@example.com"))
+    world.host.drain()
+
+    [poisoned] = world.host.peek_poison("directory-upserts")
+    assert poisoned["dequeueCount"] == 1 and "Business Central refused" in poisoned["reason"]
+    [link] = rows(world, CUSTOMER_LINKS)
+    assert link["Status"] == "failed" and link["LastError"]
