@@ -148,10 +148,11 @@ def after_cursor(found: list[Candidate], cursor: str | None) -> list[Candidate]:
     if not cursor:
         return found
     try:
-        start, business, ident = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        key = tuple(json.loads(base64.urlsafe_b64decode(cursor.encode())))
+        if len(key) != 3 or not all(isinstance(part, str) for part in key):
+            raise ValueError("not a cursor")
     except (ValueError, TypeError) as error:
         raise ValueError("the continuation token is not valid") from error
-    key = (start, business, ident)
     return [c for c in found if (iso_z(c.booking.start), c.booking.business_id, c.booking.id) > key]
 
 
