@@ -209,26 +209,29 @@ def _clip(value: str | None, limit: int) -> str | None:
     return value[:limit] or None
 
 
+async def _changed(store: Store, table: str, partition: str, sources: dict) -> list[tuple]:
+    """(source, digest) of the sources whose digest differs from what the last successful
+    upsert recorded on the link row."""
+    known = {row["RowKey"]: row.get("SourceHash") for row in await store.partition(
+        table, partition, select=["RowKey", "SourceHash"])}
+    changed = []
+    for key, source in sources.items():
+        digest = _digest(source)
+        if known.get(encode_key(key)) != digest:
+            changed.append((source, digest))
+    return changed
+
+
 async def queue_directory_upserts(rt: Runtime, store: Store, pulls: list[BusinessPull]) -> tuple[int, int]:
-    """New or changed customers/services (compared with what the last successful upsert
-    recorded), deduplicated within the run, queued in messages of up to `UPSERT_BATCH`."""
-    settings = rt.settings
-    customers: list[CustomerUpsert] = []
-    services: list[ItemUpsert] = []
-    if settings.sync_customers:
-        known = {row["RowKey"]: row.get("SourceHash") for row in await store.partition(
-            CUSTOMER_LINKS, CUSTOMER_PARTITION, select=["RowKey", "SourceHash"])}
-        for email, source in customer_sources(pulls).items():
-            digest = _digest(source)
-            if known.get(encode_key(email)) != digest:
-                customers.append(CustomerUpsert(customer=source, sourceHash=digest))
-    if settings.sync_items:
-        known = {row["RowKey"]: row.get("SourceHash") for row in await store.partition(
-            ITEM_LINKS, ITEM_PARTITION, select=["RowKey", "SourceHash"])}
-        for service_id, source in service_sources(pulls).items():
-            digest = _digest(source)
-            if known.get(encode_key(service_id)) != digest:
-                services.append(ItemUpsert(service=source, sourceHash=digest))
+    """New or changed customers/services, deduplicated within the run, queued in messages of
+    up to `UPSERT_BATCH`."""
+    customers = services = []
+    if rt.settings.sync_customers:
+        customers = [CustomerUpsert(customer=source, sourceHash=digest) for source, digest in
+                     await _changed(store, CUSTOMER_LINKS, CUSTOMER_PARTITION, customer_sources(pulls))]
+    if rt.settings.sync_items:
+        services = [ItemUpsert(service=source, sourceHash=digest) for source, digest in
+                    await _changed(store, ITEM_LINKS, ITEM_PARTITION, service_sources(pulls))]
     messages = [encode(CustomerBatchUpsert(customers=customers[i:i + UPSERT_BATCH]))
                 for i in range(0, len(customers), UPSERT_BATCH)]
     messages += [encode(ItemBatchUpsert(services=services[i:i + UPSERT_BATCH]))
