@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Iterable
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError
-from azure.data.tables import TransactionOperation, UpdateMode
+from azure.data.tables import EdmType, EntityProperty, TransactionOperation, UpdateMode
 from azure.data.tables.aio import TableClient, TableServiceClient
 from azure.storage.queue import TextBase64DecodePolicy, TextBase64EncodePolicy
 from azure.storage.queue.aio import QueueClient, QueueServiceClient
@@ -66,6 +66,16 @@ def fit_string(value: str, limit: int = MAX_STRING_CHARS) -> str:
 
 def to_json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)
+
+
+INT32 = range(-(2**31), 2**31)
+
+
+def storable(entity: dict) -> dict:
+    """Integers beyond 32 bits must be typed Int64 explicitly, or the SDK refuses them."""
+    return {name: EntityProperty(value, EdmType.INT64)
+            if isinstance(value, int) and not isinstance(value, bool) and value not in INT32 else value
+            for name, value in entity.items()}
 
 
 def quote(value: str) -> str:
@@ -195,18 +205,19 @@ class Store:
     async def insert(self, table: str, entity: dict) -> dict:
         """Create; raises `ResourceExistsError` if the row exists (used to claim a name)."""
         self.stats.count(table, 1)
-        return await self.table(table).create_entity(entity)
+        return await self.table(table).create_entity(storable(entity))
 
     async def upsert(self, table: str, entity: dict, merge: bool = True) -> dict:
         self.stats.count(table, 1)
-        return await self.table(table).upsert_entity(entity, mode=UpdateMode.MERGE if merge else UpdateMode.REPLACE)
+        return await self.table(table).upsert_entity(storable(entity),
+                                                     mode=UpdateMode.MERGE if merge else UpdateMode.REPLACE)
 
     async def update(self, table: str, entity: dict, etag: str | None, merge: bool = True) -> dict:
         """Update guarded by `etag` (raises `ResourceModifiedError` on a concurrent change)."""
         self.stats.count(table, 1)
         kwargs = {"etag": etag, "match_condition": MatchConditions.IfNotModified} if etag else {}
         return await self.table(table).update_entity(
-            entity, mode=UpdateMode.MERGE if merge else UpdateMode.REPLACE, **kwargs)
+            storable(entity), mode=UpdateMode.MERGE if merge else UpdateMode.REPLACE, **kwargs)
 
     async def delete(self, table: str, partition: str, row: str, etag: str | None = None) -> None:
         self.stats.count(table, 1)
@@ -220,7 +231,7 @@ class Store:
         if len(operations) > MAX_BATCH:
             raise ValueError("a table transaction holds at most 100 operations")
         self.stats.count(table, len(operations))
-        await self.table(table).submit_transaction(operations)
+        await self.table(table).submit_transaction([(op[0], storable(op[1]), *op[2:]) for op in operations])
 
     async def write_batches(self, table: str, operations: Iterable[tuple], concurrency: int = 8) -> int:
         """Apply many operations as transactions of ≤ 100 per partition, a few at a time.
