@@ -17,14 +17,17 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.data.tables import TableTransactionError
 
 from shared.bc import BcClient
 from shared.http import UpstreamAmbiguous, UpstreamConflict, UpstreamError
 from shared.messages import (CustomerBatchUpsert, CustomerSource, CustomerUpsert, DirectoryUpsertMessage,
                              PermanentFailure, ServiceSource)
 from shared.runtime import Runtime
-from shared.store import CUSTOMER_LINKS, ITEM_LINKS, TEMPLATES, Store, encode_key, to_json
+from shared.store import (CREATE, CUSTOMER_LINKS, ITEM_LINKS, MAX_BATCH, TEMPLATES, UPDATE, Store, encode_key,
+                          to_json)
 
 log = logging.getLogger(__name__)
 
@@ -175,19 +178,18 @@ class Resolver:
         links: dict[str, Link] = {}
         deadline = time.monotonic() + WAIT_FOR_OTHER_SECONDS
         while pending:
-            rows = await _gather_limited([self.store.get(kind.table, kind.partition, encode_key(key))
-                                          for key in pending])
-            claimed: dict[str, str] = {}
-            for (key, want), row in zip(list(pending.items()), rows, strict=True):
+            rows = await self.store.get_many(kind.table, kind.partition, [encode_key(key) for key in pending])
+            unlinked: dict[str, dict | None] = {}
+            for key, want in list(pending.items()):
+                row = rows.get(encode_key(key))
                 if row and row.get("Status") == "linked" and row.get("BcId"):
                     links[key] = _link(row)
                     if want.source_hash and row.get("SourceHash") != want.source_hash:
                         await self._refresh(kind, row, links[key], want.mapped, want.source_hash)
                     del pending[key]
-                    continue
-                etag = await self._claim(kind, key, encode_key(key), row)
-                if etag:
-                    claimed[key] = etag
+                else:
+                    unlinked[key] = row
+            claimed = await self._claim_all(kind, unlinked)
             if claimed:
                 batch = [pending.pop(key) for key in claimed]
                 links |= await self._link_claimed(kind, batch, claimed, find)
@@ -228,11 +230,7 @@ class Resolver:
                         failures[want.key] = failed[leader.key]
         except Exception as error:  # noqa: BLE001 - recorded on every link row below, then raised
             failures |= {w.key: error for w in wanted if w.key not in records}
-        links = {}
-        for want in wanted:
-            if want.key in records:
-                record, origin = records[want.key]
-                links[want.key] = await self._record_link(kind, want, record, origin, etags[want.key])
+        links = await self._record_links(kind, [(w, *records[w.key]) for w in wanted if w.key in records], etags)
         for key, error in failures.items():
             await self._mark_failed(kind, encode_key(key), key, str(error), etags[key])
         if failures:
@@ -279,34 +277,78 @@ class Resolver:
                 break
         return created, {k: v for k, v in failures.items() if k not in created}
 
-    async def _record_link(self, kind: Kind, want: Wanted, record: dict, origin: str, etag: str) -> Link:
-        entity = {"PartitionKey": kind.partition, "RowKey": encode_key(want.key), "Key": want.key, "Status": "linked",
-                  "BcId": record["id"], "BcNumber": record.get("number") or "", "Origin": origin,
-                  "Owner": "", "LastError": "", "UpdatedAt": datetime.now(timezone.utc)}
-        if want.source_hash:
-            entity["SourceHash"] = want.source_hash
-        try:
-            await self.store.update(kind.table, entity, etag=etag)
-        except ResourceModifiedError:
-            # We were slow and another worker took over the claim: it finds this record in BC.
-            log.warning("lost the claim on %s %s after linking it", kind.name, _mask(want.key))
-        log.info("%s %s %s as %s", kind.name, origin, _mask(want.key), record.get("number"),
-                 extra={"event": f"{kind.name}_{origin}", "bc_id": record["id"]})
-        return Link(want.key, record["id"], record.get("number"), origin)
-
-    async def _claim(self, kind: Kind, key: str, row_key: str, row: dict | None) -> str | None:
-        """Take the link row for this worker; None if another worker holds a fresh claim."""
+    async def _record_links(self, kind: Kind, found: list[tuple[Wanted, dict, str]], etags: dict[str, str]
+                            ) -> dict[str, Link]:
+        """Write the links (one transaction per 100, guarded by our claims' ETags)."""
         now = datetime.now(timezone.utc)
-        claim = {"PartitionKey": kind.partition, "RowKey": row_key, "Key": key, "Status": "linking",
+        entities = {}
+        for want, record, origin in found:
+            entity = {"PartitionKey": kind.partition, "RowKey": encode_key(want.key), "Key": want.key,
+                      "Status": "linked", "BcId": record["id"], "BcNumber": record.get("number") or "",
+                      "Origin": origin, "Owner": "", "LastError": "", "UpdatedAt": now}
+            if want.source_hash:
+                entity["SourceHash"] = want.source_hash
+            entities[want.key] = entity
+            log.info("%s %s %s as %s", kind.name, origin, _mask(want.key), record.get("number"),
+                     extra={"event": f"{kind.name}_{origin}", "bc_id": record["id"]})
+        keys = list(entities)
+        for start in range(0, len(keys), MAX_BATCH):
+            chunk = keys[start:start + MAX_BATCH]
+            try:
+                await self.store.transact(kind.table, [
+                    (UPDATE, entities[key], {"mode": "merge", "etag": etags[key],
+                                             "match_condition": MatchConditions.IfNotModified}) for key in chunk])
+                continue
+            except (TableTransactionError, ResourceModifiedError, ResourceNotFoundError):
+                pass
+            for key in chunk:
+                try:
+                    await self.store.update(kind.table, entities[key], etag=etags[key])
+                except (ResourceModifiedError, ResourceNotFoundError):
+                    # We were slow and another worker took over the claim: it finds this record in BC.
+                    log.warning("lost the claim on %s %s after linking it", kind.name, _mask(key))
+        return {want.key: Link(want.key, record["id"], record.get("number"), origin) for want, record, origin in found}
+
+    def _claim_operation(self, kind: Kind, key: str, row: dict | None, now: datetime) -> tuple | None:
+        """The table operation that takes a link row for this worker; None if another worker
+        holds a fresh claim on it."""
+        claim = {"PartitionKey": kind.partition, "RowKey": encode_key(key), "Key": key, "Status": "linking",
                  "Owner": self.owner, "ClaimedAt": now}
+        if row is None:
+            return (CREATE, claim)
+        claimed_at = row.get("ClaimedAt")
+        if (row.get("Status") == "linking" and row.get("Owner") != self.owner and claimed_at
+                and now - claimed_at < CLAIM_STALE_AFTER):
+            return None
+        return (UPDATE, claim, {"mode": "replace", "etag": row.metadata["etag"],
+                                "match_condition": MatchConditions.IfNotModified})
+
+    async def _claim_all(self, kind: Kind, rows: dict[str, dict | None]) -> dict[str, str]:
+        """Claim many link rows in one transaction (they share a partition); if another worker
+        got in between, claim them one by one. Returns the claim ETags by key."""
+        now = datetime.now(timezone.utc)
+        operations = {key: op for key, row in rows.items() if (op := self._claim_operation(kind, key, row, now))}
+        claimed: dict[str, str] = {}
+        keys = list(operations)
+        for start in range(0, len(keys), MAX_BATCH):
+            chunk = keys[start:start + MAX_BATCH]
+            try:
+                answers = await self.store.transact(kind.table, [operations[key] for key in chunk])
+                claimed |= {key: answer["etag"] for key, answer in zip(chunk, answers, strict=True)}
+                continue
+            except (TableTransactionError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
+                pass
+            for key in chunk:
+                etag = await self._claim_one(kind, operations[key])
+                if etag:
+                    claimed[key] = etag
+        return claimed
+
+    async def _claim_one(self, kind: Kind, operation: tuple) -> str | None:
         try:
-            if row is None:
-                return (await self.store.insert(kind.table, claim))["etag"]
-            claimed_at = row.get("ClaimedAt")
-            if (row.get("Status") == "linking" and row.get("Owner") != self.owner and claimed_at
-                    and now - claimed_at < CLAIM_STALE_AFTER):
-                return None
-            return (await self.store.update(kind.table, claim, etag=row.metadata["etag"]))["etag"]
+            if operation[0] == CREATE:
+                return (await self.store.insert(kind.table, operation[1]))["etag"]
+            return (await self.store.update(kind.table, operation[1], etag=operation[2]["etag"], merge=False))["etag"]
         except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
             return None
 
@@ -346,16 +388,6 @@ class Resolver:
                                                  "UpdatedAt": datetime.now(timezone.utc)}, etag=etag)
         except (ResourceModifiedError, ResourceNotFoundError):
             pass
-
-
-async def _gather_limited(coroutines: list, limit: int = 16) -> list:
-    gate = asyncio.Semaphore(limit)
-
-    async def one(coroutine):
-        async with gate:
-            return await coroutine
-
-    return await asyncio.gather(*(one(c) for c in coroutines))
 
 
 def _permanent(error: Exception) -> bool:

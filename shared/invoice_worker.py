@@ -24,11 +24,11 @@ from shared.bc import BcClient
 from shared.bookings import Booking
 from shared.directory import Resolver
 from shared.http import UpstreamAmbiguous, UpstreamError
-from shared.invoicing import (_apply, _read, external_document_number, line_description, part_key, refs_of,
-                              release)
+from shared.invoicing import (HEADER, _apply, _read, external_document_number, line_description, part_key,
+                              refs_of, release)
 from shared.messages import CustomerSource, InvoiceJobPart, ServiceSource
 from shared.runtime import Runtime
-from shared.store import JOBS, Store, fit_string, to_json
+from shared.store import JOBS, UPDATE, Store, fit_string, to_json
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ async def invoice_parts(rt: Runtime, message: InvoiceJobPart) -> None:
     parts = [work for work in loaded if work is not None]
     if not parts:
         return
+    await store.upsert(JOBS, {"PartitionKey": job_id, "RowKey": HEADER, "StartedAt": datetime.now(timezone.utc)})
     for work in [w for w in parts if not w.mine]:
         await _finish(store, work.row, "failed", errors=work.errors)
     parts = [w for w in parts if w.mine]
@@ -134,56 +135,79 @@ async def invoice_parts(rt: Runtime, message: InvoiceJobPart) -> None:
         bodies[work.key] = {"customerId": customers[work.email].bc_id, "externalDocumentNumber": work.key,
                             "invoiceDate": today, "salesInvoiceLines": work.lines}
     invoices, refused = await find_or_create_invoices(rt.bc, bodies)
-    await asyncio.gather(*(_complete(rt, store, job_id, work, invoices.get(work.key), refused.get(work.key), today)
-                           for work in parts))
-
-
-async def _complete(rt: Runtime, store: Store, job_id: str, work: PartWork, invoice: dict | None,
-                    refusal: str | None, today: str) -> None:
-    if invoice is None:
-        reason = f"Business Central refused the invoice: {refusal}"
+    for work in [w for w in parts if w.key not in invoices]:
+        reason = f"Business Central refused the invoice: {refused.get(work.key)}"
         await release(store, job_id, refs_of(work.row), work.email)
         await _finish(store, work.row, "failed", errors=work.errors + [
             {"bookingId": b.id, "message": _plain(reason)} for b in work.mine])
-        return
-    link = {"invoiceId": invoice["id"], "invoiceNumber": invoice.get("number"), "jobId": job_id,
-            "date": invoice.get("invoiceDate") or today}
-    email = work.email
+    done = [w for w in parts if w.key in invoices]
+    links = {w.key: {"invoiceId": invoices[w.key]["id"], "invoiceNumber": invoices[w.key].get("number"),
+                     "jobId": job_id, "date": invoices[w.key].get("invoiceDate") or today} for w in done}
+    recorded = await _record(store, job_id, done, links)
+    finished = []
+    for work in done:
+        invoice = invoices[work.key]
+        written = [b for b in work.mine if (b.id, work.email) in recorded]
+        errors = work.errors + [{"bookingId": b.id, "message": "the booking was released before it was invoiced"}
+                                for b in work.mine if (b.id, work.email) not in recorded]
+        amount = invoice.get("totalAmountIncludingTax")
+        if amount is None:
+            amount = round(sum(line["quantity"] * line["unitPrice"] for line in work.lines), 2)
+        finished.append(_finished(work.row, "succeeded", invoice, amount, [b.id for b in written], errors))
+        log.info("draft invoice %s for job part %s", invoice.get("number"), work.key,
+                 extra={"event": "invoice_created", "job_id": job_id, "part": work.index,
+                        "invoice_id": invoice["id"], "lines": len(work.lines)})
+    await store.write_batches(JOBS, [(UPDATE, entity, {"mode": "merge"}) for entity in finished])
+    if rt.settings.write_back_to_bookings:
+        await asyncio.gather(*(write_back(rt, [b for b in w.mine if (b.id, w.email) in recorded], links[w.key])
+                               for w in done))
+
+
+async def _record(store: Store, job_id: str, done: list[PartWork], links: dict[str, dict]) -> set[tuple[str, str]]:
+    """Put each invoice on its bookings, all parts at once (ETag-guarded transactions of ≤ 100
+    per partition; a group booking on several invoices is written once). Returns the recorded
+    (booking id, customer e-mail) pairs."""
+    changes: dict[str, list[tuple[str, dict]]] = {}
+    bookings: dict[str, Booking] = {}
+    for work in done:
+        for booking in work.mine:
+            bookings.setdefault(booking.id, booking)
+            changes.setdefault(booking.id, []).append((work.email, links[work.key]))
+    recorded: set[tuple[str, str]] = set()
 
     def record(booking: Booking) -> str | None:
-        if booking.invoices.get(email, {}).get("jobId") == job_id:
-            return None
-        if booking.claims.get(email) != job_id:
-            return "the booking was released before it was invoiced"
-        booking.invoices[email] = link
-        del booking.claims[email]
-        return None
+        mine = []
+        for email, link in changes[booking.id]:
+            if booking.invoices.get(email, {}).get("jobId") == job_id:
+                mine.append((booking.id, email))
+            elif booking.claims.get(email) == job_id:
+                booking.invoices[email] = link
+                del booking.claims[email]
+                mine.append((booking.id, email))
+        recorded.difference_update({(booking.id, email) for email, _ in changes[booking.id]})
+        recorded.update(mine)
+        return None if mine else "the booking was released before it was invoiced"
 
-    written, problems = await _apply(store, work.mine, record)
-    errors = work.errors + [{"bookingId": ident, "message": problem} for ident, problem in problems.items()]
-    amount = invoice.get("totalAmountIncludingTax")
-    if amount is None:
-        amount = round(sum(line["quantity"] * line["unitPrice"] for line in work.lines), 2)
-    await _finish(store, work.row, "succeeded", invoice=invoice, amount=amount,
-                  booking_ids=[b.id for b in written], errors=errors)
-    log.info("draft invoice %s for job part %s", invoice.get("number"), work.key,
-             extra={"event": "invoice_created", "job_id": job_id, "part": work.index, "invoice_id": invoice["id"],
-                    "lines": len(work.lines)})
-    if rt.settings.write_back_to_bookings:
-        await write_back(rt, written, link)
+    written, _ = await _apply(store, list(bookings.values()), record)
+    kept = {b.id for b in written}
+    return {pair for pair in recorded if pair[0] in kept}
 
 
-async def _finish(store: Store, row: dict, status: str, invoice: dict | None = None, amount: float | None = None,
-                  booking_ids: list[str] | None = None, errors: list[dict] | None = None) -> None:
+def _finished(row: dict, status: str, invoice: dict | None = None, amount: float | None = None,
+              booking_ids: list[str] | None = None, errors: list[dict] | None = None) -> dict:
     entity = {"PartitionKey": row["PartitionKey"], "RowKey": row["RowKey"], "Status": status,
               "Errors": fit_string(to_json(errors or []), 30_000), "FinishedAt": datetime.now(timezone.utc)}
     if invoice:
         entity |= {"InvoiceId": invoice["id"], "InvoiceNumber": invoice.get("number") or "",
                    "Amount": float(amount or 0), "BookingIds": fit_string(to_json(booking_ids or []), 30_000)}
-    await store.update(JOBS, entity, etag=None)
     log.log(logging.INFO if status == "succeeded" else logging.ERROR, "invoice job part %s %s", row["RowKey"], status,
             extra={"event": "invoice_job_part_" + status, "job_id": row["PartitionKey"], "part": row["RowKey"],
                    "errors": len(errors or [])})
+    return entity
+
+
+async def _finish(store: Store, row: dict, status: str, errors: list[dict] | None = None) -> None:
+    await store.update(JOBS, _finished(row, status, errors=errors), etag=None)
 
 
 async def give_up(rt: Runtime, message: InvoiceJobPart, reason: str) -> None:

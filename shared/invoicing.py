@@ -391,7 +391,8 @@ async def job_status(store: Store, job_id: str) -> dict | None:
     elif all(s == "succeeded" for s in statuses):
         status = "succeeded"
     elif any(s in ("queued", "running") for s in statuses):
-        status = "running" if any(s != "queued" for s in statuses) else "queued"
+        started = header.get("StartedAt") or any(s != "queued" for s in statuses)
+        status = "running" if started else "queued"
     elif any(s == "succeeded" for s in statuses):
         status = "partial"
     else:

@@ -45,6 +45,7 @@ INVOICE_QUEUE = "invoice-jobs"
 QUEUES = (SYNC_QUEUE, DIRECTORY_QUEUE, INVOICE_QUEUE)
 
 MAX_BATCH = 100
+FILTER_KEYS = 14
 MAX_STRING_CHARS = 32_000
 TRUNCATION_MARKER = "…[truncated]"
 _KEY_UNSAFE = re.compile(r"[%/\\#?\x00-\x1f\x7f-\x9f]")
@@ -200,6 +201,23 @@ class Store:
     async def partition(self, table: str, partition: str, select: list[str] | None = None) -> list[dict]:
         return await self.query(table, "PartitionKey eq @pk", select, {"pk": partition})
 
+    async def get_many(self, table: str, partition: str, row_keys: list[str]) -> dict[str, dict]:
+        """Rows of one partition by key, a few queries for many rows (Table Storage allows at
+        most 15 comparisons in one filter)."""
+        keys = list(dict.fromkeys(row_keys))
+        chunks = [keys[i:i + FILTER_KEYS] for i in range(0, len(keys), FILTER_KEYS)]
+
+        async def one(chunk: list[str]) -> list[dict]:
+            clause = " or ".join(f"RowKey eq @k{index}" for index in range(len(chunk)))
+            parameters = {"pk": partition, **{f"k{index}": key for index, key in enumerate(chunk)}}
+            # Spaces around the parentheses: the SDK finds @parameters between blanks.
+            return await self.query(table, f"PartitionKey eq @pk and ( {clause} )", parameters=parameters)
+
+        found: dict[str, dict] = {}
+        for rows in await asyncio.gather(*(one(chunk) for chunk in chunks)):
+            found |= {row["RowKey"]: row for row in rows}
+        return found
+
     # -- writes --------------------------------------------------------------------------------
 
     async def insert(self, table: str, entity: dict) -> dict:
@@ -224,14 +242,15 @@ class Store:
         kwargs = {"etag": etag, "match_condition": MatchConditions.IfNotModified} if etag else {}
         await self.table(table).delete_entity(partition, row, **kwargs)
 
-    async def transact(self, table: str, operations: list[tuple]) -> None:
-        """One all-or-nothing transaction (≤ 100 operations, one partition)."""
+    async def transact(self, table: str, operations: list[tuple]) -> list[dict]:
+        """One all-or-nothing transaction (≤ 100 operations, one partition); returns each
+        operation's answer (with its new `etag`)."""
         if not operations:
-            return
+            return []
         if len(operations) > MAX_BATCH:
             raise ValueError("a table transaction holds at most 100 operations")
         self.stats.count(table, len(operations))
-        await self.table(table).submit_transaction([(op[0], storable(op[1]), *op[2:]) for op in operations])
+        return await self.table(table).submit_transaction([(op[0], storable(op[1]), *op[2:]) for op in operations])
 
     async def write_batches(self, table: str, operations: Iterable[tuple], concurrency: int = 8) -> int:
         """Apply many operations as transactions of ≤ 100 per partition, a few at a time.

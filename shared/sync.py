@@ -125,12 +125,17 @@ async def pull_business(rt: Runtime, business_id: str, start: datetime, end: dat
     return pull
 
 
-async def store_business(store: Store, pull: BusinessPull, start: datetime, end: datetime) -> BusinessCounts:
+async def stored_rows(store: Store, business_id: str) -> dict[str, dict]:
+    """What the table holds for a business: just enough to tell what changed."""
+    return {row["RowKey"]: row for row in await store.partition(
+        BOOKINGS, encode_key(business_id), select=["RowKey", "SourceHash", "Cancelled", "StartUtc", "EndUtc"])}
+
+
+async def store_business(store: Store, pull: BusinessPull, existing: dict[str, dict], start: datetime,
+                         end: datetime) -> BusinessCounts:
     """Write what changed; mark vanished appointments cancelled only after a complete pull."""
     counts = BusinessCounts(fetched=len(pull.bookings), invalid=pull.invalid)
     partition = encode_key(pull.business_id)
-    existing = {row["RowKey"]: row for row in await store.partition(
-        BOOKINGS, partition, select=["RowKey", "SourceHash", "Cancelled", "StartUtc", "EndUtc"])}
     operations: list[tuple] = []
     for booking in pull.bookings:
         entity = booking.sync_entity()
@@ -257,11 +262,15 @@ async def run_sync(rt: Runtime, trigger: str, now: datetime | None = None) -> Sy
     clock = time.monotonic()
     try:
         start, end = window(settings, now)
-        pulls = await asyncio.gather(*(pull_business(rt, business, start, end) for business in settings.business_ids))
+        businesses = settings.business_ids
+        # Reading what is stored overlaps with reading Graph: neither waits for the other.
+        pulls, stored = await asyncio.gather(
+            asyncio.gather(*(pull_business(rt, business, start, end) for business in businesses)),
+            asyncio.gather(*(stored_rows(store, business) for business in businesses)))
         totals = BusinessCounts()
         per_business = {}
-        for pull in pulls:
-            counts = await store_business(store, pull, start, end)
+        for pull, existing in zip(pulls, stored, strict=True):
+            counts = await store_business(store, pull, existing, start, end)
             per_business[pull.business_id] = counts.__dict__ | {"complete": pull.complete}
             for name, value in counts.__dict__.items():
                 setattr(totals, name, getattr(totals, name) + value)
