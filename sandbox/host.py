@@ -204,13 +204,27 @@ class FunctionHost:
         return self.run(self._drain(timeout, queues), timeout + 30)
 
     async def _drain(self, timeout: float, only: list[str] | None) -> QueueStats:
+        """Like the host: fetch `batchSize` messages, and fetch again as soon as no more than
+        `newBatchThreshold` are still running, so work never waits for a whole batch."""
         triggers = {q: fn for q, fn in self._queue_triggers().items() if only is None or q in only}
         for queue in triggers:
             await self._ensure_queue(queue)
         deadline = time.monotonic() + timeout
+        running: dict[str, set[asyncio.Task]] = {queue: set() for queue in triggers}
         while True:
-            received = await asyncio.gather(*(self._poll(queue, fn) for queue, fn in triggers.items()))
-            if any(received):
+            fetched = False
+            for queue, fn in triggers.items():
+                if len(running[queue]) <= self.settings.new_batch_threshold:
+                    for message in await self._receive(queue):
+                        task = asyncio.create_task(self._handle(queue, fn, message))
+                        running[queue].add(task)
+                        task.add_done_callback(running[queue].discard)
+                        fetched = True
+            busy = set().union(*running.values())
+            if busy:
+                await asyncio.wait(busy, timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            if fetched:
                 continue
             remaining = 0
             for queue in triggers:
@@ -225,16 +239,13 @@ class FunctionHost:
                 raise TimeoutError(f"queues still hold {remaining} message(s) after {timeout} s")
             await asyncio.sleep(min(0.05 + self.retry_delay / 4, 0.5))
 
-    async def _poll(self, queue: str, fn) -> int:
-        client = self._client(queue)
+    async def _receive(self, queue: str) -> list:
         try:
-            messages = [m async for m in client.receive_messages(
+            return [m async for m in self._client(queue).receive_messages(
                 messages_per_page=self.settings.batch_size, max_messages=self.settings.batch_size,
                 visibility_timeout=300)]
         except Exception:  # noqa: BLE001 - the queue does not exist until the app creates it
-            return 0
-        await asyncio.gather(*(self._handle(queue, fn, m) for m in messages))
-        return len(messages)
+            return []
 
     async def _handle(self, queue: str, fn, message) -> None:
         client = self._client(queue)

@@ -47,13 +47,25 @@ class PartWork:
     lines: list[dict] = field(default_factory=list)
 
 
-async def _load(store: Store, job_id: str, index: int) -> PartWork | None:
-    row = await store.get(JOBS, job_id, part_key(index))
-    if row is None or row.get("Status") in ("succeeded", "failed"):
-        return None
-    work = PartWork(index, row, external_document_number(job_id, index), row["CustomerEmail"])
-    refs = refs_of(row)
-    bookings = [b for b in await _read(store, refs) if b is not None]
+async def _load(store: Store, job_id: str, indexes: list[int]) -> list[PartWork]:
+    """The unfinished parts and their bookings, read together (few queries for many rows)."""
+    rows = await store.get_many(JOBS, job_id, [part_key(index) for index in indexes])
+    works = []
+    for index in indexes:
+        row = rows.get(part_key(index))
+        if row is not None and row.get("Status") not in ("succeeded", "failed"):
+            works.append(PartWork(index, row, external_document_number(job_id, index), row["CustomerEmail"]))
+    refs = [ref for work in works for ref in refs_of(work.row)]
+    bookings = dict(zip(map(tuple, refs), await _read(store, refs), strict=True))
+    for work in works:
+        _sort(work, job_id, [bookings[tuple(ref)] for ref in refs_of(work.row)])
+    return works
+
+
+def _sort(work: PartWork, job_id: str, found: list[Booking | None]) -> None:
+    """Which of the part's bookings are still its own to invoice."""
+    refs = refs_of(work.row)
+    bookings = [b for b in found if b is not None]
     for booking in bookings:
         recorded = booking.invoices.get(work.email, {})
         if booking.claims.get(work.email) == job_id or recorded.get("jobId") == job_id:
@@ -64,7 +76,6 @@ async def _load(store: Store, job_id: str, index: int) -> PartWork | None:
     if len(refs) > len(bookings):
         work.errors.append({"bookingId": None, "message": f"{len(refs) - len(bookings)} booking(s) no longer exist"})
     work.mine.sort(key=lambda b: (b.start, b.id))
-    return work
 
 
 async def find_or_create_invoices(bc: BcClient, bodies: dict[str, dict]) -> tuple[dict[str, dict], dict[str, str]]:
@@ -105,8 +116,7 @@ async def find_or_create_invoices(bc: BcClient, bodies: dict[str, dict]) -> tupl
 async def invoice_parts(rt: Runtime, message: InvoiceJobPart) -> None:
     store = await rt.store()
     job_id = message.job_id
-    loaded = await asyncio.gather(*(_load(store, job_id, index) for index in message.part_indexes()))
-    parts = [work for work in loaded if work is not None]
+    parts = await _load(store, job_id, message.part_indexes())
     if not parts:
         return
     await store.upsert(JOBS, {"PartitionKey": job_id, "RowKey": HEADER, "StartedAt": datetime.now(timezone.utc)})

@@ -210,14 +210,16 @@ def _refs(bookings: list[Booking]) -> list[list[str]]:
 
 
 async def _read(store: Store, refs: list[list[str]]) -> list[Booking | None]:
-    gate = asyncio.Semaphore(16)
-
-    async def one(ref: list[str]) -> Booking | None:
-        async with gate:
-            row = await store.get(BOOKINGS, ref[0], ref[1])
-            return Booking.from_entity(row) if row else None
-
-    return await asyncio.gather(*(one(ref) for ref in refs))
+    """Current bookings for [partition, row] references, in order (None: gone); a few
+    queries per partition rather than a read per booking."""
+    by_partition: dict[str, list[str]] = {}
+    for partition, row in refs:
+        by_partition.setdefault(partition, []).append(row)
+    found: dict[tuple[str, str], dict] = {}
+    for partition, rows in zip(by_partition, await asyncio.gather(*(
+            store.get_many(BOOKINGS, partition, keys) for partition, keys in by_partition.items())), strict=True):
+        found |= {(partition, key): row for key, row in rows.items()}
+    return [Booking.from_entity(found[(p, r)]) if (p, r) in found else None for p, r in refs]
 
 
 async def _apply(store: Store, bookings: list[Booking], change, attempts: int = CLAIM_ATTEMPTS

@@ -53,9 +53,10 @@ class ServiceSource(Message):
     default_price_type: str | None = Field(None, alias="defaultPriceType", max_length=40)
 
 
-UPSERT_BATCH = 40
-"""Customers/services per message: one BC lookup and one `$batch` create each, and well
-within the 64 KB queue message limit after base64."""
+UPSERT_BATCH = 100
+"""Customers/services per message at most: one BC `$batch` (≤ 100) creates them all."""
+MESSAGE_TEXT_LIMIT = 45_000
+"""Characters of JSON per message: base64 makes it 60 KB, within the 64 KB queue limit."""
 
 
 class CustomerUpsert(Message):
@@ -127,6 +128,22 @@ M = TypeVar("M")
 
 def encode(message: BaseModel) -> str:
     return message.model_dump_json(by_alias=True, exclude_none=True)
+
+
+def pack(entries: list[BaseModel], wrap) -> list[str]:
+    """Encoded `wrap(chunk)` messages of up to `UPSERT_BATCH` entries and `MESSAGE_TEXT_LIMIT`
+    characters each (entries are small; a chunk is closed before it would grow too large)."""
+    messages, chunk, size = [], [], 0
+    for entry in entries:
+        length = len(encode(entry)) + 1
+        if chunk and (len(chunk) == UPSERT_BATCH or size + length > MESSAGE_TEXT_LIMIT - 200):
+            messages.append(encode(wrap(chunk)))
+            chunk, size = [], 0
+        chunk.append(entry)
+        size += length
+    if chunk:
+        messages.append(encode(wrap(chunk)))
+    return messages
 
 
 async def process_message(message: func.QueueMessage, queue: str, schema: TypeAdapter | type[BaseModel],

@@ -21,8 +21,8 @@ from shared import leases
 from shared.bookings import Booking, normalise_email
 from shared.graph import Appointment, BookingCustomer, BookingService
 from shared.http import UpstreamError
-from shared.messages import (UPSERT_BATCH, CustomerBatchUpsert, CustomerSource, CustomerUpsert, ItemBatchUpsert,
-                             ItemUpsert, ServiceSource, encode)
+from shared.messages import (CustomerBatchUpsert, CustomerSource, CustomerUpsert, ItemBatchUpsert, ItemUpsert,
+                             ServiceSource, encode, pack)
 from shared.runtime import Runtime
 from shared.store import (BOOKINGS, CUSTOMER_LINKS, DIRECTORY_QUEUE, ITEM_LINKS, SYNC_RUNS, UPDATE, UPSERT, Store,
                           encode_key, to_json)
@@ -229,7 +229,7 @@ async def _changed(store: Store, table: str, partition: str, sources: dict) -> l
 
 async def queue_directory_upserts(rt: Runtime, store: Store, pulls: list[BusinessPull]) -> tuple[int, int]:
     """New or changed customers/services, deduplicated within the run, queued in messages of
-    up to `UPSERT_BATCH`."""
+    up to 100 (`pack`)."""
     customers = services = []
     if rt.settings.sync_customers:
         customers = [CustomerUpsert(customer=source, sourceHash=digest) for source, digest in
@@ -237,10 +237,8 @@ async def queue_directory_upserts(rt: Runtime, store: Store, pulls: list[Busines
     if rt.settings.sync_items:
         services = [ItemUpsert(service=source, sourceHash=digest) for source, digest in
                     await _changed(store, ITEM_LINKS, ITEM_PARTITION, service_sources(pulls))]
-    messages = [encode(CustomerBatchUpsert(customers=customers[i:i + UPSERT_BATCH]))
-                for i in range(0, len(customers), UPSERT_BATCH)]
-    messages += [encode(ItemBatchUpsert(services=services[i:i + UPSERT_BATCH]))
-                 for i in range(0, len(services), UPSERT_BATCH)]
+    messages = pack(customers, lambda chunk: CustomerBatchUpsert(customers=chunk))
+    messages += pack(services, lambda chunk: ItemBatchUpsert(services=chunk))
     await store.send_many(DIRECTORY_QUEUE, messages)
     return len(customers), len(services)
 

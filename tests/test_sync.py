@@ -205,3 +205,22 @@ def test_window_excludes_appointments_outside_lookback(world):
         "serviceName": "Old", "price": 10, "priceType": "fixedPrice", "customers": []})
     world.host.timer("sync_bookings")
     assert "AAMkOLD=" not in bookings(world)
+
+
+def test_upsert_messages_hold_at_most_100_entries_and_stay_within_the_queue_size_limit():
+    from shared.messages import CustomerBatchUpsert, CustomerSource, CustomerUpsert, pack
+
+    long = "x" * 90
+    entries = [CustomerUpsert(customer=CustomerSource(email=f"{long[:60]}{i}@example.com", displayName=long,
+                                                      addressLine1=long, city=long[:30], state=long[:30],
+                                                      postalCode=long[:20], phone=long[:30]), sourceHash="h" * 32)
+               for i in range(250)]
+    messages = pack(entries, lambda chunk: CustomerBatchUpsert(customers=chunk))
+    import base64
+    import json
+
+    assert sum(len(json.loads(m)["customers"]) for m in messages) == 250
+    assert all(len(base64.b64encode(m.encode())) < 64 * 1024 for m in messages)
+    small = pack([CustomerUpsert(customer=CustomerSource(email=f"s{i}@e.com"), sourceHash="h")
+                                    for i in range(250)], lambda chunk: CustomerBatchUpsert(customers=chunk))
+    assert [len(json.loads(m)["customers"]) for m in small] == [100, 100, 50]
