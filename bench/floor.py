@@ -1,0 +1,195 @@
+"""The floor: only the unavoidable requests, sent the best way the cost model allows, by a bare
+client against the same simulators on the same machine.
+
+The bound (`bench.model`) is arithmetic on the cost model's latencies. The simulators also spend
+CPU on every request (JSON, TLS, the Graph calendar scan, BC's record logic) in one Python
+process, so no client can reach the bound on this machine. The floor measures how close a
+client can get: it is what the app would take if the app itself cost nothing.
+
+    python -m bench.floor sync [--create]       # every Graph page chain of every business;
+                                                # --create: plus BC lists and batched creates
+    python -m bench.floor invoice --spec FILE    # batched invoice creates (deep insert)
+
+Settings from the same environment as the app's. Prints one JSON line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+
+import httpx
+
+from bench.model import BC_BATCH_MAX, BC_CONCURRENCY, GRAPH_CONCURRENCY, bc_batched_seconds
+
+
+class Floor:
+    def __init__(self) -> None:
+        env = os.environ
+        self.tenant, self.environment = env["AZURE_TENANT_ID"], env["BC_ENVIRONMENT"]
+        self.graph = env["GRAPH_BASE_URL"].rstrip("/")
+        self.bc_root = f"{env['BC_BASE_URL'].rstrip('/')}/{self.tenant}/{self.environment}/api/v2.0"
+        self.company = env["BC_COMPANY_ID"]
+        self.bc = f"{self.bc_root}/companies({self.company})"
+        self.businesses = [b.strip() for b in env["BOOKINGS_BUSINESS_IDS"].split(",") if b.strip()]
+        self.http = httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=64))
+        self.tokens: dict[str, str] = {}
+        self.bc_gate = asyncio.Semaphore(BC_CONCURRENCY)
+        self.graph_gates = {b: asyncio.Semaphore(GRAPH_CONCURRENCY) for b in self.businesses}
+
+    async def token(self, scope: str) -> str:
+        if scope not in self.tokens:
+            env = os.environ
+            response = await self.http.post(
+                f"{env['AZURE_AUTHORITY_HOST'].rstrip('/')}/{self.tenant}/oauth2/v2.0/token",
+                data={"grant_type": "client_credentials", "client_id": env["AZURE_CLIENT_ID"],
+                      "client_secret": env["AZURE_CLIENT_SECRET"], "scope": scope})
+            response.raise_for_status()
+            self.tokens[scope] = response.json()["access_token"]
+        return self.tokens[scope]
+
+    async def _get(self, url: str, scope: str, params: dict | None = None) -> dict:
+        response = await self.http.get(url, params=params, headers={"Authorization": f"Bearer {self.tokens[scope]}"})
+        response.raise_for_status()
+        return response.json()
+
+    async def chain(self, business: str, collection: str, params: dict | None = None) -> list[dict]:
+        """One collection of one business, page after page (each link is in the page before)."""
+        url: str | None = f"{self.graph}/solutions/bookingBusinesses/{business}/{collection}"
+        items: list[dict] = []
+        while url:
+            async with self.graph_gates[business]:
+                body = await self._get(url, "https://graph.microsoft.com/.default", params)
+            items += body["value"]
+            url, params = body.get("@odata.nextLink"), None
+        return items
+
+    async def bc_list(self, entity_set: str, select: str) -> list[dict]:
+        async with self.bc_gate:
+            return (await self._get(f"{self.bc}/{entity_set}", "https://api.businesscentral.dynamics.com/.default",
+                                    {"$select": select}))["value"]
+
+    async def batch_create(self, records: list[tuple[str, dict]]) -> list[dict]:
+        """(entity set, body) pairs in the number of `$batch`es the bound says is best (a batch
+        holds one entity set), 5 batches at a time."""
+        if not records:
+            return []
+        _, batches = bc_batched_seconds(len(records))
+        size = -(-len(records) // max(batches, 1))
+        size = min(size, BC_BATCH_MAX)
+        chunks = []
+        for entity_set in dict.fromkeys(s for s, _ in records):
+            bodies = [body for s, body in records if s == entity_set]
+            chunks += [(entity_set, bodies[i:i + size]) for i in range(0, len(bodies), size)]
+
+        async def one(entity_set: str, chunk: list[dict]) -> list[dict]:
+            payload = {"requests": [{"id": str(n), "method": "POST", "url": f"companies({self.company})/{entity_set}",
+                                     "headers": {"Content-Type": "application/json"}, "body": record}
+                                    for n, record in enumerate(chunk)]}
+            async with self.bc_gate:
+                response = await self.http.post(f"{self.bc_root}/$batch", json=payload, headers={
+                    "Authorization": f"Bearer {self.tokens['https://api.businesscentral.dynamics.com/.default']}",
+                    "Prefer": "odata.continue-on-error"})
+            response.raise_for_status()
+            answers = response.json()["responses"]
+            failed = [a for a in answers if int(a["status"]) >= 300]
+            if failed:
+                raise RuntimeError(f"floor: BC refused a create: {failed[0]}")
+            return [a["body"] for a in answers]
+
+        results = await asyncio.gather(*(one(entity_set, chunk) for entity_set, chunk in chunks))
+        return [record for chunk in results for record in chunk]
+
+    async def sync(self, create: bool) -> dict:
+        await self.token("https://graph.microsoft.com/.default")
+        await self.token("https://api.businesscentral.dynamics.com/.default")
+        now = datetime.now(timezone.utc)
+        window = {"start": (now - timedelta(days=60)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                  "end": (now + timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ")}
+        clock = time.perf_counter()
+        marks: dict[str, float] = {}
+
+        async def calendars() -> int:
+            counts = await asyncio.gather(*(self.chain(b, "calendarView", dict(window)) for b in self.businesses))
+            marks["calendar_done"] = time.perf_counter() - clock
+            return sum(len(c) for c in counts)
+
+        async def directory() -> int:
+            customers_of = asyncio.gather(*(self.chain(b, "customers") for b in self.businesses))
+            services_of = asyncio.gather(*(self.chain(b, "services") for b in self.businesses))
+            lists = asyncio.gather(self.bc_list("customers", "id,email"),
+                                   self.bc_list("items", "id,displayName")) if create else None
+            customers, services = await customers_of, await services_of
+            if not create:
+                return 0
+            existing_customers, existing_items = await lists
+            known_emails = {(c.get("email") or "").lower() for c in existing_customers}
+            known_names = {(i.get("displayName") or "").lower() for i in existing_items}
+            new_customers: dict[str, dict] = {}
+            for page in customers:
+                for c in page:
+                    email = (c.get("emailAddress") or "").strip().lower()
+                    if "@" in email and email not in known_emails:
+                        new_customers.setdefault(email, {"displayName": (c.get("displayName") or email)[:100],
+                                                         "email": email, "type": "Person"})
+            new_items: dict[str, dict] = {}
+            for page in services:
+                for s in page:
+                    name = (s.get("displayName") or "").strip()
+                    if name and name.lower() not in known_names:
+                        new_items.setdefault(name.lower(), {"displayName": name[:100], "type": "Service",
+                                                            "unitPrice": float(s.get("defaultPrice") or 0)})
+            marks["creates_start"] = time.perf_counter() - clock
+            records = [("customers", r) for r in new_customers.values()] + [("items", r) for r in new_items.values()]
+            await self.batch_create(records)
+            marks["creates_done"] = time.perf_counter() - clock
+            return len(records)
+
+        appointments, created = await asyncio.gather(calendars(), directory())
+        seconds = time.perf_counter() - clock
+        return {"seconds": round(seconds, 3), "appointments": appointments, "created": created,
+                "marks": {k: round(v, 3) for k, v in marks.items()}}
+
+    async def invoice(self, spec: list[dict]) -> dict:
+        await self.token("https://api.businesscentral.dynamics.com/.default")
+        customers = {(c.get("email") or "").lower(): c["id"] for c in await self.bc_list("customers", "id,email")}
+        items = {(i.get("displayName") or "").lower(): i["id"] for i in await self.bc_list("items", "id,displayName")}
+        today = datetime.now(timezone.utc).date().isoformat()
+        bodies = [{"customerId": customers[invoice["email"]], "externalDocumentNumber": f"FLOOR-{n:05d}",
+                   "invoiceDate": today,
+                   "salesInvoiceLines": [{"lineType": "Item", "itemId": items[line["item"].lower()],
+                                          "description": line["description"][:100], "quantity": line["quantity"],
+                                          "unitPrice": line["unitPrice"]} for line in invoice["lines"]]}
+                  for n, invoice in enumerate(spec)]
+        clock = time.perf_counter()
+        created = await self.batch_create([("salesInvoices", body) for body in bodies])
+        return {"seconds": round(time.perf_counter() - clock, 3), "created": len(created)}
+
+
+async def _main(args) -> dict:
+    floor = Floor()
+    try:
+        if args.phase == "sync":
+            return await floor.sync(args.create)
+        with open(args.spec) as handle:
+            return await floor.invoice(json.load(handle))
+    finally:
+        await floor.http.aclose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("phase", choices=["sync", "invoice"])
+    parser.add_argument("--create", action="store_true")
+    parser.add_argument("--spec")
+    args = parser.parse_args()
+    json.dump(asyncio.run(_main(args)), sys.stdout)
+    print()
+
+
+if __name__ == "__main__":
+    main()

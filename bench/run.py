@@ -1,0 +1,548 @@
+"""`make bench`: the app's sync and invoicing against the fixed cost model, next to the bound
+that model allows, the floor a bare client reaches on the same simulators, and a naive
+one-request-at-a-time baseline (see bench/README.md).
+
+    python -m bench.run            # full run (about 4 min on 2 cores), writes bench/results/
+    python -m bench.run --quick    # small smoke run (1.5-2 min), writes bench/results/quick.tmp/
+
+One sandbox (Azurite and the Entra ID, Graph and Business Central simulators, with the cost
+model's latency and limits) lives in this process for the whole run; every measured workload of
+the app runs in a fresh subprocess (`bench.worker`), so its peak RSS is its own and the
+simulators' work does not share its interpreter. Requests are counted by the simulators."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+WORKLOADS = ("first_sync", "unchanged_sync", "changed_sync", "invoice_all")
+APP_SETTINGS_TO_CLEAR = ("CUSTOMER_TEMPLATE", "ITEM_TEMPLATE", "SYNC_CUSTOMERS", "SYNC_ITEMS", "INVOICE_FREE_BOOKINGS",
+                         "WRITE_BACK_TO_BOOKINGS", "BOOKINGS_TIME_ZONE", "SYNC_LOOKBACK_DAYS", "SYNC_LOOKAHEAD_DAYS")
+DEPENDENCIES = ("azure.functions", "azure.data.tables.aio", "azure.storage.queue.aio", "msal", "httpx", "pydantic",
+                "pydantic_settings", "aiohttp")
+
+
+@dataclass(frozen=True)
+class Plan:
+    appointments: int            # (a)–(c)
+    scaling: tuple[int, ...]     # first sync sizes for the plot (the largest is (a) itself)
+    invoice_bookings: int        # (d)
+    invoice_customers: int
+    naive_sync: tuple[int, ...]     # baseline sizes (appointments), scaled to `appointments`
+    naive_invoice: tuple[int, ...]  # baseline sizes (bookings), scaled to `invoice_bookings`
+    import_runs: int
+
+
+FULL = Plan(10_000, (1_000, 5_000, 10_000), 1_000, 200, (125, 250, 500), (125, 250, 500), 5)
+QUICK = Plan(500, (200, 500), 100, 20, (100, 200), (50, 100), 5)
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# -- import time -----------------------------------------------------------------------------------
+
+def _time_import(statement: str) -> tuple[float, float]:
+    code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
+    clock = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"})
+    return float(out.stdout.strip().splitlines()[-1]), time.perf_counter() - clock
+
+
+def import_timing(runs: int) -> dict:
+    """`import function_app` against importing its runtime dependencies alone, each in a fresh
+    interpreter (bytecode already cached), alternating, median of `runs`."""
+    _time_import("import function_app")  # warm the bytecode cache and the OS file cache
+    app, deps, app_wall, deps_wall = [], [], [], []
+    for _ in range(runs):
+        seconds, wall = _time_import("import function_app")
+        app.append(seconds)
+        app_wall.append(wall)
+        seconds, wall = _time_import("import " + ", ".join(DEPENDENCIES))
+        deps.append(seconds)
+        deps_wall.append(wall)
+    result = {"app_seconds": round(statistics.median(app), 4), "deps_seconds": round(statistics.median(deps), 4),
+              "app_wall_seconds": round(statistics.median(app_wall), 4),
+              "deps_wall_seconds": round(statistics.median(deps_wall), 4),
+              "runs": runs, "dependencies": list(DEPENDENCIES)}
+    result["ratio"] = round(result["app_seconds"] / result["deps_seconds"], 3)
+    return result
+
+
+# -- the sandbox and the processes that use it ------------------------------------------------------
+
+class Bench:
+    def __init__(self, sandbox, workdir: Path, profiles: Path | None = None):
+        self.sb = sandbox
+        self.workdir = workdir
+        self.profiles = profiles
+        self.runs = 0
+
+    # scenarios: fresh storage, fresh businesses, fresh BC company
+
+    def wipe_storage(self) -> None:
+        from azure.core.exceptions import ResourceNotFoundError
+        from azure.data.tables import TableServiceClient
+        from azure.storage.queue import QueueServiceClient
+
+        connection = self.sb.azurite.connection_string
+        tables = TableServiceClient.from_connection_string(connection)
+        for table in tables.list_tables():
+            tables.delete_table(table.name)
+        queues = QueueServiceClient.from_connection_string(connection)
+        for queue in queues.list_queues():
+            try:
+                queues.delete_queue(queue.name)
+            except ResourceNotFoundError:
+                pass
+
+    def scenario(self, dataset) -> dict[str, str]:
+        from sandbox.stack import ENVIRONMENT, TENANT
+
+        self.wipe_storage()
+        self.sb.graph.load(dataset)
+        company = self.sb.bc.add_company(TENANT, ENVIRONMENT)
+        env = dict(os.environ)
+        for name in APP_SETTINGS_TO_CLEAR:
+            env.pop(name, None)
+        env.update(self.sb.env(BOOKINGS_BUSINESS_IDS=",".join(dataset.businesses), BC_COMPANY_ID=company))
+        env["PYTHONPATH"] = str(ROOT)
+        return env
+
+    def _counters(self) -> dict:
+        return {"tokens": sum(self.sb.entra.tokens_issued.values())}
+
+    def _reset(self) -> dict:
+        for plan in (self.sb.graph.plan, self.sb.bc.plan, self.sb.entra.plan):
+            plan.reset_stats()
+        return self._counters()
+
+    def _requests(self, before: dict) -> dict:
+        graph, bc, entra = self.sb.graph.plan.stats, self.sb.bc.plan.stats, self.sb.entra.plan.stats
+        return {"graph": graph.total_requests, "bc": bc.total_requests,
+                "token": self._counters()["tokens"] - before["tokens"],
+                "entra_http": entra.total_requests,
+                "faults": graph.total_faults + bc.total_faults,
+                "graph_by_path": dict(graph.requests), "bc_by_path": dict(bc.requests),
+                "graph_max_in_flight": dict(graph.max_in_flight), "bc_max_in_flight": dict(bc.max_in_flight)}
+
+    def app(self, workload: str, env: dict, label: str) -> dict:
+        """One app workload in a fresh process."""
+        self.runs += 1
+        out = self.workdir / f"app-{self.runs:02d}-{label}.json"
+        errors = self.workdir / f"app-{self.runs:02d}-{label}.stderr"
+        command = [sys.executable, "-m", "bench.worker", workload, "--out", str(out)]
+        if self.profiles:
+            command += ["--profile", str(self.profiles / f"{label}.prof")]
+        before = self._reset()
+        clock = time.perf_counter()
+        with open(errors, "w") as stderr:
+            done = subprocess.run(command, cwd=ROOT, env=env, stdout=stderr, stderr=stderr)
+        if done.returncode:
+            tail = errors.read_text()[-3000:]
+            raise RuntimeError(f"the app's {label} run failed ({done.returncode}):\n{tail}")
+        result = json.loads(out.read_text())
+        result["requests"] = self._requests(before)
+        result["process_seconds"] = round(time.perf_counter() - clock, 3)
+        log(f"app {label}: {result['seconds']:.2f} s (cpu {result['cpu_seconds']:.1f} s), graph {result['requests']['graph']}, "
+            f"bc {result['requests']['bc']}, table writes {result['app']['table_writes']}, "
+            f"peak RSS {result['peak_rss_mb']:.0f} MB")
+        return result
+
+    def naive(self, phase: str, env: dict, label: str, *extra: str) -> dict:
+        before = self._reset()
+        done = subprocess.run([sys.executable, "-m", "bench.naive", phase, *extra], cwd=ROOT, env=env,
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"the naive {label} run failed:\n{done.stderr[-3000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        result["requests"] = self._requests(before)
+        log(f"naive {label}: {result['seconds']:.2f} s, graph {result['requests']['graph']}, "
+            f"bc {result['requests']['bc']}, table writes {result['table_writes']}")
+        return result
+
+    def floor(self, phase: str, env: dict, label: str, *extra: str) -> dict:
+        """The bare client doing only the unavoidable requests (`bench.floor`)."""
+        before = self._reset()
+        done = subprocess.run([sys.executable, "-m", "bench.floor", phase, *extra], cwd=ROOT, env=env,
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"the floor {label} run failed:\n{done.stderr[-3000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        result["requests"] = self._requests(before)
+        log(f"floor {label}: {result['seconds']:.2f} s, graph {result['requests']['graph']}, "
+            f"bc {result['requests']['bc']}")
+        return result
+
+    def throwaway_company(self, env: dict) -> dict:
+        """The same settings with a BC company of its own (for runs that create records)."""
+        from sandbox.stack import ENVIRONMENT, TENANT
+
+        return dict(env, BC_COMPANY_ID=self.sb.bc.add_company(TENANT, ENVIRONMENT))
+
+    def change(self, dataset) -> int:
+        from bench.model import changed_ids
+
+        changes = changed_ids(dataset)
+        for business_id, appointment_id, fields in changes:
+            self.sb.graph.update_appointment(business_id, appointment_id, **fields)
+        return len(changes)
+
+    def seed_directory(self, dataset, company: str) -> None:
+        """Setup of the naive invoicing only: the BC customers and items exist (made through the
+        simulator's data API, no requests), as the naive sync would have left them."""
+        from bench.model import distinct_emails
+
+        names = {}
+        for business in dataset.businesses.values():
+            for service in business.services:
+                names.setdefault(service["displayName"], service)
+        for email in sorted(distinct_emails(dataset)):
+            self.sb.bc.add_customer(company, displayName=email, email=email, type="Person")
+        for name, service in names.items():
+            self.sb.bc.add_item(company, displayName=name, type="Service", unitPrice=service["defaultPrice"])
+
+
+# -- the workloads ---------------------------------------------------------------------------------
+
+def _summary(result: dict, bound, kind: str, floor: dict) -> dict:
+    from shared.store import BOOKINGS
+
+    app = result["app"]
+    requests = result["requests"]
+    return {
+        "seconds": result["seconds"],
+        "cpu_seconds": result["cpu_seconds"],
+        "phases": result["phases"],
+        "bound_seconds": round(bound.seconds, 3),
+        "floor_seconds": floor["seconds"],
+        "naive_seconds": None,
+        "table_writes": app["table_writes"],
+        "peak_rss_mb": result["peak_rss_mb"],
+        "requests": {"graph": requests["graph"], "bc": requests["bc"], "token": requests["token"]},
+        "booking_table_writes": app["table_writes_by_table"].get(BOOKINGS, 0),
+        "table_writes_by_table": app["table_writes_by_table"],
+        "entities_written": app["entities_written"],
+        "queue_messages_sent": app["messages_sent"],
+        "calendar_view_requests": sum(n for path, n in requests["graph_by_path"].items() if path.endswith("/calendarView")),
+        "request_paths": {"graph": requests["graph_by_path"], "bc": requests["bc_by_path"]},
+        "max_in_flight": {"graph": requests["graph_max_in_flight"], "bc": requests["bc_max_in_flight"]},
+        "retries_or_faults": {"faults": requests["faults"], "host_failed_attempts": result["host_queues"]["failed_attempts"],
+                              "poisoned": result["host_queues"]["poisoned"], "clients": {
+                                  k: v for k, v in app.items() if k.endswith("_client")}},
+        "queue_messages_processed": result["host_queues"]["processed"],
+        "bound": bound.as_dict(),
+        "floor": {k: v for k, v in floor.items() if k != "requests"} | {
+            "requests": {k: floor["requests"][k] for k in ("graph", "bc")}},
+        "kind": kind,
+    }
+
+
+def run_syncs(bench: Bench, plan: Plan) -> tuple[dict, list[dict]]:
+    """(a), (b), (c) at the full size, and the first sync at the smaller scaling sizes."""
+    from bench.model import distinct_emails, distinct_service_names, sync_bound, sync_dataset
+
+    workloads: dict = {}
+    scaling = []
+    for size in sorted(plan.scaling):
+        dataset = sync_dataset(size, f"sync{size}")
+        env = bench.scenario(dataset)
+        customers, items = len(distinct_emails(dataset)), len(distinct_service_names(dataset))
+        floor = bench.floor("sync", bench.throwaway_company(env), f"first_sync-{size}", "--create")
+        first = bench.app("sync", env, f"first_sync-{size}")
+        bound = sync_bound(dataset, customers, items)
+        created = first["last_sync"]["counts"]
+        scaling.append({"appointments": size, "customers": customers, "seconds": first["seconds"],
+                        "bound_seconds": round(bound.seconds, 3), "floor_seconds": floor["seconds"], "requests": {
+                            "graph": first["requests"]["graph"], "bc": first["requests"]["bc"],
+                            "token": first["requests"]["token"]},
+                        "table_writes": first["app"]["table_writes"], "peak_rss_mb": first["peak_rss_mb"]})
+        if size != plan.appointments:
+            continue
+        workloads["first_sync"] = _summary(first, bound, "sync", floor) | {
+            "appointments": size, "customers": customers, "items": items, "sync_counts": created}
+        pull = bench.floor("sync", env, "graph-pull")
+        unchanged = bench.app("sync", env, "unchanged_sync")
+        workloads["unchanged_sync"] = _summary(unchanged, sync_bound(dataset, 0, 0), "sync", pull) | {
+            "appointments": size, "sync_counts": unchanged["last_sync"]["counts"]}
+        changed = bench.change(dataset)
+        result = bench.app("sync", env, "changed_sync")
+        workloads["changed_sync"] = _summary(result, sync_bound(dataset, 0, 0), "sync", pull) | {
+            "appointments": size, "appointments_changed": changed, "sync_counts": result["last_sync"]["counts"]}
+    return workloads, scaling
+
+
+def run_invoicing(bench: Bench, plan: Plan) -> dict:
+    from bench.model import invoice_bound, invoice_dataset, invoice_spec
+
+    dataset = invoice_dataset(plan.invoice_bookings, plan.invoice_customers, "invoice")
+    env = bench.scenario(dataset)
+    floor_env = bench.throwaway_company(env)
+    bench.seed_directory(dataset, floor_env["BC_COMPANY_ID"])
+    spec = bench.workdir / "invoice-spec.json"
+    spec.write_text(json.dumps(invoice_spec(dataset)))
+    floor = bench.floor("invoice", floor_env, "invoice_all", "--spec", str(spec))
+    setup = bench.app("sync", env, "invoice_all-setup-sync")
+    result = bench.app("invoice", env, "invoice_all")
+    job = result["job"]
+    if job["bookingCount"] != plan.invoice_bookings or job["invoices"] != plan.invoice_customers:
+        raise RuntimeError(f"invoice_all invoiced {job} instead of {plan.invoice_bookings} bookings of "
+                           f"{plan.invoice_customers} customers")
+    bound = invoice_bound(plan.invoice_customers)
+    return _summary(result, bound, "invoice", floor) | {
+        "bookings": job["bookingCount"], "invoices": job["invoices"], "job": job,
+        "setup_sync_seconds": setup["seconds"]}
+
+
+def _fit(points: list[tuple[int, float]], target: int) -> dict:
+    """Least-squares line `fixed + per_unit * size` through the baseline's sizes, evaluated at
+    the target size; with three or more sizes the residuals show whether it is a line."""
+    xs, ys = [float(x) for x, _ in points], [float(y) for _, y in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    intercept = my - slope * mx
+    residuals = [y - (intercept + slope * x) for x, y in zip(xs, ys, strict=True)]
+    return {"per_unit": round(slope, 6), "fixed": round(intercept, 4), "at_target": round(intercept + slope * target, 3),
+            "sizes": [int(x) for x in xs], "values": ys,
+            "max_residual_share": round(max((abs(r) / y for r, y in zip(residuals, ys, strict=True) if y), default=0.0), 4)
+            if len(xs) > 2 else None}
+
+
+def _latency(requests: dict) -> float:
+    """What the baseline's requests cost by the cost model alone (it sends them one at a time)."""
+    from bench.model import BC_LATENCY_MS, GRAPH_LATENCY_MS
+
+    return round((requests["graph"] * GRAPH_LATENCY_MS + requests["bc"] * BC_LATENCY_MS) / 1000, 3)
+
+
+def run_naive(bench: Bench, plan: Plan) -> dict:
+    """The baseline at several sizes per workload, extrapolated along a fitted line to the
+    benchmark's sizes."""
+    from bench.model import changed_ids, invoice_dataset, sync_dataset
+
+    measured: dict[str, list[dict]] = {w: [] for w in WORKLOADS}
+    for size in plan.naive_sync:
+        dataset = sync_dataset(size, f"naive{size}")
+        env = bench.scenario(dataset)
+        measured["first_sync"].append(bench.naive("sync", env, f"first_sync-{size}") | {"size": size})
+        measured["unchanged_sync"].append(bench.naive("sync", env, f"unchanged_sync-{size}") | {"size": size})
+        bench.change(dataset)
+        measured["changed_sync"].append(bench.naive("sync", env, f"changed_sync-{size}") | {"size": size,
+                                        "changed": len(changed_ids(dataset))})
+    for size in plan.naive_invoice:
+        customers = max(1, round(size * plan.invoice_customers / plan.invoice_bookings))
+        dataset = invoice_dataset(size, customers, f"naiveinv{size}")
+        env = bench.scenario(dataset)
+        bench.seed_directory(dataset, env["BC_COMPANY_ID"])
+        bench.naive("sync", env, f"invoice_all-setup-{size}", "--directory", "list")
+        result = bench.naive("invoice", env, f"invoice_all-{size}")
+        if result["bookings"] != size or result["invoices"] != customers:
+            raise RuntimeError(f"the naive invoicing made {result} for {size} bookings of {customers} customers")
+        measured["invoice_all"].append(result | {"size": size})
+    naive = {}
+    for workload, points in measured.items():
+        target = plan.invoice_bookings if workload == "invoice_all" else plan.appointments
+        seconds = _fit([(p["size"], p["seconds"]) for p in points], target)
+        requests = {api: round(_fit([(p["size"], p["requests"][api]) for p in points], target)["at_target"])
+                    for api in ("graph", "bc")}
+        writes = round(_fit([(p["size"], p["table_writes"]) for p in points], target)["at_target"])
+        naive[workload] = {"seconds": round(seconds["at_target"], 2), "target_size": target, "fit": seconds,
+                           "requests": requests | {"token": points[-1]["requests"]["token"]},
+                           "table_writes": writes,
+                           "measured": [{"size": p["size"], "seconds": p["seconds"], "table_writes": p["table_writes"],
+                                         "requests": {k: p["requests"][k] for k in ("graph", "bc", "token")},
+                                         "latency_seconds": _latency(p["requests"]),
+                                         "latency_share": round(_latency(p["requests"]) / p["seconds"], 3)}
+                                        for p in points]}
+    return naive
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
+
+
+def targets(results: dict) -> list[dict]:
+    w = results["workloads"]
+    checks = []
+
+    def check(name: str, met: bool, measured: str) -> None:
+        checks.append({"target": name, "met": bool(met), "measured": measured})
+
+    for key in ("first_sync", "invoice_all"):
+        r = w[key]
+        check(f"{key} within 1.5x of the bound", r["seconds"] <= 1.5 * r["bound_seconds"],
+              f"{r['seconds']:.2f} s vs bound {r['bound_seconds']:.2f} s = {r['vs_bound']}x")
+        check(f"{key} at least 10x faster than naive", (r["vs_naive"] or 0) >= 10,
+              f"naive {r['naive_seconds']:.1f} s / {r['seconds']:.2f} s = {r['vs_naive']}x")
+    u = w["unchanged_sync"]
+    passes = u["calendar_view_requests"] == u["bound"]["terms"]["graph_calendar_pages"]
+    check("unchanged_sync writes no booking row", u["booking_table_writes"] == 0,
+          f"{u['booking_table_writes']} booking-table writes ({u['table_writes']} table writes in all)")
+    check("unchanged_sync reads calendarView once", passes,
+          f"{u['calendar_view_requests']} calendarView requests for "
+          f"{u['bound']['terms']['graph_calendar_pages']} pages")
+    check("first_sync peak RSS under 300 MB", w["first_sync"]["peak_rss_mb"] < 300,
+          f"{w['first_sync']['peak_rss_mb']:.0f} MB")
+    i = results["import"]
+    check("import function_app <= 1.3x its dependencies", i["ratio"] <= 1.3,
+          f"{i['app_seconds']:.3f} s vs {i['deps_seconds']:.3f} s = {i['ratio']}x")
+    return checks
+
+
+def table(results: dict) -> str:
+    head = (f"{'workload':<15} {'seconds':>8} {'bound':>7} {'x bound':>8} {'floor':>6} {'naive':>8} {'x faster':>9} "
+            f"{'tbl writes':>10} {'RSS MB':>7} {'graph':>6} {'bc':>6} {'token':>5}")
+    lines = [head, "-" * len(head)]
+    for name in WORKLOADS:
+        r = results["workloads"][name]
+        naive = f"{r['naive_seconds']:.1f}" if r["naive_seconds"] is not None else "-"
+        lines.append(f"{name:<15} {r['seconds']:>8.2f} {r['bound_seconds']:>7.2f} {r['vs_bound'] or 0:>8.2f} "
+                     f"{r['floor_seconds']:>6.2f} "
+                     f"{naive:>8} {r['vs_naive'] or 0:>9.1f} {r['table_writes']:>10} {r['peak_rss_mb']:>7.0f} "
+                     f"{r['requests']['graph']:>6} {r['requests']['bc']:>6} {r['requests']['token']:>5}")
+    i = results["import"]
+    lines.append(f"import: function_app {i['app_seconds']:.3f} s, dependencies alone {i['deps_seconds']:.3f} s "
+                 f"({i['ratio']}x), median of {i['runs']} fresh interpreters")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = results["scaling"]["first_sync"]
+    sizes = [p["appointments"] for p in points]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    left.plot(sizes, [p["seconds"] for p in points], "o-", label="app (measured)")
+    left.plot(sizes, [p["bound_seconds"] for p in points], "s--", label="bound (cost model)")
+    left.plot(sizes, [p["floor_seconds"] for p in points], "d-.", label="floor (bare client, same simulators)")
+    naive = results["naive"].get("first_sync")
+    if naive:
+        fit = naive["fit"]
+        low, high = min(sizes + [m["size"] for m in naive["measured"]]), max(sizes)
+        span = [low * (high / low) ** (i / 60) for i in range(61)]
+        left.plot(span, [fit["fixed"] + fit["per_unit"] * x for x in span], ":", color="grey",
+                  label="naive (fitted line fixed + per_unit·N)")
+        left.plot([m["size"] for m in naive["measured"]], [m["seconds"] for m in naive["measured"]], "x",
+                  color="grey", label="naive (measured)")
+    left.set_xlabel("appointments, log (customers = N/5, 30 services, 2 businesses)")
+    left.set_ylabel("seconds, log")
+    left.set_xscale("log")
+    left.set_yscale("log")
+    left.set_title("First sync: time to empty queues")
+    left.grid(True, which="both", alpha=0.3)
+    left.legend(fontsize=8)
+    for api, marker in (("graph", "o-"), ("bc", "s-"), ("token", "^-")):
+        right.plot(sizes, [max(p["requests"][api], 0.5) / p["appointments"] for p in points], marker,
+                   label=f"app: {api}")
+    if naive:
+        for api, color in (("graph", "C0"), ("bc", "C1")):
+            measured = naive["measured"]
+            right.plot([m["size"] for m in measured], [m["requests"][api] / m["size"] for m in measured], "x:",
+                       color=color, label=f"naive: {api} (measured)")
+    right.set_xscale("log")
+    right.set_yscale("log")
+    right.set_xlabel("appointments, log")
+    right.set_ylabel("requests per appointment, log")
+    right.set_title("First sync: requests per booking")
+    right.grid(True, alpha=0.3)
+    right.legend(fontsize=8)
+    fig.suptitle(f"bookings-invoicing first sync, cost model: Graph 60 ms x4, BC 120 ms x5 ($batch +20 ms/req) "
+                 f"— {results['generated_at'][:16]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Benchmark of bookings-invoicing (see bench/README.md)")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of 1.5-2 minutes")
+    parser.add_argument("--out", type=Path, help="results folder (default bench/results, or "
+                                                 "bench/results/quick.tmp with --quick)")
+    parser.add_argument("--no-naive", action="store_true", help="skip the baseline (naive columns stay empty)")
+    parser.add_argument("--profile", action="store_true", help="also write a cProfile of every app run to "
+                                                               "<out>/profiles.tmp/ (git-ignored; slower; for finding bottlenecks)")
+    args = parser.parse_args()
+    plan = QUICK if args.quick else FULL
+    out = args.out or (RESULTS / "quick.tmp" if args.quick else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    sys.path.insert(0, str(ROOT))
+
+    log(f"import timing ({plan.import_runs} runs each)")
+    imports = import_timing(plan.import_runs)
+
+    from bench.model import bc_knobs, graph_knobs
+    from bench.model import BC_BATCH_ITEM_MS, GRAPH_PAGE_SIZE
+    from sandbox.stack import SandboxStack
+
+    results: dict = {"generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+                     "quick": args.quick, "plan": plan.__dict__,
+                     "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                 "platform": platform.platform(),
+                                 "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
+                     "cost_model": {"graph": {"latency_ms": 60, "max_concurrency_per_mailbox": 4, "page_size": 100},
+                                    "bc": {"latency_ms": 120, "max_concurrency": 5, "batch_item_ms": 20,
+                                           "max_queued": None},
+                                    "azurite": "as is (in-memory), not modelled"},
+                     "import": imports}
+    log("starting the sandbox (Azurite, Entra ID, Graph and BC simulators)")
+    with tempfile.TemporaryDirectory(prefix="bench-") as scratch, \
+            SandboxStack(graph_knobs=graph_knobs(), bc_knobs=bc_knobs(), page_size=GRAPH_PAGE_SIZE,
+                         batch_item_ms=BC_BATCH_ITEM_MS) as sandbox:
+        profiles = out / "profiles.tmp" if args.profile else None
+        if profiles:
+            profiles.mkdir(exist_ok=True)
+        bench = Bench(sandbox, Path(scratch), profiles)
+        workloads, scaling = run_syncs(bench, plan)
+        workloads["invoice_all"] = run_invoicing(bench, plan)
+        naive = {} if args.no_naive else run_naive(bench, plan)
+    for name, r in workloads.items():
+        r["bound"]["terms"]["graph_calendar_pages"] = sum(
+            b["calendarView_pages"] for b in r["bound"]["terms"].get("graph", {}).values())
+        if name in naive:
+            r["naive_seconds"] = naive[name]["seconds"]
+            r["naive_requests"] = naive[name]["requests"]
+            r["naive_table_writes"] = naive[name]["table_writes"]
+        r["vs_bound"] = _ratio(r["seconds"], r["bound_seconds"])
+        r["vs_floor"] = _ratio(r["seconds"], r["floor_seconds"])
+        r["vs_naive"] = _ratio(r["naive_seconds"], r["seconds"])
+    results["workloads"] = {name: workloads[name] for name in WORKLOADS}
+    results["naive"] = naive
+    results["scaling"] = {"first_sync": scaling}
+    results["targets"] = targets(results) if naive else []
+    results["bench_seconds"] = round(time.perf_counter() - started, 1)
+    results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+
+    (out / "latest.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    plot(results, out / "scaling.png")
+    print()
+    print(table(results))
+    print()
+    for t in results["targets"]:
+        print(f"  [{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['measured']}")
+    print(f"\nwrote {out / 'latest.json'} and {out / 'scaling.png'} in {results['bench_seconds']:.0f} s")
+    if results["bench_seconds"] > 600:
+        print("warning: the benchmark took longer than its 10-minute budget")
+
+
+if __name__ == "__main__":
+    main()

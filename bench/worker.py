@@ -1,0 +1,117 @@
+"""One workload of the real app, in a process of its own (so its peak RSS is its own).
+
+`python -m bench.worker sync|invoice --out result.json`, with the app settings in the
+environment (`bench.run` starts it against the sandbox it holds). The app runs exactly as in the
+tests: `function_app.app` under `sandbox.host.FunctionHost`, the timer or HTTP trigger, then the
+queues drained until empty. Written to `--out`: wall seconds of the workload, the app's own
+store counters, the host's queue counters, and this process's peak RSS."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _switch(profiler, on: bool) -> None:
+    """cProfile follows one thread: switch it on and off from the host's event loop thread."""
+    if on:
+        profiler.enable()
+    else:
+        profiler.disable()
+
+
+async def _app_counters() -> dict:
+    """The app's per-loop runtime: its store's write counters and its API clients' counts."""
+    from shared.runtime import runtime
+
+    rt = runtime()
+    store = await rt.store()
+    stats = store.stats
+    counters = {"table_writes": stats.table_writes, "entities_written": stats.entities_written,
+                "messages_sent": stats.messages_sent, "table_writes_by_table": dict(stats.by_table)}
+    for name in ("_graph", "_bc"):
+        client = getattr(rt, name, None)
+        api = getattr(client, "api", None)
+        if api is not None:
+            counters[f"{name[1:]}_client"] = {"requests_sent": api.requests_sent, "retries": api.retries}
+    return counters
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("workload", choices=["sync", "invoice"])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--profile", help="write a cProfile of the functions' event loop thread here")
+    args = parser.parse_args()
+
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    started = time.perf_counter()
+    from function_app import app
+    from sandbox.host import FunctionHost
+
+    import_seconds = time.perf_counter() - started
+    host = FunctionHost(app, os.environ["AzureWebJobsStorage"])
+    result: dict = {"workload": args.workload, "import_seconds": round(import_seconds, 3)}
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        host.run(_switch(profiler, True))
+    try:
+        cpu = _cpu_seconds()
+        clock = time.perf_counter()
+        if args.workload == "sync":
+            host.timer("sync_bookings", timeout=args.timeout)
+        else:
+            response = host.http("POST", "invoices", body={"all": True}, timeout=args.timeout)
+            accepted = json.loads(response.get_body() or b"null")
+            if response.status_code != 202:
+                raise RuntimeError(f"POST /api/invoices answered {response.status_code}: {accepted}")
+        triggered = time.perf_counter()
+        host.drain(timeout=args.timeout)
+        finished = time.perf_counter()
+        result["seconds"] = round(finished - clock, 3)
+        result["phases"] = {"trigger_seconds": round(triggered - clock, 3),
+                            "drain_seconds": round(finished - triggered, 3)}
+        result["cpu_seconds"] = round(_cpu_seconds() - cpu, 3)
+        if profiler is not None:
+            host.run(_switch(profiler, False))
+            profiler.dump_stats(args.profile)
+        if args.workload == "invoice":
+            status = host.http("GET", f"invoices/jobs/{accepted['jobId']}")
+            job = json.loads(status.get_body())
+            result["job"] = {"status": job["status"], "bookingCount": job["bookingCount"],
+                             "invoices": len(job["invoices"]), "errors": len(job["errors"]),
+                             "lines": sum(len(i["bookingIds"]) for i in job["invoices"])}
+        health = json.loads(host.http("GET", "health").get_body())
+        result["last_sync"] = health.get("lastSync")
+        result["directory"] = health.get("directory")
+        result["app"] = host.run(_app_counters(), timeout=60)
+        result["host_queues"] = {"processed": host.stats.processed, "failed_attempts": host.stats.failed_attempts,
+                                 "poisoned": host.stats.poisoned, "by_queue": host.stats.by_queue}
+    finally:
+        host.close()
+    result["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    with open(args.out, "w") as handle:
+        json.dump(result, handle, default=str)
+
+
+if __name__ == "__main__":
+    main()
