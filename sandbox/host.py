@@ -159,7 +159,6 @@ class FunctionHost:
                 supplied = key
             if supplied != self.function_key:
                 return func.HttpResponse(status_code=401)
-        params.pop("code", None)
         if isinstance(body, (dict, list)):
             raw = json.dumps(body).encode()
             headers.setdefault("content-type", "application/json")

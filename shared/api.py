@@ -183,6 +183,7 @@ async def serve(spec: Endpoint, req: func.HttpRequest) -> func.HttpResponse:
 
 def _parse_query(model: type[BaseModel], req: func.HttpRequest) -> BaseModel:
     params = dict(req.params or {})
+    params.pop("code", None)  # the function key, when sent in the query string
     unknown = sorted(set(params) - {f.alias or name for name, f in model.model_fields.items()})
     if unknown:
         raise BadRequest(f"Unknown query parameter {', '.join(repr(u) for u in unknown)}.",

@@ -18,13 +18,21 @@ from pathlib import Path
 import msal
 import requests
 
+from shared.http import UpstreamError
 from shared.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
 
-class AuthenticationFailed(Exception):
+class AuthenticationFailed(UpstreamError):
     """Entra ID refused to issue a token; the message says why (never the secret)."""
+
+    def __init__(self, message: str, retryable: bool = False):
+        super().__init__("Entra ID", None, "TokenRefused", message)
+        self.retryable_override = retryable
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _certificate_credential(path: str) -> dict:
@@ -98,14 +106,21 @@ class TokenProvider:
             error = result.get("error", "unknown_error") if isinstance(result, dict) else "unknown_error"
             description = (result.get("error_description") or "") if isinstance(result, dict) else ""
             raise AuthenticationFailed(f"Entra ID refused a token for {scope}: {error}. "
-                                       f"{description.splitlines()[0] if description else ''}".strip())
+                                       f"{description.splitlines()[0] if description else ''}".strip(),
+                                       retryable=error in ("temporarily_unavailable", "server_error"))
         return token
 
     async def token(self, scope: str) -> str:
         cached = self._cached.get(scope)
         if cached and cached[1] > time.monotonic():
             return cached[0]
-        return await asyncio.to_thread(self._acquire, scope)
+        try:
+            return await asyncio.to_thread(self._acquire, scope)
+        except (requests.RequestException, msal.exceptions.MsalError, ValueError) as error:
+            # Entra ID down, throttling or a dropped connection: as retryable as any upstream fault.
+            raise UpstreamError("Entra ID", None, type(error).__name__,
+                                f"no token for {scope}: {str(error).splitlines()[0][:200] if str(error) else ''}") \
+                from None
 
     def refresh(self) -> None:
         """Forget cached tokens (after a 401): the next call asks Entra ID again."""

@@ -21,6 +21,7 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableTransactionError
 
+from shared import leases
 from shared.bc import BcClient
 from shared.http import UpstreamAmbiguous, UpstreamConflict, UpstreamError
 from shared.messages import (CustomerBatchUpsert, CustomerSource, CustomerUpsert, DirectoryUpsertMessage,
@@ -36,6 +37,7 @@ ITEM_PARTITION = "item"
 CLAIM_STALE_AFTER = timedelta(seconds=90)
 WAIT_FOR_OTHER_SECONDS = 45.0
 CREATE_ATTEMPTS = 4
+ITEM_LEASE_TTL = timedelta(minutes=2)
 
 
 class TemplateNotFound(PermanentFailure):
@@ -201,6 +203,15 @@ class Resolver:
         return links
 
     async def _link_claimed(self, kind: Kind, wanted: list[Wanted], etags: dict[str, str], find) -> dict[str, Link]:
+        if kind is CUSTOMER:
+            return await self._find_or_create(kind, wanted, etags, find)
+        # Items are known to BC by name, not by the service id their link rows are claimed
+        # by: two services of one name (two businesses) must not race to create two items.
+        async with leases.held(self.store, "directory-items", ITEM_LEASE_TTL, WAIT_FOR_OTHER_SECONDS):
+            return await self._find_or_create(kind, wanted, etags, find)
+
+    async def _find_or_create(self, kind: Kind, wanted: list[Wanted], etags: dict[str, str], find
+                              ) -> dict[str, Link]:
         failures: dict[str, Exception] = {}
         records: dict[str, tuple[dict, str]] = {}
         try:

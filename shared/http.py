@@ -142,6 +142,13 @@ class ApiClient:
             retry_after: float | None = None
             try:
                 token = await self._token()
+            except UpstreamError as error:
+                failure = error
+                if not failure.retryable or not self._may_retry(attempt, failure, method, url):
+                    raise
+                await asyncio.sleep(self._delay(attempt, None))
+                continue
+            try:
                 request_headers = {"Authorization": f"Bearer {token}", **(headers or {})}
                 async with self._gates[limit_key]:
                     self.requests_sent += 1

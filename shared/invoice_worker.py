@@ -16,9 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
+
+from azure.core import MatchConditions
+from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
+from azure.data.tables import TableTransactionError
 
 from shared.bc import BcClient
 from shared.bookings import Booking
@@ -33,6 +38,8 @@ from shared.store import JOBS, UPDATE, Store, fit_string, to_json
 log = logging.getLogger(__name__)
 
 CREATE_ATTEMPTS = 4
+RUNNING_STALE_AFTER = timedelta(minutes=10)
+"""Longer than a function may run (host.json functionTimeout)."""
 MARKER = "Invoiced: Business Central draft invoice {number} ({date})"
 
 
@@ -47,14 +54,45 @@ class PartWork:
     lines: list[dict] = field(default_factory=list)
 
 
-async def _load(store: Store, job_id: str, indexes: list[int]) -> list[PartWork]:
-    """The unfinished parts and their bookings, read together (few queries for many rows)."""
+async def _claim_parts(store: Store, rows: list[dict], owner: str) -> list[dict]:
+    """Take the parts for this message (ETag-guarded), so two copies of a message never ask BC
+    for the same invoice at once. A part that another message is working on is left to it; if
+    that one died, reconciliation queues the part again once it is stale. `owner` is the queue
+    message id, so the host's retry of a crashed message takes its own parts back."""
+    now = datetime.now(timezone.utc)
+    mine, operations = [], []
+    for row in rows:
+        since = row.get("RunningSince")
+        if row.get("Status") == "running" and row.get("Owner") not in (owner, None, "") and since \
+                and now - since < RUNNING_STALE_AFTER:
+            continue
+        mine.append(row)
+        operations.append((UPDATE, {"PartitionKey": row["PartitionKey"], "RowKey": row["RowKey"], "Status": "running",
+                                    "Owner": owner, "RunningSince": now},
+                           {"mode": "merge", "etag": row.metadata["etag"], "match_condition": MatchConditions.IfNotModified}))
+    if not operations:
+        return []
+    try:
+        await store.transact(JOBS, operations)
+        return mine
+    except (TableTransactionError, ResourceModifiedError, ResourceNotFoundError):
+        taken = []
+        for row, operation in zip(mine, operations, strict=True):
+            try:
+                await store.update(JOBS, operation[1], etag=row.metadata["etag"])
+                taken.append(row)
+            except (ResourceModifiedError, ResourceNotFoundError):
+                continue
+        return taken
+
+
+async def _load(store: Store, job_id: str, indexes: list[int], owner: str) -> list[PartWork]:
+    """The unfinished parts this invocation could take, and their bookings, read together."""
     rows = await store.get_many(JOBS, job_id, [part_key(index) for index in indexes])
-    works = []
-    for index in indexes:
-        row = rows.get(part_key(index))
-        if row is not None and row.get("Status") not in ("succeeded", "failed"):
-            works.append(PartWork(index, row, external_document_number(job_id, index), row["CustomerEmail"]))
+    unfinished = [rows[part_key(index)] for index in indexes
+                  if part_key(index) in rows and rows[part_key(index)].get("Status") not in ("succeeded", "failed")]
+    works = [PartWork(int(row["RowKey"][5:]), row, external_document_number(job_id, int(row["RowKey"][5:])),
+                      row["CustomerEmail"]) for row in await _claim_parts(store, unfinished, owner)]
     refs = [ref for work in works for ref in refs_of(work.row)]
     bookings = dict(zip(map(tuple, refs), await _read(store, refs), strict=True))
     for work in works:
@@ -113,10 +151,11 @@ async def find_or_create_invoices(bc: BcClient, bodies: dict[str, dict]) -> tupl
     return invoices, refused
 
 
-async def invoice_parts(rt: Runtime, message: InvoiceJobPart) -> None:
+async def invoice_parts(rt: Runtime, message: InvoiceJobPart, owner: str | None = None) -> None:
+    """`owner` is the queue message's id (the same for its `give_up`)."""
     store = await rt.store()
     job_id = message.job_id
-    parts = await _load(store, job_id, message.part_indexes())
+    parts = await _load(store, job_id, message.part_indexes(), owner or uuid.uuid4().hex)
     if not parts:
         return
     await store.upsert(JOBS, {"PartitionKey": job_id, "RowKey": HEADER, "StartedAt": datetime.now(timezone.utc)})
@@ -220,7 +259,7 @@ async def _finish(store: Store, row: dict, status: str, errors: list[dict] | Non
     await store.update(JOBS, _finished(row, status, errors=errors), etag=None)
 
 
-async def give_up(rt: Runtime, message: InvoiceJobPart, reason: str) -> None:
+async def give_up(rt: Runtime, message: InvoiceJobPart, reason: str, owner: str | None = None) -> None:
     """The message's last attempt failed. For each unfinished part: if BC has its invoice after
     all, record it; otherwise release the claims so the bookings are uninvoiced again. If BC
     cannot be asked, keep the claims (releasing then could bill twice): reconciliation checks
@@ -246,7 +285,7 @@ async def give_up(rt: Runtime, message: InvoiceJobPart, reason: str) -> None:
         return
     recorded = [index for (index, _), key in zip(unfinished, keys, strict=True) if found.get(key)]
     if recorded:
-        await invoice_parts(rt, InvoiceJobPart(jobId=message.job_id, parts=recorded))
+        await invoice_parts(rt, InvoiceJobPart(jobId=message.job_id, parts=recorded), owner)
     for (_, row), key in zip(unfinished, keys, strict=True):
         if found.get(key):
             continue

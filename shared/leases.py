@@ -4,7 +4,10 @@ lease; a crashed holder's lease simply expires."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -53,3 +56,21 @@ async def release(store: Store, lease: Lease) -> None:
         await store.delete(LEASES, PARTITION, encode_key(lease.name), etag=lease.etag)
     except (ResourceModifiedError, ResourceNotFoundError):
         pass
+
+
+class LeaseBusy(Exception):
+    pass
+
+
+@asynccontextmanager
+async def held(store: Store, name: str, ttl: timedelta, wait_seconds: float):
+    """Hold the lease for the block, waiting up to `wait_seconds` for another holder."""
+    deadline = time.monotonic() + wait_seconds
+    while (lease := await acquire(store, name, ttl)) is None:
+        if time.monotonic() > deadline:
+            raise LeaseBusy(f"{name} is held by another worker")
+        await asyncio.sleep(0.1)
+    try:
+        yield lease
+    finally:
+        await release(store, lease)

@@ -174,8 +174,12 @@ async def process_message(message: func.QueueMessage, queue: str, schema: TypeAd
                         extra={"event": "message_retry", "queue": queue, "attempt": attempt})
             raise
         reason = f"failed {attempt} times; last error: {error}"
-    if give_up:
-        await give_up(parsed, reason)
+    try:
+        if give_up:
+            await give_up(parsed, reason)
+    except Exception as error:  # noqa: BLE001 - the reason must reach the poison queue regardless
+        reason = f"{reason}; undoing its work also failed: {error}"
+        log.exception("giving up on a %s message failed", queue, extra={"event": "give_up_failed", "queue": queue})
     await _poison(poison, queue, raw, attempt, reason)
 
 

@@ -80,7 +80,7 @@ async def _recheck_parts(rt: Runtime, store: Store) -> int:
         except UpstreamError:
             continue
         if found:
-            await store.update(JOBS, {"PartitionKey": job_id, "RowKey": row["RowKey"], "Status": "running",
+            await store.update(JOBS, {"PartitionKey": job_id, "RowKey": row["RowKey"], "Status": "queued",
                                       "NeedsCheck": False}, etag=None)
             await invoice_parts(rt, InvoiceJobPart(jobId=job_id, parts=[part]))
         else:

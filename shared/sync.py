@@ -295,7 +295,8 @@ async def run_sync(rt: Runtime, trigger: str, now: datetime | None = None) -> Sy
         result.counts["seconds"] = round(time.monotonic() - clock, 3)
         await _record(store, result)
         await leases.release(store, lease)
-    flat = {k: v for k, v in result.counts.items() if isinstance(v, (int, float))}
+    # Prefixed: a bare `created` would collide with the LogRecord attribute of that name.
+    flat = {f"count_{k}": v for k, v in result.counts.items() if isinstance(v, (int, float))}
     log.info("sync run %s %s", result.run_id, result.outcome,
              extra={"event": "sync_run_finished", "run_id": result.run_id, "outcome": result.outcome,
                     "trigger": trigger, **flat})

@@ -14,6 +14,8 @@ from azure.storage.queue import QueueServiceClient
 from sandbox.host import FunctionHost
 from sandbox.stack import TENANT, ENVIRONMENT, Sandbox, SandboxStack
 
+pytest_plugins = ["tests.plugins.chaos"]
+
 
 @pytest.fixture(scope="session")
 def sandbox() -> Sandbox:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 from urllib.parse import urlencode, urlsplit
@@ -29,7 +30,10 @@ BusinessId = Annotated[str, StringConstraints(min_length=1, max_length=320)]
 def _utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    try:
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    except OverflowError:
+        raise ValueError("the time is out of range once converted to UTC") from None
 
 
 class UninvoicedQuery(StrictModel):
@@ -232,11 +236,14 @@ async def get_invoice_job(request: ApiRequest) -> JobStatus:
 @bp.queue_trigger(arg_name="message", queue_name=INVOICE_QUEUE, connection="AzureWebJobsStorage")
 async def invoice_worker(message: func.QueueMessage) -> None:
     rt = runtime()
+    # The queue message's id: a retry of this message (after a crash) takes its parts back,
+    # another copy of it (a duplicate delivery) leaves them to the first.
+    owner = message.id or uuid.uuid4().hex
 
     async def handle(part: InvoiceJobPart) -> None:
-        await invoice_parts(rt, part)
+        await invoice_parts(rt, part, owner)
 
     async def abandon(part: InvoiceJobPart, reason: str) -> None:
-        await give_up(rt, part, reason)
+        await give_up(rt, part, reason, owner)
 
     await process_message(message, INVOICE_QUEUE, InvoiceJobPart, handle, abandon, send_to_poison)
