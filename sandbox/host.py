@@ -292,7 +292,10 @@ class FunctionHost:
                 return []
             found = []
             for m in messages:
-                text = self._decode(m.content).decode(errors="replace")
+                try:
+                    text = self._decode(m.content).decode(errors="replace")
+                except ValueError:
+                    text = m.content
                 try:
                     found.append(json.loads(text))
                 except ValueError:

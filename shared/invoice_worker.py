@@ -31,7 +31,7 @@ from shared.directory import Resolver
 from shared.http import UpstreamAmbiguous, UpstreamError
 from shared.invoicing import (HEADER, _apply, _read, external_document_number, line_description, part_key,
                               refs_of, release)
-from shared.messages import CustomerSource, InvoiceJobPart, ServiceSource
+from shared.messages import CustomerSource, InvoiceJobPart, PermanentFailure, ServiceSource
 from shared.runtime import Runtime
 from shared.store import JOBS, UPDATE, Store, fit_string, to_json
 
@@ -89,6 +89,8 @@ async def _claim_parts(store: Store, rows: list[dict], owner: str) -> list[dict]
 async def _load(store: Store, job_id: str, indexes: list[int], owner: str) -> list[PartWork]:
     """The unfinished parts this invocation could take, and their bookings, read together."""
     rows = await store.get_many(JOBS, job_id, [part_key(index) for index in indexes])
+    if not rows:
+        raise PermanentFailure(f"invoicing job {job_id} has no part {', '.join(map(str, indexes[:10]))}")
     unfinished = [rows[part_key(index)] for index in indexes
                   if part_key(index) in rows and rows[part_key(index)].get("Status") not in ("succeeded", "failed")]
     works = [PartWork(int(row["RowKey"][5:]), row, external_document_number(job_id, int(row["RowKey"][5:])),

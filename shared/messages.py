@@ -15,7 +15,7 @@ from typing import Annotated, Literal, TypeVar, Union
 from collections.abc import Awaitable, Callable
 
 import azure.functions as func
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from shared.hostconfig import queue_settings
 
@@ -29,7 +29,7 @@ class Message(BaseModel):
 class SyncRequest(Message):
     kind: Literal["sync"] = "sync"
     reason: str = Field("requested", max_length=200)
-    requested_at: datetime | None = Field(None, alias="requestedAt")
+    requested_at: AwareDatetime | None = Field(None, alias="requestedAt")
 
 
 class CustomerSource(Message):

@@ -135,4 +135,7 @@ async def recover_stale_claims(rt: Runtime, store: Store, now: datetime | None =
 
         written, _ = await _apply(store, [b for b in claimed if dead & set(b.claims.values())], drop)
         released = len(written)
+        for job, header in zip(jobs, headers, strict=True):
+            if job in dead and header is not None:
+                await store.update(JOBS, {"PartitionKey": job, "RowKey": HEADER, "Status": "rejected"}, etag=None)
     return {"staleClaimsReleased": released, "partsRequeued": requeued}

@@ -319,6 +319,14 @@ async def _record(store: Store, result: SyncResult) -> None:
     })
 
 
+async def last_run_started(store: Store) -> datetime | None:
+    """When the latest sync run started (a queued request older than that is already served)."""
+    async for row in store.table(SYNC_RUNS).query_entities("PartitionKey eq 'run'", results_per_page=1,
+                                                           select=["StartedAt"]):
+        return row.get("StartedAt")
+    return None
+
+
 async def last_sync(store: Store) -> dict | None:
     """The latest run as `GET /api/health` reports it."""
     async for row in store.table(SYNC_RUNS).query_entities("PartitionKey eq 'run'", results_per_page=1):

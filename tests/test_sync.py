@@ -224,3 +224,11 @@ def test_upsert_messages_hold_at_most_100_entries_and_stay_within_the_queue_size
     small = pack([CustomerUpsert(customer=CustomerSource(email=f"s{i}@e.com"), sourceHash="h")
                                     for i in range(250)], lambda chunk: CustomerBatchUpsert(customers=chunk))
     assert [len(json.loads(m)["customers"]) for m in small] == [100, 100, 50]
+
+
+def test_several_webhook_calls_while_queued_make_one_sync_run(world):
+    load(world, appointments=10)
+    for _ in range(4):
+        assert world.host.http("POST", "sync").status_code == 202
+    world.host.drain(queues=["sync-requests"])
+    assert len(rows(world, SYNC_RUNS)) == 1

@@ -12,7 +12,7 @@ from shared.blueprints.common import send_to_poison
 from shared.messages import SyncRequest, encode, process_message
 from shared.runtime import runtime
 from shared.store import SYNC_QUEUE
-from shared.sync import run_sync
+from shared.sync import last_run_started, run_sync
 
 log = logging.getLogger(__name__)
 bp = func.Blueprint()
@@ -31,6 +31,10 @@ async def sync_bookings(timer: func.TimerRequest) -> None:
 async def run_requested_sync(message: func.QueueMessage) -> None:
     async def handle(request: SyncRequest) -> None:
         rt = runtime()
+        started = await last_run_started(await rt.store())
+        if request.requested_at and started and started > request.requested_at:
+            log.info("sync request already covered by a later run", extra={"event": "sync_request_covered"})
+            return
         if await run_sync(rt, trigger=f"request:{request.reason}") is None:
             # A run is in progress and may have read the calendar before the change that
             # prompted this request: run again once it is done.
