@@ -69,10 +69,6 @@ class UnsupportedMediaType(ApiError):
     status, title = 415, "Unsupported media type"
 
 
-class ServiceUnavailable(ApiError):
-    status, title = 503, "Service unavailable"
-
-
 def problem_response(status: int, title: str, detail: str, errors: list[ProblemField] | None = None,
                      headers: dict | None = None, **extra: Any) -> func.HttpResponse:
     problem = Problem(title=title, status=status, detail=detail, errors=errors, **extra)
