@@ -155,17 +155,11 @@ class Resolver:
 
     Per call: link rows are read; unlinked ones are claimed (ETag); BC is searched for all of
     them with a few `or` filters; what is missing is created with one `$batch` per 100. The
-    invoice worker resolves one at a time through the same path."""
+    queue-triggered upsert and the invoice worker both resolve through here."""
 
     def __init__(self, rt: Runtime, store: Store, bc: BcClient):
         self.rt, self.store, self.bc = rt, store, bc
         self.owner = uuid.uuid4().hex
-
-    async def customer(self, source: CustomerSource, source_hash: str | None = None) -> Link:
-        return (await self.customers([(source, source_hash)]))[source.email]
-
-    async def item(self, source: ServiceSource, source_hash: str | None = None) -> Link:
-        return (await self.items([(source, source_hash)]))[source.service_id]
 
     async def customers(self, entries: list[tuple[CustomerSource, str | None]]) -> dict[str, Link]:
         wanted = [Wanted(s.email, customer_fields(s), s.email, h) for s, h in entries]
