@@ -95,20 +95,7 @@ class Bench:
     # scenarios: fresh storage, fresh businesses, fresh BC company
 
     def wipe_storage(self) -> None:
-        from azure.core.exceptions import ResourceNotFoundError
-        from azure.data.tables import TableServiceClient
-        from azure.storage.queue import QueueServiceClient
-
-        connection = self.sb.azurite.connection_string
-        tables = TableServiceClient.from_connection_string(connection)
-        for table in tables.list_tables():
-            tables.delete_table(table.name)
-        queues = QueueServiceClient.from_connection_string(connection)
-        for queue in queues.list_queues():
-            try:
-                queues.delete_queue(queue.name)
-            except ResourceNotFoundError:
-                pass
+        self.sb.azurite.wipe()
 
     def scenario(self, dataset) -> dict[str, str]:
         from sandbox.stack import ENVIRONMENT, TENANT

@@ -67,6 +67,22 @@ class Azurite:
                     pass
         shutil.rmtree(self._workspace, ignore_errors=True)
 
+    def wipe(self) -> None:
+        """Delete every table and queue: a clean account for the next test or scenario."""
+        from azure.core.exceptions import ResourceNotFoundError
+        from azure.data.tables import TableServiceClient
+        from azure.storage.queue import QueueServiceClient
+
+        tables = TableServiceClient.from_connection_string(self.connection_string)
+        for table in tables.list_tables():
+            tables.delete_table(table.name)
+        queues = QueueServiceClient.from_connection_string(self.connection_string)
+        for queue in queues.list_queues():
+            try:
+                queues.delete_queue(queue.name)
+            except ResourceNotFoundError:
+                pass
+
     def __enter__(self) -> Azurite:
         return self.start()
 

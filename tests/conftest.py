@@ -7,9 +7,6 @@ import uuid
 from dataclasses import dataclass
 
 import pytest
-from azure.core.exceptions import ResourceNotFoundError
-from azure.data.tables import TableServiceClient
-from azure.storage.queue import QueueServiceClient
 
 from sandbox.host import FunctionHost
 from sandbox.stack import TENANT, ENVIRONMENT, Sandbox, SandboxStack
@@ -21,18 +18,6 @@ pytest_plugins = ["tests.plugins.chaos"]
 def sandbox() -> Sandbox:
     with SandboxStack() as started:
         yield started
-
-
-def _wipe_storage(connection_string: str) -> None:
-    tables = TableServiceClient.from_connection_string(connection_string)
-    for table in tables.list_tables():
-        tables.delete_table(table.name)
-    queues = QueueServiceClient.from_connection_string(connection_string)
-    for queue in queues.list_queues():
-        try:
-            queues.delete_queue(queue.name)
-        except ResourceNotFoundError:
-            pass
 
 
 @dataclass
@@ -64,7 +49,7 @@ class World:
 
 
 def make_world(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, businesses: int = 1) -> World:
-    _wipe_storage(sandbox.azurite.connection_string)
+    sandbox.azurite.wipe()
     suffix = uuid.uuid4().hex[:8]
     business_ids = [f"biz{i}-{suffix}@contoso.onmicrosoft.com" for i in range(businesses)]
     for business_id in business_ids:

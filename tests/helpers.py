@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from azure.data.tables import TableServiceClient
+from azure.data.tables import TableServiceClient, UpdateMode
+from azure.storage.queue import QueueClient
 
 from shared.store import BOOKINGS, decode_key
 
@@ -18,6 +19,29 @@ def rows(world, table: str, filter: str | None = None) -> list[dict]:
         if "TableNotFound" in str(error) or "not exist" in str(error).lower():
             return []
         raise
+
+
+def merge_row(world, table: str, entity: dict) -> None:
+    """Change a stored row behind the app's back (to plant a fault a checker must notice)."""
+    service = TableServiceClient.from_connection_string(world.sandbox.azurite.connection_string)
+    service.get_table_client(table).update_entity(entity, mode=UpdateMode.MERGE)
+
+
+def queue_client(world, name: str) -> QueueClient:
+    return QueueClient.from_connection_string(world.sandbox.azurite.connection_string, name)
+
+
+def peek_raw(world, queue: str) -> list[str]:
+    """The waiting messages' content as stored (still encoded); [] when the queue does not exist."""
+    client = queue_client(world, queue)
+    try:
+        return [m.content for m in client.peek_messages(max_messages=32)]
+    except Exception as error:
+        if "QueueNotFound" in str(error):
+            return []
+        raise
+    finally:
+        client.close()
 
 
 def bookings(world) -> dict[str, dict]:

@@ -42,15 +42,13 @@ from datetime import datetime, timedelta, timezone
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
-from azure.data.tables import TableServiceClient, UpdateMode
-from azure.storage.queue import QueueClient
 
 from sandbox.data import generate, graph_datetime
 from shared.bookings import Booking, normalise_email
 from shared.invoicing import line_description
 from shared.store import BOOKINGS, CUSTOMER_LINKS, ITEM_LINKS, JOBS, SYNC_RUNS
 from tests.conftest import make_world
-from tests.helpers import body, rows
+from tests.helpers import body, merge_row, peek_raw, rows
 from tests.plugins.chaos import DEFAULT_CHAOS_RUNS, TALLY
 
 BASE_SEED = 20_240_000
@@ -289,14 +287,9 @@ class Run:
                 self.duplicate_deliveries += 1
 
     def duplicate_directory_messages(self) -> None:
-        client = QueueClient.from_connection_string(self.world.sandbox.azurite.connection_string, "directory-upserts")
-        try:
-            waiting = client.peek_messages(max_messages=32)
-        finally:
-            client.close()
-        for message in waiting:
+        for content in peek_raw(self.world, "directory-upserts"):
             if self.rng.random() < 0.3:
-                self.host.send("directory-upserts", message.content, encode=False)  # already encoded
+                self.host.send("directory-upserts", content, encode=False)  # already encoded
                 self.duplicate_deliveries += 1
 
     def duplicate_sync_requests(self) -> None:
@@ -525,25 +518,17 @@ def billable(booking: Booking, invoice_free: bool, ended_before: datetime) -> bo
 
 
 def poisoned(world, queue: str) -> list[dict | str]:
-    client = QueueClient.from_connection_string(world.sandbox.azurite.connection_string, f"{queue}-poison")
-    try:
-        found = []
-        for message in client.peek_messages(max_messages=32):
-            try:
-                text = base64.b64decode(message.content, validate=True).decode(errors="replace")
-            except ValueError:
-                text = message.content
-            try:
-                found.append(json.loads(text))
-            except ValueError:
-                found.append(text)
-        return found
-    except Exception as error:
-        if "QueueNotFound" in str(error):
-            return []
-        raise
-    finally:
-        client.close()
+    found = []
+    for content in peek_raw(world, f"{queue}-poison"):
+        try:
+            text = base64.b64decode(content, validate=True).decode(errors="replace")
+        except ValueError:
+            text = content
+        try:
+            found.append(json.loads(text))
+        except ValueError:
+            found.append(text)
+    return found
 
 
 def check_invariants(world, *, invoice_free: bool, ended_before: datetime, time_zone: str,
@@ -774,10 +759,8 @@ def test_the_checker_notices_a_second_invoice_and_a_booking_left_claimed(world):
 
     world.host.run(second_invoice())
     [left] = [r for r in rows(world, BOOKINGS) if r["AppointmentId"] == ids[1]]
-    tables = TableServiceClient.from_connection_string(world.sandbox.azurite.connection_string)
-    tables.get_table_client(BOOKINGS).update_entity(
-        {"PartitionKey": left["PartitionKey"], "RowKey": left["RowKey"], "Claims": json.dumps({"alice@example.com": "f" * 32})},
-        mode=UpdateMode.MERGE)
+    merge_row(world, BOOKINGS, {"PartitionKey": left["PartitionKey"], "RowKey": left["RowKey"],
+                                "Claims": json.dumps({"alice@example.com": "f" * 32})})
 
     findings = check_invariants(world, invoice_free=False, ended_before=datetime.now(timezone.utc),
                                 time_zone="UTC", jobs={job})

@@ -15,7 +15,6 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from azure.storage.queue import QueueClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -24,7 +23,7 @@ from sandbox.data import generate, graph_datetime
 from shared.messages import InvoiceJobPart, SyncRequest, directory_upsert
 from shared.store import BOOKINGS, CUSTOMER_LINKS, ITEM_LINKS, JOBS, TEMPLATES
 from tests.conftest import make_world
-from tests.helpers import body, rows
+from tests.helpers import body, peek_raw, queue_client, rows
 from tests.plugins.chaos import TALLY
 
 MAX_BODY = 1_048_576
@@ -326,20 +325,8 @@ def is_base64(text: str) -> bool:
         return False
 
 
-def queue_client(world, name: str) -> QueueClient:
-    return QueueClient.from_connection_string(world.sandbox.azurite.connection_string, name)
-
-
 def poison_messages(world, queue: str) -> list[str]:
-    client = queue_client(world, f"{queue}-poison")
-    try:
-        return [m.content for m in client.peek_messages(max_messages=32)]
-    except Exception as error:
-        if "QueueNotFound" in str(error):
-            return []
-        raise
-    finally:
-        client.close()
+    return peek_raw(world, f"{queue}-poison")
 
 
 def clear(world, queue: str) -> None:
