@@ -396,8 +396,7 @@ def table(results: dict) -> str:
     head = (f"{'workload':<15} {'seconds':>8} {'bound':>7} {'x bound':>8} {'floor':>6} {'naive':>8} {'x faster':>9} "
             f"{'tbl writes':>10} {'RSS MB':>7} {'graph':>6} {'bc':>6} {'token':>5}")
     lines = [head, "-" * len(head)]
-    for name in WORKLOADS:
-        r = results["workloads"][name]
+    for name, r in results["workloads"].items():
         naive = f"{r['naive_seconds']:.1f}" if r["naive_seconds"] is not None else "-"
         lines.append(f"{name:<15} {r['seconds']:>8.2f} {r['bound_seconds']:>7.2f} {r['vs_bound'] or 0:>8.2f} "
                      f"{r['floor_seconds']:>6.2f} "
@@ -467,9 +466,11 @@ def main() -> None:
     parser.add_argument("--no-naive", action="store_true", help="skip the baseline (naive columns stay empty)")
     parser.add_argument("--profile", action="store_true", help="also write a cProfile of every app run to "
                                                                "<out>/profiles.tmp/ (git-ignored; slower; for finding bottlenecks)")
+    parser.add_argument("--only", choices=["sync", "invoice"], help="run only these workloads, without the baseline "
+                                                                   "(for working on one; writes to bench/results/only.tmp)")
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
-    out = args.out or (RESULTS / "quick.tmp" if args.quick else RESULTS)
+    out = args.out or (RESULTS / "quick.tmp" if args.quick else RESULTS / "only.tmp" if args.only else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     sys.path.insert(0, str(ROOT))
@@ -499,9 +500,10 @@ def main() -> None:
         if profiles:
             profiles.mkdir(exist_ok=True)
         bench = Bench(sandbox, Path(scratch), profiles)
-        workloads, scaling = run_syncs(bench, plan)
-        workloads["invoice_all"] = run_invoicing(bench, plan)
-        naive = {} if args.no_naive else run_naive(bench, plan)
+        workloads, scaling = run_syncs(bench, plan) if args.only != "invoice" else ({}, [])
+        if args.only != "sync":
+            workloads["invoice_all"] = run_invoicing(bench, plan)
+        naive = {} if args.no_naive or args.only else run_naive(bench, plan)
     for name, r in workloads.items():
         r["bound"]["terms"]["graph_calendar_pages"] = sum(
             b["calendarView_pages"] for b in r["bound"]["terms"].get("graph", {}).values())
@@ -512,7 +514,7 @@ def main() -> None:
         r["vs_bound"] = _ratio(r["seconds"], r["bound_seconds"])
         r["vs_floor"] = _ratio(r["seconds"], r["floor_seconds"])
         r["vs_naive"] = _ratio(r["naive_seconds"], r["seconds"])
-    results["workloads"] = {name: workloads[name] for name in WORKLOADS}
+    results["workloads"] = {name: workloads[name] for name in WORKLOADS if name in workloads}
     results["naive"] = naive
     results["scaling"] = {"first_sync": scaling}
     results["targets"] = targets(results) if naive else []
@@ -520,7 +522,8 @@ def main() -> None:
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
     (out / "latest.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    plot(results, out / "scaling.png")
+    if scaling:
+        plot(results, out / "scaling.png")
     print()
     print(table(results))
     print()

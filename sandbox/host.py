@@ -35,6 +35,8 @@ from shared.hostconfig import queue_settings
 
 log = logging.getLogger(__name__)
 
+MIN_POLLING_SECONDS = 0.1  # the queue listener's first back-off step after an empty poll
+
 
 @dataclass
 class QueueStats:
@@ -114,9 +116,12 @@ class FunctionHost:
         return await asyncio.to_thread(user_function, **kwargs)
 
     def timer(self, name: str = "sync_bookings", past_due: bool = False, timeout: float = 600) -> Any:
+        return self.run(self.timer_async(name, past_due), timeout)
+
+    async def timer_async(self, name: str = "sync_bookings", past_due: bool = False) -> Any:
         from azure.functions.timer import TimerRequest
 
-        return self.run(self._invoke(self.function(name), TimerRequest(past_due=past_due)), timeout)
+        return await self._invoke(self.function(name), TimerRequest(past_due=past_due))
 
     # -- HTTP ----------------------------------------------------------------------------------
 
@@ -202,14 +207,38 @@ class FunctionHost:
         """Process queue messages until every triggered queue is empty (retries included)."""
         return self.run(self._drain(timeout, queues), timeout + 30)
 
-    async def _drain(self, timeout: float, only: list[str] | None) -> QueueStats:
+    def run_listening(self, coroutine, timeout: float = 600) -> tuple[Any, float]:
+        """Run a trigger (e.g. `host.timer_async(...)`) while the queue listeners run, as the
+        Functions host does: queue functions start on what the trigger enqueues while it is still
+        running. Returns when the trigger has finished and every queue is empty: (the trigger's
+        result, seconds until the trigger finished)."""
+        return self.run(self._run_listening(coroutine, timeout), timeout + 30)
+
+    async def _run_listening(self, coroutine, timeout: float) -> tuple[Any, float]:
+        started = time.perf_counter()
+        trigger = asyncio.ensure_future(coroutine)
+        trigger_seconds: list[float] = []
+        trigger.add_done_callback(lambda _: trigger_seconds.append(time.perf_counter() - started))
+        try:
+            await self._drain(timeout, None, while_running=trigger)
+        finally:
+            if not trigger.done():
+                trigger.cancel()
+        return trigger.result(), trigger_seconds[0]
+
+    async def _drain(self, timeout: float, only: list[str] | None,
+                     while_running: asyncio.Future | None = None) -> QueueStats:
         """Like the host: fetch `batchSize` messages, and fetch again as soon as no more than
-        `newBatchThreshold` are still running, so work never waits for a whole batch."""
+        `newBatchThreshold` are still running, so work never waits for a whole batch. While
+        `while_running` (a trigger) has not finished, an empty poll is repeated after a delay that
+        starts at 100 ms and doubles up to `maxPollingInterval`, as the host's queue listener
+        backs off."""
         triggers = {q: fn for q, fn in self._queue_triggers().items() if only is None or q in only}
         for queue in triggers:
             await self._ensure_queue(queue)
         deadline = time.monotonic() + timeout
         running: dict[str, set[asyncio.Task]] = {queue: set() for queue in triggers}
+        backoff = MIN_POLLING_SECONDS
         while True:
             fetched = False
             for queue, fn in triggers.items():
@@ -219,12 +248,22 @@ class FunctionHost:
                         running[queue].add(task)
                         task.add_done_callback(running[queue].discard)
                         fetched = True
+            if fetched:
+                backoff = MIN_POLLING_SECONDS
             busy = set().union(*running.values())
             if busy:
                 await asyncio.wait(busy, timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
                 continue
             if fetched:
                 continue
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"queues still busy after {timeout} s")
+            if while_running is not None and not while_running.done():
+                await asyncio.wait({while_running}, timeout=backoff)
+                backoff = min(backoff * 2, self.settings.max_polling_interval_seconds)
+                continue
+            if while_running is not None and while_running.exception() is not None:
+                return self.stats
             remaining = 0
             for queue in triggers:
                 try:
@@ -234,8 +273,6 @@ class FunctionHost:
                 remaining += properties.approximate_message_count or 0
             if remaining == 0:
                 return self.stats
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"queues still hold {remaining} message(s) after {timeout} s")
             await asyncio.sleep(min(0.05 + self.retry_delay / 4, 0.5))
 
     async def _receive(self, queue: str) -> list:
