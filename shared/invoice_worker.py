@@ -49,6 +49,9 @@ class PartWork:
     row: dict
     key: str
     email: str
+    attempted: bool
+    """An earlier attempt claimed this part, so BC may hold its invoice already. A part never
+    claimed cannot have one (invoices are created only under a claim): no lookup needed."""
     mine: list[Booking] = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)
     lines: list[dict] = field(default_factory=list)
@@ -93,10 +96,13 @@ async def _load(store: Store, job_id: str, indexes: list[int], owner: str) -> li
         raise PermanentFailure(f"invoicing job {job_id} has no part {', '.join(map(str, indexes[:10]))}")
     unfinished = [rows[part_key(index)] for index in indexes
                   if part_key(index) in rows and rows[part_key(index)].get("Status") not in ("succeeded", "failed")]
+    attempted = {row["RowKey"] for row in unfinished if row.get("RunningSince")}
+    # The bookings are read while the parts are claimed: a part not taken just ignores them.
+    refs = [ref for row in unfinished for ref in refs_of(row)]
+    claimed, found = await asyncio.gather(_claim_parts(store, unfinished, owner), _read(store, refs))
+    bookings = dict(zip(map(tuple, refs), found, strict=True))
     works = [PartWork(int(row["RowKey"][5:]), row, external_document_number(job_id, int(row["RowKey"][5:])),
-                      row["CustomerEmail"]) for row in await _claim_parts(store, unfinished, owner)]
-    refs = [ref for work in works for ref in refs_of(work.row)]
-    bookings = dict(zip(map(tuple, refs), await _read(store, refs), strict=True))
+                      row["CustomerEmail"], row["RowKey"] in attempted) for row in claimed]
     for work in works:
         _sort(work, job_id, [bookings[tuple(ref)] for ref in refs_of(work.row)])
     return works
@@ -118,14 +124,18 @@ def _sort(work: PartWork, job_id: str, found: list[Booking | None]) -> None:
     work.mine.sort(key=lambda b: (b.start, b.id))
 
 
-async def find_or_create_invoices(bc: BcClient, bodies: dict[str, dict]) -> tuple[dict[str, dict], dict[str, str]]:
+async def find_or_create_invoices(bc: BcClient, bodies: dict[str, dict], fresh: frozenset[str] = frozenset()
+                                  ) -> tuple[dict[str, dict], dict[str, str]]:
     """Invoices by external document number: found, else created. Returns (invoices, refusals)
-    where refusals are BC's permanent answers (the part cannot be invoiced as it is)."""
+    where refusals are BC's permanent answers (the part cannot be invoiced as it is). `fresh`
+    keys were never attempted, so the first round creates them without a lookup; after an
+    ambiguous answer every key is looked up again."""
     invoices: dict[str, dict] = {}
     refused: dict[str, str] = {}
     remaining = list(bodies)
     for attempt in range(1, CREATE_ATTEMPTS + 1):
-        existing = await bc.invoices_by_external_numbers(remaining)
+        lookup = [key for key in remaining if attempt > 1 or key not in fresh]
+        existing = await bc.invoices_by_external_numbers(lookup) if lookup else {}
         invoices |= {key: found[0] for key, found in existing.items() if found}
         remaining = [key for key in remaining if key not in invoices]
         if not remaining:
@@ -185,7 +195,7 @@ async def invoice_parts(rt: Runtime, message: InvoiceJobPart, owner: str | None 
                        "unitPrice": float(b.unit_price())} for b in work.mine]
         bodies[work.key] = {"customerId": customers[work.email].bc_id, "externalDocumentNumber": work.key,
                             "invoiceDate": today, "salesInvoiceLines": work.lines}
-    invoices, refused = await find_or_create_invoices(rt.bc, bodies)
+    invoices, refused = await find_or_create_invoices(rt.bc, bodies, frozenset(w.key for w in parts if not w.attempted))
     for work in [w for w in parts if w.key not in invoices]:
         reason = f"Business Central refused the invoice: {refused.get(work.key)}"
         await release(store, job_id, refs_of(work.row), work.email)

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,6 +23,7 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableTransactionError
 
+from shared.bc import ENVIRONMENT_CONCURRENCY
 from shared.bookings import FREE, Booking, iso_z, normalise_email
 from shared.messages import PARTS_PER_MESSAGE, InvoiceJobPart, encode
 from shared.runtime import Runtime
@@ -342,6 +344,13 @@ def refs_of(row: dict) -> list[list[str]]:
     return json.loads(text or "[]")
 
 
+def parts_per_message(parts: int) -> int:
+    """Spread a job over at least as many messages as BC serves requests at once, so its
+    `$batch`es run side by side (200 invoices: 5 messages of 40, not 4 of 50); larger jobs use
+    messages of up to `PARTS_PER_MESSAGE`."""
+    return max(1, min(PARTS_PER_MESSAGE, math.ceil(parts / ENVIRONMENT_CONCURRENCY)))
+
+
 def part_key(index: int) -> str:
     return f"part-{index:05d}"
 
@@ -374,8 +383,9 @@ async def create_job(rt: Runtime, store: Store, bookings: list[Booking], strict:
     await store.upsert(JOBS, {"PartitionKey": job_id, "RowKey": HEADER, "Status": "queued",
                               "BookingCount": len(claimed), "PartCount": len(parts)})
     indexes = [p.index for p in parts]
-    await store.send_many(INVOICE_QUEUE, [encode(InvoiceJobPart(jobId=job_id, parts=indexes[i:i + PARTS_PER_MESSAGE]))
-                                          for i in range(0, len(indexes), PARTS_PER_MESSAGE)])
+    size = parts_per_message(len(indexes))
+    await store.send_many(INVOICE_QUEUE, [encode(InvoiceJobPart(jobId=job_id, parts=indexes[i:i + size]))
+                                          for i in range(0, len(indexes), size)])
     log.info("invoicing job %s queued: %d bookings, %d invoices", job_id, len(claimed), len(parts),
              extra={"event": "invoice_job_queued", "job_id": job_id, "bookings": len(claimed), "parts": len(parts)})
     return job_id, len(claimed)
