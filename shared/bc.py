@@ -7,9 +7,9 @@ send `If-Match` with the record's ETag."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
+from urllib.parse import urlencode
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -155,10 +155,20 @@ class BcClient:
         return await self._by_values("items", "displayName", names, lambda i: i.get("type") == "Service")
 
     async def _by_values(self, entity_set: str, field: str, values: list[str], keep) -> dict[str, list[dict]]:
+        """One `or` filter per chunk of values; several chunks go in one `$batch` (one round
+        trip, and one of BC's concurrent-request slots, instead of one each)."""
         wanted = sorted({v.strip().lower() for v in values if v and v.strip()})
-        chunks = [wanted[i:i + LOOKUP_CHUNK] for i in range(0, len(wanted), LOOKUP_CHUNK)]
-        pages = await asyncio.gather(*(self.list(entity_set, " or ".join(
-            f"{field} eq {odata_string(value)}" for value in chunk)) for chunk in chunks))
+        filters = [" or ".join(f"{field} eq {odata_string(value)}" for value in wanted[i:i + LOOKUP_CHUNK])
+                   for i in range(0, len(wanted), LOOKUP_CHUNK)]
+        if len(filters) == 1:
+            pages = [await self.list(entity_set, filters[0])]
+        else:
+            pages = []
+            for start in range(0, len(filters), MAX_BATCH_REQUESTS):
+                chunk = filters[start:start + MAX_BATCH_REQUESTS]
+                answers = await self.batch([{"method": "GET", "url": f"{entity_set}?{urlencode({'$filter': f})}"}
+                                            for f in chunk])
+                pages += [await self._list_answer(entity_set, f, answer) for f, answer in zip(chunk, answers, strict=True)]
         found: dict[str, list[dict]] = {value: [] for value in wanted}
         for page in pages:
             for record in page:
@@ -166,6 +176,16 @@ class BcClient:
                 if value in found and keep(record):
                     found[value].append(record)
         return found
+
+    async def _list_answer(self, entity_set: str, filter: str, answer: dict) -> list[dict]:
+        """The records of one list answered inside a `$batch`; a failed or paged one is read
+        again on its own (`list` retries and follows `nextLink`)."""
+        body = answer.get("body")
+        status = int(answer.get("status") or 0)
+        if 200 <= status < 300 and isinstance(body, dict) and isinstance(body.get("value"), list) \
+                and not body.get("@odata.nextLink"):
+            return body["value"]
+        return await self.list(entity_set, filter)
 
     async def create_many(self, entity_set: str, records: list[dict]) -> list[dict | UpstreamError]:
         """Create records with one request per 100 (`$batch`); answers in order, each the new

@@ -157,9 +157,13 @@ class Resolver:
     them with a few `or` filters; what is missing is created with one `$batch` per 100. The
     queue-triggered upsert and the invoice worker both resolve through here."""
 
-    def __init__(self, rt: Runtime, store: Store, bc: BcClient):
+    def __init__(self, rt: Runtime, store: Store, bc: BcClient, expect_new: bool = False):
+        """`expect_new`: most records are probably not linked yet (the sync's upserts), so the
+        link rows are claimed by insert straight away; a row that exists fails the insert and
+        that group is read and claimed the usual way."""
         self.rt, self.store, self.bc = rt, store, bc
         self.owner = uuid.uuid4().hex
+        self.expect_new = expect_new
 
     async def customers(self, entries: list[tuple[CustomerSource, str | None]]) -> dict[str, Link]:
         wanted = [Wanted(s.email, customer_fields(s), s.email, h) for s, h in entries]
@@ -173,6 +177,11 @@ class Resolver:
         pending = {w.key: w for w in wanted}
         links: dict[str, Link] = {}
         deadline = time.monotonic() + WAIT_FOR_OTHER_SECONDS
+        if self.expect_new:
+            claimed = await self._claim_new(kind, list(pending))
+            if claimed:
+                batch = [pending.pop(key) for key in claimed]
+                links |= await self._link_claimed(kind, batch, claimed, find)
         while pending:
             rows = await self.store.get_many(kind.table, kind.partition, [encode_key(key) for key in pending])
             unlinked: dict[str, dict | None] = {}
@@ -349,6 +358,21 @@ class Resolver:
                     claimed[key] = etag
         return claimed
 
+    async def _claim_new(self, kind: Kind, keys: list[str]) -> dict[str, str]:
+        """Claim link rows by inserting them, one transaction per 100, without reading first. A
+        transaction fails whole if any of its rows exists: its keys are left to the read path."""
+        now = datetime.now(timezone.utc)
+        claimed: dict[str, str] = {}
+        for start in range(0, len(keys), MAX_BATCH):
+            chunk = keys[start:start + MAX_BATCH]
+            try:
+                answers = await self.store.transact(kind.table, [self._claim_operation(kind, key, None, now)
+                                                                 for key in chunk])
+            except (TableTransactionError, ResourceExistsError):
+                continue
+            claimed |= {key: answer["etag"] for key, answer in zip(chunk, answers, strict=True)}
+        return claimed
+
     async def _claim_one(self, kind: Kind, operation: tuple) -> str | None:
         try:
             if operation[0] == CREATE:
@@ -433,7 +457,7 @@ async def record_failure(store: Store, kind_name: str, key: str, reason: str) ->
 async def upsert_from_message(rt: Runtime, message: DirectoryUpsertMessage) -> dict[str, Link]:
     """The queue-triggered upsert. Disabled sides (`SYNC_CUSTOMERS`/`SYNC_ITEMS`) do nothing."""
     store = await rt.store()
-    resolver = Resolver(rt, store, rt.bc)
+    resolver = Resolver(rt, store, rt.bc, expect_new=True)
     if isinstance(message, (CustomerUpsert, CustomerBatchUpsert)):
         if not rt.settings.sync_customers:
             return {}
