@@ -4,7 +4,8 @@ Only rows whose content changed are written (a content hash per row), in transac
 most 100 per partition. An appointment that vanished from a *complete* pull is marked cancelled,
 never deleted; after a failed or partial pull nothing is cancelled, so a business that cannot be
 read keeps its rows exactly as they were. New or changed customers and services are queued for
-the directory upsert, one message each. A lease keeps overlapping runs apart."""
+the directory upsert (up to 100 per message) as soon as they are read, so Business Central work
+overlaps the calendar pull. A lease keeps overlapping runs apart."""
 
 from __future__ import annotations
 
@@ -78,51 +79,52 @@ def window(settings, now: datetime) -> tuple[datetime, datetime]:
     return (now - timedelta(days=settings.sync_lookback_days), now + timedelta(days=settings.sync_lookahead_days))
 
 
-async def pull_business(rt: Runtime, business_id: str, start: datetime, end: datetime) -> BusinessPull:
-    """Read one business; never raises for upstream trouble, reports it instead."""
-    pull = BusinessPull(business_id)
+async def pull_calendar(rt: Runtime, pull: BusinessPull, start: datetime, end: datetime) -> None:
+    """Read one business's calendar window into `pull`; never raises for upstream trouble,
+    reports it instead."""
+    seen: dict[str, Booking] = {}
+    try:
+        async for raw in rt.graph.calendar_view(pull.business_id, start, end):
+            try:
+                booking = Booking.from_appointment(pull.business_id, Appointment.model_validate(raw))
+            except (ValidationError, ValueError, TypeError) as error:
+                pull.invalid += 1
+                ident = raw.get("id") if isinstance(raw, dict) else None
+                pull.errors.append(f"appointment {ident or '(no id)'} could not be read: "
+                                   f"{str(error).splitlines()[0]}")
+                continue
+            seen[booking.id] = booking
+    except UpstreamError as error:
+        pull.errors.append(str(error) if error.code != "ErrorFolderNotFound" else error.message)
+        return
+    pull.bookings = list(seen.values())
+    pull.complete = pull.invalid == 0
+
+
+async def pull_directory(rt: Runtime, pull: BusinessPull) -> None:
+    """Read one business's customers and services into `pull` (reported, never raised)."""
     graph = rt.graph
-
-    async def appointments() -> None:
-        seen: dict[str, Booking] = {}
+    try:
+        customers, services = await asyncio.gather(_collect(graph.customers(pull.business_id)),
+                                                   _collect(graph.services(pull.business_id)))
+    except UpstreamError as error:
+        pull.errors.append(f"customers/services: {error.message if error.code == 'ErrorFolderNotFound' else error}")
+        return
+    for raw in customers:
         try:
-            async for raw in graph.calendar_view(business_id, start, end):
-                try:
-                    booking = Booking.from_appointment(business_id, Appointment.model_validate(raw))
-                except (ValidationError, ValueError, TypeError) as error:
-                    pull.invalid += 1
-                    ident = raw.get("id") if isinstance(raw, dict) else None
-                    pull.errors.append(f"appointment {ident or '(no id)'} could not be read: "
-                                       f"{str(error).splitlines()[0]}")
-                    continue
-                seen[booking.id] = booking
-        except UpstreamError as error:
-            pull.errors.append(str(error) if error.code != "ErrorFolderNotFound" else error.message)
-            return
-        pull.bookings = list(seen.values())
-        pull.complete = pull.invalid == 0
-
-    async def directory() -> None:
+            pull.customers.append(BookingCustomer.model_validate(raw))
+        except ValidationError:
+            pull.errors.append("a Bookings customer could not be read")
+    for raw in services:
         try:
-            customers = [c async for c in graph.customers(business_id)]
-            services = [s async for s in graph.services(business_id)]
-        except UpstreamError as error:
-            pull.errors.append(f"customers/services: {error.message if error.code == 'ErrorFolderNotFound' else error}")
-            return
-        for raw in customers:
-            try:
-                pull.customers.append(BookingCustomer.model_validate(raw))
-            except ValidationError:
-                pull.errors.append("a Bookings customer could not be read")
-        for raw in services:
-            try:
-                pull.services.append(BookingService.model_validate(raw))
-            except ValidationError:
-                pull.errors.append("a Bookings service could not be read")
-        pull.directory_complete = True
+            pull.services.append(BookingService.model_validate(raw))
+        except ValidationError:
+            pull.errors.append("a Bookings service could not be read")
+    pull.directory_complete = True
 
-    await asyncio.gather(appointments(), directory())
-    return pull
+
+async def _collect(pages) -> list:
+    return [item async for item in pages]
 
 
 async def stored_rows(store: Store, business_id: str) -> dict[str, dict]:
@@ -214,33 +216,53 @@ def _clip(value: str | None, limit: int) -> str | None:
     return value[:limit] or None
 
 
-async def _changed(store: Store, table: str, partition: str, sources: dict) -> list[tuple]:
-    """(source, digest) of the sources whose digest differs from what the last successful
-    upsert recorded on the link row."""
-    known = {row["RowKey"]: row.get("SourceHash") for row in await store.partition(
-        table, partition, select=["RowKey", "SourceHash"])}
+async def known_hashes(store: Store) -> tuple[dict[str, str], dict[str, str]]:
+    """What the last successful upserts recorded on the customer and item link rows."""
+    customers, items = await asyncio.gather(*(store.partition(table, partition, select=["RowKey", "SourceHash"])
+                                              for table, partition in ((CUSTOMER_LINKS, CUSTOMER_PARTITION),
+                                                                       (ITEM_LINKS, ITEM_PARTITION))))
+    return ({row["RowKey"]: row.get("SourceHash") for row in customers},
+            {row["RowKey"]: row.get("SourceHash") for row in items})
+
+
+def _changed(known: dict[str, str], sources: dict, queued: set[str]) -> list[tuple]:
+    """(source, digest) of the sources not queued yet in this run whose digest differs from the
+    link row's; marks them queued."""
     changed = []
     for key, source in sources.items():
+        if key in queued:
+            continue
+        queued.add(key)
         digest = _digest(source)
         if known.get(encode_key(key)) != digest:
             changed.append((source, digest))
     return changed
 
 
-async def queue_directory_upserts(rt: Runtime, store: Store, pulls: list[BusinessPull]) -> tuple[int, int]:
-    """New or changed customers/services, deduplicated within the run, queued in messages of
-    up to 100 (`pack`)."""
-    customers = services = []
-    if rt.settings.sync_customers:
-        customers = [CustomerUpsert(customer=source, sourceHash=digest) for source, digest in
-                     await _changed(store, CUSTOMER_LINKS, CUSTOMER_PARTITION, customer_sources(pulls))]
-    if rt.settings.sync_items:
-        services = [ItemUpsert(service=source, sourceHash=digest) for source, digest in
-                    await _changed(store, ITEM_LINKS, ITEM_PARTITION, service_sources(pulls))]
-    messages = pack(customers, lambda chunk: CustomerBatchUpsert(customers=chunk))
-    messages += pack(services, lambda chunk: ItemBatchUpsert(services=chunk))
-    await store.send_many(DIRECTORY_QUEUE, messages)
-    return len(customers), len(services)
+@dataclass
+class DirectoryQueue:
+    """The customers and services one run queues for the directory upsert: each once, in
+    messages of up to 100 (`pack`), as soon as they are known."""
+    rt: Runtime
+    store: Store
+    known: tuple[dict[str, str], dict[str, str]]
+    queued: tuple[set[str], set[str]] = field(default_factory=lambda: (set(), set()))
+    customers: int = 0
+    items: int = 0
+
+    async def send(self, pulls: list[BusinessPull]) -> None:
+        customers = services = []
+        if self.rt.settings.sync_customers:
+            customers = [CustomerUpsert(customer=source, sourceHash=digest) for source, digest in
+                         _changed(self.known[0], customer_sources(pulls), self.queued[0])]
+        if self.rt.settings.sync_items:
+            services = [ItemUpsert(service=source, sourceHash=digest) for source, digest in
+                        _changed(self.known[1], service_sources(pulls), self.queued[1])]
+        messages = pack(customers, lambda chunk: CustomerBatchUpsert(customers=chunk))
+        messages += pack(services, lambda chunk: ItemBatchUpsert(services=chunk))
+        await self.store.send_many(DIRECTORY_QUEUE, messages)
+        self.customers += len(customers)
+        self.items += len(services)
 
 
 async def run_sync(rt: Runtime, trigger: str, now: datetime | None = None) -> SyncResult | None:
@@ -261,27 +283,39 @@ async def run_sync(rt: Runtime, trigger: str, now: datetime | None = None) -> Sy
     try:
         start, end = window(settings, now)
         businesses = settings.business_ids
-        # Reading what is stored overlaps with reading Graph: neither waits for the other.
-        pulls, stored = await asyncio.gather(
-            asyncio.gather(*(pull_business(rt, business, start, end) for business in businesses)),
-            asyncio.gather(*(stored_rows(store, business) for business in businesses)))
+        pulls = [BusinessPull(business) for business in businesses]
+        # Graph, the stored rows and the link rows are read side by side. The customers and
+        # services lists are short: their upserts are queued as soon as they are read, so BC
+        # work starts while the calendars are still paging.
+        calendars = asyncio.gather(*(pull_calendar(rt, pull, start, end) for pull in pulls))
+        stored = asyncio.gather(*(stored_rows(store, business) for business in businesses))
+        try:
+            _, known = await asyncio.gather(asyncio.gather(*(pull_directory(rt, pull) for pull in pulls)),
+                                            known_hashes(store))
+            upserts = DirectoryQueue(rt, store, known)
+            await upserts.send(pulls)
+            await calendars
+        except BaseException:
+            calendars.cancel()
+            stored.cancel()
+            raise
         totals = BusinessCounts()
         per_business = {}
-        for pull, existing in zip(pulls, stored, strict=True):
+        for pull, existing in zip(pulls, await stored, strict=True):
             counts = await store_business(store, pull, existing, start, end)
             per_business[pull.business_id] = counts.__dict__ | {"complete": pull.complete}
             for name, value in counts.__dict__.items():
                 setattr(totals, name, getattr(totals, name) + value)
             for message in pull.errors[:20]:
                 result.errors.append({"businessId": pull.business_id, "message": message})
-        customers_queued, items_queued = await queue_directory_upserts(rt, store, pulls)
+        await upserts.send(pulls)
         reconciled = await _reconcile(rt, store)
         failed = [p for p in pulls if not p.complete and not p.bookings]
         if len(failed) == len(pulls):
             result.outcome = "failed"
         elif result.errors or any(not p.complete for p in pulls):
             result.outcome = "partial"
-        result.counts = totals.__dict__ | {"customersQueued": customers_queued, "itemsQueued": items_queued,
+        result.counts = totals.__dict__ | {"customersQueued": upserts.customers, "itemsQueued": upserts.items,
                                            "businesses": per_business, **reconciled}
     except Exception as error:
         result.outcome = "failed"
