@@ -38,11 +38,10 @@ CUSTOMER_LINKS = "customerlinks"
 ITEM_LINKS = "itemlinks"
 TEMPLATES = "templates"
 JOBS = "invoicejobs"
-LEASES = "leases"
-TABLES = (BOOKINGS, SYNC_RUNS, CUSTOMER_LINKS, ITEM_LINKS, TEMPLATES, JOBS, LEASES)
+TABLES = (BOOKINGS, SYNC_RUNS, CUSTOMER_LINKS, ITEM_LINKS, TEMPLATES, JOBS)
 
 CONTAINER = "bookings-invoicing"
-"""The one container of the app's blobs, created with the tables and queues."""
+"""The app's blobs: `locks/<name>`, the leases of `shared/leases.py`."""
 
 SYNC_QUEUE = "sync-requests"
 DIRECTORY_QUEUE = "directory-upserts"

@@ -30,7 +30,6 @@ from shared.store import (BOOKINGS, CUSTOMER_LINKS, DIRECTORY_QUEUE, ITEM_LINKS,
 log = logging.getLogger(__name__)
 
 SYNC_LEASE = "sync"
-LEASE_TTL = timedelta(minutes=20)
 CANCELLED_HASH = "cancelled"
 CUSTOMER_PARTITION = "customer"
 ITEM_PARTITION = "item"
@@ -248,7 +247,7 @@ async def run_sync(rt: Runtime, trigger: str, now: datetime | None = None) -> Sy
     settings = rt.settings
     settings.require("business_ids")
     store = await rt.store()
-    lease = await leases.acquire(store, SYNC_LEASE, LEASE_TTL)
+    lease = await leases.acquire(store, SYNC_LEASE)
     if lease is None:
         log.info("sync skipped: another run is in progress", extra={"event": "sync_skipped", "trigger": trigger})
         return None
@@ -293,8 +292,10 @@ async def run_sync(rt: Runtime, trigger: str, now: datetime | None = None) -> Sy
         result.counts["tableWrites"] = result.table_writes
         result.counts["bookingWrites"] = store.stats.by_table.get(BOOKINGS, 0) - booking_writes_before
         result.counts["seconds"] = round(time.monotonic() - clock, 3)
-        await _record(store, result)
-        await leases.release(store, lease)
+        try:
+            await _record(store, result)
+        finally:
+            await leases.release(store, lease)
     # Prefixed: a bare `created` would collide with the LogRecord attribute of that name.
     flat = {f"count_{k}": v for k, v in result.counts.items() if isinstance(v, (int, float))}
     log.info("sync run %s %s", result.run_id, result.outcome,

@@ -93,9 +93,9 @@ class Crash(RuntimeError):
 
 
 STORE_WRITES = ("insert", "upsert", "update", "delete", "transact", "send")
-SPARED = {"leases", "syncruns"}
-"""A sync that dies holds its lease until the lease expires (20 min, by design), and its run
-record is its last act: crashing those would only stop syncs for the rest of a run."""
+SPARED = {"syncruns"}
+"""A sync's run record is its last act: crashing it would only stop syncs for the rest of a run.
+Leases are blobs, not crashed either: a sync that dies holds its lease until it runs out."""
 
 
 @dataclass
