@@ -1,5 +1,10 @@
 """Azure Table, Queue and Blob storage: the app's only state.
 
+Tables hold the data (bookings, links, templates, jobs), queues the work. Bookkeeping that is
+rewritten on every run whether or not anything changed (the sync lease, the last run's summary)
+lives in blobs of one container instead, the way the Functions host keeps its own locks and timer
+status: so an unchanged sync writes no table entity at all.
+
 One `Store` per process and event loop owns the service clients. Writes go through here so they
 can be counted (the sync proves "nothing changed → nothing written" with these counters) and kept
 within Table Storage's rules: a transaction holds at most 100 operations of one partition, keys
@@ -33,15 +38,15 @@ from shared.settings import Settings, SettingsError
 log = logging.getLogger(__name__)
 
 BOOKINGS = "bookings"
-SYNC_RUNS = "syncruns"
 CUSTOMER_LINKS = "customerlinks"
 ITEM_LINKS = "itemlinks"
 TEMPLATES = "templates"
 JOBS = "invoicejobs"
-TABLES = (BOOKINGS, SYNC_RUNS, CUSTOMER_LINKS, ITEM_LINKS, TEMPLATES, JOBS)
+TABLES = (BOOKINGS, CUSTOMER_LINKS, ITEM_LINKS, TEMPLATES, JOBS)
 
 CONTAINER = "bookings-invoicing"
-"""The app's blobs: `locks/<name>`, the leases of `shared/leases.py`."""
+"""The app's bookkeeping blobs: `locks/<name>` (leases, `shared/leases.py`) and the last sync
+run's summary (`shared/sync.py`)."""
 
 SYNC_QUEUE = "sync-requests"
 DIRECTORY_QUEUE = "directory-upserts"

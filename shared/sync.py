@@ -4,12 +4,16 @@ Only rows whose content changed are written (a content hash per row), in transac
 most 100 per partition. An appointment that vanished from a *complete* pull is marked cancelled,
 never deleted; after a failed or partial pull nothing is cancelled, so a business that cannot be
 read keeps its rows exactly as they were. New or changed customers and services are queued for
-the directory upsert, one message each. A lease keeps overlapping runs apart."""
+the directory upsert, one message each. A lease keeps overlapping runs apart.
+
+The run's summary goes to one blob, overwritten by the next run: `GET /api/health` and the
+queued-request check read it back; the history of runs is in the logs (`sync_run_finished`)."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,12 +28,12 @@ from shared.http import UpstreamError
 from shared.messages import (CustomerBatchUpsert, CustomerSource, CustomerUpsert, ItemBatchUpsert, ItemUpsert,
                              ServiceSource, encode, pack)
 from shared.runtime import Runtime
-from shared.store import (BOOKINGS, CUSTOMER_LINKS, DIRECTORY_QUEUE, ITEM_LINKS, SYNC_RUNS, UPDATE, UPSERT, Store,
-                          encode_key, to_json)
+from shared.store import BOOKINGS, CUSTOMER_LINKS, DIRECTORY_QUEUE, ITEM_LINKS, UPDATE, UPSERT, Store, encode_key
 
 log = logging.getLogger(__name__)
 
 SYNC_LEASE = "sync"
+LAST_RUN = "sync/last-run.json"
 CANCELLED_HASH = "cancelled"
 CUSTOMER_PARTITION = "customer"
 ITEM_PARTITION = "item"
@@ -69,7 +73,7 @@ class SyncResult:
     table_writes: int = 0
 
     def summary(self) -> dict:
-        return {"at": self.finished_at.isoformat().replace("+00:00", "Z") if self.finished_at else None,
+        return {"at": _iso(self.finished_at) if self.finished_at else None,
                 "outcome": self.outcome, "counts": self.counts, "errors": self.errors}
 
 
@@ -311,30 +315,28 @@ async def _reconcile(rt: Runtime, store: Store) -> dict:
 
 
 async def _record(store: Store, result: SyncResult) -> None:
-    inverted = f"{10**13 - int(result.started_at.timestamp() * 1000):013d}"
-    await store.upsert(SYNC_RUNS, {
-        "PartitionKey": "run", "RowKey": f"{inverted}-{result.run_id}", "RunId": result.run_id,
-        "Trigger": result.trigger, "StartedAt": result.started_at, "FinishedAt": result.finished_at,
-        "Outcome": result.outcome, "Counts": to_json(result.counts)[:30_000],
-        "Errors": to_json(result.errors)[:30_000], "TableWrites": result.table_writes,
-    })
+    """Replace the last run's summary (one blob write, never a table entity)."""
+    record = {"runId": result.run_id, "trigger": result.trigger, "startedAt": _iso(result.started_at),
+              **result.summary()}
+    await store.write_blob(LAST_RUN, json.dumps(record).encode(), "application/json")
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+async def _last_run(store: Store) -> dict | None:
+    content = await store.read_blob(LAST_RUN)
+    return json.loads(content) if content else None
 
 
 async def last_run_started(store: Store) -> datetime | None:
     """When the latest sync run started (a queued request older than that is already served)."""
-    async for row in store.table(SYNC_RUNS).query_entities("PartitionKey eq 'run'", results_per_page=1,
-                                                           select=["StartedAt"]):
-        return row.get("StartedAt")
-    return None
+    run = await _last_run(store)
+    return datetime.fromisoformat(run["startedAt"]) if run else None
 
 
 async def last_sync(store: Store) -> dict | None:
     """The latest run as `GET /api/health` reports it."""
-    async for row in store.table(SYNC_RUNS).query_entities("PartitionKey eq 'run'", results_per_page=1):
-        import json
-
-        finished = row.get("FinishedAt")
-        return {"at": finished.isoformat().replace("+00:00", "Z") if finished else None,
-                "outcome": row.get("Outcome"), "counts": json.loads(row.get("Counts") or "{}"),
-                "errors": json.loads(row.get("Errors") or "[]")}
-    return None
+    run = await _last_run(store)
+    return {name: run[name] for name in ("at", "outcome", "counts", "errors")} if run else None
