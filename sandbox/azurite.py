@@ -68,9 +68,11 @@ class Azurite:
         shutil.rmtree(self._workspace, ignore_errors=True)
 
     def wipe(self) -> None:
-        """Delete every table and queue: a clean account for the next test or scenario."""
+        """Delete every table, queue and blob container: a clean account for the next test or
+        scenario."""
         from azure.core.exceptions import ResourceNotFoundError
         from azure.data.tables import TableServiceClient
+        from azure.storage.blob import BlobServiceClient
         from azure.storage.queue import QueueServiceClient
 
         tables = TableServiceClient.from_connection_string(self.connection_string)
@@ -80,6 +82,12 @@ class Azurite:
         for queue in queues.list_queues():
             try:
                 queues.delete_queue(queue.name)
+            except ResourceNotFoundError:
+                pass
+        blobs = BlobServiceClient.from_connection_string(self.connection_string)
+        for container in blobs.list_containers():
+            try:
+                blobs.delete_container(container.name)
             except ResourceNotFoundError:
                 pass
 

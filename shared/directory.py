@@ -37,7 +37,6 @@ ITEM_PARTITION = "item"
 CLAIM_STALE_AFTER = timedelta(seconds=90)
 WAIT_FOR_OTHER_SECONDS = 45.0
 CREATE_ATTEMPTS = 4
-ITEM_LEASE_TTL = timedelta(minutes=2)
 
 
 class TemplateNotFound(PermanentFailure):
@@ -210,7 +209,7 @@ class Resolver:
             return await self._find_or_create(kind, wanted, etags, find)
         # Items are known to BC by name, not by the service id their link rows are claimed
         # by: two services of one name (two businesses) must not race to create two items.
-        async with leases.held(self.store, "directory-items", ITEM_LEASE_TTL, WAIT_FOR_OTHER_SECONDS):
+        async with leases.held(self.store, "directory-items", WAIT_FOR_OTHER_SECONDS):
             return await self._find_or_create(kind, wanted, etags, find)
 
     async def _find_or_create(self, kind: Kind, wanted: list[Wanted], etags: dict[str, str], find

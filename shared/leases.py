@@ -1,61 +1,105 @@
-"""A named lease in Table Storage, so overlapping runs (timer + webhook, two instances) never
-work on the same thing at once. Taken by insert or by an ETag-guarded takeover of an expired
-lease; a crashed holder's lease simply expires."""
+"""A named lease, so overlapping runs (timer + webhook, two instances) never work on the same
+thing at once: a blob lease on `locks/<name>` in the app's container, as the Functions host
+keeps its singleton locks.
+
+A lease lasts `LEASE_SECONDS` and its holder renews it in the background every
+`RENEW_SECONDS` for as long as it runs, however long that is. A holder that crashes stops
+renewing, so its lease runs out within `LEASE_SECONDS` and the next run takes over. Blob leases
+cost no table write: an unchanged sync leaves the tables untouched."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from dataclasses import dataclass, field
 
-from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.core.exceptions import AzureError, HttpResponseError, ResourceExistsError, ResourceNotFoundError
+from azure.storage.blob.aio import BlobLeaseClient
 
-from shared.store import LEASES, Store, encode_key
+from shared.store import Store
 
-PARTITION = "lease"
+log = logging.getLogger(__name__)
+
+LEASE_SECONDS = 60
+"""How long a lease outlives its last renewal (Azure allows 15 to 60 seconds, or infinite)."""
+RENEW_SECONDS = 20.0
+"""A third of the lease: two renewals may fail (a passing storage error) before it runs out."""
+TAKEN = "LeaseAlreadyPresent"
+LOST = ("LeaseIdMismatchWithLeaseOperation", "LeaseNotPresentWithLeaseOperation", "LeaseLost")
 
 
 @dataclass
 class Lease:
     name: str
     owner: str
-    etag: str
+    """The blob lease id: only the holder that knows it can renew or release the lease."""
+    renewing: asyncio.Task | None = field(default=None, repr=False)
 
 
-async def acquire(store: Store, name: str, ttl: timedelta) -> Lease | None:
-    """Take the lease, or None if someone else holds an unexpired one."""
-    owner = uuid.uuid4().hex
-    now = datetime.now(timezone.utc)
-    entity = {"PartitionKey": PARTITION, "RowKey": encode_key(name), "Owner": owner,
-              "TakenAt": now, "ExpiresAt": now + ttl}
+def _lock(store: Store, name: str, owner: str) -> BlobLeaseClient:
+    return BlobLeaseClient(store.blob(f"locks/{name}"), lease_id=owner)
+
+
+async def acquire(store: Store, name: str) -> Lease | None:
+    """Take the lease and keep it renewed until `release`, or None if someone else holds it."""
+    owner = str(uuid.uuid4())
     try:
-        result = await store.insert(LEASES, entity)
-        return Lease(name, owner, result["etag"])
-    except ResourceExistsError:
-        pass
-    current = await store.get(LEASES, PARTITION, encode_key(name))
-    if current is None:
-        return None
-    expires = current["ExpiresAt"]
-    if expires.tzinfo is None:
-        expires = expires.replace(tzinfo=timezone.utc)
-    if expires > now:
-        return None
+        await _take(store, name, owner)
+    except HttpResponseError as error:
+        if error.error_code == TAKEN:
+            return None
+        raise
+    lease = Lease(name, owner)
+    lease.renewing = asyncio.create_task(_keep_renewed(store, lease), name=f"renew lease {name}")
+    return lease
+
+
+async def _take(store: Store, name: str, owner: str) -> None:
+    """Acquire, creating the lock blob the first time a name is ever used."""
     try:
-        result = await store.update(LEASES, entity, current.metadata["etag"], merge=False)
-    except (ResourceModifiedError, ResourceNotFoundError):
-        return None
-    return Lease(name, owner, result["etag"])
+        await _lock(store, name, owner).acquire(lease_duration=LEASE_SECONDS)
+    except ResourceNotFoundError:
+        try:
+            await store.write_blob(f"locks/{name}", b"", "application/octet-stream", overwrite=False)
+        except ResourceExistsError:
+            pass  # another worker created it at the same moment; the lease decides between us
+        await _lock(store, name, owner).acquire(lease_duration=LEASE_SECONDS)
+
+
+async def _keep_renewed(store: Store, lease: Lease) -> None:
+    while True:
+        await asyncio.sleep(RENEW_SECONDS)
+        await renew(store, lease)
+
+
+async def renew(store: Store, lease: Lease) -> bool:
+    """Extend the lease to a full `LEASE_SECONDS` from now. A failure is logged, not raised: a
+    passing one is retried on the next round, well before the lease runs out; a lost lease (the
+    holder stalled past it and another took over) cannot be won back, only reported."""
+    try:
+        await _lock(store, lease.name, lease.owner).renew()
+        return True
+    except AzureError as error:
+        lost = isinstance(error, HttpResponseError) and error.error_code in LOST
+        log.log(logging.ERROR if lost else logging.WARNING, "lease %s could not be renewed: %s", lease.name,
+                "another holder has it" if lost else error,
+                extra={"event": "lease_renewal_failed", "lease": lease.name, "lost": lost})
+        return False
 
 
 async def release(store: Store, lease: Lease) -> None:
+    """Stop renewing and free the name at once (were the release lost, the lease would still run
+    out within `LEASE_SECONDS`)."""
+    if lease.renewing:
+        lease.renewing.cancel()
     try:
-        await store.delete(LEASES, PARTITION, encode_key(lease.name), etag=lease.etag)
-    except (ResourceModifiedError, ResourceNotFoundError):
-        pass
+        await _lock(store, lease.name, lease.owner).release()
+    except HttpResponseError as error:
+        if error.error_code not in LOST:
+            raise
 
 
 class LeaseBusy(Exception):
@@ -63,10 +107,10 @@ class LeaseBusy(Exception):
 
 
 @asynccontextmanager
-async def held(store: Store, name: str, ttl: timedelta, wait_seconds: float):
+async def held(store: Store, name: str, wait_seconds: float):
     """Hold the lease for the block, waiting up to `wait_seconds` for another holder."""
     deadline = time.monotonic() + wait_seconds
-    while (lease := await acquire(store, name, ttl)) is None:
+    while (lease := await acquire(store, name)) is None:
         if time.monotonic() > deadline:
             raise LeaseBusy(f"{name} is held by another worker")
         await asyncio.sleep(0.1)

@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(populate_by_name=True, extra="ignore", case_sensitive=True)
 
     storage_connection: str | None = Field(None, alias="AzureWebJobsStorage")
-    """Connection string of the storage account (tables and queues), or unset when the
+    """Connection string of the storage account (tables, queues, blobs), or unset when the
     identity-based `AzureWebJobsStorage__accountName` / `__tableServiceUri` settings are used."""
     storage_account_name: str | None = Field(None, alias="AzureWebJobsStorage__accountName")
     storage_client_id: str | None = Field(None, alias="AzureWebJobsStorage__clientId")

@@ -1,4 +1,9 @@
-"""Azure Table and Queue storage: the app's only state.
+"""Azure Table, Queue and Blob storage: the app's only state.
+
+Tables hold the data (bookings, links, templates, jobs), queues the work. Bookkeeping that is
+rewritten on every run whether or not anything changed (the sync lease, the last run's summary)
+lives in blobs of one container instead, the way the Functions host keeps its own locks and timer
+status: so an unchanged sync writes no table entity at all.
 
 One `Store` per process and event loop owns the service clients. Writes go through here so they
 can be counted (the sync proves "nothing changed → nothing written" with these counters) and kept
@@ -19,9 +24,11 @@ from typing import Any
 from collections.abc import AsyncIterator, Iterable
 
 from azure.core import MatchConditions
-from azure.core.exceptions import ResourceExistsError
+from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.data.tables import EdmType, EntityProperty, TransactionOperation, UpdateMode
 from azure.data.tables.aio import TableClient, TableServiceClient
+from azure.storage.blob import ContentSettings
+from azure.storage.blob.aio import BlobClient, BlobServiceClient
 from azure.storage.queue import TextBase64DecodePolicy, TextBase64EncodePolicy
 from azure.storage.queue.aio import QueueClient, QueueServiceClient
 
@@ -31,13 +38,15 @@ from shared.settings import Settings, SettingsError
 log = logging.getLogger(__name__)
 
 BOOKINGS = "bookings"
-SYNC_RUNS = "syncruns"
 CUSTOMER_LINKS = "customerlinks"
 ITEM_LINKS = "itemlinks"
 TEMPLATES = "templates"
 JOBS = "invoicejobs"
-LEASES = "leases"
-TABLES = (BOOKINGS, SYNC_RUNS, CUSTOMER_LINKS, ITEM_LINKS, TEMPLATES, JOBS, LEASES)
+TABLES = (BOOKINGS, CUSTOMER_LINKS, ITEM_LINKS, TEMPLATES, JOBS)
+
+CONTAINER = "bookings-invoicing"
+"""The app's bookkeeping blobs: `locks/<name>` (leases, `shared/leases.py`) and the last sync
+run's summary (`shared/sync.py`)."""
 
 SYNC_QUEUE = "sync-requests"
 DIRECTORY_QUEUE = "directory-upserts"
@@ -49,6 +58,19 @@ FILTER_KEYS = 14
 MAX_STRING_CHARS = 32_000
 TRUNCATION_MARKER = "…[truncated]"
 _KEY_UNSAFE = re.compile(r"[%/\\#?\x00-\x1f\x7f-\x9f]")
+
+DEVELOPMENT_STORAGE = (
+    "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+    "AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;"
+    "BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1;QueueEndpoint=http://127.0.0.1:10001/devstoreaccount1;"
+    "TableEndpoint=http://127.0.0.1:10002/devstoreaccount1;")
+"""Azurite's published default account, what `UseDevelopmentStorage=true` stands for."""
+
+
+def connection_string(value: str) -> str:
+    """The table and queue SDKs understand `UseDevelopmentStorage=true`, the blob SDK does not:
+    spell it out once for all three."""
+    return DEVELOPMENT_STORAGE if value.strip().rstrip(";").lower() == "usedevelopmentstorage=true" else value
 
 
 def encode_key(value: str) -> str:
@@ -86,10 +108,12 @@ def quote(value: str) -> str:
 
 @dataclass
 class StoreStats:
-    """What this process wrote: single writes and transactions count one each."""
+    """What this process wrote: single writes and transactions count one each. Blob uploads are
+    counted apart (`blob_writes`): they are the bookkeeping an unchanged sync still does."""
     table_writes: int = 0
     entities_written: int = 0
     messages_sent: int = 0
+    blob_writes: int = 0
     by_table: dict[str, int] = field(default_factory=dict)
 
     def count(self, table: str, entities: int) -> None:
@@ -110,9 +134,10 @@ class Store:
             encode = decode = None
         self._queue_policies = {"message_encode_policy": encode, "message_decode_policy": decode}
         if settings.storage_connection:
-            self.tables = TableServiceClient.from_connection_string(settings.storage_connection)
-            self.queues = QueueServiceClient.from_connection_string(settings.storage_connection,
-                                                                    **self._queue_policies)
+            connection = connection_string(settings.storage_connection)
+            self.tables = TableServiceClient.from_connection_string(connection)
+            self.queues = QueueServiceClient.from_connection_string(connection, **self._queue_policies)
+            self.blobs = BlobServiceClient.from_connection_string(connection)
         elif settings.storage_account_name:
             from azure.identity.aio import ManagedIdentityCredential
 
@@ -122,6 +147,7 @@ class Store:
             self.tables = TableServiceClient(f"https://{account}.table.core.windows.net", credential=self._credential)
             self.queues = QueueServiceClient(f"https://{account}.queue.core.windows.net",
                                              credential=self._credential, **self._queue_policies)
+            self.blobs = BlobServiceClient(f"https://{account}.blob.core.windows.net", credential=self._credential)
         else:
             raise SettingsError("Setting AzureWebJobsStorage is required but not set "
                                 "(or set AzureWebJobsStorage__accountName to use the managed identity).")
@@ -129,17 +155,19 @@ class Store:
         self._ready_lock = asyncio.Lock()
         self._table_clients: dict[str, TableClient] = {}
         self._queue_clients: dict[str, QueueClient] = {}
+        self._blob_clients: dict[str, BlobClient] = {}
 
     async def aclose(self) -> None:
-        for client in [*self._table_clients.values(), *self._queue_clients.values()]:
+        for client in [*self._table_clients.values(), *self._queue_clients.values(), *self._blob_clients.values()]:
             await client.close()
         await self.tables.close()
         await self.queues.close()
+        await self.blobs.close()
         if self._credential:
             await self._credential.close()
 
     async def ensure_ready(self) -> None:
-        """Create tables and queues once per process (cheap to repeat, but not free)."""
+        """Create tables, queues and the container once per process (cheap to repeat, but not free)."""
         if self._ready:
             return
         async with self._ready_lock:
@@ -147,7 +175,7 @@ class Store:
                 return
             names = [*QUEUES, *(f"{name}-poison" for name in QUEUES)]
             await asyncio.gather(*(self._create_table(name) for name in TABLES),
-                                 *(self._create_queue(name) for name in names))
+                                 *(self._create_queue(name) for name in names), self._create_container())
             self._ready = True
 
     async def _create_table(self, name: str) -> None:
@@ -159,6 +187,12 @@ class Store:
     async def _create_queue(self, name: str) -> None:
         try:
             await self.queues.create_queue(name)
+        except ResourceExistsError:
+            pass
+
+    async def _create_container(self) -> None:
+        try:
+            await self.blobs.create_container(CONTAINER)
         except ResourceExistsError:
             pass
 
@@ -174,11 +208,16 @@ class Store:
             client = self._queue_clients[name] = self.queues.get_queue_client(name, **self._queue_policies)
         return client
 
+    def blob(self, path: str) -> BlobClient:
+        """A blob of the app's container (`locks/sync`, …)."""
+        client = self._blob_clients.get(path)
+        if client is None:
+            client = self._blob_clients[path] = self.blobs.get_blob_client(CONTAINER, path)
+        return client
+
     # -- reads ---------------------------------------------------------------------------------
 
     async def get(self, table: str, partition: str, row: str) -> dict | None:
-        from azure.core.exceptions import ResourceNotFoundError
-
         try:
             return await self.table(table).get_entity(partition, row)
         except ResourceNotFoundError:
@@ -217,6 +256,14 @@ class Store:
         for rows in await asyncio.gather(*(one(chunk) for chunk in chunks)):
             found |= {row["RowKey"]: row for row in rows}
         return found
+
+    async def read_blob(self, path: str) -> bytes | None:
+        """The blob's content, or None if it was never written."""
+        try:
+            download = await self.blob(path).download_blob()
+        except ResourceNotFoundError:
+            return None
+        return await download.readall()
 
     # -- writes --------------------------------------------------------------------------------
 
@@ -268,6 +315,12 @@ class Store:
 
         await asyncio.gather(*(submit(chunk) for chunk in chunks))
         return len(chunks)
+
+    async def write_blob(self, path: str, data: bytes, content_type: str, overwrite: bool = True) -> None:
+        """Upload a whole blob; with `overwrite=False` raises `ResourceExistsError` if it exists."""
+        self.stats.blob_writes += 1
+        await self.blob(path).upload_blob(data, overwrite=overwrite,
+                                          content_settings=ContentSettings(content_type=content_type))
 
     async def send(self, queue: str, message: str, visibility_timeout: int | None = None) -> None:
         self.stats.messages_sent += 1

@@ -5,12 +5,16 @@ most 100 per partition. An appointment that vanished from a *complete* pull is m
 never deleted; after a failed or partial pull nothing is cancelled, so a business that cannot be
 read keeps its rows exactly as they were. New or changed customers and services are queued for
 the directory upsert (up to 100 per message) as soon as they are read, so Business Central work
-overlaps the calendar pull. A lease keeps overlapping runs apart."""
+overlaps the calendar pull. A blob lease keeps overlapping runs apart.
+
+The run's summary goes to one blob, overwritten by the next run: `GET /api/health` and the
+queued-request check read it back; the history of runs is in the logs (`sync_run_finished`)."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,13 +29,12 @@ from shared.http import UpstreamError
 from shared.messages import (CustomerBatchUpsert, CustomerSource, CustomerUpsert, ItemBatchUpsert, ItemUpsert,
                              ServiceSource, encode, pack)
 from shared.runtime import Runtime
-from shared.store import (BOOKINGS, CUSTOMER_LINKS, DIRECTORY_QUEUE, ITEM_LINKS, SYNC_RUNS, UPDATE, UPSERT, Store,
-                          encode_key, to_json)
+from shared.store import BOOKINGS, CUSTOMER_LINKS, DIRECTORY_QUEUE, ITEM_LINKS, UPDATE, UPSERT, Store, encode_key
 
 log = logging.getLogger(__name__)
 
 SYNC_LEASE = "sync"
-LEASE_TTL = timedelta(minutes=20)
+LAST_RUN = "sync/last-run.json"
 CANCELLED_HASH = "cancelled"
 CUSTOMER_PARTITION = "customer"
 ITEM_PARTITION = "item"
@@ -71,7 +74,7 @@ class SyncResult:
     table_writes: int = 0
 
     def summary(self) -> dict:
-        return {"at": self.finished_at.isoformat().replace("+00:00", "Z") if self.finished_at else None,
+        return {"at": _iso(self.finished_at) if self.finished_at else None,
                 "outcome": self.outcome, "counts": self.counts, "errors": self.errors}
 
 
@@ -270,7 +273,7 @@ async def run_sync(rt: Runtime, trigger: str, now: datetime | None = None) -> Sy
     settings = rt.settings
     settings.require("business_ids")
     store = await rt.store()
-    lease = await leases.acquire(store, SYNC_LEASE, LEASE_TTL)
+    lease = await leases.acquire(store, SYNC_LEASE)
     if lease is None:
         log.info("sync skipped: another run is in progress", extra={"event": "sync_skipped", "trigger": trigger})
         return None
@@ -327,8 +330,10 @@ async def run_sync(rt: Runtime, trigger: str, now: datetime | None = None) -> Sy
         result.counts["tableWrites"] = result.table_writes
         result.counts["bookingWrites"] = store.stats.by_table.get(BOOKINGS, 0) - booking_writes_before
         result.counts["seconds"] = round(time.monotonic() - clock, 3)
-        await _record(store, result)
-        await leases.release(store, lease)
+        try:
+            await _record(store, result)
+        finally:
+            await leases.release(store, lease)
     # Prefixed: a bare `created` would collide with the LogRecord attribute of that name.
     flat = {f"count_{k}": v for k, v in result.counts.items() if isinstance(v, (int, float))}
     log.info("sync run %s %s", result.run_id, result.outcome,
@@ -344,30 +349,28 @@ async def _reconcile(rt: Runtime, store: Store) -> dict:
 
 
 async def _record(store: Store, result: SyncResult) -> None:
-    inverted = f"{10**13 - int(result.started_at.timestamp() * 1000):013d}"
-    await store.upsert(SYNC_RUNS, {
-        "PartitionKey": "run", "RowKey": f"{inverted}-{result.run_id}", "RunId": result.run_id,
-        "Trigger": result.trigger, "StartedAt": result.started_at, "FinishedAt": result.finished_at,
-        "Outcome": result.outcome, "Counts": to_json(result.counts)[:30_000],
-        "Errors": to_json(result.errors)[:30_000], "TableWrites": result.table_writes,
-    })
+    """Replace the last run's summary (one blob write, never a table entity)."""
+    record = {"runId": result.run_id, "trigger": result.trigger, "startedAt": _iso(result.started_at),
+              **result.summary()}
+    await store.write_blob(LAST_RUN, json.dumps(record).encode(), "application/json")
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+async def _last_run(store: Store) -> dict | None:
+    content = await store.read_blob(LAST_RUN)
+    return json.loads(content) if content else None
 
 
 async def last_run_started(store: Store) -> datetime | None:
     """When the latest sync run started (a queued request older than that is already served)."""
-    async for row in store.table(SYNC_RUNS).query_entities("PartitionKey eq 'run'", results_per_page=1,
-                                                           select=["StartedAt"]):
-        return row.get("StartedAt")
-    return None
+    run = await _last_run(store)
+    return datetime.fromisoformat(run["startedAt"]) if run else None
 
 
 async def last_sync(store: Store) -> dict | None:
     """The latest run as `GET /api/health` reports it."""
-    async for row in store.table(SYNC_RUNS).query_entities("PartitionKey eq 'run'", results_per_page=1):
-        import json
-
-        finished = row.get("FinishedAt")
-        return {"at": finished.isoformat().replace("+00:00", "Z") if finished else None,
-                "outcome": row.get("Outcome"), "counts": json.loads(row.get("Counts") or "{}"),
-                "errors": json.loads(row.get("Errors") or "[]")}
-    return None
+    run = await _last_run(store)
+    return {name: run[name] for name in ("at", "outcome", "counts", "errors")} if run else None

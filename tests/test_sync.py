@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from datetime import datetime, timedelta, timezone
 
 from sandbox.data import generate, graph_datetime
-from shared.store import BOOKINGS, SYNC_RUNS
+from shared.runtime import runtime
+from shared.store import BOOKINGS
 from tests.helpers import body, bookings, rows
 
 
@@ -23,6 +25,17 @@ def in_window(dataset):
 
 def last_run(world) -> dict:
     return body(world.host.http("GET", "health"))["lastSync"]
+
+
+def logged(caplog, event: str) -> int:
+    return sum(1 for record in caplog.records if getattr(record, "event", None) == event)
+
+
+def table_writes(world) -> int:
+    async def count() -> int:
+        return (await runtime().store()).stats.table_writes
+
+    return world.host.run(count())
 
 
 def test_sync_of_250_appointments_with_small_pages_and_throttling_lands_each_exactly_once(world):
@@ -42,12 +55,14 @@ def test_sync_of_250_appointments_with_small_pages_and_throttling_lands_each_exa
     assert run["counts"]["created"] == 250 and run["counts"]["fetched"] == 250
 
 
-def test_a_second_sync_with_nothing_changed_writes_no_booking(world):
+def test_a_second_sync_with_nothing_changed_writes_no_table_entity(world):
     load(world)
     world.host.timer("sync_bookings")
+    before = table_writes(world)
     world.host.timer("sync_bookings")
 
     counts = last_run(world)["counts"]
+    assert counts["tableWrites"] == 0 and table_writes(world) == before, "not even a lease or a run record"
     assert counts["bookingWrites"] == 0
     assert (counts["created"], counts["updated"], counts["cancelled"]) == (0, 0, 0)
     assert counts["unchanged"] == 250
@@ -153,7 +168,8 @@ def test_group_and_single_customer_fields_are_both_read(world):
             assert customers[0]["email"] == (expected if expected and "@" in expected else None)
 
 
-def test_overlapping_runs_do_not_corrupt_anything(world):
+def test_overlapping_runs_do_not_corrupt_anything(world, caplog):
+    caplog.set_level(logging.INFO, logger="shared.sync")
     load(world)
     world.graph.plan.configure(latency_ms=20)
     errors = []
@@ -172,8 +188,8 @@ def test_overlapping_runs_do_not_corrupt_anything(world):
 
     assert not errors
     assert len(bookings(world)) == 250
-    assert len(rows(world, SYNC_RUNS)) >= 1
-    assert len(rows(world, SYNC_RUNS)) < 3, "overlapping runs are skipped, not run twice at once"
+    ran, skipped = logged(caplog, "sync_run_finished"), logged(caplog, "sync_skipped")
+    assert ran + skipped == 3 and 1 <= ran < 3, "overlapping runs are skipped, not run twice at once"
 
 
 def test_post_sync_queues_a_run_that_the_queue_trigger_performs(world):
@@ -226,9 +242,10 @@ def test_upsert_messages_hold_at_most_100_entries_and_stay_within_the_queue_size
     assert [len(json.loads(m)["customers"]) for m in small] == [100, 100, 50]
 
 
-def test_several_webhook_calls_while_queued_make_one_sync_run(world):
+def test_several_webhook_calls_while_queued_make_one_sync_run(world, caplog):
+    caplog.set_level(logging.INFO, logger="shared.sync")
     load(world, appointments=10)
     for _ in range(4):
         assert world.host.http("POST", "sync").status_code == 202
     world.host.drain(queues=["sync-requests"])
-    assert len(rows(world, SYNC_RUNS)) == 1
+    assert logged(caplog, "sync_run_finished") == 1
