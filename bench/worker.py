@@ -41,7 +41,7 @@ async def _app_counters() -> dict:
     rt = runtime()
     store = await rt.store()
     stats = store.stats
-    counters = {"table_writes": stats.table_writes, "entities_written": stats.entities_written,
+    counters = {"table_writes": stats.table_writes, "blob_writes": stats.blob_writes, "entities_written": stats.entities_written,
                 "messages_sent": stats.messages_sent, "table_writes_by_table": dict(stats.by_table)}
     for name in ("_graph", "_bc"):
         client = getattr(rt, name, None)

@@ -37,6 +37,8 @@ SYNC_LEASE = "sync"
 LAST_RUN = "sync/last-run.json"
 CANCELLED_HASH = "cancelled"
 CUSTOMER_PARTITION = "customer"
+CUSTOMERS_PER_HANDOVER = 100
+"""Customers handed to the directory queue at a time while their list is read (a Graph page)."""
 ITEM_PARTITION = "item"
 
 
@@ -104,25 +106,37 @@ async def pull_calendar(rt: Runtime, pull: BusinessPull, start: datetime, end: d
     pull.complete = pull.invalid == 0
 
 
-async def pull_directory(rt: Runtime, pull: BusinessPull) -> None:
-    """Read one business's customers and services into `pull` (reported, never raised)."""
+async def pull_directory(rt: Runtime, pull: BusinessPull, upserts: DirectoryQueue) -> None:
+    """Read one business's customers and services into `pull` (reported, never raised), handing
+    each page of customers and then the services to `upserts` as they arrive."""
     graph = rt.graph
+    services = asyncio.ensure_future(_collect(graph.services(pull.business_id)))
     try:
-        customers, services = await asyncio.gather(_collect(graph.customers(pull.business_id)),
-                                                   _collect(graph.services(pull.business_id)))
+        page: list[BookingCustomer] = []
+        async for raw in graph.customers(pull.business_id):
+            try:
+                page.append(BookingCustomer.model_validate(raw))
+            except ValidationError:
+                pull.errors.append("a Bookings customer could not be read")
+            if len(page) == CUSTOMERS_PER_HANDOVER:
+                pull.customers += page
+                await upserts.customers_read(pull.business_id, page)
+                page = []
+        pull.customers += page
+        await upserts.customers_read(pull.business_id, page)
+        raw_services = await services
     except UpstreamError as error:
+        services.cancel()
         pull.errors.append(f"customers/services: {error.message if error.code == 'ErrorFolderNotFound' else error}")
         return
-    for raw in customers:
-        try:
-            pull.customers.append(BookingCustomer.model_validate(raw))
-        except ValidationError:
-            pull.errors.append("a Bookings customer could not be read")
-    for raw in services:
+    finally:
+        await upserts.customers_done(pull.business_id)
+    for raw in raw_services:
         try:
             pull.services.append(BookingService.model_validate(raw))
         except ValidationError:
             pull.errors.append("a Bookings service could not be read")
+    await upserts.services_read(pull.business_id, pull.services)
     pull.directory_complete = True
 
 
@@ -176,22 +190,23 @@ def _digest(model) -> str:
     return hashlib.sha256(encode(model).encode()).hexdigest()[:32]
 
 
-def customer_sources(pulls: list[BusinessPull]) -> dict[str, CustomerSource]:
-    """Every customer with an e-mail, once, preferring the Bookings customer record (it has the
-    address) over what an appointment carries."""
+def customer_source(customer: BookingCustomer, business_id: str) -> CustomerSource | None:
+    """What the directory upsert needs of a Bookings customer record (it has the address)."""
+    email = normalise_email(customer.email_address)
+    if not email:
+        return None
+    address = customer.addresses[0] if customer.addresses else None
+    phone = next((p.number for p in customer.phones if p.number), None)
+    return CustomerSource(
+        email=email, displayName=_clip(customer.display_name, 100), phone=_clip(phone, 30),
+        addressLine1=_clip(address and address.street, 100), city=_clip(address and address.city, 30),
+        state=_clip(address and address.state, 30), country=_clip(address and address.country_or_region, 10),
+        postalCode=_clip(address and address.postal_code, 20), businessId=business_id)
+
+
+def appointment_customer_sources(pulls: list[BusinessPull]) -> dict[str, CustomerSource]:
+    """Customers as appointments carry them (for people without a Bookings customer record)."""
     sources: dict[str, CustomerSource] = {}
-    for pull in pulls:
-        for customer in pull.customers:
-            email = normalise_email(customer.email_address)
-            if not email or email in sources:
-                continue
-            address = customer.addresses[0] if customer.addresses else None
-            phone = next((p.number for p in customer.phones if p.number), None)
-            sources[email] = CustomerSource(
-                email=email, displayName=_clip(customer.display_name, 100), phone=_clip(phone, 30),
-                addressLine1=_clip(address and address.street, 100), city=_clip(address and address.city, 30),
-                state=_clip(address and address.state, 30), country=_clip(address and address.country_or_region, 10),
-                postalCode=_clip(address and address.postal_code, 20), businessId=pull.business_id)
     for pull in pulls:
         for booking in pull.bookings:
             for customer in booking.customers:
@@ -202,16 +217,10 @@ def customer_sources(pulls: list[BusinessPull]) -> dict[str, CustomerSource]:
     return sources
 
 
-def service_sources(pulls: list[BusinessPull]) -> dict[str, ServiceSource]:
-    sources: dict[str, ServiceSource] = {}
-    for pull in pulls:
-        for service in pull.services:
-            if service.id not in sources:
-                sources[service.id] = ServiceSource(
-                    serviceId=service.id, businessId=pull.business_id,
-                    displayName=_clip(service.display_name, 100) or service.id[:100],
-                    defaultPrice=max(service.default_price or 0.0, 0.0), defaultPriceType=service.default_price_type)
-    return sources
+def service_source(service: BookingService, business_id: str) -> ServiceSource:
+    return ServiceSource(serviceId=service.id, businessId=business_id,
+                         displayName=_clip(service.display_name, 100) or service.id[:100],
+                         defaultPrice=max(service.default_price or 0.0, 0.0), defaultPriceType=service.default_price_type)
 
 
 def _clip(value: str | None, limit: int) -> str | None:
@@ -242,30 +251,76 @@ def _changed(known: dict[str, str], sources: dict, queued: set[str]) -> list[tup
     return changed
 
 
-@dataclass
 class DirectoryQueue:
-    """The customers and services one run queues for the directory upsert: each once, in
-    messages of up to 100 (`pack`), as soon as they are known."""
-    rt: Runtime
-    store: Store
-    known: tuple[dict[str, str], dict[str, str]]
-    queued: tuple[set[str], set[str]] = field(default_factory=lambda: (set(), set()))
-    customers: int = 0
-    items: int = 0
+    """Queues the customers and services a run finds new or changed for the directory upsert:
+    each once, in messages of up to 100 (`pack`), as soon as they are read, so BC work starts
+    while the calendars are still paging.
 
-    async def send(self, pulls: list[BusinessPull]) -> None:
-        customers = services = []
-        if self.rt.settings.sync_customers:
-            customers = [CustomerUpsert(customer=source, sourceHash=digest) for source, digest in
-                         _changed(self.known[0], customer_sources(pulls), self.queued[0])]
-        if self.rt.settings.sync_items:
-            services = [ItemUpsert(service=source, sourceHash=digest) for source, digest in
-                        _changed(self.known[1], service_sources(pulls), self.queued[1])]
-        messages = pack(customers, lambda chunk: CustomerBatchUpsert(customers=chunk))
-        messages += pack(services, lambda chunk: ItemBatchUpsert(services=chunk))
-        await self.store.send_many(DIRECTORY_QUEUE, messages)
-        self.customers += len(customers)
-        self.items += len(services)
+    A customer known to several businesses is taken from the first business in
+    `BOOKINGS_BUSINESS_IDS` order that has a record of them (as if the lists were read one after
+    the other), so what is queued, and its hash, never depends on which answer came first: a
+    business's pages wait until the businesses before it have been read. People known only from
+    appointments come last (`bookings_read`)."""
+
+    def __init__(self, rt: Runtime, store: Store, businesses: list[str]):
+        self.rt, self.store, self.businesses = rt, store, businesses
+        self.known = asyncio.ensure_future(known_hashes(store))
+        self.queued: tuple[set[str], set[str]] = (set(), set())
+        self.customers = self.items = 0
+        self._waiting: dict[str, list[BookingCustomer]] = {b: [] for b in businesses}
+        self._read: set[str] = set()
+        self._sending: list[asyncio.Task] = []
+
+    async def customers_read(self, business_id: str, customers: list[BookingCustomer]) -> None:
+        self._waiting[business_id] += customers
+        await self._release()
+
+    async def customers_done(self, business_id: str) -> None:
+        """The business's customer list is read (or could not be)."""
+        self._read.add(business_id)
+        await self._release()
+
+    async def _release(self) -> None:
+        known = (await self.known)[0]
+        sources: dict[str, CustomerSource] = {}
+        for business_id in self.businesses:
+            for customer in self._waiting[business_id]:
+                source = customer_source(customer, business_id)
+                if source and source.email not in sources:
+                    sources[source.email] = source
+            self._waiting[business_id] = []
+            if business_id not in self._read:
+                break
+        self._send_customers(_changed(known, sources, self.queued[0]))
+
+    async def services_read(self, business_id: str, services: list[BookingService]) -> None:
+        known = (await self.known)[1]
+        changed = _changed(known, {s.id: service_source(s, business_id) for s in services}, self.queued[1])
+        if self.rt.settings.sync_items and changed:
+            self.items += len(changed)
+            self._send(pack([ItemUpsert(service=source, sourceHash=digest) for source, digest in changed],
+                            lambda chunk: ItemBatchUpsert(services=chunk)))
+
+    async def bookings_read(self, pulls: list[BusinessPull]) -> None:
+        known = (await self.known)[0]
+        self._send_customers(_changed(known, appointment_customer_sources(pulls), self.queued[0]))
+
+    def _send_customers(self, changed: list[tuple]) -> None:
+        if self.rt.settings.sync_customers and changed:
+            self.customers += len(changed)
+            self._send(pack([CustomerUpsert(customer=source, sourceHash=digest) for source, digest in changed],
+                            lambda chunk: CustomerBatchUpsert(customers=chunk)))
+
+    def _send(self, messages: list[str]) -> None:
+        self._sending.append(asyncio.create_task(self.store.send_many(DIRECTORY_QUEUE, messages)))
+
+    async def finish(self) -> None:
+        """Wait until every message is sent (raises if one could not be)."""
+        await asyncio.gather(*self._sending)
+
+    async def abandon(self) -> None:
+        self.known.cancel()
+        await asyncio.gather(self.known, *self._sending, return_exceptions=True)
 
 
 async def run_sync(rt: Runtime, trigger: str, now: datetime | None = None) -> SyncResult | None:
@@ -287,20 +342,20 @@ async def run_sync(rt: Runtime, trigger: str, now: datetime | None = None) -> Sy
         start, end = window(settings, now)
         businesses = settings.business_ids
         pulls = [BusinessPull(business) for business in businesses]
-        # Graph, the stored rows and the link rows are read side by side. The customers and
-        # services lists are short: their upserts are queued as soon as they are read, so BC
-        # work starts while the calendars are still paging.
+        # Graph, the stored rows and the link rows are read side by side; customers and
+        # services are queued for the directory upsert page by page as they arrive.
+        upserts = DirectoryQueue(rt, store, businesses)
         calendars = asyncio.gather(*(pull_calendar(rt, pull, start, end) for pull in pulls))
         stored = asyncio.gather(*(stored_rows(store, business) for business in businesses))
         try:
-            _, known = await asyncio.gather(asyncio.gather(*(pull_directory(rt, pull) for pull in pulls)),
-                                            known_hashes(store))
-            upserts = DirectoryQueue(rt, store, known)
-            await upserts.send(pulls)
+            await asyncio.gather(*(pull_directory(rt, pull, upserts) for pull in pulls))
             await calendars
+            await upserts.bookings_read(pulls)
+            await upserts.finish()
         except BaseException:
             calendars.cancel()
             stored.cancel()
+            await upserts.abandon()
             raise
         totals = BusinessCounts()
         per_business = {}
@@ -311,7 +366,6 @@ async def run_sync(rt: Runtime, trigger: str, now: datetime | None = None) -> Sy
                 setattr(totals, name, getattr(totals, name) + value)
             for message in pull.errors[:20]:
                 result.errors.append({"businessId": pull.business_id, "message": message})
-        await upserts.send(pulls)
         reconciled = await _reconcile(rt, store)
         failed = [p for p in pulls if not p.complete and not p.bookings]
         if len(failed) == len(pulls):
