@@ -44,6 +44,8 @@ class QueueStats:
     failed_attempts: int = 0
     poisoned: int = 0
     by_queue: dict[str, int] = field(default_factory=dict)
+    finished_at: list[tuple[str, float]] = field(default_factory=list)
+    """(queue, `time.perf_counter()`) of every message handled successfully, in order."""
 
 
 _indexed: dict[int, dict] = {}
@@ -310,6 +312,7 @@ class FunctionHost:
         await client.delete_message(message.id, message.pop_receipt)
         self.stats.processed += 1
         self.stats.by_queue[queue] = self.stats.by_queue.get(queue, 0) + 1
+        self.stats.finished_at.append((queue, time.perf_counter()))
 
     def _decode(self, content: str) -> bytes:
         if self.settings.message_encoding == "base64":

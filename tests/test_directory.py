@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
+import time
+import uuid
+from collections import Counter
 
 from sandbox.data import generate
 from shared.directory import CUSTOMER_PARTITION
@@ -272,3 +276,52 @@ def test_a_customer_bc_refuses_is_poisoned_at_once_with_bcs_reason(world):
     assert poisoned["dequeueCount"] == 1 and "Business Central refused" in poisoned["reason"]
     [link] = rows(world, CUSTOMER_LINKS)
     assert link["Status"] == "failed" and link["LastError"]
+
+
+def test_customers_are_upserted_while_the_calendar_is_still_being_read(world):
+    dataset = generate(appointments=60, customers=20, services=3, business_ids=world.business_ids, seed=5)
+    world.graph.load(dataset)
+    # The first calendarView answer hangs, then times out (504): the pull takes a while.
+    world.graph.plan.configure(hang_seconds=1.0, retry_after_seconds=0)
+    world.graph.plan.script("GET", r"/calendarView", "timeout", times=1)
+
+    started = time.perf_counter()
+    _, trigger_seconds = world.host.run_listening(world.host.timer_async("sync_bookings"))
+
+    run = body(world.host.http("GET", "health"))["lastSync"]
+    assert run["outcome"] == "succeeded" and run["counts"]["created"] == 60
+    upserts_done = [at for queue, at in world.host.stats.finished_at if queue == "directory-upserts"]
+    assert upserts_done and min(upserts_done) < started + trigger_seconds, \
+        "the directory upserts ran while the sync was still reading the calendar"
+    assert len(world.bc.customers(world.company_id)) == run["counts"]["customersQueued"] > 10
+
+
+def test_a_customer_of_two_businesses_is_taken_from_the_first_one_whichever_answers_first(world2):
+    first, second = world2.business_ids
+    for business, name, city in ((first, "Ann First", "Lyon"), (second, "Ann Second", "Oslo")):
+        world2.graph.put_customer(business, {"id": str(uuid.uuid4()), "displayName": name,
+                                             "emailAddress": "Ann@Example.com", "phones": [],
+                                             "addresses": [{"street": "1 Main St", "city": city, "state": "",
+                                                            "countryOrRegion": "", "postalCode": ""}]})
+    # The first business's customer list answers last.
+    world2.graph.plan.configure(hang_seconds=0.5, retry_after_seconds=0)
+    world2.graph.plan.script("GET", rf"/{re.escape(first)}/customers", "timeout", times=1)
+
+    world2.sync()
+
+    [customer] = world2.bc.customers(world2.company_id)
+    assert (customer["displayName"], customer["city"]) == ("Ann First", "Lyon")
+    world2.sync()
+    assert body(world2.host.http("GET", "health"))["lastSync"]["counts"]["customersQueued"] == 0, \
+        "the queued data (and its hash) does not depend on which business answered first"
+
+
+def test_a_batch_of_new_customers_is_looked_up_in_one_request(world):
+    world.host.send("directory-upserts", encode(CustomerBatchUpsert(customers=[
+        CustomerUpsert(customer=CustomerSource(email=f"new{i}@example.com", displayName=f"New {i}"), sourceHash=f"h{i}")
+        for i in range(100)])))
+    world.host.drain()
+
+    assert len(world.bc.customers(world.company_id)) == 100
+    assert Counter(world.bc.plan.stats.requests) == Counter({
+        "POST /v2.0/{id}/production/api/v2.0/$batch": 2}), "one $batch of 3 lookups, one $batch of 100 creates"

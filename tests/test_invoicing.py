@@ -262,6 +262,33 @@ def test_a_crash_between_bc_create_and_recording_does_not_bill_twice(world, monk
     assert crashes and job["status"] == "succeeded"
     assert len(world.bc.invoices(world.company_id)) == 1
     assert len(world.bc.invoices(world.company_id)[0]["salesInvoiceLines"]) == 3
+    assert invoice_lookups(world) == 1, "the retry looked for the invoice the crashed attempt made"
+
+
+def invoice_lookups(world) -> int:
+    return sum(n for path, n in world.bc.plan.stats.requests.items()
+               if path.startswith("GET ") and path.endswith("/salesInvoices"))
+
+
+def test_a_fresh_job_creates_its_invoices_in_one_batch_without_looking_them_up(world):
+    for i in range(12):
+        appointment(world, hours_ago=40 + i, customers=((f"c{i % 6}@example.com", f"C{i % 6}"),))
+    world.sync()
+    world.bc.plan.reset_stats()
+
+    job = run_job(world, {"all": True})
+
+    assert job["status"] == "succeeded" and len(job["invoices"]) == 6
+    assert invoice_lookups(world) == 0, "a part never attempted cannot have an invoice yet"
+    assert world.bc.plan.stats.requests["POST /v2.0/{id}/production/api/v2.0/$batch"] == 3, \
+        "6 invoices in 3 messages of 2 (spread for BC's concurrent slots), one $batch each"
+
+
+@pytest.mark.parametrize(("parts", "per_message"), [(1, 1), (6, 2), (200, 40), (1000, 50), (5000, 50)])
+def test_a_job_is_spread_over_at_least_as_many_messages_as_bc_serves_at_once(parts, per_message):
+    from shared.invoicing import parts_per_message
+
+    assert parts_per_message(parts) == per_message
 
 
 def test_a_part_that_keeps_failing_is_poisoned_and_its_bookings_released(world):
