@@ -18,7 +18,13 @@ import time
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+    """This process's own peak RSS: `VmHWM` of its address space. (`ru_maxrss` would not do: Linux
+    keeps it across `fork` + `exec`, so a worker would report the parent's size if larger.)"""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _cpu_seconds() -> float:

@@ -129,6 +129,9 @@ async def pull_directory(rt: Runtime, pull: BusinessPull, upserts: DirectoryQueu
         services.cancel()
         pull.errors.append(f"customers/services: {error.message if error.code == 'ErrorFolderNotFound' else error}")
         return
+    except BaseException:
+        services.cancel()
+        raise
     finally:
         await upserts.customers_done(pull.business_id)
     for raw in raw_services:
