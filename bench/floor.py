@@ -9,6 +9,9 @@ client can get: it is what the app would take if the app itself cost nothing.
     python -m bench.floor sync [--create]       # every Graph page chain of every business;
                                                 # --create: plus BC lists and batched creates
     python -m bench.floor invoice --spec FILE    # batched invoice creates (deep insert)
+        [--storage-table T]                     # + the exactly-once storage around them: read the
+                                                # bookings in T, claim each (ETag-guarded
+                                                # transactions), create, record each the same way
 
 Settings from the same environment as the app's. Prints one JSON line."""
 
@@ -154,7 +157,7 @@ class Floor:
         return {"seconds": round(seconds, 3), "appointments": appointments, "created": created,
                 "marks": {k: round(v, 3) for k, v in marks.items()}}
 
-    async def invoice(self, spec: list[dict]) -> dict:
+    async def invoice(self, spec: list[dict], storage_table: str | None = None) -> dict:
         await self.token("https://api.businesscentral.dynamics.com/.default")
         customers = {(c.get("email") or "").lower(): c["id"] for c in await self.bc_list("customers", "id,email")}
         items = {(i.get("displayName") or "").lower(): i["id"] for i in await self.bc_list("items", "id,displayName")}
@@ -166,8 +169,46 @@ class Floor:
                                           "unitPrice": line["unitPrice"]} for line in invoice["lines"]]}
                   for n, invoice in enumerate(spec)]
         clock = time.perf_counter()
-        created = await self.batch_create([("salesInvoices", body) for body in bodies])
-        return {"seconds": round(time.perf_counter() - clock, 3), "created": len(created)}
+        if storage_table is None:
+            created = await self.batch_create([("salesInvoices", body) for body in bodies])
+            return {"seconds": round(time.perf_counter() - clock, 3), "created": len(created)}
+        from azure.data.tables.aio import TableClient
+
+        async with TableClient.from_connection_string(os.environ["AzureWebJobsStorage"], storage_table) as table:
+            rows = [row async for row in table.list_entities()]
+            marks = {"read": time.perf_counter() - clock}
+            etags = await self._mark_all(table, {(r["PartitionKey"], r["RowKey"]): r.metadata["etag"] for r in rows},
+                                         "claimed")
+            marks["claimed"] = time.perf_counter() - clock
+            created = await self.batch_create([("salesInvoices", body) for body in bodies])
+            marks["created"] = time.perf_counter() - clock
+            await self._mark_all(table, etags, "invoiced")
+        seconds = time.perf_counter() - clock
+        return {"seconds": round(seconds, 3), "created": len(created), "bookings": len(rows),
+                "marks": {k: round(v, 3) for k, v in marks.items()}}
+
+    @staticmethod
+    async def _mark_all(table, etags: dict[tuple[str, str], str], state: str) -> dict[tuple[str, str], str]:
+        """One ETag-guarded merge per booking, ≤ 100 per transaction and partition, all
+        transactions at once; returns the new ETags."""
+        from azure.core import MatchConditions
+
+        by_partition: dict[str, list[tuple[str, str]]] = {}
+        for key in etags:
+            by_partition.setdefault(key[0], []).append(key)
+        chunks = [keys[i:i + 100] for keys in by_partition.values() for i in range(0, len(keys), 100)]
+
+        async def one(chunk: list[tuple[str, str]]) -> dict:
+            answers = await table.submit_transaction([
+                ("update", {"PartitionKey": pk, "RowKey": rk, "FloorState": state},
+                 {"mode": "merge", "etag": etags[(pk, rk)], "match_condition": MatchConditions.IfNotModified})
+                for pk, rk in chunk])
+            return {key: answer["etag"] for key, answer in zip(chunk, answers, strict=True)}
+
+        fresh: dict[tuple[str, str], str] = {}
+        for found in await asyncio.gather(*(one(chunk) for chunk in chunks)):
+            fresh |= found
+        return fresh
 
 
 async def _main(args) -> dict:
@@ -176,7 +217,7 @@ async def _main(args) -> dict:
         if args.phase == "sync":
             return await floor.sync(args.create)
         with open(args.spec) as handle:
-            return await floor.invoice(json.load(handle))
+            return await floor.invoice(json.load(handle), args.storage_table)
     finally:
         await floor.http.aclose()
 
@@ -186,6 +227,7 @@ def main() -> None:
     parser.add_argument("phase", choices=["sync", "invoice"])
     parser.add_argument("--create", action="store_true")
     parser.add_argument("--spec")
+    parser.add_argument("--storage-table")
     args = parser.parse_args()
     json.dump(asyncio.run(_main(args)), sys.stdout)
     print()

@@ -27,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+FLOOR_BOOKINGS = "floorbookings"
 WORKLOADS = ("first_sync", "unchanged_sync", "changed_sync", "invoice_all")
 APP_SETTINGS_TO_CLEAR = ("CUSTOMER_TEMPLATE", "ITEM_TEMPLATE", "SYNC_CUSTOMERS", "SYNC_ITEMS", "INVOICE_FREE_BOOKINGS",
                          "WRITE_BACK_TO_BOOKINGS", "BOOKINGS_TIME_ZONE", "SYNC_LOOKBACK_DAYS", "SYNC_LOOKAHEAD_DAYS")
@@ -175,6 +176,23 @@ class Bench:
             f"bc {result['requests']['bc']}")
         return result
 
+    def copy_bookings(self, table_name: str) -> None:
+        """Setup of the storage floor (not timed): the app's synced bookings, copied as they are
+        into a scratch table the floor claims and records."""
+        from azure.data.tables import TableServiceClient
+
+        from shared.store import BOOKINGS
+
+        with TableServiceClient.from_connection_string(self.sb.azurite.connection_string) as service:
+            source = service.get_table_client(BOOKINGS)
+            target = service.create_table_if_not_exists(table_name)
+            by_partition: dict[str, list[dict]] = {}
+            for row in source.list_entities():
+                by_partition.setdefault(row["PartitionKey"], []).append(row)
+            for rows in by_partition.values():
+                for start in range(0, len(rows), 100):
+                    target.submit_transaction([("upsert", row) for row in rows[start:start + 100]])
+
     def throwaway_company(self, env: dict) -> dict:
         """The same settings with a BC company of its own (for runs that create records)."""
         from sandbox.stack import ENVIRONMENT, TENANT
@@ -285,6 +303,11 @@ def run_invoicing(bench: Bench, plan: Plan) -> dict:
     spec.write_text(json.dumps(invoice_spec(dataset)))
     floor = bench.floor("invoice", floor_env, "invoice_all", "--spec", str(spec))
     setup = bench.app("sync", env, "invoice_all-setup-sync")
+    storage_env = bench.throwaway_company(env)
+    bench.seed_directory(dataset, storage_env["BC_COMPANY_ID"])
+    bench.copy_bookings(FLOOR_BOOKINGS)
+    with_storage = bench.floor("invoice", storage_env, "invoice_all+storage", "--spec", str(spec),
+                               "--storage-table", FLOOR_BOOKINGS)
     result = bench.app("invoice", env, "invoice_all")
     job = result["job"]
     if job["bookingCount"] != plan.invoice_bookings or job["invoices"] != plan.invoice_customers:
@@ -292,6 +315,8 @@ def run_invoicing(bench: Bench, plan: Plan) -> dict:
                            f"{plan.invoice_customers} customers")
     bound = invoice_bound(plan.invoice_customers)
     return _summary(result, bound, "invoice", floor) | {
+        "floor_with_storage_seconds": with_storage["seconds"], "floor_with_storage": with_storage,
+        "vs_floor_with_storage": _ratio(result["seconds"], with_storage["seconds"]),
         "bookings": job["bookingCount"], "invoices": job["invoices"], "job": job,
         "setup_sync_seconds": setup["seconds"]}
 
