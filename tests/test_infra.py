@@ -347,6 +347,11 @@ def test_identity_gets_the_storage_monitoring_and_secret_roles():
                  "3913510d-42f4-4e42-8a64-420c390055eb",   # Monitoring Metrics Publisher
                  "4633458b-17de-408a-b874-0445c86b69e6"):  # Key Vault Secrets User
         assert role in rbac
+    operator = rbac[rbac.index("var storageRolesOfUser"):]
+    operator = operator[:operator.index("]")]
+    assert "roles.storageBlobDataReader" in operator and "2a2b9908-6ea1-4ae2-8e65-a410df84e7d1" in rbac, \
+        "the operator can read the last sync run and the leases"
+    assert "storageBlobDataOwner" not in operator
     _, vault = bicep("main.bicep").module("keyVault")
     assert vault["enableRbacAuthorization"] == "true"
     _, insights = bicep("main.bicep").module("monitoring")

@@ -5,11 +5,12 @@ param applicationInsightsName string
 param keyVaultName string
 param managedIdentityPrincipalId string
 
-@description('Person or service principal running azd: may read tables and queues and rotate the secret from the portal. Empty: none.')
+@description('Person or service principal running azd: may read tables, queues and blobs and rotate the secret from the portal. Empty: none.')
 param userPrincipalId string = ''
 
 var roles = {
   storageBlobDataOwner: 'b7e6dc6d-f1e8-4753-8033-0f276bb0955b'
+  storageBlobDataReader: '2a2b9908-6ea1-4ae2-8e65-a410df84e7d1'
   storageQueueDataContributor: '974c5e8b-45b9-4653-ba55-5f855dd0fb88'
   storageTableDataContributor: '0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3'
   monitoringMetricsPublisher: '3913510d-42f4-4e42-8a64-420c390055eb'
@@ -69,9 +70,11 @@ resource appSecrets 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   }
 }
 
-// The operator: browse tables, read and delete poison messages, write a new secret version.
+// The operator: browse tables, read and delete poison messages, read the last sync run and the
+// leases (blobs), write a new secret version.
 // principalType is left out so a service principal running azd in CI works as well as a person.
 var storageRolesOfUser = [
+  roles.storageBlobDataReader
   roles.storageQueueDataContributor
   roles.storageTableDataContributor
 ]
