@@ -151,27 +151,26 @@ class Bench:
             f"peak RSS {result['peak_rss_mb']:.0f} MB")
         return result
 
-    def naive(self, phase: str, env: dict, label: str, *extra: str) -> dict:
+    def _script(self, module: str, phase: str, env: dict, label: str, extra: tuple[str, ...]) -> dict:
+        """Run `python -m <module> <phase> …` (it prints one JSON line) and count its requests."""
         before = self._reset()
-        done = subprocess.run([sys.executable, "-m", "bench.naive", phase, *extra], cwd=ROOT, env=env,
+        done = subprocess.run([sys.executable, "-m", module, phase, *extra], cwd=ROOT, env=env,
                               capture_output=True, text=True)
         if done.returncode:
-            raise RuntimeError(f"the naive {label} run failed:\n{done.stderr[-3000:]}")
+            raise RuntimeError(f"the {module.removeprefix('bench.')} {label} run failed:\n{done.stderr[-3000:]}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
         result["requests"] = self._requests(before)
+        return result
+
+    def naive(self, phase: str, env: dict, label: str, *extra: str) -> dict:
+        result = self._script("bench.naive", phase, env, label, extra)
         log(f"naive {label}: {result['seconds']:.2f} s, graph {result['requests']['graph']}, "
             f"bc {result['requests']['bc']}, table writes {result['table_writes']}")
         return result
 
     def floor(self, phase: str, env: dict, label: str, *extra: str) -> dict:
         """The bare client doing only the unavoidable requests (`bench.floor`)."""
-        before = self._reset()
-        done = subprocess.run([sys.executable, "-m", "bench.floor", phase, *extra], cwd=ROOT, env=env,
-                              capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"the floor {label} run failed:\n{done.stderr[-3000:]}")
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        result["requests"] = self._requests(before)
+        result = self._script("bench.floor", phase, env, label, extra)
         log(f"floor {label}: {result['seconds']:.2f} s, graph {result['requests']['graph']}, "
             f"bc {result['requests']['bc']}")
         return result
