@@ -1279,11 +1279,15 @@ class BcSimulator:
         root = str(request.base_url).rstrip("/") + prefix + "/api/v2.0"
         return tenant, environment, root
 
-    async def _endpoint(self, request: Request) -> Response:
+    def _authorised(self, request: Request) -> tuple[str, str, str] | Response:
+        """(tenant, environment, API root) of a request with a valid token, or the error answer."""
         claims = self._claims(request)
         if isinstance(claims, Response):
             return claims
-        context = self._context(request, claims)
+        return self._context(request, claims)
+
+    async def _endpoint(self, request: Request) -> Response:
+        context = self._authorised(request)
         if isinstance(context, Response):
             return context
         tenant, environment, root = context
@@ -1300,10 +1304,7 @@ class BcSimulator:
         return _json_response(response)
 
     async def _batch(self, request: Request) -> Response:
-        claims = self._claims(request)
-        if isinstance(claims, Response):
-            return claims
-        context = self._context(request, claims)
+        context = self._authorised(request)
         if isinstance(context, Response):
             return context
         tenant, environment, root = context
