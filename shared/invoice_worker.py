@@ -96,13 +96,13 @@ async def _load(store: Store, job_id: str, indexes: list[int], owner: str) -> li
         raise PermanentFailure(f"invoicing job {job_id} has no part {', '.join(map(str, indexes[:10]))}")
     unfinished = [rows[part_key(index)] for index in indexes
                   if part_key(index) in rows and rows[part_key(index)].get("Status") not in ("succeeded", "failed")]
-    attempted = {row["RowKey"] for row in unfinished if row.get("RunningSince")}
     # The bookings are read while the parts are claimed: a part not taken just ignores them.
     refs = [ref for row in unfinished for ref in refs_of(row)]
     claimed, found = await asyncio.gather(_claim_parts(store, unfinished, owner), _read(store, refs))
+    # `claimed` are the rows as read before this claim: their RunningSince tells an earlier attempt.
     bookings = dict(zip(map(tuple, refs), found, strict=True))
     works = [PartWork(int(row["RowKey"][5:]), row, external_document_number(job_id, int(row["RowKey"][5:])),
-                      row["CustomerEmail"], row["RowKey"] in attempted) for row in claimed]
+                      row["CustomerEmail"], attempted=bool(row.get("RunningSince"))) for row in claimed]
     for work in works:
         _sort(work, job_id, [bookings[tuple(ref)] for ref in refs_of(work.row)])
     return works
