@@ -11,12 +11,25 @@ Fault kinds:
 - ``malformed``: ``200`` with a truncated JSON body.
 - ``lost``: the request is *executed* (an entity is created) but the answer is lost (``reset``);
   only for POST requests, the "created but the response was lost" case.
+- ``late``: the request is executed only ``Knobs.late_seconds`` after it arrived (longer than the
+  client waits: the client sees its own timeout), and its answer is sent then, to nobody. The
+  write commits even if the client has closed the connection.
+- ``408`` / ``504``: answered at once (with the API's error body), and the request is still
+  executed ``late_seconds`` after it arrived (``Knobs.late_executes=False``: never).
+
+A late execution runs in a background task that needs neither the connection nor the ASGI
+``send``, from a copy of the request body read up front, so it survives the client going away.
+Nothing is executed later than ``Knobs.execution_limit_seconds`` after it arrived (the service
+aborts what runs longer): a later execution is dropped, and a ``late`` request is then answered
+504 at the limit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import random
 import re
 import threading
@@ -25,7 +38,9 @@ from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from collections.abc import Callable
 
-FAULT_KINDS = ("429", "500", "503", "timeout", "reset", "malformed", "lost")
+FAULT_KINDS = ("429", "500", "503", "timeout", "reset", "malformed", "lost", "late", "408", "504")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,7 +58,16 @@ class Knobs:
     """Probability that a request gets a fault drawn from `fault_kinds`."""
     fault_kinds: tuple[str, ...] = ("429", "500", "503", "reset", "malformed")
     retry_after_seconds: int = 1
+    retry_after_omitted: float = 0.0
+    """Fraction of 429 answers sent without ``Retry-After`` (deterministic: with 0.5 every second
+    one, counted from when this knob was last configured), for services that do not promise it."""
     hang_seconds: float = 30.0
+    late_seconds: float = 90.0
+    """``late``/``408``/``504``: how long after its arrival the request is executed."""
+    late_executes: bool = True
+    """``408``/``504``: False for the variant in which the timed-out request is never executed."""
+    execution_limit_seconds: float = 600.0
+    """Nothing is executed later than this after it arrived (BC aborts requests after 10 minutes)."""
     seed: int = 0
 
 
@@ -92,6 +116,7 @@ class FaultPlan:
         self._lock = threading.Lock()
         self._scripted: list[ScriptedFault] = []
         self._random = random.Random(self.knobs.seed)
+        self._throttled = 0
 
     def configure(self, **changes) -> None:
         with self._lock:
@@ -101,6 +126,8 @@ class FaultPlan:
                 setattr(self.knobs, name, value)
             if "seed" in changes:
                 self._random = random.Random(self.knobs.seed)
+            if "retry_after_omitted" in changes:
+                self._throttled = 0
 
     def script(self, method: str, path_regex: str, kind: str, times: int = 1) -> None:
         """The next `times` requests matching `method` and `path_regex` (searched in the path and
@@ -135,6 +162,15 @@ class FaultPlan:
                 return self._random.choice(kinds) if kinds else None
         return None
 
+    def omit_retry_after(self) -> bool:
+        """Whether this 429 goes without ``Retry-After`` (`Knobs.retry_after_omitted` of them)."""
+        with self._lock:
+            fraction = self.knobs.retry_after_omitted
+            if fraction <= 0:
+                return False
+            self._throttled += 1
+            return math.floor(self._throttled * fraction) > math.floor((self._throttled - 1) * fraction)
+
     def count(self, method: str, path: str) -> None:
         with self._lock:
             self.stats.requests[f"{method} {path_shape(path)}"] += 1
@@ -164,21 +200,27 @@ class _KeyGate:
 class FaultMiddleware:
     """ASGI middleware applying a `FaultPlan` to every request except those under `/_sim`.
 
-    `key_of(path)` names the resource whose limits apply (e.g. the Bookings mailbox)."""
+    `key_of(path)` names the resource whose limits apply (e.g. the Bookings mailbox);
+    `rate_key_of(path, headers)`, when given, the one the rate limit counts for (e.g. the calling
+    user in an environment), with lower-case header names."""
 
     def __init__(self, app, plan: FaultPlan, key_of: Callable[[str], str] = lambda path: "*",
-                 error_body: ErrorBody = default_error_body):
+                 error_body: ErrorBody = default_error_body,
+                 rate_key_of: Callable[[str, dict[str, str]], str] | None = None):
         self.app = app
         self.plan = plan
         self.key_of = key_of
+        self.rate_key_of = rate_key_of
         self.error_body = error_body
         self._gates: dict[str, _KeyGate] = defaultdict(_KeyGate)
+        self._background: set[asyncio.Task] = set()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"].startswith("/_sim"):
             await self.app(scope, receive, send)
             return
         method, path = scope["method"], scope["path"]
+        arrived = time.monotonic()
         plan, knobs = self.plan, self.plan.knobs
         plan.count(method, path)
         gate = self._gates[self.key_of(path)]
@@ -186,14 +228,18 @@ class FaultMiddleware:
             gate.condition = asyncio.Condition()
 
         if knobs.rate_limit:
+            rate_gate = gate
+            if self.rate_key_of is not None:
+                headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+                rate_gate = self._gates["rate:" + self.rate_key_of(path, headers)]
             now = time.monotonic()
-            while gate.recent and now - gate.recent[0] > knobs.rate_window_seconds:
-                gate.recent.popleft()
-            if len(gate.recent) >= knobs.rate_limit:
+            while rate_gate.recent and now - rate_gate.recent[0] > knobs.rate_window_seconds:
+                rate_gate.recent.popleft()
+            if len(rate_gate.recent) >= knobs.rate_limit:
                 plan.count_fault("429")
                 await self._throttled(send)
                 return
-            gate.recent.append(now)
+            rate_gate.recent.append(now)
 
         limit = knobs.max_concurrency
         if limit:
@@ -219,13 +265,13 @@ class FaultMiddleware:
             fault = plan.pick_fault(method, f"{path}?{query}" if query else path)
             if fault:
                 plan.count_fault(fault)
-            await self._serve(fault, scope, receive, send)
+            await self._serve(fault, scope, receive, send, arrived)
         finally:
             async with gate.condition:
                 gate.in_flight -= 1
                 gate.condition.notify_all()
 
-    async def _serve(self, fault: str | None, scope, receive, send) -> None:
+    async def _serve(self, fault: str | None, scope, receive, send, arrived: float) -> None:
         if fault is None:
             await self.app(scope, receive, send)
         elif fault == "429":
@@ -248,11 +294,61 @@ class FaultMiddleware:
                 return None
             await self.app(scope, receive, swallow)
             await self._drop(send)
+        elif fault in ("late", "408", "504"):
+            await self._late(fault, scope, receive, send, arrived)
+
+    async def _late(self, fault: str, scope, receive, send, arrived: float) -> None:
+        knobs = self.plan.knobs
+        body = await _read_body(receive)
+        answer: list[dict] = []
+        execution = None
+        if (fault == "late" or knobs.late_executes) and knobs.late_seconds <= knobs.execution_limit_seconds:
+            delay = max(0.0, knobs.late_seconds - (time.monotonic() - arrived))
+            execution = asyncio.create_task(self._execute_later(dict(scope), body, delay, answer))
+            self._background.add(execution)
+            execution.add_done_callback(self._background.discard)
+        if fault == "408":
+            await self._json(send, 408, self.error_body(408, "RequestTimeout", "The request timed out."))
+        elif fault == "504":
+            await self._json(send, 504, self.error_body(
+                504, "GatewayTimeout", "The request did not complete within the time limit."))
+        elif execution is not None:
+            await asyncio.shield(execution)
+            try:
+                for message in answer:
+                    await send(message)
+            except Exception:
+                pass  # the client is long gone; the execution has committed all the same
+        else:
+            await asyncio.sleep(max(0.0, knobs.execution_limit_seconds - (time.monotonic() - arrived)))
+            await self._json(send, 504, self.error_body(
+                504, "GatewayTimeout", "The request did not complete within the time limit and was aborted."))
+
+    async def _execute_later(self, scope, body: bytes, delay: float, answer: list[dict]) -> None:
+        """Run the request after `delay` from its buffered body, keeping the answer in `answer`."""
+        await asyncio.sleep(delay)
+        delivered = False
+
+        async def replay():
+            nonlocal delivered
+            if delivered:
+                return {"type": "http.disconnect"}
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def keep(message):
+            answer.append(message)
+
+        try:
+            await self.app(scope, replay, keep)
+        except Exception:
+            log.exception("a late execution of %s %s failed", scope.get("method"), scope.get("path"))
 
     async def _throttled(self, send) -> None:
         seconds = self.plan.knobs.retry_after_seconds
         body = self.error_body(429, "TooManyRequests", "Too many requests. Retry later.")
-        await self._json(send, 429, body, [(b"retry-after", str(seconds).encode())])
+        headers = [] if self.plan.omit_retry_after() else [(b"retry-after", str(seconds).encode())]
+        await self._json(send, 429, body, headers)
 
     async def _json(self, send, status: int, body: dict, headers: list | None = None) -> None:
         await self._raw(send, status, json.dumps(body).encode(), "application/json", headers)
@@ -270,3 +366,17 @@ class FaultMiddleware:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")]})
         await send({"type": "http.response.body", "body": b"{", "more_body": True})
         raise ConnectionResetError("injected connection reset")
+
+
+async def _read_body(receive) -> bytes:
+    """The whole request body, read before the request is put off (the connection may be gone
+    by the time it runs)."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    return b"".join(chunks)

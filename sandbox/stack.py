@@ -78,7 +78,8 @@ class SandboxStack(ExitStack):
             entra = EntraSimulator(FaultPlan())
             entra.register_client(TENANT, CLIENT_ID, CLIENT_SECRET)
             graph = GraphSimulator(FaultPlan(self.graph_knobs), page_size=self.page_size)
-            bc = BcSimulator(FaultPlan(self.bc_knobs), batch_item_ms=self.batch_item_ms)
+            bc_plan = FaultPlan(self.bc_knobs) if self.bc_knobs is not None else None  # None: BC's limits
+            bc = BcSimulator(bc_plan, batch_item_ms=self.batch_item_ms)
             company_id = bc.add_company(TENANT, ENVIRONMENT)
             servers = {name: self.enter_context(ServerThread(sim.app, tls, name=f"{name}-sim"))
                        for name, sim in (("entra", entra), ("graph", graph), ("bc", bc))}

@@ -8,7 +8,16 @@ query the app sends here also works against the real service:
   ``1 eq 1``, has no AL equivalent and is refused);
 - ``or`` may only combine conditions on one field (AL filters are per field and ANDed together);
 - the literal must have the property's type (``id eq 'x'`` is refused: GUIDs are unquoted);
-- text comparisons are case-insensitive, because BC's SQL collation is case-insensitive;
+- text comparisons (``eq``, ``gt``…, ``contains``/``startswith``/``endswith``) are
+  case-sensitive, as AL filters are on BC's case-sensitive collation; ``tolower``/``toupper``
+  are what make a comparison case-insensitive. By default they apply to the field's value, as
+  OData defines them (`FilterRules` switches to BC's documented AL approximation, in which they
+  just "disable case sensitivity"). Code fields hold upper-case values and are compared with
+  the literal as sent unless `FilterRules.code_literals_upper`;
+- a string literal longer than the field is refused as BC refuses it
+  (``Application_FilterErrorException``, "The length of the string is 81, but it must be less
+  than or equal to 80 characters");
+- nested function calls (``contains(tolower(email),'x')``) need ``$schemaversion=2.1``;
 - ``in (...)`` is refused: API v2.0 has been seen to ignore it silently and return every record,
   so an app that relies on it would work here and fail in production.
 
@@ -22,18 +31,44 @@ import datetime as dt
 import re
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-STRING, GUID, NUMBER, BOOL, DATE, DATETIME = "string", "guid", "number", "bool", "date", "datetime"
+STRING, CODE, GUID, NUMBER, BOOL, DATE, DATETIME = "string", "code", "guid", "number", "bool", "date", "datetime"
+TEXT_KINDS = (STRING, CODE)
+"""Both are ``Edm.String``; a CODE field holds upper-case values (AL ``Code[n]``)."""
 
-_EDM = {STRING: "Edm.String", GUID: "Edm.Guid", NUMBER: "Edm.Decimal", BOOL: "Edm.Boolean",
+_EDM = {STRING: "Edm.String", CODE: "Edm.String", GUID: "Edm.Guid", NUMBER: "Edm.Decimal", BOOL: "Edm.Boolean",
         DATE: "Edm.Date", DATETIME: "Edm.DateTimeOffset", "null": "null"}
 
 
 class ODataError(Exception):
     """A query option Business Central would refuse with 400 Bad Request."""
+
+    code = "BadRequest"
+
+
+class FilterValueError(ODataError):
+    """A literal that AL cannot put into the field's filter (BC's ``NavFilterException``)."""
+
+    code = "Application_FilterErrorException"
+
+
+@dataclass(frozen=True)
+class FilterRules:
+    """The variants of BC's filter translation the documentation leaves open (the defaults are the
+    strictest reading), and the request's ``$schemaversion``."""
+
+    code_literals_upper: bool = False
+    """True: a literal compared with a Code field is upper-cased first (as if BC normalised it
+    like a value it stores). Default: compared as sent, so ``number eq 'c00010'`` finds nothing."""
+    case_functions_ignore_case: bool = False
+    """True: ``tolower``/``toupper`` make the comparison case-insensitive whatever the literal's case
+    (the docs' "closest AL approximation"). Default: they apply to the field's value (OData), so
+    ``tolower(email) eq 'Bob@x.com'`` finds nothing."""
+    nested_functions: bool = False
+    """Nested calls such as ``contains(tolower(email),'x')``: allowed from ``$schemaversion=2.1``."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +78,13 @@ class EntityType:
     name: str
     """OData type name, e.g. ``customer`` (messages say ``Microsoft.NAV.customer``)."""
     properties: Mapping[str, str]
-    """Property name → one of STRING, GUID, NUMBER, BOOL, DATE, DATETIME."""
+    """Property name → one of STRING, CODE, GUID, NUMBER, BOOL, DATE, DATETIME."""
+    lengths: Mapping[str, int] = field(default_factory=dict)
+    """Maximum length of a text property (``Text[80]`` → 80)."""
+    captions: Mapping[str, str] = field(default_factory=dict)
+    """The table field's caption, for messages (``email`` → ``Email``)."""
+    table: str = ""
+    """The table behind the entity, for messages."""
 
     def type_of(self, name: str) -> str:
         if name not in self.properties:
@@ -268,16 +309,12 @@ def _parse_datetime(text: str) -> str:
 Predicate = Callable[[Mapping[str, Any]], bool]
 
 
-def _fold(value: Any) -> Any:
-    return value.casefold() if isinstance(value, str) else value
-
-
 def normalize(kind: str, value: Any) -> Any:
-    """A stored value in the form comparisons use (text case-folded, times in UTC, GUIDs lower)."""
+    """A stored value in the form comparisons use (times in UTC, GUIDs lower, text as stored)."""
     if value is None:
         return None
-    if kind == STRING:
-        return str(value).casefold()
+    if kind in TEXT_KINDS:
+        return str(value)
     if kind == GUID:
         return str(value).lower()
     if kind == NUMBER:
@@ -301,9 +338,21 @@ def _fields_of(node) -> set[str]:
     return _fields_of(node.left) | _fields_of(node.right)
 
 
+@dataclass(frozen=True)
+class _Operand:
+    """A property, or ``tolower``/``toupper`` of one, on the left of a comparison."""
+
+    kind: str
+    name: str
+    case: str | None
+    """``lower``/``upper`` for tolower/toupper, None for the property itself."""
+    get: Callable[[Mapping[str, Any]], Any]
+
+
 class _Compiler:
-    def __init__(self, entity: EntityType):
+    def __init__(self, entity: EntityType, rules: FilterRules):
         self.entity = entity
+        self.rules = rules
 
     def predicate(self, node) -> Predicate:
         if isinstance(node, Logical):
@@ -330,18 +379,44 @@ class _Compiler:
             return lambda row: bool(row.get(name))
         raise ODataError("The $filter expression must evaluate to a Boolean value.")
 
-    def _operand(self, node) -> tuple[str, Callable[[Mapping[str, Any]], Any]] | None:
-        """(type, getter) for a property or a tolower/toupper of one; None for anything else."""
+    def _operand(self, node, nested: bool = False) -> _Operand | None:
+        """A property or a tolower/toupper of one; None for anything else."""
         if isinstance(node, Property):
             kind = self.entity.type_of(node.name)
             name = node.name
-            return kind, lambda row: normalize(kind, row.get(name))
+            return _Operand(kind, name, None, lambda row: normalize(kind, row.get(name)))
         if isinstance(node, Call) and node.name in _TEXT_FUNCTIONS:
-            inner = self._operand(node.args[0])
-            if inner is None or inner[0] != STRING:
+            if nested and not self.rules.nested_functions:
+                raise ODataError(
+                    f"Nested function calls such as '{node.name}' inside another function are supported only "
+                    "with $schemaversion=2.1 or later.")
+            inner = self._operand(node.args[0], nested=True)
+            if inner is None or inner.kind not in TEXT_KINDS:
                 raise ODataError(f"The function '{node.name}' needs a text property as its argument.")
-            return inner
+            if self.rules.case_functions_ignore_case:
+                return _Operand(inner.kind, inner.name, "fold", inner.get)
+            change = str.lower if node.name == "tolower" else str.upper
+            get = inner.get
+            return _Operand(inner.kind, inner.name, node.name[2:],
+                            lambda row: None if (value := get(row)) is None else change(value))
         return None
+
+    def _text_literal(self, operand: _Operand, literal: str, op: str) -> str:
+        """The literal as BC filters with it: checked against the field's length, upper-cased for a
+        Code field when `FilterRules.code_literals_upper`, case-folded for a case-insensitive one."""
+        limit = self.entity.lengths.get(operand.name)
+        if limit is not None and len(literal) > limit:
+            caption = self.entity.captions.get(operand.name, operand.name)
+            shown = _AL_FILTER[op].format(literal)
+            raise FilterValueError(
+                f'The filter "{shown}" is not valid for the {caption} field on the '
+                f"{self.entity.table or self.entity.name} table. The length of the string is {len(literal)}, "
+                f"but it must be less than or equal to {limit} characters. Value: {literal}")
+        if operand.case == "fold":
+            return literal.casefold()
+        if operand.case is None and operand.kind == CODE and self.rules.code_literals_upper:
+            return literal.upper()
+        return literal
 
     def _compare(self, node: Compare) -> Predicate:
         op, left, right = node.op, node.left, node.right
@@ -359,19 +434,24 @@ class _Compiler:
             raise ODataError(
                 "The filter cannot be applied: each comparison must compare a property with a literal "
                 "value (Business Central has no equivalent for this expression).")
-        kind, getter = operand
         literal = right
-        if literal.kind not in ("null", kind):
+        expected_kind = STRING if operand.kind in TEXT_KINDS else operand.kind
+        if literal.kind not in ("null", expected_kind):
             raise ODataError(
                 "A binary operator with incompatible types was detected. Found operand types "
-                f"'{_EDM[kind]}' and '{_EDM[literal.kind]}' for operator kind '{_op_name(op)}'.")
+                f"'{_EDM[operand.kind]}' and '{_EDM[literal.kind]}' for operator kind '{_op_name(op)}'.")
+        getter = operand.get
         if literal.kind == "null":
             if op == "eq":
                 return lambda row: getter(row) is None
             if op == "ne":
                 return lambda row: getter(row) is not None
             raise ODataError(f"Cannot compare with null using '{op}'.")
-        value = _fold(literal.value)
+        value = literal.value
+        if literal.kind == STRING:
+            value = self._text_literal(operand, value, op)
+            if operand.case == "fold":
+                getter = _folded(getter)
         test = _OPERATORS[op]
 
         def compare(row: Mapping[str, Any]) -> bool:
@@ -381,14 +461,24 @@ class _Compiler:
 
     def _text_function(self, node: Call) -> Predicate:
         target, needle = node.args
-        operand = self._operand(target)
-        if operand is None or operand[0] != STRING:
+        operand = self._operand(target, nested=True)
+        if operand is None or operand.kind not in TEXT_KINDS:
             raise ODataError(f"The first argument of '{node.name}' must be a text property.")
         if not (isinstance(needle, Literal) and needle.kind == STRING):
             raise ODataError(f"The second argument of '{node.name}' must be a text literal.")
-        getter, text = operand[1], needle.value.casefold()
+        text = self._text_literal(operand, needle.value, node.name)
+        getter = _folded(operand.get) if operand.case == "fold" else operand.get
         method = {"contains": str.__contains__, "startswith": str.startswith, "endswith": str.endswith}[node.name]
         return lambda row: method(getter(row) or "", text)
+
+
+def _folded(getter: Callable[[Mapping[str, Any]], Any]) -> Callable[[Mapping[str, Any]], Any]:
+    return lambda row: None if (value := getter(row)) is None else value.casefold()
+
+
+_AL_FILTER = {"eq": "='{}'", "ne": "<>'{}'", "gt": ">'{}'", "ge": ">='{}'", "lt": "<'{}'", "le": "<='{}'",
+              "contains": "'*{}*'", "startswith": "'{}*'", "endswith": "'*{}'"}
+"""How a condition appears in BC's message, in AL filter syntax (``"='value'"``)."""
 
 
 def _op_name(op: str) -> str:
@@ -406,10 +496,10 @@ _OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
 }
 
 
-def compile_filter(text: str, entity: EntityType) -> Predicate:
+def compile_filter(text: str, entity: EntityType, rules: FilterRules | None = None) -> Predicate:
     """Parse and type-check a `$filter`; the result tells whether a (stored) record matches."""
     try:
-        return _Compiler(entity).predicate(_Parser(text).parse())
+        return _Compiler(entity, rules or FilterRules()).predicate(_Parser(text).parse())
     except RecursionError as error:
         raise ODataError("The $filter expression is nested too deeply.") from error
 
@@ -445,13 +535,17 @@ def parse_orderby(text: str, entity: EntityType) -> list[tuple[str, bool]]:
 
 
 def sort_rows(rows: list[Mapping[str, Any]], order: list[tuple[str, bool]], entity: EntityType) -> list:
-    """Sort like SQL with a case-insensitive collation (stable, last key applied first)."""
+    """Sort like SQL with BC's case-sensitive dictionary collation (``Latin1_General_100_CS_AS``:
+    letters in dictionary order, lower case before upper case of the same letter); stable, last
+    key applied first."""
     result = list(rows)
     for name, descending in reversed(order):
         kind = entity.type_of(name)
 
         def key(row, name=name, kind=kind):
             value = normalize(kind, row.get(name))
+            if isinstance(value, str):
+                value = (value.casefold(), value.swapcase())
             return (value is not None, value if value is not None else 0)
         result.sort(key=key, reverse=descending)
     return result

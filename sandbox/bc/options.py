@@ -1,0 +1,42 @@
+"""Switches for the behaviours BC's documentation leaves open.
+
+Each default is the strictest reading (the one that makes a careless client fail here rather
+than in production); the other value is the variant a test can opt into. `BcSimulator.configure`
+changes them at run time. The latency, limits and faults of the HTTP layer are `sandbox.faults.Knobs`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sandbox.bc.odata import FilterRules
+
+
+@dataclass
+class BcOptions:
+    code_filter_uppercases_literal: bool = False
+    """Docs silent. False: a literal compared with a Code field is used as sent, so
+    ``externalDocumentNumber eq 'bk-1'`` does not find ``BK-1``. True: BC upper-cases it first."""
+    case_functions_ignore_case: bool = False
+    """Docs: "tolower and toupper disable case sensitivity in comparisons". False (OData): the
+    function applies to the field's value and the literal is compared as sent, so only a
+    lower-case literal matches ``tolower(email)``. True: any literal's case matches."""
+    nested_functions_need_schema_2_1: bool = True
+    """Docs: nested calls are supported from ``$schemaversion=2.1``; before, they "throw an error or
+    return an undefined result". True: refused (400) without ``$schemaversion=2.1``. False: allowed."""
+    sales_tax: bool = False
+    """A sales-tax (North American) company: BC then skips the sell-to customer's Gen. Bus. Posting
+    Group check when an invoice is created. False: the check runs (as in W1 companies)."""
+
+    def filter_rules(self, schema_version: str | None) -> FilterRules:
+        nested = not self.nested_functions_need_schema_2_1 or _at_least_2_1(schema_version)
+        return FilterRules(code_literals_upper=self.code_filter_uppercases_literal,
+                           case_functions_ignore_case=self.case_functions_ignore_case, nested_functions=nested)
+
+
+def _at_least_2_1(version: str | None) -> bool:
+    try:
+        major, _, minor = (version or "").strip().partition(".")
+        return (int(major), int(minor or 0)) >= (2, 1)
+    except ValueError:
+        return False
