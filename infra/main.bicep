@@ -174,6 +174,9 @@ param bookingsTimeZone string = 'UTC'
 @description('HTTP_TIMEOUT_SECONDS: timeout of one call to Graph or Business Central.')
 param httpTimeoutSeconds string = '60'
 
+@description('BC_EXECUTION_LIMIT_SECONDS: how long Business Central may go on running a request after the app stopped waiting; unknown outcomes are checked after this.')
+param bcExecutionLimitSeconds string = '600'
+
 // ---------------------------------------------------------------------------------------------
 
 var abbrs = loadJsonContent('./abbreviations.json')
@@ -344,6 +347,7 @@ module api 'app/api.bicep' = {
     writeBackToBookings: writeBackToBookings
     bookingsTimeZone: bookingsTimeZone
     httpTimeoutSeconds: httpTimeoutSeconds
+    bcExecutionLimitSeconds: bcExecutionLimitSeconds
   }
   // The host reads storage and resolves the Key Vault reference at its first start.
   dependsOn: [

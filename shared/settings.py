@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     write_back_to_bookings: bool = Field(False, alias="WRITE_BACK_TO_BOOKINGS")
     time_zone: str = Field("UTC", alias="BOOKINGS_TIME_ZONE")
     http_timeout_seconds: float = Field(60.0, gt=0, le=600, alias="HTTP_TIMEOUT_SECONDS")
+    bc_execution_limit_seconds: float = Field(600.0, gt=0, le=3600, alias="BC_EXECUTION_LIMIT_SECONDS")
+    """How long Business Central may go on executing a request after it arrived (its documented
+    limit is 10 minutes). A write whose outcome is unknown (timeout, lost answer) is looked up,
+    and repeated if missing, only once this has passed: before, BC may still be creating it."""
 
     @field_validator("business_ids", mode="before")
     @classmethod

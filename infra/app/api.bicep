@@ -37,6 +37,7 @@ param invoiceFreeBookings string
 param writeBackToBookings string
 param bookingsTimeZone string
 param httpTimeoutSeconds string
+param bcExecutionLimitSeconds string
 
 resource stg 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
@@ -73,6 +74,7 @@ var appSettings = {
   WRITE_BACK_TO_BOOKINGS: writeBackToBookings
   BOOKINGS_TIME_ZONE: bookingsTimeZone
   HTTP_TIMEOUT_SECONDS: httpTimeoutSeconds
+  BC_EXECUTION_LIMIT_SECONDS: bcExecutionLimitSeconds
 }
 
 // A Key Vault reference without a version (trailing slash): after a rotation the app reads the
