@@ -191,10 +191,10 @@ class Naive:
             if mode == "list":
                 found = [listed[match]] if match in listed else []
             else:
+                # BC compares Text case-sensitively: tolower() on the field, a lower-case literal.
                 column = "email" if kind == "customer" else "displayName"
                 found = self.call("bc", "GET", f"{self.bc}/{entity_set}",
-                                  params={"$filter": f"{column} eq {_odata(match if kind == 'customer' else fields['displayName'])}"}
-                                  ).json()["value"]
+                                  params={"$filter": f"tolower({column}) eq {_odata(match)}"}).json()["value"]
             if found:
                 record = found[0]
             else:
@@ -228,7 +228,7 @@ class Naive:
             for row in bookings:
                 if row["ServiceId"] not in items:
                     items[row["ServiceId"]] = self.table(LINKS).get_entity("item", _key(row["ServiceId"]))["BcId"]
-            number = f"NV-{job[:22]}-{part:05d}"
+            number = f"NV-{job[:22]}-{part:05d}".upper()  # a Code field: BC stores it upper-case
             found = self.call("bc", "GET", f"{self.bc}/salesInvoices",
                               params={"$filter": f"externalDocumentNumber eq {_odata(number)}"}).json()["value"]
             if found:

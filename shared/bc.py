@@ -1,27 +1,69 @@
 """Business Central API v2.0: the one client that builds BC URLs, plus the fields BC accepts.
 
-BC serves about 5 requests at a time per environment (more are queued, then throttled), so the
-client holds at most 5 in flight. Lookups use `$filter` with OData string escaping (`'` → `''`),
-so an e-mail such as `o'brien@example.com` is a value, never syntax. Writes of existing records
-send `If-Match` with the record's ETag."""
+BC serves about 5 requests at a time per user (more are queued, then throttled) and 6,000 per
+5-minute sliding window, so the client holds at most 5 in flight and keeps its own budget.
+Lookups follow BC's filter semantics: Text fields compare case-sensitively, so e-mails and item
+names are matched with `tolower(field) eq '<lower-cased value>'`; Code fields (such as
+`externalDocumentNumber`) are stored upper-case, so their keys are made and sent upper-case; a
+value longer than the field cannot exist in BC and is never sent (BC refuses the whole filter).
+Literals use OData string escaping (`'` → `''`), so an e-mail such as `o'brien@example.com` is a
+value, never syntax. Writes of existing records send `If-Match` with the record's ETag.
+
+BC runs the requests of a `$batch` one after another and may go on executing a request after
+the client stopped waiting, so creates are batched small enough to finish well inside
+`HTTP_TIMEOUT_SECONDS` (`creates_per_batch`)."""
 
 from __future__ import annotations
 
 import logging
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import urlencode
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.http import ApiClient, UpstreamAmbiguous, UpstreamError, UpstreamNotFound, error_from_body
+from shared.http import (ApiClient, UpstreamAmbiguous, UpstreamError, UpstreamNotFound, UpstreamThrottled,
+                         error_from_body)
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
 ENVIRONMENT_CONCURRENCY = 5
+REQUESTS_PER_WINDOW = 6000
+WINDOW_SECONDS = 300.0
 MAX_BATCH_REQUESTS = 100
+UNKNOWN_OUTCOME_STATUS = {408, 504}
+"""Inside a finished batch, BC timed this request out: it may still complete (BC's docs: 408
+after the operation timeout, 504 after the 10-minute execution limit)."""
 LOOKUP_CHUNK = 40
 """Values per `or` filter: keeps the URL well under the limits of gateways in front of BC."""
+FIELD_LENGTHS = {"email": 80, "displayName": 100, "externalDocumentNumber": 35}
+"""Lengths of the fields the app filters on (Customer "E-Mail" Text[80], Name/Description
+Text[100], Sales Header "External Document No." Code[35])."""
+
+SECONDS_PER_CREATE = {"customers": 0.2, "items": 0.2, "salesInvoices": 0.5}
+"""A generous estimate of what BC spends creating one record inside a `$batch` (an invoice with
+its lines by deep insert counts as one). Batches are sized so that a normal one takes at most a
+third of `HTTP_TIMEOUT_SECONDS`: with the default 60 s, 100 customers or items (20 s) and 40
+invoices (20 s) per batch."""
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Work that must wait for BC: until when; since when a write of it may have been sent (None:
+    certainly never); why; and whether it used up an attempt (an unknown outcome or a server
+    error, as opposed to throttling, which only slows the app down and never makes it give up)."""
+    until: datetime
+    pending_since: datetime | None
+    reason: str
+    attempt: bool = False
+
+
+def creates_per_batch(entity_set: str, timeout_seconds: float) -> int:
+    return max(1, min(MAX_BATCH_REQUESTS, int(timeout_seconds / 3 / SECONDS_PER_CREATE[entity_set])))
 
 
 def odata_string(value: str) -> str:
@@ -86,6 +128,22 @@ class BcClient:
         self.company_url = settings.bc_company_url
         self.company_path = f"companies({settings.bc_company_id})"
         self.batch_url = settings.bc_batch_url
+        self.timeout_seconds = settings.http_timeout_seconds
+        self.execution_limit_seconds = settings.bc_execution_limit_seconds
+
+    # -- unknown outcomes ----------------------------------------------------------------------
+
+    def send_by(self, since: datetime) -> float:
+        """The `time.monotonic()` deadline for sending writes claimed at `since`: one
+        `HTTP_TIMEOUT_SECONDS` later. Writes are never sent after it, so `settled_at` holds."""
+        elapsed = (datetime.now(timezone.utc) - since).total_seconds()
+        return time.monotonic() - elapsed + self.timeout_seconds
+
+    def settled_at(self, pending_since: datetime) -> datetime:
+        """When no write claimed at `pending_since` can still be running in BC: its send
+        deadline plus BC's execution limit (`BC_EXECUTION_LIMIT_SECONDS`). Only then does looking
+        it up tell for sure whether it happened."""
+        return pending_since + timedelta(seconds=self.timeout_seconds + self.execution_limit_seconds)
 
     # -- generic -------------------------------------------------------------------------------
 
@@ -113,10 +171,10 @@ class BcClient:
             return None
         return _entity(response.body)
 
-    async def create(self, entity_set: str, fields: dict) -> dict:
+    async def create(self, entity_set: str, fields: dict, send_by: float | None = None) -> dict:
         """POST. A lost answer raises `UpstreamAmbiguous`: look the record up before repeating."""
         response = await self.api.request("POST", f"{self.company_url}/{entity_set}", json_body=fields,
-                                          idempotent=False)
+                                          idempotent=False, send_by=send_by)
         return _entity(response.body)
 
     async def update(self, entity_set: str, entity_id: str, etag: str, changes: dict) -> dict:
@@ -124,7 +182,8 @@ class BcClient:
                                           json_body=changes, headers={"If-Match": etag})
         return _entity(response.body)
 
-    async def batch(self, requests: list[dict], atomic: bool = False, idempotent: bool = True) -> list[dict]:
+    async def batch(self, requests: list[dict], atomic: bool = False, idempotent: bool = True,
+                    send_by: float | None = None) -> list[dict]:
         """JSON `$batch` of ≤ 100 inner requests (`method`, `url` relative to the company).
         Answers in request order: `{status, body}` per inner request."""
         if len(requests) > MAX_BATCH_REQUESTS:
@@ -138,7 +197,7 @@ class BcClient:
         # answer every request, which OData only does when asked to continue on error.
         headers = {"Isolation": "snapshot"} if atomic else {"Prefer": "odata.continue-on-error"}
         response = await self.api.request("POST", self.batch_url, json_body=payload, headers=headers,
-                                          idempotent=idempotent)
+                                          idempotent=idempotent, send_by=send_by)
         answers = {str(item.get("id")): item for item in (response.body or {}).get("responses", [])}
         if len(answers) != len(requests):
             raise UpstreamError(self.api.service, response.status, "MalformedResponse",
@@ -148,18 +207,27 @@ class BcClient:
     # -- entities ------------------------------------------------------------------------------
 
     async def customers_by_emails(self, emails: list[str]) -> dict[str, list[dict]]:
-        """Many e-mails with few requests: `email eq 'a' or email eq 'b' …` per chunk."""
+        """Customers by e-mail, case-insensitively (`tolower(email) eq …`); keys are lower-case."""
         return await self._by_values("customers", "email", emails, lambda c: True)
 
     async def items_by_names(self, names: list[str]) -> dict[str, list[dict]]:
+        """Service items by name, case-insensitively; keys are lower-case."""
         return await self._by_values("items", "displayName", names, lambda i: i.get("type") == "Service")
 
-    async def _by_values(self, entity_set: str, field: str, values: list[str], keep) -> dict[str, list[dict]]:
-        """One `or` filter per chunk of values; several chunks go in one `$batch` (one round
-        trip, and one of BC's concurrent-request slots, instead of one each)."""
-        wanted = sorted({v.strip().lower() for v in values if v and v.strip()})
-        filters = [" or ".join(f"{field} eq {odata_string(value)}" for value in wanted[i:i + LOOKUP_CHUNK])
-                   for i in range(0, len(wanted), LOOKUP_CHUNK)]
+    async def _by_values(self, entity_set: str, field: str, values: list[str], keep,
+                         code: bool = False) -> dict[str, list[dict]]:
+        """Many values with few requests: one `or` filter per chunk of values, several chunks in
+        one `$batch` (one round trip, and one of BC's concurrent-request slots, instead of one
+        each). Text fields are compared through `tolower` (BC compares Text case-sensitively);
+        Code fields hold upper-case values and are compared as such. Values longer than the
+        field cannot be stored in BC: they are answered "not found" without asking."""
+        fold = str.upper if code else str.lower
+        limit = FIELD_LENGTHS[field]
+        wanted = sorted({fold(v.strip()) for v in values if v and v.strip()})
+        subject = field if code else f"tolower({field})"
+        askable = [value for value in wanted if len(value) <= limit]
+        filters = [" or ".join(f"{subject} eq {odata_string(value)}" for value in askable[i:i + LOOKUP_CHUNK])
+                   for i in range(0, len(askable), LOOKUP_CHUNK)]
         if len(filters) == 1:
             pages = [await self.list(entity_set, filters[0])]
         else:
@@ -172,7 +240,7 @@ class BcClient:
         found: dict[str, list[dict]] = {value: [] for value in wanted}
         for page in pages:
             for record in page:
-                value = (record.get(field) or "").strip().lower()
+                value = fold((record.get(field) or "").strip())
                 if value in found and keep(record):
                     found[value].append(record)
         return found
@@ -187,35 +255,63 @@ class BcClient:
             return body["value"]
         return await self.list(entity_set, filter)
 
-    async def create_many(self, entity_set: str, records: list[dict]) -> list[dict | UpstreamError]:
-        """Create records with one request per 100 (`$batch`); answers in order, each the new
-        record or the error BC gave for it. A lost answer raises `UpstreamAmbiguous`."""
+    async def create_many(self, entity_set: str, records: list[dict], send_by: float | None = None
+                          ) -> list[dict | UpstreamError]:
+        """Create records in `$batch`es sized by `creates_per_batch`. One answer per record, in
+        order: the new record; `UpstreamAmbiguous` when BC may have created it or may still be
+        creating it (the batch timed out or its answer was lost, or BC timed the request out);
+        `UpstreamThrottled` when it was certainly not sent (throttled, past `send_by`, or a
+        batch before it had an unknown outcome: no more load is put on a BC that is struggling);
+        any other `UpstreamError` is BC's own answer for that record. `send_by`: see
+        `ApiClient.request`."""
         if len(records) == 1:
             try:
-                return [await self.create(entity_set, records[0])]
-            except UpstreamAmbiguous:
-                raise
+                return [await self.create(entity_set, records[0], send_by)]
             except UpstreamError as error:
                 return [error]
+        size = creates_per_batch(entity_set, self.timeout_seconds)
         results: list[dict | UpstreamError] = []
-        for start in range(0, len(records), MAX_BATCH_REQUESTS):
-            chunk = records[start:start + MAX_BATCH_REQUESTS]
-            answers = await self.batch([{"method": "POST", "url": entity_set, "body": record} for record in chunk],
-                                       idempotent=False)
-            for answer in answers:
-                status = int(answer.get("status") or 0)
-                body = answer.get("body")
-                if 200 <= status < 300 and isinstance(body, dict) and "id" in body:
-                    results.append(body)
-                else:
-                    error = body.get("error", {}) if isinstance(body, dict) else {}
-                    results.append(error_from_body(self.api.service, status, body, str(error.get("message", ""))))
+        stopped: UpstreamError | None = None
+        for start in range(0, len(records), size):
+            chunk = records[start:start + size]
+            if stopped is not None:
+                results += [_not_sent(self.api.service, stopped)] * len(chunk)
+                continue
+            try:
+                answers = await self.batch([{"method": "POST", "url": entity_set, "body": record} for record in chunk],
+                                           idempotent=False, send_by=send_by)
+            except (UpstreamAmbiguous, UpstreamThrottled) as error:
+                results += [error] * len(chunk)
+                stopped = error
+                continue
+            results += [self._created(answer) for answer in answers]
         return results
 
+    def _created(self, answer: dict) -> dict | UpstreamError:
+        status = int(answer.get("status") or 0)
+        body = answer.get("body")
+        if 200 <= status < 300 and isinstance(body, dict) and "id" in body:
+            return body
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        refusal = error_from_body(self.api.service, status, body, str(error.get("message", "")))
+        if status in UNKNOWN_OUTCOME_STATUS:
+            return UpstreamAmbiguous(refusal.service, status, refusal.code, refusal.message)
+        return refusal
+
     async def invoices_by_external_numbers(self, keys: list[str]) -> dict[str, list[dict]]:
-        """Invoices by our deterministic external document numbers (few requests for many)."""
-        found = await self._by_values("salesInvoices", "externalDocumentNumber", keys, lambda i: True)
-        return {key: found.get(key.strip().lower(), []) for key in keys}
+        """Invoices by our deterministic external document numbers (few requests for many).
+        `externalDocumentNumber` is a Code field: BC keeps it upper-case, and so do our keys."""
+        found = await self._by_values("salesInvoices", "externalDocumentNumber", keys, lambda i: True, code=True)
+        return {key: found.get(key.strip().upper(), []) for key in keys}
+
+    async def countries(self) -> list[dict]:
+        """BC's Country/Region table (`code`, `displayName`): the only values `country` takes."""
+        return await self.list("countriesRegions")
+
+    async def company(self) -> dict:
+        """The configured company (reachable, and the app may read it)."""
+        response = await self.api.request("GET", self.company_url)
+        return _entity(response.body)
 
     async def invoices_by_id(self, ids: list[str]) -> dict[str, dict | None]:
         """Current state of many invoices with few round trips (`$batch`); None = deleted."""
@@ -238,7 +334,46 @@ class BcClient:
         return found
 
 
+def _not_sent(service: str, cause: UpstreamError) -> UpstreamThrottled:
+    return UpstreamThrottled(service, None, "NotSent", f"not sent: an earlier batch failed ({cause.code})")
+
+
 def _entity(body: Any) -> dict:
     if not isinstance(body, dict) or "id" not in body:
         raise UpstreamError("Business Central", None, "MalformedResponse", "the answer had no record")
     return body
+
+
+# -- what a refusal means -------------------------------------------------------------------------
+
+_FIXES: list[tuple[re.Pattern, str]] = [
+    (re.compile(r"(?P<field>Customer Posting Group|Gen\. Bus\. Posting Group) must have a value in "
+                r"Customer: No\.=(?P<number>[^\s.]+)", re.IGNORECASE),
+     "Customer {number} has no {field} in Business Central. Fix: set its {field} on the customer card in "
+     "Business Central, and give the customer template chosen on BC's API Setup page a {field} so that new "
+     "customers get one; then invoice these bookings again."),
+    (re.compile(r"(?P<field>Gen\. Prod\. Posting Group|Inventory Posting Group) must have a value in "
+                r"Item: No\.=(?P<number>[^\s.]+)", re.IGNORECASE),
+     "Item {number} has no {field} in Business Central. Fix: set its {field} on the item card (or set "
+     "generalProductPostingGroupCode in the item template named by ITEM_TEMPLATE, for new items); then "
+     "invoice these bookings again."),
+    (re.compile(r"Customer (?P<number>\S+) is blocked with type (?P<kind>\w+)", re.IGNORECASE),
+     "Customer {number} is blocked in Business Central (Blocked = {kind}). Fix: clear Blocked on the customer "
+     "card if the customer may be invoiced; then invoice these bookings again."),
+    (re.compile(r"Blocked must be equal to 'No'\s+in Item: No\.=(?P<number>[^\s.]+)", re.IGNORECASE),
+     "Item {number} is blocked in Business Central. Fix: clear Blocked on the item card; then invoice these "
+     "bookings again."),
+    (re.compile(r"Invoice Nos\. must have a value|number series|numbers manually|numbers automatically", re.IGNORECASE),
+     "Business Central has no usable number series for sales invoices. Fix: set Invoice Nos. in Sales & "
+     "Receivables Setup to a number series that can assign numbers; then invoice these bookings again."),
+]
+
+
+def explain_refusal(message: str) -> str:
+    """BC's refusal in words a bookkeeper can act on: what is wrong, and what to fix in BC.
+    An unknown refusal is passed on as BC worded it."""
+    for pattern, advice in _FIXES:
+        match = pattern.search(message)
+        if match:
+            return advice.format(**match.groupdict()) + f" (Business Central said: {message})"
+    return f"Business Central refused it: {message}"

@@ -4,8 +4,14 @@ mapped from the APIs' `{"error": {"code", "message"}}` bodies.
 
 Retrying a request that may already have taken effect would bill or create twice, so a POST is
 retried only when the server certainly did not act on it (429, or a connection never made).
-Any other failure of a POST raises `UpstreamAmbiguous`: the caller looks the record up by its
-natural key before trying again."""
+Any other failure of a POST raises `UpstreamAmbiguous`: the server may still be executing it, so
+the caller waits until it cannot be (Business Central: its execution limit), then looks the
+record up by its natural key before trying again.
+
+Throttling slows the app down rather than failing it: without `Retry-After` the client backs
+off exponentially with jitter, a `RateBudget` keeps the client under a service's sliding-window
+quota, and a request still throttled after every retry raises `UpstreamThrottled`, which queue
+workers turn into "run this message again later"."""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import email.utils
 import logging
 import random
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Any
 from collections.abc import Awaitable, Callable
@@ -23,8 +29,11 @@ import httpx
 
 log = logging.getLogger(__name__)
 
-RETRYABLE_STATUS = {429, 500, 502, 503, 504}
+RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 MAX_RETRY_AFTER_SECONDS = 120.0
+MAX_BUDGET_WAIT_SECONDS = 20.0
+"""A request that would wait longer than this for the rate budget is not sent now: the caller's
+work is queued again for later instead of holding a function invocation."""
 
 
 class UpstreamError(Exception):
@@ -45,7 +54,11 @@ class UpstreamError(Exception):
 
 
 class UpstreamThrottled(UpstreamError):
-    """Still throttled (429) after every retry."""
+    """Still throttled (429) after every retry, or held back by the client's own rate budget or
+    send deadline. The request was certainly not executed. `retry_after`: seconds to wait, when
+    known."""
+
+    retry_after: float | None = None
 
 
 class UpstreamAmbiguous(UpstreamError):
@@ -100,13 +113,41 @@ def error_from_body(service: str, status: int, body: Any, text: str) -> Upstream
 TokenSource = Callable[[], Awaitable[str]]
 
 
+class RateBudget:
+    """A sliding-window quota kept on the client side (Business Central: 6,000 requests per 5
+    minutes per user), so the app slows itself down before the service starts refusing."""
+
+    def __init__(self, limit: int, window_seconds: float):
+        self.limit, self.window = limit, window_seconds
+        self._sent: deque[float] = deque()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self, service: str) -> None:
+        async with self._lock:
+            now = time.monotonic()
+            while self._sent and now - self._sent[0] >= self.window:
+                self._sent.popleft()
+            if len(self._sent) >= self.limit:
+                wait = self._sent[0] + self.window - now
+                if wait > MAX_BUDGET_WAIT_SECONDS:
+                    throttled = UpstreamThrottled(service, None, "ClientRateBudget",
+                                                  f"{self.limit} requests in {self.window:.0f} s already sent")
+                    throttled.retry_after = wait
+                    raise throttled
+                await asyncio.sleep(wait)
+                self._sent.popleft()
+            self._sent.append(time.monotonic())
+
+
 class ApiClient:
     """A JSON API behind bearer tokens. One instance per API, process and event loop."""
 
     def __init__(self, service: str, token: TokenSource, *, timeout: float,
                  max_concurrency: int, max_attempts: int = 7, backoff_seconds: float = 0.25,
-                 max_backoff_seconds: float = 20.0, max_connections: int = 32):
+                 max_backoff_seconds: float = 20.0, max_connections: int = 32,
+                 budget: RateBudget | None = None):
         self.service = service
+        self.budget = budget
         self._token = token
         self._max_concurrency = max_concurrency
         self._gates: dict[str, asyncio.Semaphore] = defaultdict(lambda: asyncio.Semaphore(self._max_concurrency))
@@ -132,14 +173,25 @@ class ApiClient:
 
     async def request(self, method: str, url: str, *, json_body: Any = None,
                       params: dict | None = None, headers: dict | None = None,
-                      limit_key: str = "*", idempotent: bool | None = None) -> ApiResponse:
-        """Send one request with retries; return the parsed answer or raise `UpstreamError`."""
+                      limit_key: str = "*", idempotent: bool | None = None,
+                      send_by: float | None = None) -> ApiResponse:
+        """Send one request with retries; return the parsed answer or raise `UpstreamError`.
+
+        `send_by` (a `time.monotonic()` deadline) bounds when the request may still be sent, a
+        retry included: the caller promises that nothing it started lands later than that plus
+        the service's execution limit. Past it, `UpstreamThrottled` (certainly not sent)."""
         idempotent = method in ("GET", "PUT", "DELETE", "PATCH", "HEAD") if idempotent is None else idempotent
         token_refreshed = False
         attempt = 0
+        retry_after: float | None = None
         while True:
             attempt += 1
-            retry_after: float | None = None
+            if send_by is not None and time.monotonic() > send_by:
+                late = UpstreamThrottled(self.service, None, "SendWindowPassed",
+                                         "not sent: its send window passed while it waited to be retried")
+                late.retry_after = retry_after
+                raise late
+            retry_after = None
             try:
                 token = await self._token()
             except UpstreamError as error:
@@ -151,6 +203,8 @@ class ApiClient:
             try:
                 request_headers = {"Authorization": f"Bearer {token}", **(headers or {})}
                 async with self._gates[limit_key]:
+                    if self.budget is not None:
+                        await self.budget.acquire(self.service)
                     self.requests_sent += 1
                     response = await self._http.request(method, url, json=json_body, params=params,
                                                         headers=request_headers)
@@ -175,6 +229,8 @@ class ApiClient:
                 if not idempotent and response.status_code != 429:
                     raise UpstreamAmbiguous(self.service, failure.status, failure.code, failure.message)
                 retry_after = parse_retry_after(response.headers.get("retry-after"))
+                if isinstance(failure, UpstreamThrottled):
+                    failure.retry_after = retry_after
             if not self._may_retry(attempt, failure, method, url):
                 raise failure
             await asyncio.sleep(self._delay(attempt, retry_after))

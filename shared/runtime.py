@@ -48,14 +48,15 @@ class Runtime:
     @property
     def bc(self):
         from shared.auth import token_provider
-        from shared.bc import ENVIRONMENT_CONCURRENCY, BcClient
-        from shared.http import ApiClient
+        from shared.bc import ENVIRONMENT_CONCURRENCY, REQUESTS_PER_WINDOW, WINDOW_SECONDS, BcClient
+        from shared.http import ApiClient, RateBudget
 
         if self._bc is None:
             self.settings.require("tenant_id", "bc_environment", "bc_company_id")
             tokens = token_provider(self.settings)
             api = ApiClient("Business Central", tokens.source(BC_SCOPE),
-                            timeout=self.settings.http_timeout_seconds, max_concurrency=ENVIRONMENT_CONCURRENCY)
+                            timeout=self.settings.http_timeout_seconds, max_concurrency=ENVIRONMENT_CONCURRENCY,
+                            budget=RateBudget(REQUESTS_PER_WINDOW, WINDOW_SECONDS))
             self._closers.append(api.aclose)
             self._bc = BcClient(api, self.settings)
         return self._bc

@@ -107,8 +107,8 @@ def test_an_e_mail_made_to_break_the_filter_never_links_another_bc_customer(worl
     assert link["Status"] == "linked" and link["BcId"] != victim["id"]
     assert [c for c in world.bc.customers(world.company_id) if c["id"] == victim["id"]] == [
         {**victim, "@odata.etag": victim["@odata.etag"]}], "the victim was not touched"
-    literal = "email eq '" + email.lower().replace("'", "''") + "'"
-    assert any(literal in f.lower() for f in filters), filters
+    literal = "tolower(email) eq '" + email.lower().replace("'", "''") + "'"
+    assert any(literal in f for f in filters), filters
 
 
 def test_a_service_name_made_to_break_the_filter_never_links_another_bc_item(world, monkeypatch):
@@ -122,8 +122,8 @@ def test_a_service_name_made_to_break_the_filter_never_links_another_bc_item(wor
     [link] = rows(world, ITEM_LINKS)
     assert link["Status"] == "linked" and link["BcId"] != existing["id"]
     assert sorted(i["displayName"] for i in world.bc.items(world.company_id)) == ["Haircut", name]
-    literal = "displayname eq 'haircut'' or displayname ne ''x'"
-    assert any(literal in f.lower() for f in filters), filters
+    literal = "tolower(displayName) eq 'haircut'' or displayname ne ''x'"
+    assert any(literal in f for f in filters), filters
 
 
 def test_the_bc_client_escapes_an_injection_that_the_message_schema_would_refuse(world):
