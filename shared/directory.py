@@ -22,13 +22,15 @@ from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, Re
 from azure.data.tables import TableTransactionError
 
 from shared import leases
-from shared.bc import BcClient
-from shared.http import UpstreamAmbiguous, UpstreamConflict, UpstreamError
-from shared.messages import (CustomerBatchUpsert, CustomerSource, CustomerUpsert, DirectoryUpsertMessage,
+from shared.bc import BcClient, Wait, explain_refusal
+from shared.hostconfig import queue_settings
+from shared.customer_fields import Countries, Mapped, drop_refused, map_customer, minimal
+from shared.http import UpstreamAmbiguous, UpstreamConflict, UpstreamError, UpstreamThrottled
+from shared.messages import (CustomerBatchUpsert, CustomerSource, CustomerUpsert, Deferred, DirectoryUpsertMessage,
                              PermanentFailure, ServiceSource)
 from shared.runtime import Runtime
 from shared.store import (CREATE, CUSTOMER_LINKS, ITEM_LINKS, MAX_BATCH, TEMPLATES, UPDATE, Store, encode_key,
-                          to_json)
+                          fit_string, to_json)
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,15 @@ CUSTOMER_PARTITION = "customer"
 ITEM_PARTITION = "item"
 CLAIM_STALE_AFTER = timedelta(seconds=90)
 WAIT_FOR_OTHER_SECONDS = 45.0
-CREATE_ATTEMPTS = 4
+CREATE_ROUNDS = 3
+"""A customer refused for a field is created again without it: at most this many tries."""
+THROTTLED_WAIT = 60.0
+MAX_ATTEMPTS = queue_settings().max_dequeue_count
+"""Creates without a known outcome before BC is taken to be failing: as often as a message is tried."""
+DEFER_MARGIN_SECONDS = 2.0
+"""Queue visibility is whole seconds: run deferred work a little after its time, never before."""
+UNSETTLED = ("an earlier create's outcome is unknown (no answer in time) and Business Central may still be "
+             "running it; it is looked up, and repeated only if missing, once it cannot be")
 
 
 class TemplateNotFound(PermanentFailure):
@@ -114,13 +124,6 @@ async def list_templates(store: Store) -> list[dict]:
 
 # -- mapping to BC fields ----------------------------------------------------------------------
 
-def customer_fields(source: CustomerSource) -> dict:
-    mapped = {"displayName": (source.display_name or source.email)[:100], "email": source.email,
-              "phoneNumber": source.phone, "addressLine1": source.address_line1, "city": source.city,
-              "state": source.state, "country": source.country, "postalCode": source.postal_code}
-    return {name: value for name, value in mapped.items() if value}
-
-
 def item_fields(source: ServiceSource) -> dict:
     return {"displayName": source.display_name[:100], "unitPrice": round(source.default_price, 2)}
 
@@ -138,23 +141,54 @@ def blanks_to_fill(existing: dict, mapped: dict) -> dict:
             if value not in (None, "") and existing.get(name) in (None, "")}
 
 
+_countries_cache: dict[int, tuple[float, Countries]] = {}
+COUNTRIES_CACHE_SECONDS = 3600.0
+
+
+async def bc_countries(bc: BcClient) -> Countries:
+    """BC's Country/Region table, read at most once an hour per process."""
+    cached = _countries_cache.get(id(bc))
+    if cached and cached[0] > time.monotonic():
+        return cached[1]
+    countries = Countries(await bc.countries())
+    _countries_cache[id(bc)] = (time.monotonic() + COUNTRIES_CACHE_SECONDS, countries)
+    return countries
+
+
 # -- resolution --------------------------------------------------------------------------------
 
 @dataclass
 class Wanted:
     """One customer/item to resolve: its key, the Bookings fields, and how BC would know it."""
     key: str
-    mapped: dict
+    mapped: Mapped
     lookup: str
     source_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A link row taken by this worker: its ETag, and since when an earlier worker may have sent
+    a create for it (None: certainly never, or its outcome is known)."""
+    etag: str
+    earlier_pending: datetime | None
+    at: datetime
+    attempts: int = 0
+    """Attempts that ended without a known outcome so far (see `Wait.attempt`)."""
 
 
 class Resolver:
     """Find or create BC records for customers/items, exactly once across workers, in bulk.
 
     Per call: link rows are read; unlinked ones are claimed (ETag); BC is searched for all of
-    them with a few `or` filters; what is missing is created with one `$batch` per 100. The
-    queue-triggered upsert and the invoice worker both resolve through here."""
+    them with a few `or` filters; what is missing is created with one `$batch` per batch size.
+    The queue-triggered upsert and the invoice worker both resolve through here.
+
+    A create whose outcome is unknown (timeout, lost answer) may still be running in BC, so it is
+    neither repeated nor looked up at once: the link row waits (`Status` `waiting`, `WaitUntil`)
+    until BC cannot be running it any more, and `Deferred` has the work run again then. A
+    claimed row records since when a create may have been sent (`PendingSince`): a later worker
+    that does not find the record in BC creates it only once that cannot be running either."""
 
     def __init__(self, rt: Runtime, store: Store, bc: BcClient, expect_new: bool = False):
         """`expect_new`: most records are probably not linked yet (the sync's upserts), so the
@@ -165,65 +199,93 @@ class Resolver:
         self.expect_new = expect_new
 
     async def customers(self, entries: list[tuple[CustomerSource, str | None]]) -> dict[str, Link]:
-        wanted = [Wanted(s.email, customer_fields(s), s.email, h) for s, h in entries]
+        countries = await bc_countries(self.bc) if any(s.country for s, _ in entries) else None
+        wanted = [Wanted(s.email, map_customer(s, countries), s.email, h) for s, h in entries]
         return await self._resolve(CUSTOMER, wanted, self.bc.customers_by_emails)
 
     async def items(self, entries: list[tuple[ServiceSource, str | None]]) -> dict[str, Link]:
-        wanted = [Wanted(s.service_id, item_fields(s), s.display_name, h) for s, h in entries]
+        wanted = [Wanted(s.service_id, Mapped(item_fields(s)), s.display_name, h) for s, h in entries]
         return await self._resolve(ITEM, wanted, self.bc.items_by_names)
 
     async def _resolve(self, kind: Kind, wanted: list[Wanted], find) -> dict[str, Link]:
         pending = {w.key: w for w in wanted}
         links: dict[str, Link] = {}
+        waits: dict[str, Wait] = {}
         deadline = time.monotonic() + WAIT_FOR_OTHER_SECONDS
         if self.expect_new:
             claimed = await self._claim_new(kind, list(pending))
             if claimed:
                 batch = [pending.pop(key) for key in claimed]
-                links |= await self._link_claimed(kind, batch, claimed, find)
+                found, waiting = await self._link_claimed(kind, batch, claimed, find)
+                links |= found
+                waits |= waiting
         while pending:
             rows = await self.store.get_many(kind.table, kind.partition, [encode_key(key) for key in pending])
+            now = datetime.now(timezone.utc)
             unlinked: dict[str, dict | None] = {}
             for key, want in list(pending.items()):
                 row = rows.get(encode_key(key))
                 if row and row.get("Status") == "linked" and row.get("BcId"):
                     links[key] = _link(row)
                     if want.source_hash and row.get("SourceHash") != want.source_hash:
-                        await self._refresh(kind, row, links[key], want.mapped, want.source_hash)
+                        await self._refresh(kind, row, links[key], want.mapped.fields, want.source_hash)
+                    del pending[key]
+                elif row and row.get("Status") == "waiting" and _when(row.get("WaitUntil")) \
+                        and _when(row.get("WaitUntil")) > now:
+                    waits[key] = Wait(_when(row["WaitUntil"]), _when(row.get("PendingSince")),
+                                      row.get("LastError") or "waiting for Business Central")
                     del pending[key]
                 else:
                     unlinked[key] = row
             claimed = await self._claim_all(kind, unlinked)
             if claimed:
                 batch = [pending.pop(key) for key in claimed]
-                links |= await self._link_claimed(kind, batch, claimed, find)
+                found, waiting = await self._link_claimed(kind, batch, claimed, find)
+                links |= found
+                waits |= waiting
             if pending:
                 if time.monotonic() > deadline:
                     raise LinkBusy(f"another worker has been resolving {kind.name} "
                                    f"{', '.join(_mask(k) for k in list(pending)[:3])} for too long")
                 await asyncio.sleep(0.2)
+        if waits:
+            until = max(wait.until for wait in waits.values())
+            reason = next(iter(waits.values())).reason
+            raise Deferred((until - datetime.now(timezone.utc)).total_seconds() + DEFER_MARGIN_SECONDS,
+                           f"{len(waits)} {kind.name}(s) wait until {until:%H:%M:%S} UTC: {reason}")
         return links
 
-    async def _link_claimed(self, kind: Kind, wanted: list[Wanted], etags: dict[str, str], find) -> dict[str, Link]:
+    async def _link_claimed(self, kind: Kind, wanted: list[Wanted], claims: dict[str, Claim], find
+                            ) -> tuple[dict[str, Link], dict[str, Wait]]:
         if kind is CUSTOMER:
-            return await self._find_or_create(kind, wanted, etags, find)
+            return await self._find_or_create(kind, wanted, claims, find)
         # Items are known to BC by name, not by the service id their link rows are claimed
         # by: two services of one name (two businesses) must not race to create two items.
         async with leases.held(self.store, "directory-items", WAIT_FOR_OTHER_SECONDS):
-            return await self._find_or_create(kind, wanted, etags, find)
+            return await self._find_or_create(kind, wanted, claims, find)
 
-    async def _find_or_create(self, kind: Kind, wanted: list[Wanted], etags: dict[str, str], find
-                              ) -> dict[str, Link]:
+    async def _find_or_create(self, kind: Kind, wanted: list[Wanted], claims: dict[str, Claim], find
+                              ) -> tuple[dict[str, Link], dict[str, Wait]]:
+        claimed_at = datetime.now(timezone.utc)
+        send_by = self.bc.send_by(min(claim.at for claim in claims.values()))
         failures: dict[str, Exception] = {}
         records: dict[str, tuple[dict, str]] = {}
+        waits: dict[str, Wait] = {}
         try:
             found = await find([w.lookup for w in wanted])
             to_create = []
             for want in wanted:
                 existing = found.get(want.lookup.strip().lower())
+                earlier = claims[want.key].earlier_pending
                 if existing:
-                    await self._fill_blanks(kind, existing[0], want.mapped)
+                    await self._fill_blanks(kind, existing[0], want.mapped.fields)
                     records[want.key] = (existing[0], "linked")
+                elif earlier and self.bc.settled_at(earlier) > datetime.now(timezone.utc):
+                    waits[want.key] = Wait(self.bc.settled_at(earlier), earlier, UNSETTLED)
+                elif claims[want.key].attempts >= MAX_ATTEMPTS:
+                    failures[want.key] = PermanentFailure(
+                        f"Business Central gave no answer to {claims[want.key].attempts} attempts to create the "
+                        f"{kind.name}, and it does not have it; it is tried again on the next sync")
                 else:
                     to_create.append(want)
             if to_create:
@@ -234,63 +296,86 @@ class Resolver:
                 first: dict[str, Wanted] = {}
                 for want in to_create:
                     first.setdefault(want.lookup.strip().lower(), want)
-                created, failed = await self._create(kind, list(first.values()), defaults, find)
+                leaders = list(first.values())
+                earlier = {w.key: claims[w.key].earlier_pending for w in leaders}
+                created, failed, waiting = await self._create(kind, leaders, defaults, claimed_at, earlier, send_by)
                 for want in to_create:
                     leader = first[want.lookup.strip().lower()]
                     if leader.key in created:
                         records[want.key] = (created[leader.key], "created" if want is leader else "linked")
                     elif leader.key in failed:
                         failures[want.key] = failed[leader.key]
+                    elif leader.key in waiting:
+                        waits[want.key] = waiting[leader.key]
+        except UpstreamThrottled as error:
+            until = datetime.now(timezone.utc) + timedelta(seconds=max(error.retry_after or 0, THROTTLED_WAIT))
+            waits |= {w.key: Wait(until, claims[w.key].earlier_pending, f"Business Central is throttling: {error}")
+                      for w in wanted if w.key not in records and w.key not in waits}
         except Exception as error:  # noqa: BLE001 - recorded on every link row below, then raised
-            failures |= {w.key: error for w in wanted if w.key not in records}
-        links = await self._record_links(kind, [(w, *records[w.key]) for w in wanted if w.key in records], etags)
+            failures |= {w.key: error for w in wanted if w.key not in records and w.key not in waits}
+        by_key = {w.key: w for w in wanted}
+        links = await self._record_links(kind, [(by_key[key], *records[key]) for key in records], claims)
+        for key, wait in waits.items():
+            await self._mark_waiting(kind, key, wait, claims[key])
         for key, error in failures.items():
-            await self._mark_failed(kind, encode_key(key), key, str(error), etags[key])
+            # A failure after a create may have been sent keeps the row pending: whoever tries
+            # next waits for BC rather than create a second record.
+            maybe_sent = isinstance(error, UpstreamAmbiguous) or not isinstance(error, (UpstreamError, PermanentFailure))
+            await self._mark_failed(kind, encode_key(key), key, str(error), claims[key].etag,
+                                    claimed_at if maybe_sent else claims[key].earlier_pending)
         if failures:
-            first = next(iter(failures.values()))
+            first_error = next(iter(failures.values()))
             if all(_permanent(error) for error in failures.values()):
                 reasons = "; ".join(f"{_mask(key)}: {error}" for key, error in list(failures.items())[:5])
-                raise PermanentFailure(f"Business Central refused {len(failures)} {kind.name}(s): {reasons}") from first
-            raise first
-        return links
+                raise PermanentFailure(f"Business Central refused {len(failures)} {kind.name}(s): {reasons}") \
+                    from first_error
+            raise first_error
+        return links, waits
 
-    async def _create(self, kind: Kind, wanted: list[Wanted], defaults: dict, find
-                      ) -> tuple[dict[str, dict], dict[str, Exception]]:
+    async def _create(self, kind: Kind, wanted: list[Wanted], defaults: dict, claimed_at: datetime,
+                      earlier: dict[str, datetime | None], send_by: float
+                      ) -> tuple[dict[str, dict], dict[str, Exception], dict[str, Wait]]:
+        """Create the records; a customer BC refuses for one of its fields is created again
+        without it (the field is left out and reported). Returns what was created, what BC
+        refused for good, and what must wait (unknown outcome, or throttled)."""
         created: dict[str, dict] = {}
         failures: dict[str, Exception] = {}
+        waits: dict[str, Wait] = {}
         remaining = list(wanted)
-        for attempt in range(1, CREATE_ATTEMPTS + 1):
-            try:
-                answers = await self.bc.create_many(kind.entity_set, [new_record(kind, defaults, w.mapped)
-                                                                      for w in remaining])
-            except UpstreamAmbiguous as error:
-                answers = [error] * len(remaining)
+        for _ in range(CREATE_ROUNDS):
+            answers = await self.bc.create_many(kind.entity_set, [new_record(kind, defaults, w.mapped.fields)
+                                                                  for w in remaining], send_by)
             retry = []
             for want, answer in zip(remaining, answers, strict=True):
                 if isinstance(answer, dict):
                     created[want.key] = answer
-                elif isinstance(answer, UpstreamAmbiguous) or answer.retryable:
+                elif isinstance(answer, UpstreamAmbiguous):
+                    # BC may still be creating it: nothing is repeated until it cannot be.
+                    waits[want.key] = Wait(self.bc.settled_at(claimed_at), claimed_at, UNSETTLED, attempt=True)
+                elif answer.retryable:
+                    # Throttled, not sent, or a server error inside a finished batch: not created.
+                    seconds = max(getattr(answer, "retry_after", None) or 0, THROTTLED_WAIT)
+                    until = datetime.now(timezone.utc) + timedelta(seconds=seconds)
+                    waits[want.key] = Wait(until, earlier.get(want.key),
+                                           f"Business Central did not create it yet ({answer.code}); trying again later",
+                                           attempt=answer.status is not None and answer.status != 429)
+                elif kind is CUSTOMER and (drop_refused(want.mapped, answer.message)
+                                           or minimal(want.mapped, answer.message)):
+                    log.warning("customer %s refused by BC; trying again with fields left out: %s", _mask(want.key),
+                                ", ".join(sorted(want.mapped.left_out)),
+                                extra={"event": "customer_fields_left_out", "status": answer.status})
                     retry.append(want)
-                    failures[want.key] = answer
                 else:
-                    failures[want.key] = answer
-            if not retry:
-                break
-            # The create may have happened: look before creating again.
-            found = await find([w.lookup for w in retry])
-            remaining = []
-            for want in retry:
-                existing = found.get(want.lookup.strip().lower())
-                if existing:
-                    created[want.key] = existing[0]
-                    failures.pop(want.key, None)
-                elif attempt < CREATE_ATTEMPTS:
-                    remaining.append(want)
+                    failures[want.key] = PermanentFailure(explain_refusal(answer.message)) \
+                        if answer.status and 400 <= answer.status < 500 else answer
+            remaining = retry
             if not remaining:
                 break
-        return created, {k: v for k, v in failures.items() if k not in created}
+        for want in remaining:
+            failures.setdefault(want.key, PermanentFailure(f"Business Central kept refusing the {kind.name}"))
+        return created, failures, waits
 
-    async def _record_links(self, kind: Kind, found: list[tuple[Wanted, dict, str]], etags: dict[str, str]
+    async def _record_links(self, kind: Kind, found: list[tuple[Wanted, dict, str]], claims: dict[str, Claim]
                             ) -> dict[str, Link]:
         """Write the links (one transaction per 100, guarded by our claims' ETags)."""
         now = datetime.now(timezone.utc)
@@ -298,25 +383,28 @@ class Resolver:
         for want, record, origin in found:
             entity = {"PartitionKey": kind.partition, "RowKey": encode_key(want.key), "Key": want.key,
                       "Status": "linked", "BcId": record["id"], "BcNumber": record.get("number") or "",
-                      "Origin": origin, "Owner": "", "LastError": "", "UpdatedAt": now}
+                      "Origin": origin, "Owner": "", "LastError": "", "UpdatedAt": now, "PendingSince": "",
+                      "WaitUntil": "", "Attempts": 0, "LeftOut": fit_string(want.mapped.summary(), 4000)}
             if want.source_hash:
                 entity["SourceHash"] = want.source_hash
             entities[want.key] = entity
-            log.info("%s %s %s as %s", kind.name, origin, _mask(want.key), record.get("number"),
-                     extra={"event": f"{kind.name}_{origin}", "bc_id": record["id"]})
+            left_out = sorted(want.mapped.left_out)
+            log.info("%s %s %s as %s%s", kind.name, origin, _mask(want.key), record.get("number"),
+                     f" without {', '.join(left_out)}" if left_out else "",
+                     extra={"event": f"{kind.name}_{origin}", "bc_id": record["id"], "left_out": ",".join(left_out)})
         keys = list(entities)
         for start in range(0, len(keys), MAX_BATCH):
             chunk = keys[start:start + MAX_BATCH]
             try:
                 await self.store.transact(kind.table, [
-                    (UPDATE, entities[key], {"mode": "merge", "etag": etags[key],
+                    (UPDATE, entities[key], {"mode": "merge", "etag": claims[key].etag,
                                              "match_condition": MatchConditions.IfNotModified}) for key in chunk])
                 continue
             except (TableTransactionError, ResourceModifiedError, ResourceNotFoundError):
                 pass
             for key in chunk:
                 try:
-                    await self.store.update(kind.table, entities[key], etag=etags[key])
+                    await self.store.update(kind.table, entities[key], etag=claims[key].etag)
                 except (ResourceModifiedError, ResourceNotFoundError):
                     # We were slow and another worker took over the claim: it finds this record in BC.
                     log.warning("lost the claim on %s %s after linking it", kind.name, _mask(key))
@@ -324,9 +412,9 @@ class Resolver:
 
     def _claim_operation(self, kind: Kind, key: str, row: dict | None, now: datetime) -> tuple | None:
         """The table operation that takes a link row for this worker; None if another worker
-        holds a fresh claim on it."""
+        holds a fresh claim on it. The claim marks a create as possibly sent from now on."""
         claim = {"PartitionKey": kind.partition, "RowKey": encode_key(key), "Key": key, "Status": "linking",
-                 "Owner": self.owner, "ClaimedAt": now}
+                 "Owner": self.owner, "ClaimedAt": now, "PendingSince": now.isoformat()}
         if row is None:
             return (CREATE, claim)
         claimed_at = row.get("ClaimedAt")
@@ -336,32 +424,35 @@ class Resolver:
         return (UPDATE, claim, {"mode": "replace", "etag": row.metadata["etag"],
                                 "match_condition": MatchConditions.IfNotModified})
 
-    async def _claim_all(self, kind: Kind, rows: dict[str, dict | None]) -> dict[str, str]:
+    async def _claim_all(self, kind: Kind, rows: dict[str, dict | None]) -> dict[str, Claim]:
         """Claim many link rows in one transaction (they share a partition); if another worker
-        got in between, claim them one by one. Returns the claim ETags by key."""
+        got in between, claim them one by one."""
         now = datetime.now(timezone.utc)
         operations = {key: op for key, row in rows.items() if (op := self._claim_operation(kind, key, row, now))}
-        claimed: dict[str, str] = {}
+        earlier = {key: _when(row.get("PendingSince")) if row else None for key, row in rows.items()}
+        attempts = {key: int(row.get("Attempts") or 0) if row else 0 for key, row in rows.items()}
+        claimed: dict[str, Claim] = {}
         keys = list(operations)
         for start in range(0, len(keys), MAX_BATCH):
             chunk = keys[start:start + MAX_BATCH]
             try:
                 answers = await self.store.transact(kind.table, [operations[key] for key in chunk])
-                claimed |= {key: answer["etag"] for key, answer in zip(chunk, answers, strict=True)}
+                claimed |= {key: Claim(answer["etag"], earlier[key], now, attempts[key])
+                            for key, answer in zip(chunk, answers, strict=True)}
                 continue
             except (TableTransactionError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
                 pass
             for key in chunk:
                 etag = await self._claim_one(kind, operations[key])
                 if etag:
-                    claimed[key] = etag
+                    claimed[key] = Claim(etag, earlier[key], now, attempts[key])
         return claimed
 
-    async def _claim_new(self, kind: Kind, keys: list[str]) -> dict[str, str]:
+    async def _claim_new(self, kind: Kind, keys: list[str]) -> dict[str, Claim]:
         """Claim link rows by inserting them, one transaction per 100, without reading first. A
         transaction fails whole if any of its rows exists: its keys are left to the read path."""
         now = datetime.now(timezone.utc)
-        claimed: dict[str, str] = {}
+        claimed: dict[str, Claim] = {}
         for start in range(0, len(keys), MAX_BATCH):
             chunk = keys[start:start + MAX_BATCH]
             try:
@@ -369,7 +460,7 @@ class Resolver:
                                                                  for key in chunk])
             except (TableTransactionError, ResourceExistsError):
                 continue
-            claimed |= {key: answer["etag"] for key, answer in zip(chunk, answers, strict=True)}
+            claimed |= {key: Claim(answer["etag"], None, now) for key, answer in zip(chunk, answers, strict=True)}
         return claimed
 
     async def _claim_one(self, kind: Kind, operation: tuple) -> str | None:
@@ -409,13 +500,40 @@ class Resolver:
         except ResourceModifiedError:
             pass
 
-    async def _mark_failed(self, kind: Kind, row_key: str, key: str, reason: str, etag: str | None) -> None:
+    async def _mark_waiting(self, kind: Kind, key: str, wait: Wait, claim: Claim) -> None:
+        log.warning("%s %s waits until %s: %s", kind.name, _mask(key), wait.until.isoformat(), wait.reason,
+                    extra={"event": f"{kind.name}_waiting"})
+        try:
+            await self.store.update(kind.table, {
+                "PartitionKey": kind.partition, "RowKey": encode_key(key), "Key": key, "Status": "waiting",
+                "Owner": "", "WaitUntil": wait.until.isoformat(), "LastError": wait.reason[:2000],
+                "PendingSince": wait.pending_since.isoformat() if wait.pending_since else "",
+                "Attempts": claim.attempts + (1 if wait.attempt else 0),
+                "UpdatedAt": datetime.now(timezone.utc)}, etag=claim.etag)
+        except (ResourceModifiedError, ResourceNotFoundError):
+            pass
+
+    async def _mark_failed(self, kind: Kind, row_key: str, key: str, reason: str, etag: str | None,
+                           pending_since: datetime | None) -> None:
         try:
             await self.store.update(kind.table, {"PartitionKey": kind.partition, "RowKey": row_key, "Key": key,
                                                  "Status": "failed", "Owner": "", "LastError": reason[:2000],
-                                                 "UpdatedAt": datetime.now(timezone.utc)}, etag=etag)
+                                                 "PendingSince": pending_since.isoformat() if pending_since else "",
+                                                 "Attempts": 0, "UpdatedAt": datetime.now(timezone.utc)}, etag=etag)
         except (ResourceModifiedError, ResourceNotFoundError):
             pass
+
+
+def _when(value) -> datetime | None:
+    """A stored ISO time (or a datetime), None when blank."""
+    if not value:
+        return None
+    if isinstance(value, datetime):
+        return value
+    try:
+        return datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
 
 
 def _permanent(error: Exception) -> bool:
@@ -467,15 +585,24 @@ async def upsert_from_message(rt: Runtime, message: DirectoryUpsertMessage) -> d
 
 
 async def directory_health(store: Store) -> dict:
+    """Customers and items BC refused, waiting ones, and customers created with fields left out."""
     failures = {"customer": 0, "item": 0}
-    recent = []
+    recent, left_out = [], []
+    waiting = 0
     for kind in (CUSTOMER, ITEM):
-        rows = await store.query(kind.table, "PartitionKey eq @pk and Status eq 'failed'",
-                                 ["RowKey", "Key", "LastError", "UpdatedAt"], {"pk": kind.partition})
-        failures[kind.name] = len(rows)
+        rows = await store.query(kind.table, "PartitionKey eq @pk and (Status eq 'failed' or Status eq 'waiting')",
+                                 ["RowKey", "Key", "Status", "LastError", "UpdatedAt"], {"pk": kind.partition})
+        failures[kind.name] = sum(1 for r in rows if r.get("Status") == "failed")
+        waiting += sum(1 for r in rows if r.get("Status") == "waiting")
         recent += [{"kind": kind.name, "key": _mask(r.get("Key") or r["RowKey"]), "reason": r.get("LastError"),
-                    "at": r.get("UpdatedAt")} for r in rows]
-    recent.sort(key=lambda r: r["at"] or datetime.min.replace(tzinfo=timezone.utc), reverse=True)
-    for item in recent:
-        item["at"] = item["at"].isoformat() if item["at"] else None
-    return {"customerFailures": failures["customer"], "itemFailures": failures["item"], "recent": recent[:10]}
+                    "at": r.get("UpdatedAt")} for r in rows if r.get("Status") == "failed"]
+    partial = await store.query(CUSTOMER_LINKS, "PartitionKey eq @pk and Status eq 'linked' and LeftOut ne ''",
+                                ["RowKey", "Key", "LeftOut", "UpdatedAt"], {"pk": CUSTOMER_PARTITION})
+    left_out = [{"kind": "customer", "key": _mask(r.get("Key") or r["RowKey"]), "leftOut": r.get("LeftOut"),
+                 "at": r.get("UpdatedAt")} for r in partial]
+    for entries in (recent, left_out):
+        entries.sort(key=lambda r: r["at"] or datetime.min.replace(tzinfo=timezone.utc), reverse=True)
+        for item in entries:
+            item["at"] = item["at"].isoformat() if item["at"] else None
+    return {"customerFailures": failures["customer"], "itemFailures": failures["item"], "recent": recent[:10],
+            "waiting": waiting, "customersWithFieldsLeftOut": len(left_out), "leftOut": left_out[:10]}

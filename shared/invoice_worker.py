@@ -1,16 +1,23 @@
 """The invoice worker: a message names up to 50 parts of a job; each part → one BC draft sales
 invoice for one customer. The parts of a message share their BC round trips (one lookup per 40
-invoices, one `$batch` create per 100), so a job of hundreds of customers costs a few requests.
+invoices, one `$batch` create per batch), so a job of hundreds of customers costs a few requests.
 
 Order of work, and why it is safe to repeat from any point:
-1. parts that already succeeded are skipped (duplicate or retried message);
+1. parts that already succeeded are skipped (duplicate or retried message), and parts waiting
+   for BC (below) are left for the message that will come back for them;
 2. customers and items are resolved through the directory (created from templates if missing);
-3. BC is asked for invoices with the parts' deterministic `externalDocumentNumber`s; only the
-   missing ones are created (all lines by deep insert). A create whose answer was lost is looked
-   up again, never blindly repeated;
-4. each invoice is recorded on its bookings (ETag-guarded), then on its part.
-A crash anywhere before 4 ends in the retry finding the invoice in step 3. A part that BC refuses
-for good (e.g. a blocked customer) fails alone; its bookings are released."""
+3. the parts are claimed (ETag-guarded): from then on an invoice may have been sent to BC
+   (`PendingSince`), and every create is sent within `HTTP_TIMEOUT_SECONDS` of the claim;
+4. a part claimed before (a retry) is looked up by its deterministic `externalDocumentNumber`;
+   a part never claimed cannot have an invoice and is created without asking;
+5. the missing invoices are created (all lines by deep insert);
+6. each invoice is recorded on its bookings (ETag-guarded), then on its part.
+A create whose outcome is unknown (timeout, lost answer) may still be running in BC. Looking it
+up at once would find nothing and create it again, so the part waits (`waiting`, shown as still
+running) until BC cannot be running it any more, and the message comes back then (`Deferred`).
+The same holds for a retried part not found in BC whose earlier attempt may still be running.
+A part that BC refuses for good (e.g. a customer without a posting group) fails alone, with
+what to fix in BC; its bookings are released."""
 
 from __future__ import annotations
 
@@ -25,22 +32,38 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableTransactionError
 
-from shared.bc import BcClient
+from shared.bc import BcClient, Wait, explain_refusal
 from shared.bookings import Booking
 from shared.directory import Resolver
+from shared.hostconfig import queue_settings
 from shared.http import UpstreamAmbiguous, UpstreamError
 from shared.invoicing import (HEADER, _apply, _read, external_document_number, line_description, part_key,
                               refs_of, release)
-from shared.messages import CustomerSource, InvoiceJobPart, PermanentFailure, ServiceSource
+from shared.messages import CustomerSource, Deferred, InvoiceJobPart, PermanentFailure, ServiceSource
 from shared.runtime import Runtime
 from shared.store import JOBS, UPDATE, Store, fit_string, to_json
 
 log = logging.getLogger(__name__)
 
-CREATE_ATTEMPTS = 4
 RUNNING_STALE_AFTER = timedelta(minutes=10)
 """Longer than a function may run (host.json functionTimeout)."""
+THROTTLED_WAIT = timedelta(seconds=60)
+MAX_ATTEMPTS = queue_settings().max_dequeue_count
+"""Creates without a known outcome before BC is taken to be failing: as often as a message is tried."""
+DEFER_MARGIN = timedelta(seconds=2)
+"""Queue visibility is whole seconds: come back a little after the time, never before."""
 MARKER = "Invoiced: Business Central draft invoice {number} ({date})"
+UNSETTLED = ("Business Central did not answer in time and may still be creating this invoice; it is looked up, "
+             "and created only if missing, once Business Central cannot be running the request any more")
+
+
+def pending_since(row: dict) -> datetime | None:
+    """Since when a create for this part may have been sent (None: never). Rows claimed before
+    `PendingSince` existed carry only `RunningSince`, which is no later."""
+    value = row.get("PendingSince")
+    if isinstance(value, str):
+        return datetime.fromisoformat(value) if value else None
+    return row.get("RunningSince")
 
 
 @dataclass
@@ -49,63 +72,53 @@ class PartWork:
     row: dict
     key: str
     email: str
-    attempted: bool
-    """An earlier attempt claimed this part, so BC may hold its invoice already. A part never
-    claimed cannot have one (invoices are created only under a claim): no lookup needed."""
+    earlier: datetime | None
+    """An earlier attempt may have sent this part's invoice since then: it must be looked up, and
+    may be created only once BC cannot still be running that attempt."""
     mine: list[Booking] = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)
     lines: list[dict] = field(default_factory=list)
+    etag: str | None = None
+    wait: Wait | None = None
+    """Set for a part that must wait for BC."""
+
+    @property
+    def attempts(self) -> int:
+        """Attempts that ended without a known outcome so far (see `Wait.attempt`)."""
+        return int(self.row.get("Attempts") or 0)
 
 
-async def _claim_parts(store: Store, rows: list[dict], owner: str) -> list[dict]:
-    """Take the parts for this message (ETag-guarded), so two copies of a message never ask BC
-    for the same invoice at once. A part that another message is working on is left to it; if
-    that one died, reconciliation queues the part again once it is stale. `owner` is the queue
-    message id, so the host's retry of a crashed message takes its own parts back."""
-    now = datetime.now(timezone.utc)
-    mine, operations = [], []
-    for row in rows:
-        since = row.get("RunningSince")
-        if row.get("Status") == "running" and row.get("Owner") not in (owner, None, "") and since \
-                and now - since < RUNNING_STALE_AFTER:
-            continue
-        mine.append(row)
-        operations.append((UPDATE, {"PartitionKey": row["PartitionKey"], "RowKey": row["RowKey"], "Status": "running",
-                                    "Owner": owner, "RunningSince": now},
-                           {"mode": "merge", "etag": row.metadata["etag"], "match_condition": MatchConditions.IfNotModified}))
-    if not operations:
-        return []
-    try:
-        await store.transact(JOBS, operations)
-        return mine
-    except (TableTransactionError, ResourceModifiedError, ResourceNotFoundError):
-        taken = []
-        for row, operation in zip(mine, operations, strict=True):
-            try:
-                await store.update(JOBS, operation[1], etag=row.metadata["etag"])
-                taken.append(row)
-            except (ResourceModifiedError, ResourceNotFoundError):
-                continue
-        return taken
-
-
-async def _load(store: Store, job_id: str, indexes: list[int], owner: str) -> list[PartWork]:
-    """The unfinished parts this invocation could take, and their bookings, read together."""
+async def _load(store: Store, job_id: str, indexes: list[int], owner: str
+                ) -> tuple[list[PartWork], list[int], datetime | None]:
+    """The unfinished parts this invocation could take, with their bookings; and the parts that
+    wait for BC (and until when), for the message to come back to."""
     rows = await store.get_many(JOBS, job_id, [part_key(index) for index in indexes])
     if not rows:
         raise PermanentFailure(f"invoicing job {job_id} has no part {', '.join(map(str, indexes[:10]))}")
-    unfinished = [rows[part_key(index)] for index in indexes
-                  if part_key(index) in rows and rows[part_key(index)].get("Status") not in ("succeeded", "failed")]
-    # The bookings are read while the parts are claimed: a part not taken just ignores them.
-    refs = [ref for row in unfinished for ref in refs_of(row)]
-    claimed, found = await asyncio.gather(_claim_parts(store, unfinished, owner), _read(store, refs))
-    # `claimed` are the rows as read before this claim: their RunningSince tells an earlier attempt.
+    now = datetime.now(timezone.utc)
+    takeable, later, until = [], [], None
+    for index in indexes:
+        row = rows.get(part_key(index))
+        if row is None or row.get("Status") in ("succeeded", "failed"):
+            continue
+        since = row.get("RunningSince")
+        if row.get("Status") == "running" and row.get("Owner") not in (owner, None, "") and since \
+                and now - since < RUNNING_STALE_AFTER:
+            continue  # another copy of this message is working on it
+        wait_until = row.get("WaitUntil")
+        if row.get("Status") == "waiting" and wait_until and datetime.fromisoformat(wait_until) > now:
+            later.append(index)
+            until = max(until or now, datetime.fromisoformat(wait_until))
+            continue
+        takeable.append(row)
+    refs = [ref for row in takeable for ref in refs_of(row)]
+    found = await _read(store, refs)
     bookings = dict(zip(map(tuple, refs), found, strict=True))
     works = [PartWork(int(row["RowKey"][5:]), row, external_document_number(job_id, int(row["RowKey"][5:])),
-                      row["CustomerEmail"], attempted=bool(row.get("RunningSince"))) for row in claimed]
+                      row["CustomerEmail"], pending_since(row), etag=row.metadata["etag"]) for row in takeable]
     for work in works:
         _sort(work, job_id, [bookings[tuple(ref)] for ref in refs_of(work.row)])
-    return works
+    return works, later, until
 
 
 def _sort(work: PartWork, job_id: str, found: list[Booking | None]) -> None:
@@ -124,42 +137,71 @@ def _sort(work: PartWork, job_id: str, found: list[Booking | None]) -> None:
     work.mine.sort(key=lambda b: (b.start, b.id))
 
 
-async def find_or_create_invoices(bc: BcClient, bodies: dict[str, dict], fresh: frozenset[str] = frozenset()
+async def _claim(store: Store, works: list[PartWork], owner: str, now: datetime) -> list[PartWork]:
+    """Take the parts for this message (ETag-guarded, as read), so two copies of a message never
+    ask BC for the same invoice at once; a part someone else changed meanwhile is left to them.
+    `owner` is the queue message id, so the host's retry of a crashed message takes its own parts
+    back. The claim marks each part as possibly sent to BC from now on."""
+    def operation(work: PartWork) -> tuple:
+        return (UPDATE, {"PartitionKey": work.row["PartitionKey"], "RowKey": work.row["RowKey"], "Status": "running",
+                         "Owner": owner, "RunningSince": now, "PendingSince": now.isoformat(), "WaitUntil": "",
+                         "Note": ""},
+                {"mode": "merge", "etag": work.etag, "match_condition": MatchConditions.IfNotModified})
+
+    if not works:
+        return []
+    try:
+        await store.transact(JOBS, [operation(work) for work in works])
+        return works
+    except (TableTransactionError, ResourceModifiedError, ResourceNotFoundError):
+        taken = []
+        for work in works:
+            try:
+                await store.update(JOBS, operation(work)[1], etag=work.etag)
+                taken.append(work)
+            except (ResourceModifiedError, ResourceNotFoundError):
+                continue
+        return taken
+
+
+async def find_or_create_invoices(bc: BcClient, works: list[PartWork], bodies: dict[str, dict], claimed_at: datetime
                                   ) -> tuple[dict[str, dict], dict[str, str]]:
     """Invoices by external document number: found, else created. Returns (invoices, refusals)
-    where refusals are BC's permanent answers (the part cannot be invoiced as it is). `fresh`
-    keys were never attempted, so the first round creates them without a lookup; after an
-    ambiguous answer every key is looked up again."""
+    where refusals are BC's permanent answers (the part cannot be invoiced as it is). Parts that
+    must wait for BC get `work.wait`."""
     invoices: dict[str, dict] = {}
     refused: dict[str, str] = {}
-    remaining = list(bodies)
-    for attempt in range(1, CREATE_ATTEMPTS + 1):
-        lookup = [key for key in remaining if attempt > 1 or key not in fresh]
-        existing = await bc.invoices_by_external_numbers(lookup) if lookup else {}
-        invoices |= {key: found[0] for key, found in existing.items() if found}
-        remaining = [key for key in remaining if key not in invoices]
-        if not remaining:
-            break
-        try:
-            answers = await bc.create_many("salesInvoices", [bodies[key] for key in remaining])
-        except UpstreamAmbiguous:
-            if attempt == CREATE_ATTEMPTS:
-                raise
-            continue
-        retry = []
-        for key, answer in zip(remaining, answers, strict=True):
-            if isinstance(answer, dict):
-                invoices[key] = answer
-            elif isinstance(answer, UpstreamAmbiguous) or answer.retryable:
-                retry.append(key)
-            else:
-                refused[key] = answer.message
-        remaining = retry
-        if not remaining:
-            break
-        if attempt == CREATE_ATTEMPTS:
-            raise UpstreamError(bc.api.service, None, "CreateFailed",
-                                f"{len(remaining)} invoice(s) could not be created after {attempt} attempts")
+    now = datetime.now(timezone.utc)
+    retried = [w for w in works if w.earlier is not None]
+    existing = await bc.invoices_by_external_numbers([w.key for w in retried]) if retried else {}
+    to_create = []
+    for work in works:
+        if existing.get(work.key):
+            invoices[work.key] = existing[work.key][0]
+        elif work.earlier is not None and bc.settled_at(work.earlier) > now:
+            work.wait = Wait(bc.settled_at(work.earlier), work.earlier, UNSETTLED)
+        elif work.attempts >= MAX_ATTEMPTS:
+            refused[work.key] = (f"Business Central gave no usable answer to {work.attempts} attempts to create the "
+                                 f"invoice, and it does not have it (last: {work.row.get('Note') or 'no answer'})")
+        else:
+            to_create.append(work)
+    if not to_create:
+        return invoices, refused
+    answers = await bc.create_many("salesInvoices", [bodies[w.key] for w in to_create], bc.send_by(claimed_at))
+    for work, answer in zip(to_create, answers, strict=True):
+        if isinstance(answer, dict):
+            invoices[work.key] = answer
+        elif isinstance(answer, UpstreamAmbiguous):
+            work.wait = Wait(bc.settled_at(claimed_at), claimed_at, UNSETTLED, attempt=True)
+        elif answer.retryable:
+            # Certainly not created (throttled, not sent, or refused for now inside a batch).
+            seconds = getattr(answer, "retry_after", None) or 0
+            until = datetime.now(timezone.utc) + max(timedelta(seconds=seconds), THROTTLED_WAIT)
+            work.wait = Wait(until, work.earlier, f"Business Central did not create it yet ({answer.code}); it is "
+                                                  "tried again later",
+                             attempt=answer.status is not None and answer.status != 429)
+        else:
+            refused[work.key] = explain_refusal(answer.message)
     return invoices, refused
 
 
@@ -167,27 +209,47 @@ async def invoice_parts(rt: Runtime, message: InvoiceJobPart, owner: str | None 
     """`owner` is the queue message's id (the same for its `give_up`)."""
     store = await rt.store()
     job_id = message.job_id
-    parts = await _load(store, job_id, message.part_indexes(), owner or uuid.uuid4().hex)
-    if not parts:
-        return
-    await store.upsert(JOBS, {"PartitionKey": job_id, "RowKey": HEADER, "StartedAt": datetime.now(timezone.utc)})
+    owner = owner or uuid.uuid4().hex
+    parts, later, until = await _load(store, job_id, message.part_indexes(), owner)
+    if parts:
+        await store.upsert(JOBS, {"PartitionKey": job_id, "RowKey": HEADER,
+                                  "StartedAt": datetime.now(timezone.utc)})
     for work in [w for w in parts if not w.mine]:
         await _finish(store, work.row, "failed", errors=work.errors)
     parts = [w for w in parts if w.mine]
-    if not parts:
-        return
+    if parts:
+        try:
+            waiting = await _invoice(rt, store, job_id, parts, owner)
+        except Deferred as deferred:
+            # The directory must wait for BC first; nothing was claimed or sent for these parts.
+            retry_at = datetime.now(timezone.utc) + timedelta(seconds=deferred.seconds)
+            for work in parts:
+                await _wait(store, work, Wait(retry_at, work.earlier, deferred.reason))
+            waiting = parts
+        later += [w.index for w in waiting]
+        times = [w.wait.until for w in waiting if w.wait] + ([until] if until else [])
+        until = max(times) if times else None
+    if later:
+        seconds = ((until or datetime.now(timezone.utc)) - datetime.now(timezone.utc) + DEFER_MARGIN).total_seconds()
+        raise Deferred(seconds, f"{len(later)} invoice(s) of job {job_id} wait for Business Central",
+                       InvoiceJobPart(jobId=job_id, parts=sorted(set(later))))
 
+
+async def _invoice(rt: Runtime, store: Store, job_id: str, parts: list[PartWork], owner: str) -> list[PartWork]:
+    """Resolve, claim, find or create, record. Returns the parts that wait for BC."""
     resolver = Resolver(rt, store, rt.bc)
     names = {w.email: next((c.name for b in w.mine for c in b.customers if c.email == w.email and c.name), None)
              for w in parts}
-    customers = await resolver.customers([(CustomerSource(email=w.email, displayName=(names[w.email] or None)
-                                                          and names[w.email][:100]), None) for w in parts])
+    customers = await resolver.customers([(CustomerSource(email=w.email, displayName=names[w.email] or None), None)
+                                          for w in parts])
     services = {b.service_id: b for w in parts for b in w.mine}
     items = await resolver.items([(ServiceSource(serviceId=service_id, displayName=(b.service_name or service_id)[:100],
                                                  defaultPrice=float(b.unit_price())), None)
                                   for service_id, b in services.items()])
     zone = rt.settings.time_zone
     today = datetime.now(ZoneInfo(zone)).date().isoformat()
+    claimed_at = datetime.now(timezone.utc)
+    parts = await _claim(store, parts, owner, claimed_at)
     bodies = {}
     for work in parts:
         work.lines = [{"lineType": "Item", "itemId": items[b.service_id].bc_id,
@@ -195,12 +257,14 @@ async def invoice_parts(rt: Runtime, message: InvoiceJobPart, owner: str | None 
                        "unitPrice": float(b.unit_price())} for b in work.mine]
         bodies[work.key] = {"customerId": customers[work.email].bc_id, "externalDocumentNumber": work.key,
                             "invoiceDate": today, "salesInvoiceLines": work.lines}
-    invoices, refused = await find_or_create_invoices(rt.bc, bodies, frozenset(w.key for w in parts if not w.attempted))
-    for work in [w for w in parts if w.key not in invoices]:
-        reason = f"Business Central refused the invoice: {refused.get(work.key)}"
+    invoices, refused = await find_or_create_invoices(rt.bc, parts, bodies, claimed_at)
+    for work in [w for w in parts if w.key in refused]:
         await release(store, job_id, refs_of(work.row), work.email)
         await _finish(store, work.row, "failed", errors=work.errors + [
-            {"bookingId": b.id, "message": _plain(reason)} for b in work.mine])
+            {"bookingId": b.id, "message": _plain(refused[work.key])} for b in work.mine])
+    waiting = [w for w in parts if w.wait]
+    for work in waiting:
+        await _wait(store, work, work.wait)
     done = [w for w in parts if w.key in invoices]
     links = {w.key: {"invoiceId": invoices[w.key]["id"], "invoiceNumber": invoices[w.key].get("number"),
                      "jobId": job_id, "date": invoices[w.key].get("invoiceDate") or today} for w in done}
@@ -222,6 +286,19 @@ async def invoice_parts(rt: Runtime, message: InvoiceJobPart, owner: str | None 
     if rt.settings.write_back_to_bookings:
         await asyncio.gather(*(write_back(rt, [b for b in w.mine if (b.id, w.email) in recorded], links[w.key])
                                for w in done))
+    return waiting
+
+
+async def _wait(store: Store, work: PartWork, wait: Wait) -> None:
+    """The part waits for BC: still running as far as the job is concerned, with a note why."""
+    work.wait = wait
+    log.warning("invoice job part %s waits until %s: %s", work.key, wait.until.isoformat(), wait.reason,
+                extra={"event": "invoice_job_part_waiting", "job_id": work.row["PartitionKey"], "part": work.index})
+    await store.update(JOBS, {"PartitionKey": work.row["PartitionKey"], "RowKey": work.row["RowKey"],
+                              "Status": "waiting", "Owner": "", "WaitUntil": wait.until.isoformat(),
+                              "PendingSince": wait.pending_since.isoformat() if wait.pending_since else "",
+                              "Attempts": work.attempts + (1 if wait.attempt else 0), "Note": wait.reason[:1000]},
+                       etag=None)
 
 
 async def _record(store: Store, job_id: str, done: list[PartWork], links: dict[str, dict]) -> set[tuple[str, str]]:
@@ -273,9 +350,9 @@ async def _finish(store: Store, row: dict, status: str, errors: list[dict] | Non
 
 async def give_up(rt: Runtime, message: InvoiceJobPart, reason: str, owner: str | None = None) -> None:
     """The message's last attempt failed. For each unfinished part: if BC has its invoice after
-    all, record it; otherwise release the claims so the bookings are uninvoiced again. If BC
-    cannot be asked, keep the claims (releasing then could bill twice): reconciliation checks
-    the part again on the next sync."""
+    all, record it; if BC certainly has none (and cannot still be creating one), release the
+    claims so the bookings are uninvoiced again. Otherwise keep the claims (releasing then could
+    bill twice): reconciliation checks the part again on a later sync."""
     store = await rt.store()
     unfinished = []
     for index in message.part_indexes():
@@ -289,23 +366,32 @@ async def give_up(rt: Runtime, message: InvoiceJobPart, reason: str, owner: str 
         found = await rt.bc.invoices_by_external_numbers(keys)
     except UpstreamError as error:
         for _, row in unfinished:
-            await _finish(store, row, "failed", errors=[{"bookingId": None, "message": f"{_plain(reason)} "
-                          f"Business Central could not be checked ({error.code}); the bookings stay reserved "
-                          "until the next sync confirms no invoice was made."}])
-            await store.update(JOBS, {"PartitionKey": row["PartitionKey"], "RowKey": row["RowKey"],
-                                      "NeedsCheck": True}, etag=None)
+            await _keep_for_check(store, row, f"{_plain(reason)} Business Central could not be checked ({error.code}); "
+                                              "the bookings stay reserved until a sync confirms no invoice was made.")
         return
     recorded = [index for (index, _), key in zip(unfinished, keys, strict=True) if found.get(key)]
     if recorded:
         await invoice_parts(rt, InvoiceJobPart(jobId=message.job_id, parts=recorded), owner)
+    now = datetime.now(timezone.utc)
     for (_, row), key in zip(unfinished, keys, strict=True):
         if found.get(key):
+            continue
+        since = pending_since(row)
+        if since is not None and rt.bc.settled_at(since) > now:
+            await _keep_for_check(store, row, f"{_plain(reason)} Business Central may still be creating the invoice; "
+                                              "the bookings stay reserved until a sync confirms no invoice was made.")
             continue
         released = await release(store, message.job_id, refs_of(row), row["CustomerEmail"])
         await _finish(store, row, "failed", errors=[{"bookingId": ref[1], "message": _plain(reason)}
                                                     for ref in _booking_ids(row)])
         log.error("invoice job part %s failed; %d bookings released", row["RowKey"], released,
                   extra={"event": "invoice_job_part_released", "job_id": message.job_id, "released": released})
+
+
+async def _keep_for_check(store: Store, row: dict, message: str) -> None:
+    await _finish(store, row, "failed", errors=[{"bookingId": None, "message": message}])
+    await store.update(JOBS, {"PartitionKey": row["PartitionKey"], "RowKey": row["RowKey"], "NeedsCheck": True},
+                       etag=None)
 
 
 def _booking_ids(row: dict) -> list[list[str]]:
@@ -315,7 +401,7 @@ def _booking_ids(row: dict) -> list[list[str]]:
 
 
 def _plain(reason: str) -> str:
-    return f"No invoice was made: {reason}"[:500]
+    return f"No invoice was made: {reason}"[:1000]
 
 
 async def write_back(rt: Runtime, bookings: list[Booking], link: dict) -> None:

@@ -328,8 +328,9 @@ def new_job_id() -> str:
 
 
 def external_document_number(job_id: str, part: int) -> str:
-    """Deterministic per job part, ≤ 35 characters: finds an invoice created but not recorded."""
-    return f"BKI-{job_id[:22]}-{part:05d}"
+    """Deterministic per job part, ≤ 35 characters: finds an invoice created but not recorded.
+    Upper-case, as BC stores it (a Code field): the key we look up is the key BC holds."""
+    return f"BKI-{job_id[:22]}-{part:05d}".upper()
 
 
 def _chunks(text: str) -> dict[str, str]:
@@ -402,22 +403,25 @@ async def job_status(store: Store, job_id: str) -> dict | None:
         status = "queued"
     elif all(s == "succeeded" for s in statuses):
         status = "succeeded"
-    elif any(s in ("queued", "running") for s in statuses):
+    elif any(s in ("queued", "running", "waiting") for s in statuses):
         started = header.get("StartedAt") or any(s != "queued" for s in statuses)
         status = "running" if started else "queued"
     elif any(s == "succeeded" for s in statuses):
         status = "partial"
     else:
         status = "failed"
-    invoices, errors = [], []
+    invoices, errors, waiting = [], [], []
     for part in sorted(parts, key=lambda p: p["RowKey"]):
+        if part.get("Status") == "waiting":
+            waiting.append({"customerEmail": part.get("CustomerEmail"), "until": part.get("WaitUntil") or None,
+                            "reason": part.get("Note") or "waiting for Business Central"})
         if part.get("InvoiceId"):
             invoices.append({"customerEmail": part.get("CustomerEmail"), "invoiceId": part.get("InvoiceId"),
                              "invoiceNumber": part.get("InvoiceNumber"), "amount": part.get("Amount"),
                              "bookingIds": json.loads(part.get("BookingIds") or "[]")})
         errors.extend(json.loads(part.get("Errors") or "[]"))
     return {"jobId": job_id, "status": status, "bookingCount": int(header.get("BookingCount") or 0),
-            "invoices": invoices, "errors": errors}
+            "invoices": invoices, "errors": errors, "waiting": waiting}
 
 
 async def select_listed(rt: Runtime, store: Store, ids: list[str], now: datetime

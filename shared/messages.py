@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from datetime import datetime, timezone
 from typing import Annotated, Literal, TypeVar, Union
 from collections.abc import Awaitable, Callable
@@ -18,6 +19,7 @@ import azure.functions as func
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from shared.hostconfig import queue_settings
+from shared.http import UpstreamThrottled
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +34,21 @@ class SyncRequest(Message):
     requested_at: AwareDatetime | None = Field(None, alias="requestedAt")
 
 
+SOURCE_TEXT = 200
+"""Bookings text as it came (clipped only to keep messages small): the directory decides what
+BC can take (`shared.customer_fields`), so nothing is cut to BC's lengths on the way."""
+
+
 class CustomerSource(Message):
     """A Bookings customer as the directory upsert needs it (e-mail already normalised)."""
     email: str = Field(min_length=3, max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")
-    display_name: str | None = Field(None, alias="displayName", max_length=100)
-    phone: str | None = Field(None, max_length=30)
-    address_line1: str | None = Field(None, alias="addressLine1", max_length=100)
-    city: str | None = Field(None, max_length=30)
-    state: str | None = Field(None, max_length=30)
-    country: str | None = Field(None, max_length=10)
-    postal_code: str | None = Field(None, alias="postalCode", max_length=20)
+    display_name: str | None = Field(None, alias="displayName", max_length=SOURCE_TEXT)
+    phone: str | None = Field(None, max_length=SOURCE_TEXT)
+    address_line1: str | None = Field(None, alias="addressLine1", max_length=SOURCE_TEXT)
+    city: str | None = Field(None, max_length=SOURCE_TEXT)
+    state: str | None = Field(None, max_length=SOURCE_TEXT)
+    country: str | None = Field(None, max_length=SOURCE_TEXT)
+    postal_code: str | None = Field(None, alias="postalCode", max_length=SOURCE_TEXT)
     business_id: str | None = Field(None, alias="businessId", max_length=320)
 
 
@@ -52,6 +59,9 @@ class ServiceSource(Message):
     default_price: float = Field(0.0, alias="defaultPrice", ge=0, le=1e12)
     default_price_type: str | None = Field(None, alias="defaultPriceType", max_length=40)
 
+
+THROTTLED_DEFER_SECONDS = 60.0
+"""How long work waits after an API kept throttling it without saying for how long."""
 
 UPSERT_BATCH = 100
 """Customers/services per message at most: one BC `$batch` (≤ 100) creates them all."""
@@ -123,6 +133,21 @@ class PermanentFailure(Exception):
     """Retrying cannot help (bad message, missing template…): poison it now, with this reason."""
 
 
+MAX_DEFER_SECONDS = 7 * 24 * 3600
+"""Azure Queue Storage keeps a message invisible for at most 7 days."""
+
+
+class Deferred(Exception):
+    """The work cannot go on now but can later: Business Central may still be finishing an
+    earlier request whose answer was lost, or the API is throttling. The message is queued again,
+    visible after `seconds` (as `message`, when only part of it is left), and this attempt ends
+    successfully: waiting never counts towards `maxDequeueCount`, so it never ends in poison."""
+
+    def __init__(self, seconds: float, reason: str, message: BaseModel | None = None):
+        super().__init__(reason)
+        self.seconds, self.reason, self.message = seconds, reason, message
+
+
 M = TypeVar("M")
 
 
@@ -149,11 +174,14 @@ def pack(entries: list[BaseModel], wrap) -> list[str]:
 async def process_message(message: func.QueueMessage, queue: str, schema: TypeAdapter | type[BaseModel],
                           handle: Callable[[M], Awaitable[None]],
                           give_up: Callable[[M, str], Awaitable[None]] | None = None,
-                          poison: Callable[[str, str], Awaitable[None]] | None = None) -> None:
+                          poison: Callable[[str, str], Awaitable[None]] | None = None,
+                          later: Callable[[str, str, int], Awaitable[None]] | None = None) -> None:
     """Parse, handle, and on a final failure record the reason and move the message to poison.
 
     `poison(queue, body)` sends to `<queue>-poison`; `give_up(parsed, reason)` lets the domain
-    release what the message held (claims, "creating" markers)."""
+    release what the message held (claims, "creating" markers); `later(queue, body, seconds)`
+    queues a `Deferred` message again. An API still throttling after every retry defers the
+    message too, by its `Retry-After` or a minute."""
     raw = message.get_body().decode("utf-8", errors="replace")
     attempt = message.dequeue_count or 1
     try:
@@ -164,7 +192,15 @@ async def process_message(message: func.QueueMessage, queue: str, schema: TypeAd
                       + "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors()[:5]))
         return
     try:
-        await handle(parsed)
+        try:
+            await handle(parsed)
+        except UpstreamThrottled as error:
+            raise Deferred(max(error.retry_after or 0.0, THROTTLED_DEFER_SECONDS), str(error)) from error
+        return
+    except Deferred as deferred:
+        if later is None:
+            raise
+        await _defer(later, queue, raw, deferred)
         return
     except PermanentFailure as error:
         reason = str(error)
@@ -181,6 +217,14 @@ async def process_message(message: func.QueueMessage, queue: str, schema: TypeAd
         reason = f"{reason}; undoing its work also failed: {error}"
         log.exception("giving up on a %s message failed", queue, extra={"event": "give_up_failed", "queue": queue})
     await _poison(poison, queue, raw, attempt, reason)
+
+
+async def _defer(later, queue: str, raw: str, deferred: Deferred) -> None:
+    body = encode(deferred.message) if deferred.message is not None else raw
+    seconds = int(min(max(math.ceil(deferred.seconds), 1), MAX_DEFER_SECONDS))
+    log.info("a %s message waits %d s: %s", queue, seconds, deferred.reason,
+             extra={"event": "message_deferred", "queue": queue, "delay_seconds": seconds})
+    await later(queue, body, seconds)
 
 
 async def _poison(poison, queue: str, raw: str, attempt: int, reason: str) -> None:

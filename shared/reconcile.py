@@ -16,7 +16,7 @@ from shared.http import UpstreamError
 from shared.invoicing import HEADER, _apply, external_document_number, part_key, refs_of, release
 from shared.runtime import Runtime
 from shared.settings import SettingsError
-from shared.messages import InvoiceJobPart, encode
+from shared.messages import Deferred, InvoiceJobPart, encode
 from shared.store import BOOKINGS, INVOICE_QUEUE, JOBS, Store
 
 log = logging.getLogger(__name__)
@@ -69,12 +69,17 @@ async def reconcile_invoices(rt: Runtime, store: Store) -> dict:
 
 
 async def _recheck_parts(rt: Runtime, store: Store) -> int:
-    from shared.invoice_worker import invoice_parts
+    """Parts whose bookings stayed reserved because BC could not say whether their invoice
+    exists: record the invoice if it does; release the bookings once BC certainly has none and
+    cannot still be creating one."""
+    from shared.invoice_worker import invoice_parts, pending_since
 
     checked = 0
+    now = datetime.now(timezone.utc)
     for row in await store.query(JOBS, "NeedsCheck eq true"):
         job_id, part = row["PartitionKey"], int(row["RowKey"].split("-")[1])
         key = external_document_number(job_id, part)
+        since = pending_since(row)
         try:
             found = (await rt.bc.invoices_by_external_numbers([key]))[key]
         except UpstreamError:
@@ -82,7 +87,13 @@ async def _recheck_parts(rt: Runtime, store: Store) -> int:
         if found:
             await store.update(JOBS, {"PartitionKey": job_id, "RowKey": row["RowKey"], "Status": "queued",
                                       "NeedsCheck": False}, etag=None)
-            await invoice_parts(rt, InvoiceJobPart(jobId=job_id, parts=[part]))
+            try:
+                await invoice_parts(rt, InvoiceJobPart(jobId=job_id, parts=[part]))
+            except Deferred as deferred:
+                await store.send(INVOICE_QUEUE, encode(deferred.message or InvoiceJobPart(jobId=job_id, parts=[part])),
+                                 visibility_timeout=max(1, int(deferred.seconds)))
+        elif since is not None and rt.bc.settled_at(since) > now:
+            continue  # BC may still be creating it: check on a later sync
         else:
             await release(store, job_id, refs_of(row), row["CustomerEmail"])
             await store.update(JOBS, {"PartitionKey": job_id, "RowKey": row["RowKey"], "NeedsCheck": False},
@@ -120,7 +131,7 @@ async def recover_stale_claims(rt: Runtime, store: Store, now: datetime | None =
             changed = part.metadata.get("timestamp")
             if part.get("Status") == "failed" and not part.get("NeedsCheck"):
                 await release(store, job, refs_of(part), part["CustomerEmail"])
-            elif part.get("Status") in ("queued", "running") and changed and now - changed > STALE_PART:
+            elif part.get("Status") in ("queued", "running", "waiting") and changed and now - changed > STALE_PART:
                 await store.send(INVOICE_QUEUE, encode(InvoiceJobPart(jobId=job, parts=[int(part["RowKey"][5:])])))
                 await store.update(JOBS, {"PartitionKey": job, "RowKey": part_key(int(part["RowKey"][5:])),
                                           "Requeued": now}, etag=None)

@@ -26,7 +26,7 @@ from shared import leases
 from shared.bookings import Booking, normalise_email
 from shared.graph import Appointment, BookingCustomer, BookingService
 from shared.http import UpstreamError
-from shared.messages import (CustomerBatchUpsert, CustomerSource, CustomerUpsert, ItemBatchUpsert, ItemUpsert,
+from shared.messages import (SOURCE_TEXT, CustomerBatchUpsert, CustomerSource, CustomerUpsert, ItemBatchUpsert, ItemUpsert,
                              ServiceSource, encode, pack)
 from shared.runtime import Runtime
 from shared.store import BOOKINGS, CUSTOMER_LINKS, DIRECTORY_QUEUE, ITEM_LINKS, UPDATE, UPSERT, Store, encode_key
@@ -201,10 +201,10 @@ def customer_source(customer: BookingCustomer, business_id: str) -> CustomerSour
     address = customer.addresses[0] if customer.addresses else None
     phone = next((p.number for p in customer.phones if p.number), None)
     return CustomerSource(
-        email=email, displayName=_clip(customer.display_name, 100), phone=_clip(phone, 30),
-        addressLine1=_clip(address and address.street, 100), city=_clip(address and address.city, 30),
-        state=_clip(address and address.state, 30), country=_clip(address and address.country_or_region, 10),
-        postalCode=_clip(address and address.postal_code, 20), businessId=business_id)
+        email=email, displayName=_clip(customer.display_name), phone=_clip(phone),
+        addressLine1=_clip(address and address.street), city=_clip(address and address.city),
+        state=_clip(address and address.state), country=_clip(address and address.country_or_region),
+        postalCode=_clip(address and address.postal_code), businessId=business_id)
 
 
 def appointment_customer_sources(pulls: list[BusinessPull]) -> dict[str, CustomerSource]:
@@ -215,8 +215,8 @@ def appointment_customer_sources(pulls: list[BusinessPull]) -> dict[str, Custome
             for customer in booking.customers:
                 if customer.email and customer.email not in sources:
                     sources[customer.email] = CustomerSource(
-                        email=customer.email, displayName=_clip(customer.name, 100),
-                        phone=_clip(customer.phone, 30), businessId=pull.business_id)
+                        email=customer.email, displayName=_clip(customer.name),
+                        phone=_clip(customer.phone), businessId=pull.business_id)
     return sources
 
 
@@ -226,7 +226,7 @@ def service_source(service: BookingService, business_id: str) -> ServiceSource:
                          defaultPrice=max(service.default_price or 0.0, 0.0), defaultPriceType=service.default_price_type)
 
 
-def _clip(value: str | None, limit: int) -> str | None:
+def _clip(value: str | None, limit: int = SOURCE_TEXT) -> str | None:
     value = (value or "").strip()
     return value[:limit] or None
 

@@ -250,6 +250,7 @@ def test_link_rows_live_in_one_partition_keyed_by_normalised_email(world):
 
 
 def test_one_batch_of_new_customers_and_items_costs_a_few_bc_requests(world):
+    world.configure(HTTP_TIMEOUT_SECONDS="60")  # batch sizes follow the timeout: the production default
     customers = [(CustomerSource(email=f"bulk{i}@example.com", displayName=f"Bulk {i}"), "h") for i in range(40)]
     message = encode(CustomerBatchUpsert(customers=[CustomerUpsert(customer=c, sourceHash=h) for c, h in customers]))
     services = [ItemUpsert(service=ServiceSource(serviceId=f"svc-{i}", displayName=f"Service {i % 5}",
@@ -317,6 +318,7 @@ def test_a_customer_of_two_businesses_is_taken_from_the_first_one_whichever_answ
 
 
 def test_a_batch_of_new_customers_is_looked_up_in_one_request(world):
+    world.configure(HTTP_TIMEOUT_SECONDS="60")  # batch sizes follow the timeout: the production default
     world.host.send("directory-upserts", encode(CustomerBatchUpsert(customers=[
         CustomerUpsert(customer=CustomerSource(email=f"new{i}@example.com", displayName=f"New {i}"), sourceHash=f"h{i}")
         for i in range(100)])))

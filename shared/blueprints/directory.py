@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from shared.api import ApiRequest, ApiResult, BadRequest, ProblemField, endpoint
 from shared.bc import TEMPLATE_FIELDS, CustomerFields, ItemFields
-from shared.blueprints.common import send_to_poison
+from shared.blueprints.common import send_later, send_to_poison
 from shared.directory import list_templates, put_template, record_failure, upsert_from_message
 from shared.messages import CustomerBatchUpsert, CustomerUpsert, DirectoryUpsertMessage, directory_upsert, process_message
 from shared.runtime import runtime
@@ -44,7 +44,7 @@ async def upsert_directory(message: func.QueueMessage) -> None:
         for source, _ in parsed.entries():
             await record_failure(store, kind, source.email if kind == "customer" else source.service_id, reason)
 
-    await process_message(message, DIRECTORY_QUEUE, directory_upsert, handle, give_up, send_to_poison)
+    await process_message(message, DIRECTORY_QUEUE, directory_upsert, handle, give_up, send_to_poison, send_later)
 
 
 @bp.route(route="templates", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)

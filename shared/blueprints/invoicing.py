@@ -11,7 +11,7 @@ import azure.functions as func
 from pydantic import BaseModel, Field, StringConstraints, field_validator, model_validator
 
 from shared.api import ApiRequest, ApiResult, BadRequest, Conflict, NotFound, Problem, ProblemField, StrictModel, endpoint
-from shared.blueprints.common import send_to_poison
+from shared.blueprints.common import send_later, send_to_poison
 from shared.invoice_worker import give_up, invoice_parts
 from shared.invoicing import (Filters, NotUninvoiced, TooLarge, after_cursor, candidates, create_job, encode_cursor,
                               group_by_customer, job_status, preview, select_listed)
@@ -142,12 +142,21 @@ class JobError(BaseModel):
     message: str
 
 
+class JobWaiting(BaseModel):
+    customer_email: str | None = Field(alias="customerEmail")
+    until: str | None = Field(description="When the invoice is looked for (and created if missing) again, UTC")
+    reason: str
+
+
 class JobStatus(BaseModel):
     job_id: str = Field(alias="jobId")
     status: Literal["queued", "running", "succeeded", "partial", "failed"]
     booking_count: int = Field(alias="bookingCount")
     invoices: list[JobInvoice]
     errors: list[JobError]
+    waiting: list[JobWaiting] = Field(default_factory=list, description="Invoices that wait for Business Central "
+                                      "(the job is still running): an earlier request's outcome is unknown, or BC "
+                                      "is throttling")
 
 
 def _base_url(req: func.HttpRequest) -> str:
@@ -246,4 +255,4 @@ async def invoice_worker(message: func.QueueMessage) -> None:
     async def abandon(part: InvoiceJobPart, reason: str) -> None:
         await give_up(rt, part, reason, owner)
 
-    await process_message(message, INVOICE_QUEUE, InvoiceJobPart, handle, abandon, send_to_poison)
+    await process_message(message, INVOICE_QUEUE, InvoiceJobPart, handle, abandon, send_to_poison, send_later)

@@ -8,6 +8,7 @@ import azure.functions as func
 from pydantic import BaseModel, Field
 
 from shared.api import ApiRequest, Problem, endpoint
+from shared.checks import setup_checks
 from shared.directory import directory_health
 from shared.runtime import runtime
 from shared.sync import last_sync
@@ -31,29 +32,46 @@ class DirectoryHealth(BaseModel):
     customer_failures: int = Field(alias="customerFailures")
     item_failures: int = Field(alias="itemFailures")
     recent: list[dict[str, Any]] = Field(description="Up to 10 recent failures with their reasons")
+    waiting: int = Field(0, description="Customers and items waiting for Business Central (an earlier create's "
+                                        "outcome is unknown, or BC is throttling): they are retried on their own")
+    customers_with_fields_left_out: int = Field(0, alias="customersWithFieldsLeftOut",
+                                                description="Customers created without fields BC does not accept")
+    left_out: list[dict[str, Any]] = Field(default_factory=list, alias="leftOut",
+                                           description="Up to 10 of them: which fields, and why")
+
+
+class SetupCheck(BaseModel):
+    name: str = Field(examples=["businessCentral"], description="businessCentral | templates")
+    ok: bool
+    message: str = Field(description="What was found, or what to fix and where")
 
 
 class Health(BaseModel):
-    status: str = Field(description="ok | degraded (the last sync was not fully successful) | "
-                                    "never-synced", examples=["ok"])
+    status: str = Field(description="ok | degraded (the last sync was not fully successful, or a setup check "
+                                    "failed) | never-synced", examples=["ok"])
     last_sync: LastSync | None = Field(alias="lastSync")
     directory: DirectoryHealth | None = None
+    checks: list[SetupCheck] = Field(default_factory=list, description="Business Central reachable with the app's "
+                                     "identity and permissions; the templates named in settings exist")
 
 
 @bp.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 @endpoint("health", "GET", "health", "Health and the outcome of the last sync run",
           responses={200: Health, 503: Problem}, anonymous=True)
 async def health(request: ApiRequest) -> Health:
-    store = await runtime().store()
+    rt = runtime()
+    store = await rt.store()
     last = await last_sync(store)
     directory = await directory_health(store)
+    checks = await setup_checks(rt, store)
     if last is None:
         status = "never-synced"
-    elif last["outcome"] == "succeeded" and not (directory["customerFailures"] or directory["itemFailures"]):
+    elif last["outcome"] == "succeeded" and not (directory["customerFailures"] or directory["itemFailures"]) \
+            and all(check["ok"] for check in checks):
         status = "ok"
     else:
         status = "degraded"
-    return Health.model_validate({"status": status, "lastSync": last, "directory": directory})
+    return Health.model_validate({"status": status, "lastSync": last, "directory": directory, "checks": checks})
 
 
 @bp.route(route="openapi.json", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)

@@ -8,8 +8,8 @@ from datetime import datetime, timezone
 import azure.functions as func
 
 from shared.api import ApiRequest, ApiResult, Problem, Status, endpoint
-from shared.blueprints.common import send_to_poison
-from shared.messages import SyncRequest, encode, process_message
+from shared.blueprints.common import send_later, send_to_poison
+from shared.messages import Deferred, SyncRequest, encode, process_message
 from shared.runtime import runtime
 from shared.store import SYNC_QUEUE
 from shared.sync import last_run_started, run_sync
@@ -38,10 +38,9 @@ async def run_requested_sync(message: func.QueueMessage) -> None:
         if await run_sync(rt, trigger=f"request:{request.reason}") is None:
             # A run is in progress and may have read the calendar before the change that
             # prompted this request: run again once it is done.
-            store = await rt.store()
-            await store.send(SYNC_QUEUE, encode(request), visibility_timeout=RETRY_WHEN_BUSY_SECONDS)
+            raise Deferred(RETRY_WHEN_BUSY_SECONDS, "another sync run is in progress")
 
-    await process_message(message, SYNC_QUEUE, SyncRequest, handle, poison=send_to_poison)
+    await process_message(message, SYNC_QUEUE, SyncRequest, handle, poison=send_to_poison, later=send_later)
 
 
 @bp.route(route="sync", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)

@@ -1,0 +1,81 @@
+"""Checks of the setup the app depends on, for `GET /api/health`: is Business Central reachable
+with the app's identity, and do the templates named in settings exist?
+
+A failed check names what to fix and where (BC's *Microsoft Entra Applications* page, the app
+registration's API permissions, a setting), because "403" in a log helps nobody. Health is polled
+often and anonymously, so BC is asked at most once every `CHECK_EVERY_SECONDS` per process."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from shared.directory import CUSTOMER, ITEM, get_template
+from shared.http import UpstreamError
+from shared.runtime import Runtime
+from shared.settings import SettingsError
+from shared.store import Store
+
+log = logging.getLogger(__name__)
+
+CHECK_EVERY_SECONDS = 300.0
+
+REGISTER_IN_BC = ("In Business Central, open the Microsoft Entra Applications page, add the app's client id "
+                  "(AZURE_CLIENT_ID), set State to Enabled and assign permission sets that allow reading and writing "
+                  "customers, items and sales invoices (e.g. D365 BUS FULL ACCESS; SUPER cannot be assigned to apps).")
+API_PERMISSION = ("In the Entra admin center, give the app registration the Dynamics 365 Business Central "
+                  "application permission API.ReadWrite.All and grant admin consent.")
+
+_cache: dict[tuple, tuple[float, dict]] = {}
+
+
+def _check(name: str, ok: bool, message: str) -> dict:
+    return {"name": name, "ok": ok, "message": message}
+
+
+async def business_central(rt: Runtime) -> dict:
+    """Reach the configured company with the app's own token."""
+    try:
+        company = await rt.bc.company()
+    except SettingsError as error:
+        return _check("businessCentral", False, str(error))
+    except UpstreamError as error:
+        if error.status == 401:
+            advice = f"{API_PERMISSION} {REGISTER_IN_BC}"
+        elif error.status == 403:
+            advice = REGISTER_IN_BC
+        elif error.status == 404:
+            advice = "Check BC_ENVIRONMENT and BC_COMPANY_ID: Business Central has no such environment or company."
+        elif error.status is None and error.code not in ("ConnectError", "ConnectTimeout"):
+            advice = "Check the app's credentials (AZURE_CLIENT_ID, the secret or the managed identity) in Entra ID."
+        else:
+            advice = "Business Central could not be reached; this is retried on its own."
+        return _check("businessCentral", False, f"{error} {advice}")
+    name = company.get("displayName") or company.get("name") or company["id"]
+    return _check("businessCentral", True, f"company '{name}' reachable with the app's identity")
+
+
+async def templates(rt: Runtime, store: Store) -> dict:
+    missing = []
+    for kind, code in ((CUSTOMER, rt.settings.customer_template), (ITEM, rt.settings.item_template)):
+        if code and await get_template(store, kind.name, code) is None:
+            missing.append(f"the {kind.name} template '{code}' named in {kind.setting} does not exist "
+                           f"(create it with PUT /api/templates/{kind.name}/{code})")
+    if missing:
+        return _check("templates", False, "; ".join(missing))
+    named = [code for code in (rt.settings.customer_template, rt.settings.item_template) if code]
+    return _check("templates", True, f"{len(named)} template(s) named in settings, all present")
+
+
+async def setup_checks(rt: Runtime, store: Store) -> list[dict]:
+    key = (id(rt.settings), id(store))
+    cached = _cache.get(key)
+    if cached and cached[0] > time.monotonic():
+        return cached[1]
+    checks = [await business_central(rt), await templates(rt, store)]
+    for check in checks:
+        if not check["ok"]:
+            log.warning("setup check %s failed: %s", check["name"], check["message"],
+                        extra={"event": "setup_check_failed", "check": check["name"]})
+    _cache[key] = (time.monotonic() + CHECK_EVERY_SECONDS, checks)
+    return checks
