@@ -49,6 +49,12 @@ def main() -> int:
     with SandboxStack(graph_knobs=Knobs(latency_ms=15, max_concurrency=4),
                       bc_knobs=Knobs(latency_ms=25, max_concurrency=5)) as sandbox:
         dataset = generate(appointments=300, customers=40, services=8, business_ids=BUSINESSES, seed=2026)
+        # Ordinary Bookings details BC refuses as they are: a country written in Norwegian, and a
+        # phone number with an extension ("ext." has letters).
+        odd = next(c for c in dataset.businesses[BUSINESSES[0]].customers[1:] if c.get("emailAddress"))
+        odd["addresses"] = [{"street": "Karl Johans gate 22", "city": "Oslo", "state": "", "countryOrRegion": "Norge",
+                             "postalCode": "0162"}]
+        odd["phones"] = [{"number": "+47 22 12 34 56 ext. 7", "type": "business"}]
         sandbox.graph.load(dataset)
         sandbox.business_ids = BUSINESSES
         # An accountant's existing BC customer, typed with other capitals than in Bookings.
@@ -88,8 +94,13 @@ def run(host: FunctionHost, sandbox, dataset) -> None:
     links = _links(host)
     for kind, origins in links.items():
         print(f"  {kind:<9} created from template: {origins['created']:>3}   linked to existing: {origins['linked']:>3}")
-    print(f"  BC now has {len(sandbox.bc.customers(sandbox.company_id))} customers and "
-          f"{len(sandbox.bc.items(sandbox.company_id))} items")
+    customers = sandbox.bc.customers(sandbox.company_id)
+    print(f"  BC now has {len(customers)} customers and {len(sandbox.bc.items(sandbox.company_id))} items")
+    countries = Counter(c["country"] for c in customers if c["country"])
+    print(f"  countries as BC's codes (Bookings writes names, e.g. 'United States', 'Norge'): "
+          f"{', '.join(f'{code} {n}' for code, n in sorted(countries.items()))}")
+    for entry in call(host, "GET", "health", key=False)["directory"]["leftOut"]:
+        print(f"  created without what BC refuses: {entry['key']}: {entry['leftOut']}")
 
     heading("Re-sync with nothing changed")
     host.timer("sync_bookings")

@@ -133,17 +133,23 @@ class BcClient:
 
     # -- unknown outcomes ----------------------------------------------------------------------
 
+    @property
+    def send_window_seconds(self) -> float:
+        """How long after its claim a write may still be sent: room for the lookup that comes
+        first and for the write itself, one `HTTP_TIMEOUT_SECONDS` each."""
+        return 2 * self.timeout_seconds
+
     def send_by(self, since: datetime) -> float:
-        """The `time.monotonic()` deadline for sending writes claimed at `since`: one
-        `HTTP_TIMEOUT_SECONDS` later. Writes are never sent after it, so `settled_at` holds."""
+        """The `time.monotonic()` deadline for sending writes claimed at `since`. Writes are
+        never sent after it, so `settled_at` holds."""
         elapsed = (datetime.now(timezone.utc) - since).total_seconds()
-        return time.monotonic() - elapsed + self.timeout_seconds
+        return time.monotonic() - elapsed + self.send_window_seconds
 
     def settled_at(self, pending_since: datetime) -> datetime:
         """When no write claimed at `pending_since` can still be running in BC: its send
         deadline plus BC's execution limit (`BC_EXECUTION_LIMIT_SECONDS`). Only then does looking
         it up tell for sure whether it happened."""
-        return pending_since + timedelta(seconds=self.timeout_seconds + self.execution_limit_seconds)
+        return pending_since + timedelta(seconds=self.send_window_seconds + self.execution_limit_seconds)
 
     # -- generic -------------------------------------------------------------------------------
 

@@ -39,6 +39,9 @@ async def business_central(rt: Runtime) -> dict:
         company = await rt.bc.company()
     except SettingsError as error:
         return _check("businessCentral", False, str(error))
+    except ValueError as error:  # MSAL refuses the authority (tenant) before any request is made
+        return _check("businessCentral", False, f"No token could be requested: {error} Check AZURE_TENANT_ID and "
+                                                "AZURE_AUTHORITY_HOST.")
     except UpstreamError as error:
         if error.status == 401:
             advice = f"{API_PERMISSION} {REGISTER_IN_BC}"
@@ -46,7 +49,7 @@ async def business_central(rt: Runtime) -> dict:
             advice = REGISTER_IN_BC
         elif error.status == 404:
             advice = "Check BC_ENVIRONMENT and BC_COMPANY_ID: Business Central has no such environment or company."
-        elif error.status is None and error.code not in ("ConnectError", "ConnectTimeout"):
+        elif error.service != rt.bc.api.service:
             advice = "Check the app's credentials (AZURE_CLIENT_ID, the secret or the managed identity) in Entra ID."
         else:
             advice = "Business Central could not be reached; this is retried on its own."

@@ -27,7 +27,7 @@ from shared.hostconfig import queue_settings
 from shared.customer_fields import Countries, Mapped, drop_refused, map_customer, minimal
 from shared.http import UpstreamAmbiguous, UpstreamConflict, UpstreamError, UpstreamThrottled
 from shared.messages import (CustomerBatchUpsert, CustomerSource, CustomerUpsert, Deferred, DirectoryUpsertMessage,
-                             PermanentFailure, ServiceSource)
+                             PermanentFailure, ServiceSource, throttled_wait)
 from shared.runtime import Runtime
 from shared.store import (CREATE, CUSTOMER_LINKS, ITEM_LINKS, MAX_BATCH, TEMPLATES, UPDATE, Store, encode_key,
                           fit_string, to_json)
@@ -36,15 +36,14 @@ log = logging.getLogger(__name__)
 
 CUSTOMER_PARTITION = "customer"
 ITEM_PARTITION = "item"
+ITEMS_IN_FLIGHT = "directory/items-in-flight.json"
+"""Item names whose create may still be running in BC, and since when: `Resolver._names_in_flight`."""
 CLAIM_STALE_AFTER = timedelta(seconds=90)
 WAIT_FOR_OTHER_SECONDS = 45.0
 CREATE_ROUNDS = 3
 """A customer refused for a field is created again without it: at most this many tries."""
-THROTTLED_WAIT = 60.0
 MAX_ATTEMPTS = queue_settings().max_dequeue_count
 """Creates without a known outcome before BC is taken to be failing: as often as a message is tried."""
-DEFER_MARGIN_SECONDS = 2.0
-"""Queue visibility is whole seconds: run deferred work a little after its time, never before."""
 UNSETTLED = ("an earlier create's outcome is unknown (no answer in time) and Business Central may still be "
              "running it; it is looked up, and repeated only if missing, once it cannot be")
 
@@ -251,7 +250,7 @@ class Resolver:
         if waits:
             until = max(wait.until for wait in waits.values())
             reason = next(iter(waits.values())).reason
-            raise Deferred((until - datetime.now(timezone.utc)).total_seconds() + DEFER_MARGIN_SECONDS,
+            raise Deferred((until - datetime.now(timezone.utc)).total_seconds(),
                            f"{len(waits)} {kind.name}(s) wait until {until:%H:%M:%S} UTC: {reason}")
         return links
 
@@ -296,19 +295,27 @@ class Resolver:
                 first: dict[str, Wanted] = {}
                 for want in to_create:
                     first.setdefault(want.lookup.strip().lower(), want)
+                name_waits: dict[str, Wait] = {}
+                if kind is ITEM:
+                    for name, since in (await self._names_in_flight(list(first), claimed_at)).items():
+                        del first[name]
+                        name_waits[name] = Wait(self.bc.settled_at(since), since, UNSETTLED)
                 leaders = list(first.values())
                 earlier = {w.key: claims[w.key].earlier_pending for w in leaders}
-                created, failed, waiting = await self._create(kind, leaders, defaults, claimed_at, earlier, send_by)
+                created, failed, waiting = await self._create(kind, leaders, defaults, claimed_at, earlier, send_by) \
+                    if leaders else ({}, {}, {})
                 for want in to_create:
-                    leader = first[want.lookup.strip().lower()]
-                    if leader.key in created:
+                    leader = first.get(want.lookup.strip().lower())
+                    if leader is None:
+                        waits[want.key] = name_waits[want.lookup.strip().lower()]
+                    elif leader.key in created:
                         records[want.key] = (created[leader.key], "created" if want is leader else "linked")
                     elif leader.key in failed:
                         failures[want.key] = failed[leader.key]
                     elif leader.key in waiting:
                         waits[want.key] = waiting[leader.key]
         except UpstreamThrottled as error:
-            until = datetime.now(timezone.utc) + timedelta(seconds=max(error.retry_after or 0, THROTTLED_WAIT))
+            until = datetime.now(timezone.utc) + timedelta(seconds=throttled_wait(error))
             waits |= {w.key: Wait(until, claims[w.key].earlier_pending, f"Business Central is throttling: {error}")
                       for w in wanted if w.key not in records and w.key not in waits}
         except Exception as error:  # noqa: BLE001 - recorded on every link row below, then raised
@@ -354,8 +361,7 @@ class Resolver:
                     waits[want.key] = Wait(self.bc.settled_at(claimed_at), claimed_at, UNSETTLED, attempt=True)
                 elif answer.retryable:
                     # Throttled, not sent, or a server error inside a finished batch: not created.
-                    seconds = max(getattr(answer, "retry_after", None) or 0, THROTTLED_WAIT)
-                    until = datetime.now(timezone.utc) + timedelta(seconds=seconds)
+                    until = datetime.now(timezone.utc) + timedelta(seconds=throttled_wait(answer))
                     waits[want.key] = Wait(until, earlier.get(want.key),
                                            f"Business Central did not create it yet ({answer.code}); trying again later",
                                            attempt=answer.status is not None and answer.status != 429)
@@ -409,6 +415,21 @@ class Resolver:
                     # We were slow and another worker took over the claim: it finds this record in BC.
                     log.warning("lost the claim on %s %s after linking it", kind.name, _mask(key))
         return {want.key: Link(want.key, record["id"], record.get("number"), origin) for want, record, origin in found}
+
+    async def _names_in_flight(self, names: list[str], now: datetime) -> dict[str, datetime]:
+        """Items are found in BC by name but waited for by service id, so two services of one name
+        must not see BC differently: one may not create a name whose create by the other may
+        still be running. Under the items lease (held by every item create), the names an earlier
+        create may still be creating are returned with since when; the others are recorded as
+        being created from `now` (the blob `ITEMS_IN_FLIGHT`, name → since)."""
+        raw = await self.store.read_blob(ITEMS_IN_FLIGHT)
+        recorded = {name: when for name, text in (json.loads(raw) if raw else {}).items()
+                    if (when := _when(text)) and self.bc.settled_at(when) > now}
+        in_flight = {name: recorded[name] for name in names if name in recorded}
+        recorded |= {name: now for name in names if name not in in_flight}
+        await self.store.write_blob(ITEMS_IN_FLIGHT, to_json({n: t.isoformat() for n, t in recorded.items()}).encode(),
+                                    "application/json")
+        return in_flight
 
     def _claim_operation(self, kind: Kind, key: str, row: dict | None, now: datetime) -> tuple | None:
         """The table operation that takes a link row for this worker; None if another worker

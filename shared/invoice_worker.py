@@ -39,7 +39,7 @@ from shared.hostconfig import queue_settings
 from shared.http import UpstreamAmbiguous, UpstreamError
 from shared.invoicing import (HEADER, _apply, _read, external_document_number, line_description, part_key,
                               refs_of, release)
-from shared.messages import CustomerSource, Deferred, InvoiceJobPart, PermanentFailure, ServiceSource
+from shared.messages import CustomerSource, Deferred, InvoiceJobPart, PermanentFailure, ServiceSource, throttled_wait
 from shared.runtime import Runtime
 from shared.store import JOBS, UPDATE, Store, fit_string, to_json
 
@@ -47,11 +47,8 @@ log = logging.getLogger(__name__)
 
 RUNNING_STALE_AFTER = timedelta(minutes=10)
 """Longer than a function may run (host.json functionTimeout)."""
-THROTTLED_WAIT = timedelta(seconds=60)
 MAX_ATTEMPTS = queue_settings().max_dequeue_count
 """Creates without a known outcome before BC is taken to be failing: as often as a message is tried."""
-DEFER_MARGIN = timedelta(seconds=2)
-"""Queue visibility is whole seconds: come back a little after the time, never before."""
 MARKER = "Invoiced: Business Central draft invoice {number} ({date})"
 UNSETTLED = ("Business Central did not answer in time and may still be creating this invoice; it is looked up, "
              "and created only if missing, once Business Central cannot be running the request any more")
@@ -195,8 +192,7 @@ async def find_or_create_invoices(bc: BcClient, works: list[PartWork], bodies: d
             work.wait = Wait(bc.settled_at(claimed_at), claimed_at, UNSETTLED, attempt=True)
         elif answer.retryable:
             # Certainly not created (throttled, not sent, or refused for now inside a batch).
-            seconds = getattr(answer, "retry_after", None) or 0
-            until = datetime.now(timezone.utc) + max(timedelta(seconds=seconds), THROTTLED_WAIT)
+            until = datetime.now(timezone.utc) + timedelta(seconds=throttled_wait(answer))
             work.wait = Wait(until, work.earlier, f"Business Central did not create it yet ({answer.code}); it is "
                                                   "tried again later",
                              attempt=answer.status is not None and answer.status != 429)
@@ -230,7 +226,7 @@ async def invoice_parts(rt: Runtime, message: InvoiceJobPart, owner: str | None 
         times = [w.wait.until for w in waiting if w.wait] + ([until] if until else [])
         until = max(times) if times else None
     if later:
-        seconds = ((until or datetime.now(timezone.utc)) - datetime.now(timezone.utc) + DEFER_MARGIN).total_seconds()
+        seconds = ((until or datetime.now(timezone.utc)) - datetime.now(timezone.utc)).total_seconds()
         raise Deferred(seconds, f"{len(later)} invoice(s) of job {job_id} wait for Business Central",
                        InvoiceJobPart(jobId=job_id, parts=sorted(set(later))))
 

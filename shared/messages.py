@@ -63,6 +63,19 @@ class ServiceSource(Message):
 THROTTLED_DEFER_SECONDS = 60.0
 """How long work waits after an API kept throttling it without saying for how long."""
 
+
+NOT_SENT_CODES = {"SendWindowPassed", "NotSent"}
+"""Held back by the client itself (its send window passed; an earlier batch's outcome is unknown)."""
+
+
+def throttled_wait(error: Exception) -> float:
+    """Seconds to wait before trying again what `error` held back: its `Retry-After`, at least
+    `THROTTLED_DEFER_SECONDS` (a retry sooner would only meet the same throttling); what the
+    client held back itself goes again at once."""
+    if getattr(error, "code", None) in NOT_SENT_CODES:
+        return getattr(error, "retry_after", None) or 0.0
+    return max(getattr(error, "retry_after", None) or 0.0, THROTTLED_DEFER_SECONDS)
+
 UPSERT_BATCH = 100
 """Customers/services per message at most: one BC `$batch` (≤ 100) creates them all."""
 MESSAGE_TEXT_LIMIT = 45_000
@@ -135,6 +148,9 @@ class PermanentFailure(Exception):
 
 MAX_DEFER_SECONDS = 7 * 24 * 3600
 """Azure Queue Storage keeps a message invisible for at most 7 days."""
+DEFER_MARGIN_SECONDS = 0.5
+"""Visibility is whole seconds: deferred work comes back just after its time, never before (if it
+did, it would only wait again)."""
 
 
 class Deferred(Exception):
@@ -195,7 +211,7 @@ async def process_message(message: func.QueueMessage, queue: str, schema: TypeAd
         try:
             await handle(parsed)
         except UpstreamThrottled as error:
-            raise Deferred(max(error.retry_after or 0.0, THROTTLED_DEFER_SECONDS), str(error)) from error
+            raise Deferred(throttled_wait(error), str(error)) from error
         return
     except Deferred as deferred:
         if later is None:
@@ -221,7 +237,7 @@ async def process_message(message: func.QueueMessage, queue: str, schema: TypeAd
 
 async def _defer(later, queue: str, raw: str, deferred: Deferred) -> None:
     body = encode(deferred.message) if deferred.message is not None else raw
-    seconds = int(min(max(math.ceil(deferred.seconds), 1), MAX_DEFER_SECONDS))
+    seconds = int(min(max(math.ceil(deferred.seconds + DEFER_MARGIN_SECONDS), 1), MAX_DEFER_SECONDS))
     log.info("a %s message waits %d s: %s", queue, seconds, deferred.reason,
              extra={"event": "message_deferred", "queue": queue, "delay_seconds": seconds})
     await later(queue, body, seconds)

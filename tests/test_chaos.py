@@ -4,8 +4,9 @@ Each run builds a small world of its own (two Bookings businesses sharing people
 group bookings, customers without e-mail, every price type) and drives the real functions:
 sync → directory upserts → list uninvoiced → invoice selections and `all` at once → delete and
 post drafts in BC → sync (reconciliation) → invoice the rest. Meanwhile every Graph, BC and
-Entra ID call may fail (429 with Retry-After 0, 500, 503, reset, malformed, lost POST answers,
-sometimes timeouts), workers crash between steps, queue messages arrive twice and sync runs
+Entra ID call may fail (429 with Retry-After 0 or none, 500, 503, reset, malformed, lost POST
+answers, BC finishing a request after answering 408/504 or after the client timed out, sometimes
+timeouts), workers crash between steps, queue messages arrive twice and sync runs
 overlap. Then the faults stop, everything settles, and the invariants are checked:
 
 - every invoiceable ended booking is on exactly one BC invoice line per customer, and every BC
@@ -360,8 +361,13 @@ def configure_faults(run: Run) -> None:
     extra = ("timeout",) if timeouts else ()
     world.graph.plan.configure(fault_rate=rng.uniform(0.05, 0.2), fault_kinds=FAULTS + extra, seed=run.seed,
                                retry_after_seconds=0, hang_seconds=1.0)
-    world.bc.plan.configure(fault_rate=rng.uniform(0.05, 0.2), fault_kinds=FAULTS + ("lost", "lost") + extra,
-                            seed=run.seed + 1, retry_after_seconds=0, hang_seconds=1.0)
+    # BC finishing a request after the client gave up: answered 408/504 at once, or held past the
+    # client's timeout ("late"), and executed all the same, or (the docs' reading) dropped.
+    finishes_late = ("408", "504") + (("late",) if timeouts else ())
+    world.bc.plan.configure(fault_rate=rng.uniform(0.05, 0.2), fault_kinds=FAULTS + ("lost", "lost") + finishes_late
+                            + extra, seed=run.seed + 1, retry_after_seconds=0, hang_seconds=1.0,
+                            late_seconds=0.9, late_executes=rng.random() < 0.7,
+                            retry_after_omitted=rng.choice((0.0, 0.5)))
     world.sandbox.entra.plan.configure(fault_rate=0.2, fault_kinds=("429", "500", "503", "reset"), seed=run.seed + 2,
                                        retry_after_seconds=0)
     # Real services answer in tens or hundreds of milliseconds: it widens every race window.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+
+import pytest
 import re
 import threading
 import time
@@ -121,6 +123,7 @@ def test_resolving_concurrently_from_two_hosts_creates_one_customer(world, sandb
 
 
 def test_throttling_and_server_error_storms_reach_the_same_end_state(world):
+    world.configure(HTTP_TIMEOUT_SECONDS="1")  # a 503 to a create is an unknown outcome, waited out: briefly
     world.bc.plan.configure(fault_rate=0.3, fault_kinds=("429", "503"), retry_after_seconds=0, seed=3)
     for index in range(12):
         world.host.send("directory-upserts", customer_message(f"storm{index}@example.com", f"Storm {index}"))
@@ -327,3 +330,129 @@ def test_a_batch_of_new_customers_is_looked_up_in_one_request(world):
     assert len(world.bc.customers(world.company_id)) == 100
     assert Counter(world.bc.plan.stats.requests) == Counter({
         "POST /v2.0/{id}/production/api/v2.0/$batch": 2}), "one $batch of 3 lookups, one $batch of 100 creates"
+
+
+# -- Business Central as it really behaves ------------------------------------------------------
+
+def test_an_item_bc_names_in_another_case_is_linked_not_created_again(world):
+    existing = world.bc.add_item(world.company_id, displayName="Initial Consultation", type="Service")
+    world.host.send("directory-upserts", item_message("svc-intro", "initial consultation", 80.0))
+    world.host.drain()
+
+    assert [i["id"] for i in world.bc.items(world.company_id)] == [existing["id"]]
+    [link] = rows(world, ITEM_LINKS)
+    assert link["Status"] == "linked" and link["BcId"] == existing["id"] and link["Origin"] == "linked"
+
+
+def test_a_customer_bc_spells_in_capitals_is_linked_not_duplicated(world):
+    existing = world.bc.add_customer(world.company_id, displayName="Bob Smith", email="Bob.Smith@Example.COM")
+    world.host.send("directory-upserts", customer_message("bob.smith@example.com", "Bob"))
+    world.host.drain()
+
+    assert [c["id"] for c in world.bc.customers(world.company_id)] == [existing["id"]]
+
+
+def test_countries_written_in_any_language_reach_bc_as_its_country_codes(world):
+    written = {"us@example.com": "United States", "no@example.com": "Norge", "nl@example.com": "Pays-Bas",
+               "de@example.com": "Deutschland", "gb@example.com": "UK"}
+    for email, country in written.items():
+        world.host.send("directory-upserts", customer_message(email, country=country, city="Town"))
+    world.host.drain()
+
+    assert {c["email"]: c["country"] for c in world.bc.customers(world.company_id)} == {
+        "us@example.com": "US", "no@example.com": "NO", "nl@example.com": "NL", "de@example.com": "DE",
+        "gb@example.com": "GB"}
+    assert all(r["Status"] == "linked" and not r.get("LeftOut") for r in rows(world, CUSTOMER_LINKS))
+
+
+def test_a_customer_with_fields_bc_refuses_is_created_without_them_and_health_says_which(world):
+    world.host.send("directory-upserts", customer_message("ann@example.com", "Ann", phone="555 0102 ext. 7",
+                                                          country="Narnia", city="Cair Paravel"))
+    world.host.drain()
+
+    [customer] = world.bc.customers(world.company_id)
+    assert customer["email"] == "ann@example.com" and customer["city"] == "Cair Paravel"
+    assert customer["phoneNumber"] == "" and customer["country"] == ""
+    [link] = rows(world, CUSTOMER_LINKS)
+    assert link["Status"] == "linked" and "phoneNumber" in link["LeftOut"] and "'Narnia'" in link["LeftOut"]
+    health = body(world.host.http("GET", "health", key=False))
+    assert health["directory"]["customersWithFieldsLeftOut"] == 1 and health["directory"]["customerFailures"] == 0
+    [left_out] = health["directory"]["leftOut"]
+    assert "contains letters" in left_out["leftOut"] and "not a country/region" in left_out["leftOut"]
+    assert world.host.peek_poison("directory-upserts") == []
+
+
+def test_a_field_bc_refuses_unforeseen_is_left_out_with_bcs_reason_and_the_customer_created(world):
+    world.host.send("directory-upserts", customer_message("first@example.com", country="Norway"))
+    world.host.drain()  # the app now knows BC's countries (it reads them once an hour)
+    world.bc.remove_country(world.company_id, "NO")
+    world.host.send("directory-upserts", customer_message("second@example.com", country="Norge", city="Oslo"))
+    world.host.drain()
+
+    second = bc_customers(world, "second@example.com")
+    assert len(second) == 1 and second[0]["country"] == "" and second[0]["city"] == "Oslo"
+    link = next(r for r in rows(world, CUSTOMER_LINKS) if r["Key"] == "second@example.com")
+    assert "Country/Region" in link["LeftOut"] and "Business Central refused it" in link["LeftOut"]
+
+
+def test_an_email_longer_than_bc_allows_is_never_put_in_a_filter(world):
+    long_email = "a" * 75 + "@example.com"
+    world.host.send("directory-upserts", encode(CustomerBatchUpsert(customers=[
+        CustomerUpsert(customer=CustomerSource(email=email, displayName="Batch"), sourceHash="h")
+        for email in ("short@example.com", long_email, "other@example.com")])))
+    world.host.drain()
+
+    assert sorted(c["email"] for c in world.bc.customers(world.company_id)) == ["", "other@example.com",
+                                                                                "short@example.com"]
+    assert all(r["Status"] == "linked" for r in rows(world, CUSTOMER_LINKS)), \
+        "BC refuses a whole filter with a literal longer than the field: the others would have failed too"
+    long_link = next(r for r in rows(world, CUSTOMER_LINKS) if r["Key"] == long_email)
+    assert "longer than the 80 characters" in long_link["LeftOut"]
+
+
+LATE_VARIANTS = pytest.mark.parametrize(("fault", "executes"), [
+    ("late", True), ("408", True), ("408", False), ("504", True), ("504", False)],
+    ids=["late", "408-bc-finishes-it", "408-bc-drops-it", "504-bc-finishes-it", "504-bc-drops-it"])
+"""BC's docs say a timed-out request is cancelled; it may still have committed: both variants."""
+
+
+@LATE_VARIANTS
+def test_a_create_bc_may_finish_after_the_client_gave_up_makes_one_customer(world, fault, executes):
+    world.configure(HTTP_TIMEOUT_SECONDS="0.5")
+    world.bc.plan.configure(late_executes=executes)
+    world.bc.plan.script("POST", r"/\$batch$", fault, times=1)
+    world.host.send("directory-upserts", encode(CustomerBatchUpsert(customers=[
+        CustomerUpsert(customer=CustomerSource(email=f"late{i}@example.com", displayName=f"Late {i}"), sourceHash="h")
+        for i in range(3)])))
+    world.host.drain()
+
+    assert world.bc.plan.stats.faults[fault] == 1
+    assert sorted(c["email"] for c in world.bc.customers(world.company_id)) == [f"late{i}@example.com"
+                                                                               for i in range(3)]
+    assert all(r["Status"] == "linked" for r in rows(world, CUSTOMER_LINKS))
+
+
+def test_throttling_without_retry_after_defers_the_upsert_and_never_poisons_it(world, monkeypatch):
+    from shared.http import ApiClient
+
+    monkeypatch.setattr(ApiClient, "_delay", lambda self, attempt, retry_after: 0.01)  # retry at once
+    monkeypatch.setattr("shared.messages.THROTTLED_DEFER_SECONDS", 1.0)  # come back after a second, not a minute
+    world.bc.plan.configure(retry_after_omitted=1.0)
+    world.bc.plan.script("POST", r"/customers$", "429", times=7 * 3)  # three whole invocations' worth of retries
+    world.host.send("directory-upserts", customer_message("busy@example.com"))
+    stats = world.host.drain()
+
+    assert world.bc.plan.stats.faults["429"] == 21
+    assert len(bc_customers(world, "busy@example.com")) == 1
+    assert stats.failed_attempts == 0 and world.host.peek_poison("directory-upserts") == []
+
+
+def test_two_services_of_one_name_wait_for_each_others_unknown_create_and_share_one_item(world2):
+    world = world2
+    world.bc.plan.script("POST", r"/items$", "504", times=1)  # answered at once, created 0.9 s later
+    world.host.send("directory-upserts", item_message("svc-a", "Massage", 60.0))
+    world.host.send("directory-upserts", item_message("svc-b", "Massage", 60.0))
+    world.host.drain()
+
+    [item] = world.bc.items(world.company_id)
+    assert {r["Key"]: r["BcId"] for r in rows(world, ITEM_LINKS)} == {"svc-a": item["id"], "svc-b": item["id"]}

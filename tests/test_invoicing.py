@@ -295,7 +295,7 @@ def test_a_job_is_spread_over_at_least_as_many_messages_as_bc_serves_at_once(par
 def test_a_part_bc_keeps_failing_ends_failed_with_its_bookings_released_once_bc_has_no_invoice(world):
     ids = [appointment(world, hours_ago=40 + i) for i in range(2)]
     world.sync()
-    world.configure(HTTP_TIMEOUT_SECONDS="1")  # each unknown outcome is waited out: keep the waits short
+    world.configure(HTTP_TIMEOUT_SECONDS="0.5")  # each unknown outcome is waited out: keep the waits short
     world.bc.plan.configure(retry_after_seconds=0)
     world.bc.plan.script("POST", r"/salesInvoices$", "503", times=1000)
 
@@ -395,3 +395,86 @@ def test_every_route_but_health_and_openapi_needs_a_function_key(world):
     assert world.host.http("POST", "sync", key="wrong").status_code == 401
     assert world.host.http("GET", "health", key=False).status_code == 200
     assert world.host.http("GET", "openapi.json", key=False).status_code == 200
+
+
+# -- Business Central as it really behaves ------------------------------------------------------
+
+@pytest.mark.parametrize(("fault", "executes"), [
+    ("late", True), ("408", True), ("408", False), ("504", True), ("504", False)],
+    ids=["late", "408-bc-finishes-it", "408-bc-drops-it", "504-bc-finishes-it", "504-bc-drops-it"])
+def test_an_invoice_batch_bc_may_finish_after_the_client_gave_up_bills_each_booking_once(world, fault, executes):
+    for i in range(6):
+        appointment(world, hours_ago=40 + i, customers=((f"c{i % 3}@example.com", f"C{i % 3}"),))
+    world.sync()
+    world.configure(HTTP_TIMEOUT_SECONDS="0.5")
+    world.bc.plan.configure(late_executes=executes)
+    world.bc.plan.script("POST", r"/\$batch$|/salesInvoices$", fault, times=1)
+
+    response = invoice(world, {"all": True})
+    job_id = body(response)["jobId"]
+    seen_waiting = []
+    drained = threading.Thread(target=world.host.drain)
+    drained.start()
+    while drained.is_alive():
+        status = body(world.host.http("GET", f"invoices/jobs/{job_id}"))
+        if status["waiting"]:
+            seen_waiting.append(status)
+        drained.join(timeout=0.2)
+    job = body(world.host.http("GET", f"invoices/jobs/{job_id}"))
+
+    assert world.bc.plan.stats.faults[fault] == 1
+    assert seen_waiting and {s["status"] for s in seen_waiting} == {"running"}, "waiting is running, not failed"
+    assert "may still be creating this invoice" in seen_waiting[0]["waiting"][0]["reason"]
+    assert job["status"] == "succeeded" and job["waiting"] == [] and len(job["invoices"]) == 3
+    assert set(lines_by_booking(world).values()) == {1} and sum(lines_by_booking(world).values()) == 6
+    assert len(world.bc.invoices(world.company_id)) == 3
+
+
+@pytest.mark.parametrize(("break_bc", "fragment"), [
+    (lambda w: w.bc.set_api_template("customers", w.company_id),
+     "has no Gen. Bus. Posting Group in Business Central. Fix: set its Gen. Bus. Posting Group"),
+    (lambda w: w.bc.set_number_series(w.company_id, "salesInvoices", "exhausted"),
+     "no usable number series for sales invoices. Fix: set Invoice Nos."),
+    (lambda w: w.bc.set_api_template("items", w.company_id),
+     "has no Gen. Prod. Posting Group in Business Central. Fix:"),
+], ids=["customer-posting-group", "number-series", "item-posting-group"])
+def test_an_invoice_bc_refuses_for_its_setup_says_per_booking_what_to_fix_in_bc(world, break_bc, fragment):
+    ids = [appointment(world, hours_ago=40 + i, customers=(("setup@example.com", "Setup"),)) for i in range(2)]
+    break_bc(world)  # before the customer and the item are created from BC's API Setup templates
+    world.sync()
+
+    job = run_job(world, {"bookingIds": ids})
+
+    assert job["status"] == "failed"
+    assert {e["bookingId"] for e in job["errors"]} == set(ids)
+    assert all(fragment in e["message"] and "invoice these bookings again" in e["message"] for e in job["errors"])
+    assert sorted(r["id"] for r in uninvoiced(world)["value"]) == sorted(ids), "released, to invoice once fixed"
+
+
+def test_a_blocked_customer_is_reported_with_the_fix(world):
+    ids = [appointment(world, hours_ago=40, customers=(("blocked@example.com", "Blocked"),))]
+    world.sync()
+    [customer] = world.bc.customers(world.company_id)
+    world.bc.update(world.company_id, "customers", customer["id"], blocked="Invoice")
+
+    job = run_job(world, {"bookingIds": ids})
+
+    [error] = job["errors"]
+    assert "is blocked in Business Central (Blocked = Invoice). Fix: clear Blocked" in error["message"]
+
+
+@pytest.mark.parametrize(("option", "value"), [(None, None), ("code_filter_uppercases_literal", True),
+                                               ("case_functions_ignore_case", True)],
+                         ids=["strict", "bc-upper-cases-code-literals", "tolower-ignores-literal-case"])
+def test_a_lost_invoice_answer_is_found_by_its_key_under_each_reading_of_bcs_filters(world, option, value):
+    if option:
+        world.bc.configure(**{option: value})
+    ids = [appointment(world, hours_ago=40 + i, customers=(("Mixed.Case@Example.com", "Mixed"),)) for i in range(2)]
+    world.bc.add_customer(world.company_id, displayName="Mixed (BC)", email="Mixed.Case@EXAMPLE.com")
+    world.sync()
+    world.bc.plan.script("POST", r"/salesInvoices$", "lost", times=1)
+
+    job = run_job(world, {"bookingIds": ids})
+
+    assert job["status"] == "succeeded" and len(world.bc.invoices(world.company_id)) == 1
+    assert len(world.bc.customers(world.company_id)) == 1, "the BC customer was linked, not duplicated"
