@@ -37,8 +37,8 @@ from shared.bookings import Booking
 from shared.directory import Resolver
 from shared.hostconfig import queue_settings
 from shared.http import UpstreamAmbiguous, UpstreamError
-from shared.invoicing import (HEADER, _apply, _read, external_document_number, line_description, part_key,
-                              refs_of, release)
+from shared.invoicing import (_apply, _read, external_document_number, line_description, part_key,
+                              refs_of, release, snapshot_of)
 from shared.messages import CustomerSource, Deferred, InvoiceJobPart, PermanentFailure, ServiceSource, throttled_wait
 from shared.runtime import Runtime
 from shared.store import JOBS, UPDATE, Store, fit_string, to_json
@@ -85,12 +85,16 @@ class PartWork:
         return int(self.row.get("Attempts") or 0)
 
 
-async def _load(store: Store, job_id: str, indexes: list[int], owner: str
-                ) -> tuple[list[PartWork], list[int], datetime | None]:
-    """The unfinished parts this invocation could take, with their bookings; and the parts that
-    wait for BC (and until when), for the message to come back to."""
-    rows = await store.get_many(JOBS, job_id, [part_key(index) for index in indexes])
-    if not rows:
+async def _unfinished(store: Store, job_id: str, indexes: list[int], owner: str
+                      ) -> tuple[list[PartWork], list[int], datetime | None]:
+    """The unfinished parts this invocation could take; and the parts that wait for BC (and until
+    when), for the message to come back to."""
+    if indexes and indexes[-1] - indexes[0] < 2 * len(indexes):
+        # A job's messages name runs of consecutive parts: one range query instead of many keys.
+        rows = await store.get_range(JOBS, job_id, part_key(indexes[0]), part_key(indexes[-1]))
+    else:
+        rows = await store.get_many(JOBS, job_id, [part_key(index) for index in indexes])
+    if not any(part_key(index) in rows for index in indexes):
         raise PermanentFailure(f"invoicing job {job_id} has no part {', '.join(map(str, indexes[:10]))}")
     now = datetime.now(timezone.utc)
     takeable, later, until = [], [], None
@@ -107,15 +111,9 @@ async def _load(store: Store, job_id: str, indexes: list[int], owner: str
             later.append(index)
             until = max(until or now, datetime.fromisoformat(wait_until))
             continue
-        takeable.append(row)
-    refs = [ref for row in takeable for ref in refs_of(row)]
-    found = await _read(store, refs)
-    bookings = dict(zip(map(tuple, refs), found, strict=True))
-    works = [PartWork(int(row["RowKey"][5:]), row, external_document_number(job_id, int(row["RowKey"][5:])),
-                      row["CustomerEmail"], pending_since(row), etag=row.metadata["etag"]) for row in takeable]
-    for work in works:
-        _sort(work, job_id, [bookings[tuple(ref)] for ref in refs_of(work.row)])
-    return works, later, until
+        takeable.append(PartWork(index, row, external_document_number(job_id, index), row["CustomerEmail"],
+                                 pending_since(row), etag=row.metadata["etag"]))
+    return takeable, later, until
 
 
 def _sort(work: PartWork, job_id: str, found: list[Booking | None]) -> None:
@@ -206,22 +204,9 @@ async def invoice_parts(rt: Runtime, message: InvoiceJobPart, owner: str | None 
     store = await rt.store()
     job_id = message.job_id
     owner = owner or uuid.uuid4().hex
-    parts, later, until = await _load(store, job_id, message.part_indexes(), owner)
+    parts, later, until = await _unfinished(store, job_id, message.part_indexes(), owner)
     if parts:
-        await store.upsert(JOBS, {"PartitionKey": job_id, "RowKey": HEADER,
-                                  "StartedAt": datetime.now(timezone.utc)})
-    for work in [w for w in parts if not w.mine]:
-        await _finish(store, work.row, "failed", errors=work.errors)
-    parts = [w for w in parts if w.mine]
-    if parts:
-        try:
-            waiting = await _invoice(rt, store, job_id, parts, owner)
-        except Deferred as deferred:
-            # The directory must wait for BC first; nothing was claimed or sent for these parts.
-            retry_at = datetime.now(timezone.utc) + timedelta(seconds=deferred.seconds)
-            for work in parts:
-                await _wait(store, work, Wait(retry_at, work.earlier, deferred.reason))
-            waiting = parts
+        waiting = await _invoice(rt, store, job_id, parts, owner)
         later += [w.index for w in waiting]
         times = [w.wait.until for w in waiting if w.wait] + ([until] if until else [])
         until = max(times) if times else None
@@ -232,20 +217,54 @@ async def invoice_parts(rt: Runtime, message: InvoiceJobPart, owner: str | None 
 
 
 async def _invoice(rt: Runtime, store: Store, job_id: str, parts: list[PartWork], owner: str) -> list[PartWork]:
-    """Resolve, claim, find or create, record. Returns the parts that wait for BC."""
+    """Read, resolve and claim (side by side), find or create, record. Returns the parts that
+    wait for BC."""
     resolver = Resolver(rt, store, rt.bc)
-    names = {w.email: next((c.name for b in w.mine for c in b.customers if c.email == w.email and c.name), None)
-             for w in parts}
-    customers = await resolver.customers([(CustomerSource(email=w.email, displayName=names[w.email] or None), None)
-                                          for w in parts])
-    services = {b.service_id: b for w in parts for b in w.mine}
-    items = await resolver.items([(ServiceSource(serviceId=service_id, displayName=(b.service_name or service_id)[:100],
-                                                 defaultPrice=float(b.unit_price())), None)
-                                  for service_id, b in services.items()])
+    claimed_at = datetime.now(timezone.utc)
+    # A first attempt uses the bookings its part carries; a retry reads them as they are now.
+    carried = {w.key: snapshot_of(w.row) if w.earlier is None else None for w in parts}
+    refs = [ref for work in parts if carried[work.key] is None for ref in refs_of(work.row)]
+
+    async def bookings_and_items() -> tuple[dict[str, list[Booking | None]], dict]:
+        found = dict(zip(map(tuple, refs), await _read(store, refs), strict=True))
+        of_part = {w.key: carried[w.key] if carried[w.key] is not None else [found[tuple(ref)] for ref in refs_of(w.row)]
+                   for w in parts}
+        services = {b.service_id: b for bookings in of_part.values() for b in bookings if b and b.service_id}
+        items = await resolver.items([(ServiceSource(serviceId=service_id,
+                                                     displayName=(b.service_name or service_id)[:100],
+                                                     defaultPrice=float(b.unit_price())), None)
+                                      for service_id, b in services.items()])
+        return of_part, items
+
+    read, customers, claimed = await asyncio.gather(
+        bookings_and_items(),
+        resolver.customers([(CustomerSource(email=w.email, displayName=(w.row.get("CustomerName") or "")[:200] or None),
+                             None) for w in parts]),
+        _claim(store, parts, owner, claimed_at),
+        return_exceptions=True)
+    if isinstance(claimed, BaseException):
+        raise claimed
+    try:
+        for result in (read, customers):
+            if isinstance(result, BaseException):
+                raise result
+        of_part, items = read
+        for work in claimed:
+            _sort(work, job_id, of_part[work.key])
+        for work in [w for w in claimed if not w.mine]:
+            await _finish(store, work.row, "failed", errors=work.errors)
+        parts = [w for w in claimed if w.mine]
+    except Deferred as deferred:
+        # The directory must wait for BC first; nothing was sent for these parts.
+        retry_at = datetime.now(timezone.utc) + timedelta(seconds=deferred.seconds)
+        for work in claimed:
+            await _wait(store, work, Wait(retry_at, work.earlier, deferred.reason))
+        return claimed
+    except BaseException:
+        await _unclaim(store, claimed)
+        raise
     zone = rt.settings.time_zone
     today = datetime.now(ZoneInfo(zone)).date().isoformat()
-    claimed_at = datetime.now(timezone.utc)
-    parts = await _claim(store, parts, owner, claimed_at)
     bodies = {}
     for work in parts:
         work.lines = [{"lineType": "Item", "itemId": items[b.service_id].bc_id,
@@ -283,6 +302,18 @@ async def _invoice(rt: Runtime, store: Store, job_id: str, parts: list[PartWork]
         await asyncio.gather(*(write_back(rt, [b for b in w.mine if (b.id, w.email) in recorded], links[w.key])
                                for w in done))
     return waiting
+
+
+async def _unclaim(store: Store, works: list[PartWork]) -> None:
+    """Nothing was sent for these claimed parts after all: whoever takes them next need not wait
+    for BC on our account (the claim's `PendingSince` goes back to what it was)."""
+    for work in works:
+        try:
+            await store.update(JOBS, {"PartitionKey": work.row["PartitionKey"], "RowKey": work.row["RowKey"],
+                                      "PendingSince": work.earlier.isoformat() if work.earlier else ""}, etag=None)
+        except Exception:  # noqa: BLE001 - best effort: the claim stays, and a retry waits a little longer
+            log.warning("could not give back the claim of job part %s", work.key,
+                        extra={"event": "invoice_job_part_unclaim_failed", "job_id": work.row["PartitionKey"]})
 
 
 async def _wait(store: Store, work: PartWork, wait: Wait) -> None:

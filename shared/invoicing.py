@@ -36,6 +36,9 @@ HEADER = "job"
 _IF_NOT_MODIFIED = MatchConditions.IfNotModified
 REFS_CHUNK_CHARS = 30_000
 MAX_REFS_CHUNKS = 28
+SNAPSHOT_CHUNKS = 3
+"""A part carries its bookings as claimed (with their ETags) when they fit in this many chunks,
+so the worker need not read them back: see `snapshot_of`."""
 CLAIM_ATTEMPTS = 6
 
 
@@ -235,7 +238,7 @@ async def _apply(store: Store, bookings: list[Booking], change, attempts: int = 
     for booking in bookings:
         by_partition.setdefault(booking.partition_key, []).append(booking)
     chunks = [group[i:i + MAX_BATCH] for group in by_partition.values() for i in range(0, len(group), MAX_BATCH)]
-    gate = asyncio.Semaphore(8)
+    gate = asyncio.Semaphore(16)
 
     async def run(chunk: list[Booking]) -> None:
         async with gate:
@@ -254,7 +257,9 @@ async def _apply(store: Store, bookings: list[Booking], change, attempts: int = 
                 if not operations:
                     return
                 try:
-                    await store.transact(BOOKINGS, operations)
+                    answers = await store.transact(BOOKINGS, operations)
+                    for booking, answer in zip(ready, answers, strict=True):
+                        booking.etag = answer.get("etag") or booking.etag
                     written.extend(ready)
                     return
                 except (TableTransactionError, ResourceModifiedError, ResourceNotFoundError):
@@ -340,6 +345,26 @@ def _chunks(text: str) -> dict[str, str]:
     return {f"Refs{index}": piece for index, piece in enumerate(pieces)}
 
 
+def _snapshot(bookings: list[Booking]) -> dict[str, str]:
+    """The part's bookings as this job claimed them, when they fit; else nothing (the worker
+    reads them)."""
+    text = "[" + ",".join(b.model_dump_json(exclude={"last_updated"}) for b in bookings) + "]"
+    if len(text) > SNAPSHOT_CHUNKS * REFS_CHUNK_CHARS:
+        return {}
+    return {f"Snapshot{index}": text[i:i + REFS_CHUNK_CHARS]
+            for index, i in enumerate(range(0, len(text), REFS_CHUNK_CHARS))}
+
+
+def snapshot_of(row: dict) -> list[Booking] | None:
+    """The bookings a part carries, as its job claimed them. Safe to use instead of reading them
+    on a part's first attempt: while a part is queued or running, nothing but the part itself
+    releases its claims, and a stale ETag only makes recording re-read and retry."""
+    text = "".join(row.get(f"Snapshot{index}", "") for index in range(SNAPSHOT_CHUNKS))
+    if not text:
+        return None
+    return [Booking.model_validate(item) for item in json.loads(text)]
+
+
 def refs_of(row: dict) -> list[list[str]]:
     text = "".join(row.get(f"Refs{index}", "") for index in range(MAX_REFS_CHUNKS))
     return json.loads(text or "[]")
@@ -375,12 +400,14 @@ async def create_job(rt: Runtime, store: Store, bookings: list[Booking], strict:
     try:
         rows = [{"PartitionKey": job_id, "RowKey": part_key(p.index), "CustomerEmail": p.email,
                  "CustomerName": p.name or "", "Status": "queued", "BookingCount": len(p.bookings),
-                 **_chunks(to_json(_refs(p.bookings)))} for p in parts]
+                 **_chunks(to_json(_refs(p.bookings))), **_snapshot(p.bookings)} for p in parts]
     except TooLarge:
         await release(store, job_id, _refs(claimed))
         await store.upsert(JOBS, {"PartitionKey": job_id, "RowKey": HEADER, "Status": "rejected"})
         raise
     await store.write_batches(JOBS, [("upsert", row) for row in rows])
+    # "queued" before any message goes: a job left "claiming" is taken for dead after a while and
+    # its claims released, which must never happen to a job whose parts may be running.
     await store.upsert(JOBS, {"PartitionKey": job_id, "RowKey": HEADER, "Status": "queued",
                               "BookingCount": len(claimed), "PartCount": len(parts)})
     indexes = [p.index for p in parts]
@@ -404,7 +431,7 @@ async def job_status(store: Store, job_id: str) -> dict | None:
     elif all(s == "succeeded" for s in statuses):
         status = "succeeded"
     elif any(s in ("queued", "running", "waiting") for s in statuses):
-        started = header.get("StartedAt") or any(s != "queued" for s in statuses)
+        started = any(s != "queued" for s in statuses)  # a part taken by a worker is no longer queued
         status = "running" if started else "queued"
     elif any(s == "succeeded" for s in statuses):
         status = "partial"

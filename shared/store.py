@@ -257,6 +257,12 @@ class Store:
             found |= {row["RowKey"]: row for row in rows}
         return found
 
+    async def get_range(self, table: str, partition: str, low: str, high: str) -> dict[str, dict]:
+        """Rows of one partition with `low` ≤ RowKey ≤ `high`, in one query."""
+        rows = await self.query(table, "PartitionKey eq @pk and RowKey ge @low and RowKey le @high",
+                                parameters={"pk": partition, "low": low, "high": high})
+        return {row["RowKey"]: row for row in rows}
+
     async def read_blob(self, path: str) -> bytes | None:
         """The blob's content, or None if it was never written."""
         try:
