@@ -164,13 +164,20 @@ class Naive:
                     customers[email] = {"displayName": customer.get("displayName") or email, "email": email,
                                         "phoneNumber": phone, "addressLine1": address.get("street"),
                                         "city": address.get("city"), "state": address.get("state"),
-                                        "country": (address.get("countryOrRegion") or "")[:10] or None,
+                                        "country": self.country_code(address.get("countryOrRegion")),
                                         "postalCode": address.get("postalCode")}
             for service in self.pages("graph", f"{base}/services"):
                 services.setdefault(service["id"], {"displayName": service.get("displayName") or service["id"],
                                                     "unitPrice": max(float(service.get("defaultPrice") or 0), 0.0)})
         self._directory("customer", customers, directory)
         self._directory("item", services, directory)
+
+    def country_code(self, name: str | None) -> str | None:
+        """BC takes only its own country codes: the naive way, by the English name in BC's table."""
+        if not hasattr(self, "_countries"):
+            self._countries = {(c.get("displayName") or "").lower(): c["code"]
+                               for c in self.pages("bc", f"{self.bc}/countriesRegions")}
+        return self._countries.get((name or "").strip().lower())
 
     def _directory(self, kind: str, sources: dict[str, dict], mode: str) -> None:
         """Each customer/service: skip it if its link row says nothing changed; else find it in

@@ -44,10 +44,13 @@ class Plan:
     naive_sync: tuple[int, ...]     # baseline sizes (appointments), scaled to `appointments`
     naive_invoice: tuple[int, ...]  # baseline sizes (bookings), scaled to `invoice_bookings`
     import_runs: int
+    invoice_runs: int = 3
+    """invoice_all and its storage floor take about 2 s each, where the machine's noise is ±5 %:
+    both are measured this many times (each from a fresh start) and their medians compared."""
 
 
 FULL = Plan(10_000, (1_000, 5_000, 10_000), 1_000, 200, (125, 250, 500), (125, 250, 500), 5)
-QUICK = Plan(500, (200, 500), 100, 20, (100, 200), (50, 100), 5)
+QUICK = Plan(500, (200, 500), 100, 20, (100, 200), (50, 100), 5, invoice_runs=1)
 
 
 def log(message: str) -> None:
@@ -292,6 +295,20 @@ def run_syncs(bench: Bench, plan: Plan) -> tuple[dict, list[dict]]:
 
 
 def run_invoicing(bench: Bench, plan: Plan) -> dict:
+    """`plan.invoice_runs` runs of invoice_all, each against its floors from a fresh start; the
+    run with the median time stands for all, with every run's times kept as `samples`."""
+    runs = [_invoice_run(bench, plan) for _ in range(plan.invoice_runs)]
+    times = sorted(run["seconds"] for run in runs)
+    floors = sorted(run["floor_with_storage_seconds"] for run in runs)
+    median = next(run for run in runs if run["seconds"] == times[len(times) // 2])
+    storage_floor = floors[len(floors) // 2]
+    return median | {"floor_with_storage_seconds": storage_floor,
+                     "vs_floor_with_storage": _ratio(median["seconds"], storage_floor),
+                     "samples": [{"seconds": r["seconds"], "floor_with_storage_seconds": r["floor_with_storage_seconds"]}
+                                 for r in runs]}
+
+
+def _invoice_run(bench: Bench, plan: Plan) -> dict:
     from bench.model import invoice_bound, invoice_dataset, invoice_spec
 
     dataset = invoice_dataset(plan.invoice_bookings, plan.invoice_customers, "invoice")
@@ -315,7 +332,6 @@ def run_invoicing(bench: Bench, plan: Plan) -> dict:
     bound = invoice_bound(plan.invoice_customers)
     return _summary(result, bound, "invoice", floor) | {
         "floor_with_storage_seconds": with_storage["seconds"], "floor_with_storage": with_storage,
-        "vs_floor_with_storage": _ratio(result["seconds"], with_storage["seconds"]),
         "bookings": job["bookingCount"], "invoices": job["invoices"], "job": job,
         "setup_sync_seconds": setup["seconds"]}
 
@@ -402,6 +418,11 @@ def targets(results: dict) -> list[dict]:
               f"{r['seconds']:.2f} s vs bound {r['bound_seconds']:.2f} s = {r['vs_bound']}x")
         check(f"{key} at least 10x faster than naive", (r["vs_naive"] or 0) >= 10,
               f"naive {r['naive_seconds']:.1f} s / {r['seconds']:.2f} s = {r['vs_naive']}x")
+    r = w["invoice_all"]
+    check("invoice_all within 1.3x of its storage floor", r["vs_floor_with_storage"] <= 1.3,
+          f"median of {len(r['samples'])}: {r['seconds']:.2f} s vs {r['floor_with_storage_seconds']:.2f} s = "
+          f"{r['vs_floor_with_storage']}x (runs: "
+          + ", ".join(f"{s['seconds']:.2f}/{s['floor_with_storage_seconds']:.2f}" for s in r["samples"]) + ")")
     u = w["unchanged_sync"]
     passes = u["calendar_view_requests"] == u["bound"]["terms"]["graph_calendar_pages"]
     check("unchanged_sync makes zero table writes", u["table_writes"] == 0,

@@ -4,6 +4,7 @@ test_directory.py and test_invoicing.py)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -24,12 +25,17 @@ def test_the_rate_budget_lets_the_quota_through_then_holds_work_back_for_later()
     assert MAX_BUDGET_WAIT_SECONDS < refused.retry_after <= 300, "comes back when the window has room again"
 
 
-def test_the_rate_budget_waits_briefly_when_the_window_frees_up_soon():
-    async def scenario() -> int:
+def test_the_rate_budget_waits_briefly_when_the_window_frees_up_soon_and_never_exceeds_the_quota():
+    async def scenario() -> list[float]:
         budget = RateBudget(limit=2, window_seconds=0.05)
+        sent = []
         for _ in range(6):
             await budget.acquire("Business Central")
-        return len(budget._sent)
+            sent.append(time.monotonic())
+        return sent
 
-    assert asyncio.run(scenario()) <= 2, "never more than the quota inside one window"
+    sent = asyncio.run(scenario())
+    assert len(sent) == 6, "short waits are waited, not refused"
+    assert all(later - earlier >= 0.045 for earlier, later in zip(sent, sent[2:], strict=False)), \
+        "any three requests span at least one window: never more than two inside one"
 
