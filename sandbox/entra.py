@@ -12,6 +12,13 @@ runs unchanged against it:
 - ``GET /msi/token?api-version=2019-08-01&resource=…`` with ``X-IDENTITY-HEADER``: what App
   Service and Azure Functions expose through ``IDENTITY_ENDPOINT`` / ``IDENTITY_HEADER``.
 
+Every token carries, in its ``roles`` claim, the application permissions granted to that client
+(or to the managed identity) on the token's audience — by default exactly what the app needs
+(`tokens.APP_ROLES`), changeable per client and audience at run time (`set_roles`,
+`set_managed_identity_roles`). A client with no permission on an audience still gets a token,
+without a ``roles`` claim, as Entra ID issues app-only tokens; the API then refuses it. A change
+applies to tokens issued afterwards: a token already issued keeps its roles until it expires.
+
 Errors use the shapes the real services use (OAuth ``{"error", "error_description",
 "error_codes"}``; App Service ``{"statusCode", "message"}``) because msal branches on them.
 """
@@ -26,7 +33,8 @@ import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from urllib.parse import parse_qs, unquote
 
@@ -100,11 +108,26 @@ def _jwt_claims(assertion: str) -> dict | None:
     return claims if isinstance(claims, dict) else None
 
 
-@dataclass(frozen=True)
+Roles = Mapping[str, Iterable[str]]
+"""Granted application permissions by audience, e.g. ``{tokens.BC_AUDIENCE: ["API.ReadWrite.All"]}``."""
+
+
+def _granted(roles: Roles | None) -> dict[str, tuple[str, ...]]:
+    chosen = tokens.APP_ROLES if roles is None else roles
+    unknown = set(chosen) - set(KNOWN_AUDIENCES)
+    if unknown:
+        raise ValueError(f"unknown audience(s) {sorted(unknown)}; known: {KNOWN_AUDIENCES}")
+    if any(isinstance(granted, str) for granted in chosen.values()):
+        raise TypeError("roles per audience must be a list of permission names, not one string")
+    return {audience: tuple(dict.fromkeys(granted)) for audience, granted in chosen.items()}
+
+
+@dataclass
 class _Client:
     tenant: str
     client_id: str
     secret: str | None
+    roles: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 class EntraSimulator:
@@ -116,12 +139,13 @@ class EntraSimulator:
     def __init__(self, plan: FaultPlan | None = None, *, identity_header: str | None = None,
                  managed_identity_tenant: str = "managed-identity-tenant",
                  managed_identity_client_id: str = "5f0e1c2a-9d7b-4c3e-8a61-6b2d7e9f0a51",
-                 token_lifetime_seconds: int = 3600):
+                 token_lifetime_seconds: int = 3600, managed_identity_roles: Roles | None = None):
         self.plan = plan or FaultPlan()
         self.identity_header = identity_header or secrets.token_hex(16)
         self.managed_identity_tenant = managed_identity_tenant
         self.managed_identity_client_id = managed_identity_client_id
         self.token_lifetime_seconds = token_lifetime_seconds
+        self._managed_identity_roles = _granted(managed_identity_roles)
         self.tokens_issued: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._clients: dict[tuple[str, str], _Client] = {}
@@ -136,20 +160,49 @@ class EntraSimulator:
         self.app = FaultMiddleware(router, self.plan, key_of=_tenant_of_path,
                                    error_body=oauth_fault_body)
 
-    def register_client(self, tenant: str, client_id: str, secret: str | None) -> None:
-        """Register an app; `secret=None` makes a certificate-only app (assertions only)."""
+    def register_client(self, tenant: str, client_id: str, secret: str | None, roles: Roles | None = None) -> None:
+        """Register an app; `secret=None` makes a certificate-only app (assertions only).
+
+        `roles`: the application permissions granted (with admin consent) per audience; None
+        grants what the app needs (`tokens.APP_ROLES`); an audience left out gets tokens
+        without a ``roles`` claim."""
+        granted = _granted(roles)
         with self._lock:
             self._tenants.add(tenant.lower())
-            self._clients[(tenant.lower(), client_id.lower())] = _Client(tenant, client_id, secret)
+            self._clients[(tenant.lower(), client_id.lower())] = _Client(tenant, client_id, secret, granted)
+
+    def set_roles(self, tenant: str, client_id: str, audience: str, roles: Iterable[str]) -> None:
+        """Grant exactly `roles` to a registered client on `audience` (an empty list revokes all);
+        tokens issued from now on carry them. KeyError for an unknown client."""
+        granted = _granted({audience: roles})[audience]
+        with self._lock:
+            self._clients[(tenant.lower(), client_id.lower())].roles[audience] = granted
+
+    def roles(self, tenant: str, client_id: str) -> dict[str, tuple[str, ...]]:
+        """The permissions a registered client holds, per audience."""
+        with self._lock:
+            return dict(self._clients[(tenant.lower(), client_id.lower())].roles)
+
+    def set_managed_identity_roles(self, audience: str, roles: Iterable[str]) -> None:
+        """Grant exactly `roles` to the managed identity on `audience` (app role assignments)."""
+        granted = _granted({audience: roles})[audience]
+        with self._lock:
+            self._managed_identity_roles[audience] = granted
+
+    @property
+    def managed_identity_roles(self) -> dict[str, tuple[str, ...]]:
+        with self._lock:
+            return dict(self._managed_identity_roles)
 
     def managed_identity_env(self, base_url: str) -> dict[str, str]:
         """The variables App Service / Functions set for a system-assigned identity."""
         return {"IDENTITY_ENDPOINT": f"{base_url}/msi/token", "IDENTITY_HEADER": self.identity_header}
 
-    def _issue(self, audience: str, tenant: str, client_id: str) -> str:
+    def _issue(self, audience: str, tenant: str, client_id: str, roles: Mapping[str, tuple[str, ...]]) -> str:
         with self._lock:
             self.tokens_issued[audience] += 1
-        return tokens.issue(audience, tenant, client_id, lifetime_seconds=self.token_lifetime_seconds)
+            granted = roles.get(audience, ())
+        return tokens.issue(audience, tenant, client_id, lifetime_seconds=self.token_lifetime_seconds, roles=granted)
 
     def _known_tenant(self, tenant: str) -> bool:
         with self._lock:
@@ -221,7 +274,7 @@ class EntraSimulator:
                                 f"The provided value for scope {scopes[0]} is not valid. Client "
                                 "credential flows must have a scope value with /.default suffixed "
                                 "to the resource identifier (application ID URI).")
-        access_token = self._issue(audience, client.tenant, client.client_id)
+        access_token = self._issue(audience, client.tenant, client.client_id, client.roles)
         return JSONResponse(
             {"token_type": "Bearer", "expires_in": self.token_lifetime_seconds,
              "ext_expires_in": self.token_lifetime_seconds, "access_token": access_token},
@@ -274,7 +327,8 @@ class EntraSimulator:
         if audience not in KNOWN_AUDIENCES:
             return _msi_error(400, f"AADSTS500011: The resource principal named {resource} was not "
                                    "found in the tenant.")
-        access_token = self._issue(audience, self.managed_identity_tenant, self.managed_identity_client_id)
+        access_token = self._issue(audience, self.managed_identity_tenant, self.managed_identity_client_id,
+                                   self._managed_identity_roles)
         return JSONResponse({
             "access_token": access_token,
             "expires_on": str(int(time.time()) + self.token_lifetime_seconds),

@@ -15,6 +15,7 @@ from sandbox.faults import FaultPlan, Knobs
 from sandbox.graph import GraphSimulator
 from sandbox.server import ServerThread
 from sandbox.tls import TlsFiles, make_tls_files
+from sandbox.tokens import APP_ROLES
 
 TENANT = "8f3c1e2a-0000-4000-8000-00000000e1d0"
 CLIENT_ID = "5a1b2c3d-0000-4000-8000-0000000c1e47"
@@ -75,8 +76,10 @@ class SandboxStack(ExitStack):
         try:
             tls = make_tls_files()
             azurite = self.enter_context(Azurite())
-            entra = EntraSimulator(FaultPlan())
-            entra.register_client(TENANT, CLIENT_ID, CLIENT_SECRET)
+            entra = EntraSimulator(FaultPlan(), managed_identity_roles=APP_ROLES)
+            # The app registration holds exactly the permissions the app needs (admin-consented), and
+            # BC lists it in every environment's Microsoft Entra Applications (the simulator's default).
+            entra.register_client(TENANT, CLIENT_ID, CLIENT_SECRET, roles=APP_ROLES)
             graph = GraphSimulator(FaultPlan(self.graph_knobs), page_size=self.page_size)
             bc_plan = FaultPlan(self.bc_knobs) if self.bc_knobs is not None else None  # None: BC's limits
             bc = BcSimulator(bc_plan, batch_item_ms=self.batch_item_ms)

@@ -1,7 +1,9 @@
 """Access tokens as the simulated Entra ID issues them and the simulated APIs check them.
 
 Real JWTs (HS256 with a key shared by the simulators), so the app sees the same shape as in
-Azure and the APIs can refuse a token meant for another audience or one that expired."""
+Azure and the APIs can refuse a token meant for another audience, one that expired, or one
+without the application permission (`roles` claim) an operation needs. A token for an app with
+no permission on the audience carries no `roles` claim at all, as Entra ID issues it."""
 
 from __future__ import annotations
 
@@ -10,11 +12,24 @@ import hashlib
 import hmac
 import json
 import time
+from collections.abc import Iterable, Mapping
 
 _KEY = b"bookings-invoicing-simulators-not-a-secret"
 
 GRAPH_AUDIENCE = "https://graph.microsoft.com"
 BC_AUDIENCE = "https://api.businesscentral.dynamics.com"
+
+BOOKINGS_READ = "Bookings.Read.All"
+BOOKINGS_APPOINTMENT_READ_WRITE = "BookingsAppointment.ReadWrite.All"
+BOOKINGS_READ_WRITE = "Bookings.ReadWrite.All"
+BOOKINGS_MANAGE = "Bookings.Manage.All"
+BC_API_READ_WRITE = "API.ReadWrite.All"
+
+APP_ROLES: Mapping[str, tuple[str, ...]] = {
+    GRAPH_AUDIENCE: (BOOKINGS_READ, BOOKINGS_APPOINTMENT_READ_WRITE),
+    BC_AUDIENCE: (BC_API_READ_WRITE,),
+}
+"""The application permissions the app needs, per audience: what a client gets unless told otherwise."""
 
 
 def _b64(data: bytes) -> str:
@@ -25,11 +40,17 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def issue(audience: str, tenant: str, client_id: str, lifetime_seconds: int = 3600) -> str:
+def issue(audience: str, tenant: str, client_id: str, lifetime_seconds: int = 3600,
+          roles: Iterable[str] | None = None) -> str:
+    """An app-only (v1.0) access token; `roles` None means the app's own permissions on `audience`
+    (`APP_ROLES`), an empty list a token without any."""
     now = int(time.time())
+    granted = list(APP_ROLES.get(audience, ()) if roles is None else roles)
     header = {"alg": "HS256", "typ": "JWT"}
-    claims = {"aud": audience, "tid": tenant, "appid": client_id, "iat": now, "nbf": now,
-              "exp": now + lifetime_seconds, "roles": ["simulated"]}
+    claims = {"aud": audience, "iss": f"https://sts.windows.net/{tenant}/", "tid": tenant, "appid": client_id,
+              "idtyp": "app", "ver": "1.0", "iat": now, "nbf": now, "exp": now + lifetime_seconds}
+    if granted:
+        claims["roles"] = granted
     signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
     signature = hmac.new(_KEY, signing_input.encode(), hashlib.sha256).digest()
     return f"{signing_input}.{_b64(signature)}"
@@ -57,3 +78,9 @@ def verify(authorization: str | None, audience: str) -> dict:
     if claims.get("exp", 0) < time.time():
         raise InvalidToken("Token has expired.")
     return claims
+
+
+def roles_of(claims: Mapping) -> frozenset[str]:
+    """The application permissions a verified token carries (none when it has no `roles` claim)."""
+    roles = claims.get("roles")
+    return frozenset(r for r in roles if isinstance(r, str)) if isinstance(roles, list) else frozenset()

@@ -4,12 +4,14 @@ storage account, fresh Bookings businesses and a fresh BC company, and an in-pro
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import pytest
 
 from sandbox.host import FunctionHost
-from sandbox.stack import TENANT, ENVIRONMENT, Sandbox, SandboxStack
+from sandbox.graph.options import GraphOptions
+from sandbox.stack import CLIENT_ID, ENVIRONMENT, TENANT, Sandbox, SandboxStack
+from sandbox.tokens import APP_ROLES
 
 pytest_plugins = ["tests.plugins.chaos"]
 
@@ -61,6 +63,12 @@ def make_world(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, businesses: in
     for plan in (sandbox.graph.plan, sandbox.bc.plan, sandbox.entra.plan):
         plan.clear()
         plan.reset_stats()
+    # Graph's readings of what the docs leave open, the app's permissions and its place in BC's
+    # Entra Applications: back to their defaults (a test may have changed them).
+    sandbox.graph.configure(**asdict(GraphOptions()))
+    for audience, roles in APP_ROLES.items():
+        sandbox.entra.set_roles(TENANT, CLIENT_ID, audience, roles)
+    sandbox.bc.register_app(TENANT, ENVIRONMENT, CLIENT_ID)
     # What BC finishes after the client gave up lands within the execution limit the app assumes.
     sandbox.bc.plan.configure(execution_limit_seconds=BC_EXECUTION_LIMIT_SECONDS,
                               late_seconds=0.9 * BC_EXECUTION_LIMIT_SECONDS, late_executes=True)

@@ -130,6 +130,13 @@ class DataApi:
             for company in companies:
                 company.templates[set_name] = dict(values)
 
+    def register_app(self, tenant: str, environment: str, client_id: str, registered: bool = True) -> None:
+        """An admin adding an app to (or removing it from) the environment's *Microsoft Entra
+        Applications* page (every app is on it until removed)."""
+        from sandbox.bc.auth import register_app
+
+        register_app(self, tenant, environment, client_id, registered)
+
     def set_number_series(self, company_id: str, series: str, problem: str | None) -> None:
         """Make a number series unusable (`problem` one of ``exhausted``, ``missing``, ``manual``) or
         usable again (None). `series`: ``customers``, ``items``, ``salesInvoices`` or

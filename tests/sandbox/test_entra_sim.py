@@ -1,14 +1,22 @@
-"""The Entra simulator against the real msal, used exactly as the app uses it, over HTTPS."""
+"""The Entra simulator against the real msal, used exactly as the app uses it, over HTTPS; and the
+application permissions it grants, as Graph and Business Central enforce them."""
 
 from __future__ import annotations
 
+import ssl
+import uuid
+
+import httpx
 import msal
 import pytest
 import requests
 import trustme
 
 from sandbox import tokens
+from sandbox.bc import BcSimulator
+from sandbox.bc.auth import entra_applications, register_app
 from sandbox.entra import EntraSimulator
+from sandbox.graph import GraphSimulator
 from sandbox.server import ServerThread
 from sandbox.tls import TlsFiles, make_tls_files
 
@@ -121,3 +129,141 @@ def test_managed_identity_endpoint_checks_the_identity_header(entra, monkeypatch
     result = client.acquire_token_for_client(resource=tokens.GRAPH_AUDIENCE)
 
     assert "access_token" not in result and "401" in result["error_description"]
+
+
+# Application permissions (roles) ----------------------------------------------------------------------
+
+ENVIRONMENT = "production"
+BUSINESS = "roles-check@contoso.onmicrosoft.com"
+
+
+def claims_of(result: dict, audience: str) -> dict:
+    return tokens.verify(f"Bearer {result['access_token']}", audience)
+
+
+def new_client(sim: EntraSimulator, **kwargs) -> str:
+    client_id = str(uuid.uuid4())
+    sim.register_client(TENANT, client_id, SECRET, **kwargs)
+    return client_id
+
+
+def test_tokens_carry_exactly_the_permissions_the_app_needs_by_default(entra) -> None:
+    _, url = entra
+    app = confidential_app(url, SECRET)
+    graph = claims_of(app.acquire_token_for_client(scopes=[GRAPH_SCOPE]), tokens.GRAPH_AUDIENCE)
+    bc = claims_of(app.acquire_token_for_client(scopes=[BC_SCOPE]), tokens.BC_AUDIENCE)
+    assert graph["roles"] == ["Bookings.Read.All", "BookingsAppointment.ReadWrite.All"]
+    assert bc["roles"] == ["API.ReadWrite.All"] and bc["idtyp"] == "app"
+
+
+def test_roles_are_granted_per_audience_and_an_audience_without_any_gets_a_token_without_roles(entra) -> None:
+    sim, url = entra
+    client_id = new_client(sim, roles={tokens.GRAPH_AUDIENCE: [tokens.BOOKINGS_READ]})
+    app = confidential_app(url, SECRET, client_id=client_id)
+    assert claims_of(app.acquire_token_for_client(scopes=[GRAPH_SCOPE]), tokens.GRAPH_AUDIENCE)["roles"] == [
+        "Bookings.Read.All"]
+    assert "roles" not in claims_of(app.acquire_token_for_client(scopes=[BC_SCOPE]), tokens.BC_AUDIENCE)
+
+
+def test_a_role_change_reaches_the_next_token_not_the_one_already_issued(entra) -> None:
+    sim, url = entra
+    client_id = new_client(sim)
+    app = confidential_app(url, SECRET, client_id=client_id)
+    before = app.acquire_token_for_client(scopes=[GRAPH_SCOPE])
+
+    sim.set_roles(TENANT, client_id, tokens.GRAPH_AUDIENCE, [tokens.BOOKINGS_MANAGE])
+
+    assert app.acquire_token_for_client(scopes=[GRAPH_SCOPE])["access_token"] == before["access_token"]
+    fresh = confidential_app(url, SECRET, client_id=client_id).acquire_token_for_client(scopes=[GRAPH_SCOPE])
+    assert claims_of(fresh, tokens.GRAPH_AUDIENCE)["roles"] == ["Bookings.Manage.All"]
+    assert sim.roles(TENANT, client_id)[tokens.BC_AUDIENCE] == ("API.ReadWrite.All",)
+
+
+def test_roles_are_checked_when_granted(entra) -> None:
+    sim, _ = entra
+    with pytest.raises(ValueError):
+        new_client(sim, roles={"https://management.azure.com": ["user_impersonation"]})
+    with pytest.raises(TypeError):
+        new_client(sim, roles={tokens.BC_AUDIENCE: "API.ReadWrite.All"})
+    with pytest.raises(KeyError):
+        sim.set_roles(TENANT, "ffffffff-0000-4000-8000-000000000000", tokens.BC_AUDIENCE, [])
+
+
+def test_managed_identity_tokens_carry_its_app_role_assignments(entra, monkeypatch) -> None:
+    sim, url = entra
+    for name, value in sim.managed_identity_env(url).items():
+        monkeypatch.setenv(name, value)
+
+    def bc_token() -> dict:
+        client = msal.ManagedIdentityClient(msal.SystemAssignedManagedIdentity(), http_client=requests.Session())
+        return claims_of(client.acquire_token_for_client(resource=tokens.BC_AUDIENCE), tokens.BC_AUDIENCE)
+
+    assert bc_token()["roles"] == ["API.ReadWrite.All"]
+    sim.set_managed_identity_roles(tokens.BC_AUDIENCE, [])
+    try:
+        assert "roles" not in bc_token()
+    finally:
+        sim.set_managed_identity_roles(tokens.BC_AUDIENCE, tokens.APP_ROLES[tokens.BC_AUDIENCE])
+    assert sim.managed_identity_roles[tokens.GRAPH_AUDIENCE] == tokens.APP_ROLES[tokens.GRAPH_AUDIENCE]
+
+
+@pytest.fixture(scope="module")
+def apis(tls: TlsFiles):
+    """Graph with one business and one appointment, BC with one company, both over HTTPS."""
+    graph, bc = GraphSimulator(), BcSimulator()
+    graph.add_business(BUSINESS)
+    appointment_id = graph.put_appointment(BUSINESS, {
+        "startDateTime": {"dateTime": "2030-01-02T10:00:00", "timeZone": "UTC"},
+        "endDateTime": {"dateTime": "2030-01-02T11:00:00", "timeZone": "UTC"}, "customers": []})
+    bc.add_company(TENANT, ENVIRONMENT)
+    with ServerThread(graph.app, tls, name="graph-sim") as g, ServerThread(bc.app, tls, name="bc-sim") as b:
+        yield {"graph": g.url, "bc": bc, "bc_url": b.url, "appointment": appointment_id}
+
+
+def call(url: str, tls: TlsFiles, token: str, method: str = "GET", **kwargs) -> httpx.Response:
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(tls.ca_bundle))) as http:
+        return http.request(method, url, headers={"Authorization": f"Bearer {token}"}, **kwargs)
+
+
+def token_of(url: str, client_id: str, scope: str) -> str:
+    return confidential_app(url, SECRET, client_id=client_id).acquire_token_for_client(scopes=[scope])["access_token"]
+
+
+def test_graph_enforces_the_roles_entra_granted(entra, apis, tls: TlsFiles) -> None:
+    sim, url = entra
+    reader = token_of(url, new_client(sim, roles={tokens.GRAPH_AUDIENCE: [tokens.BOOKINGS_READ]}), GRAPH_SCOPE)
+    appointment = f"{apis['graph']}/v1.0/solutions/bookingBusinesses/{BUSINESS}/appointments/{apis['appointment']}"
+
+    assert call(appointment, tls, reader).status_code == 200
+    refused = call(appointment, tls, reader, "PATCH", json={"serviceNotes": "Invoiced: X"})
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "ErrorAccessDenied"
+    writer = token_of(url, CLIENT_ID, GRAPH_SCOPE)
+    assert call(appointment, tls, writer, "PATCH", json={"serviceNotes": "Invoiced: X"}).status_code == 204
+
+
+def test_business_central_refuses_a_token_without_api_read_write_all(entra, apis, tls: TlsFiles) -> None:
+    sim, url = entra
+    token = token_of(url, new_client(sim, roles={tokens.GRAPH_AUDIENCE: tokens.APP_ROLES[tokens.GRAPH_AUDIENCE]}),
+                     BC_SCOPE)
+    response = call(f"{apis['bc_url']}/v2.0/{TENANT}/{ENVIRONMENT}/api/v2.0/companies", tls, token)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "Authentication_InvalidCredentials"
+    assert response.json()["error"]["message"].startswith("The server has rejected the client credentials.")
+
+
+def test_business_central_refuses_an_app_missing_from_microsoft_entra_applications(entra, apis, tls) -> None:
+    _, url = entra
+    companies = f"{apis['bc_url']}/v2.0/{TENANT}/{ENVIRONMENT}/api/v2.0/companies"
+    token = token_of(url, CLIENT_ID, BC_SCOPE)
+    assert call(companies, tls, token).status_code == 200
+
+    register_app(apis["bc"], TENANT, ENVIRONMENT, CLIENT_ID, registered=False)
+    try:
+        refused = call(companies, tls, token)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "Authentication_InvalidCredentials"
+        entra_applications(apis["bc"]).refusal_status = 403
+        assert call(companies, tls, token).status_code == 403
+    finally:
+        entra_applications(apis["bc"]).refusal_status = 401
+        register_app(apis["bc"], TENANT, ENVIRONMENT, CLIENT_ID)
+    assert call(companies, tls, token).status_code == 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import ssl
 import time
@@ -15,7 +16,8 @@ import pytest
 from sandbox import tokens
 from sandbox.data import (APOSTROPHE_EMAIL, BUSINESS_IDS, DURATIONS_MINUTES, MIXED_CASE_EMAILS, PRICE_TYPES,
                           business_ids, generate)
-from sandbox.graph import GraphSimulator
+from sandbox.graph import MAX_LISTED_BUSINESSES, GraphOptions, GraphSimulator
+from sandbox.graph.options import READ_ROLES
 from sandbox.server import ServerThread
 from sandbox.tls import TlsFiles, make_tls_files
 
@@ -42,13 +44,25 @@ def served(tls: TlsFiles, dataset):
         yield sim, server.url
 
 
+def graph_client(url: str, tls: TlsFiles, roles=None) -> httpx.Client:
+    """A client with an app-only Graph token; `roles` None: the app's own permissions."""
+    token = tokens.issue(tokens.GRAPH_AUDIENCE, "contoso.onmicrosoft.com", "app", roles=roles)
+    return httpx.Client(base_url=f"{url}/v1.0", verify=ssl.create_default_context(cafile=str(tls.ca_bundle)),
+                        headers={"Authorization": f"Bearer {token}"})
+
+
+@pytest.fixture(autouse=True)
+def default_options(served):
+    """Every test starts with the strictest options, whatever the previous one switched."""
+    sim, _ = served
+    sim.configure(**dataclasses.asdict(GraphOptions()))
+
+
 @pytest.fixture
 def client(served, tls: TlsFiles):
     sim, url = served
     sim.plan.clear()
-    token = tokens.issue(tokens.GRAPH_AUDIENCE, "contoso.onmicrosoft.com", "app")
-    with httpx.Client(base_url=f"{url}/v1.0", verify=ssl.create_default_context(cafile=str(tls.ca_bundle)),
-                      headers={"Authorization": f"Bearer {token}"}) as http:
+    with graph_client(url, tls) as http:
         yield http
 
 
@@ -83,19 +97,95 @@ def test_following_next_links_returns_every_appointment_exactly_once(client, dat
     assert pages == -(-len(expected) // 7)
 
 
-def test_calendar_view_returns_only_overlapping_appointments_sorted_by_start(client, dataset) -> None:
+@pytest.mark.parametrize("mode", ["starting", "overlapping"])
+def test_calendar_view_returns_the_window_sorted_by_start_in_either_reading(client, served, dataset, mode) -> None:
+    sim, _ = served
+    sim.calendar_view = mode
     start, end = NOW - timedelta(days=3), NOW + timedelta(hours=2)
     response = client.get(f"{business_path()}/calendarView",
                           params={"start": start.isoformat(), "end": end.isoformat(), "$top": "1000"})
     starts = [parse(a["startDateTime"]) for a in response.json()["value"]]
     expected = {a["id"] for a in dataset.businesses[BUSINESS].appointments
-                if parse(a["startDateTime"]) < end and parse(a["endDateTime"]) > start}
+                if parse(a["startDateTime"]) < end
+                and (parse(a["endDateTime"]) > start if mode == "overlapping" else parse(a["startDateTime"]) >= start)}
     assert {a["id"] for a in response.json()["value"]} == expected and starts == sorted(starts)
+
+
+WINDOW = {"start": "2030-01-02T00:00:00Z", "end": "2030-01-03T00:00:00Z"}
+
+
+def planted(sim: GraphSimulator, appointment_id: str, start: str, end: str) -> str:
+    return sim.put_appointment(OTHER, {"id": appointment_id, "customers": [],
+                                       "startDateTime": {"dateTime": start, "timeZone": "UTC"},
+                                       "endDateTime": {"dateTime": end, "timeZone": "UTC"}})
+
+
+@pytest.fixture
+def window_edges(served):
+    """Appointments around WINDOW: straddling its start, at its start, inside, at its end, ending at its start."""
+    sim, _ = served
+    ids = [planted(sim, "AAMkADstraddles=", "2030-01-01T23:00:00", "2030-01-02T01:00:00"),
+           planted(sim, "AAMkADatstart=", "2030-01-02T00:00:00", "2030-01-02T01:00:00"),
+           planted(sim, "AAMkADinside=", "2030-01-02T12:00:00", "2030-01-02T13:00:00"),
+           planted(sim, "AAMkADatend=", "2030-01-03T00:00:00", "2030-01-03T01:00:00"),
+           planted(sim, "AAMkADendsatstart=", "2030-01-01T23:00:00", "2030-01-02T00:00:00")]
+    yield ids
+    for appointment_id in ids:
+        sim.delete_appointment(OTHER, appointment_id)
+
+
+def window_ids(client) -> list[str]:
+    return [a["id"] for a in client.get(f"{business_path(OTHER)}/calendarView", params=WINDOW).json()["value"]]
+
+
+def test_by_default_the_calendar_view_serves_only_appointments_starting_in_the_window(client, window_edges) -> None:
+    assert window_ids(client) == ["AAMkADatstart=", "AAMkADinside="]
+
+
+def test_the_overlapping_reading_is_switched_on_at_run_time(client, served, window_edges) -> None:
+    sim, _ = served
+    sim.calendar_view = "overlapping"
+    assert window_ids(client) == ["AAMkADstraddles=", "AAMkADatstart=", "AAMkADinside="]
+    sim.configure(calendar_view="starting")
+    assert window_ids(client) == ["AAMkADatstart=", "AAMkADinside="]
+    with pytest.raises(ValueError):
+        sim.calendar_view = "within"
+
+
+def test_a_capped_calendar_view_ends_silently_after_n_appointments(client, served, dataset) -> None:
+    sim, _ = served
+    expected = sorted(dataset.businesses[BUSINESS].appointments, key=lambda a: (parse(a["startDateTime"]), a["id"]))
+    sim.calendar_view_cap = 10
+    url, params, seen, pages = f"{business_path()}/calendarView", whole_window(dataset), [], 0
+    while url:
+        body = client.get(url, params=params).json()
+        seen += [a["id"] for a in body["value"]]
+        url, params, pages = body.get("@odata.nextLink"), None, pages + 1
+    assert seen == [a["id"] for a in expected[:10]] and pages == 2
+    sim.calendar_view_cap = None
+    assert len(client.get(f"{business_path()}/calendarView",
+                          params={**whole_window(dataset), "$top": "1000"}).json()["value"]) == len(expected)
+
+
+def test_the_businesses_list_answers_at_most_500_in_one_page_without_a_next_link(tls: TlsFiles) -> None:
+    sim = GraphSimulator(page_size=7)
+    for n in range(MAX_LISTED_BUSINESSES + 5):
+        sim.add_business(f"business{n:03d}@contoso.onmicrosoft.com")
+    with ServerThread(sim.app, tls, name="graph-sim-500") as server, graph_client(server.url, tls) as http:
+        body = http.get("/solutions/bookingBusinesses").json()
+    assert MAX_LISTED_BUSINESSES == 500 and len(body["value"]) == 500 and "@odata.nextLink" not in body
+    assert set(body["value"][0]) == {"id", "displayName"}
 
 
 def test_top_returns_that_many_and_drops_the_next_link(client, dataset) -> None:
     body = client.get(f"{business_path()}/calendarView", params={**whole_window(dataset), "$top": "3"}).json()
     assert len(body["value"]) == 3 and "@odata.nextLink" not in body
+
+
+@pytest.mark.parametrize("option", ["$filter", "$orderby", "$skip", "$search"])
+def test_server_side_filtering_and_sorting_are_refused(client, dataset, option) -> None:
+    response = client.get(f"{business_path()}/calendarView", params={**whole_window(dataset), option: "x"})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "BadRequest"
 
 
 @pytest.mark.parametrize("params", [{"end": "2026-11-21T00:00:00Z"}, {"start": "2026-11-20T00:00:00Z"},
@@ -154,6 +244,22 @@ def test_deleted_appointment_vanishes_from_the_calendar(client, served, dataset)
         listed = client.get(f"{business_path(OTHER)}/calendarView", params={**whole_window(dataset), "$top": "1000"})
         assert victim["id"] not in {a["id"] for a in listed.json()["value"]}
         assert client.get(f"{business_path(OTHER)}/appointments/{victim['id']}").status_code == 404
+    finally:
+        sim.put_appointment(OTHER, victim)
+
+
+@pytest.mark.parametrize("how", ["deleted", "cancelled"])
+def test_an_appointment_gone_from_bookings_answers_item_not_found_by_id(client, served, dataset, how) -> None:
+    sim, _ = served
+    victim = dataset.businesses[OTHER].appointments[1]
+    path = f"{business_path(OTHER)}/appointments/{victim['id']}"
+    assert client.get(path).status_code == 200
+    (sim.delete_appointment if how == "deleted" else sim.cancel_appointment)(OTHER, victim["id"])
+    try:
+        for response in (client.get(path), client.patch(path, json={"serviceNotes": "x"})):
+            assert response.status_code == 404
+            assert response.json()["error"]["code"] == "ErrorItemNotFound"
+            assert response.json()["error"]["message"] == "The specified object was not found in the store."
     finally:
         sim.put_appointment(OTHER, victim)
 
@@ -282,3 +388,100 @@ def test_generator_scales_to_ten_thousand_appointments() -> None:
     assert time.perf_counter() - started < 2
     assert data.appointment_count == 10_000
     assert all(len(b.customers) == 2_000 and len(b.services) == 30 for b in data.businesses.values())
+
+
+# Time zones ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def two_seasons(served):
+    """A November (standard time) and a July (daylight saving time) appointment, stored in UTC."""
+    sim, _ = served
+    ids = [planted(sim, "AAMkADwinter=", "2030-01-02T17:30:00", "2030-01-02T18:45:00"),
+           planted(sim, "AAMkADsummer=", "2030-07-01T12:00:00", "2030-07-01T13:00:00")]
+    yield ids
+    for appointment_id in ids:
+        sim.delete_appointment(OTHER, appointment_id)
+
+
+@pytest.mark.parametrize(("zone", "winter", "summer"), [
+    ("Pacific Standard Time", "2030-01-02T09:30:00.0000000", "2030-07-01T05:00:00.0000000"),
+    ("W. Europe Standard Time", "2030-01-02T18:30:00.0000000", "2030-07-01T14:00:00.0000000"),
+    ("America/Los_Angeles", "2030-01-02T09:30:00.0000000", "2030-07-01T05:00:00.0000000"),
+])
+def test_a_response_time_zone_returns_start_and_end_as_local_times_with_that_label(
+        client, served, two_seasons, zone, winter, summer) -> None:
+    sim, _ = served
+    sim.response_time_zone = zone
+    listed = {a["id"]: a for a in client.get(f"{business_path(OTHER)}/calendarView",
+                                             params={"start": "2030-01-01T00:00:00Z",
+                                                     "end": "2030-12-31T00:00:00Z"}).json()["value"]}
+    by_id = client.get(f"{business_path(OTHER)}/appointments/AAMkADwinter=").json()
+    assert listed["AAMkADwinter="]["startDateTime"] == {"dateTime": winter, "timeZone": zone}
+    assert listed["AAMkADsummer="]["startDateTime"] == {"dateTime": summer, "timeZone": zone}
+    assert by_id["startDateTime"] == listed["AAMkADwinter="]["startDateTime"]
+    assert by_id["endDateTime"]["timeZone"] == zone
+    assert parse(by_id["endDateTime"]) - parse(by_id["startDateTime"]) == timedelta(minutes=75)
+
+
+def test_by_default_times_are_utc_as_stored_and_an_unknown_zone_is_refused(client, served, two_seasons) -> None:
+    sim, _ = served
+    by_id = client.get(f"{business_path(OTHER)}/appointments/AAMkADwinter=").json()
+    assert by_id["startDateTime"] == {"dateTime": "2030-01-02T17:30:00", "timeZone": "UTC"}
+    with pytest.raises(ValueError):
+        sim.response_time_zone = "Atlantis Standard Time"
+    assert sim.response_time_zone is None
+
+
+# Permissions (application roles) --------------------------------------------------------------------
+
+@pytest.mark.parametrize(("roles", "read", "write", "list_businesses"), [
+    ([], 403, 403, 403),
+    ([tokens.BOOKINGS_READ], 200, 403, 200),
+    ([tokens.BOOKINGS_APPOINTMENT_READ_WRITE], 200, 204, 403),
+    ([tokens.BOOKINGS_READ_WRITE], 200, 204, 200),
+    ([tokens.BOOKINGS_MANAGE], 200, 204, 200),
+    (["Calendars.ReadWrite", "Mail.Read"], 403, 403, 403),
+])
+def test_each_operation_needs_one_of_its_documented_application_permissions(
+        served, tls: TlsFiles, dataset, roles, read, write, list_businesses) -> None:
+    _, url = served
+    path = f"{business_path()}/appointments/{dataset.businesses[BUSINESS].appointments[3]['id']}"
+    with graph_client(url, tls, roles=roles) as http:
+        answers = {"read": http.get(f"{business_path()}/calendarView", params=whole_window(dataset)),
+                   "by id": http.get(path),
+                   "write": http.patch(path, json={"serviceNotes": "permission check"}),
+                   "list": http.get("/solutions/bookingBusinesses")}
+    assert {name: r.status_code for name, r in answers.items()} == {
+        "read": read, "by id": read, "write": write, "list": list_businesses}
+    for response in answers.values():
+        if response.status_code == 403:
+            assert response.json()["error"]["code"] == "ErrorAccessDenied"
+            assert response.json()["error"]["message"] == "Access is denied. Check credentials and try again."
+
+
+def test_a_missing_permission_is_403_before_the_business_is_looked_up(served, tls: TlsFiles) -> None:
+    _, url = served
+    with graph_client(url, tls, roles=[]) as http:
+        response = http.get(f"{business_path('nobody@contoso.onmicrosoft.com')}/services")
+    assert response.status_code == 403 and response.json()["error"]["code"] == "ErrorAccessDenied"
+
+
+def test_the_permissions_an_operation_accepts_are_a_knob(client, served, tls: TlsFiles, dataset) -> None:
+    sim, url = served
+    path = f"{business_path()}/appointments/{dataset.businesses[BUSINESS].appointments[4]['id']}"
+    sim.configure(write_roles=READ_ROLES)  # the per-API table's reading: Bookings.Read.All may PATCH
+    with graph_client(url, tls, roles=[tokens.BOOKINGS_READ]) as http:
+        assert http.patch(path, json={"serviceNotes": "read role writes"}).status_code == 204
+
+
+def test_batch_checks_the_permission_of_each_inner_request(served, tls: TlsFiles, dataset) -> None:
+    _, url = served
+    inner = f"{business_path()}/appointments/{dataset.businesses[BUSINESS].appointments[5]['id']}"
+    with graph_client(url, tls, roles=[tokens.BOOKINGS_READ]) as http:
+        response = http.post("/$batch", json={"requests": [
+            {"id": "get", "method": "GET", "url": inner},
+            {"id": "patch", "method": "PATCH", "url": inner, "body": {"serviceNotes": "x"},
+             "headers": {"Content-Type": "application/json"}}]})
+    answers = {answer["id"]: answer for answer in response.json()["responses"]}
+    assert response.status_code == 200 and answers["get"]["status"] == 200
+    assert answers["patch"]["status"] == 403 and answers["patch"]["body"]["error"]["code"] == "ErrorAccessDenied"
