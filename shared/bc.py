@@ -31,6 +31,8 @@ from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
+API_ROLE = "API.ReadWrite.All"
+"""The application permission BC's API needs (besides the app's entry in BC itself)."""
 ENVIRONMENT_CONCURRENCY = 5
 REQUESTS_PER_WINDOW = 6000
 WINDOW_SECONDS = 300.0

@@ -1,5 +1,6 @@
-"""Checks of the setup the app depends on, for `GET /api/health`: is Business Central reachable
-with the app's identity, and do the templates named in settings exist?
+"""Checks of the setup the app depends on, for `GET /api/health`: does the app's identity hold the
+permissions it needs, can it read every Bookings business and reach Business Central, and do the
+templates named in settings exist?
 
 A failed check names what to fix and where (BC's *Microsoft Entra Applications* page, the app
 registration's API permissions, a setting), because "403" in a log helps nobody. Health is polled
@@ -7,10 +8,13 @@ often and anonymously, so BC is asked at most once every `CHECK_EVERY_SECONDS` p
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
+from shared.bc import API_ROLE
 from shared.directory import CUSTOMER, ITEM, get_template
+from shared.graph import READ_ROLES, WRITE_ROLES
 from shared.http import UpstreamError
 from shared.runtime import Runtime
 from shared.settings import SettingsError
@@ -26,6 +30,12 @@ REGISTER_IN_BC = ("In Business Central, open the Microsoft Entra Applications pa
 API_PERMISSION = ("In the Entra admin center, give the app registration the Dynamics 365 Business Central "
                   "application permission API.ReadWrite.All and grant admin consent.")
 
+
+def grant_graph(permissions: list[str]) -> str:
+    return (f"In the Entra admin center, open the app registration (AZURE_CLIENT_ID) → API permissions → Add a "
+            f"permission → Microsoft Graph → Application permissions → {', '.join(permissions)}; then Grant admin "
+            "consent. (With a managed identity, assign the app role to its service principal.)")
+
 _cache: dict[tuple, tuple[float, dict]] = {}
 
 
@@ -33,9 +43,50 @@ def _check(name: str, ok: bool, message: str) -> dict:
     return {"name": name, "ok": ok, "message": message}
 
 
+async def graph_access(rt: Runtime) -> dict:
+    """The app's Graph token carries the permissions it needs, and every business is readable."""
+    settings = rt.settings
+    try:
+        settings.require("business_ids")
+        roles = await rt.graph.api.granted_roles()
+    except SettingsError as error:
+        return _check("graph", False, str(error))
+    except (UpstreamError, ValueError) as error:
+        return _check("graph", False, f"No Graph token: {error} Check the app's credentials (AZURE_CLIENT_ID, the "
+                                      "secret or the managed identity) in Entra ID.")
+    missing = []
+    if roles is not None and not roles & READ_ROLES:
+        missing.append("Bookings.Read.All")
+    if roles is not None and settings.write_back_to_bookings and not roles & WRITE_ROLES:
+        missing.append("BookingsAppointment.ReadWrite.All")
+    if missing:
+        why = " (needed by WRITE_BACK_TO_BOOKINGS)" if missing == ["BookingsAppointment.ReadWrite.All"] else ""
+        return _check("graph", False, f"The app's token lacks the Microsoft Graph application permission "
+                                      f"{' and '.join(missing)}{why}. {grant_graph(missing)}")
+    problems = []
+    for business_id in settings.business_ids:
+        try:
+            await rt.graph.get_business(business_id)
+        except UpstreamError as error:
+            if error.status == 403:
+                problems.append(f"{business_id}: access denied ({error.code}). {grant_graph(['Bookings.Read.All'])}")
+            elif error.code == "ErrorFolderNotFound":
+                problems.append(f"no access to business {business_id}: check the id in BOOKINGS_BUSINESS_IDS "
+                                "(the Bookings mailbox address) and that the business still exists")
+            else:
+                problems.append(f"{business_id}: {error}")
+    if problems:
+        return _check("graph", False, "; ".join(problems))
+    return _check("graph", True, f"{len(settings.business_ids)} Bookings business(es) readable with the app's identity")
+
+
 async def business_central(rt: Runtime) -> dict:
     """Reach the configured company with the app's own token."""
     try:
+        roles = await rt.bc.api.granted_roles()
+        if roles is not None and API_ROLE not in roles:
+            return _check("businessCentral", False, f"The app's token lacks the Business Central application "
+                                                    f"permission {API_ROLE}. {API_PERMISSION}")
         company = await rt.bc.company()
     except SettingsError as error:
         return _check("businessCentral", False, str(error))
@@ -75,7 +126,7 @@ async def setup_checks(rt: Runtime, store: Store) -> list[dict]:
     cached = _cache.get(key)
     if cached and cached[0] > time.monotonic():
         return cached[1]
-    checks = [await business_central(rt), await templates(rt, store)]
+    checks = list(await asyncio.gather(graph_access(rt), business_central(rt), templates(rt, store)))
     for check in checks:
         if not check["ok"]:
             log.warning("setup check %s failed: %s", check["name"], check["message"],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import zoneinfo
-from datetime import datetime, timezone
+from datetime import datetime, timezone, tzinfo
 from urllib.parse import quote as url_quote
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 
 MAILBOX_CONCURRENCY = 4
 """Bookings serves at most 4 concurrent requests per app and mailbox."""
+READ_ROLES = {"Bookings.Read.All", "BookingsAppointment.ReadWrite.All", "Bookings.ReadWrite.All",
+              "Bookings.Manage.All"}
+"""Application permissions that let the app read Bookings businesses (least privileged first)."""
+WRITE_ROLES = {"BookingsAppointment.ReadWrite.All", "Bookings.ReadWrite.All", "Bookings.Manage.All"}
+"""Application permissions that let the app write an appointment's staff notes."""
 
 
 class GraphModel(BaseModel):
@@ -30,17 +35,30 @@ class DateTimeTimeZone(GraphModel):
     time_zone: str | None = Field(None, alias="timeZone")
 
     def to_utc(self) -> datetime:
-        """Graph returns UTC for Bookings, but honour an offset or a named zone if present."""
+        """Bookings answers in UTC, but a `timeZone` may be any Windows or IANA zone name: honour
+        it (or an offset in the time). An unknown zone raises `ValueError`: the appointment is
+        reported as unreadable, never silently read as UTC."""
         parsed = datetime.fromisoformat(self.date_time)
         if parsed.tzinfo is None:
-            zone = timezone.utc
-            if self.time_zone and self.time_zone.upper() not in ("UTC", "Z"):
-                try:
-                    zone = zoneinfo.ZoneInfo(self.time_zone)
-                except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-                    zone = timezone.utc
-            parsed = parsed.replace(tzinfo=zone)
+            parsed = parsed.replace(tzinfo=zone_of(self.time_zone))
         return parsed.astimezone(timezone.utc)
+
+
+UTC_NAMES = {"", "utc", "z", "etc/utc", "gmt", "coordinated universal time"}
+
+
+def zone_of(name: str | None) -> tzinfo:
+    """The zone a `dateTimeTimeZone.timeZone` names: UTC, an IANA name, or a Windows name
+    (mapped through CLDR's windowsZones, as the maintained `tzlocal` package ships it)."""
+    if name is None or name.strip().lower() in UTC_NAMES:
+        return timezone.utc
+    from tzlocal.windows_tz import win_tz  # only for named zones: keep it out of app start-up
+
+    iana = win_tz.get(name.strip(), name.strip())
+    try:
+        return zoneinfo.ZoneInfo(iana)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {name!r} (neither a Windows nor an IANA time zone name)") from None
 
 
 class CustomerInformation(GraphModel):
@@ -134,7 +152,12 @@ class GraphClient:
             try:
                 response = await self.api.request("GET", next_url, params=params, limit_key=business_id)
             except UpstreamError as error:
-                if error.code == "ErrorFolderNotFound" or (error.status == 403):
+                if error.status == 403:
+                    raise NoAccessToBusiness(error.service, error.status, error.code,
+                                             f"access to business {business_id} denied ({error.code}): the app needs "
+                                             "the Microsoft Graph application permission Bookings.Read.All, with "
+                                             "admin consent") from error
+                if error.code == "ErrorFolderNotFound":
                     raise NoAccessToBusiness(error.service, error.status, error.code,
                                              f"no access to business {business_id}") from error
                 raise
@@ -161,6 +184,10 @@ class GraphClient:
     async def services(self, business_id: str):
         async for item in self._pages(business_id, f"{self._business_url(business_id)}/services"):
             yield item
+
+    async def get_business(self, business_id: str) -> dict:
+        response = await self.api.request("GET", self._business_url(business_id), limit_key=business_id)
+        return response.body if isinstance(response.body, dict) else {}
 
     async def get_appointment(self, business_id: str, appointment_id: str) -> Appointment:
         url = f"{self._business_url(business_id)}/appointments/{url_quote(appointment_id, safe='')}"

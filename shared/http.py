@@ -16,7 +16,9 @@ workers turn into "run this message again later"."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
+import json
 import logging
 import random
 import time
@@ -164,6 +166,20 @@ class ApiClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    async def granted_roles(self) -> set[str] | None:
+        """The application permissions (`roles`) in this client's own app-only access token, read
+        without verifying it (the API does that); None if the token is not a readable JWT."""
+        token = await self._token()
+        try:
+            payload = token.split(".")[1]
+            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        except (IndexError, ValueError):
+            return None
+        if not isinstance(claims, dict):
+            return None
+        roles = claims.get("roles", [])  # an app-only token without the claim was granted nothing
+        return set(roles) if isinstance(roles, list) else None
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:

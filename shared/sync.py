@@ -24,12 +24,13 @@ from pydantic import ValidationError
 
 from shared import leases
 from shared.bookings import Booking, normalise_email
-from shared.graph import Appointment, BookingCustomer, BookingService
-from shared.http import UpstreamError
+from shared.graph import Appointment, BookingCustomer, BookingService, NoAccessToBusiness
+from shared.http import UpstreamError, UpstreamNotFound
 from shared.messages import (SOURCE_TEXT, CustomerBatchUpsert, CustomerSource, CustomerUpsert, ItemBatchUpsert, ItemUpsert,
                              ServiceSource, encode, pack)
 from shared.runtime import Runtime
-from shared.store import BOOKINGS, CUSTOMER_LINKS, DIRECTORY_QUEUE, ITEM_LINKS, UPDATE, UPSERT, Store, encode_key
+from shared.store import (BOOKINGS, CUSTOMER_LINKS, DIRECTORY_QUEUE, ITEM_LINKS, UPDATE, UPSERT, Store, decode_key,
+                          encode_key)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ CUSTOMER_PARTITION = "customer"
 CUSTOMERS_PER_HANDOVER = 100
 """Customers handed to the directory queue at a time while their list is read (a Graph page)."""
 ITEM_PARTITION = "item"
+SUB_WINDOW = timedelta(days=7)
+"""Each business's window is read as slices of this length, side by side."""
 
 
 @dataclass
@@ -49,8 +52,13 @@ class BusinessPull:
     customers: list[BookingCustomer] = field(default_factory=list)
     services: list[BookingService] = field(default_factory=list)
     complete: bool = False
+    """Every page was read and every appointment could be read."""
     directory_complete: bool = False
     invalid: int = 0
+    unreadable: set = field(default_factory=set)
+    """Ids of appointments the read returned but that could not be read (each reported once)."""
+    confirmed: int = 0
+    """Stored appointments the read did not return, read by id."""
     errors: list[str] = field(default_factory=list)
 
 
@@ -84,26 +92,86 @@ def window(settings, now: datetime) -> tuple[datetime, datetime]:
     return (now - timedelta(days=settings.sync_lookback_days), now + timedelta(days=settings.sync_lookahead_days))
 
 
+def sub_windows(start: datetime, end: datetime) -> list[tuple[datetime, datetime]]:
+    """[start, end) cut into `SUB_WINDOW` slices, read side by side."""
+    slices, cursor = [], start
+    while cursor < end:
+        slices.append((cursor, min(cursor + SUB_WINDOW, end)))
+        cursor += SUB_WINDOW
+    return slices
+
+
 async def pull_calendar(rt: Runtime, pull: BusinessPull, start: datetime, end: datetime) -> None:
     """Read one business's calendar window into `pull`; never raises for upstream trouble,
-    reports it instead."""
+    reports it instead. The window is read as weekly sub-windows side by side (the client keeps
+    within Bookings' 4 requests per mailbox); an appointment that overlaps two of them is kept
+    once. Which appointments a read returns (those overlapping the window, or those starting in
+    it) does not matter: what is missing is confirmed by id before anything is cancelled."""
     seen: dict[str, Booking] = {}
-    try:
-        async for raw in rt.graph.calendar_view(pull.business_id, start, end):
+
+    async def read(slice_start: datetime, slice_end: datetime) -> None:
+        async for raw in rt.graph.calendar_view(pull.business_id, slice_start, slice_end):
+            ident = raw.get("id") if isinstance(raw, dict) else None
             try:
                 booking = Booking.from_appointment(pull.business_id, Appointment.model_validate(raw))
             except (ValidationError, ValueError, TypeError) as error:
-                pull.invalid += 1
-                ident = raw.get("id") if isinstance(raw, dict) else None
-                pull.errors.append(f"appointment {ident or '(no id)'} could not be read: "
-                                   f"{str(error).splitlines()[0]}")
+                if ident not in pull.unreadable:
+                    pull.invalid += 1
+                    pull.errors.append(f"appointment {ident or '(no id)'} could not be read: "
+                                       f"{str(error).splitlines()[0]}")
+                pull.unreadable.add(ident)
                 continue
             seen[booking.id] = booking
+
+    reads = [asyncio.ensure_future(read(*part)) for part in sub_windows(start, end)]
+    try:
+        await asyncio.gather(*reads)
     except UpstreamError as error:
-        pull.errors.append(str(error) if error.code != "ErrorFolderNotFound" else error.message)
+        pull.errors.append(error.message if isinstance(error, NoAccessToBusiness) else str(error))
         return
+    finally:
+        for task in reads:
+            task.cancel()
     pull.bookings = list(seen.values())
     pull.complete = pull.invalid == 0
+
+
+async def confirm_missing(rt: Runtime, pull: BusinessPull, existing: dict[str, dict], start: datetime,
+                          end: datetime) -> set[str]:
+    """Stored appointments of the window that the read did not return: each is read by id.
+    Gone (404) → its row key is returned, to be marked cancelled; still there → it joins
+    `pull.bookings` as it is now (perhaps moved); anything else → left as it was, and said so.
+    A read that was not complete (a page or an appointment could not be read) confirms nothing:
+    its business keeps its rows exactly as they were."""
+    if not pull.complete:
+        return set()
+    returned = {encode_key(booking.id) for booking in pull.bookings}
+    missing = [row for key, row in existing.items()
+               if key not in returned and not row.get("Cancelled") and _overlaps(row, start, end)]
+    gone: set[str] = set()
+
+    async def confirm(row: dict) -> None:
+        ident = row.get("AppointmentId") or decode_key(row["RowKey"])
+        try:
+            appointment = await rt.graph.get_appointment(pull.business_id, ident)
+        except UpstreamNotFound as error:
+            if error.code == "ErrorFolderNotFound":  # the business, not the appointment
+                pull.errors.append(f"appointment {ident} could not be checked: {error.message}")
+            else:
+                gone.add(row["RowKey"])
+            return
+        except UpstreamError as error:
+            pull.errors.append(f"appointment {ident} was not in the calendar read and could not be read by id "
+                               f"({error.code}); it is left as it was")
+            return
+        try:
+            pull.bookings.append(Booking.from_appointment(pull.business_id, appointment))
+        except (ValueError, TypeError) as error:
+            pull.errors.append(f"appointment {ident} could not be read: {str(error).splitlines()[0]}")
+
+    await asyncio.gather(*(confirm(row) for row in missing))
+    pull.confirmed = len(missing)
+    return gone
 
 
 async def pull_directory(rt: Runtime, pull: BusinessPull, upserts: DirectoryQueue) -> None:
@@ -127,7 +195,7 @@ async def pull_directory(rt: Runtime, pull: BusinessPull, upserts: DirectoryQueu
         raw_services = await services
     except UpstreamError as error:
         services.cancel()
-        pull.errors.append(f"customers/services: {error.message if error.code == 'ErrorFolderNotFound' else error}")
+        pull.errors.append(f"customers/services: {error.message if isinstance(error, NoAccessToBusiness) else error}")
         return
     except BaseException:
         services.cancel()
@@ -150,12 +218,13 @@ async def _collect(pages) -> list:
 async def stored_rows(store: Store, business_id: str) -> dict[str, dict]:
     """What the table holds for a business: just enough to tell what changed."""
     return {row["RowKey"]: row for row in await store.partition(
-        BOOKINGS, encode_key(business_id), select=["RowKey", "SourceHash", "Cancelled", "StartUtc", "EndUtc"])}
+        BOOKINGS, encode_key(business_id),
+        select=["RowKey", "AppointmentId", "SourceHash", "Cancelled", "StartUtc", "EndUtc"])}
 
 
-async def store_business(store: Store, pull: BusinessPull, existing: dict[str, dict], start: datetime,
-                         end: datetime) -> BusinessCounts:
-    """Write what changed; mark vanished appointments cancelled only after a complete pull."""
+async def store_business(store: Store, pull: BusinessPull, existing: dict[str, dict], gone: set[str]
+                         ) -> BusinessCounts:
+    """Write what changed; mark cancelled what Graph confirmed gone (`confirm_missing`)."""
     counts = BusinessCounts(fetched=len(pull.bookings), invalid=pull.invalid)
     partition = encode_key(pull.business_id)
     operations: list[tuple] = []
@@ -171,13 +240,10 @@ async def store_business(store: Store, pull: BusinessPull, existing: dict[str, d
         else:
             counts.updated += 1
         operations.append((UPSERT, entity, {"mode": "merge"}))
-    if pull.complete:
-        for row_key, row in existing.items():
-            if row.get("Cancelled") or not _overlaps(row, start, end):
-                continue
-            counts.cancelled += 1
-            operations.append((UPDATE, {"PartitionKey": partition, "RowKey": row_key, "Cancelled": True,
-                                        "SourceHash": CANCELLED_HASH}, {"mode": "merge"}))
+    for row_key in sorted(gone):
+        counts.cancelled += 1
+        operations.append((UPDATE, {"PartitionKey": partition, "RowKey": row_key, "Cancelled": True,
+                                    "SourceHash": CANCELLED_HASH}, {"mode": "merge"}))
     await store.write_batches(BOOKINGS, operations)
     return counts
 
@@ -363,8 +429,10 @@ async def run_sync(rt: Runtime, trigger: str, now: datetime | None = None) -> Sy
         totals = BusinessCounts()
         per_business = {}
         for pull, existing in zip(pulls, await stored, strict=True):
-            counts = await store_business(store, pull, existing, start, end)
-            per_business[pull.business_id] = counts.__dict__ | {"complete": pull.complete}
+            gone = await confirm_missing(rt, pull, existing, start, end)
+            counts = await store_business(store, pull, existing, gone)
+            per_business[pull.business_id] = counts.__dict__ | {"complete": pull.complete,
+                                                                 "confirmedById": pull.confirmed}
             for name, value in counts.__dict__.items():
                 setattr(totals, name, getattr(totals, name) + value)
             for message in pull.errors[:20]:

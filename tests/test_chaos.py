@@ -220,6 +220,8 @@ class Run:
     jobs: set[str] = field(default_factory=set)
     deleted: set[str] = field(default_factory=set)
     """Appointments deleted in Bookings (cancelled)."""
+    omitted_before: int = 0
+    capped: bool = False
     repriced: set[str] = field(default_factory=set)
     duplicate_deliveries: int = 0
     internal_errors: int = 0
@@ -368,13 +370,22 @@ def configure_faults(run: Run) -> None:
                             + extra, seed=run.seed + 1, retry_after_seconds=0, hang_seconds=1.0,
                             late_seconds=0.9, late_executes=rng.random() < 0.7,
                             retry_after_omitted=rng.choice((0.0, 0.5)))
+    # Graph's two readings of "occurs in the date range", a read that silently stops (a capped
+    # page) and reads that silently leave an appointment out: none may cancel what still exists.
+    world.graph.configure(calendar_view=rng.choice(("starting", "overlapping")),
+                          calendar_view_cap=rng.choice((None, None, rng.randint(3, 12))),
+                          calendar_view_omit=rng.choice((0.0, 0.0, 0.1)))
+    run.omitted_before = world.graph.omitted_reads
+    run.capped = world.graph.options.calendar_view_cap is not None
     world.sandbox.entra.plan.configure(fault_rate=0.2, fault_kinds=("429", "500", "503", "reset"), seed=run.seed + 2,
                                        retry_after_seconds=0)
     # Real services answer in tens or hundreds of milliseconds: it widens every race window.
     world.bc.plan.configure(latency_ms=rng.choice((0.0, 0.0, 20.0, 50.0)))
     world.graph.plan.configure(latency_ms=rng.choice((0.0, 0.0, 20.0)))
+    options = world.graph.options
     run.note(f"faults: graph {world.graph.plan.knobs.fault_rate:.2f}, bc {world.bc.plan.knobs.fault_rate:.2f}"
-             f"{', timeouts' if timeouts else ''}")
+             f"{', timeouts' if timeouts else ''}; calendarView {options.calendar_view}, cap "
+             f"{options.calendar_view_cap}, omit {options.calendar_view_omit}")
     if rng.random() < 0.3:
         # A BC outage on invoice creation long enough to poison some job parts.
         world.bc.plan.script("POST", r"/salesInvoices$", "503", times=rng.randint(4, 24))
@@ -482,6 +493,7 @@ def settle(run: Run) -> datetime:
     run.crashes.disarm()
     for plan in (world.graph.plan, world.bc.plan, world.sandbox.entra.plan):
         plan.clear()
+    world.graph.configure(calendar_view_cap=None, calendar_view_omit=0.0)
     world.graph.set_inaccessible(world.business_ids[1], False)
     run.note("settling without faults")
     run.drain()
@@ -668,6 +680,8 @@ def record(run: Run, findings: Findings) -> None:
     faults = Counter()
     for plan in (world.graph.plan, world.bc.plan, world.sandbox.entra.plan):
         faults.update(plan.stats.faults)
+    faults["calendar read leaving appointments out"] += world.graph.omitted_reads - run.omitted_before
+    faults["run with capped calendar reads"] += int(run.capped)
     TALLY.add(runs=1, faults=sum(faults.values()), crashes=len(run.crashes.fired),
               duplicate_deliveries=run.duplicate_deliveries, duplicates=findings.duplicates, lost=findings.lost)
     TALLY.faults_by_kind.update(faults)

@@ -1,9 +1,12 @@
-"""Health's setup checks: BC reachable with the app's identity, the templates named in settings."""
+"""Health's setup checks: the app's permissions, every Bookings business and BC reachable with its
+identity, the templates named in settings."""
 
 from __future__ import annotations
 
 import pytest
 
+from sandbox.stack import CLIENT_ID, ENVIRONMENT, TENANT
+from sandbox.tokens import BC_AUDIENCE, GRAPH_AUDIENCE
 from tests.helpers import body
 
 
@@ -56,3 +59,49 @@ def test_bc_is_asked_once_however_often_health_is_polled(world):
     for _ in range(5):
         health(world)
     assert world.bc.plan.stats.total_requests == 1
+
+
+# -- permissions ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def fresh_tokens(monkeypatch):
+    """Tokens carry the permissions granted when they were issued: start without cached ones."""
+    monkeypatch.setattr("shared.auth._providers", {})
+
+
+def test_a_missing_graph_read_permission_is_named_with_where_to_grant_it(world, fresh_tokens):
+    world.sandbox.entra.set_roles(TENANT, CLIENT_ID, GRAPH_AUDIENCE, [])
+    found = checks(world)["graph"]
+    assert not found["ok"] and "Bookings.Read.All" in found["message"] and "Grant admin consent" in found["message"]
+    world.sync()
+    [error] = health(world)["lastSync"]["errors"][:1]
+    assert "Bookings.Read.All" in error["message"], "the sync says which permission it lacks too"
+
+
+def test_write_back_without_its_permission_is_named_only_when_write_back_is_on(world, fresh_tokens):
+    world.sandbox.entra.set_roles(TENANT, CLIENT_ID, GRAPH_AUDIENCE, ["Bookings.Read.All"])
+    assert checks(world)["graph"]["ok"]
+    world.configure(WRITE_BACK_TO_BOOKINGS="true")
+    found = checks(world)["graph"]
+    assert not found["ok"] and "BookingsAppointment.ReadWrite.All" in found["message"]
+    assert "WRITE_BACK_TO_BOOKINGS" in found["message"]
+
+
+def test_a_missing_business_central_permission_is_named(world, fresh_tokens):
+    world.sandbox.entra.set_roles(TENANT, CLIENT_ID, BC_AUDIENCE, [])
+    found = checks(world)["businessCentral"]
+    assert not found["ok"] and "API.ReadWrite.All" in found["message"]
+
+
+def test_an_app_business_central_does_not_know_is_told_to_register_there(world):
+    world.bc.register_app(TENANT, ENVIRONMENT, CLIENT_ID, registered=False)
+    found = checks(world)["businessCentral"]
+    assert not found["ok"] and "Microsoft Entra Applications" in found["message"]
+    assert "401" in found["message"]
+
+
+def test_every_configured_business_is_checked_by_name(world2):
+    world2.graph.set_inaccessible(world2.business_ids[1])
+    found = checks(world2)["graph"]
+    assert not found["ok"] and f"no access to business {world2.business_ids[1]}" in found["message"]
+    assert world2.business_ids[0] not in found["message"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+
+import pytest
 import threading
 from datetime import datetime, timedelta, timezone
 
@@ -103,7 +105,7 @@ def test_a_failed_pull_cancels_nothing_and_keeps_rows_as_they_were(world):
     for business_id, appointment in list(dataset.appointments())[:10]:
         world.graph.delete_appointment(business_id, appointment["id"])
     world.graph.page_size = 50
-    world.graph.plan.script("GET", r"/calendarView\?.*skiptoken", "503", times=50)
+    world.graph.plan.script("GET", r"/calendarView", "503", times=1000)
     world.graph.plan.configure(retry_after_seconds=0)
 
     world.host.timer("sync_bookings")
@@ -250,3 +252,108 @@ def test_several_webhook_calls_while_queued_make_one_sync_run(world, caplog, mon
         assert world.host.http("POST", "sync").status_code == 202
     world.host.drain(queues=["sync-requests"])
     assert logged(caplog, "sync_run_finished") == 1
+
+
+# -- Graph as it really behaves -------------------------------------------------------------------
+
+NOW = datetime.now(timezone.utc).replace(second=0, microsecond=0)
+
+
+def appointment_at(world, start: datetime, minutes: int = 120, zone: str | None = None, business: int = 0) -> str:
+    end = start + timedelta(minutes=minutes)
+    fields = {"startDateTime": graph_datetime(start), "endDateTime": graph_datetime(end), "duration": f"PT{minutes}M",
+              "serviceId": "svc-1", "serviceName": "Massage", "price": 50.0, "priceType": "fixedPrice",
+              "customers": [], "customerEmailAddress": "edge@example.com", "customerName": "Edge"}
+    if zone:  # a local time labelled with a zone, as Graph writes dateTimeTimeZone
+        fields["startDateTime"] = {"dateTime": f"{start:%Y-%m-%dT%H:%M:%S}.0000000", "timeZone": zone}
+        fields["endDateTime"] = {"dateTime": f"{end:%Y-%m-%dT%H:%M:%S}.0000000", "timeZone": zone}
+    return world.graph.put_appointment(world.business_ids[business], fields)
+
+
+def by_id_reads(world) -> int:
+    return sum(n for path, n in world.graph.plan.stats.requests.items()
+               if path.startswith("GET ") and "/appointments/" in path)
+
+
+@pytest.mark.parametrize("calendar_view", ["starting", "overlapping"])
+def test_appointments_straddling_the_window_edge_or_a_slice_edge_are_kept_once_and_never_cancelled(
+        world, calendar_view):
+    world.graph.configure(calendar_view=calendar_view)
+    lookback = timedelta(days=60)
+    edge = appointment_at(world, NOW - lookback - timedelta(hours=1))  # begins before the window, ends in it
+    slice_edge = appointment_at(world, NOW - lookback + timedelta(days=7) - timedelta(hours=1))
+    world.configure(SYNC_LOOKBACK_DAYS="61")
+    world.host.timer("sync_bookings")  # a wider window first: both are stored
+    world.configure(SYNC_LOOKBACK_DAYS="60")
+    world.graph.plan.reset_stats()
+
+    world.host.timer("sync_bookings")
+
+    stored = bookings(world)
+    assert not stored[edge]["Cancelled"] and not stored[slice_edge]["Cancelled"]
+    run = last_run(world)
+    assert run["outcome"] == "succeeded" and run["counts"]["cancelled"] == 0
+    assert by_id_reads(world) == (1 if calendar_view == "starting" else 0), \
+        "only what the read did not return is read by id"
+
+
+def test_an_appointment_gone_from_bookings_is_cancelled_once_graph_confirms_it_by_id(world):
+    kept = appointment_at(world, NOW - timedelta(days=3))
+    gone = appointment_at(world, NOW - timedelta(days=2))
+    world.host.timer("sync_bookings")
+    world.graph.delete_appointment(world.business_ids[0], gone)
+    world.graph.plan.reset_stats()
+
+    world.host.timer("sync_bookings")
+
+    stored = bookings(world)
+    assert stored[gone]["Cancelled"] and not stored[kept]["Cancelled"]
+    assert by_id_reads(world) == 1 and last_run(world)["counts"]["cancelled"] == 1
+
+
+def test_a_silently_capped_read_cancels_nothing_that_still_exists(world):
+    ids = [appointment_at(world, NOW - timedelta(days=1, minutes=30 * i), minutes=20) for i in range(12)]
+    world.host.timer("sync_bookings")
+    world.graph.configure(calendar_view_cap=5)  # each read silently stops after 5 appointments
+    world.graph.delete_appointment(world.business_ids[0], ids[-1])
+
+    world.host.timer("sync_bookings")
+
+    stored = bookings(world)
+    assert [i for i in ids if stored[i]["Cancelled"]] == [ids[-1]], "only the one Graph confirmed gone"
+    assert last_run(world)["counts"]["cancelled"] == 1
+
+
+def test_a_window_is_read_in_weekly_slices_side_by_side_within_four_requests_per_mailbox(world):
+    load(world, appointments=250)
+    world.graph.plan.configure(latency_ms=30)
+    world.host.timer("sync_bookings")
+
+    calendar_reads = sum(n for path, n in world.graph.plan.stats.requests.items() if "/calendarView" in path)
+    assert calendar_reads >= 13, "90 days in weekly slices"
+    assert max(world.graph.plan.stats.max_in_flight.values()) == 4
+    assert len(bookings(world)) == 250, "each appointment once"
+
+
+def test_times_labelled_with_a_windows_time_zone_are_read_in_that_zone(world):
+    start = NOW - timedelta(days=2)
+    ident = appointment_at(world, start)
+    world.graph.configure(response_time_zone="W. Europe Standard Time")
+
+    world.host.timer("sync_bookings")
+
+    stored = bookings(world)[ident]
+    assert stored["StartUtc"].replace(tzinfo=timezone.utc) == start
+    assert last_run(world)["outcome"] == "succeeded"
+
+
+def test_an_unknown_time_zone_makes_the_appointment_unreadable_with_the_reason_never_utc(world):
+    good = appointment_at(world, NOW - timedelta(days=2))
+    odd = appointment_at(world, NOW - timedelta(days=1), zone="Mars Standard Time")
+    world.host.timer("sync_bookings")
+
+    stored = bookings(world)
+    assert good in stored and odd not in stored, "not stored at a guessed time"
+    run = last_run(world)
+    assert run["outcome"] == "partial"
+    assert any(odd in e["message"] and "unknown time zone 'Mars Standard Time'" in e["message"] for e in run["errors"])

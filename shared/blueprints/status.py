@@ -41,7 +41,7 @@ class DirectoryHealth(BaseModel):
 
 
 class SetupCheck(BaseModel):
-    name: str = Field(examples=["businessCentral"], description="businessCentral | templates")
+    name: str = Field(examples=["businessCentral"], description="graph | businessCentral | templates")
     ok: bool
     message: str = Field(description="What was found, or what to fix and where")
 
@@ -51,7 +51,7 @@ class Health(BaseModel):
                                     "failed) | never-synced", examples=["ok"])
     last_sync: LastSync | None = Field(alias="lastSync")
     directory: DirectoryHealth | None = None
-    checks: list[SetupCheck] = Field(default_factory=list, description="Business Central reachable with the app's "
+    checks: list[SetupCheck] = Field(default_factory=list, description="Graph and Business Central reachable with the app's "
                                      "identity and permissions; the templates named in settings exist")
 
 
