@@ -106,6 +106,33 @@ async def template_defaults(store: Store, kind: Kind, code: str | None) -> dict:
     return fields
 
 
+class InvalidTemplate(ValueError):
+    """A template names fields a template may not set, or values BC would refuse; `problems`
+    are (field, message) pairs, for an HTTP problem or a form's inline errors."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        super().__init__("The template is not valid: " + "; ".join(message for _, message in problems) + ".")
+        self.problems = problems
+
+
+def validate_template(kind: str, body: object) -> dict:
+    """The template's fields as BC takes them (`CustomerFields` / `ItemFields`), or `InvalidTemplate`."""
+    from pydantic import ValidationError
+
+    from shared.bc import TEMPLATE_FIELDS
+
+    try:
+        return TEMPLATE_FIELDS[kind].model_validate(body).model_dump(exclude_none=True)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors()[:20]:
+            name = ".".join(str(part) for part in item["loc"])
+            message = (f"'{name}' is not a field a {kind} template may set"
+                       if item["type"] == "extra_forbidden" else item["msg"])
+            problems.append((name, message))
+        raise InvalidTemplate(problems) from None
+
+
 async def put_template(store: Store, kind: str, code: str, fields: dict) -> dict:
     now = datetime.now(timezone.utc)
     await store.upsert(TEMPLATES, {"PartitionKey": kind, "RowKey": encode_key(code), "Code": code,

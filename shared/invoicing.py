@@ -66,6 +66,8 @@ class Candidate:
     booking: Booking
     invoiceable: bool
     reason: str | None
+    reason_code: str | None = None
+    """What kind of problem `reason` is (`REASON_CODES`), so pages can group and explain it."""
 
     def row(self) -> dict:
         b = self.booking
@@ -81,22 +83,28 @@ class Candidate:
                 "invoiceable": self.invoiceable, "reason": self.reason}
 
 
-def _billing_problem(booking: Booking, invoice_free: bool, failed_customers: dict, failed_items: dict) -> str | None:
+REASON_CODES = ("no-customer", "no-email", "no-service", "no-price", "free", "customer-refused", "item-refused")
+
+
+def _billing_problem(booking: Booking, invoice_free: bool, failed_customers: dict, failed_items: dict
+                     ) -> tuple[str, str] | None:
+    """(code, reason) when the booking cannot be billed as it is; None when it can."""
     if not booking.customers:
-        return "appointment has no customer"
+        return "no-customer", "appointment has no customer"
     if booking.missing_email:
-        return "customer has no e-mail"
+        return "no-email", "customer has no e-mail"
     if not booking.service_id:
-        return "appointment has no service"
+        return "no-service", "appointment has no service"
     if booking.price_type != FREE and not booking.price:
-        return "no price: set a price for this appointment in Bookings"
+        return "no-price", "no price: set a price for this appointment in Bookings"
     if booking.price_type == FREE and not invoice_free:
-        return "free appointment"
+        return "free", "free appointment"
     for email in booking.open_emails():
         if email in failed_customers:
-            return f"customer {email} could not be set up in Business Central: {failed_customers[email]}"
+            return ("customer-refused",
+                    f"customer {email} could not be set up in Business Central: {failed_customers[email]}")
     if booking.service_id in failed_items:
-        return f"service could not be set up in Business Central: {failed_items[booking.service_id]}"
+        return "item-refused", f"service could not be set up in Business Central: {failed_items[booking.service_id]}"
     return None
 
 
@@ -139,7 +147,7 @@ async def candidates(rt: Runtime, store: Store, filters: Filters, now: datetime 
         if booking.price_type == FREE and not invoice_free:
             continue
         problem = _billing_problem(booking, invoice_free, failed_customers, failed_items)
-        found.append(Candidate(booking, problem is None, problem))
+        found.append(Candidate(booking, problem is None, problem and problem[1], problem and problem[0]))
     found.sort(key=lambda c: (c.booking.start, c.booking.business_id, c.booking.id))
     return found
 
@@ -467,8 +475,50 @@ async def select_listed(rt: Runtime, store: Store, ids: list[str], now: datetime
         if booking is None:
             problems[ident] = "unknown booking"
             continue
-        problem = check(booking) or _billing_problem(booking, rt.settings.invoice_free_bookings,
-                                                     failed_customers, failed_items)
+        billing = _billing_problem(booking, rt.settings.invoice_free_bookings, failed_customers, failed_items)
+        problem = check(booking) or (billing and billing[1])
         if problem:
             problems[ident] = problem
     return [found[i] for i in dict.fromkeys(ids) if i in found], problems
+
+
+@dataclass
+class Outcome:
+    """What asking for invoices led to: a queued job, nothing to do, or (dry run) a preview."""
+    booking_count: int
+    job_id: str | None = None
+    invoices: list[dict] | None = None
+
+
+async def invoice_bookings(rt: Runtime, store: Store, *, booking_ids: list[str] | None = None,
+                           filters: Filters | None = None, dry_run: bool = False, request: dict | None = None
+                           ) -> Outcome:
+    """Invoice the listed bookings (all or nothing: `NotUninvoiced` names each one that cannot
+    be), or every invoiceable booking the filters find; `dry_run` only says what would be made.
+    The JSON API and the operator pages both come here."""
+    now = datetime.now(timezone.utc)
+    if booking_ids is not None:
+        bookings, problems = await select_listed(rt, store, booking_ids, now)
+        if problems:
+            raise NotUninvoiced(problems)
+    else:
+        found = await candidates(rt, store, filters or Filters(), now)
+        bookings = [c.booking for c in found if c.invoiceable]
+    if dry_run:
+        parts = group_by_customer(bookings, lambda b: b.open_emails())
+        return Outcome(len(bookings), invoices=preview(parts, rt.settings.time_zone))
+    if not bookings:
+        return Outcome(0)
+    job_id, count = await create_job(rt, store, bookings, strict=booking_ids is not None, request=request or {})
+    return Outcome(count, job_id)
+
+
+async def recent_jobs(store: Store, limit: int = 25) -> list[dict]:
+    """The latest jobs, newest first, each as `job_status` reports it plus when it was made."""
+    headers = await store.query(JOBS, f"RowKey eq '{HEADER}' and Status ne 'rejected'",
+                                ["PartitionKey", "CreatedAt"])
+    headers.sort(key=lambda r: r.get("CreatedAt") or datetime.min.replace(tzinfo=timezone.utc), reverse=True)
+    chosen = headers[:limit]
+    statuses = await asyncio.gather(*(job_status(store, row["PartitionKey"]) for row in chosen))
+    return [{**status, "createdAt": row.get("CreatedAt")} for row, status in zip(chosen, statuses, strict=True)
+            if status is not None]

@@ -499,3 +499,11 @@ async def last_sync(store: Store) -> dict | None:
     """The latest run as `GET /api/health` reports it."""
     run = await _last_run(store)
     return {name: run[name] for name in ("at", "outcome", "counts", "errors")} if run else None
+
+
+async def queue_sync(store: Store, reason: str) -> None:
+    """Queue a sync run soon (`POST /api/sync`, the setup page's "Sync now")."""
+    from shared.messages import SyncRequest, encode
+    from shared.store import SYNC_QUEUE
+
+    await store.send(SYNC_QUEUE, encode(SyncRequest(reason=reason, requestedAt=datetime.now(timezone.utc))))

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 import azure.functions as func
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from shared.api import ApiRequest, ApiResult, BadRequest, ProblemField, endpoint
-from shared.bc import TEMPLATE_FIELDS, CustomerFields, ItemFields
+from shared.bc import CustomerFields, ItemFields
 from shared.blueprints.common import send_later, send_to_poison
-from shared.directory import list_templates, put_template, record_failure, upsert_from_message
+from shared.directory import (InvalidTemplate, list_templates, put_template, record_failure, upsert_from_message,
+                              validate_template)
 from shared.messages import CustomerBatchUpsert, CustomerUpsert, DirectoryUpsertMessage, directory_upsert, process_message
 from shared.runtime import runtime
 from shared.store import DIRECTORY_QUEUE
@@ -63,18 +64,11 @@ async def get_templates(request: ApiRequest) -> TemplateList:
           responses={200: Template})
 async def put_template_route(request: ApiRequest) -> ApiResult:
     kind, code = request.route["kind"], request.route["code"]
-    model = TEMPLATE_FIELDS[kind]
     try:
-        fields = model.model_validate(request.body).model_dump(exclude_none=True)
-    except ValidationError as error:
-        problems = []
-        for item in error.errors()[:20]:
-            name = ".".join(str(part) for part in item["loc"])
-            message = (f"'{name}' is not a field a {kind} template may set"
-                       if item["type"] == "extra_forbidden" else item["msg"])
-            problems.append(ProblemField(field=name, message=message))
-        detail = "; ".join(p.message for p in problems)
-        raise BadRequest(f"The template is not valid: {detail}.", problems) from None
+        fields = validate_template(kind, request.body)
+    except InvalidTemplate as error:
+        raise BadRequest(str(error), [ProblemField(field=name, message=message)
+                                      for name, message in error.problems]) from None
     store = await runtime().store()
     saved = await put_template(store, kind, code, fields)
     return ApiResult(Template.model_validate(saved))

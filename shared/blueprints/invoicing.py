@@ -13,8 +13,8 @@ from pydantic import BaseModel, Field, StringConstraints, field_validator, model
 from shared.api import ApiRequest, ApiResult, BadRequest, Conflict, NotFound, Problem, ProblemField, StrictModel, endpoint
 from shared.blueprints.common import send_later, send_to_poison
 from shared.invoice_worker import give_up, invoice_parts
-from shared.invoicing import (Filters, NotUninvoiced, TooLarge, after_cursor, candidates, create_job, encode_cursor,
-                              group_by_customer, job_status, preview, select_listed)
+from shared.invoicing import (Filters, NotUninvoiced, TooLarge, after_cursor, candidates, encode_cursor,
+                              invoice_bookings, job_status)
 from shared.messages import InvoiceJobPart, process_message
 from shared.runtime import runtime
 from shared.store import INVOICE_QUEUE
@@ -193,30 +193,21 @@ async def create_invoices(request: ApiRequest) -> ApiResult:
     body: InvoiceRequest = request.body
     rt = runtime()
     store = await rt.store()
-    now = datetime.now(timezone.utc)
-    if body.booking_ids is not None:
-        bookings, problems = await select_listed(rt, store, body.booking_ids, now)
-        if problems:
-            raise _conflict(problems)
-    else:
-        found = await candidates(rt, store, Filters(body.business_id, body.customer_email), now)
-        bookings = [c.booking for c in found if c.invoiceable]
-    if body.dry_run:
-        parts = group_by_customer(bookings, lambda b: b.open_emails())
-        return ApiResult(DryRun(bookingCount=len(bookings), invoices=preview(parts, rt.settings.time_zone)))
-    if not bookings:
-        return ApiResult(NothingToInvoice())
+    filters = None if body.booking_ids is not None else Filters(body.business_id, body.customer_email)
     try:
-        job_id, count = await create_job(rt, store, bookings, strict=body.booking_ids is not None,
+        outcome = await invoice_bookings(rt, store, booking_ids=body.booking_ids, filters=filters,
+                                         dry_run=body.dry_run,
                                          request=body.model_dump(by_alias=True, exclude={"booking_ids"}))
     except NotUninvoiced as error:
         raise _conflict(error.problems) from None
     except TooLarge as error:
         raise BadRequest(str(error)) from None
-    if job_id is None:
+    if outcome.invoices is not None:
+        return ApiResult(DryRun(bookingCount=outcome.booking_count, invoices=outcome.invoices))
+    if outcome.job_id is None:
         return ApiResult(NothingToInvoice())
-    location = f"/api/invoices/jobs/{job_id}"
-    accepted = JobAccepted(jobId=job_id, status="queued", bookingCount=count,
+    location = f"/api/invoices/jobs/{outcome.job_id}"
+    accepted = JobAccepted(jobId=outcome.job_id, status="queued", bookingCount=outcome.booking_count,
                            statusUrl=f"{_base_url(request.raw)}{location}")
     return ApiResult(accepted, status=202, headers={"Location": location})
 

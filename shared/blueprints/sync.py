@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
 
 import azure.functions as func
 
 from shared.api import ApiRequest, ApiResult, Problem, Status, endpoint
 from shared.blueprints.common import send_later, send_to_poison
-from shared.messages import Deferred, SyncRequest, encode, process_message
+from shared.messages import Deferred, SyncRequest, process_message
 from shared.runtime import runtime
 from shared.store import SYNC_QUEUE
-from shared.sync import last_run_started, run_sync
+from shared.sync import last_run_started, queue_sync, run_sync
 
 log = logging.getLogger(__name__)
 bp = func.Blueprint()
@@ -47,6 +46,5 @@ async def run_requested_sync(message: func.QueueMessage) -> None:
 @endpoint("request_sync", "POST", "sync", "Queue a sync run soon (webhook for near-real-time sync)",
           responses={202: Status, 503: Problem})
 async def request_sync(request: ApiRequest) -> ApiResult:
-    store = await runtime().store()
-    await store.send(SYNC_QUEUE, encode(SyncRequest(reason="http", requestedAt=datetime.now(timezone.utc))))
+    await queue_sync(await runtime().store(), "http")
     return ApiResult(Status(status="queued"), status=202)
