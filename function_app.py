@@ -4,7 +4,7 @@ Thin on purpose: the app and one blueprint per area. The work lives in `shared/`
 
 import azure.functions as func
 
-from shared.blueprints import directory, invoicing, status, sync
+from shared.blueprints import directory, invoicing, pages, status, sync
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 
@@ -12,3 +12,4 @@ app.register_functions(sync.bp)
 app.register_functions(directory.bp)
 app.register_functions(invoicing.bp)
 app.register_functions(status.bp)
+app.register_functions(pages.bp)

@@ -177,6 +177,12 @@ param httpTimeoutSeconds string = '60'
 @description('BC_EXECUTION_LIMIT_SECONDS: how long Business Central may go on running a request after the app stopped waiting; unknown outcomes are checked after this.')
 param bcExecutionLimitSeconds string = '600'
 
+@description('BC_WEB_CLIENT_URL: where people open Business Central; the operator pages link each draft invoice there.')
+param bcWebClientUrl string = 'https://businesscentral.dynamics.com'
+
+@description('PAGES_ALLOWED_ROLE: an app role of the app registration that users of the operator pages must hold; empty: any user of the tenant.')
+param pagesAllowedRole string = ''
+
 // ---------------------------------------------------------------------------------------------
 
 var abbrs = loadJsonContent('./abbreviations.json')
@@ -348,6 +354,8 @@ module api 'app/api.bicep' = {
     bookingsTimeZone: bookingsTimeZone
     httpTimeoutSeconds: httpTimeoutSeconds
     bcExecutionLimitSeconds: bcExecutionLimitSeconds
+    bcWebClientUrl: bcWebClientUrl
+    pagesAllowedRole: pagesAllowedRole
   }
   // The host reads storage and resolves the Key Vault reference at its first start.
   dependsOn: [

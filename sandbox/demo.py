@@ -42,26 +42,40 @@ def table(rows: list[list], headers: list[str]) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
 
 
+DEMO_GRAPH = Knobs(latency_ms=15, max_concurrency=4)
+DEMO_BC = Knobs(latency_ms=25, max_concurrency=5)
+
+
+def seed(sandbox, appointments: int = 300):
+    """Bookings and BC as the demo (and `make serve`) start: a few hundred appointments in two
+    businesses, some details BC refuses as they are, an existing BC customer; settings applied."""
+    dataset = generate(appointments=appointments, customers=40, services=8, business_ids=BUSINESSES, seed=2026)
+    # Ordinary Bookings details BC refuses as they are: a country written in Norwegian, and a
+    # phone number with an extension ("ext." has letters).
+    odd = next(c for c in dataset.businesses[BUSINESSES[0]].customers[1:] if c.get("emailAddress"))
+    odd["addresses"] = [{"street": "Karl Johans gate 22", "city": "Oslo", "state": "", "countryOrRegion": "Norge",
+                         "postalCode": "0162"}]
+    odd["phones"] = [{"number": "+47 22 12 34 56 ext. 7", "type": "business"}]
+    sandbox.graph.load(dataset)
+    sandbox.business_ids = BUSINESSES
+    # An accountant's existing BC customer, typed with other capitals than in Bookings.
+    first_customer = next(c for c in dataset.businesses[BUSINESSES[0]].customers if c.get("emailAddress"))
+    sandbox.bc.add_customer(sandbox.company_id, displayName=f"{first_customer['displayName']} (existing)",
+                            email=first_customer["emailAddress"].upper())
+    sandbox.apply_env(CUSTOMER_TEMPLATE="BOOKINGS", ITEM_TEMPLATE="SERVICES", BOOKINGS_TIME_ZONE="Europe/Paris")
+    return dataset
+
+
+TEMPLATES = {"customer/BOOKINGS": {"currencyCode": "EUR", "taxLiable": True, "country": "FR"},
+             "item/SERVICES": {"baseUnitOfMeasureCode": "HOUR", "generalProductPostingGroupCode": "SERVICES"}}
+
+
 def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     started = time.monotonic()
     print("Starting Azurite and the Entra ID, Graph and Business Central simulators…")
-    with SandboxStack(graph_knobs=Knobs(latency_ms=15, max_concurrency=4),
-                      bc_knobs=Knobs(latency_ms=25, max_concurrency=5)) as sandbox:
-        dataset = generate(appointments=300, customers=40, services=8, business_ids=BUSINESSES, seed=2026)
-        # Ordinary Bookings details BC refuses as they are: a country written in Norwegian, and a
-        # phone number with an extension ("ext." has letters).
-        odd = next(c for c in dataset.businesses[BUSINESSES[0]].customers[1:] if c.get("emailAddress"))
-        odd["addresses"] = [{"street": "Karl Johans gate 22", "city": "Oslo", "state": "", "countryOrRegion": "Norge",
-                             "postalCode": "0162"}]
-        odd["phones"] = [{"number": "+47 22 12 34 56 ext. 7", "type": "business"}]
-        sandbox.graph.load(dataset)
-        sandbox.business_ids = BUSINESSES
-        # An accountant's existing BC customer, typed with other capitals than in Bookings.
-        first_customer = next(c for c in dataset.businesses[BUSINESSES[0]].customers if c.get("emailAddress"))
-        sandbox.bc.add_customer(sandbox.company_id, displayName=f"{first_customer['displayName']} (existing)",
-                                email=first_customer["emailAddress"].upper())
-        sandbox.apply_env(CUSTOMER_TEMPLATE="BOOKINGS", ITEM_TEMPLATE="SERVICES", BOOKINGS_TIME_ZONE="Europe/Paris")
+    with SandboxStack(graph_knobs=DEMO_GRAPH, bc_knobs=DEMO_BC) as sandbox:
+        dataset = seed(sandbox)
         from function_app import app
 
         with FunctionHost(app, sandbox.azurite.connection_string, retry_delay=1) as host:
@@ -72,10 +86,8 @@ def main() -> int:
 
 def run(host: FunctionHost, sandbox, dataset) -> None:
     heading("Templates (PUT /api/templates/{kind}/{code})")
-    call(host, "PUT", "templates/customer/BOOKINGS", body={"currencyCode": "EUR", "taxLiable": True,
-                                                          "country": "FR"})
-    call(host, "PUT", "templates/item/SERVICES", body={"baseUnitOfMeasureCode": "HOUR",
-                                                      "generalProductPostingGroupCode": "SERVICES"})
+    for name, fields in TEMPLATES.items():
+        call(host, "PUT", f"templates/{name}", body=fields)
     for template in call(host, "GET", "templates")["value"]:
         print(f"  {template['kind']:<8} {template['code']:<10} {template['fields']}")
 

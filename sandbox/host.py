@@ -144,12 +144,15 @@ class FunctionHost:
         return None, "method" if allowed else None, {}
 
     def http(self, method: str, path: str, body: Any = None, params: dict | None = None,
-             headers: dict | None = None, key: str | None | bool = True, timeout: float = 600) -> func.HttpResponse:
+             headers: dict | None = None, key: str | None | bool = True, timeout: float = 600,
+             base_url: str = "http://localhost:7071") -> func.HttpResponse:
         """Call `/api/<path>`. `key=True` sends the host's function key; `False`/None sends none."""
-        return self.run(self.http_async(method, path, body, params, headers, key), timeout)
+        return self.run(self.http_async(method, path, body, params, headers, key, base_url), timeout)
 
     async def http_async(self, method: str, path: str, body: Any = None, params: dict | None = None,
-                         headers: dict | None = None, key: str | None | bool = True) -> func.HttpResponse:
+                         headers: dict | None = None, key: str | None | bool = True,
+                         base_url: str = "http://localhost:7071") -> func.HttpResponse:
+        """`base_url` is where the request came in (scheme and host), as the host's `HttpRequest.url` says."""
         path = path.lstrip("/").removeprefix("api/")
         fn, trigger, route_params = self._route(method, path)
         if fn is None:
@@ -174,7 +177,7 @@ class FunctionHost:
         else:
             raw = body or b""
         query = f"?{urlencode(params)}" if params else ""
-        request = func.HttpRequest(method.upper(), f"http://localhost:7071/api/{path}{query}", headers=headers,
+        request = func.HttpRequest(method.upper(), f"{base_url}/api/{path}{query}", headers=headers,
                                    params=params, route_params=route_params, body=raw)
         return await self._invoke(fn, request)
 
@@ -215,6 +218,10 @@ class FunctionHost:
         running. Returns when the trigger has finished and every queue is empty: (the trigger's
         result, seconds until the trigger finished)."""
         return self.run(self._run_listening(coroutine, timeout), timeout + 30)
+
+    async def listen(self, stop: asyncio.Future) -> QueueStats:
+        """Run the queue listeners until `stop` is done, as a long-running host does."""
+        return await self._drain(float("inf"), None, while_running=stop)
 
     async def _run_listening(self, coroutine, timeout: float) -> tuple[Any, float]:
         started = time.perf_counter()

@@ -49,6 +49,11 @@ def _certificate_credential(path: str) -> dict:
             "public_certificate": pem.decode()}
 
 
+def client_credential(settings: Settings) -> str | dict:
+    """The app registration's credential as MSAL takes it: the secret, or the certificate."""
+    return settings.client_secret or _certificate_credential(settings.client_certificate_path)
+
+
 class TokenProvider:
     """Tokens per scope for one identity. Thread-safe; MSAL calls run off the event loop."""
 
@@ -72,10 +77,9 @@ class TokenProvider:
                         if settings.client_id else msal.SystemAssignedManagedIdentity())
             return msal.ManagedIdentityClient(identity, http_client=session)
         settings.require("tenant_id", "client_id")
-        credential = settings.client_secret or _certificate_credential(settings.client_certificate_path)
         return msal.ConfidentialClientApplication(
             settings.client_id,
-            client_credential=credential,
+            client_credential=client_credential(settings),
             authority=f"{settings.authority_host}/{settings.tenant_id}",
             instance_discovery=None if settings.is_public_authority else False,
             http_client=session,

@@ -385,3 +385,16 @@ def explain_refusal(message: str) -> str:
         if match:
             return advice.format(**match.groupdict()) + f" (Business Central said: {message})"
     return f"Business Central refused it: {message}"
+
+
+SALES_INVOICE_PAGE = 43
+
+
+def web_client_invoice_url(settings, company_name: str | None, number: str) -> str:
+    """Where a person opens a draft sales invoice in BC's web client (page 43, filtered to its No.)."""
+    from urllib.parse import quote
+
+    query = [f"page={SALES_INVOICE_PAGE}", "filter=" + quote(f"'No.' IS '{number}'", safe="")]
+    if company_name:
+        query.insert(0, "company=" + quote(company_name, safe=""))
+    return f"{settings.bc_web_client_url}/{settings.tenant_id}/{settings.bc_environment}/?{'&'.join(query)}"

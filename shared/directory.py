@@ -654,3 +654,16 @@ async def directory_health(store: Store) -> dict:
             item["at"] = item["at"].isoformat() if item["at"] else None
     return {"customerFailures": failures["customer"], "itemFailures": failures["item"], "recent": recent[:10],
             "waiting": waiting, "customersWithFieldsLeftOut": len(left_out), "leftOut": left_out[:10]}
+
+
+async def refusals(store: Store, limit: int = 200) -> list[dict]:
+    """Customers and items BC refused, newest first, with BC's reason (and the fix, where known),
+    for signed-in operators: keys are shown whole, unlike in the anonymous health answer."""
+    found = []
+    for kind in (CUSTOMER, ITEM):
+        rows = await store.query(kind.table, "PartitionKey eq @pk and Status eq 'failed'",
+                                 ["RowKey", "Key", "LastError", "UpdatedAt"], {"pk": kind.partition})
+        found += [{"kind": kind.name, "key": r.get("Key") or r["RowKey"], "reason": r.get("LastError") or "",
+                   "at": r.get("UpdatedAt")} for r in rows]
+    found.sort(key=lambda r: r["at"] or datetime.min.replace(tzinfo=timezone.utc), reverse=True)
+    return found[:limit]

@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     """How long Business Central may go on executing a request after it arrived (its documented
     limit is 10 minutes). A write whose outcome is unknown (timeout, lost answer) is looked up,
     and repeated if missing, only once this has passed: before, BC may still be creating it."""
+    bc_web_client_url: str = Field("https://businesscentral.dynamics.com", alias="BC_WEB_CLIENT_URL")
+    """Where people open Business Central: the pages link each draft invoice there."""
+    pages_allowed_role: str | None = Field(None, alias="PAGES_ALLOWED_ROLE")
+    """An app role of the app registration a user must hold to use the operator pages; unset: any
+    user of the tenant who can sign in to the app."""
 
     @field_validator("business_ids", mode="before")
     @classmethod
@@ -73,7 +78,8 @@ class Settings(BaseSettings):
         return value
 
     @field_validator("customer_template", "item_template", "bc_environment", "bc_company_id",
-                     "tenant_id", "client_id", "client_secret", "storage_connection", mode="before")
+                     "tenant_id", "client_id", "client_secret", "storage_connection", "pages_allowed_role",
+                     mode="before")
     @classmethod
     def _blank_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
@@ -87,7 +93,7 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown IANA time zone {value!r}") from error
         return value
 
-    @field_validator("graph_base_url", "bc_base_url", "authority_host")
+    @field_validator("graph_base_url", "bc_base_url", "authority_host", "bc_web_client_url")
     @classmethod
     def _absolute_https_url(cls, value: str) -> str:
         if not value.startswith(("https://", "http://")):
@@ -119,6 +125,23 @@ class Settings(BaseSettings):
 
 def setting_name(field: str) -> str:
     return Settings.model_fields[field].alias or field
+
+
+SECRET_SETTINGS = frozenset({"storage_connection", "client_secret"})
+"""Shown as set or not, never by value (a connection string may hold an account key)."""
+
+
+def settings_in_force(settings: Settings) -> list[tuple[str, str | None, bool]]:
+    """(name, value as text or None when unset, hidden) of every setting, for the setup page."""
+    shown = []
+    for field, info in Settings.model_fields.items():
+        value = getattr(settings, field)
+        if isinstance(value, list):
+            value = ",".join(value)
+        text = None if value is None or value == "" else str(value).lower() if isinstance(value, bool) else str(value)
+        hidden = field in SECRET_SETTINGS and text is not None
+        shown.append((info.alias or field, None if hidden else text, hidden))
+    return shown
 
 
 def setting_names() -> list[str]:

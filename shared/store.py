@@ -328,6 +328,14 @@ class Store:
         await self.blob(path).upload_blob(data, overwrite=overwrite,
                                           content_settings=ContentSettings(content_type=content_type))
 
+    async def peek(self, queue: str, count: int = 32) -> list[str]:
+        """Up to 32 messages at the front of a queue, decoded, without taking them ([] if no queue)."""
+        try:
+            messages = await self.queue(queue).peek_messages(max_messages=min(count, 32))
+        except ResourceNotFoundError:
+            return []
+        return [m.content if isinstance(m.content, str) else m.content.decode(errors="replace") for m in messages]
+
     async def send(self, queue: str, message: str, visibility_timeout: int | None = None) -> None:
         self.stats.messages_sent += 1
         await self.queue(queue).send_message(message, visibility_timeout=visibility_timeout)

@@ -38,6 +38,8 @@ param writeBackToBookings string
 param bookingsTimeZone string
 param httpTimeoutSeconds string
 param bcExecutionLimitSeconds string
+param bcWebClientUrl string
+param pagesAllowedRole string
 
 resource stg 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
@@ -75,6 +77,8 @@ var appSettings = {
   BOOKINGS_TIME_ZONE: bookingsTimeZone
   HTTP_TIMEOUT_SECONDS: httpTimeoutSeconds
   BC_EXECUTION_LIMIT_SECONDS: bcExecutionLimitSeconds
+  BC_WEB_CLIENT_URL: bcWebClientUrl
+  PAGES_ALLOWED_ROLE: pagesAllowedRole
 }
 
 // A Key Vault reference without a version (trailing slash): after a rotation the app reads the

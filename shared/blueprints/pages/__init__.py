@@ -1,0 +1,318 @@
+"""The operator pages: Business Central's *Uninvoiced Bookings* and *Bookings Sync. Setup* pages,
+rebuilt for the browser, plus invoicing jobs and what needs attention.
+
+Routes live under `/api/pages/`, anonymous at the Functions level because people sign in with the
+app itself (`shared.signin`); `web.page` refuses anyone else. Each handler parses its input, calls
+the same domain function as the JSON API, and renders a template beside this module."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from datetime import date, datetime, time as clock, timedelta
+from typing import Annotated, Literal
+from zoneinfo import ZoneInfo
+
+import azure.functions as func
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError, field_validator
+
+from shared.attention import needs_attention
+from shared.bc import TEMPLATE_FIELDS, web_client_invoice_url
+from shared.blueprints.pages.render import STATIC, N_
+from shared.blueprints.pages.web import Page, base_url, error_page, html, page, redirect, secure_request
+from shared.checks import setup_checks
+from shared.directory import InvalidTemplate, list_templates, put_template, validate_template
+from shared.http import UpstreamError
+from shared.invoicing import Filters, NotUninvoiced, TooLarge, candidates, invoice_bookings, job_status, recent_jobs
+from shared.runtime import runtime
+from shared.settings import SettingsError, settings_in_force
+from shared.signin import (PAGES_PREFIX, SESSION_COOKIE, SignInFailed, begin, complete, cookie,
+                           session_cookie, signing_key)
+from shared.sync import last_sync, queue_sync
+
+log = logging.getLogger(__name__)
+bp = func.Blueprint()
+
+ANONYMOUS = func.AuthLevel.ANONYMOUS
+ROWS_SHOWN = 500
+MAX_SELECTED = 10_000
+_JOB_ID = TypeAdapter(Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")])
+
+
+# -- forms ----------------------------------------------------------------------------------------
+
+class BookingFilters(BaseModel):
+    """The list's filters; dates are the business's local calendar days, `to` inclusive."""
+    model_config = ConfigDict(populate_by_name=True, str_strip_whitespace=True)
+    business_id: Annotated[str, StringConstraints(max_length=320)] | None = Field(None, alias="businessId")
+    customer_email: Annotated[str, StringConstraints(max_length=254)] | None = Field(None, alias="customerEmail")
+    start: date | None = Field(None, alias="from")
+    end: date | None = Field(None, alias="to")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
+
+    def filters(self, time_zone: str) -> Filters:
+        zone = ZoneInfo(time_zone)
+        start = datetime.combine(self.start, clock(), zone) if self.start else None
+        end = datetime.combine(self.end + timedelta(days=1), clock(), zone) if self.end else None
+        return Filters(self.business_id, self.customer_email, start, end)
+
+    def query(self) -> dict[str, str]:
+        values = {"businessId": self.business_id, "customerEmail": self.customer_email,
+                  "from": self.start.isoformat() if self.start else None, "to": self.end.isoformat() if self.end else None}
+        return {k: v for k, v in values.items() if v}
+
+
+class InvoiceForm(BaseModel):
+    action: Literal["preview", "selected", "all"]
+    booking_ids: list[Annotated[str, StringConstraints(min_length=1, max_length=512)]] = Field(
+        default_factory=list, max_length=MAX_SELECTED)
+
+
+def _filters_of(current: Page) -> tuple[BookingFilters, list[str]]:
+    raw = {name: current.value(name) for name in ("businessId", "customerEmail", "from", "to")}
+    try:
+        parsed = BookingFilters.model_validate(raw)
+    except ValidationError as error:
+        problems = [f"{item['loc'][0]}: {item['msg']}" for item in error.errors()]
+        return BookingFilters(), problems
+    if parsed.business_id and parsed.business_id not in current.settings.business_ids:
+        return BookingFilters(), [f"businessId: {parsed.business_id} is not one of the app's businesses"]
+    if parsed.start and parsed.end and parsed.end < parsed.start:
+        return parsed, [N_("to: the end date is before the start date")]
+    return parsed, []
+
+
+# -- the bookings list ---------------------------------------------------------------------------
+
+@bp.route(route="pages", methods=["GET"], auth_level=ANONYMOUS)
+async def pages_home(req: func.HttpRequest) -> func.HttpResponse:
+    return redirect(f"{PAGES_PREFIX}/bookings", status=302)
+
+
+@bp.route(route="pages/bookings", methods=["GET", "POST"], auth_level=ANONYMOUS)
+@page
+async def pages_bookings(current: Page) -> func.HttpResponse:
+    filters, problems = _filters_of(current)
+    store = await current.rt.store()
+    if current.req.method == "POST" and not problems:
+        try:
+            form = InvoiceForm.model_validate({"action": current.value("action"),
+                                               "booking_ids": current.values("bookingId")})
+        except ValidationError:
+            problems = [N_("Choose Preview, Invoice selected or Invoice all.")]
+        else:
+            return await _invoice(current, store, filters, form)
+    return await _list(current, store, filters, problems, status=400 if problems else 200)
+
+
+async def _list(current: Page, store, filters: BookingFilters, problems: list[str], status: int = 200,
+                conflicts: dict[str, str] | None = None, notice: str | None = None) -> func.HttpResponse:
+    found = await candidates(current.rt, store, filters.filters(current.settings.time_zone))
+    return current.render("bookings.html", status, nav="bookings", rows=found[:ROWS_SHOWN], total=len(found),
+                          invoiceable=sum(1 for c in found if c.invoiceable), filters=filters,
+                          businesses=current.settings.business_ids, problems=problems, conflicts=conflicts or {},
+                          notice=notice, selected=set(current.values("bookingId")))
+
+
+async def _invoice(current: Page, store, filters: BookingFilters, form: InvoiceForm) -> func.HttpResponse:
+    selection = form.booking_ids if form.action == "selected" or (form.action == "preview" and form.booking_ids) \
+        else None
+    if form.action == "selected" and not selection:
+        return await _list(current, store, filters, [N_("Select at least one booking, or use Invoice all.")], 400)
+    scope = Filters() if selection else filters.filters(current.settings.time_zone)
+    try:
+        outcome = await invoice_bookings(current.rt, store, booking_ids=selection, filters=scope,
+                                         dry_run=form.action == "preview",
+                                         request={"source": "pages", "user": current.principal.oid,
+                                                  "action": form.action, **filters.query()})
+    except NotUninvoiced as error:
+        return await _list(current, store, filters, [N_("Nothing was invoiced: some selected bookings cannot be.")], 409,
+                           conflicts=error.problems)
+    except TooLarge as error:
+        return await _list(current, store, filters, [str(error)], 400)
+    if outcome.invoices is not None:
+        return current.render("preview.html", nav="bookings", invoices=outcome.invoices,
+                              booking_count=outcome.booking_count, filters=filters, selection=selection or [])
+    if outcome.job_id is None:
+        return await _list(current, store, filters, [], notice="nothing")
+    log.info("invoicing job started from the pages", extra={"event": "pages_invoice_job", "job_id": outcome.job_id,
+                                                           "bookings": outcome.booking_count,
+                                                           "user_oid": current.principal.oid})
+    return current.redirect(f"{PAGES_PREFIX}/jobs/{outcome.job_id}")
+
+
+# -- jobs ----------------------------------------------------------------------------------------
+
+_company_names: dict[str, tuple[float, str | None]] = {}
+COMPANY_NAME_SECONDS = 3600.0
+
+
+async def _company_name(current: Page) -> str | None:
+    """BC's web client opens a company by name; asked once an hour per process."""
+    key = f"{current.settings.bc_environment}/{current.settings.bc_company_id}"
+    cached = _company_names.get(key)
+    if cached and cached[0] > time.monotonic():
+        return cached[1]
+    try:
+        name = (await current.rt.bc.company()).get("name")
+    except (UpstreamError, SettingsError):
+        return None  # the link opens BC's default company instead
+    _company_names[key] = (time.monotonic() + COMPANY_NAME_SECONDS, name)
+    return name
+
+
+@bp.route(route="pages/jobs", methods=["GET"], auth_level=ANONYMOUS)
+@page
+async def pages_jobs(current: Page) -> func.HttpResponse:
+    jobs = await recent_jobs(await current.rt.store())
+    return current.render("jobs.html", nav="jobs", jobs=jobs)
+
+
+@bp.route(route="pages/jobs/{jobId}", methods=["GET"], auth_level=ANONYMOUS)
+@page
+async def pages_job(current: Page) -> func.HttpResponse:
+    job_id = current.req.route_params.get("jobId", "")
+    try:
+        job_id = _JOB_ID.validate_python(job_id)
+    except ValidationError:
+        return current.render("error.html", 404, title=N_("Not found"), detail=N_("There is no such invoicing job."),
+                              sign_in=False)
+    status = await job_status(await current.rt.store(), job_id)
+    if status is None:
+        return current.render("error.html", 404, title=N_("Not found"), detail=N_("There is no such invoicing job."),
+                              sign_in=False)
+    company = await _company_name(current) if status["invoices"] else None
+    links = {invoice["invoiceNumber"]: web_client_invoice_url(current.settings, company, invoice["invoiceNumber"])
+             for invoice in status["invoices"] if invoice.get("invoiceNumber")}
+    template = "job_progress.html" if current.req.params.get("fragment") == "1" else "job.html"
+    return current.render(template, nav="jobs", job=status, links=links,
+                          running=status["status"] in ("queued", "running"))
+
+
+# -- setup and status ----------------------------------------------------------------------------
+
+@bp.route(route="pages/setup", methods=["GET", "POST"], auth_level=ANONYMOUS)
+@page
+async def pages_setup(current: Page) -> func.HttpResponse:
+    store = await current.rt.store()
+    if current.req.method == "POST":
+        if current.value("action") != "sync":
+            return current.render("error.html", 400, title=N_("Not a form"), detail=N_("Unknown action."), sign_in=False)
+        await queue_sync(store, "pages")
+        log.info("sync requested from the pages", extra={"event": "pages_sync_requested",
+                                                         "user_oid": current.principal.oid})
+        return current.redirect(f"{PAGES_PREFIX}/setup?queued=1")
+    return await _setup(current, store)
+
+
+async def _setup(current: Page, store, status: int = 200, template_errors: dict | None = None,
+                 edited: dict | None = None) -> func.HttpResponse:
+    last = await last_sync(store)
+    checks = await setup_checks(current.rt, store)
+    templates = await list_templates(store)
+    fields = {kind: list(model.model_fields) for kind, model in TEMPLATE_FIELDS.items()}
+    booleans = {kind: [name for name, info in model.model_fields.items() if info.annotation in (bool | None, bool)]
+                for kind, model in TEMPLATE_FIELDS.items()}
+    return current.render("setup.html", status, nav="setup", last=last, checks=checks, templates=templates,
+                          template_fields=fields, boolean_fields=booleans, settings=settings_in_force(current.settings),
+                          businesses=current.settings.business_ids, queued=current.req.params.get("queued") == "1",
+                          template_errors=template_errors or {}, edited=edited or {},
+                          saved=current.req.params.get("saved"))
+
+
+@bp.route(route="pages/templates/{kind}/{code}", methods=["POST"], auth_level=ANONYMOUS)
+@page
+async def pages_template(current: Page) -> func.HttpResponse:
+    kind, code = current.req.route_params.get("kind"), current.req.route_params.get("code", "")
+    return await _save_template(current, kind, code)
+
+
+@bp.route(route="pages/templates", methods=["POST"], auth_level=ANONYMOUS)
+@page
+async def pages_new_template(current: Page) -> func.HttpResponse:
+    return await _save_template(current, current.value("kind"), (current.value("code") or "").strip())
+
+
+async def _save_template(current: Page, kind: str | None, code: str) -> func.HttpResponse:
+    store = await current.rt.store()
+    if kind not in TEMPLATE_FIELDS:
+        return await _setup(current, store, 400, {"_": {"kind": N_("Choose customer or item.")}})
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,19}", code):
+        return await _setup(current, store, 400, {f"{kind}/{code}": {"code": N_("A code is 1–20 letters, digits, '_', "
+                                                                                 "'.' or '-'.")}})
+    body = {name: value.strip() for name in TEMPLATE_FIELDS[kind].model_fields
+            if (value := current.value(name)) is not None and value.strip()}
+    try:
+        fields = validate_template(kind, body)
+    except InvalidTemplate as error:
+        return await _setup(current, store, 400, {f"{kind}/{code}": dict(error.problems)},
+                            edited={f"{kind}/{code}": body})
+    await put_template(store, kind, code, fields)
+    return current.redirect(f"{PAGES_PREFIX}/setup?saved={kind}/{code}#templates")
+
+
+# -- needs attention -----------------------------------------------------------------------------
+
+@bp.route(route="pages/attention", methods=["GET"], auth_level=ANONYMOUS)
+@page
+async def pages_attention(current: Page) -> func.HttpResponse:
+    found = await needs_attention(current.rt, await current.rt.store())
+    return current.render("attention.html", nav="attention", attention=found)
+
+
+# -- signing in and out --------------------------------------------------------------------------
+
+def _callback_url(req: func.HttpRequest) -> str:
+    return f"{base_url(req)}{PAGES_PREFIX}/signin/callback"
+
+
+@bp.route(route="pages/signin", methods=["GET"], auth_level=ANONYMOUS)
+async def pages_signin(req: func.HttpRequest) -> func.HttpResponse:
+    rt = runtime()
+    try:
+        key = await signing_key(await rt.store())
+        location, flow_cookie = await begin(rt.settings, key, _callback_url(req), req.params.get("next"),
+                                            secure_request(req))
+    except (SettingsError, SignInFailed) as error:
+        return error_page(req, 503, N_("Signing in is not possible"), str(error), rt)
+    return redirect(location, status=302, headers={"Set-Cookie": flow_cookie})
+
+
+@bp.route(route="pages/signin/callback", methods=["GET"], auth_level=ANONYMOUS)
+async def pages_signin_callback(req: func.HttpRequest) -> func.HttpResponse:
+    rt = runtime()
+    try:
+        key = await signing_key(await rt.store())
+        principal, next_path = await complete(rt.settings, key, req.headers.get("cookie"), dict(req.params))
+    except (SettingsError, SignInFailed) as error:
+        return error_page(req, 401, N_("You are not signed in"), str(error), rt, sign_in=True)
+    return redirect(next_path, headers={"Set-Cookie": session_cookie(principal, key, secure_request(req))})
+
+
+@bp.route(route="pages/signout", methods=["POST"], auth_level=ANONYMOUS)
+@page
+async def pages_signout(current: Page) -> func.HttpResponse:
+    gone = cookie(SESSION_COOKIE, "", 0, secure_request(current.req))
+    body = current.render("signed_out.html", sign_in=True).get_body().decode()
+    return html(body, headers={"Set-Cookie": gone})
+
+
+# -- static files --------------------------------------------------------------------------------
+
+STATIC_TYPES = {".css": "text/css", ".js": "text/javascript", ".svg": "image/svg+xml"}
+
+
+@bp.route(route="pages/static/{name}", methods=["GET"], auth_level=ANONYMOUS)
+async def pages_static(req: func.HttpRequest) -> func.HttpResponse:
+    name = req.route_params.get("name", "")
+    path = STATIC / name
+    if "/" in name or name.startswith(".") or path.suffix not in STATIC_TYPES or not path.is_file():
+        return func.HttpResponse(status_code=404)
+    return func.HttpResponse(path.read_bytes(), status_code=200, mimetype=STATIC_TYPES[path.suffix],
+                             headers={"Cache-Control": "public, max-age=300", "X-Content-Type-Options": "nosniff"})
+

@@ -1,0 +1,142 @@
+"""Turning page data into HTML, in the reader's language.
+
+One Jinja2 environment per supported locale, built on first use: autoescaping on for every
+template (a customer called `<script>` is text), gettext from the locale's catalog
+(`locales/<lang>/LC_MESSAGES/messages.po`, read with Babel and compiled in memory, so there is no
+build step), and filters that format dates, numbers and amounts with Babel's CLDR data for that
+locale, never with hand-made tables."""
+
+from __future__ import annotations
+
+import io
+from datetime import datetime, timezone
+from decimal import Decimal
+from functools import cache
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from babel import Locale, UnknownLocaleError
+from babel.core import negotiate_locale
+from babel.dates import format_datetime, get_timezone_name
+from babel.messages.mofile import write_mo
+from babel.messages.pofile import read_po
+from babel.numbers import format_decimal
+from babel.support import NullTranslations, Translations
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+HERE = Path(__file__).parent
+TEMPLATES = HERE / "templates"
+LOCALES_DIR = HERE / "locales"
+STATIC = HERE / "static"
+
+LANGUAGES = {"en": "English", "nb": "Norsk bokmål", "nl": "Nederlands", "de": "Deutsch", "ru": "Русский",
+             "fr": "Français"}
+"""English and the languages of Business Central's own Bookings pages, each named in itself."""
+DEFAULT_LANGUAGE = "en"
+
+
+def N_(text: str) -> str:  # noqa: N802 - gettext's name for "translate later"
+    """Marks a message the pages translate when they show it (Babel extracts `N_`)."""
+    return text
+
+
+def catalog_path(language: str) -> Path:
+    return LOCALES_DIR / language / "LC_MESSAGES" / "messages.po"
+
+
+@cache
+def translations(language: str) -> NullTranslations:
+    path = catalog_path(language)
+    if language == DEFAULT_LANGUAGE or not path.exists():
+        return NullTranslations()
+    with path.open("rb") as source:
+        catalog = read_po(source, locale=language)
+    compiled = io.BytesIO()
+    write_mo(compiled, catalog)
+    compiled.seek(0)
+    return Translations(compiled)
+
+
+def choose_language(requested: str | None, cookie: str | None, accept_language: str | None) -> str:
+    """An explicit choice (the switcher, then its cookie), else the browser's preference."""
+    for choice in (requested, cookie):
+        if choice in LANGUAGES:
+            return choice
+    preferred = []
+    for index, item in enumerate((accept_language or "").split(",")):
+        tag, _, params = item.strip().partition(";")
+        quality = 1.0
+        if params.strip().startswith("q="):
+            try:
+                quality = float(params.strip()[2:])
+            except ValueError:
+                quality = 0.0
+        if tag and quality > 0:
+            preferred.append((-quality, index, tag.strip()))
+    tags = [tag for _, _, tag in sorted(preferred)]
+    # Norwegian browsers send "no" or "nn" as often as "nb": Bokmål is what BC's pages offered.
+    tags = [("nb" if tag.split("-")[0].lower() in ("no", "nn") else tag) for tag in tags]
+    found = negotiate_locale(tags, list(LANGUAGES), sep="-") or negotiate_locale(
+        [tag.split("-")[0] for tag in tags], list(LANGUAGES), sep="-")
+    return found or DEFAULT_LANGUAGE
+
+
+class Formats:
+    """Locale-aware formatting of what the pages show."""
+
+    def __init__(self, language: str, time_zone: str):
+        try:
+            self.locale = Locale.parse(language)
+        except (UnknownLocaleError, ValueError):
+            self.locale = Locale.parse(DEFAULT_LANGUAGE)
+        self.zone = ZoneInfo(time_zone)
+
+    def when(self, value: str | datetime | None) -> str:
+        moment = _as_datetime(value)
+        if moment is None:
+            return ""
+        return format_datetime(moment.astimezone(self.zone), "medium", locale=self.locale)
+
+    def date_value(self, value: str | datetime | None) -> str:
+        """For a date input (ISO, the browser shows it in its own way)."""
+        moment = _as_datetime(value)
+        return moment.astimezone(self.zone).date().isoformat() if moment else ""
+
+    def amount(self, value: float | Decimal | str | None) -> str:
+        if value is None or value == "":
+            return ""
+        return format_decimal(Decimal(str(value)), format="#,##0.00", locale=self.locale)
+
+    def number(self, value: float | Decimal | int | None) -> str:
+        if value is None:
+            return ""
+        return format_decimal(Decimal(str(value)).normalize(), locale=self.locale)
+
+    def zone_name(self) -> str:
+        return get_timezone_name(self.zone, locale=self.locale)
+
+
+def _as_datetime(value: str | datetime | None) -> datetime | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    try:
+        moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+@cache
+def environment(language: str) -> Environment:
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, undefined=StrictUndefined,
+                      extensions=["jinja2.ext.i18n"], trim_blocks=True, lstrip_blocks=True)
+    env.install_gettext_translations(translations(language), newstyle=True)
+    return env
+
+
+def render(template: str, language: str, time_zone: str, **context) -> str:
+    formats = Formats(language, time_zone)
+    return environment(language).get_template(template).render(
+        fmt=formats, language=language, languages=LANGUAGES, **context)
