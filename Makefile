@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench chaos lint clean
+.PHONY: setup browser demo serve test bench chaos lint i18n clean
 
 setup: $(VENV)/.installed node_modules/.installed
 
@@ -20,10 +20,20 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
+# The browser tests drive Debian's Chromium (Playwright's own browser download is not reachable).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { echo "Installing Debian's chromium for the browser tests…"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
 demo: setup
 	$(BIN)/python -m sandbox.demo
 
-test: setup
+# The operator pages on http://127.0.0.1:7071 with the sandbox seeded like the demo; Ctrl-C stops it.
+serve: setup
+	$(BIN)/python -m sandbox.serve
+
+test: setup browser
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest
 
@@ -35,6 +45,10 @@ chaos: setup
 
 lint: setup
 	$(BIN)/python -m ruff check .
+
+# After changing a page's text: merge new messages into every language's catalog, then translate them.
+i18n: setup
+	$(BIN)/python -m sandbox.i18n
 
 clean:
 	rm -rf $(VENV) node_modules .pytest_cache .ruff_cache

@@ -1,4 +1,5 @@
-"""Simulated Entra ID: the v2.0 token endpoint and the App Service managed-identity endpoint.
+"""Simulated Entra ID: the v2.0 token endpoint, user sign-in and the App Service managed-identity
+endpoint.
 
 It speaks exactly the wire protocol msal 1.39 uses, so the app's real auth code (msal
 `ConfidentialClientApplication` with `instance_discovery=False`, or `ManagedIdentityClient`)
@@ -8,7 +9,13 @@ runs unchanged against it:
   application object is built; an unknown tenant fails there, as in Azure.
 - ``POST /{tenant}/oauth2/v2.0/token``: client credentials, by secret (form field or HTTP Basic)
   or by ``client_assertion`` (certificate credential; the JWT's signature is not checked, only
-  that ``iss`` and ``sub`` name the client).
+  that ``iss`` and ``sub`` name the client); and, with the same client authentication, the
+  ``authorization_code`` and ``refresh_token`` grants of user sign-in.
+- ``/{tenant}/oauth2/v2.0/authorize`` and ``/logout``: user sign-in in a browser (OpenID Connect
+  authorization code flow with PKCE; `sandbox.entra_signin`). They are also served by
+  `browser_app`, for a plain-HTTP server a person's browser reaches without trusting the run's
+  CA; `browser_base_url` makes the openid-configuration name that server.
+- ``GET /{tenant}/discovery/v2.0/keys``: the JWKS with the public key of the ID tokens (RS256).
 - ``GET /msi/token?api-version=2019-08-01&resource=…`` with ``X-IDENTITY-HEADER``: what App
   Service and Azure Functions expose through ``IDENTITY_ENDPOINT`` / ``IDENTITY_HEADER``.
 
@@ -44,6 +51,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from sandbox import tokens
+from sandbox.entra_signin import OAuthError, UserSignIn
 from sandbox.faults import FaultMiddleware, FaultPlan
 
 KNOWN_AUDIENCES = (tokens.GRAPH_AUDIENCE, tokens.BC_AUDIENCE)
@@ -128,13 +136,15 @@ class _Client:
     client_id: str
     secret: str | None
     roles: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    redirect_uris: list[str] = field(default_factory=list)
 
 
-class EntraSimulator:
-    """Token issuer for the app's service principal and its managed identity.
+class EntraSimulator(UserSignIn):
+    """Token issuer for the app's service principal and its managed identity, and sign-in of the
+    tenant's users into the app (`add_user`, `register_redirect_uri`; `sandbox.entra_signin`).
 
-    `tokens_issued` counts successful tokens by audience (both flows), so tests can check that
-    the app caches tokens instead of asking for one per call."""
+    `tokens_issued` counts successful app-only tokens by audience (client credentials and managed
+    identity), so tests can check that the app caches tokens instead of asking for one per call."""
 
     def __init__(self, plan: FaultPlan | None = None, *, identity_header: str | None = None,
                  managed_identity_tenant: str = "managed-identity-tenant",
@@ -150,26 +160,33 @@ class EntraSimulator:
         self._lock = threading.Lock()
         self._clients: dict[tuple[str, str], _Client] = {}
         self._tenants: set[str] = set()
+        self._init_sign_in()
         router = Starlette(routes=[
             Route("/msi/token", self._managed_identity_token, methods=["GET"]),
             Route("/{tenant}/v2.0/.well-known/openid-configuration", self._openid_configuration,
                   methods=["GET"]),
             Route("/{tenant}/oauth2/v2.0/token", self._token, methods=["POST"]),
             Route("/{tenant}/discovery/v2.0/keys", self._keys, methods=["GET"]),
+            *self._browser_routes(),
         ])
         self.app = FaultMiddleware(router, self.plan, key_of=_tenant_of_path,
                                    error_body=oauth_fault_body)
+        self.browser_app = Starlette(routes=self._browser_routes())
+        """Only the endpoints a browser visits (authorize, logout), without faults: serve it over
+        plain HTTP on loopback and set `browser_base_url` to that server's URL."""
 
     def register_client(self, tenant: str, client_id: str, secret: str | None, roles: Roles | None = None) -> None:
         """Register an app; `secret=None` makes a certificate-only app (assertions only).
 
         `roles`: the application permissions granted (with admin consent) per audience; None
         grants what the app needs (`tokens.APP_ROLES`); an audience left out gets tokens
-        without a ``roles`` claim."""
+        without a ``roles`` claim. Registering a client again keeps its redirect URIs."""
         granted = _granted(roles)
         with self._lock:
             self._tenants.add(tenant.lower())
-            self._clients[(tenant.lower(), client_id.lower())] = _Client(tenant, client_id, secret, granted)
+            key = (tenant.lower(), client_id.lower())
+            kept = self._clients[key].redirect_uris if key in self._clients else []
+            self._clients[key] = _Client(tenant, client_id, secret, granted, kept)
 
     def set_roles(self, tenant: str, client_id: str, audience: str, roles: Iterable[str]) -> None:
         """Grant exactly `roles` to a registered client on `audience` (an empty list revokes all);
@@ -204,16 +221,13 @@ class EntraSimulator:
             granted = roles.get(audience, ())
         return tokens.issue(audience, tenant, client_id, lifetime_seconds=self.token_lifetime_seconds, roles=granted)
 
-    def _known_tenant(self, tenant: str) -> bool:
-        with self._lock:
-            return tenant.lower() in self._tenants
-
     async def _openid_configuration(self, request: Request) -> JSONResponse:
         tenant = request.path_params["tenant"]
         if not self._known_tenant(tenant):
             return _oauth_error(400, "invalid_tenant", 90002,
                                 f"Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID.")
         base = f"{str(request.base_url).rstrip('/')}/{tenant}"
+        browser = f"{self._browser_base(request)}/{tenant}"
         return JSONResponse({
             "token_endpoint": f"{base}/oauth2/v2.0/token",
             "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt",
@@ -224,18 +238,19 @@ class EntraSimulator:
             "id_token_signing_alg_values_supported": ["RS256"],
             "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
             "scopes_supported": ["openid", "profile", "email", "offline_access"],
-            "issuer": f"{base}/v2.0",
+            "issuer": _issuer(request, tenant),
             "request_uri_parameter_supported": False,
-            "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
+            "authorization_endpoint": f"{browser}/oauth2/v2.0/authorize",
             "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode",
-            "end_session_endpoint": f"{base}/oauth2/v2.0/logout",
+            "end_session_endpoint": f"{browser}/oauth2/v2.0/logout",
             "tenant_region_scope": "EU",
             "cloud_instance_name": "microsoftonline.com",
             "msgraph_host": "graph.microsoft.com",
         })
 
     async def _keys(self, request: Request) -> JSONResponse:
-        return JSONResponse({"keys": []})
+        issuer = _issuer(request, request.path_params["tenant"])
+        return JSONResponse({"keys": [self.signing_key.jwk(issuer)]})
 
     async def _token(self, request: Request) -> JSONResponse:
         tenant = request.path_params["tenant"]
@@ -244,7 +259,8 @@ class EntraSimulator:
         client_id = form.get("client_id") or basic_id
         secret = form.get("client_secret") or basic_secret
 
-        if form.get("grant_type") != "client_credentials":
+        grant_type = form.get("grant_type")
+        if grant_type not in ("client_credentials", "authorization_code", "refresh_token"):
             return _oauth_error(400, "unsupported_grant_type", 70003,
                                 "The app requested an unsupported grant type "
                                 f"'{form.get('grant_type', '')}'.")
@@ -262,7 +278,18 @@ class EntraSimulator:
         denial = self._authenticate(client, secret, form)
         if denial is not None:
             return denial
+        if grant_type == "client_credentials":
+            return self._client_credentials(client, form)
+        try:
+            redeem = self.redeem_code if grant_type == "authorization_code" else self.redeem_refresh_token
+            grant = redeem(tenant, client.client_id, form)
+        except OAuthError as refused:
+            return _oauth_error(refused.status, refused.error, refused.code, refused.description)
+        body = self.user_tokens(grant, _issuer(request, tenant), client_info=form.get("client_info") == "1",
+                                lifetime_seconds=self.token_lifetime_seconds)
+        return JSONResponse(body, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
 
+    def _client_credentials(self, client: _Client, form: dict[str, str]) -> JSONResponse:
         scopes = form.get("scope", "").split()
         if len(scopes) != 1:
             return _oauth_error(400, "invalid_scope", 70011,
@@ -336,6 +363,11 @@ class EntraSimulator:
             "token_type": "Bearer",
             "client_id": self.managed_identity_client_id,
         })
+
+
+def _issuer(request: Request, tenant: str) -> str:
+    """The ``issuer`` of the openid-configuration, and so the ``iss`` of the ID tokens (v2.0)."""
+    return f"{str(request.base_url).rstrip('/')}/{tenant}/v2.0"
 
 
 def _basic_credentials(authorization: str | None) -> tuple[str | None, str | None]:

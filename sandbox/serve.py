@@ -34,7 +34,10 @@ class AppServer:
         self.host, self.sandbox = host, sandbox
         self.port = port or free_port()
         self.sync_every = sync_every
-        self._server = ServerThread(self._asgi, None, port=self.port, name="app-http")
+        async def asgi(scope, receive, send) -> None:  # a plain function: uvicorn takes it for ASGI 3
+            await self._asgi(scope, receive, send)
+
+        self._server = ServerThread(asgi, None, port=self.port, name="app-http")
         self._stop: asyncio.Future | None = None
         self._tasks: list = []
 

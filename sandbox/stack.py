@@ -1,6 +1,13 @@
 """Everything the app talks to, started together: Azurite and the Entra ID, Graph and Business
 Central simulators over HTTPS with a CA made for this run. The demo, the tests and the benchmark
-all use this; the app sees only settings (URLs, ids, the CA through SSL_CERT_FILE)."""
+all use this; the app sees only settings (URLs, ids, the CA through SSL_CERT_FILE).
+
+A person's browser does not trust the run's CA, so what a browser visits is served over plain
+HTTP on loopback as well: Entra's sign-in pages (``servers["entra-browser"]``, named by the
+openid-configuration's ``authorization_endpoint``) and Business Central's web client
+(``servers["bc-web"]``, ``BC_WEB_CLIENT_URL``). The tenant has one user, `USER_NAME`, who holds
+the app role `OPERATOR_ROLE`; the app registers its redirect URI with
+``sandbox.entra.register_redirect_uri(TENANT, CLIENT_ID, uri)``."""
 
 from __future__ import annotations
 
@@ -21,6 +28,16 @@ TENANT = "8f3c1e2a-0000-4000-8000-00000000e1d0"
 CLIENT_ID = "5a1b2c3d-0000-4000-8000-0000000c1e47"
 CLIENT_SECRET = "sim-secret-" + "x" * 24
 ENVIRONMENT = "production"
+USER_NAME = "Ada Accountant"
+USER_USERNAME = "ada@contoso.example"
+USER_OID = "3d5c7a10-0000-4000-8000-0000000ada01"
+OPERATOR_ROLE = "Invoicing.Operator"
+
+
+def seed_users(entra: EntraSimulator) -> dict:
+    """The tenant's operator, as a test expects to find her (again, if a test changed her roles)."""
+    return entra.add_user(TENANT, name=USER_NAME, username=USER_USERNAME, oid=USER_OID,
+                          app_roles={CLIENT_ID: [OPERATOR_ROLE]})
 
 
 @dataclass
@@ -46,6 +63,7 @@ class Sandbox:
             "BC_BASE_URL": f"{self.servers['bc'].url}/v2.0",
             "BC_ENVIRONMENT": ENVIRONMENT,
             "BC_COMPANY_ID": self.company_id,
+            "BC_WEB_CLIENT_URL": f"{self.servers['bc-web'].url}/webclient",
             "BOOKINGS_BUSINESS_IDS": ",".join(self.business_ids),
             "SYNC_SCHEDULE": "0 */15 * * * *",
             **self.tls.trust_env(),
@@ -80,12 +98,17 @@ class SandboxStack(ExitStack):
             # The app registration holds exactly the permissions the app needs (admin-consented), and
             # BC lists it in every environment's Microsoft Entra Applications (the simulator's default).
             entra.register_client(TENANT, CLIENT_ID, CLIENT_SECRET, roles=APP_ROLES)
+            seed_users(entra)
             graph = GraphSimulator(FaultPlan(self.graph_knobs), page_size=self.page_size)
             bc_plan = FaultPlan(self.bc_knobs) if self.bc_knobs is not None else None  # None: BC's limits
             bc = BcSimulator(bc_plan, batch_item_ms=self.batch_item_ms)
             company_id = bc.add_company(TENANT, ENVIRONMENT)
             servers = {name: self.enter_context(ServerThread(sim.app, tls, name=f"{name}-sim"))
                        for name, sim in (("entra", entra), ("graph", graph), ("bc", bc))}
+            # What a browser visits, over plain HTTP on loopback (the run's CA is not trusted there).
+            servers["entra-browser"] = self.enter_context(ServerThread(entra.browser_app, None, name="entra-browser"))
+            servers["bc-web"] = self.enter_context(ServerThread(bc.web_app, None, name="bc-web"))
+            entra.browser_base_url = servers["entra-browser"].url
         except BaseException:
             self.close()
             raise

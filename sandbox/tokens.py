@@ -1,18 +1,28 @@
-"""Access tokens as the simulated Entra ID issues them and the simulated APIs check them.
+"""Tokens as the simulated Entra ID issues them and the simulated APIs check them.
 
-Real JWTs (HS256 with a key shared by the simulators), so the app sees the same shape as in
-Azure and the APIs can refuse a token meant for another audience, one that expired, or one
-without the application permission (`roles` claim) an operation needs. A token for an app with
-no permission on the audience carries no `roles` claim at all, as Entra ID issues it."""
+Access tokens are real JWTs (HS256 with a key shared by the simulators), so the app sees the same
+shape as in Azure and the APIs can refuse a token meant for another audience, one that expired,
+or one without the application permission (`roles` claim) an operation needs. A token for an app
+with no permission on the audience carries no `roles` claim at all, as Entra ID issues it.
+
+ID tokens (user sign-in) are signed RS256 by a `SigningKey` made at start-up, whose public half
+Entra publishes as a JWK (``kid`` in the token's header), so an app can validate them as it
+validates Entra's own."""
 
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import hmac
 import json
 import time
 from collections.abc import Iterable, Mapping
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.x509.oid import NameOID
 
 _KEY = b"bookings-invoicing-simulators-not-a-secret"
 
@@ -54,6 +64,56 @@ def issue(audience: str, tenant: str, client_id: str, lifetime_seconds: int = 36
     signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
     signature = hmac.new(_KEY, signing_input.encode(), hashlib.sha256).digest()
     return f"{signing_input}.{_b64(signature)}"
+
+
+def issue_delegated(audience: str, tenant: str, client_id: str, *, oid: str, name: str, upn: str,
+                    scopes: Iterable[str], lifetime_seconds: int = 3600) -> str:
+    """A user's (delegated, v1.0) access token: ``scp`` the delegated permissions, ``oid``/``upn``
+    the user, ``idtyp`` ``user``; no ``roles`` (a user's app roles are for the app's own API)."""
+    now = int(time.time())
+    claims = {"aud": audience, "iss": f"https://sts.windows.net/{tenant}/", "tid": tenant, "appid": client_id,
+              "idtyp": "user", "ver": "1.0", "iat": now, "nbf": now, "exp": now + lifetime_seconds,
+              "oid": oid, "sub": oid, "upn": upn, "unique_name": upn, "name": name, "scp": " ".join(scopes)}
+    header = {"alg": "HS256", "typ": "JWT"}
+    signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
+    signature = hmac.new(_KEY, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{_b64(signature)}"
+
+
+class SigningKey:
+    """An RSA key pair and a self-signed certificate for it, made when the simulator starts: it
+    signs ID tokens (RS256, ``kid`` in the header) and is published in the JWKS (`jwk`)."""
+
+    def __init__(self, subject: str = "accounts.sandbox.invalid") -> None:
+        self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                       .public_key(self._key.public_key()).serial_number(x509.random_serial_number())
+                       .not_valid_before(now - datetime.timedelta(days=1))
+                       .not_valid_after(now + datetime.timedelta(days=365))
+                       .sign(self._key, hashes.SHA256()))
+        der = certificate.public_bytes(serialization.Encoding.DER)
+        self._x5c = base64.b64encode(der).decode()
+        self.kid = _b64(hashlib.sha1(der, usedforsecurity=False).digest())  # x5t (RFC 7517): SHA-1 by definition
+        self.public_pem = self._key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def sign(self, claims: Mapping) -> str:
+        header = {"typ": "JWT", "alg": "RS256", "kid": self.kid}
+        signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(dict(claims)).encode())}"
+        signature = self._key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+        return f"{signing_input}.{_b64(signature)}"
+
+    def jwk(self, issuer: str) -> dict:
+        """The public key as Entra's ``/discovery/v2.0/keys`` lists it."""
+        numbers = self._key.public_key().public_numbers()
+
+        def integer(value: int) -> str:
+            return _b64(value.to_bytes((value.bit_length() + 7) // 8, "big"))
+
+        return {"kty": "RSA", "use": "sig", "kid": self.kid, "x5t": self.kid, "n": integer(numbers.n),
+                "e": integer(numbers.e), "x5c": [self._x5c], "issuer": issuer}
 
 
 class InvalidToken(Exception):

@@ -23,6 +23,7 @@ import hmac
 import logging
 import secrets
 import threading
+import warnings
 from dataclasses import dataclass
 from http.cookies import SimpleCookie
 
@@ -186,7 +187,14 @@ async def begin(settings: Settings, key: bytes, redirect_uri: str, next_path: st
                 ) -> tuple[str, str]:
     """(URL to send the browser to, Set-Cookie keeping the flow) for a new sign-in."""
     def initiate() -> dict:
-        return _sign_in_app(settings).initiate_auth_code_flow(scopes=[], redirect_uri=redirect_uri)
+        # The code comes back in the query, not as a cross-site form post: a POST from Entra ID
+        # would not carry the SameSite=Lax flow cookie (and SameSite=None needs HTTPS, which a local
+        # run has not). PKCE, the client secret and single use make a leaked code worthless, and
+        # the callback answers with a redirect under `Referrer-Policy: same-origin`.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="response_mode='form_post' is recommended")
+            return _sign_in_app(settings).initiate_auth_code_flow(scopes=[], redirect_uri=redirect_uri,
+                                                                  response_mode="query")
 
     try:
         flow = await asyncio.to_thread(initiate)

@@ -10,7 +10,7 @@ import pytest
 
 from sandbox.host import FunctionHost
 from sandbox.graph.options import GraphOptions
-from sandbox.stack import CLIENT_ID, ENVIRONMENT, TENANT, Sandbox, SandboxStack
+from sandbox.stack import CLIENT_ID, ENVIRONMENT, TENANT, Sandbox, SandboxStack, seed_users
 from sandbox.tokens import APP_ROLES
 
 pytest_plugins = ["tests.plugins.chaos"]
@@ -68,6 +68,7 @@ def make_world(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, businesses: in
     sandbox.graph.configure(**asdict(GraphOptions()))
     for audience, roles in APP_ROLES.items():
         sandbox.entra.set_roles(TENANT, CLIENT_ID, audience, roles)
+    seed_users(sandbox.entra)  # the operator and her app role (users and redirect URIs a test adds stay)
     sandbox.bc.register_app(TENANT, ENVIRONMENT, CLIENT_ID)
     # What BC finishes after the client gave up lands within the execution limit the app assumes.
     sandbox.bc.plan.configure(execution_limit_seconds=BC_EXECUTION_LIMIT_SECONDS,

@@ -13,7 +13,7 @@ from babel.messages.catalog import Catalog
 from sandbox.i18n import extract, read
 from sandbox.stack import TENANT
 from shared.blueprints.pages.render import DEFAULT_LANGUAGE, LANGUAGES
-from shared.signin import SESSION_COOKIE, Principal, csrf_token, session_cookie, signing_key
+from shared.signin import Principal, csrf_token, session_cookie, signing_key
 from tests.helpers import body
 from tests.test_invoicing import appointment
 

@@ -24,6 +24,7 @@ from sandbox.bc.batch import batch_answer, parse_batch, run_batch
 from sandbox.bc.data_api import DataApi
 from sandbox.bc.errors import BcError
 from sandbox.bc.options import BcOptions
+from sandbox.bc.webclient import web_client_app
 from sandbox.bc.wire import NO_BODY, ApiRequest, ApiResponse, error_response, json_response, parse_json
 from sandbox.faults import FaultMiddleware, FaultPlan, Knobs
 
@@ -69,7 +70,11 @@ class BcSimulator(DataApi):
     `creates` counts records created through the API (``customers``, ``items``,
     ``salesInvoices``, ``salesInvoiceLines``), rolled-back ones excluded. Each inner request of a
     ``$batch`` costs `batch_item_ms` on top of the batch's own latency. Lists longer than
-    `page_size` are paged with ``@odata.nextLink``."""
+    `page_size` are paged with ``@odata.nextLink``.
+
+    `web_app` is BC's web client as far as the app links to it (page 43 "Sales Invoice" opened on
+    a draft by URL; `sandbox.bc.webclient`): serve it over plain HTTP on loopback, where a
+    person's browser needs no trust in the run's CA, and set ``BC_WEB_CLIENT_URL={server.url}/webclient``."""
 
     def __init__(self, plan: FaultPlan | None = None, batch_item_ms: float = 0.0,
                  page_size: int = DEFAULT_PAGE_SIZE, options: BcOptions | None = None):
@@ -85,6 +90,7 @@ class BcSimulator(DataApi):
         routes.append(Route("/{path:path}", self._not_found, methods=methods))
         self.app = FaultMiddleware(Starlette(routes=routes), self.plan, key_of=_environment_key,
                                    error_body=_bc_error_body, rate_key_of=_principal_key)
+        self.web_app = web_client_app(self)
 
     @property
     def creates(self) -> Counter:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -19,6 +20,7 @@ from sandbox import tokens
 from sandbox.bc import BcSimulator
 from sandbox.bc.app import default_knobs
 from sandbox.bc.options import BcOptions
+from sandbox.bc.webclient import parse_filter
 from sandbox.faults import FAULT_KINDS, Knobs
 from sandbox.server import ServerThread
 from sandbox.tls import TlsFiles, make_tls_files
@@ -801,3 +803,74 @@ def test_the_rate_limit_is_a_sliding_window_per_principal(bc: Bc, server, tls) -
 
     assert first == [200, 200] and third == 200 and fourth == 429 and other_principal == 200
     assert later == [200, 200, 429], "a fixed window would have allowed three"
+
+
+# The web client: page 43 "Sales Invoice" opened by URL ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def web_client(server: tuple[BcSimulator, str]) -> Iterator[str]:
+    """The web client over plain HTTP, as `BC_WEB_CLIENT_URL`."""
+    with ServerThread(server[0].web_app, None, name="bc-web") as running:
+        yield f"{running.url}/webclient"
+
+
+def invoice_link(base: str, company: str, number: str, tenant: str = TENANT, environment: str = ENVIRONMENT) -> str:
+    """The link the app makes: `{BC_WEB_CLIENT_URL}/{tenant}/{environment}/?company=…&page=43&filter=…`."""
+    return (f"{base}/{tenant}/{environment}/?company={quote(company)}&page=43"
+            f"&filter={quote(chr(39) + 'No.' + chr(39) + ' IS ' + chr(39) + number + chr(39))}")
+
+
+def company_name(bc: Bc) -> str:
+    return bc.client.get(bc.company).json()["name"]
+
+
+def test_the_web_client_shows_a_draft_invoice_opened_by_its_number(bc: Bc, web_client: str) -> None:
+    customer = bc.sim.add_customer(bc.company_id, displayName="Fabrikam <Spa> & Co")
+    item = bc.sim.add_item(bc.company_id, displayName="Massage", type="Service", unitPrice=80)
+    invoice = bc.client.post(bc.url("salesInvoices"), params={"$expand": "salesInvoiceLines"}, json={
+        "customerId": customer["id"], "salesInvoiceLines": [
+            {"itemId": item["id"], "quantity": 1.5, "description": "<script>alert(1)</script> 09:00"},
+            {"itemId": item["id"], "quantity": 1, "unitPrice": 45.5}]}).json()
+
+    with httpx.Client(timeout=10) as http:
+        page = http.get(invoice_link(web_client, company_name(bc), invoice["number"]))
+
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    text = page.text
+    assert f"Sales Invoice <span data-field=\"No.\">{invoice['number']}</span>" in text
+    assert customer["number"] in text and "Fabrikam &lt;Spa&gt; &amp; Co" in text and "<Spa>" not in text
+    assert "<dt>Status</dt><dd>Draft</dd>" in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; 09:00" in text and "<script" not in text
+    assert ">1.5<" in text and ">80.00<" in text and ">120.00<" in text and ">45.50<" in text
+    assert "<dt>Total Incl. Tax</dt><dd>165.50</dd>" in text
+
+
+def test_the_web_client_answers_not_found_for_what_the_link_does_not_find(bc: Bc, web_client: str) -> None:
+    customer = bc.sim.add_customer(bc.company_id, displayName="Posted Ltd")
+    item = bc.sim.add_item(bc.company_id, displayName="Massage", type="Service", unitPrice=80)
+    invoice = bc.client.post(bc.url("salesInvoices"), json={
+        "customerId": customer["id"], "salesInvoiceLines": [{"itemId": item["id"], "quantity": 1}]}).json()
+    name = company_name(bc)
+    bc.sim.post_invoice(bc.company_id, invoice["id"])
+
+    with httpx.Client(timeout=10) as http:
+        posted = http.get(invoice_link(web_client, name, invoice["number"]))
+        unknown = http.get(invoice_link(web_client, name, "S-INV999999"))
+        no_company = http.get(invoice_link(web_client, "No Such Company", invoice["number"]))
+        no_environment = http.get(invoice_link(web_client, name, invoice["number"], environment="nowhere"))
+        other_page = http.get(invoice_link(web_client, name, invoice["number"]).replace("page=43", "page=42"))
+        bad_filter = http.get(f"{web_client}/{TENANT}/{ENVIRONMENT}/?company={quote(name)}&page=43&filter=No.%3DX")
+
+    assert posted.status_code == 404 and "The Sales Header does not exist" in posted.text
+    assert unknown.status_code == 404 and "S-INV999999" in unknown.text
+    assert no_company.status_code == 404 and no_environment.status_code == 404 and other_page.status_code == 404
+    assert bad_filter.status_code == 400
+
+
+def test_web_client_filters_follow_the_documented_syntax() -> None:
+    assert parse_filter("'No.' IS 'S-INV1001'") == {"No.": "S-INV1001"}
+    assert parse_filter("'Sell-to Customer No.' IS '10000' AND 'Location Code' IS 'BLUE'") == {
+        "Sell-to Customer No.": "10000", "Location Code": "BLUE"}
+    assert parse_filter("'No.' IS 'O''Brien'") == {"No.": "O'Brien"}
+    with pytest.raises(ValueError):
+        parse_filter("No. = S-INV1001")

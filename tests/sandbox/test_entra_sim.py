@@ -1,17 +1,25 @@
-"""The Entra simulator against the real msal, used exactly as the app uses it, over HTTPS; and the
-application permissions it grants, as Graph and Business Central enforce them."""
+"""The Entra simulator against the real msal, used exactly as the app uses it, over HTTPS; the
+application permissions it grants, as Graph and Business Central enforce them; and user sign-in
+(authorization code flow with PKCE) driven by msal and a form-filling browser."""
 
 from __future__ import annotations
 
+import base64
+import json
 import ssl
 import uuid
+import warnings
+from html.parser import HTMLParser
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
+import jwt
 import msal
 import pytest
 import requests
 import trustme
 
+from sandbox import stack as stack_module
 from sandbox import tokens
 from sandbox.bc import BcSimulator
 from sandbox.bc.auth import entra_applications, register_app
@@ -267,3 +275,301 @@ def test_business_central_refuses_an_app_missing_from_microsoft_entra_applicatio
         entra_applications(apis["bc"]).refusal_status = 401
         register_app(apis["bc"], TENANT, ENVIRONMENT, CLIENT_ID)
     assert call(companies, tls, token).status_code == 200
+
+
+# User sign-in: OpenID Connect authorization code flow with PKCE -------------------------------------
+
+CALLBACK = "http://127.0.0.1/auth/callback"  # a loopback redirect URI: any port matches it
+
+
+class _Form(HTMLParser):
+    """The account picker as a browser sees it: the form's action, hidden fields and buttons."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.action: str | None = None
+        self.hidden: dict[str, str] = {}
+        self.buttons: list[dict] = []
+        self._button: dict | None = None
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        attributes = dict(attrs)
+        if tag == "form":
+            self.action = attributes.get("action")
+        elif tag == "input" and attributes.get("type") == "hidden":
+            self.hidden[attributes["name"]] = attributes.get("value", "")
+        elif tag == "button":
+            self._button = {"name": attributes.get("name"), "value": attributes.get("value"), "label": ""}
+
+    def handle_data(self, data: str) -> None:
+        if self._button is not None:
+            self._button["label"] += data
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "button" and self._button is not None:
+            self._button["label"] = " ".join(self._button["label"].split())
+            self.buttons.append(self._button)
+            self._button = None
+
+
+def parse_form(page: str) -> _Form:
+    form = _Form()
+    form.feed(page)
+    return form
+
+
+def browser(tls: TlsFiles) -> httpx.Client:
+    """A browser that does not follow redirects (the app's callback is not running here)."""
+    return httpx.Client(verify=ssl.create_default_context(cafile=str(tls.ca_bundle)), timeout=10)
+
+
+def choose(http: httpx.Client, auth_uri: str, label: str) -> httpx.Response:
+    """Open the authorize URL and press the button whose accessible name contains `label`."""
+    page = http.get(auth_uri)
+    assert page.status_code == 200, page.text
+    form = parse_form(page.text)
+    button = next(b for b in form.buttons if label in b["label"])
+    origin = "{0.scheme}://{0.netloc}".format(urlsplit(auth_uri))
+    return http.post(origin + form.action, data={**form.hidden, button["name"]: button["value"]})
+
+
+def callback_params(response: httpx.Response, redirect_uri: str) -> dict[str, str]:
+    assert response.status_code == 302, response.text
+    location = response.headers["location"]
+    assert location.startswith(redirect_uri + "?")
+    return {name: values[-1] for name, values in parse_qs(urlsplit(location).query).items()}
+
+
+@pytest.fixture
+def stack(sandbox, monkeypatch: pytest.MonkeyPatch, trust_sim_ca):
+    """The session's SandboxStack (seeded user, browser servers), its CA trusted by msal."""
+    for name, value in sandbox.tls.trust_env().items():
+        monkeypatch.setenv(name, value)
+    sandbox.entra.register_redirect_uri(stack_module.TENANT, stack_module.CLIENT_ID, CALLBACK)
+    return sandbox
+
+
+def stack_app(sandbox, secret: str = stack_module.CLIENT_SECRET) -> msal.ConfidentialClientApplication:
+    """The app's sign-in client, built as the app builds it from its settings."""
+    env = sandbox.env()
+    return msal.ConfidentialClientApplication(
+        env["AZURE_CLIENT_ID"], client_credential=secret,
+        authority=f"{env['AZURE_AUTHORITY_HOST']}/{env['AZURE_TENANT_ID']}", instance_discovery=False)
+
+
+def start_flow(app: msal.ConfidentialClientApplication, redirect_uri: str = "http://127.0.0.1:7071/auth/callback",
+               **kwargs) -> dict:
+    with warnings.catch_warnings():  # msal recommends response_mode=form_post; the app reads the query
+        warnings.simplefilter("ignore")
+        return app.initiate_auth_code_flow(scopes=kwargs.pop("scopes", []), redirect_uri=redirect_uri, **kwargs)
+
+
+def test_msal_signs_the_operator_in_and_gets_her_id_token_with_her_app_role(stack, tls: TlsFiles) -> None:
+    app = stack_app(stack)
+    flow = start_flow(app)
+    assert flow["auth_uri"].startswith(f"{stack.servers['entra-browser'].url}/{stack_module.TENANT}/oauth2/v2.0/authorize?")
+    assert stack.servers["entra-browser"].url.startswith("http://127.0.0.1:")
+
+    with browser(stack.tls) as http:
+        page = http.get(flow["auth_uri"])
+        assert "Pick an account" in page.text and "<script" not in page.text
+        assert "script-src" not in page.headers["content-security-policy"]
+        labels = [b["label"] for b in parse_form(page.text).buttons]
+        assert "Ada Accountant ada@contoso.example" in labels and "Cancel" in labels
+        answer = choose(http, flow["auth_uri"], stack_module.USER_NAME)
+    params = callback_params(answer, "http://127.0.0.1:7071/auth/callback")
+    assert params["state"] == flow["state"]
+
+    result = app.acquire_token_by_auth_code_flow(flow, params)
+
+    assert "error" not in result, result
+    claims = result["id_token_claims"]
+    with browser(stack.tls) as http:
+        configuration = http.get(f"{stack.servers['entra'].url}/{stack_module.TENANT}/v2.0/.well-known/openid-configuration").json()
+        jwks = http.get(configuration["jwks_uri"]).json()
+    assert claims["aud"] == stack_module.CLIENT_ID and claims["iss"] == configuration["issuer"]
+    assert claims["tid"] == stack_module.TENANT and claims["oid"] == stack_module.USER_OID
+    assert claims["name"] == "Ada Accountant" and claims["preferred_username"] == "ada@contoso.example"
+    assert claims["roles"] == [stack_module.OPERATOR_ROLE] and claims["ver"] == "2.0"
+    assert claims["nbf"] <= claims["iat"] < claims["exp"] and claims["sub"] and claims["nonce"]
+    header = jwt.get_unverified_header(result["id_token"])
+    key = next(k for k in jwt.PyJWKSet.from_dict(jwks).keys if k.key_id == header["kid"])
+    verified = jwt.decode(result["id_token"], key.key, algorithms=["RS256"], audience=stack_module.CLIENT_ID,
+                          issuer=configuration["issuer"])
+    assert verified == claims and header["alg"] == "RS256"
+    assert result["refresh_token"] and json.loads(base64.urlsafe_b64decode(result["client_info"] + "==")) == {
+        "uid": stack_module.USER_OID, "utid": stack_module.TENANT}
+    access = tokens.verify(f"Bearer {result['access_token']}", tokens.GRAPH_AUDIENCE)
+    assert access["scp"].split()[-1] == "User.Read" and access["oid"] == stack_module.USER_OID
+    account, = [a for a in app.get_accounts() if a["local_account_id"] == stack_module.USER_OID]
+    assert account["username"] == "ada@contoso.example"
+
+
+def test_the_stack_serves_what_a_browser_visits_over_plain_http(stack) -> None:
+    with browser(stack.tls) as http:
+        configuration = http.get(f"{stack.servers['entra'].url}/{stack_module.TENANT}/v2.0/.well-known/openid-configuration").json()
+    browser_url = stack.servers["entra-browser"].url
+    assert configuration["authorization_endpoint"] == f"{browser_url}/{stack_module.TENANT}/oauth2/v2.0/authorize"
+    assert configuration["end_session_endpoint"] == f"{browser_url}/{stack_module.TENANT}/oauth2/v2.0/logout"
+    assert configuration["token_endpoint"].startswith("https://")
+    assert stack.env()["BC_WEB_CLIENT_URL"] == f"{stack.servers['bc-web'].url}/webclient"
+    assert stack.servers["bc-web"].url.startswith("http://127.0.0.1:")
+    ada, = [u for u in stack.entra.users(stack_module.TENANT) if u["username"] == stack_module.USER_USERNAME]
+    assert ada["app_roles"] == {stack_module.CLIENT_ID.lower(): [stack_module.OPERATOR_ROLE]}
+
+
+def test_an_unregistered_redirect_uri_is_an_error_page_never_a_redirect(stack) -> None:
+    flow = start_flow(stack_app(stack), redirect_uri="https://evil.example/auth/callback")
+    with browser(stack.tls) as http:
+        page = http.get(flow["auth_uri"])
+    assert page.status_code == 400 and "location" not in page.headers
+    assert "AADSTS50011" in page.text and "https://evil.example/auth/callback" in page.text
+    assert "<form" not in page.text
+
+
+def test_a_wrong_code_verifier_is_refused_and_the_code_stays_redeemable(stack) -> None:
+    app = stack_app(stack)
+    flow = start_flow(app)
+    with browser(stack.tls) as http:
+        params = callback_params(choose(http, flow["auth_uri"], stack_module.USER_NAME),
+                                 "http://127.0.0.1:7071/auth/callback")
+
+    refused = app.acquire_token_by_auth_code_flow({**flow, "code_verifier": "x" * 43}, params)
+
+    assert refused["error"] == "invalid_grant" and 501481 in refused["error_codes"]
+    assert "id_token" not in refused
+    assert "error" not in app.acquire_token_by_auth_code_flow(flow, params)
+
+
+def test_a_code_redeemed_once_is_refused_the_second_time(stack) -> None:
+    app = stack_app(stack)
+    flow = start_flow(app)
+    with browser(stack.tls) as http:
+        params = callback_params(choose(http, flow["auth_uri"], stack_module.USER_NAME),
+                                 "http://127.0.0.1:7071/auth/callback")
+
+    first = app.acquire_token_by_auth_code_flow(dict(flow), params)
+    second = app.acquire_token_by_auth_code_flow(dict(flow), params)
+
+    assert "id_token" in first
+    assert second["error"] == "invalid_grant" and 54005 in second["error_codes"]
+
+
+def test_a_wrong_client_secret_is_refused_before_the_code_is_looked_at(stack) -> None:
+    flow = start_flow(stack_app(stack))
+    with browser(stack.tls) as http:
+        params = callback_params(choose(http, flow["auth_uri"], stack_module.USER_NAME),
+                                 "http://127.0.0.1:7071/auth/callback")
+
+    refused = stack_app(stack, secret="not-the-secret").acquire_token_by_auth_code_flow(dict(flow), params)
+
+    assert refused["error"] == "invalid_client" and 7000215 in refused["error_codes"]
+    assert "id_token" in stack_app(stack).acquire_token_by_auth_code_flow(dict(flow), params)
+
+
+def test_an_expired_code_is_refused(stack) -> None:
+    app = stack_app(stack)
+    flow = start_flow(app)
+    stack.entra.auth_code_lifetime_seconds = 0
+    try:
+        with browser(stack.tls) as http:
+            params = callback_params(choose(http, flow["auth_uri"], stack_module.USER_NAME),
+                                     "http://127.0.0.1:7071/auth/callback")
+    finally:
+        stack.entra.auth_code_lifetime_seconds = 600
+    refused = app.acquire_token_by_auth_code_flow(flow, params)
+    assert refused["error"] == "invalid_grant" and 70008 in refused["error_codes"]
+
+
+def test_cancel_and_prompt_none_come_back_as_errors_msal_returns(stack) -> None:
+    app = stack_app(stack)
+    flow = start_flow(app)
+    with browser(stack.tls) as http:
+        cancelled = callback_params(choose(http, flow["auth_uri"], "Cancel"), "http://127.0.0.1:7071/auth/callback")
+        silent_flow = start_flow(app, prompt="none")
+        silent = callback_params(http.get(silent_flow["auth_uri"]), "http://127.0.0.1:7071/auth/callback")
+
+    assert app.acquire_token_by_auth_code_flow(flow, cancelled)["error"] == "access_denied"
+    assert cancelled["error_description"].startswith("AADSTS65004:")
+    assert silent["error"] == "login_required" and silent["state"] == silent_flow["state"]
+
+
+def test_sign_out_returns_to_a_registered_uri_else_shows_a_page(stack) -> None:
+    with browser(stack.tls) as http:
+        configuration = http.get(f"{stack.servers['entra'].url}/{stack_module.TENANT}/v2.0/.well-known/openid-configuration").json()
+        logout = configuration["end_session_endpoint"]
+        back = http.get(logout, params={"post_logout_redirect_uri": "http://127.0.0.1:7071/auth/callback"})
+        elsewhere = http.get(logout, params={"post_logout_redirect_uri": "https://evil.example/"})
+    assert back.status_code == 302 and back.headers["location"] == "http://127.0.0.1:7071/auth/callback"
+    assert elsewhere.status_code == 200 and "You signed out of your account" in elsewhere.text
+
+
+def authorize_url(url: str, tenant: str = TENANT, **params: str) -> str:
+    defaults = {"client_id": CLIENT_ID, "response_type": "code", "redirect_uri": "https://app.example/callback",
+                "scope": "openid profile offline_access", "state": "s1", "nonce": "n1",
+                "code_challenge": "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM", "code_challenge_method": "S256"}
+    return f"{url}/{tenant}/oauth2/v2.0/authorize?{urlencode({**defaults, **params})}"
+
+
+def test_the_account_picker_escapes_what_it_shows_and_sends_back(entra, tls: TlsFiles) -> None:
+    sim, url = entra
+    sim.register_redirect_uri(TENANT, CLIENT_ID, "https://app.example/callback")
+    sim.add_user(TENANT, name='<script>alert("x")</script>', username="mallory@contoso.onmicrosoft.com")
+    state = '"><script>alert(1)</script>'
+    with browser(tls) as http:
+        page = http.get(authorize_url(url, state=state))
+        answer = choose(http, authorize_url(url, state=state), "mallory@")
+    assert "<script>" not in page.text and "&lt;script&gt;" in page.text
+    assert parse_form(page.text).hidden["state"] == state
+    assert callback_params(answer, "https://app.example/callback")["state"] == state
+
+
+def test_a_tenant_without_users_says_so(entra, tls: TlsFiles) -> None:
+    sim, url = entra
+    sim.register_client("empty.onmicrosoft.com", CLIENT_ID, SECRET)
+    sim.register_redirect_uri("empty.onmicrosoft.com", CLIENT_ID, "https://app.example/callback")
+    with browser(tls) as http:
+        page = http.get(authorize_url(url, tenant="empty.onmicrosoft.com"))
+    assert page.status_code == 200 and "There are no user accounts in the directory" in page.text
+    assert [b["label"] for b in parse_form(page.text).buttons] == ["Cancel"]
+
+
+def test_authorize_refuses_unknown_clients_on_a_page_and_bad_requests_by_redirect(entra, tls: TlsFiles) -> None:
+    sim, url = entra
+    sim.register_redirect_uri(TENANT, CLIENT_ID, "https://app.example/callback")
+    with browser(tls) as http:
+        unknown = http.get(authorize_url(url, client_id="ffffffff-0000-4000-8000-000000000000"))
+        implicit = http.get(authorize_url(url, response_type="token"))
+        no_scope = http.get(authorize_url(url, scope=""))
+    assert unknown.status_code == 400 and "AADSTS700016" in unknown.text and "location" not in unknown.headers
+    assert callback_params(implicit, "https://app.example/callback")["error"] == "unsupported_response_type"
+    assert callback_params(no_scope, "https://app.example/callback")["error"] == "invalid_request"
+
+
+def test_form_post_response_mode_posts_the_code_to_the_app(entra, tls: TlsFiles) -> None:
+    sim, url = entra
+    sim.register_redirect_uri(TENANT, CLIENT_ID, "https://app.example/callback")
+    sim.add_user(TENANT, name="Bea Bookkeeper", username="bea@contoso.onmicrosoft.com")
+    with browser(tls) as http:
+        page = choose(http, authorize_url(url, response_mode="form_post"), "Bea Bookkeeper")
+    form = parse_form(page.text)
+    assert page.status_code == 200 and form.action == "https://app.example/callback"
+    assert form.hidden["state"] == "s1" and form.hidden["code"] and [b["label"] for b in form.buttons] == ["Continue"]
+
+
+def test_redirect_uris_and_users_are_checked_when_registered(entra) -> None:
+    sim, _ = entra
+    for bad in ("http://app.example/callback", "https://*.example/callback", "https://app.example/cb#x", "/callback"):
+        with pytest.raises(ValueError):
+            sim.register_redirect_uri(TENANT, CLIENT_ID, bad)
+    with pytest.raises(KeyError):
+        sim.register_redirect_uri(TENANT, "ffffffff-0000-4000-8000-000000000000", "https://app.example/callback")
+    sim.register_redirect_uri(TENANT, CLIENT_ID, "http://localhost/callback")
+    sim.register_redirect_uri(TENANT, CLIENT_ID, "http://localhost/callback")
+    assert sim.redirect_uris(TENANT, CLIENT_ID).count("http://localhost/callback") == 1
+
+    first = sim.add_user(TENANT, name="Cy", username="cy@contoso.onmicrosoft.com", app_roles={CLIENT_ID: ["A"]})
+    again = sim.add_user(TENANT, name="Cy C.", username="CY@contoso.onmicrosoft.com")
+    assert again["oid"] == first["oid"] and again["app_roles"] == {} and again["name"] == "Cy C."
+    with pytest.raises(TypeError):
+        sim.add_user(TENANT, name="Di", username="di@contoso.onmicrosoft.com", app_roles={CLIENT_ID: "A"})

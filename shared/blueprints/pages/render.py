@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 
 from babel import Locale, UnknownLocaleError
 from babel.core import negotiate_locale
-from babel.dates import format_datetime, get_timezone_name
+from babel.dates import format_date, format_time, get_timezone_name
 from babel.messages.mofile import write_mo
 from babel.messages.pofile import read_po
 from babel.numbers import format_decimal
@@ -95,7 +95,11 @@ class Formats:
         moment = _as_datetime(value)
         if moment is None:
             return ""
-        return format_datetime(moment.astimezone(self.zone), "medium", locale=self.locale)
+        local = moment.astimezone(self.zone)
+        # The locale's medium date with its short time (no seconds), joined as the locale joins them.
+        pattern = str(self.locale.datetime_formats["medium"])
+        return pattern.replace("{1}", format_date(local, "medium", locale=self.locale)).replace(
+            "{0}", format_time(local, "short", locale=self.locale))
 
     def date_value(self, value: str | datetime | None) -> str:
         """For a date input (ISO, the browser shows it in its own way)."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from functools import wraps
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import azure.functions as func
@@ -139,7 +138,6 @@ def _parse_form(req: func.HttpRequest) -> dict[str, list[str]] | None:
 
 
 def page(handler: Callable[[Page], Awaitable[func.HttpResponse]]):
-    @wraps(handler)
     async def entry(req: func.HttpRequest) -> func.HttpResponse:
         try:
             rt = runtime()
@@ -175,4 +173,6 @@ def page(handler: Callable[[Page], Awaitable[func.HttpResponse]]):
             current.form = form
         return await handler(current)
 
+    # The function's name and docs, but not its signature: the worker binds `req` by parameter name.
+    entry.__name__, entry.__qualname__, entry.__doc__ = handler.__name__, handler.__qualname__, handler.__doc__
     return entry

@@ -1,0 +1,183 @@
+"""The operator pages in a real browser: Debian's Chromium driven by Playwright, against the app
+served by `sandbox.serve.AppServer` (a real HTTP server, queue listeners running), signing in at
+the simulated Entra ID's sign-in page. Screenshots land in `docs/screenshots/` for the README."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from sandbox.serve import AppServer
+from sandbox.stack import USER_NAME
+from tests.conftest import make_world
+from tests.helpers import body
+from tests.test_invoicing import appointment
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+SCRIPT_NAME = "<script>alert(1)</script>"
+
+
+@pytest.fixture(scope="module")
+def site(sandbox):
+    """One seeded app behind a real HTTP server for the whole module; each test gets a fresh
+    browser context (no cookies), so each signs in again."""
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is needed: `make browser` installs it"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        world = make_world(sandbox, monkeypatch)
+        world.configure(BOOKINGS_TIME_ZONE="Europe/Paris")
+        for index, (email, name) in enumerate([("alice@example.com", "Alice Martin"), ("bob@example.com", "Bob Berg"),
+                                               ("carol@example.com", "Carol Dubois"),
+                                               ("dave@example.com", "Dave Jensen")]):
+            appointment(world, customers=((email, name),), price=1234.5 if index == 0 else 60 + index,
+                        hours_ago=200 - index * 20)
+        appointment(world, customers=(("mallory@example.com", SCRIPT_NAME),), price=45, hours_ago=90)
+        appointment(world, customers=(("erin@example.com", "Erin Free"),), price=0, hours_ago=70)
+        world.sync()
+        with AppServer(world.host, sandbox) as server, playwright_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium)
+            try:
+                yield world, server, browser
+            finally:
+                browser.close()
+        world.host.close()
+
+
+@pytest.fixture
+def page(site):
+    world, server, browser = site
+    context = browser.new_context(base_url=server.url, locale="en-GB", viewport={"width": 1280, "height": 900})
+    dialogs = []
+    opened = context.new_page()
+    opened.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+    opened.dialogs = dialogs
+    yield opened
+    context.close()
+
+
+def sign_in(page, path: str = "/api/pages/bookings") -> None:
+    page.goto(path)
+    page.get_by_role("button", name=re.compile(USER_NAME)).click()
+    page.wait_for_url(re.compile(re.escape(path.split("?")[0])))
+
+
+def listed_ids(page) -> list[str]:
+    return page.locator("table.bookings tbody tr[data-booking]").evaluate_all(
+        "rows => rows.map(r => r.getAttribute('data-booking'))")
+
+
+def test_signing_in_at_entra_id_shows_the_uninvoiced_bookings(site, page):
+    world = site[0]
+    page.goto("/api/pages/bookings")
+    assert "Pick an account" in page.content(), "the browser went to Entra ID's sign-in page"
+    page.get_by_role("button", name=re.compile(USER_NAME)).click()
+    page.wait_for_url(re.compile(r"/api/pages/bookings$"))
+    expected = [b["id"] for b in body(world.host.http("GET", "bookings/uninvoiced"))["value"]]
+    assert set(listed_ids(page)) >= set(expected) and len(expected) >= 5
+    assert page.get_by_text(USER_NAME).is_visible()
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "uninvoiced-bookings.png"), full_page=True)
+
+
+def test_a_filter_narrows_the_list(page):
+    sign_in(page)
+    page.get_by_label("Customer e-mail").fill("bob@example.com")
+    page.get_by_role("button", name="Filter").click()
+    page.wait_for_url(re.compile(r"customerEmail=bob"))
+    rows = page.locator("table.bookings tbody tr[data-booking]")
+    assert rows.count() == 1 and "bob@example.com" in rows.first.inner_text()
+
+
+def test_a_booking_that_cannot_be_invoiced_shows_why(page):
+    sign_in(page)
+    row = page.locator("tr.blocked", has_text="Erin Free")
+    assert "The appointment has no price." in row.inner_text()
+    assert row.locator("input[type=checkbox]").count() == 0
+
+
+def test_a_customer_named_like_a_script_is_shown_as_text(page):
+    sign_in(page)
+    row = page.locator("table.bookings tbody tr", has_text="mallory@example.com")
+    assert SCRIPT_NAME in row.locator("td").nth(2).inner_text()
+    assert page.locator("script").count() == 1  # the page's own app.js, nothing from the name
+    assert page.dialogs == []
+
+
+def test_selecting_two_bookings_and_invoicing_makes_their_drafts_and_shows_the_numbers(site, page):
+    world = site[0]
+    sign_in(page)
+    before = {i["number"] for i in world.bc.invoices(world.company_id)}
+    chosen = []
+    for name in ("Carol Dubois", "Dave Jensen"):
+        row = page.locator("table.bookings tbody tr", has_text=name)
+        row.locator("input[type=checkbox]").check()
+        chosen.append(row.get_attribute("data-booking"))
+    page.get_by_role("button", name="Invoice selected").click()
+    page.wait_for_url(re.compile(r"/api/pages/jobs/[0-9a-f]{32}$"))
+    page.locator("[data-status=succeeded]").wait_for(timeout=60_000)  # the page polls until the job ends
+    made = [i for i in world.bc.invoices(world.company_id) if i["number"] not in before]
+    assert len(made) == 2
+    shown = page.locator("a.invoice-number").all_inner_texts()
+    assert sorted(shown) == sorted(i["number"] for i in made)
+    billed = {line["description"] for i in made for line in i["salesInvoiceLines"]}
+    assert len(billed) == 2
+    remaining = {b["id"] for b in body(world.host.http("GET", "bookings/uninvoiced"))["value"]}
+    assert not remaining & set(chosen)
+    page.screenshot(path=str(SCREENSHOTS / "invoicing-job.png"), full_page=True)
+    page.locator("a.invoice-number").first.click()  # opens BC's web client (the simulator) in a new tab
+    opened = page.context.pages[-1]
+    opened.wait_for_load_state()
+    assert shown[0] in opened.content()
+
+
+def test_norwegian_and_french_translate_the_labels_and_format_amounts(page):
+    sign_in(page)
+    page.get_by_label("Language").select_option("nb")
+    page.get_by_role("button", name="Change").click()
+    page.wait_for_url(re.compile(r"lang=nb"))
+    assert page.locator("html").get_attribute("lang") == "nb"
+    norwegian = page.locator("main h1").inner_text()
+    assert norwegian != "Uninvoiced bookings"
+    assert "1\u00a0234,50" in page.locator("table.bookings").inner_text()
+    page.locator("#lang").select_option("fr")
+    page.locator("form.language button").click()
+    page.wait_for_url(re.compile(r"lang=fr"))
+    french = page.locator("main h1").inner_text()
+    assert french not in ("Uninvoiced bookings", norwegian)
+    assert "1\u202f234,50" in page.locator("table.bookings").inner_text()
+    page.screenshot(path=str(SCREENSHOTS / "uninvoiced-bookings-fr.png"), full_page=True)
+    page.goto("/api/pages/jobs")  # the choice is remembered
+    assert page.locator("html").get_attribute("lang") == "fr"
+
+
+def test_a_form_without_the_csrf_token_is_refused(site, page):
+    world = site[0]
+    sign_in(page)
+    before = len(world.bc.invoices(world.company_id))
+    answer = page.request.post("/api/pages/bookings", form={"action": "all"},
+                               headers={"origin": page.url.split("/api/")[0]})
+    assert answer.status == 403
+    assert len(world.bc.invoices(world.company_id)) == before
+
+
+def test_a_request_without_a_signed_in_user_is_refused(site, page):
+    server = site[1]
+    answer = page.request.post(f"{server.url}/api/pages/setup", form={"action": "sync"}, max_redirects=0)
+    assert answer.status == 401
+    opened = page.request.get(f"{server.url}/api/pages/setup", max_redirects=0)
+    assert opened.status == 302 and "/api/pages/signin" in opened.headers["location"]
+
+
+def test_the_preview_totals_each_draft(page):
+    sign_in(page)
+    page.get_by_role("button", name="Preview").click()
+    drafts = page.locator("section.draft")
+    assert drafts.count() >= 1
+    alice = drafts.filter(has_text="alice@example.com")
+    assert Decimal(alice.locator(".total").inner_text().replace(",", "")) == Decimal("1234.50")
