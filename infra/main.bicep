@@ -382,6 +382,8 @@ output AZURE_TENANT_ID string = tenant().tenantId
 output AZURE_RESOURCE_GROUP string = rg.name
 output SERVICE_API_NAME string = api.outputs.SERVICE_API_NAME
 output SERVICE_API_URI string = api.outputs.SERVICE_API_URI
+@description('Add this as a Web redirect URI of the app registration so people can sign in to the operator pages.')
+output PAGES_REDIRECT_URI string = '${api.outputs.SERVICE_API_URI}/api/pages/signin/callback'
 output AZURE_FUNCTION_NAME string = api.outputs.SERVICE_API_NAME
 output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name
 output AZURE_KEY_VAULT_NAME string = keyVault.outputs.name

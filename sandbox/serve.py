@@ -19,11 +19,11 @@ from urllib.parse import parse_qsl
 
 from sandbox.host import FunctionHost
 from sandbox.server import ServerThread, free_port
+from shared.signin import CALLBACK_PATH
 
 log = logging.getLogger(__name__)
 
 SYNC_EVERY_SECONDS = 15 * 60
-CALLBACK_PATH = "/api/pages/signin/callback"
 
 
 class AppServer:

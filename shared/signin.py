@@ -43,6 +43,8 @@ SESSION_SECONDS = 8 * 3600
 FLOW_SECONDS = 600
 SIGNING_KEY_BLOB = "pages/signing-key"
 PAGES_PREFIX = "/api/pages"
+CALLBACK_PATH = f"{PAGES_PREFIX}/signin/callback"
+"""Where Entra ID sends people back: a Web redirect URI of the app registration (infra outputs it)."""
 
 
 class SignInFailed(Exception):

@@ -393,3 +393,10 @@ def test_azure_yaml_names_the_function_service_and_points_at_infra():
     api = bicep("app/api.bicep")
     assert "'azd-service-name': serviceName" in api.text
     assert api.params()["serviceName"] == "'api'"
+
+
+def test_infra_outputs_the_redirect_uri_the_pages_sign_in_with():
+    from shared.signin import CALLBACK_PATH
+
+    bicep = (INFRA / "main.bicep").read_text()
+    assert f"output PAGES_REDIRECT_URI string = '${{api.outputs.SERVICE_API_URI}}{CALLBACK_PATH}'" in bicep

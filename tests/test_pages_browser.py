@@ -181,3 +181,33 @@ def test_the_preview_totals_each_draft(page):
     assert drafts.count() >= 1
     alice = drafts.filter(has_text="alice@example.com")
     assert Decimal(alice.locator(".total").inner_text().replace(",", "")) == Decimal("1234.50")
+
+
+@pytest.mark.parametrize("path", ["/api/pages/bookings", "/api/pages/setup", "/api/pages/jobs", "/api/pages/attention"])
+def test_every_control_has_a_name_and_the_keyboard_reaches_it(page, path):
+    sign_in(page, path)
+    unnamed = page.locator("input:not([type=hidden]), select, textarea, button").evaluate_all(
+        """els => els.filter(el => !(el.labels && el.labels.length) && !el.getAttribute('aria-label')
+                                  && !el.textContent.trim()).map(el => el.outerHTML)""")
+    assert unnamed == []
+    focusable = page.locator("a[href], input:not([type=hidden]), select, button").count()
+    reached = set()
+    for _ in range(focusable + 2):
+        page.keyboard.press("Tab")
+        reached.add(page.evaluate("document.activeElement && document.activeElement.outerHTML"))
+    assert len(reached) >= min(focusable, 10)
+
+
+def test_a_selection_can_be_invoiced_with_the_keyboard_alone(site, page):
+    world = site[0]
+    sign_in(page)
+    before = len(world.bc.invoices(world.company_id))
+    checkbox = page.locator("table.bookings tbody tr", has_text="Bob Berg").locator("input[type=checkbox]")
+    checkbox.focus()
+    page.keyboard.press("Space")
+    assert checkbox.is_checked()
+    page.get_by_role("button", name="Invoice selected").focus()
+    page.keyboard.press("Enter")
+    page.wait_for_url(re.compile(r"/api/pages/jobs/[0-9a-f]{32}$"))
+    page.locator("[data-status=succeeded]").wait_for(timeout=60_000)
+    assert len(world.bc.invoices(world.company_id)) == before + 1

@@ -27,7 +27,7 @@ from shared.http import UpstreamError
 from shared.invoicing import Filters, NotUninvoiced, TooLarge, candidates, invoice_bookings, job_status, recent_jobs
 from shared.runtime import runtime
 from shared.settings import SettingsError, settings_in_force
-from shared.signin import (PAGES_PREFIX, SESSION_COOKIE, SignInFailed, begin, complete, cookie,
+from shared.signin import (CALLBACK_PATH, PAGES_PREFIX, SESSION_COOKIE, SignInFailed, begin, complete, cookie,
                            session_cookie, signing_key)
 from shared.sync import last_sync, queue_sync
 
@@ -268,7 +268,7 @@ async def pages_attention(current: Page) -> func.HttpResponse:
 # -- signing in and out --------------------------------------------------------------------------
 
 def _callback_url(req: func.HttpRequest) -> str:
-    return f"{base_url(req)}{PAGES_PREFIX}/signin/callback"
+    return f"{base_url(req)}{CALLBACK_PATH}"
 
 
 @bp.route(route="pages/signin", methods=["GET"], auth_level=ANONYMOUS)
