@@ -169,6 +169,7 @@ def run(host: FunctionHost, sandbox, dataset) -> None:
     health = call(host, "GET", "health", key=False)
     print(f"  status {health['status']}, last sync {health['lastSync']['outcome']} at {health['lastSync']['at']}")
     print(f"  requests: Graph {sandbox.graph.plan.stats.total_requests}, BC {sandbox.bc.plan.stats.total_requests}")
+    print("\nThe same, the way a bookkeeper does it: `make serve`, then sign in to the operator pages.")
 
 
 def _links(host: FunctionHost) -> dict:
