@@ -19,6 +19,8 @@ from shared.store import CUSTOMER_LINKS, ITEM_LINKS
 from tests.helpers import body, rows
 
 ANONYMOUS = {"health", "openapi"}
+PUBLIC_PAGES = {"pages_home", "pages_static", "pages_signin", "pages_signin_callback"}
+"""Anonymous and without data: a redirect, the style sheet and script, and the two steps of signing in."""
 JWT = re.compile(r"eyJ[A-Za-z0-9_-]{5,}")
 
 
@@ -40,9 +42,12 @@ def test_every_http_function_but_health_and_openapi_declares_function_key_auth()
     functions = http_functions()
     levels = {name: declared_level(fn) for name, fn in functions.items()}
 
-    assert {name for name, level in levels.items() if level == "anonymous"} == ANONYMOUS
-    assert {name: level for name, level in levels.items() if name not in ANONYMOUS} == {
-        name: "function" for name in functions if name not in ANONYMOUS}
+    pages = {name for name in functions if name.startswith("pages_")}
+    # The pages are anonymous to the Functions host because people sign in with the app itself;
+    # every one with data refuses a request without a verified user (next test).
+    assert {name for name, level in levels.items() if level == "anonymous"} == ANONYMOUS | pages
+    assert {name: level for name, level in levels.items() if name not in ANONYMOUS | pages} == {
+        name: "function" for name in functions if name not in ANONYMOUS | pages}
     from function_app import app
 
     assert str(app.auth_level.value).lower() == "function", "a route added without a level must need a key"
@@ -53,10 +58,17 @@ def test_every_keyed_route_refuses_a_request_without_the_right_key(world):
         trigger = fn.get_trigger()
         path = re.sub(r"\{(\w+)\}", lambda m: {"kind": "customer", "code": "STD"}.get(m.group(1), uuid.uuid4().hex),
                       trigger.route)
-        method = str(trigger.methods[0].value)
-        for key in (False, "wrong-" + world.host.function_key):
-            status = world.host.http(method, path, body={}, key=key).status_code
-            assert status == (200 if name in ANONYMOUS else 401), (name, key, status)
+        if name in PUBLIC_PAGES:
+            continue
+        for method in (str(m.value) for m in trigger.methods):
+            for key in (False, "wrong-" + world.host.function_key, True):
+                response = world.host.http(method, path, body={}, key=key)
+                if name.startswith("pages_"):  # a key is no sign-in: sent to sign in, or refused
+                    expected = 302 if method == "GET" else 401
+                    assert response.status_code == expected, (name, method, key, response.status_code)
+                    assert method != "GET" or "/api/pages/signin" in response.headers["Location"]
+                elif key is not True:
+                    assert response.status_code == (200 if name in ANONYMOUS else 401), (name, key)
 
 
 # -- OData injection ------------------------------------------------------------------------------
