@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup browser demo serve test bench chaos lint i18n clean
+.PHONY: setup browser demo serve test screenshots bench chaos lint i18n clean
 
 setup: $(VENV)/.installed node_modules/.installed
 
@@ -36,6 +36,10 @@ serve: setup
 test: setup browser
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest
+
+# Refresh the README's screenshots of the pages (taken by the browser tests).
+screenshots: setup browser
+	UPDATE_SCREENSHOTS=1 $(BIN)/python -m pytest tests/test_pages_browser.py -q
 
 bench: setup
 	$(BIN)/python -m bench.run
