@@ -62,7 +62,10 @@ def seed(sandbox, appointments: int = 300):
     first_customer = next(c for c in dataset.businesses[BUSINESSES[0]].customers if c.get("emailAddress"))
     sandbox.bc.add_customer(sandbox.company_id, displayName=f"{first_customer['displayName']} (existing)",
                             email=first_customer["emailAddress"].upper())
-    sandbox.apply_env(CUSTOMER_TEMPLATE="BOOKINGS", ITEM_TEMPLATE="SERVICES", BOOKINGS_TIME_ZONE="Europe/Paris")
+    sandbox.apply_env(CUSTOMER_TEMPLATE="BOOKINGS", ITEM_TEMPLATE="SERVICES", BOOKINGS_TIME_ZONE="Europe/Paris",
+                      **sandbox.trust_managed_identity())
+    # As `azd up` deploys it: no secret, the app registration trusts the app's managed identity.
+    os.environ.pop("AZURE_CLIENT_SECRET", None)
     return dataset
 
 
@@ -77,6 +80,7 @@ def main() -> int:
     with SandboxStack(graph_knobs=DEMO_GRAPH, bc_knobs=DEMO_BC) as sandbox:
         dataset = seed(sandbox)
         from function_app import app
+        logging.getLogger("shared").setLevel(logging.WARNING)  # the app logs INFO for Azure; here only trouble
 
         with FunctionHost(app, sandbox.azurite.connection_string, retry_delay=1) as host:
             run(host, sandbox, dataset)

@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     with SandboxStack(graph_knobs=DEMO_GRAPH, bc_knobs=DEMO_BC) as sandbox:
         seed(sandbox)
         from function_app import app
+        logging.getLogger("shared").setLevel(logging.WARNING)  # the app logs INFO for Azure; here only trouble
 
         with FunctionHost(app, sandbox.azurite.connection_string, retry_delay=1) as host:
             for name, fields in TEMPLATES.items():

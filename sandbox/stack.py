@@ -7,7 +7,12 @@ HTTP on loopback as well: Entra's sign-in pages (``servers["entra-browser"]``, n
 openid-configuration's ``authorization_endpoint``) and Business Central's web client
 (``servers["bc-web"]``, ``BC_WEB_CLIENT_URL``). The tenant has one user, `USER_NAME`, who holds
 the app role `OPERATOR_ROLE`; the app registers its redirect URI with
-``sandbox.entra.register_redirect_uri(TENANT, CLIENT_ID, uri)``."""
+``sandbox.entra.register_redirect_uri(TENANT, CLIENT_ID, uri)``.
+
+The Function App's user-assigned managed identity (``sandbox.entra.managed_identity_client_id``,
+``managed_identity_principal_id``) lives in `TENANT`. The app registration has a secret
+(`CLIENT_SECRET`); `Sandbox.trust_managed_identity` adds the federated identity credential that lets
+a secret-less app authenticate as `CLIENT_ID` with the identity's token instead."""
 
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from sandbox.faults import FaultPlan, Knobs
 from sandbox.graph import GraphSimulator
 from sandbox.server import ServerThread
 from sandbox.tls import TlsFiles, make_tls_files
-from sandbox.tokens import APP_ROLES
+from sandbox.tokens import APP_ROLES, entra_issuer
 
 TENANT = "8f3c1e2a-0000-4000-8000-00000000e1d0"
 CLIENT_ID = "5a1b2c3d-0000-4000-8000-0000000c1e47"
@@ -32,6 +37,8 @@ USER_NAME = "Ada Accountant"
 USER_USERNAME = "ada@contoso.example"
 USER_OID = "3d5c7a10-0000-4000-8000-0000000ada01"
 OPERATOR_ROLE = "Invoicing.Operator"
+FEDERATED_CREDENTIAL = "api-managed-identity"
+"""The federated identity credential of `CLIENT_ID` that trusts the managed identity."""
 
 
 def seed_users(entra: EntraSimulator) -> dict:
@@ -71,6 +78,23 @@ class Sandbox:
         values.update(overrides)
         return values
 
+    def trust_managed_identity(self) -> dict[str, str]:
+        """Make the app registration trust the managed identity (a federated identity credential on
+        `CLIENT_ID`: issuer ``https://login.microsoftonline.com/{TENANT}/v2.0``, subject the identity's
+        principal id, audience ``api://AzureADTokenExchange``; written again if a test changed it) and
+        return the settings of a secret-less app: ``AZURE_CLIENT_ID`` (the app registration),
+        ``AZURE_FEDERATED_IDENTITY_CLIENT_ID`` (the user-assigned identity whose token is the
+        assertion), ``IDENTITY_ENDPOINT`` and ``IDENTITY_HEADER``. Merge them into `env` and leave
+        out ``AZURE_CLIENT_SECRET``."""
+        entra = self.entra
+        if any(c["name"] == FEDERATED_CREDENTIAL for c in entra.federated_credentials(TENANT, CLIENT_ID)):
+            entra.remove_federated_credential(TENANT, CLIENT_ID, FEDERATED_CREDENTIAL)
+        entra.add_federated_credential(TENANT, CLIENT_ID, name=FEDERATED_CREDENTIAL,
+                                       issuer=entra_issuer(TENANT), subject=entra.managed_identity_principal_id,
+                                       description="The Function App's user-assigned managed identity")
+        return {"AZURE_CLIENT_ID": CLIENT_ID, "AZURE_FEDERATED_IDENTITY_CLIENT_ID": entra.managed_identity_client_id,
+                **entra.managed_identity_env(self.servers["entra"].url)}
+
     def apply_env(self, **overrides: str) -> dict[str, str]:
         """Set the settings in this process's environment; returns the previous values."""
         previous = {}
@@ -94,7 +118,7 @@ class SandboxStack(ExitStack):
         try:
             tls = make_tls_files()
             azurite = self.enter_context(Azurite())
-            entra = EntraSimulator(FaultPlan(), managed_identity_roles=APP_ROLES)
+            entra = EntraSimulator(FaultPlan(), managed_identity_roles=APP_ROLES, managed_identity_tenant=TENANT)
             # The app registration holds exactly the permissions the app needs (admin-consented), and
             # BC lists it in every environment's Microsoft Entra Applications (the simulator's default).
             entra.register_client(TENANT, CLIENT_ID, CLIENT_SECRET, roles=APP_ROLES)

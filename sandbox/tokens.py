@@ -5,9 +5,10 @@ shape as in Azure and the APIs can refuse a token meant for another audience, on
 or one without the application permission (`roles` claim) an operation needs. A token for an app
 with no permission on the audience carries no `roles` claim at all, as Entra ID issues it.
 
-ID tokens (user sign-in) are signed RS256 by a `SigningKey` made at start-up, whose public half
-Entra publishes as a JWK (``kid`` in the token's header), so an app can validate them as it
-validates Entra's own."""
+ID tokens (user sign-in) and the managed identity's tokens for `TOKEN_EXCHANGE_AUDIENCE` (the
+assertion of a federated identity credential) are signed RS256 by a `SigningKey` made at start-up,
+whose public half Entra publishes as a JWK (``kid`` in the token's header), so an app can validate
+them as it validates Entra's own, and Entra can check an assertion it issued itself (`SigningKey.verify`)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import time
 from collections.abc import Iterable, Mapping
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
@@ -28,6 +30,9 @@ _KEY = b"bookings-invoicing-simulators-not-a-secret"
 
 GRAPH_AUDIENCE = "https://graph.microsoft.com"
 BC_AUDIENCE = "https://api.businesscentral.dynamics.com"
+TOKEN_EXCHANGE_AUDIENCE = "api://AzureADTokenExchange"
+"""The audience of a managed identity's token used as a federated identity credential (global Azure)."""
+ENTRA_AUTHORITY = "https://login.microsoftonline.com"
 
 BOOKINGS_READ = "Bookings.Read.All"
 BOOKINGS_APPOINTMENT_READ_WRITE = "BookingsAppointment.ReadWrite.All"
@@ -48,6 +53,11 @@ def _b64(data: bytes) -> str:
 
 def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def entra_issuer(tenant: str) -> str:
+    """The v2.0 issuer of a tenant, as Entra writes it in ``iss`` (and a federated credential's issuer)."""
+    return f"{ENTRA_AUTHORITY}/{tenant}/v2.0"
 
 
 def issue(audience: str, tenant: str, client_id: str, lifetime_seconds: int = 3600,
@@ -104,6 +114,26 @@ class SigningKey:
         signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(dict(claims)).encode())}"
         signature = self._key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
         return f"{signing_input}.{_b64(signature)}"
+
+    def verify(self, token: str) -> dict:
+        """The claims of a JWT this key signed (RS256, its ``kid``); `InvalidToken` for anything else:
+        malformed, another key, another algorithm or a signature that does not match. Times and
+        audience are the caller's to check."""
+        try:
+            header_b64, claims_b64, signature_b64 = token.split(".")
+            header = json.loads(_unb64(header_b64))
+            if not isinstance(header, dict) or header.get("alg") != "RS256" or header.get("kid") != self.kid:
+                raise InvalidToken("The key was not found.")
+            self._key.public_key().verify(_unb64(signature_b64), f"{header_b64}.{claims_b64}".encode(),
+                                          padding.PKCS1v15(), hashes.SHA256())
+            claims = json.loads(_unb64(claims_b64))
+        except InvalidSignature as error:
+            raise InvalidToken("The signature does not match.") from error
+        except (ValueError, UnicodeDecodeError) as error:  # json.JSONDecodeError and binascii.Error are ValueErrors
+            raise InvalidToken("Token is malformed.") from error
+        if not isinstance(claims, dict):
+            raise InvalidToken("Token is malformed.")
+        return claims
 
     def jwk(self, issuer: str) -> dict:
         """The public key as Entra's ``/discovery/v2.0/keys`` lists it."""

@@ -1,11 +1,19 @@
-"""Access tokens for Graph and Business Central, from Entra ID.
+"""Access tokens for Graph and Business Central, from Entra ID, as the app registration.
 
-With `AZURE_CLIENT_SECRET` (or `AZURE_CLIENT_CERTIFICATE_PATH`) the app uses the client
-credentials of its app registration; without either it uses the Function App's managed identity
-(`AZURE_CLIENT_ID` then names a user-assigned identity, if any). MSAL keeps tokens in its
-in-memory cache, so one `TokenProvider` per process asks Entra ID about once an hour per scope.
+The app always acts as its app registration (`AZURE_CLIENT_ID`), the identity Business Central's
+*Microsoft Entra Applications* page lists. It proves it is that app in one of two ways:
+- **a federated credential** (the default in Azure, no secret anywhere): the app registration
+  trusts the Function App's user-assigned managed identity (`AZURE_FEDERATED_IDENTITY_CLIENT_ID`);
+  the app asks that identity for a token for `api://AzureADTokenExchange` and presents it as the
+  client assertion (Microsoft's "configure an application to trust a managed identity");
+- **a client secret** (`AZURE_CLIENT_SECRET`, a Key Vault reference in Azure), which must be rotated.
+Certificates are not offered: Flex Consumption cannot load them. Nor is the managed identity used
+as the client itself: Business Central's documentation registers app registrations, not managed
+identities.
 
-Tokens and secrets are never logged."""
+MSAL keeps tokens in its in-memory caches (the app's and the managed identity's), so one
+`TokenProvider` per process asks Entra ID about once an hour per scope. Tokens and secrets are
+never logged."""
 
 from __future__ import annotations
 
@@ -13,7 +21,7 @@ import asyncio
 import logging
 import threading
 import time
-from pathlib import Path
+from collections.abc import Callable
 
 import msal
 import requests
@@ -22,6 +30,9 @@ from shared.http import UpstreamError
 from shared.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
+
+TOKEN_EXCHANGE_AUDIENCE = "api://AzureADTokenExchange"  # noqa: S105 - an audience, not a secret
+"""The audience of a managed identity's token that an app registration's federated credential accepts."""
 
 
 class AuthenticationFailed(UpstreamError):
@@ -35,23 +46,37 @@ class AuthenticationFailed(UpstreamError):
         return self.message
 
 
-def _certificate_credential(path: str) -> dict:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
+def _managed_identity_assertion(identity_client_id: str) -> Callable[[], str]:
+    """A callable MSAL calls for a fresh client assertion: the managed identity's token for
+    `api://AzureADTokenExchange` (cached by MSAL's managed-identity client until near expiry)."""
+    identity = msal.ManagedIdentityClient(msal.UserAssignedManagedIdentity(client_id=identity_client_id),
+                                          http_client=requests.Session())
 
-    try:
-        pem = Path(path).read_bytes()
-        certificate = x509.load_pem_x509_certificate(pem)
-    except (OSError, ValueError) as error:
-        raise SettingsError(f"Setting AZURE_CLIENT_CERTIFICATE_PATH: cannot read a PEM certificate "
-                            f"with its private key at {path!r} ({error.__class__.__name__}).") from None
-    return {"private_key": pem.decode(), "thumbprint": certificate.fingerprint(hashes.SHA1()).hex(),  # noqa: S303 - the thumbprint Entra ID expects
-            "public_certificate": pem.decode()}
+    def assertion() -> str:
+        result = identity.acquire_token_for_client(resource=TOKEN_EXCHANGE_AUDIENCE)
+        token = result.get("access_token") if isinstance(result, dict) else None
+        if not token:
+            error = result.get("error", "unknown_error") if isinstance(result, dict) else "unknown_error"
+            raise AuthenticationFailed(
+                f"The managed identity (AZURE_FEDERATED_IDENTITY_CLIENT_ID) got no token for "
+                f"{TOKEN_EXCHANGE_AUDIENCE}: {error}. Is this user-assigned identity attached to the Function App?",
+                retryable=error in ("temporarily_unavailable", "server_error"))
+        return token
+
+    return assertion
 
 
 def client_credential(settings: Settings) -> str | dict:
-    """The app registration's credential as MSAL takes it: the secret, or the certificate."""
-    return settings.client_secret or _certificate_credential(settings.client_certificate_path)
+    """The app registration's credential as MSAL takes it: the secret, or the managed identity's
+    token as a client assertion (federated credential)."""
+    settings.require("tenant_id", "client_id")
+    if settings.client_secret:
+        return settings.client_secret
+    if settings.federated_identity_client_id:
+        return {"client_assertion": _managed_identity_assertion(settings.federated_identity_client_id)}
+    raise SettingsError("Setting AZURE_FEDERATED_IDENTITY_CLIENT_ID (the managed identity the app registration "
+                        "trusts) or AZURE_CLIENT_SECRET is required: the app signs in as AZURE_CLIENT_ID with one "
+                        "of them.")
 
 
 class TokenProvider:
@@ -65,24 +90,14 @@ class TokenProvider:
         self._scope_locks: dict[str, threading.Lock] = {}
         self.tokens_acquired = 0
 
-    @property
-    def uses_managed_identity(self) -> bool:
-        return not (self._settings.client_secret or self._settings.client_certificate_path)
-
-    def _build(self):
+    def _build(self) -> msal.ConfidentialClientApplication:
         settings = self._settings
-        session = requests.Session()  # honours REQUESTS_CA_BUNDLE: trust comes from the environment
-        if self.uses_managed_identity:
-            identity = (msal.UserAssignedManagedIdentity(client_id=settings.client_id)
-                        if settings.client_id else msal.SystemAssignedManagedIdentity())
-            return msal.ManagedIdentityClient(identity, http_client=session)
-        settings.require("tenant_id", "client_id")
         return msal.ConfidentialClientApplication(
             settings.client_id,
             client_credential=client_credential(settings),
             authority=f"{settings.authority_host}/{settings.tenant_id}",
             instance_discovery=None if settings.is_public_authority else False,
-            http_client=session,
+            http_client=requests.Session(),  # honours REQUESTS_CA_BUNDLE: trust comes from the environment
         )
 
     def _acquire(self, scope: str) -> str:
@@ -96,10 +111,7 @@ class TokenProvider:
     def _acquire_now(self, scope: str) -> str:
         with self._lock:
             app = self._app
-        if isinstance(app, msal.ManagedIdentityClient):
-            result = app.acquire_token_for_client(resource=scope.removesuffix("/.default"))
-        else:
-            result = app.acquire_token_for_client(scopes=[scope])
+        result = app.acquire_token_for_client(scopes=[scope])
         token = result.get("access_token") if isinstance(result, dict) else None
         if token:
             lifetime = float(result.get("expires_in") or 300)
@@ -151,7 +163,7 @@ _providers_lock = threading.Lock()
 def token_provider(settings: Settings) -> TokenProvider:
     """The process-wide provider for these credentials (so the token cache is shared)."""
     key = (settings.authority_host, settings.tenant_id, settings.client_id,
-           settings.client_secret, settings.client_certificate_path)
+           settings.client_secret, settings.federated_identity_client_id)
     with _providers_lock:
         provider = _providers.get(key)
         if provider is None:

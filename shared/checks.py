@@ -34,7 +34,7 @@ API_PERMISSION = ("In the Entra admin center, give the app registration the Dyna
 def grant_graph(permissions: list[str]) -> str:
     return (f"In the Entra admin center, open the app registration (AZURE_CLIENT_ID) → API permissions → Add a "
             f"permission → Microsoft Graph → Application permissions → {', '.join(permissions)}; then Grant admin "
-            "consent. (With a managed identity, assign the app role to its service principal.)")
+            "consent.")
 
 _cache: dict[tuple, tuple[float, dict]] = {}
 
@@ -53,7 +53,7 @@ async def graph_access(rt: Runtime) -> dict:
         return _check("graph", False, str(error))
     except (UpstreamError, ValueError) as error:
         return _check("graph", False, f"No Graph token: {error} Check the app's credentials (AZURE_CLIENT_ID, the "
-                                      "secret or the managed identity) in Entra ID.")
+                                      "secret, or the federated credential trusting the managed identity) in Entra ID.")
     missing = []
     if roles is not None and not roles & READ_ROLES:
         missing.append("Bookings.Read.All")
@@ -101,7 +101,8 @@ async def business_central(rt: Runtime) -> dict:
         elif error.status == 404:
             advice = "Check BC_ENVIRONMENT and BC_COMPANY_ID: Business Central has no such environment or company."
         elif error.service != rt.bc.api.service:
-            advice = "Check the app's credentials (AZURE_CLIENT_ID, the secret or the managed identity) in Entra ID."
+            advice = ("Check the app's credentials (AZURE_CLIENT_ID, and its secret or the federated credential "
+                      "trusting the managed identity) in Entra ID.")
         else:
             advice = "Business Central could not be reached; this is retried on its own."
         return _check("businessCentral", False, f"{error} {advice}")

@@ -38,7 +38,9 @@ class Settings(BaseSettings):
     tenant_id: str | None = Field(None, alias="AZURE_TENANT_ID")
     client_id: str | None = Field(None, alias="AZURE_CLIENT_ID")
     client_secret: str | None = Field(None, alias="AZURE_CLIENT_SECRET", repr=False)
-    client_certificate_path: str | None = Field(None, alias="AZURE_CLIENT_CERTIFICATE_PATH")
+    federated_identity_client_id: str | None = Field(None, alias="AZURE_FEDERATED_IDENTITY_CLIENT_ID")
+    """The user-assigned managed identity the app registration trusts (federated credential): with it,
+    the app signs in as `AZURE_CLIENT_ID` without any secret."""
     authority_host: str = Field(PUBLIC_AUTHORITY_HOST, alias="AZURE_AUTHORITY_HOST")
 
     graph_base_url: str = Field("https://graph.microsoft.com/v1.0", alias="GRAPH_BASE_URL")
@@ -79,6 +81,7 @@ class Settings(BaseSettings):
 
     @field_validator("customer_template", "item_template", "bc_environment", "bc_company_id",
                      "tenant_id", "client_id", "client_secret", "storage_connection", "pages_allowed_role",
+                     "federated_identity_client_id",
                      mode="before")
     @classmethod
     def _blank_is_unset(cls, value):

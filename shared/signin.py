@@ -32,7 +32,7 @@ import requests
 from azure.core.exceptions import ResourceExistsError
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from shared.settings import Settings, SettingsError
+from shared.settings import Settings
 from shared.store import Store
 
 log = logging.getLogger(__name__)
@@ -166,17 +166,14 @@ _apps_lock = threading.Lock()
 
 def _sign_in_app(settings: Settings) -> msal.ConfidentialClientApplication:
     """The app registration as a confidential client, one per process (MSAL caches discovery)."""
-    if not (settings.client_secret or settings.client_certificate_path):
-        raise SettingsError("Signing in to the pages needs the app registration's credential: set AZURE_CLIENT_ID and "
-                            "AZURE_CLIENT_SECRET (a managed identity cannot sign users in).")
-    settings.require("tenant_id", "client_id")
     key = (settings.authority_host, settings.tenant_id, settings.client_id, settings.client_secret,
-           settings.client_certificate_path)
+           settings.federated_identity_client_id)
     with _apps_lock:
         app = _apps.get(key)
         if app is None:
             from shared.auth import client_credential
 
+            # The app registration redeems the code with the same credential it uses for Graph and BC.
             app = _apps[key] = msal.ConfidentialClientApplication(
                 settings.client_id, client_credential=client_credential(settings),
                 authority=f"{settings.authority_host}/{settings.tenant_id}",

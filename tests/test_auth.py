@@ -1,19 +1,17 @@
-"""Tokens from Entra ID: client secret, certificate, managed identity; one cache per process."""
+"""Tokens from Entra ID as the app registration: by federated credential (no secret) or client secret;
+one cache per process."""
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
+import base64
+import json
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 
-from sandbox.stack import TENANT
+from sandbox.stack import CLIENT_ID, FEDERATED_CREDENTIAL, TENANT
 from shared.auth import AuthenticationFailed, TokenProvider
-from shared.settings import BC_SCOPE, GRAPH_SCOPE, get_settings
+from shared.settings import BC_SCOPE, GRAPH_SCOPE, SettingsError, get_settings
 from tests.helpers import body
 
 
@@ -37,11 +35,16 @@ def test_a_wrong_secret_fails_with_the_reason_and_never_the_secret(world):
     assert "definitely-wrong-secret" not in str(raised.value)
 
 
-def test_without_a_secret_the_managed_identity_is_used(world):
+def secret_less(world) -> None:
+    """The app as `azd up` configures it by default: no secret, the app registration trusting the
+    Function App's user-assigned managed identity through a federated credential."""
     world.monkeypatch.delenv("AZURE_CLIENT_SECRET")
-    world.monkeypatch.delenv("AZURE_CLIENT_ID")
-    for name, value in world.sandbox.entra.managed_identity_env(world.sandbox.servers["entra"].url).items():
+    for name, value in world.sandbox.trust_managed_identity().items():
         world.configure(**{name: value})
+
+
+def test_with_a_federated_credential_the_app_works_without_any_secret(world):
+    secret_less(world)
     world.graph.put_appointment(world.business_ids[0], {
         "startDateTime": {"dateTime": "2026-11-20T09:00:00Z", "timeZone": "UTC"},
         "endDateTime": {"dateTime": "2026-11-20T10:00:00Z", "timeZone": "UTC"}, "customers": []})
@@ -49,35 +52,25 @@ def test_without_a_secret_the_managed_identity_is_used(world):
 
     world.host.timer("sync_bookings")
 
-    assert body(world.host.http("GET", "health", key=False))["lastSync"]["counts"]["fetched"] == 1
-    assert token_for(BC_SCOPE)
+    health = body(world.host.http("GET", "health", key=False))
+    assert health["lastSync"]["counts"]["fetched"] == 1
+    assert all(check["ok"] for check in health["checks"]), health["checks"]
+    claims = json.loads(base64.urlsafe_b64decode(token_for(BC_SCOPE).split(".")[1] + "=="))
+    assert claims["appid"] == CLIENT_ID, "Graph and BC see the app registration, not the managed identity"
 
 
-def _self_signed(tmp_path):
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bookings-invoicing")])
-    now = dt.datetime.now(dt.timezone.utc)
-    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-                   .serial_number(x509.random_serial_number()).not_valid_before(now)
-                   .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
-    path = tmp_path / "client.pem"
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()) + certificate.public_bytes(serialization.Encoding.PEM))
-    return path
-
-
-def test_a_certificate_can_replace_the_secret(world, tmp_path):
-    client_id = "c0ffee00-0000-4000-8000-00000000ce27"
-    world.sandbox.entra.register_client(TENANT, client_id, None)
-    world.monkeypatch.delenv("AZURE_CLIENT_SECRET")
-    world.configure(AZURE_CLIENT_ID=client_id, AZURE_CLIENT_CERTIFICATE_PATH=str(_self_signed(tmp_path)))
-    assert token_for(GRAPH_SCOPE).count(".") == 2
-
-
-def test_an_unreadable_certificate_names_the_setting(world, tmp_path):
-    world.monkeypatch.delenv("AZURE_CLIENT_SECRET")
-    world.configure(AZURE_CLIENT_CERTIFICATE_PATH=str(tmp_path / "missing.pem"))
-    from shared.settings import SettingsError
-
-    with pytest.raises(SettingsError, match="AZURE_CLIENT_CERTIFICATE_PATH"):
+def test_a_managed_identity_the_app_registration_does_not_trust_is_refused_with_the_reason(world):
+    secret_less(world)
+    world.sandbox.entra.remove_federated_credential(TENANT, CLIENT_ID, name=FEDERATED_CREDENTIAL)
+    with pytest.raises(AuthenticationFailed) as raised:
         token_for(GRAPH_SCOPE)
+    assert "AADSTS70025" in str(raised.value) and "invalid_client" in str(raised.value)
+
+
+def test_without_a_secret_or_a_federated_credential_the_settings_are_named(world):
+    world.monkeypatch.delenv("AZURE_CLIENT_SECRET")
+    world.monkeypatch.delenv("AZURE_FEDERATED_IDENTITY_CLIENT_ID", raising=False)
+    with pytest.raises(SettingsError, match="AZURE_FEDERATED_IDENTITY_CLIENT_ID.*AZURE_CLIENT_SECRET"):
+        token_for(GRAPH_SCOPE)
+    response = world.host.http("GET", "health", key=False)
+    assert "AZURE_FEDERATED_IDENTITY_CLIENT_ID" in response.get_body().decode()

@@ -35,7 +35,9 @@ def site(sandbox):
     assert chromium, "Debian's chromium is needed: `make browser` installs it"
     with pytest.MonkeyPatch.context() as monkeypatch:
         world = make_world(sandbox, monkeypatch)
-        world.configure(BOOKINGS_TIME_ZONE="Europe/Paris")
+        # Secret-less, as deployed: people sign in to the app registration with its federated credential.
+        monkeypatch.delenv("AZURE_CLIENT_SECRET")
+        world.configure(BOOKINGS_TIME_ZONE="Europe/Paris", **sandbox.trust_managed_identity())
         for index, (email, name) in enumerate([("alice@example.com", "Alice Martin"), ("bob@example.com", "Bob Berg"),
                                                ("carol@example.com", "Carol Dubois"),
                                                ("dave@example.com", "Dave Jensen")]):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import ssl
+import time
 import uuid
 import warnings
 from html.parser import HTMLParser
@@ -573,3 +574,255 @@ def test_redirect_uris_and_users_are_checked_when_registered(entra) -> None:
     assert again["oid"] == first["oid"] and again["app_roles"] == {} and again["name"] == "Cy C."
     with pytest.raises(TypeError):
         sim.add_user(TENANT, name="Di", username="di@contoso.onmicrosoft.com", app_roles={CLIENT_ID: "A"})
+
+
+# Federated identity credential: the app registration trusts the user-assigned managed identity ---------
+
+EXCHANGE = tokens.TOKEN_EXCHANGE_AUDIENCE
+
+
+@pytest.fixture
+def federation(sandbox, monkeypatch: pytest.MonkeyPatch, trust_sim_ca):
+    """The session's SandboxStack with CLIENT_ID trusting the managed identity, and the settings a
+    secret-less app gets (the identity endpoint in this process's environment, as App Service sets it)."""
+    for name, value in sandbox.tls.trust_env().items():
+        monkeypatch.setenv(name, value)
+    settings = sandbox.trust_managed_identity()
+    for name in ("IDENTITY_ENDPOINT", "IDENTITY_HEADER"):
+        monkeypatch.setenv(name, settings[name])
+    return sandbox, settings
+
+
+def identity_client(client_id: str) -> msal.ManagedIdentityClient:
+    return msal.ManagedIdentityClient(msal.UserAssignedManagedIdentity(client_id=client_id),
+                                      http_client=requests.Session())
+
+
+def secret_less_app(sandbox, client_id: str, assertion) -> msal.ConfidentialClientApplication:
+    """A confidential client whose only credential is an assertion callable (msal calls it per request)."""
+    return msal.ConfidentialClientApplication(
+        client_id, client_credential={"client_assertion": assertion},
+        authority=f"{sandbox.servers['entra'].url}/{stack_module.TENANT}", instance_discovery=False)
+
+
+def identity_assertion(identity_client_id: str):
+    """What the app does: the user-assigned identity's token for api://AzureADTokenExchange, from msal."""
+    identity = identity_client(identity_client_id)
+
+    def assertion() -> str:
+        result = identity.acquire_token_for_client(resource=EXCHANGE)
+        assert "access_token" in result, result
+        return result["access_token"]
+    return assertion
+
+
+def unverified(token: str) -> dict:
+    return jwt.decode(token, options={"verify_signature": False})
+
+
+def trusting_client(sandbox, **credential) -> str:
+    """A new secret-less app registration in the stack's tenant, with the federated credential given
+    (keyword arguments of `add_federated_credential`; none: no credential at all)."""
+    client_id = str(uuid.uuid4())
+    sandbox.entra.register_client(stack_module.TENANT, client_id, None)
+    if credential:
+        sandbox.entra.add_federated_credential(stack_module.TENANT, client_id, **{"name": "fic", **credential})
+    return client_id
+
+
+def test_a_secret_less_app_trusting_its_managed_identity_gets_tokens_as_the_app_registration(federation) -> None:
+    sandbox, settings = federation
+    entra = sandbox.entra
+    assert "AZURE_CLIENT_SECRET" not in settings and settings["AZURE_CLIENT_ID"] == stack_module.CLIENT_ID
+    assert settings["AZURE_FEDERATED_IDENTITY_CLIENT_ID"] == entra.managed_identity_client_id
+    presented: list[str] = []
+    fetch = identity_assertion(settings["AZURE_FEDERATED_IDENTITY_CLIENT_ID"])
+
+    def assertion() -> str:
+        presented.append(fetch())
+        return presented[-1]
+    app = secret_less_app(sandbox, settings["AZURE_CLIENT_ID"], assertion)
+    exchanged = entra.tokens_issued[EXCHANGE]
+
+    graph = claims_of(app.acquire_token_for_client(scopes=[GRAPH_SCOPE]), tokens.GRAPH_AUDIENCE)
+    bc = claims_of(app.acquire_token_for_client(scopes=[BC_SCOPE]), tokens.BC_AUDIENCE)
+
+    for claims in (graph, bc):  # the app registration, with its permissions, never the managed identity
+        assert claims["appid"] == stack_module.CLIENT_ID and claims["tid"] == stack_module.TENANT
+    assert graph["roles"] == list(tokens.APP_ROLES[tokens.GRAPH_AUDIENCE])
+    assert bc["roles"] == list(tokens.APP_ROLES[tokens.BC_AUDIENCE])
+    assert len(presented) == 2 and entra.tokens_issued[EXCHANGE] == exchanged + 1  # msal cached the MI token
+    with browser(sandbox.tls) as http:
+        configuration = http.get(f"{sandbox.servers['entra'].url}/{stack_module.TENANT}/v2.0/.well-known/"
+                                 "openid-configuration").json()
+        jwks = http.get(configuration["jwks_uri"]).json()
+    header = jwt.get_unverified_header(presented[0])
+    key = next(k for k in jwt.PyJWKSet.from_dict(jwks).keys if k.key_id == header["kid"])
+    mi = jwt.decode(presented[0], key.key, algorithms=["RS256"], audience=EXCHANGE,
+                    issuer=f"https://login.microsoftonline.com/{stack_module.TENANT}/v2.0")
+    assert mi["sub"] == mi["oid"] == entra.managed_identity_principal_id
+    assert mi["azp"] == mi["appid"] == entra.managed_identity_client_id and mi["tid"] == stack_module.TENANT
+    assert "roles" not in mi and mi["exp"] - mi["iat"] <= 24 * 3600
+    credential, = [c for c in entra.federated_credentials(stack_module.TENANT, stack_module.CLIENT_ID)
+                   if c["name"] == stack_module.FEDERATED_CREDENTIAL]
+    assert credential == {"name": "api-managed-identity", "issuer": mi["iss"], "subject": mi["sub"],
+                          "audiences": [EXCHANGE], "description": credential["description"]}
+
+
+def test_trusting_the_managed_identity_again_keeps_one_credential(federation) -> None:
+    sandbox, _ = federation
+    sandbox.trust_managed_identity()
+    names = [c["name"] for c in sandbox.entra.federated_credentials(stack_module.TENANT, stack_module.CLIENT_ID)]
+    assert names.count(stack_module.FEDERATED_CREDENTIAL) == 1
+
+
+def test_the_managed_identity_endpoint_picks_the_user_assigned_identity_by_any_documented_id(federation) -> None:
+    sandbox, _ = federation
+    entra = sandbox.entra
+    for identity in (msal.UserAssignedManagedIdentity(client_id=entra.managed_identity_client_id.upper()),
+                     msal.UserAssignedManagedIdentity(object_id=entra.managed_identity_principal_id),
+                     msal.UserAssignedManagedIdentity(resource_id=entra.managed_identity_resource_id)):
+        client = msal.ManagedIdentityClient(identity, http_client=requests.Session())
+        result = client.acquire_token_for_client(resource=f"{EXCHANGE}/.default")
+        assert unverified(result["access_token"])["sub"] == entra.managed_identity_principal_id
+    other = identity_client("00000000-0000-4000-8000-0000000000ff").acquire_token_for_client(resource=EXCHANGE)
+    assert "access_token" not in other and "Unable to load the proper Managed Identity" in other["error_description"]
+
+
+def test_an_app_without_federated_credentials_refuses_the_managed_identity(federation) -> None:
+    sandbox, settings = federation
+    client_id = trusting_client(sandbox)
+    app = secret_less_app(sandbox, client_id, identity_assertion(settings["AZURE_FEDERATED_IDENTITY_CLIENT_ID"]))
+
+    result = app.acquire_token_for_client(scopes=[GRAPH_SCOPE])
+
+    assert "access_token" not in result
+    assert result["error"] == "invalid_client" and result["error_codes"] == [70025]
+    assert "no configured federated identity credentials" in result["error_description"]
+
+
+def test_a_removed_federated_credential_no_longer_lets_the_identity_in(federation) -> None:
+    sandbox, settings = federation
+    issuer = tokens.entra_issuer(stack_module.TENANT)
+    client_id = trusting_client(sandbox, issuer=issuer, subject=sandbox.entra.managed_identity_principal_id)
+    assertion = identity_assertion(settings["AZURE_FEDERATED_IDENTITY_CLIENT_ID"])
+    assert "access_token" in secret_less_app(sandbox, client_id, assertion).acquire_token_for_client(scopes=[GRAPH_SCOPE])
+
+    sandbox.entra.remove_federated_credential(stack_module.TENANT, client_id, name="fic")
+
+    refused = secret_less_app(sandbox, client_id, assertion).acquire_token_for_client(scopes=[GRAPH_SCOPE])
+    assert refused["error_codes"] == [70025]
+    with pytest.raises(KeyError):
+        sandbox.entra.remove_federated_credential(stack_module.TENANT, client_id, name="fic")
+
+
+@pytest.mark.parametrize(("credential", "code", "named"), [
+    # The classic mistake: the identity's client id where its principal (object) id belongs.
+    ({"subject": "client id"}, 700213, "subject"),
+    ({"subject": "principal id, upper case"}, 700213, "subject"),  # compared case-sensitively
+    ({"issuer": "https://login.microsoftonline.com/{tenant}/v2.0/"}, 700211, "issuer"),  # one slash too many
+    ({"issuer": "https://sts.windows.net/{tenant}/"}, 700211, "issuer"),  # the v1.0 issuer
+    ({"issuer": "https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0"}, 700211, "issuer"),
+    ({"audiences": ["api://AzureADTokenExchangeUSGov"]}, 700212, "audience"),  # another cloud's audience
+])
+def test_a_federated_credential_that_does_not_match_the_assertion_exactly_is_refused(
+        federation, credential: dict, code: int, named: str) -> None:
+    sandbox, settings = federation
+    entra = sandbox.entra
+    subjects = {"client id": entra.managed_identity_client_id,
+                "principal id, upper case": entra.managed_identity_principal_id.upper()}
+    configured = {"issuer": tokens.entra_issuer(stack_module.TENANT), "subject": entra.managed_identity_principal_id,
+                  **credential}
+    configured["subject"] = subjects.get(configured["subject"], configured["subject"])
+    configured["issuer"] = configured["issuer"].format(tenant=stack_module.TENANT)
+    client_id = trusting_client(sandbox, **configured)  # accepted when written, as in Entra
+    app = secret_less_app(sandbox, client_id, identity_assertion(settings["AZURE_FEDERATED_IDENTITY_CLIENT_ID"]))
+
+    result = app.acquire_token_for_client(scopes=[BC_SCOPE])
+
+    assert "access_token" not in result
+    assert result["error"] == "invalid_client" and result["error_codes"] == [code]
+    assert result["error_description"].startswith(
+        f"AADSTS{code}: No matching federated identity record found for presented assertion {named} ")
+
+
+def test_an_expired_managed_identity_token_is_refused(federation) -> None:
+    sandbox, settings = federation
+    entra = sandbox.entra
+    entra.managed_identity_token_lifetime_seconds = 1
+    try:
+        stale = identity_assertion(settings["AZURE_FEDERATED_IDENTITY_CLIENT_ID"])()
+    finally:
+        entra.managed_identity_token_lifetime_seconds = None
+    time.sleep(max(0.0, unverified(stale)["exp"] - time.time()) + 0.05)
+    app = secret_less_app(sandbox, stack_module.CLIENT_ID, lambda: stale)  # an assertion kept too long
+
+    result = app.acquire_token_for_client(scopes=[GRAPH_SCOPE])
+
+    assert "access_token" not in result
+    assert result["error"] == "invalid_client" and result["error_codes"] == [700024]
+    assert "not within its valid time range" in result["error_description"]
+
+
+def test_an_assertion_not_signed_by_entra_is_refused(federation) -> None:
+    sandbox, settings = federation
+    genuine = identity_assertion(settings["AZURE_FEDERATED_IDENTITY_CLIENT_ID"])()
+    claims = unverified(genuine)
+    forged = tokens.SigningKey().sign(claims)  # the same claims, signed with a key Entra never published
+    header, _, signature = genuine.split(".")
+    payload = base64.urlsafe_b64encode(json.dumps({**claims, "exp": claims["exp"] + 3600}).encode()).rstrip(b"=")
+    tampered = f"{header}.{payload.decode()}.{signature}"  # Entra's signature over other claims
+
+    for assertion in (forged, tampered):
+        result = secret_less_app(sandbox, stack_module.CLIENT_ID, lambda a=assertion: a).acquire_token_for_client(
+            scopes=[GRAPH_SCOPE])
+        assert "access_token" not in result
+        assert result["error"] == "invalid_client" and result["error_codes"] == [700027]
+
+
+def test_a_secret_less_app_redeems_a_sign_in_code_with_its_federated_credential(stack, federation) -> None:
+    sandbox, settings = federation
+    app = secret_less_app(sandbox, stack_module.CLIENT_ID,
+                          identity_assertion(settings["AZURE_FEDERATED_IDENTITY_CLIENT_ID"]))
+    flow = start_flow(app)
+    with browser(sandbox.tls) as http:
+        params = callback_params(choose(http, flow["auth_uri"], stack_module.USER_NAME),
+                                 "http://127.0.0.1:7071/auth/callback")
+
+    result = app.acquire_token_by_auth_code_flow(flow, params)
+
+    assert "error" not in result, result
+    assert result["id_token_claims"]["aud"] == stack_module.CLIENT_ID
+    assert result["id_token_claims"]["roles"] == [stack_module.OPERATOR_ROLE]
+
+
+def test_federated_credentials_are_checked_when_written(federation) -> None:
+    sandbox, _ = federation
+    entra, tenant = sandbox.entra, stack_module.TENANT
+    client_id = trusting_client(sandbox)
+    issuer = tokens.entra_issuer(tenant)
+    for bad_name in ("ab", "-starts-with-a-dash", "has space", "x" * 121, "ünïcode"):
+        with pytest.raises(ValueError, match="name"):
+            entra.add_federated_credential(tenant, client_id, name=bad_name, issuer=issuer, subject="s")
+    with pytest.raises(ValueError, match="exactly one audience"):
+        entra.add_federated_credential(tenant, client_id, name="two", issuer=issuer, subject="s",
+                                       audiences=[EXCHANGE, "api://other"])
+    with pytest.raises(TypeError):
+        entra.add_federated_credential(tenant, client_id, name="str", issuer=issuer, subject="s", audiences=EXCHANGE)
+    with pytest.raises(ValueError):
+        entra.add_federated_credential(tenant, client_id, name="long", issuer=issuer, subject="s" * 601)
+    with pytest.raises(KeyError):
+        entra.add_federated_credential(tenant, "ffffffff-0000-4000-8000-000000000000", name="fic", issuer=issuer,
+                                       subject="s")
+    entra.add_federated_credential(tenant, client_id, name="fic-0", issuer=issuer, subject="s-0")
+    with pytest.raises(ValueError, match="already"):
+        entra.add_federated_credential(tenant, client_id, name="FIC-0", issuer=issuer, subject="other")
+    with pytest.raises(ValueError, match="Issuer and subject combination already exists"):
+        entra.add_federated_credential(tenant, client_id, name="again", issuer=issuer, subject="s-0")
+    for n in range(1, 20):
+        entra.add_federated_credential(tenant, client_id, name=f"fic-{n}", issuer=issuer, subject=f"s-{n}")
+    with pytest.raises(ValueError, match="at most 20"):
+        entra.add_federated_credential(tenant, client_id, name="fic-20", issuer=issuer, subject="s-20")
+    assert len(entra.federated_credentials(tenant, client_id)) == 20
+    entra.register_client(tenant, client_id, None)  # registering again keeps them
+    assert len(entra.federated_credentials(tenant, client_id)) == 20
