@@ -5,6 +5,9 @@ Thin on purpose: the app and one blueprint per area. The work lives in `shared/`
 import azure.functions as func
 
 from shared.blueprints import directory, invoicing, pages, status, sync
+from shared.telemetry import configure_logging
+
+configure_logging()
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 

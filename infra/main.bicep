@@ -83,7 +83,11 @@ param syncStalledAfter string = 'PT1H'
 ])
 param instanceMemoryMB int = 2048
 
+// Flex Consumption's bounds on the maximum instance count ("Limit scale-out" in
+// learn.microsoft.com/azure/azure-functions/event-driven-scaling, Flex Consumption plan).
 @description('Upper bound on instances. Graph and Business Central throttle per app, so more instances do not mean more throughput.')
+@minValue(1)
+@maxValue(1000)
 param maximumInstanceCount int = 40
 
 // ---------------------------------------------------------------------------------------------
@@ -92,18 +96,16 @@ param maximumInstanceCount int = 40
 // the local simulators) and the identifiers that only exist in your tenant.
 // ---------------------------------------------------------------------------------------------
 
-@description('AZURE_TENANT_ID: Entra tenant of the app registration, Graph and Business Central.')
+@description('AZURE_TENANT_ID: Entra tenant of the app registration, Graph and Business Central. Empty: the tenant of the deployment.')
 param entraTenantId string = tenant().tenantId
 
-@description('AZURE_CLIENT_ID: application (client) id of the Entra app registration. Empty: the function app\'s managed identity is the client (secret-less; see the README Deploy section).')
-param entraClientId string = ''
+@minLength(1)
+@description('AZURE_CLIENT_ID: application (client) id of the Entra app registration the app acts as (README Deploy, step 1).')
+param entraClientId string
 
 @secure()
-@description('AZURE_CLIENT_SECRET: client secret of the app registration, stored in Key Vault and referenced from the app setting. Empty: no secret (managed identity or certificate).')
+@description('AZURE_CLIENT_SECRET: a client secret of the app registration, stored in Key Vault and referenced from the app setting. Empty (the default): no secret; the app signs in with a client assertion from the managed identity, which the app registration trusts through a federated identity credential (AZURE_FEDERATED_IDENTITY_CLIENT_ID, set up by the postprovision hook in azure.yaml).')
 param entraClientSecret string = ''
-
-@description('AZURE_CLIENT_CERTIFICATE_PATH: path of a PEM certificate for the app registration, instead of a secret.')
-param clientCertificatePath string = ''
 
 @description('AZURE_AUTHORITY_HOST: Entra authority.')
 param authorityHost string = 'https://login.microsoftonline.com'
@@ -183,6 +185,26 @@ param bcWebClientUrl string = 'https://businesscentral.dynamics.com'
 @description('PAGES_ALLOWED_ROLE: an app role of the app registration that users of the operator pages must hold; empty: any user of the tenant.')
 param pagesAllowedRole string = ''
 
+@allowed([
+  'true'
+  'false'
+])
+@description('PUSH_CUSTOMERS_TO_BOOKINGS: each sync also puts BC customers (persons with an e-mail) into every Bookings business.')
+param pushCustomersToBookings string = 'false'
+
+@allowed([
+  'true'
+  'false'
+])
+@description('PUSH_ITEMS_TO_BOOKINGS: each sync also puts BC service items into every Bookings business as services.')
+param pushItemsToBookings string = 'false'
+
+@description('BC_CUSTOMER_FILTER: OData $filter narrowing the customers pushed (BC API v2.0 customer fields), e.g. city eq \'Oslo\'.')
+param bcCustomerFilter string = ''
+
+@description('BC_ITEM_FILTER: OData $filter narrowing the service items pushed (BC API v2.0 item fields).')
+param bcItemFilter string = ''
+
 // ---------------------------------------------------------------------------------------------
 
 var abbrs = loadJsonContent('./abbreviations.json')
@@ -198,7 +220,8 @@ resource rg 'Microsoft.Resources/resourceGroups@2021-04-01' = {
 }
 
 // The one identity of the app: storage (host and app), Key Vault references, App Insights ingestion,
-// and (secret-less mode) Graph and Business Central.
+// and the client assertion with which the app signs in as the app registration (federated identity
+// credential on the app registration, created by the postprovision hook: azure.yaml, infra/hooks/).
 module apiIdentity 'br/public:avm/res/managed-identity/user-assigned-identity:0.4.1' = {
   name: 'apiIdentity'
   scope: rg
@@ -335,7 +358,6 @@ module api 'app/api.bicep' = {
     clientSecretUri: empty(entraClientSecret) ? '' : clientSecret.outputs.secretUri
     entraTenantId: entraTenantId
     entraClientId: entraClientId
-    clientCertificatePath: clientCertificatePath
     authorityHost: authorityHost
     graphBaseUrl: graphBaseUrl
     bcBaseUrl: bcBaseUrl
@@ -356,11 +378,26 @@ module api 'app/api.bicep' = {
     bcExecutionLimitSeconds: bcExecutionLimitSeconds
     bcWebClientUrl: bcWebClientUrl
     pagesAllowedRole: pagesAllowedRole
+    pushCustomersToBookings: pushCustomersToBookings
+    pushItemsToBookings: pushItemsToBookings
+    bcCustomerFilter: bcCustomerFilter
+    bcItemFilter: bcItemFilter
   }
   // The host reads storage and resolves the Key Vault reference at its first start.
   dependsOn: [
     rbac
   ]
+}
+
+// Charts of the app's structured logs, under Application Insights → Workbooks (README Operate).
+module workbook 'app/workbook.bicep' = {
+  name: 'workbook'
+  scope: rg
+  params: {
+    location: location
+    tags: tags
+    applicationInsightsName: monitoring.outputs.name
+  }
 }
 
 module alerts 'app/alerts.bicep' = {
@@ -389,4 +426,12 @@ output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name
 output AZURE_KEY_VAULT_NAME string = keyVault.outputs.name
 output APPLICATIONINSIGHTS_NAME string = monitoring.outputs.name
 output API_IDENTITY_CLIENT_ID string = apiIdentity.outputs.clientId
+@description('Subject of the federated identity credential on the app registration (the postprovision hook reads it).')
 output API_IDENTITY_PRINCIPAL_ID string = apiIdentity.outputs.principalId
+@description('Issuer of that credential: the Entra authority of the managed identity\'s tenant, which must be the app registration\'s.')
+output FEDERATED_CREDENTIAL_ISSUER string = '${environment().authentication.loginEndpoint}${tenant().tenantId}/v2.0'
+@description('The app registration the hook adds the credential to (so a value azd prompted for lands in .env as well).')
+output ENTRA_CLIENT_ID string = entraClientId
+output WORKBOOK_ID string = workbook.outputs.id
+@description('Opens the workbook in the Azure portal.')
+output WORKBOOK_URL string = workbook.outputs.portalUrl

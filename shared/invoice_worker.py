@@ -296,7 +296,7 @@ async def _invoice(rt: Runtime, store: Store, job_id: str, parts: list[PartWork]
         finished.append(_finished(work.row, "succeeded", invoice, amount, [b.id for b in written], errors))
         log.info("draft invoice %s for job part %s", invoice.get("number"), work.key,
                  extra={"event": "invoice_created", "job_id": job_id, "part": work.index,
-                        "invoice_id": invoice["id"], "lines": len(work.lines)})
+                        "invoice_id": invoice["id"], "lines": len(work.lines), "amount": amount})
     await store.write_batches(JOBS, [(UPDATE, entity, {"mode": "merge"}) for entity in finished])
     if rt.settings.write_back_to_bookings:
         await asyncio.gather(*(write_back(rt, [b for b in w.mine if (b.id, w.email) in recorded], links[w.key])
@@ -367,7 +367,9 @@ def _finished(row: dict, status: str, invoice: dict | None = None, amount: float
                    "Amount": float(amount or 0), "BookingIds": fit_string(to_json(booking_ids or []), 30_000)}
     log.log(logging.INFO if status == "succeeded" else logging.ERROR, "invoice job part %s %s", row["RowKey"], status,
             extra={"event": "invoice_job_part_" + status, "job_id": row["PartitionKey"], "part": row["RowKey"],
-                   "errors": len(errors or [])})
+                   "errors": len(errors or []),
+                   # The first error, shortened: what the workbook groups failed parts by.
+                   "reason": (errors[0].get("message") or "")[:120] if errors else ""})
     return entity
 
 

@@ -4,12 +4,19 @@ Pure file parsing (no Bicep CLI, no Azure). The list of settings lives in four p
 pydantic model, local.settings.sample.json, infra/app/api.bicep, the README table) and these
 tests keep them one set; they also check that the Bicep modules are wired to each other and pin
 the security and alerting properties that the README's Deploy and Operate sections promise.
+
+`main.parameters.json` is resolved here the way azd resolves it (`azd_parameter_values`), for an
+unset and for an empty variable, and every value that reaches a parameter is checked against the
+parameter's decorators and against the app's own settings model. The postprovision hook that adds
+the federated identity credential is run against a stand-in `az`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,7 +27,7 @@ from shared.settings import Settings, setting_names
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
 BICEP_FILES = ["main.bicep", "app/api.bicep", "app/rbac.bicep", "app/alerts.bicep",
-               "app/secret.bicep"]
+               "app/secret.bicep", "app/workbook.bicep"]
 
 # Read only by the Functions host when it runs locally.
 LOCAL_HOST_ONLY = {"FUNCTIONS_WORKER_RUNTIME", "AzureWebJobsFeatureFlags"}
@@ -39,14 +46,14 @@ NOT_SET_IN_AZURE = {"AzureWebJobsStorage"}
 DERIVED_IN_AZURE = {
     "AzureWebJobsStorage__accountName": None,
     "AzureWebJobsStorage__clientId": None,
-    "AZURE_CLIENT_ID": "entraClientId",        # empty → the managed identity's client id
     "AZURE_CLIENT_SECRET": "entraClientSecret",  # → Key Vault secret → Key Vault reference
+    "AZURE_FEDERATED_IDENTITY_CLIENT_ID": None,  # the managed identity's client id, unless a secret
 }
 # Simulator URLs locally; in Azure the real endpoints, i.e. the app's own defaults.
 REAL_ENDPOINTS = {"AZURE_AUTHORITY_HOST", "GRAPH_BASE_URL", "BC_BASE_URL"}
-# Identify things in your tenant, so no sample value is right: the deployment's tenant, no app
-# registration (the managed identity is the client), or no default at all (azd asks).
-TENANT_SPECIFIC = {"AZURE_TENANT_ID": "tenant().tenantId", "AZURE_CLIENT_ID": "''",
+# Identify things in your tenant, so no sample value is right: the deployment's tenant, or no
+# default at all (azd asks).
+TENANT_SPECIFIC = {"AZURE_TENANT_ID": "tenant().tenantId", "AZURE_CLIENT_ID": None,
                    "BC_COMPANY_ID": None, "BOOKINGS_BUSINESS_IDS": None}
 
 ALERTED_EVENTS = {"sync_run_finished", "message_poisoned", "invoice_job_part_failed"}
@@ -122,6 +129,40 @@ class Bicep:
         return {m.group(1): self.text[m.start(3):m.end(3)].strip() if m.group(2) else None
                 for m in re.finditer(r"^[ \t]*param[ \t]+(\w+)[ \t]+[^=\n]+?(=[ \t]*(.*))?$",
                                      self.masked, re.MULTILINE)}
+
+    def param_types(self) -> dict[str, str]:
+        return dict(re.findall(r"^[ \t]*param[ \t]+(\w+)[ \t]+(\w+)", self.masked, re.MULTILINE))
+
+    def decorators(self) -> dict[str, dict[str, str]]:
+        """Parameter → its decorators (`@minValue(1)` → {"minValue": "1"}), argument source text."""
+        lines, masked = self.text.split("\n"), self.masked.split("\n")
+        found: dict[str, dict[str, str]] = {}
+        pending: dict[str, str] = {}
+        k = 0
+        while k < len(lines):
+            line = masked[k].strip()
+            if line.startswith("@"):
+                start, depth = k, masked[k].count("(") - masked[k].count(")")
+                while depth > 0:
+                    k += 1
+                    depth += masked[k].count("(") - masked[k].count(")")
+                source = "\n".join(lines[start:k + 1]).strip()
+                name = re.match(r"@(\w+)", source).group(1)
+                pending[name] = source[source.index("(") + 1:source.rindex(")")].strip()
+            elif m := re.match(r"param[ \t]+(\w+)", line):
+                found[m.group(1)] = pending
+                pending = {}
+            elif line:  # anything else (an output, a resource) ends the decorators; comments do not
+                pending = {}
+            k += 1
+        return found
+
+    def allowed(self, param: str) -> list[str | int] | None:
+        argument = self.decorators().get(param, {}).get("allowed")
+        if argument is None:
+            return None
+        return [string_literal(m.group(0)) if m.group(0).startswith("'") else int(m.group(0))
+                for m in re.finditer(r"'(?:[^'\\]|\\.)*'|-?\d+", argument)]
 
     def object_at(self, brace: int) -> tuple[int, int]:
         """(start, end) of the body of the object whose `{` is at index `brace`."""
@@ -240,19 +281,36 @@ def test_readme_settings_table_lists_every_setting_the_app_reads():
     assert readme_setting_names() == set(setting_names())
 
 
+def wired_parameter(expression: str) -> tuple[str, bool]:
+    """(parameter, whether an empty value falls back to something else) of an app setting's
+    expression in api.bicep: `param`, or `empty(param) ? <fallback> : param`."""
+    m = re.fullmatch(r"empty\((\w+)\) \? .+ : (\w+)", expression)
+    if m and m.group(1) == m.group(2):
+        return m.group(1), True
+    return expression, False
+
+
 def setting_parameters() -> dict[str, str]:
     """Setting → the main.bicep parameter it comes from (for those that come from one)."""
     api, main = bicep("app/api.bicep"), bicep("main.bicep")
     wiring = api.entries(api.object_after(r"^var[ \t]+appSettings[ \t]*="))
     _, passed = main.module("api")
     mapping = {name: param for name, param in DERIVED_IN_AZURE.items() if param}
-    for name, api_param in wiring.items():
+    for name, expression in wiring.items():
         if name in DERIVED_IN_AZURE:
             continue
-        assert api_param in api.params(), f"{name} is set from {api_param}, not from a parameter"
+        api_param, _ = wired_parameter(expression)
+        assert api_param in api.params(), f"{name} is set from {expression}, not from a parameter"
         assert passed.get(api_param) in main.params(), f"{name}: main.bicep passes no parameter"
         mapping[name] = passed[api_param]
     return mapping
+
+
+def settings_with_empty_fallback() -> set[str]:
+    """Settings that api.bicep replaces with something else when their parameter is empty."""
+    api = bicep("app/api.bicep")
+    wiring = api.entries(api.object_after(r"^var[ \t]+appSettings[ \t]*="))
+    return {name for name, expression in wiring.items() if wired_parameter(expression)[1]}
 
 
 def test_every_app_setting_is_a_parameter_with_the_local_default():
@@ -274,10 +332,9 @@ def test_every_app_setting_is_a_parameter_with_the_local_default():
 def test_azd_environment_variables_are_named_after_the_settings():
     """`azd env set BC_COMPANY_ID …` sets BC_COMPANY_ID; AZURE_* become ENTRA_* so they cannot
     be mistaken for the credentials of azd or the Azure CLI themselves."""
-    parameters = json.loads((INFRA / "main.parameters.json").read_text(encoding="utf-8"))
+    variables = parameter_variables()
     for name, param in setting_parameters().items():
-        expected = re.sub(r"^AZURE_", "ENTRA_", name)
-        assert parameters["parameters"][param]["value"] == f"${{{expected}}}", name
+        assert variables[param] == re.sub(r"^AZURE_", "ENTRA_", name), name
 
 
 # --- (b) the modules fit together and are locked down ------------------------------------------
@@ -302,14 +359,267 @@ def test_every_declared_parameter_is_used(relative):
 
 
 def test_parameters_file_matches_main_bicep():
-    parameters = json.loads((INFRA / "main.parameters.json").read_text(encoding="utf-8"))
-    declared, given = bicep("main.bicep").params(), set(parameters["parameters"])
-    assert given <= set(declared), f"not in main.bicep: {given - set(declared)}"
+    """Each parameter maps to one variable. A parameter whose default is a non-empty literal repeats
+    it as `${VAR=default}` (the same value: an empty variable then means the default too, as it does
+    for the parameters whose default is empty); the others are a plain `${VAR}`."""
+    main = bicep("main.bicep")
+    declared, types, given = main.params(), main.param_types(), parameters_file()
+    assert set(given) <= set(declared), f"not in main.bicep: {set(given) - set(declared)}"
     required = {name for name, default in declared.items() if default is None}
-    assert required <= given, f"azd cannot map {required - given}"
-    for name, entry in parameters["parameters"].items():
-        # Unset variables fall back to main.bicep's default: the defaults live in one place.
-        assert re.fullmatch(r"\$\{[A-Z][A-Z0-9_]*\}", entry["value"]), name
+    assert required <= set(given), f"azd cannot map {required - set(given)}"
+    for name, entry in given.items():
+        m = re.fullmatch(r"\$\{([A-Z][A-Z0-9_]*)(?:=([^${}]*))?\}", entry["value"])
+        assert m, f"{name}: {entry['value']} is not ${{VAR}} or ${{VAR=default}}"
+        default = declared[name]
+        literal = default if types[name] == "int" else string_literal(default)
+        if literal not in (None, ""):
+            assert m.group(2) == literal, f"{name}: the parameters file's default {m.group(2)!r} is not {default}"
+        else:
+            assert m.group(2) is None, f"{name}: main.bicep's default is {default}; no default here"
+
+
+# --- (b2) azd resolves the parameters file ------------------------------------------------------
+#
+# azd (cli/azd/pkg/infra/provisioning/bicep/bicep_provider.go, loadParameters / ensureParameters /
+# armParameterFileValue) runs github.com/drone/envsubst v1.0.3 over each parameter of
+# main.parameters.json separately. Looking a variable up reads the azd environment (.env), then the
+# process environment. `${VAR=default}`, `${VAR:=default}` and `${VAR:-default}` all give the
+# default when the value is empty, whether set or unset (envsubst's toDefault). Since azd 1.15.0
+# (azure-dev #5061) a string parameter that comes out empty because a variable is unset is left
+# out, so Bicep's default applies; an empty but *set* variable is sent as "" (unless the
+# parameter's default is "" too). Numbers and booleans arrive as strings and are converted; an
+# empty or unparsable one is left out. A required parameter left out is prompted for.
+
+PRINCIPAL = "00000000-0000-0000-0000-0000000000a1"  # azd fills AZURE_PRINCIPAL_ID itself
+AZD_MANAGED = {"AZURE_ENV_NAME", "AZURE_LOCATION", "AZURE_PRINCIPAL_ID"}
+REQUIRED_VALUES = {"AZURE_ENV_NAME": "bookings-prod", "AZURE_LOCATION": "westeurope",
+                   "BC_COMPANY_ID": "00000000-0000-0000-0000-0000000000bc",
+                   "BOOKINGS_BUSINESS_IDS": "contoso@contoso.onmicrosoft.com",
+                   "ENTRA_CLIENT_ID": "00000000-0000-0000-0000-0000000000c1"}
+DEFAULT, PROMPT = "<main.bicep default>", "<azd prompts>"
+
+
+def parameters_file() -> dict[str, dict]:
+    return json.loads((INFRA / "main.parameters.json").read_text(encoding="utf-8"))["parameters"]
+
+
+def parameter_variables() -> dict[str, str]:
+    """Parameter → the variable it is mapped to."""
+    return {name: re.match(r"\$\{([A-Z0-9_]+)", entry["value"]).group(1) for name, entry in parameters_file().items()}
+
+
+class EnvsubstError(ValueError):
+    pass
+
+
+def envsubst(text: str, lookup) -> str:
+    """drone/envsubst v1.0.3 for the forms azd documents: ${VAR}, ${VAR=default}, ${VAR:=default},
+    ${VAR:-default} (defaults may nest ${…}). Other operators are not supported here (and `${VAR-x}`
+    is a syntax error there): they raise."""
+    out, k = [], 0
+    while (start := text.find("${", k)) >= 0:
+        out.append(text[k:start])
+        value, k = _substitute(text, start + 2, lookup)
+        out.append(value)
+    return "".join(out) + text[k:]
+
+
+def _substitute(text: str, k: int, lookup) -> tuple[str, int]:
+    m = re.compile(r"\w+").match(text, k)
+    if not m:
+        raise EnvsubstError(f"bad substitution at {text[k - 2:k + 10]!r}")
+    name, k = m.group(0), m.end()
+    if text.startswith("}", k):
+        return lookup(name), k + 1
+    operator = next((op for op in (":=", ":-", "=") if text.startswith(op, k)), None)
+    if operator is None:
+        raise EnvsubstError(f"unsupported substitution at {text[k - len(name) - 2:k + 10]!r}")
+    k += len(operator)
+    default = []
+    while not text.startswith("}", k):
+        if k >= len(text):
+            raise EnvsubstError("missing closing brace")
+        if text.startswith("${", k):
+            value, k = _substitute(text, k + 2, lookup)
+            default.append(value)
+        else:
+            default.append(text[k])
+            k += 1
+    return lookup(name) or "".join(default), k + 1
+
+
+def test_envsubst_follows_drone_envsubst():
+    env = {"SET": "x", "EMPTY": ""}
+    lookup = lambda name: env.get(name, "")  # noqa: E731
+    assert envsubst("${SET}|${EMPTY}|${UNSET}", lookup) == "x||"
+    for operator in ("=", ":=", ":-"):
+        assert envsubst(f"${{SET{operator}d}}|${{EMPTY{operator}d}}|${{UNSET{operator}d}}", lookup) == "x|d|d"
+    assert envsubst("${UNSET=0 */15 * * * *}", lookup) == "0 */15 * * * *"
+    assert envsubst("${UNSET=https://a.b/c}", lookup) == "https://a.b/c"
+    assert envsubst("${UNSET=${SET}y}", lookup) == "xy"
+    for bad in ("${UNSET-d}", "${UNSET:+d}", "${}", "${UNSET=d"):
+        with pytest.raises(EnvsubstError):
+            envsubst(bad, lookup)
+
+
+def arm_parameter_file_value(param_type: str, value, default: str | None):
+    """azd's armParameterFileValue: the value azd sends, or None when it leaves the parameter out
+    (its default applies, or azd prompts for a required one)."""
+    if not isinstance(value, str):
+        return value
+    if param_type == "int":
+        return int(value) if re.fullmatch(r"[+-]?\d+", value) else None
+    if param_type == "bool":
+        truth = {"1": True, "t": True, "T": True, "TRUE": True, "true": True, "True": True,
+                 "0": False, "f": False, "F": False, "FALSE": False, "false": False, "False": False}
+        return truth.get(value)
+    if value:
+        return value
+    # An empty string is sent only when the default is a string other than "" (an expression
+    # such as tenant().tenantId compiles to the string "[tenant().tenantId]").
+    return value if default is not None and string_literal(default) != "" and not default.isdigit() else None
+
+
+def azd_parameter_values(env: dict[str, str]) -> dict[str, object]:
+    """Parameter → what azd does with it for this azd environment: the value it sends, DEFAULT
+    (left out: main.bicep's default applies) or PROMPT (left out, no default: azd asks)."""
+    main = bicep("main.bicep")
+    defaults, types = main.params(), main.param_types()
+    resolved: dict[str, object] = {}
+    for name, entry in parameters_file().items():
+        unset = False
+
+        def lookup(variable: str) -> str:
+            nonlocal unset
+            if variable == "AZURE_PRINCIPAL_ID":
+                return PRINCIPAL
+            if variable not in env:
+                unset = True
+            return env.get(variable, "")
+
+        value = json.loads(envsubst(json.dumps(entry), lookup)).get("value")
+        if value is None or (value == "" and unset):
+            sent = None
+        else:
+            sent = arm_parameter_file_value(types[name], value, defaults[name])
+        resolved[name] = sent if sent is not None else (DEFAULT if defaults[name] is not None else PROMPT)
+    return resolved
+
+
+def effective_value(param: str, resolved: object):
+    """The value the parameter has in the deployment (a literal default filled in)."""
+    main = bicep("main.bicep")
+    if resolved is not DEFAULT:
+        return resolved
+    default = main.params()[param]
+    if main.param_types()[param] == "int":
+        return int(default)
+    literal = string_literal(default)
+    return literal if literal is not None else f"<{default}>"  # an expression: not empty
+
+
+def problems_with(values: dict[str, object]) -> list[str]:
+    """What Bicep would refuse, or what would give the app an empty or invalid setting."""
+    from shared.settings import Settings
+
+    main = bicep("main.bicep")
+    decorators, defaults = main.decorators(), main.params()
+    found = []
+    for param, resolved in values.items():
+        if resolved is PROMPT:
+            if defaults[param] is None:
+                continue  # a required parameter: azd asks, and the decorators apply to the answer
+            found.append(f"{param}: azd would prompt")
+            continue
+        value = effective_value(param, resolved)
+        rules = decorators.get(param, {})
+        allowed = main.allowed(param)
+        if allowed is not None and value not in allowed:
+            found.append(f"{param}: {value!r} is not one of {allowed}")
+        if "minValue" in rules and not (isinstance(value, int) and value >= int(rules["minValue"])):
+            found.append(f"{param}: {value!r} < {rules['minValue']}")
+        if "maxValue" in rules and not (isinstance(value, int) and value <= int(rules["maxValue"])):
+            found.append(f"{param}: {value!r} > {rules['maxValue']}")
+        if "minLength" in rules and len(str(value)) < int(rules["minLength"]):
+            found.append(f"{param}: {value!r} is shorter than {rules['minLength']}")
+    # The app settings that come out of it: non-empty where the app's default is not empty, and
+    # valid for the app's settings model.
+    fallback = settings_with_empty_fallback()
+    settings = {}
+    for setting, param in setting_parameters().items():
+        if param == "entraClientSecret":
+            continue  # becomes a Key Vault reference, or no setting at all
+        value = values[param]
+        value = REQUIRED_VALUES[parameter_variables()[param]] if value is PROMPT else effective_value(param, value)
+        if value == "" and setting in fallback:
+            value = "<fallback>"
+        if value == "" and (defaults[param] is None or string_literal(defaults[param]) != ""):
+            found.append(f"{setting} would be empty ({param}: main.bicep's default is {defaults[param]})")
+        settings[setting] = str(value).lower() if isinstance(value, bool) else str(value)
+    settings["AZURE_TENANT_ID"] = "00000000-0000-0000-0000-000000000001"  # a GUID, not a placeholder
+    try:
+        Settings.model_validate({name: value for name, value in settings.items() if value != ""})
+    except ValueError as error:
+        found.append(f"the app refuses its settings: {error}")
+    return found
+
+
+def optional_variables() -> set[str]:
+    return set(parameter_variables().values()) - AZD_MANAGED - set(REQUIRED_VALUES)
+
+
+def test_unset_optional_variables_give_every_parameter_a_valid_value():
+    values = azd_parameter_values(dict(REQUIRED_VALUES))
+    assert problems_with(values) == []
+    assert values["syncStalledAfter"] == "PT1H" and values["maximumInstanceCount"] == 40
+
+
+def test_empty_optional_variables_give_every_parameter_a_valid_value():
+    """`azd env set NAME ""` is a value, not "unset": no parameter may get an empty string it
+    cannot take (allowed values, numbers, endpoints)."""
+    values = azd_parameter_values(dict(REQUIRED_VALUES) | dict.fromkeys(optional_variables(), ""))
+    assert problems_with(values) == []
+    assert values["authorityHost"] == "https://login.microsoftonline.com"
+    assert values["syncLookbackDays"] == "60" and values["instanceMemoryMB"] == 2048
+
+
+@pytest.mark.parametrize("variable", sorted(optional_variables()))
+def test_each_optional_variable_alone_empty(variable):
+    assert problems_with(azd_parameter_values(dict(REQUIRED_VALUES) | {variable: ""})) == []
+
+
+def test_required_variables_are_asked_for_not_sent_empty():
+    for env in ({}, dict.fromkeys(REQUIRED_VALUES, "")):
+        values = azd_parameter_values({"AZURE_ENV_NAME": "x", "AZURE_LOCATION": "westeurope"} | {
+            name: value for name, value in env.items() if name not in AZD_MANAGED})
+        assert {values[p] for p in ("bcCompanyId", "bookingsBusinessIds", "entraClientId")} == {PROMPT}
+
+
+def test_a_set_variable_reaches_its_parameter():
+    values = azd_parameter_values(dict(REQUIRED_VALUES) | {
+        "SYNC_LOOKBACK_DAYS": "90", "MAXIMUM_INSTANCE_COUNT": "10", "SYNC_STALLED_AFTER": "P1D",
+        "ENTRA_TENANT_ID": "00000000-0000-0000-0000-00000000000f", "SYNC_SCHEDULE": "0 0 * * * *"})
+    assert problems_with(values) == []
+    assert (values["syncLookbackDays"], values["maximumInstanceCount"], values["syncStalledAfter"]) == ("90", 10, "P1D")
+    assert values["entraTenantId"] == "00000000-0000-0000-0000-00000000000f"
+    assert values["syncSchedule"] == "0 0 * * * *"
+    assert values["principalId"] == PRINCIPAL
+
+
+def test_invalid_values_are_caught():
+    """The checks above are not vacuous."""
+    for env in ({"SYNC_STALLED_AFTER": "PT5M"}, {"MAXIMUM_INSTANCE_COUNT": "5000"},
+                {"SYNC_LOOKBACK_DAYS": "lots"}, {"INSTANCE_MEMORY_MB": "1024"}):
+        assert problems_with(azd_parameter_values(dict(REQUIRED_VALUES) | env)), env
+
+
+def test_maximum_instance_count_has_flex_consumptions_bounds():
+    """Flex Consumption: the maximum instance count is 1 to 1,000 ("Event-driven scaling in Azure
+    Functions" → Limit scale-out, Flex Consumption plan; older versions of the page said 40)."""
+    for relative in ("main.bicep", "app/api.bicep"):
+        rules = bicep(relative).decorators()["maximumInstanceCount"]
+        assert (rules["minValue"], rules["maxValue"]) == ("1", "1000"), relative
+    assert bicep("main.bicep").allowed("instanceMemoryMB") == [512, 2048, 4096]
 
 
 def test_storage_takes_no_shared_keys():
@@ -358,16 +668,208 @@ def test_identity_gets_the_storage_monitoring_and_secret_roles():
     assert insights["disableLocalAuth"] == "true"
 
 
-def test_credentials_are_a_key_vault_reference_or_the_managed_identity():
+def test_the_app_is_the_app_registration_with_a_federated_credential_or_a_key_vault_secret():
+    """AZURE_CLIENT_ID is always the app registration (azd asks for it). Without a secret the app
+    signs in with a client assertion of the managed identity (AZURE_FEDERATED_IDENTITY_CLIENT_ID);
+    with one, the secret is a Key Vault reference and the identity setting is empty."""
     api, main = bicep("app/api.bicep"), bicep("main.bicep")
     assert ("var clientSecretSettings = empty(clientSecretUri) ? {} : {\n"
             "  AZURE_CLIENT_SECRET: '@Microsoft.KeyVault(SecretUri=${clientSecretUri}/)'\n"
             "}") in api.text
-    assert "AZURE_CLIENT_ID: empty(entraClientId) ? identityClientId : entraClientId" in api.text
+    wiring = api.entries(api.object_after(r"^var[ \t]+appSettings[ \t]*="))
+    assert wiring["AZURE_CLIENT_ID"] == "entraClientId"
+    assert wiring["AZURE_FEDERATED_IDENTITY_CLIENT_ID"] == "empty(clientSecretUri) ? identityClientId : ''"
+    _, passed = main.module("api")
+    assert passed["clientSecretUri"] == "empty(entraClientSecret) ? '' : clientSecret.outputs.secretUri"
+    assert passed["identityClientId"] == "apiIdentity.outputs.clientId"
+    assert main.params()["entraClientId"] is None and main.decorators()["entraClientId"]["minLength"] == "1"
     assert "keyVaultAccessIdentityResourceId: identityId" in api.text
     assert re.search(r"@secure\(\)\s+(?:@\w+\([^\n]*\)\s+)*param entraClientSecret string = ''",
                      main.masked)
     assert sample_values()["AZURE_CLIENT_SECRET"] == ""
+
+
+def test_no_certificate_path_is_left():
+    """Flex Consumption cannot load certificates: the setting is gone from the app and from infra."""
+    files = [path for path in INFRA.rglob("*") if path.is_file()] + [ROOT / "azure.yaml", ROOT / "README.md"]
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        assert "CERTIFICATE_PATH" not in text and "clientCertificatePath" not in text, path
+
+
+# --- (b3) the postprovision hook adds the federated identity credential -------------------------
+
+HOOKS = INFRA / "hooks"
+
+
+def hook_config() -> dict:
+    return yaml.safe_load((ROOT / "azure.yaml").read_text(encoding="utf-8"))["hooks"]["postprovision"]
+
+
+def test_postprovision_hook_runs_in_both_shells_and_stops_azd_when_it_fails():
+    """azd's azure.yaml schema (schemas/v1.0/azure.yaml.json, definitions.hook): with both `posix`
+    and `windows`, `run`/`shell`/`interactive`/`continueOnError` go inside each of them."""
+    config = hook_config()
+    assert set(config) == {"posix", "windows"}
+    for platform, shell, suffix in (("posix", "sh", ".sh"), ("windows", "pwsh", ".ps1")):
+        hook = config[platform]
+        assert set(hook) == {"shell", "run", "interactive", "continueOnError"}, platform
+        assert hook["shell"] == shell and hook["interactive"] is False and hook["continueOnError"] is False
+        assert hook["run"].endswith(suffix) and (ROOT / hook["run"]).is_file(), hook["run"]
+
+
+def hook_variables(text: str, powershell: bool) -> set[str]:
+    pattern = r"\$env:([A-Z][A-Z0-9_]*)" if powershell else r"\$\{?([A-Z][A-Z0-9_]*)"
+    return set(re.findall(pattern, text))
+
+
+def test_hook_reads_what_azd_provision_writes_to_the_environment():
+    outputs = set(re.findall(r"^output[ \t]+(\w+)", bicep("main.bicep").masked, re.MULTILINE))
+    scripts = {platform: (ROOT / hook_config()[platform]["run"]).read_text(encoding="utf-8")
+               for platform in ("posix", "windows")}
+    posix, windows = hook_variables(scripts["posix"], False), hook_variables(scripts["windows"], True)
+    assert posix == windows
+    # AZURE_ENV_NAME is azd's own; ENTRA_CLIENT_SECRET is the variable the parameters file maps.
+    assert "ENTRA_CLIENT_SECRET" in parameter_variables().values()
+    assert posix - {"AZURE_ENV_NAME", "ENTRA_CLIENT_SECRET"} <= outputs, posix - outputs
+    assert {"ENTRA_CLIENT_ID", "API_IDENTITY_PRINCIPAL_ID", "FEDERATED_CREDENTIAL_ISSUER"} <= posix
+    main = bicep("main.bicep").text
+    assert "output API_IDENTITY_PRINCIPAL_ID string = apiIdentity.outputs.principalId" in main
+    assert "output FEDERATED_CREDENTIAL_ISSUER string = '${environment().authentication.loginEndpoint}${tenant().tenantId}/v2.0'" in main
+    assert "output ENTRA_CLIENT_ID string = entraClientId" in main
+    for text in scripts.values():
+        assert "api://AzureADTokenExchange" in text
+        for verb in ("list", "create", "update"):
+            assert f"az ad app federated-credential {verb} --id" in text, verb
+
+
+FAKE_AZ = r"""#!PYTHON
+# Stands in for the Azure CLI: `az ad app federated-credential list|create|update`, against the
+# credentials in $FAKE_AZ_STATE (JSON list); every call is appended to $FAKE_AZ_LOG.
+import json, os, re, sys
+args = sys.argv[1:]
+state = json.load(open(os.environ["FAKE_AZ_STATE"]))
+def option(name):
+    return args[args.index(name) + 1] if name in args else None
+call = {"args": args}
+if args[:4] == ["ad", "app", "federated-credential", "list"]:
+    if os.environ.get("FAKE_AZ_FAIL"):
+        print("ERROR: not signed in", file=sys.stderr); sys.exit(1)
+    query = option("--query")
+    m = re.fullmatch(r"\[\?issuer=='([^']*)' && subject=='([^']*)' && contains\(audiences, '([^']*)'\)\]\.name", query)
+    n = re.fullmatch(r"\[\?name=='([^']*)'\]\.name", query)
+    if m:
+        names = [c["name"] for c in state if (c["issuer"], c["subject"]) == m.group(1, 2) and m.group(3) in c["audiences"]]
+    elif n:
+        names = [c["name"] for c in state if c["name"] == n.group(1)]
+    else:
+        sys.exit("unexpected query: " + query)
+    assert option("-o") == "tsv"
+    print("\n".join(names))
+elif args[:4] in (["ad", "app", "federated-credential", "create"], ["ad", "app", "federated-credential", "update"]):
+    call["parameters"] = json.load(open(option("--parameters")))
+else:
+    sys.exit("unexpected az call: %s" % args)
+with open(os.environ["FAKE_AZ_LOG"], "a") as log:
+    log.write(json.dumps(call) + "\n")
+"""
+
+ISSUER = "https://login.microsoftonline.com/00000000-0000-0000-0000-000000000001/v2.0"
+APP = "00000000-0000-0000-0000-0000000000c1"
+IDENTITY = "00000000-0000-0000-0000-0000000000d1"
+
+
+def run_hook(tmp_path, existing: list[dict], **env: str):
+    """Runs the POSIX hook with a stand-in `az`; returns (exit code, output, az calls)."""
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    az = bin_dir / "az"
+    az.write_text(FAKE_AZ.replace("PYTHON", sys.executable, 1), encoding="utf-8")
+    az.chmod(0o755)
+    (tmp_path / "state.json").write_text(json.dumps(existing), encoding="utf-8")
+    log = tmp_path / "az.log"
+    log.write_text("", encoding="utf-8")
+    azd_env = {"AZURE_ENV_NAME": "bookings-prod", "ENTRA_CLIENT_ID": APP,
+               "API_IDENTITY_PRINCIPAL_ID": IDENTITY, "FEDERATED_CREDENTIAL_ISSUER": ISSUER}
+    process = subprocess.run(  # noqa: S603 - our own script
+        ["/bin/sh", str(ROOT / hook_config()["posix"]["run"])], capture_output=True, text=True, timeout=60,
+        env={"PATH": f"{bin_dir}{os.pathsep}/usr/bin:/bin", "FAKE_AZ_STATE": str(tmp_path / "state.json"),
+             "FAKE_AZ_LOG": str(log)} | {k: v for k, v in (azd_env | env).items() if v is not None})
+    calls = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
+    return process.returncode, process.stdout + process.stderr, calls
+
+
+def test_hook_adds_the_credential_the_docs_describe(tmp_path):
+    code, output, calls = run_hook(tmp_path, [])
+    assert code == 0, output
+    [create] = [c for c in calls if c["args"][3] == "create"]
+    assert create["args"][4:6] == ["--id", APP]
+    assert create["parameters"] == {
+        "name": "bookings-invoicing-bookings-prod", "issuer": ISSUER, "subject": IDENTITY,
+        "audiences": ["api://AzureADTokenExchange"],
+        "description": "The function app's managed identity signs in as this app (azd environment bookings-prod)"}
+
+
+def test_hook_updates_its_credential_when_the_identity_changed(tmp_path):
+    old = {"name": "bookings-invoicing-bookings-prod", "issuer": ISSUER, "subject": "old-principal",
+           "audiences": ["api://AzureADTokenExchange"]}
+    code, output, calls = run_hook(tmp_path, [old])
+    assert code == 0, output
+    [update] = [c for c in calls if c["args"][3] == "update"]
+    assert update["args"][update["args"].index("--federated-credential-id") + 1] == old["name"]
+    assert update["parameters"]["subject"] == IDENTITY
+    assert not [c for c in calls if c["args"][3] == "create"]
+
+
+def test_hook_leaves_an_equivalent_credential_alone(tmp_path):
+    by_hand = {"name": "added-in-the-portal", "issuer": ISSUER, "subject": IDENTITY,
+               "audiences": ["api://AzureADTokenExchange"]}
+    code, output, calls = run_hook(tmp_path, [by_hand])
+    assert code == 0, output
+    assert [c["args"][3] for c in calls] == ["list"]
+    assert "already trusts" in output
+
+
+def test_hook_does_nothing_with_a_client_secret(tmp_path):
+    code, output, calls = run_hook(tmp_path, [], ENTRA_CLIENT_SECRET="s3cr3t")
+    assert (code, calls) == (0, [])
+    assert "s3cr3t" not in output
+
+
+def test_hook_fails_azd_when_it_cannot_do_its_job(tmp_path):
+    code, output, calls = run_hook(tmp_path, [], API_IDENTITY_PRINCIPAL_ID=None)
+    assert code != 0 and calls == [] and "API_IDENTITY_PRINCIPAL_ID" in output
+    code, output, calls = run_hook(tmp_path, [], FAKE_AZ_FAIL="1")
+    assert code != 0 and "not signed in" in output
+    assert not [c for c in calls if c["args"][3] in ("create", "update")]
+
+
+# --- (b4) the workbook ---------------------------------------------------------------------------
+
+def test_workbook_is_linked_to_application_insights_with_a_stable_name():
+    workbook = bicep("app/workbook.bicep")
+    text = workbook.text
+    assert "resource workbook 'Microsoft.Insights/workbooks@2023-06-01' = {" in text
+    body = workbook.entries(workbook.object_after(r"^resource[ \t]+workbook[ \t]"))
+    assert body["name"].startswith("guid(resourceGroup().id, applicationInsights.id, ")
+    assert body["kind"] == "'shared'"
+    properties = workbook.entries(workbook.object_after(r"^[ \t]*properties[ \t]*:"))
+    assert properties["category"] == "'workbook'"
+    assert properties["sourceId"] == "toLower(applicationInsights.id)"
+    assert properties["serializedData"] == "serializedData"
+    assert ("var serializedData = replace(loadTextContent('workbook.json'), '__APPLICATION_INSIGHTS_ID__', "
+            "applicationInsights.id)") in text
+    content = (INFRA / "app" / "workbook.json").read_text(encoding="utf-8")
+    assert len(content) < 131_072, "loadTextContent reads at most 131,072 characters"
+    data = json.loads(content)
+    assert data["version"] == "Notebook/1.0" and data["fallbackResourceIds"] == ["__APPLICATION_INSIGHTS_ID__"]
+    _, passed = bicep("main.bicep").module("workbook")
+    assert passed["applicationInsightsName"] == "monitoring.outputs.name"
+    main = bicep("main.bicep").text
+    assert "output WORKBOOK_ID string = workbook.outputs.id" in main
+    assert "output WORKBOOK_URL string = workbook.outputs.portalUrl" in main
 
 
 # --- (c) alerts watch the events the app logs -------------------------------------------------

@@ -11,15 +11,16 @@ param identityClientId string
 param serviceName string = 'api'
 param runtimeVersion string = '3.11'
 param instanceMemoryMB int = 2048
+@minValue(1)
+@maxValue(1000)
 param maximumInstanceCount int = 40
 
-@description('Versionless URI of the Key Vault secret holding AZURE_CLIENT_SECRET. Empty: the setting is not set.')
+@description('Versionless URI of the Key Vault secret holding AZURE_CLIENT_SECRET. Empty: the setting is not set, and the app signs in with the managed identity\'s client assertion instead (AZURE_FEDERATED_IDENTITY_CLIENT_ID).')
 param clientSecretUri string = ''
 
 // Values of the app's own settings (main.bicep documents each one).
 param entraTenantId string
 param entraClientId string
-param clientCertificatePath string
 param authorityHost string
 param graphBaseUrl string
 param bcBaseUrl string
@@ -40,6 +41,10 @@ param httpTimeoutSeconds string
 param bcExecutionLimitSeconds string
 param bcWebClientUrl string
 param pagesAllowedRole string
+param pushCustomersToBookings string
+param pushItemsToBookings string
+param bcCustomerFilter string
+param bcItemFilter string
 
 resource stg 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
@@ -55,10 +60,13 @@ resource applicationInsights 'Microsoft.Insights/components@2020-02-02' existing
 var appSettings = {
   AzureWebJobsStorage__accountName: stg.name
   AzureWebJobsStorage__clientId: identityClientId
-  AZURE_TENANT_ID: entraTenantId
-  // Without an app registration the managed identity itself calls Graph and Business Central.
-  AZURE_CLIENT_ID: empty(entraClientId) ? identityClientId : entraClientId
-  AZURE_CLIENT_CERTIFICATE_PATH: clientCertificatePath
+  // An empty ENTRA_TENANT_ID (set, but to nothing) means the deployment's tenant too.
+  AZURE_TENANT_ID: empty(entraTenantId) ? tenant().tenantId : entraTenantId
+  // The app always acts as the app registration (the identity Business Central lists) ...
+  AZURE_CLIENT_ID: entraClientId
+  // ... and, without a secret, proves it with a token of its managed identity, which the app
+  // registration trusts through a federated identity credential (the postprovision hook adds it).
+  AZURE_FEDERATED_IDENTITY_CLIENT_ID: empty(clientSecretUri) ? identityClientId : ''
   AZURE_AUTHORITY_HOST: authorityHost
   GRAPH_BASE_URL: graphBaseUrl
   BC_BASE_URL: bcBaseUrl
@@ -79,6 +87,10 @@ var appSettings = {
   BC_EXECUTION_LIMIT_SECONDS: bcExecutionLimitSeconds
   BC_WEB_CLIENT_URL: bcWebClientUrl
   PAGES_ALLOWED_ROLE: pagesAllowedRole
+  PUSH_CUSTOMERS_TO_BOOKINGS: pushCustomersToBookings
+  PUSH_ITEMS_TO_BOOKINGS: pushItemsToBookings
+  BC_CUSTOMER_FILTER: bcCustomerFilter
+  BC_ITEM_FILTER: bcItemFilter
 }
 
 // A Key Vault reference without a version (trailing slash): after a rotation the app reads the
@@ -92,7 +104,11 @@ var hostSettings = {
   AzureWebJobsStorage__credential: 'managedidentity'
   APPLICATIONINSIGHTS_CONNECTION_STRING: applicationInsights.properties.ConnectionString
   APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
-  // The worker exports Python logs itself, so `extra={...}` lands in customDimensions.
+  // The worker exports Python logs itself (Azure Monitor distro), so `extra={...}` lands in
+  // customDimensions: the setting "Use OpenTelemetry with Azure Functions" documents for Python and
+  // Application Insights (PYTHON_ENABLE_OPENTELEMETRY is the one for an OTLP exporter). The worker
+  // attaches the exporter to the root logger (PYTHON_APPLICATIONINSIGHTS_LOGGER_NAME, not set: one
+  // logger name cannot cover both `shared` and `function_app`); shared/telemetry.py sets the levels.
   PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY: 'true'
 }
 
