@@ -14,7 +14,7 @@ import time
 
 from shared.bc import API_ROLE
 from shared.directory import CUSTOMER, ITEM, get_template
-from shared.graph import READ_ROLES, WRITE_ROLES
+from shared.graph import CUSTOMER_WRITE_ROLES, READ_ROLES, SERVICE_WRITE_ROLES, WRITE_ROLES
 from shared.http import UpstreamError
 from shared.runtime import Runtime
 from shared.settings import SettingsError
@@ -54,15 +54,19 @@ async def graph_access(rt: Runtime) -> dict:
     except (UpstreamError, ValueError) as error:
         return _check("graph", False, f"No Graph token: {error} Check the app's credentials (AZURE_CLIENT_ID, the "
                                       "secret, or the federated credential trusting the managed identity) in Entra ID.")
-    missing = []
+    missing: dict[str, str] = {}
     if roles is not None and not roles & READ_ROLES:
-        missing.append("Bookings.Read.All")
+        missing["Bookings.Read.All"] = ""
     if roles is not None and settings.write_back_to_bookings and not roles & WRITE_ROLES:
-        missing.append("BookingsAppointment.ReadWrite.All")
+        missing["BookingsAppointment.ReadWrite.All"] = "WRITE_BACK_TO_BOOKINGS"
+    if roles is not None and settings.push_customers and not roles & CUSTOMER_WRITE_ROLES:
+        missing.setdefault("BookingsAppointment.ReadWrite.All", "PUSH_CUSTOMERS_TO_BOOKINGS")
+    if roles is not None and settings.push_items and not roles & SERVICE_WRITE_ROLES:
+        missing["Bookings.ReadWrite.All"] = "PUSH_ITEMS_TO_BOOKINGS"
     if missing:
-        why = " (needed by WRITE_BACK_TO_BOOKINGS)" if missing == ["BookingsAppointment.ReadWrite.All"] else ""
+        names = " and ".join(f"{role} (needed by {why})" if why else role for role, why in missing.items())
         return _check("graph", False, f"The app's token lacks the Microsoft Graph application permission "
-                                      f"{' and '.join(missing)}{why}. {grant_graph(missing)}")
+                                      f"{names}. {grant_graph(list(missing))}")
     problems = []
     for business_id in settings.business_ids:
         try:

@@ -24,6 +24,13 @@ READ_ROLES = {"Bookings.Read.All", "BookingsAppointment.ReadWrite.All", "Booking
 """Application permissions that let the app read Bookings businesses (least privileged first)."""
 WRITE_ROLES = {"BookingsAppointment.ReadWrite.All", "Bookings.ReadWrite.All", "Bookings.Manage.All"}
 """Application permissions that let the app write an appointment's staff notes."""
+CUSTOMER_WRITE_ROLES = {"BookingsAppointment.ReadWrite.All", "Bookings.ReadWrite.All", "Bookings.Manage.All"}
+"""Application permissions that let the app create and update Bookings customers (the push)."""
+SERVICE_WRITE_ROLES = {"Bookings.ReadWrite.All", "Bookings.Manage.All"}
+"""Application permissions that let the app create and update Bookings services (the push)."""
+
+
+ODATA_TYPES = {"customers": "#microsoft.graph.bookingCustomer", "services": "#microsoft.graph.bookingService"}
 
 
 class GraphModel(BaseModel):
@@ -117,6 +124,7 @@ class BookingCustomer(GraphModel):
     email_address: str | None = Field(None, alias="emailAddress")
     addresses: list[PhysicalAddress] = Field(default_factory=list)
     phones: list[Phone] = Field(default_factory=list)
+    last_updated_date_time: str | None = Field(None, alias="lastUpdatedDateTime")
 
     @field_validator("addresses", "phones", mode="before")
     @classmethod
@@ -131,6 +139,7 @@ class BookingService(GraphModel):
     default_price_type: str | None = Field(None, alias="defaultPriceType")
     default_duration: str | None = Field(None, alias="defaultDuration")
     description: str | None = None
+    last_updated_date_time: str | None = Field(None, alias="lastUpdatedDateTime")
 
 
 class NoAccessToBusiness(UpstreamError):
@@ -197,6 +206,23 @@ class GraphClient:
     async def update_appointment(self, business_id: str, appointment_id: str, changes: dict) -> None:
         url = f"{self._business_url(business_id)}/appointments/{url_quote(appointment_id, safe='')}"
         await self.api.request("PATCH", url, json_body=changes, limit_key=business_id)
+
+    async def create(self, business_id: str, collection: str, body: dict) -> dict:
+        """POST a customer or service; the created entity. A lost answer is `UpstreamAmbiguous`:
+        the caller looks it up (by e-mail or name) before it creates it again."""
+        # `customers` holds the abstract bookingCustomerBase: Graph needs the concrete type named.
+        typed = {"@odata.type": ODATA_TYPES[collection], **body}
+        response = await self.api.request("POST", f"{self._business_url(business_id)}/{collection}", json_body=typed,
+                                          limit_key=business_id)
+        created = response.body if isinstance(response.body, dict) else {}
+        if not created.get("id"):
+            raise UpstreamError("Graph", response.status, "MalformedResponse", f"the created {collection} had no id")
+        return created
+
+    async def update(self, business_id: str, collection: str, item_id: str, changes: dict) -> None:
+        url = f"{self._business_url(business_id)}/{collection}/{url_quote(item_id, safe='')}"
+        await self.api.request("PATCH", url, json_body={"@odata.type": ODATA_TYPES[collection], **changes},
+                               limit_key=business_id)
 
 
 def _iso_z(moment: datetime) -> str:

@@ -66,6 +66,14 @@ class Settings(BaseSettings):
     """How long Business Central may go on executing a request after it arrived (its documented
     limit is 10 minutes). A write whose outcome is unknown (timeout, lost answer) is looked up,
     and repeated if missing, only once this has passed: before, BC may still be creating it."""
+    push_customers: bool = Field(False, alias="PUSH_CUSTOMERS_TO_BOOKINGS")
+    """Each sync also puts BC customers (persons with an e-mail) into every Bookings business."""
+    push_items: bool = Field(False, alias="PUSH_ITEMS_TO_BOOKINGS")
+    """Each sync also puts BC service items into every Bookings business as services."""
+    bc_customer_filter: str | None = Field(None, alias="BC_CUSTOMER_FILTER")
+    """OData `$filter` narrowing the customers pushed, e.g. `city eq 'Oslo'` (BC API v2.0 fields)."""
+    bc_item_filter: str | None = Field(None, alias="BC_ITEM_FILTER")
+    """OData `$filter` narrowing the service items pushed, e.g. `itemCategoryCode eq 'HAIR'`."""
     bc_web_client_url: str = Field("https://businesscentral.dynamics.com", alias="BC_WEB_CLIENT_URL")
     """Where people open Business Central: the pages link each draft invoice there."""
     pages_allowed_role: str | None = Field(None, alias="PAGES_ALLOWED_ROLE")
@@ -81,11 +89,24 @@ class Settings(BaseSettings):
 
     @field_validator("customer_template", "item_template", "bc_environment", "bc_company_id",
                      "tenant_id", "client_id", "client_secret", "storage_connection", "pages_allowed_role",
-                     "federated_identity_client_id",
+                     "federated_identity_client_id", "bc_customer_filter", "bc_item_filter",
                      mode="before")
     @classmethod
     def _blank_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("bc_customer_filter", "bc_item_filter")
+    @classmethod
+    def _valid_filter(cls, value: str | None, info):
+        from shared.odata_filter import CUSTOMER_FILTER_FIELDS, ITEM_FILTER_FIELDS, InvalidFilter, validate_filter
+
+        if value is None:
+            return None
+        fields = CUSTOMER_FILTER_FIELDS if info.field_name == "bc_customer_filter" else ITEM_FILTER_FIELDS
+        try:
+            return validate_filter(value, fields)
+        except InvalidFilter as error:
+            raise ValueError(f"not an OData $filter Business Central can take: {error}") from None
 
     @field_validator("time_zone")
     @classmethod

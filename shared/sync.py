@@ -26,6 +26,7 @@ from shared import leases
 from shared.bookings import Booking, normalise_email
 from shared.graph import Appointment, BookingCustomer, BookingService, NoAccessToBusiness
 from shared.http import UpstreamError, UpstreamNotFound
+from shared.push import push_directory
 from shared.messages import (SOURCE_TEXT, CustomerBatchUpsert, CustomerSource, CustomerUpsert, ItemBatchUpsert, ItemUpsert,
                              ServiceSource, encode, pack)
 from shared.runtime import Runtime
@@ -437,6 +438,11 @@ async def run_sync(rt: Runtime, trigger: str, now: datetime | None = None) -> Sy
                 setattr(totals, name, getattr(totals, name) + value)
             for message in pull.errors[:20]:
                 result.errors.append({"businessId": pull.business_id, "message": message})
+        pushed = await push_directory(rt, store, pulls)
+        for business, push in pushed.items():
+            per_business[business]["push"] = push.counts()
+            for message in push.errors[:20]:
+                result.errors.append({"businessId": business, "message": message})
         reconciled = await _reconcile(rt, store)
         failed = [p for p in pulls if not p.complete and not p.bookings]
         if len(failed) == len(pulls):
@@ -445,6 +451,11 @@ async def run_sync(rt: Runtime, trigger: str, now: datetime | None = None) -> Sy
             result.outcome = "partial"
         result.counts = totals.__dict__ | {"customersQueued": upserts.customers, "itemsQueued": upserts.items,
                                            "businesses": per_business, **reconciled}
+        if pushed:
+            result.counts |= {"customersPushed": sum(p.customers.created for p in pushed.values()),
+                              "servicesPushed": sum(p.services.created for p in pushed.values()),
+                              "pushUpdated": sum(p.customers.updated + p.services.updated for p in pushed.values()),
+                              "pushFailed": sum(p.customers.failed + p.services.failed for p in pushed.values())}
     except Exception as error:
         result.outcome = "failed"
         result.errors.append({"businessId": None, "message": f"sync failed: {error}"})

@@ -66,6 +66,7 @@ def make_world(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, businesses: in
     # Graph's readings of what the docs leave open, the app's permissions and its place in BC's
     # Entra Applications: back to their defaults (a test may have changed them).
     sandbox.graph.configure(**asdict(GraphOptions()))
+    sandbox.graph.clear_writes()
     for audience, roles in APP_ROLES.items():
         sandbox.entra.set_roles(TENANT, CLIENT_ID, audience, roles)
     seed_users(sandbox.entra)  # the operator and her app role (users and redirect URIs a test adds stay)

@@ -226,6 +226,12 @@ class Run:
     duplicate_deliveries: int = 0
     internal_errors: int = 0
     steps: list[str] = field(default_factory=list)
+    push: bool = False
+    """BC customers and service items are pushed into Bookings in this run."""
+    pushed_emails: list[str] = field(default_factory=list)
+    pushed_services: list[str] = field(default_factory=list)
+    customers_before: dict[str, Counter] = field(default_factory=dict)
+    """Bookings customers per e-mail in each business before the push (the data has duplicates of its own)."""
 
     @property
     def host(self):
@@ -355,13 +361,32 @@ def build_world(run: Run) -> None:
                           for n, email in enumerate(people)]})
 
 
+def add_bc_records(run: Run) -> None:
+    """What an accountant keeps in BC: persons to push (one of them also a Bookings customer, typed
+    with other capitals), a company (never pushed) and a service item."""
+    world, seed = run.world, run.seed
+    run.customers_before = {b: Counter(normalise_email(c.get("emailAddress")) for c in world.graph.customers(b))
+                            for b in world.business_ids}
+    known = sorted({(c.get("emailAddress") or "") for b in world.business_ids for c in world.graph.customers(b)} - {""})
+    run.pushed_emails = [f"bc-only-{seed}@example.com"] + ([known[0].lower()] if known else [])
+    world.bc.add_customer(world.company_id, type="Person", displayName="Only In BC", email=run.pushed_emails[0].upper(),
+                          city="Oslo", country="NO", phoneNumber="+47 22 33 44 55")
+    if known:
+        world.bc.add_customer(world.company_id, type="Person", displayName="Also In Bookings", email=known[0].upper())
+    world.bc.add_customer(world.company_id, type="Company", displayName="A Company", email=f"company-{seed}@example.com")
+    run.pushed_services = [f"BC consultation {seed}"]
+    world.bc.add_item(world.company_id, displayName=run.pushed_services[0], type="Service", unitPrice=75)
+
+
 def configure_faults(run: Run) -> None:
     world, rng = run.world, run.rng
     timeouts = rng.random() < 0.2
     if timeouts:
         world.configure(HTTP_TIMEOUT_SECONDS="0.5")
     extra = ("timeout",) if timeouts else ()
-    world.graph.plan.configure(fault_rate=rng.uniform(0.05, 0.2), fault_kinds=FAULTS + extra, seed=run.seed,
+    # A customer or service the push creates may be created although its answer is lost.
+    pushing = ("lost",) if run.push else ()
+    world.graph.plan.configure(fault_rate=rng.uniform(0.05, 0.2), fault_kinds=FAULTS + extra + pushing, seed=run.seed,
                                retry_after_seconds=0, hang_seconds=1.0)
     # BC finishing a request after the client gave up: answered 408/504 at once, or held past the
     # client's timeout ("late"), and executed all the same, or (the docs' reading) dropped.
@@ -403,6 +428,15 @@ def choose_settings(run: Run) -> None:
     run.time_zone = rng.choice(("UTC", "Europe/Paris", "America/New_York"))
     world.configure(BOOKINGS_TIME_ZONE=run.time_zone, INVOICE_FREE_BOOKINGS=str(run.invoice_free).lower(),
                     WRITE_BACK_TO_BOOKINGS=rng.choice(("true", "false")))
+    run.push = rng.random() < 0.5
+    if run.push:
+        from sandbox.stack import CLIENT_ID, TENANT
+        from sandbox.tokens import BOOKINGS_APPOINTMENT_READ_WRITE, BOOKINGS_READ, BOOKINGS_READ_WRITE, GRAPH_AUDIENCE
+
+        world.sandbox.entra.set_roles(TENANT, CLIENT_ID, GRAPH_AUDIENCE,
+                                      [BOOKINGS_READ, BOOKINGS_APPOINTMENT_READ_WRITE, BOOKINGS_READ_WRITE])
+        world.configure(PUSH_CUSTOMERS_TO_BOOKINGS="true", PUSH_ITEMS_TO_BOOKINGS="true")
+        run.note("BC customers and service items pushed into Bookings")
     for _ in range(rng.randint(2, 5)):
         run.crashes.store_points[rng.randint(1, 250)] = rng.choice(("before", "after"))
     run.crashes.upstream_points = set(rng.sample(range(1, 40), k=rng.randint(1, 2)))
@@ -663,6 +697,27 @@ def check_invariants(world, *, invoice_free: bool, ended_before: datetime, time_
     return found
 
 
+def check_push(run: Run, findings: Findings) -> None:
+    """Each pushed BC customer and service is in every business (once, unless Bookings already had
+    it more often); the push made no Bookings customer twice."""
+    world = run.world
+    for business in world.business_ids:
+        before = run.customers_before.get(business, Counter())
+        emails = Counter(normalise_email(c.get("emailAddress")) for c in world.graph.customers(business))
+        names = Counter((s.get("displayName") or "").strip().lower() for s in world.graph.services(business))
+        for email, n in emails.items():
+            if email and n > max(before[email], 1):
+                findings.duplicates += n - max(before[email], 1)
+                findings.problems.append(f"Bookings business {business} has {n} customers with e-mail {email} "
+                                         f"(had {before[email]})")
+        for email in run.pushed_emails:
+            if emails[email] != max(before[email], 1):
+                findings.problems.append(f"pushed customer {email} is in {business} {emails[email]} times")
+        for name in run.pushed_services:
+            if names[name.lower()] != 1:
+                findings.problems.append(f"pushed service {name!r} is in {business} {names[name.lower()]} times")
+
+
 def check_write_back(run: Run) -> None:
     """Never the same invoice marker twice in an appointment's notes."""
     world = run.world
@@ -698,6 +753,8 @@ def test_a_seeded_chaos_run_bills_every_booking_exactly_once(chaos_world, chaos_
     run = Run(chaos_seed, chaos_world, random.Random(chaos_seed), Crashes())
     build_world(run)
     choose_settings(run)
+    if run.push:
+        add_bc_records(run)
     arm_crashes(monkeypatch, run.crashes)
     configure_faults(run)
     findings = Findings()
@@ -714,6 +771,8 @@ def test_a_seeded_chaos_run_bills_every_booking_exactly_once(chaos_world, chaos_
         findings = check_invariants(chaos_world, invoice_free=run.invoice_free, ended_before=ended_before,
                                     time_zone=run.time_zone, jobs=run.jobs, deleted=run.deleted,
                                     repriced=run.repriced)
+        if run.push:
+            check_push(run, findings)
     except Exception as error:  # a function the host would have run raised: reported with the seed
         stopped = error
         findings.problems.append(f"the run stopped: {type(error).__name__}: {error}")

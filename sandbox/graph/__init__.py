@@ -23,7 +23,14 @@ Faithful where the app can go wrong against the real service (each point is a ro
   per-mailbox concurrency limit and some answers are 429 inside a 200 batch, as in Graph —
   `batch`;
 - ``$filter``, ``$orderby``, ``$skip`` and ``$search`` are refused (400) so the app cannot come to
-  rely on server-side filtering that Bookings does not promise.
+  rely on server-side filtering that Bookings does not promise;
+- customers and services are created (``POST``, 201 with the entity, a server-assigned id and
+  ``createdDateTime``/``lastUpdatedDateTime``) and changed (``PATCH``: a customer answers 200 with
+  itself as documented, a service 204), each body checked against the v1.0 schema (unknown
+  properties, types, enums, ``Edm.Duration``, SMTP addresses, the lengths of `limits`) — `schema`,
+  `writes`; customers need ``BookingsAppointment.ReadWrite.All`` (or a higher permission), services
+  ``Bookings.ReadWrite.All`` or ``Bookings.Manage.All``; nothing is unique (two customers may share
+  an e-mail address), and every executed write is logged for the tests (`writes(...)`).
 
 By default (no plan given) each mailbox serves at most 4 requests at once and answers 429 beyond
 that, the documented Graph limit for Bookings; pass a `FaultPlan` to change it.
@@ -31,10 +38,12 @@ that, the documented Graph limit for Bookings; pass a `FaultPlan` to change it.
 
 from sandbox.graph.app import CONCURRENCY_PER_MAILBOX, MAX_LISTED_BUSINESSES, GraphSimulator, default_plan
 from sandbox.graph.batch import MAX_BATCH_REQUESTS
+from sandbox.graph.limits import DEFAULT_FIELD_LIMITS
 from sandbox.graph.options import GraphOptions
 from sandbox.graph.times import parse_instant
 from sandbox.graph.wire import BUSINESSES_PATH, GraphError, graph_error_body, mailbox_of
+from sandbox.graph.writes import Write
 
-__all__ = ["BUSINESSES_PATH", "CONCURRENCY_PER_MAILBOX", "MAX_BATCH_REQUESTS", "MAX_LISTED_BUSINESSES",
-           "GraphError", "GraphOptions", "GraphSimulator", "default_plan", "graph_error_body", "mailbox_of",
-           "parse_instant"]
+__all__ = ["BUSINESSES_PATH", "CONCURRENCY_PER_MAILBOX", "DEFAULT_FIELD_LIMITS", "MAX_BATCH_REQUESTS",
+           "MAX_LISTED_BUSINESSES", "GraphError", "GraphOptions", "GraphSimulator", "Write", "default_plan",
+           "graph_error_body", "mailbox_of", "parse_instant"]

@@ -8,6 +8,7 @@ a consistent state.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -28,8 +29,10 @@ from sandbox.graph.batch import parse_batch, run_batch
 from sandbox.graph.data_api import DataApi
 from sandbox.graph.options import GraphOptions
 from sandbox.graph.permissions import RequireGraphPermission
+from sandbox.graph.schema import Reader, check_entity_type
 from sandbox.graph.store import Business, Collection
 from sandbox.graph.times import parse_instant
+from sandbox.graph.writes import Write, apply_update, new_customer, new_service, write_record
 from sandbox.graph.wire import (BUSINESSES_PATH, GraphError, graph_error_body, json_response, mailbox_of, page,
                                 select_of, selected)
 
@@ -50,7 +53,7 @@ class GraphSimulator(DataApi):
     `options` switches what the docs leave open (`GraphOptions`; `configure(...)` or the
     `calendar_view`, `calendar_view_cap` and `response_time_zone` properties, at any time).
     Request counters are `plan.stats` (inner `$batch` requests are counted as themselves, the
-    batch as `POST /v1.0/$batch`)."""
+    batch as `POST /v1.0/$batch`); the writes actually executed are `writes(...)`."""
 
     def __init__(self, plan: FaultPlan | None = None, page_size: int = 100, options: GraphOptions | None = None):
         self.plan = plan or default_plan()
@@ -62,6 +65,7 @@ class GraphSimulator(DataApi):
         """Calendar views answered with appointments left out (`GraphOptions.calendar_view_omit`)."""
         self._lock = threading.Lock()
         self._businesses: dict[str, Business] = {}
+        self._writes: list[Write] = []
         business = BUSINESSES_PATH + "/{business_id}"
         router = Starlette(
             routes=[
@@ -72,9 +76,13 @@ class GraphSimulator(DataApi):
                 Route(business + "/appointments/{item_id}", self._get_appointment, methods=["GET"]),
                 Route(business + "/appointments/{item_id}", self._patch_appointment, methods=["PATCH"]),
                 Route(business + "/customers", self._list_customers, methods=["GET"]),
+                Route(business + "/customers", self._create_customer, methods=["POST"]),
                 Route(business + "/customers/{item_id}", self._get_customer, methods=["GET"]),
+                Route(business + "/customers/{item_id}", self._update_customer, methods=["PATCH"]),
                 Route(business + "/services", self._list_services, methods=["GET"]),
+                Route(business + "/services", self._create_service, methods=["POST"]),
                 Route(business + "/services/{item_id}", self._get_service, methods=["GET"]),
+                Route(business + "/services/{item_id}", self._update_service, methods=["PATCH"]),
                 Route("/v1.0/$batch", self._batch, methods=["POST"]),
             ],
             exception_handlers={GraphError: self._error_response, 404: self._no_route, 405: self._no_method},
@@ -207,7 +215,8 @@ class GraphSimulator(DataApi):
         with self._lock:
             business = self._accessible(request)
             return self._page(request, business.services.entries(),
-                              self._context(request, business, "services"), "services", lambda s: s)
+                              self._context(request, business, "services"), "services",
+                              lambda s: {**s, "defaultReminders": []} if "defaultReminders" in s else s)
 
     async def _get_appointment(self, request: Request) -> Response:
         return self._get_item(request, "appointments")
@@ -228,13 +237,18 @@ class GraphSimulator(DataApi):
             body.update(selected(item, select_of(request)))
             return json_response(request, body)
 
-    async def _patch_appointment(self, request: Request) -> Response:
+    @staticmethod
+    async def _json_object(request: Request) -> dict:
         try:
             fields = json.loads(await request.body() or b"null")
         except ValueError:
             raise GraphError(400, "BadRequest", "Invalid JSON in the request body.") from None
         if not isinstance(fields, dict):
             raise GraphError(400, "BadRequest", "Empty Payload. JSON content expected.")
+        return fields
+
+    async def _patch_appointment(self, request: Request) -> Response:
+        fields = await self._json_object(request)
         if fields.get("@odata.type", "#microsoft.graph.bookingAppointment") != "#microsoft.graph.bookingAppointment":
             raise GraphError(400, "BadRequest", "A type named '" + str(fields["@odata.type"]) + "' could not be resolved.")
         fields.pop("@odata.type", None)
@@ -243,6 +257,64 @@ class GraphSimulator(DataApi):
             business = self._accessible(request)
             appointment = self._item(request, business.appointments)
             apply_changes(business, appointment, fields)
+            self._writes.append(write_record("PATCH", "appointments", business.id, appointment["id"]))
+        return json_response(request, None, 204)
+
+    # Customers and services --------------------------------------------------------------------
+
+    def _reader(self, label: str) -> Reader:
+        options = self.options
+        return Reader(label, options.field_limits, options.customer_address_type)
+
+    async def _create_customer(self, request: Request) -> Response:
+        body = await self._json_object(request)
+        check_entity_type(body, "bookingCustomer", self.options.customer_create_needs_odata_type)
+        fields = self._reader("customer").entity("bookingCustomer", body, creating=True)
+        with self._lock:
+            business = self._accessible(request)
+            customer = new_customer(business.id, fields)
+            return self._created(request, business, "customers", customer)
+
+    async def _create_service(self, request: Request) -> Response:
+        body = await self._json_object(request)
+        check_entity_type(body, "bookingService", required=False)
+        fields = self._reader("service").entity("bookingService", body, creating=True)
+        with self._lock:
+            business = self._accessible(request)
+            service = new_service(business.id, fields)
+            return self._created(request, business, "services", service)
+
+    def _created(self, request: Request, business: Business, kind: str, item: dict) -> Response:
+        """Store a new item and answer 201 with it. Call with the lock held."""
+        getattr(business, kind).put(item["id"], item)
+        self._writes.append(write_record("POST", kind, business.id, item["id"]))
+        body = {"@odata.context": self._context(request, business, kind) + "/$entity", **copy.deepcopy(item)}
+        return json_response(request, body, 201)
+
+    async def _update_customer(self, request: Request) -> Response:
+        body = await self._json_object(request)
+        check_entity_type(body, "bookingCustomer", required=False)
+        fields = self._reader("customer").entity("bookingCustomer", body, creating=False)
+        with self._lock:
+            business = self._accessible(request)
+            customer = self._item(request, business.customers)
+            apply_update(customer, fields)
+            self._writes.append(write_record("PATCH", "customers", business.id, customer["id"]))
+            if self.options.customer_update_status == 204:
+                return json_response(request, None, 204)
+            body = {"@odata.context": self._context(request, business, "customers") + "/$entity",
+                    **copy.deepcopy(customer)}
+            return json_response(request, body)
+
+    async def _update_service(self, request: Request) -> Response:
+        body = await self._json_object(request)
+        check_entity_type(body, "bookingService", required=False)
+        fields = self._reader("service").entity("bookingService", body, creating=False)
+        with self._lock:
+            business = self._accessible(request)
+            service = self._item(request, business.services)
+            apply_update(service, fields)
+            self._writes.append(write_record("PATCH", "services", business.id, service["id"]))
         return json_response(request, None, 204)
 
     @staticmethod

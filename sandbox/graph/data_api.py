@@ -1,6 +1,8 @@
 """The data API of `GraphSimulator`: what a Bookings user does in Bookings itself (book, change,
 cancel an appointment) and what a test arranges (a business the app cannot see, a malformed
-appointment), for the tests, the demo and the benchmark. Every method is thread-safe."""
+appointment), for the tests, the demo and the benchmark; and what a test checks afterwards (a
+business's customers and services, the writes the simulator executed). Every method is
+thread-safe."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Any
 from sandbox.data import Dataset, display_name_of, graph_timestamp
 from sandbox.graph.appointments import apply_changes, check_appointment_fields
 from sandbox.graph.store import Business
+from sandbox.graph.writes import Write
 
 
 class DataApi:
@@ -20,6 +23,7 @@ class DataApi:
 
     _lock: threading.Lock
     _businesses: dict[str, Business]
+    _writes: list[Write]
 
     def add_business(self, business_id: str, display_name: str | None = None) -> None:
         with self._lock:
@@ -93,6 +97,40 @@ class DataApi:
     def appointments(self, business_id: str) -> list[dict]:
         with self._lock:
             return copy.deepcopy(list(self._business(business_id).appointments.items.values()))
+
+    def customers(self, business_id: str) -> list[dict]:
+        """A business's customers as stored, in creation order (KeyError for an unknown business)."""
+        with self._lock:
+            return copy.deepcopy(list(self._business(business_id).customers.items.values()))
+
+    def services(self, business_id: str) -> list[dict]:
+        """A business's services as stored (``defaultReminders`` included), in creation order."""
+        with self._lock:
+            return copy.deepcopy(list(self._business(business_id).services.items.values()))
+
+    def customer(self, business_id: str, customer_id: str) -> dict:
+        with self._lock:
+            return copy.deepcopy(self._business(business_id).customers.items[customer_id])
+
+    def service(self, business_id: str, service_id: str) -> dict:
+        with self._lock:
+            return copy.deepcopy(self._business(business_id).services.items[service_id])
+
+    def writes(self, business_id: str | None = None, kind: str | None = None,
+               method: str | None = None) -> list[Write]:
+        """The writes executed over HTTP (oldest first), optionally only those to one business, of
+        one kind (``customers``, ``services``, ``appointments``) or one method (``POST`` creates,
+        ``PATCH`` changes). A write counts once it is committed, whatever its client saw: a create
+        whose answer a ``lost`` fault dropped is here, one refused (400, 403, 429…) is not. The
+        data API's own changes are not writes."""
+        with self._lock:
+            return [w for w in self._writes
+                    if (business_id is None or w.business_id.lower() == business_id.lower())
+                    and (kind is None or w.kind == kind) and (method is None or w.method == method.upper())]
+
+    def clear_writes(self) -> None:
+        with self._lock:
+            self._writes.clear()
 
     def _business(self, business_id: str) -> Business:
         return self._businesses[business_id.lower()]

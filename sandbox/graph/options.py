@@ -3,12 +3,15 @@ operation needs. Defaults are the strictest reading (see `sandbox/FIDELITY.md`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from sandbox.graph.limits import DEFAULT_FIELD_LIMITS, check_limits
 from sandbox.graph.times import zone_of
 from sandbox.tokens import BOOKINGS_APPOINTMENT_READ_WRITE, BOOKINGS_MANAGE, BOOKINGS_READ, BOOKINGS_READ_WRITE
 
 CALENDAR_VIEW_MODES = ("starting", "overlapping")
+ADDRESS_TYPE_MODES = ("dropped", "as-sent", "other")
+CUSTOMER_UPDATE_STATUSES = (200, 204)
 
 READ_ROLES = frozenset({BOOKINGS_READ, BOOKINGS_APPOINTMENT_READ_WRITE, BOOKINGS_READ_WRITE, BOOKINGS_MANAGE})
 """Reading a business, its calendar, appointments, customers, services (the per-API tables)."""
@@ -17,6 +20,12 @@ LIST_BUSINESSES_ROLES = frozenset({BOOKINGS_READ, BOOKINGS_READ_WRITE, BOOKINGS_
 WRITE_ROLES = frozenset({BOOKINGS_APPOINTMENT_READ_WRITE, BOOKINGS_READ_WRITE, BOOKINGS_MANAGE})
 """Changing an appointment. The table also lists Bookings.Read.All, a read-only permission by its
 own description: left out (strictest)."""
+CUSTOMER_WRITE_ROLES = frozenset({BOOKINGS_APPOINTMENT_READ_WRITE, BOOKINGS_READ_WRITE, BOOKINGS_MANAGE})
+"""Creating (POST) or changing (PATCH) a customer: least privileged BookingsAppointment.ReadWrite.All.
+The update table also lists Bookings.Read.All: left out, as for appointments (strictest)."""
+SERVICE_WRITE_ROLES = frozenset({BOOKINGS_READ_WRITE, BOOKINGS_MANAGE})
+"""Creating or changing a service: Bookings.ReadWrite.All (least privileged) or Bookings.Manage.All;
+BookingsAppointment.ReadWrite.All is not enough."""
 
 
 @dataclass
@@ -36,6 +45,23 @@ class GraphOptions:
     read_roles: frozenset[str] = READ_ROLES
     list_roles: frozenset[str] = LIST_BUSINESSES_ROLES
     write_roles: frozenset[str] = WRITE_ROLES
+    """Changing an appointment."""
+    customer_write_roles: frozenset[str] = CUSTOMER_WRITE_ROLES
+    service_write_roles: frozenset[str] = SERVICE_WRITE_ROLES
+    field_limits: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_FIELD_LIMITS))
+    """The longest string a customer or service write may carry, by ``"<type>.<property>"`` (UTF-16
+    code units; `sandbox.graph.limits`); keys left out keep their defaults."""
+    customer_update_status: int = 200
+    """What a successful ``PATCH …/customers/{id}`` answers: 200 with the updated customer, as
+    documented, or 204 without a body (what Graph answers for the other Bookings updates)."""
+    customer_create_needs_odata_type: bool = True
+    """``POST …/customers`` without ``"@odata.type": "#microsoft.graph.bookingCustomer"`` is refused
+    (the collection's declared type, bookingCustomerBase, is abstract); False accepts it."""
+    customer_address_type: str = "dropped"
+    """What becomes of a customer address's ``type`` (and ``postOfficeBox``), which v1.0 "isn't
+    supported": ``dropped`` (not stored, as the v1.0 schema has neither), ``as-sent`` (kept, as the
+    docs' example answer shows them) or ``other`` (``type`` stored as ``other``, as the docs' note
+    says)."""
 
     def check(self) -> None:
         if self.calendar_view not in CALENDAR_VIEW_MODES:
@@ -48,3 +74,11 @@ class GraphOptions:
             raise ValueError("calendar_view_omit must be a fraction between 0 and 1")
         if self.response_time_zone is not None:
             zone_of(self.response_time_zone)
+        check_limits(self.field_limits)
+        if self.customer_update_status not in CUSTOMER_UPDATE_STATUSES:
+            raise ValueError(f"customer_update_status must be one of {CUSTOMER_UPDATE_STATUSES}")
+        if self.customer_address_type not in ADDRESS_TYPE_MODES:
+            raise ValueError(f"customer_address_type must be one of {ADDRESS_TYPE_MODES}")
+        for name in ("read_roles", "list_roles", "write_roles", "customer_write_roles", "service_write_roles"):
+            if not isinstance(getattr(self, name), frozenset):
+                setattr(self, name, frozenset(getattr(self, name)))

@@ -22,12 +22,24 @@ _WWW_AUTHENTICATE = (b'Bearer realm="", authorization_uri="https://login.microso
 
 
 def roles_needed(method: str, path: str, options: GraphOptions) -> frozenset[str] | None:
-    """The permissions of which a request needs one; None for paths outside Bookings."""
+    """The permissions of which a request needs one; None for paths outside Bookings.
+
+    Reads need `read_roles` (the businesses list `list_roles`); writes to customers
+    `customer_write_roles`, to services `service_write_roles`, to anything else (appointments)
+    `write_roles`."""
     path = path.rstrip("/")
     if path == BUSINESSES_PATH:
         return options.list_roles if method == "GET" else options.write_roles
     if path.startswith(BUSINESSES_PATH + "/"):
-        return options.read_roles if method == "GET" else options.write_roles
+        if method == "GET":
+            return options.read_roles
+        segments = path[len(BUSINESSES_PATH) + 1:].split("/")
+        collection = segments[1] if len(segments) > 1 else ""
+        if collection == "customers":
+            return options.customer_write_roles
+        if collection == "services":
+            return options.service_write_roles
+        return options.write_roles
     return None
 
 

@@ -1,0 +1,141 @@
+"""BC → Bookings: customers and service items pushed into every business, once, without ping-pong."""
+
+from __future__ import annotations
+
+import pytest
+
+from sandbox.stack import CLIENT_ID, TENANT
+from sandbox.tokens import BOOKINGS_APPOINTMENT_READ_WRITE, BOOKINGS_READ, BOOKINGS_READ_WRITE, GRAPH_AUDIENCE
+from shared.settings import SettingsError, get_settings
+from tests.helpers import body
+from tests.test_invoicing import appointment
+
+
+WRITE_ROLES = [BOOKINGS_READ, BOOKINGS_APPOINTMENT_READ_WRITE, BOOKINGS_READ_WRITE]
+
+
+def enable_push(world, customers: bool = True, items: bool = True, roles: list[str] = WRITE_ROLES,
+                **settings: str) -> None:
+    """The push turned on, with the Graph permissions it needs granted (tokens carry the roles
+    granted when they were issued: start without cached ones)."""
+    world.sandbox.entra.set_roles(TENANT, CLIENT_ID, GRAPH_AUDIENCE, roles)
+    world.monkeypatch.setattr("shared.auth._providers", {})
+    world.configure(PUSH_CUSTOMERS_TO_BOOKINGS=str(customers).lower(), PUSH_ITEMS_TO_BOOKINGS=str(items).lower(),
+                    **settings)
+
+
+def by_email(world, business: int = 0) -> dict[str, list[dict]]:
+    found: dict[str, list[dict]] = {}
+    for customer in world.graph.customers(world.business_ids[business]):
+        found.setdefault((customer.get("emailAddress") or "").lower(), []).append(customer)
+    return found
+
+
+def pushed(world) -> dict:
+    return body(world.host.http("GET", "health", key=False))["lastSync"]["counts"]
+
+
+def test_a_bc_customer_appears_once_in_every_business_and_an_edit_in_bc_follows(world2):
+    world = world2
+    enable_push(world, items=False)
+    customer = world.bc.add_customer(world.company_id, type="Person", displayName="Nora Nordmann", email="Nora@Example.NO",
+                                     phoneNumber="+47 22 00 00 00", city="Oslo", country="NO")
+    world.sync()
+    for business in (0, 1):
+        [nora] = by_email(world, business)["nora@example.no"]
+        assert nora["displayName"] == "Nora Nordmann"
+        assert nora["phones"][0]["number"] == "+47 22 00 00 00"
+        assert nora["addresses"][0]["city"] == "Oslo" and nora["addresses"][0]["countryOrRegion"] == "Norway"
+    assert pushed(world)["customersPushed"] == 2
+
+    world.bc.update(world.company_id, "customers", customer["id"], city="Bergen")
+    world.sync()
+    world.sync()
+    for business in (0, 1):
+        [nora] = by_email(world, business)["nora@example.no"]
+        assert nora["addresses"][0]["city"] == "Bergen"
+    assert [c["email"].lower() for c in world.bc.customers(world.company_id)].count("nora@example.no") == 1
+    assert len(world.graph.writes(kind="customers", method="POST")) == 2
+
+
+def test_a_customer_that_came_from_bookings_is_not_pushed_back_or_duplicated(world2):
+    world = world2
+    enable_push(world, items=False)
+    appointment(world, customers=(("ola@example.com", "Ola"),))
+    world.graph.put_customer(world.business_ids[0], {"displayName": "Ola", "emailAddress": "ola@example.com"})
+    world.sync()
+    world.sync()
+    assert [c["email"] for c in world.bc.customers(world.company_id)].count("ola@example.com") == 1
+    assert len(by_email(world, 0)["ola@example.com"]) == 1
+    assert "ola@example.com" not in by_email(world, 1), "a customer from Bookings is not pushed back"
+    assert world.graph.writes(kind="customers", method="POST") == []
+
+
+def test_an_existing_bookings_customer_is_linked_and_only_its_blanks_filled(world):
+    enable_push(world, items=False)
+    world.graph.put_customer(world.business_ids[0], {"displayName": "Kari (Bookings)", "emailAddress": "KARI@example.com",
+                                                     "phones": []})
+    world.bc.add_customer(world.company_id, type="Person", displayName="Kari Hansen", email="kari@example.com",
+                          phoneNumber="+47 99 99 99 99")
+    world.sync()
+    [kari] = by_email(world, 0)["kari@example.com"]
+    assert kari["displayName"] == "Kari (Bookings)", "Bookings changed the record after BC: kept"
+    assert kari["phones"][0]["number"] == "+47 99 99 99 99", "a blank is filled"
+    assert world.graph.writes(kind="customers", method="POST") == []
+
+
+def test_blocked_and_filtered_out_customers_are_not_pushed(world):
+    enable_push(world, items=False, BC_CUSTOMER_FILTER="city eq 'Oslo'")
+    world.bc.add_customer(world.company_id, type="Person", displayName="In Oslo", email="oslo@example.com", city="Oslo")
+    world.bc.add_customer(world.company_id, type="Person", displayName="In Bergen", email="bergen@example.com", city="Bergen")
+    world.bc.add_customer(world.company_id, type="Person", displayName="Blocked", email="blocked@example.com", city="Oslo",
+                          blocked="All")
+    world.bc.add_customer(world.company_id, type="Person", displayName="No mail", city="Oslo")
+    world.sync()
+    assert set(by_email(world, 0)) == {"oslo@example.com"}
+
+
+def test_a_bad_filter_is_a_settings_error_naming_the_setting(world):
+    world.configure(BC_ITEM_FILTER="itemCategory eq 'HAIR'")
+    with pytest.raises(SettingsError, match="BC_ITEM_FILTER"):
+        get_settings()
+    response = world.host.http("GET", "health", key=False)
+    assert response.status_code == 503 and "BC_ITEM_FILTER" in body(response)["detail"]
+
+
+def test_bc_service_items_become_bookings_services_once(world2):
+    world = world2
+    enable_push(world, customers=False)
+    world.bc.add_item(world.company_id, displayName="Colour consultation", type="Service", unitPrice=80)
+    world.bc.add_item(world.company_id, displayName="Shampoo bottle", type="Inventory", unitPrice=12)
+    world.sync()
+    world.sync()
+    for business in world.business_ids:
+        services = [s for s in world.graph.services(business) if s["displayName"] == "Colour consultation"]
+        assert len(services) == 1 and services[0]["defaultPrice"] == 80
+        assert services[0]["defaultPriceType"] == "fixedPrice"
+        assert not [s for s in world.graph.services(business) if s["displayName"] == "Shampoo bottle"]
+    # The services the push made come back to BC as links, not as new items.
+    assert [i["displayName"] for i in world.bc.items(world.company_id)].count("Colour consultation") == 1
+
+
+def test_without_the_services_permission_health_names_it_and_nothing_is_written(world):
+    enable_push(world, customers=False, roles=[BOOKINGS_READ, BOOKINGS_APPOINTMENT_READ_WRITE])
+    world.bc.add_item(world.company_id, displayName="Massage", type="Service", unitPrice=60)
+    world.sync()
+    health = body(world.host.http("GET", "health", key=False))
+    graph = next(c for c in health["checks"] if c["name"] == "graph")
+    assert not graph["ok"] and "Bookings.ReadWrite.All" in graph["message"] and "PUSH_ITEMS_TO_BOOKINGS" in graph["message"]
+    assert world.graph.writes(kind="services") == []
+    assert health["lastSync"]["counts"]["pushFailed"] >= 1 or health["lastSync"]["errors"]
+
+
+def test_a_create_whose_answer_was_lost_is_found_by_email_and_not_made_twice(world):
+    enable_push(world, items=False)
+    world.bc.add_customer(world.company_id, type="Person", displayName="Lost Answer", email="lost@example.com")
+    world.graph.plan.script("POST", r"/customers$", "lost", times=1)
+    world.sync()
+    world.sync()
+    world.sync()
+    assert len(by_email(world, 0)["lost@example.com"]) == 1
+    assert len(world.graph.writes(kind="customers", method="POST")) == 1
