@@ -62,6 +62,12 @@ def seed(sandbox, appointments: int = 300):
     first_customer = next(c for c in dataset.businesses[BUSINESSES[0]].customers if c.get("emailAddress"))
     sandbox.bc.add_customer(sandbox.company_id, displayName=f"{first_customer['displayName']} (existing)",
                             email=first_customer["emailAddress"].upper())
+    # The app registration holds what the push into Bookings needs too (customers and services).
+    from sandbox.stack import CLIENT_ID, TENANT
+    from sandbox.tokens import BOOKINGS_APPOINTMENT_READ_WRITE, BOOKINGS_READ, BOOKINGS_READ_WRITE, GRAPH_AUDIENCE
+
+    sandbox.entra.set_roles(TENANT, CLIENT_ID, GRAPH_AUDIENCE,
+                            [BOOKINGS_READ, BOOKINGS_APPOINTMENT_READ_WRITE, BOOKINGS_READ_WRITE])
     sandbox.apply_env(CUSTOMER_TEMPLATE="BOOKINGS", ITEM_TEMPLATE="SERVICES", BOOKINGS_TIME_ZONE="Europe/Paris",
                       **sandbox.trust_managed_identity())
     # As `azd up` deploys it: no secret, the app registration trusts the app's managed identity.
@@ -123,6 +129,30 @@ def run(host: FunctionHost, sandbox, dataset) -> None:
     counts = call(host, "GET", "health", key=False)["lastSync"]["counts"]
     print(f"  {counts['unchanged']} unchanged, {counts['bookingWrites']} booking writes, "
           f"{counts['customersQueued']} upserts queued")
+
+    heading("BC → Bookings: a customer and a service item made in BC (PUSH_*_TO_BOOKINGS=true)")
+    nora = sandbox.bc.add_customer(sandbox.company_id, type="Person", displayName="Nora Nordmann",
+                                   email="nora.nordmann@example.no", phoneNumber="+47 22 00 00 00", city="Oslo",
+                                   country="NO")
+    sandbox.bc.add_item(sandbox.company_id, displayName="Colour consultation", type="Service", unitPrice=80)
+    os.environ.update(PUSH_CUSTOMERS_TO_BOOKINGS="true", PUSH_ITEMS_TO_BOOKINGS="true")
+    host.timer("sync_bookings")
+    host.drain()
+    counts = call(host, "GET", "health", key=False)["lastSync"]["counts"]
+    print(f"  pushed: {counts['customersPushed']} customers and {counts['servicesPushed']} services created in "
+          f"Bookings (customers that came from Bookings are not pushed back)")
+    for business in sandbox.business_ids:
+        found = [c for c in sandbox.graph.customers(business) if c.get("emailAddress") == "nora.nordmann@example.no"]
+        services = [s for s in sandbox.graph.services(business) if s["displayName"] == "Colour consultation"]
+        print(f"  {business}: Nora {len(found)}× ({found[0]['addresses'][0]['city']}), "
+              f"'Colour consultation' {len(services)}× at {services[0]['defaultPrice']:.2f}")
+    sandbox.bc.update(sandbox.company_id, "customers", nora["id"], city="Bergen")
+    host.timer("sync_bookings")
+    host.drain()
+    cities = [next(c for c in sandbox.graph.customers(b) if c.get("emailAddress") == "nora.nordmann@example.no")
+              ["addresses"][0]["city"] for b in sandbox.business_ids]
+    bc_noras = [c for c in sandbox.bc.customers(sandbox.company_id) if c["email"] == "nora.nordmann@example.no"]
+    print(f"  Nora moved to Bergen in BC → Bookings says {', '.join(cities)}; BC still has {len(bc_noras)} Nora")
 
     heading("Uninvoiced bookings (GET /api/bookings/uninvoiced)")
     page = call(host, "GET", "bookings/uninvoiced", params={"top": "1000"})

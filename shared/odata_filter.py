@@ -78,6 +78,8 @@ class _Parser:
         return token
 
     def expect(self, kind: str, what: str) -> None:
+        if self.peek() is None:
+            raise InvalidFilter(f"expected {what}, but the filter ends")
         token = self.take()
         if token[0] != kind:
             raise InvalidFilter(f"expected {what} at position {token[2]}, found {token[1]!r}")

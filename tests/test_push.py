@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from sandbox.stack import CLIENT_ID, TENANT
@@ -139,3 +141,22 @@ def test_a_create_whose_answer_was_lost_is_found_by_email_and_not_made_twice(wor
     world.sync()
     assert len(by_email(world, 0)["lost@example.com"]) == 1
     assert len(world.graph.writes(kind="customers", method="POST")) == 1
+
+
+@pytest.mark.parametrize("text", ["city eq 'Oslo'", "country eq 'NO' and (salespersonCode eq 'JR' or currencyCode ne 'EUR')",
+                                  "startswith(postalCode, '01')", "tolower(city) eq 'o''hara'", "not (blocked eq 'All')"])
+def test_filters_bc_takes_are_accepted(text):
+    from shared.odata_filter import CUSTOMER_FILTER_FIELDS, validate_filter
+
+    assert validate_filter(f"  {text} ", CUSTOMER_FILTER_FIELDS) == text
+
+
+@pytest.mark.parametrize(("text", "says"), [("cty eq 'Oslo'", "'cty' at position 1 is not a field"),
+                                            ("city eq 'Oslo", "not closed"), ("city = 'Oslo'", "unexpected '='"),
+                                            ("city eq 'a' city eq 'b'", "missing 'and'/'or'"),
+                                            ("(city eq 'a'", "expected ')'"), ("city eq", "ends too early")])
+def test_a_filter_bc_would_refuse_is_explained(text, says):
+    from shared.odata_filter import CUSTOMER_FILTER_FIELDS, InvalidFilter, validate_filter
+
+    with pytest.raises(InvalidFilter, match=re.escape(says)):
+        validate_filter(text, CUSTOMER_FILTER_FIELDS)
