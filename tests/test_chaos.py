@@ -24,7 +24,7 @@ injected at `shared.store.Store` writes (`insert`, `upsert`, `update`, `delete`,
 `send`) and after `shared.http.ApiClient.request` writes; the windows after which the app takes
 over a dead process's work are shortened from minutes to seconds through
 `shared.directory.CLAIM_STALE_AFTER`/`WAIT_FOR_OTHER_SECONDS`, `shared.reconcile.STALE_CLAIMING`/
-`STALE_PART` and `shared.blueprints.sync.RETRY_WHEN_BUSY_SECONDS`; `shared.auth._providers` is
+`STALE_PART`, `shared.invoice_worker.RUNNING_STALE_AFTER` and `shared.blueprints.sync.RETRY_WHEN_BUSY_SECONDS`; `shared.auth._providers` is
 emptied per run so tokens are requested under faults; the `shared` loggers log at INFO, as the
 Functions host does with this host.json."""
 
@@ -181,6 +181,9 @@ def shorten_recovery_windows(monkeypatch) -> None:
     monkeypatch.setattr("shared.directory.WAIT_FOR_OTHER_SECONDS", 12.0)
     monkeypatch.setattr("shared.reconcile.STALE_CLAIMING", timedelta(seconds=2))
     monkeypatch.setattr("shared.reconcile.STALE_PART", timedelta(seconds=6))
+    # A part left "running" by a process that died, and queued again by the reconciliation, is
+    # taken over once its holder cannot still be running (a function's timeout in production).
+    monkeypatch.setattr("shared.invoice_worker.RUNNING_STALE_AFTER", timedelta(seconds=15))
 
 
 class FailureLog(logging.Handler):
