@@ -52,7 +52,6 @@ def test_a_bc_customer_appears_once_in_every_business_and_an_edit_in_bc_follows(
 
     world.bc.update(world.company_id, "customers", customer["id"], city="Bergen")
     world.sync()
-    world.sync()
     for business in (0, 1):
         [nora] = by_email(world, business)["nora@example.no"]
         assert nora["addresses"][0]["city"] == "Bergen"
