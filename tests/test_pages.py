@@ -259,6 +259,9 @@ def test_the_language_follows_the_browser_and_the_switcher_remembers_a_choice(wo
     switched = browser.get("pages/bookings", params={"lang": "nb"}, headers={"accept-language": "fr"})
     assert '<html lang="nb">' in text(switched) and "1\u00a0234,50" in text(switched)
     assert "bi_lang=nb" in switched.headers["Set-Cookie"]
+    filtered = text(browser.get("pages/bookings", params={"customerEmail": "alice@example.com", "from": "2026-01-01"}))
+    assert '<input type="hidden" name="customerEmail" value="alice@example.com">' in filtered, \
+        "switching the language keeps the filters"
 
 
 def _placeholders(message: str) -> set[str]:

@@ -76,7 +76,7 @@ def error_page(req: func.HttpRequest, status: int, title: str, detail: str, rt: 
                sign_in: bool = False) -> func.HttpResponse:
     language, _ = language_of(req)
     return html(render("error.html", language, time_zone(rt), title=title, detail=detail, sign_in=sign_in,
-                       user=None, csrf="", path=urlsplit(req.url).path, nav=None, status=status), status)
+                       user=None, csrf="", path=urlsplit(req.url).path, nav=None, status=status, keep={}), status)
 
 
 @dataclass
@@ -110,8 +110,11 @@ class Page:
         return list(self.form.get(name, []))
 
     def render(self, template: str, status: int = 200, nav: str | None = None, **context) -> func.HttpResponse:
+        # The language switcher keeps what the page was showing (its filters), except the language.
+        keep = {k: v for k, v in self.req.params.items() if k not in ("lang", "fragment")} \
+            if self.req.method == "GET" else {}
         body = render(template, self.language, self.settings.time_zone, user=self.principal, csrf=self.csrf,
-                      path=urlsplit(self.req.url).path, nav=nav, status=status, **context)
+                      path=urlsplit(self.req.url).path, nav=nav, status=status, keep=keep, **context)
         return html(body, status, {"Set-Cookie": self.set_cookie} if self.set_cookie else None)
 
     def redirect(self, location: str) -> func.HttpResponse:
