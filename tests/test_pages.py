@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
 import pytest
 from babel.messages.catalog import Catalog
@@ -285,3 +285,24 @@ def test_signing_out_ends_the_session_in_the_browser(world):
     response = browser.post("pages/signout", {})
     assert response.status_code == 200
     assert "Max-Age=0" in response.headers["Set-Cookie"] and response.headers["Set-Cookie"].startswith("bi_session=;")
+
+
+def test_a_long_list_is_shown_page_by_page_with_its_filters(world, monkeypatch):
+    monkeypatch.setattr("shared.blueprints.pages.ROWS_SHOWN", 2)
+    for hours in (100, 90, 80, 70, 60):
+        appointment(world, hours_ago=hours, customers=(("pat@example.com", "Pat"),))
+    appointment(world, hours_ago=50, customers=(("other@example.com", "Other"),))
+    world.sync()
+    browser = Browser(world)
+    seen: list[str] = []
+    params = {"customerEmail": "pat@example.com"}
+    for _ in range(5):
+        html = text(browser.get("pages/bookings", params=params))
+        seen += re.findall(r'data-booking="([^"]+)"', html)
+        following = re.search(r'<a rel="next" href="/api/pages/bookings\?([^"]+)"', html)
+        if not following:
+            break
+        params = dict(parse_qsl(following.group(1).replace("&amp;", "&")))
+        assert params["customerEmail"] == "pat@example.com"
+    listed = [b["id"] for b in body(world.host.http("GET", "bookings/uninvoiced", params={"customerEmail": "pat@example.com"}))["value"]]
+    assert seen == listed and len(seen) == 5

@@ -24,7 +24,8 @@ from shared.blueprints.pages.web import Page, base_url, error_page, html, page, 
 from shared.checks import setup_checks
 from shared.directory import InvalidTemplate, list_templates, put_template, validate_template
 from shared.http import UpstreamError
-from shared.invoicing import Filters, NotUninvoiced, TooLarge, candidates, invoice_bookings, job_status, recent_jobs
+from shared.invoicing import (Filters, NotUninvoiced, TooLarge, after_cursor, candidates, encode_cursor,
+                              invoice_bookings, job_status, recent_jobs)
 from shared.runtime import runtime
 from shared.settings import SettingsError, settings_in_force
 from shared.signin import (CALLBACK_PATH, PAGES_PREFIX, SESSION_COOKIE, SignInFailed, begin, complete, cookie,
@@ -113,10 +114,19 @@ async def pages_bookings(current: Page) -> func.HttpResponse:
 async def _list(current: Page, store, filters: BookingFilters, problems: list[str], status: int = 200,
                 conflicts: dict[str, str] | None = None, notice: str | None = None) -> func.HttpResponse:
     found = await candidates(current.rt, store, filters.filters(current.settings.time_zone))
-    return current.render("bookings.html", status, nav="bookings", rows=found[:ROWS_SHOWN], total=len(found),
+    # Pages of ROWS_SHOWN, continued after the last row shown (the JSON API's cursor).
+    after = current.req.params.get("after") if current.req.method == "GET" else None
+    try:
+        rest = after_cursor(found, after)
+    except ValueError:
+        rest, problems = found, [*problems, N_("The page link is not valid; showing the first page.")]
+    shown = rest[:ROWS_SHOWN]
+    next_query = {**filters.query(), "after": encode_cursor(shown[-1])} if len(rest) > len(shown) else None
+    return current.render("bookings.html", status, nav="bookings", rows=shown, total=len(found),
                           invoiceable=sum(1 for c in found if c.invoiceable), filters=filters,
                           businesses=current.settings.business_ids, problems=problems, conflicts=conflicts or {},
-                          notice=notice, selected=set(current.values("bookingId")))
+                          notice=notice, selected=set(current.values("bookingId")), next_query=next_query,
+                          first_page=bool(after))
 
 
 async def _invoice(current: Page, store, filters: BookingFilters, form: InvoiceForm) -> func.HttpResponse:
