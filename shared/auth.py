@@ -79,6 +79,18 @@ def client_credential(settings: Settings) -> str | dict:
                         "of them.")
 
 
+def confidential_client(settings: Settings) -> msal.ConfidentialClientApplication:
+    """The app registration as MSAL's confidential client, for the app's own tokens and for
+    redeeming the codes of people who sign in to the pages."""
+    return msal.ConfidentialClientApplication(
+        settings.client_id,
+        client_credential=client_credential(settings),
+        authority=f"{settings.authority_host}/{settings.tenant_id}",
+        instance_discovery=None if settings.is_public_authority else False,
+        http_client=requests.Session(),  # honours REQUESTS_CA_BUNDLE: trust comes from the environment
+    )
+
+
 class TokenProvider:
     """Tokens per scope for one identity. Thread-safe; MSAL calls run off the event loop."""
 
@@ -91,14 +103,7 @@ class TokenProvider:
         self.tokens_acquired = 0
 
     def _build(self) -> msal.ConfidentialClientApplication:
-        settings = self._settings
-        return msal.ConfidentialClientApplication(
-            settings.client_id,
-            client_credential=client_credential(settings),
-            authority=f"{settings.authority_host}/{settings.tenant_id}",
-            instance_discovery=None if settings.is_public_authority else False,
-            http_client=requests.Session(),  # honours REQUESTS_CA_BUNDLE: trust comes from the environment
-        )
+        return confidential_client(self._settings)
 
     def _acquire(self, scope: str) -> str:
         # One request to Entra ID per scope at a time: concurrent callers wait and reuse it.

@@ -188,6 +188,21 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
+def parse_instant(value: str | datetime | None) -> datetime | None:
+    """An ISO 8601 instant as Graph, BC and the app write them (`Z` or an offset; none means UTC);
+    None for a blank or unreadable value."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        moment = value
+    else:
+        try:
+            moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        except ValueError:
+            return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
 def iso_z(moment: datetime) -> str:
     """ISO 8601 UTC with `Z`, to the second, as the HTTP API answers."""
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

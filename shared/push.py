@@ -26,12 +26,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from babel import Locale
 
-from shared.bookings import normalise_email
+from shared.bookings import normalise_email, parse_instant
 from shared.graph import BookingCustomer, BookingService
 from shared.http import UpstreamAmbiguous, UpstreamError, UpstreamThrottled
 from shared.runtime import Runtime
@@ -78,14 +79,11 @@ def _country_name(code: str | None) -> str | None:
     return Locale("en").territories.get(code.upper(), code)
 
 
-def _when(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+def _bc_is_newer(bc: dict, current: BookingCustomer | BookingService) -> bool:
+    """BC changed the record after Bookings last did (a Bookings record without a time is never older)."""
+    changed_in_bc = parse_instant(bc.get("lastModifiedDateTime"))
+    changed_in_bookings = parse_instant(current.last_updated_date_time)
+    return bool(changed_in_bc and changed_in_bookings and changed_in_bc > changed_in_bookings)
 
 
 @dataclass
@@ -121,8 +119,9 @@ def customer_fields(bc: dict) -> dict:
                     "emailAddress": _cut(normalise_email(bc.get("email")), EMAIL_CHARS)}
     if any(address.values()):
         fields["addresses"] = [{**{k: v or "" for k, v in address.items()}, "type": "home"}]
-    if _cut(bc.get("phoneNumber"), PHONE_CHARS):
-        fields["phones"] = [{"number": _cut(bc.get("phoneNumber"), PHONE_CHARS), "type": "home"}]
+    phone = _cut(bc.get("phoneNumber"), PHONE_CHARS)
+    if phone:
+        fields["phones"] = [{"number": phone, "type": "home"}]
     return {k: v for k, v in fields.items() if v}
 
 
@@ -137,8 +136,7 @@ def customer_changes(bc: dict, wanted: dict, current: BookingCustomer) -> dict:
     """What to PATCH: fields Bookings has blank, and, when BC changed the record after Bookings
     last did, fields that differ."""
     now = _customer_now(current)
-    newer = (_when(bc.get("lastModifiedDateTime")) or datetime.min.replace(tzinfo=timezone.utc)) > \
-        (_when(current.last_updated_date_time) or datetime.max.replace(tzinfo=timezone.utc))
+    newer = _bc_is_newer(bc, current)
     changes = {}
     for name, value in wanted.items():
         if name == "emailAddress":
@@ -163,31 +161,46 @@ def service_fields(bc: dict) -> dict:
 
 
 def service_changes(bc: dict, wanted: dict, current: BookingService) -> dict:
-    newer = (_when(bc.get("lastModifiedDateTime")) or datetime.min.replace(tzinfo=timezone.utc)) > \
-        (_when(current.last_updated_date_time) or datetime.max.replace(tzinfo=timezone.utc))
-    changes = {}
-    if current.default_price is None or (newer and abs((current.default_price or 0) - wanted["defaultPrice"]) > 1e-9):
-        if current.default_price != wanted["defaultPrice"]:
-            changes["defaultPrice"] = wanted["defaultPrice"]
-    return changes
+    price, wanted_price = current.default_price, wanted["defaultPrice"]
+    if price is None or (abs(price - wanted_price) > 1e-9 and _bc_is_newer(bc, current)):
+        return {"defaultPrice": wanted_price}
+    return {}
 
 
 # -- one kind in one business --------------------------------------------------------------------
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Kind:
-    name: str            # "customers" / "services"
-    table: str
-    key_of_bc: object    # BC record → lookup key in Bookings (e-mail / lower-cased name)
-    key_of_bookings: object
-    fields: object
-    changes: object
+    name: str               # the Bookings collection: "customers" / "services"
+    entity_set: str         # the BC collection: "customers" / "items"
+    table: str              # link table; its partition `link_partition` holds the Bookings → BC links
+    link_partition: str
+    model: type             # a Bookings record as the app reads it
+    key_of_bc: Callable[[dict], str | None]     # BC record → lookup key in Bookings (e-mail / name)
+    key_of_bookings: Callable[[object], str | None]
+    fields: Callable[[dict], dict]
+    changes: Callable[[dict, dict, object], dict]
+    pushable: Callable[[dict], bool]            # not blocked, of the right type
+    on_create: dict         # what a new record gets beside what BC has
+
+    def existing(self, pull) -> list:
+        return pull.customers if self is CUSTOMERS else pull.services
 
 
-CUSTOMERS = Kind("customers", CUSTOMER_LINKS, lambda bc: normalise_email(bc.get("email")),
-                 lambda c: normalise_email(c.email_address), customer_fields, customer_changes)
-SERVICES = Kind("services", ITEM_LINKS, lambda bc: (bc.get("displayName") or "").strip().lower() or None,
-                lambda s: (s.display_name or "").strip().lower() or None, service_fields, service_changes)
+def _name_key(name: str | None) -> str | None:
+    return (name or "").strip().lower() or None
+
+
+CUSTOMERS = Kind("customers", "customers", CUSTOMER_LINKS, "customer", BookingCustomer,
+                 lambda bc: normalise_email(bc.get("email")), lambda c: normalise_email(c.email_address),
+                 customer_fields, customer_changes,
+                 lambda bc: bc.get("type", "Person") == "Person" and bool(normalise_email(bc.get("email")))
+                 and (bc.get("blocked") or " ").strip() in ("", "_x0020_"), {})
+SERVICES = Kind("services", "items", ITEM_LINKS, "item", BookingService,
+                lambda bc: _name_key(bc.get("displayName")), lambda s: _name_key(s.display_name),
+                service_fields, service_changes,
+                lambda bc: bc.get("type", "Service") == "Service" and not bc.get("blocked"),
+                {"defaultDuration": DEFAULT_DURATION})
 
 
 async def _push_kind(rt: Runtime, store: Store, kind: Kind, business_id: str, records: list[dict],
@@ -237,11 +250,10 @@ async def _push_kind(rt: Runtime, store: Store, kind: Kind, business_id: str, re
             # Recorded before it is sent: a crash or a lost answer leaves "creating", and the next
             # run looks the record up by its key before it creates anything.
             await store.upsert(kind.table, {**link, "Status": "creating", "BookingsId": "", "Attempts": attempts + 1})
-            body = {**wanted, "defaultDuration": DEFAULT_DURATION} if kind is SERVICES else wanted
-            created = await rt.graph.create(business_id, kind.name, body)
+            created = await rt.graph.create(business_id, kind.name, {**wanted, **kind.on_create})
             await store.upsert(kind.table, {**link, "Status": "linked", "BookingsId": created["id"], "Attempts": 0,
                                             "LastError": ""})
-            by_key[key] = (BookingCustomer if kind is CUSTOMERS else BookingService).model_validate(created)
+            by_key[key] = kind.model.model_validate(created)
             counts.created += 1
         except (UpstreamAmbiguous, UpstreamThrottled) as error:
             settled = False
@@ -269,7 +281,7 @@ async def _watermarks(store: Store) -> dict:
 
 
 def _since(marks: dict, businesses: list[str], kind: str) -> datetime | None:
-    seen = [_when((marks.get(b) or {}).get(kind)) for b in businesses]
+    seen = [parse_instant((marks.get(b) or {}).get(kind)) for b in businesses]
     if not seen or any(moment is None for moment in seen):
         return None
     return min(seen) - OVERLAP
@@ -292,10 +304,9 @@ async def _from_bookings(store: Store, table: str, partition: str) -> set[str]:
 
 async def _push_business(rt: Runtime, store: Store, kind: Kind, pull, records: list[dict], result: BusinessPush,
                          marks: dict, started: datetime) -> None:
-    existing = pull.customers if kind is CUSTOMERS else pull.services
-    counts = result.customers if kind is CUSTOMERS else result.services
+    counts = getattr(result, kind.name)
     try:
-        settled = await _push_kind(rt, store, kind, pull.business_id, records, existing, counts)
+        settled = await _push_kind(rt, store, kind, pull.business_id, records, kind.existing(pull), counts)
     except UpstreamError as error:
         result.errors.append(f"push of {kind.name}: {error}")
         return
@@ -319,26 +330,18 @@ async def push_directory(rt: Runtime, store: Store, pulls: list) -> dict[str, Bu
     marks = await _watermarks(store)
     started = datetime.now(timezone.utc)
     businesses = [p.business_id for p in ready]
-    plans = []
-    if settings.push_customers:
-        plans.append((CUSTOMERS, "customers", settings.bc_customer_filter, "customer"))
-    if settings.push_items:
-        plans.append((SERVICES, "items", settings.bc_item_filter, "item"))
-    for kind, entity_set, user_filter, link_partition in plans:
+    kinds = [kind for kind, wanted in ((CUSTOMERS, settings.push_customers), (SERVICES, settings.push_items)) if wanted]
+    filters = {CUSTOMERS: settings.bc_customer_filter, SERVICES: settings.bc_item_filter}
+    for kind in kinds:
         try:
-            records = await rt.bc.list(entity_set, _changed_filter(user_filter, _since(marks, businesses, kind.name)))
-            skip = await _from_bookings(store, kind.table, link_partition)
+            records = await rt.bc.list(kind.entity_set,
+                                       _changed_filter(filters[kind], _since(marks, businesses, kind.name)))
+            skip = await _from_bookings(store, kind.table, kind.link_partition)
         except UpstreamError as error:
             for business in businesses:
                 results[business].errors.append(f"push of {kind.name}: Business Central: {error}")
             continue
-        if kind is CUSTOMERS:
-            records = [r for r in records if r.get("type", "Person") == "Person" and normalise_email(r.get("email"))
-                       and (r.get("blocked") or " ").strip() in ("", "_x0020_") and r["id"] not in skip]
-        else:
-            records = [r for r in records if r.get("type", "Service") == "Service" and not r.get("blocked")
-                       and r["id"] not in skip]
-
+        records = [r for r in records if kind.pushable(r) and r["id"] not in skip]
         await asyncio.gather(*(_push_business(rt, store, kind, pull, records, results[pull.business_id], marks,
                                               started) for pull in ready))
     await store.write_blob(WATERMARKS, json.dumps(marks).encode(), "application/json")

@@ -171,14 +171,10 @@ def _sign_in_app(settings: Settings) -> msal.ConfidentialClientApplication:
     with _apps_lock:
         app = _apps.get(key)
         if app is None:
-            from shared.auth import client_credential
+            from shared.auth import confidential_client
 
             # The app registration redeems the code with the same credential it uses for Graph and BC.
-            app = _apps[key] = msal.ConfidentialClientApplication(
-                settings.client_id, client_credential=client_credential(settings),
-                authority=f"{settings.authority_host}/{settings.tenant_id}",
-                instance_discovery=None if settings.is_public_authority else False,
-                http_client=requests.Session())
+            app = _apps[key] = confidential_client(settings)
         return app
 
 

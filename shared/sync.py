@@ -26,12 +26,12 @@ from shared import leases
 from shared.bookings import Booking, normalise_email
 from shared.graph import Appointment, BookingCustomer, BookingService, NoAccessToBusiness
 from shared.http import UpstreamError, UpstreamNotFound
-from shared.push import push_directory
 from shared.messages import (SOURCE_TEXT, CustomerBatchUpsert, CustomerSource, CustomerUpsert, ItemBatchUpsert, ItemUpsert,
-                             ServiceSource, encode, pack)
+                             ServiceSource, SyncRequest, encode, pack)
+from shared.push import push_directory
 from shared.runtime import Runtime
-from shared.store import (BOOKINGS, CUSTOMER_LINKS, DIRECTORY_QUEUE, ITEM_LINKS, UPDATE, UPSERT, Store, decode_key,
-                          encode_key)
+from shared.store import (BOOKINGS, CUSTOMER_LINKS, DIRECTORY_QUEUE, ITEM_LINKS, SYNC_QUEUE, UPDATE, UPSERT, Store,
+                          decode_key, encode_key)
 
 log = logging.getLogger(__name__)
 
@@ -514,7 +514,4 @@ async def last_sync(store: Store) -> dict | None:
 
 async def queue_sync(store: Store, reason: str) -> None:
     """Queue a sync run soon (`POST /api/sync`, the setup page's "Sync now")."""
-    from shared.messages import SyncRequest, encode
-    from shared.store import SYNC_QUEUE
-
     await store.send(SYNC_QUEUE, encode(SyncRequest(reason=reason, requestedAt=datetime.now(timezone.utc))))

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapte
 from shared.attention import needs_attention
 from shared.bc import TEMPLATE_FIELDS, web_client_invoice_url
 from shared.blueprints.pages.render import STATIC, N_
-from shared.blueprints.pages.web import Page, base_url, error_page, html, page, redirect, secure_request
+from shared.blueprints.pages.web import Page, base_url, error_page, page, redirect, secure_request
 from shared.checks import setup_checks
 from shared.directory import InvalidTemplate, list_templates, put_template, validate_template
 from shared.http import UpstreamError
@@ -186,13 +186,11 @@ async def pages_jobs(current: Page) -> func.HttpResponse:
 @bp.route(route="pages/jobs/{jobId}", methods=["GET"], auth_level=ANONYMOUS)
 @page
 async def pages_job(current: Page) -> func.HttpResponse:
-    job_id = current.req.route_params.get("jobId", "")
     try:
-        job_id = _JOB_ID.validate_python(job_id)
+        job_id = _JOB_ID.validate_python(current.req.route_params.get("jobId", ""))
     except ValidationError:
-        return current.render("error.html", 404, title=N_("Not found"), detail=N_("There is no such invoicing job."),
-                              sign_in=False)
-    status = await job_status(await current.rt.store(), job_id)
+        job_id = None
+    status = await job_status(await current.rt.store(), job_id) if job_id else None
     if status is None:
         return current.render("error.html", 404, title=N_("Not found"), detail=N_("There is no such invoicing job."),
                               sign_in=False)
@@ -307,9 +305,8 @@ async def pages_signin_callback(req: func.HttpRequest) -> func.HttpResponse:
 @bp.route(route="pages/signout", methods=["POST"], auth_level=ANONYMOUS)
 @page
 async def pages_signout(current: Page) -> func.HttpResponse:
-    gone = cookie(SESSION_COOKIE, "", 0, secure_request(current.req))
-    body = current.render("signed_out.html", sign_in=True).get_body().decode()
-    return html(body, headers={"Set-Cookie": gone})
+    current.set_cookie = cookie(SESSION_COOKIE, "", 0, secure_request(current.req))
+    return current.render("signed_out.html", sign_in=True)
 
 
 # -- static files --------------------------------------------------------------------------------

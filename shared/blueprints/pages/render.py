@@ -9,7 +9,7 @@ locale, never with hand-made tables."""
 from __future__ import annotations
 
 import io
-from datetime import datetime, timezone
+from datetime import datetime
 from decimal import Decimal
 from functools import cache
 from pathlib import Path
@@ -23,6 +23,8 @@ from babel.messages.pofile import read_po
 from babel.numbers import format_decimal
 from babel.support import NullTranslations, Translations
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+from shared.bookings import parse_instant
 
 HERE = Path(__file__).parent
 TEMPLATES = HERE / "templates"
@@ -92,7 +94,7 @@ class Formats:
         self.zone = ZoneInfo(time_zone)
 
     def when(self, value: str | datetime | None) -> str:
-        moment = _as_datetime(value)
+        moment = parse_instant(value)
         if moment is None:
             return ""
         local = moment.astimezone(self.zone)
@@ -103,7 +105,7 @@ class Formats:
 
     def date_value(self, value: str | datetime | None) -> str:
         """For a date input (ISO, the browser shows it in its own way)."""
-        moment = _as_datetime(value)
+        moment = parse_instant(value)
         return moment.astimezone(self.zone).date().isoformat() if moment else ""
 
     def amount(self, value: float | Decimal | str | None) -> str:
@@ -118,18 +120,6 @@ class Formats:
 
     def zone_name(self) -> str:
         return get_timezone_name(self.zone, locale=self.locale)
-
-
-def _as_datetime(value: str | datetime | None) -> datetime | None:
-    if value is None or value == "":
-        return None
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    try:
-        moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 @cache

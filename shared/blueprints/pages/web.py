@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import azure.functions as func
 
-from shared.blueprints.pages.render import N_, render
+from shared.blueprints.pages.render import LANGUAGES, N_, choose_language, render
 from shared.runtime import Runtime, runtime
 from shared.settings import SettingsError
 from shared.signin import (PAGES_PREFIX, NotAllowed, Principal, authorise, cookie, csrf_ok, csrf_token,
@@ -58,8 +58,6 @@ def redirect(location: str, status: int = 303, headers: dict | None = None) -> f
 
 def language_of(req: func.HttpRequest) -> tuple[str, str | None]:
     """(language, Set-Cookie remembering an explicit choice or None)."""
-    from shared.blueprints.pages.render import LANGUAGES, choose_language
-
     requested = req.params.get("lang")
     remembered = read_cookie(req.headers.get("cookie"), LANGUAGE_COOKIE)
     language = choose_language(requested, remembered, req.headers.get("accept-language"))
@@ -100,11 +98,9 @@ class Page:
 
     def value(self, name: str) -> str | None:
         """A form field (POST) or query parameter (GET), first value."""
-        values = self.form.get(name) if self.req.method == "POST" else None
-        if values is None:
-            found = self.req.params.get(name)
-            return found
-        return values[0] if values else None
+        if self.req.method == "POST" and name in self.form:
+            return (self.form[name] or [None])[0]
+        return self.req.params.get(name)
 
     def values(self, name: str) -> list[str]:
         return list(self.form.get(name, []))
