@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -392,8 +392,6 @@ SALES_INVOICE_PAGE = 43
 
 def web_client_invoice_url(settings, company_name: str | None, number: str) -> str:
     """Where a person opens a draft sales invoice in BC's web client (page 43, filtered to its No.)."""
-    from urllib.parse import quote
-
     query = [f"page={SALES_INVOICE_PAGE}", "filter=" + quote(f"'No.' IS '{number}'", safe="")]
     if company_name:
         query.insert(0, "company=" + quote(company_name, safe=""))

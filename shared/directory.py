@@ -20,9 +20,10 @@ from datetime import datetime, timedelta, timezone
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableTransactionError
+from pydantic import ValidationError
 
 from shared import leases
-from shared.bc import BcClient, Wait, explain_refusal
+from shared.bc import TEMPLATE_FIELDS, BcClient, Wait, explain_refusal
 from shared.hostconfig import queue_settings
 from shared.customer_fields import Countries, Mapped, drop_refused, map_customer, minimal
 from shared.http import UpstreamAmbiguous, UpstreamConflict, UpstreamError, UpstreamThrottled
@@ -117,10 +118,6 @@ class InvalidTemplate(ValueError):
 
 def validate_template(kind: str, body: object) -> dict:
     """The template's fields as BC takes them (`CustomerFields` / `ItemFields`), or `InvalidTemplate`."""
-    from pydantic import ValidationError
-
-    from shared.bc import TEMPLATE_FIELDS
-
     try:
         return TEMPLATE_FIELDS[kind].model_validate(body).model_dump(exclude_none=True)
     except ValidationError as error:

@@ -24,8 +24,9 @@ READ_ROLES = {"Bookings.Read.All", "BookingsAppointment.ReadWrite.All", "Booking
 """Application permissions that let the app read Bookings businesses (least privileged first)."""
 WRITE_ROLES = {"BookingsAppointment.ReadWrite.All", "Bookings.ReadWrite.All", "Bookings.Manage.All"}
 """Application permissions that let the app write an appointment's staff notes."""
-CUSTOMER_WRITE_ROLES = {"BookingsAppointment.ReadWrite.All", "Bookings.ReadWrite.All", "Bookings.Manage.All"}
-"""Application permissions that let the app create and update Bookings customers (the push)."""
+CUSTOMER_WRITE_ROLES = WRITE_ROLES
+"""Application permissions that let the app create and update Bookings customers (the push): the
+same that let it write appointments."""
 SERVICE_WRITE_ROLES = {"Bookings.ReadWrite.All", "Bookings.Manage.All"}
 """Application permissions that let the app create and update Bookings services (the push)."""
 

@@ -15,6 +15,8 @@ from typing import Annotated
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.odata_filter import CUSTOMER_FILTER_FIELDS, ITEM_FILTER_FIELDS, InvalidFilter, validate_filter
+
 PUBLIC_AUTHORITY_HOST = "https://login.microsoftonline.com"
 GRAPH_SCOPE = "https://graph.microsoft.com/.default"
 BC_SCOPE = "https://api.businesscentral.dynamics.com/.default"
@@ -98,8 +100,6 @@ class Settings(BaseSettings):
     @field_validator("bc_customer_filter", "bc_item_filter")
     @classmethod
     def _valid_filter(cls, value: str | None, info):
-        from shared.odata_filter import CUSTOMER_FILTER_FIELDS, ITEM_FILTER_FIELDS, InvalidFilter, validate_filter
-
         if value is None:
             return None
         fields = CUSTOMER_FILTER_FIELDS if info.field_name == "bc_customer_filter" else ITEM_FILTER_FIELDS
