@@ -18,6 +18,7 @@ from sandbox.data import generate
 from sandbox.faults import Knobs
 from sandbox.host import FunctionHost
 from sandbox.stack import SandboxStack
+from shared.store import SYNC_BUSINESS_QUEUE
 
 BUSINESSES = ["contoso-salon@contoso.onmicrosoft.com", "contoso-clinic@contoso.onmicrosoft.com"]
 
@@ -102,7 +103,8 @@ def run(host: FunctionHost, sandbox, dataset) -> None:
         print(f"  {template['kind']:<8} {template['code']:<10} {template['fields']}")
 
     heading("Sync (timer sync_bookings)")
-    host.timer("sync_bookings")
+    host.timer("sync_bookings")  # fans out: one message per business, run by the queue workers
+    host.drain(queues=[SYNC_BUSINESS_QUEUE])
     last = call(host, "GET", "health", key=False)["lastSync"]
     counts = last["counts"]
     print(f"  outcome {last['outcome']}: {counts['fetched']} appointments read from "
@@ -126,6 +128,7 @@ def run(host: FunctionHost, sandbox, dataset) -> None:
 
     heading("Re-sync with nothing changed")
     host.timer("sync_bookings")
+    host.drain(queues=[SYNC_BUSINESS_QUEUE])
     counts = call(host, "GET", "health", key=False)["lastSync"]["counts"]
     print(f"  {counts['unchanged']} unchanged, {counts['bookingWrites']} booking writes, "
           f"{counts['customersQueued']} upserts queued")
@@ -195,6 +198,7 @@ def run(host: FunctionHost, sandbox, dataset) -> None:
     sandbox.bc.delete_invoice(sandbox.company_id, deleted["id"])
     sandbox.bc.post_invoice(sandbox.company_id, posted["id"])
     host.timer("sync_bookings")
+    host.drain(queues=[SYNC_BUSINESS_QUEUE])
     counts = call(host, "GET", "health", key=False)["lastSync"]["counts"]
     print(f"  deleted {deleted['number']} → {counts['bookingsReleased']} bookings uninvoiced again; "
           f"posted {posted['number']} → {counts['bookingsPosted']} bookings marked posted")

@@ -86,7 +86,10 @@ class Stats:
     faults: Counter = field(default_factory=Counter)
     """Injected faults by kind (throttling by the limits counts as ``429``)."""
     max_in_flight: Counter = field(default_factory=Counter)
-    """Highest number of requests served at once, by key."""
+    """Highest number of requests served at once, by key (never above ``max_concurrency``)."""
+    peak_in_flight: Counter = field(default_factory=Counter)
+    """Highest number of requests of a key at the service at once, whatever became of them
+    (served, waiting in line, or turned away by a limit): what the clients together sent at once."""
 
     @property
     def total_requests(self) -> int:
@@ -179,6 +182,11 @@ class FaultPlan:
         with self._lock:
             self.stats.faults[kind] += 1
 
+    def arrived(self, key: str, present: int) -> None:
+        with self._lock:
+            if present > self.stats.peak_in_flight[key]:
+                self.stats.peak_in_flight[key] = present
+
 
 ErrorBody = Callable[[int, str, str], dict]
 
@@ -191,6 +199,8 @@ class _KeyGate:
     """Concurrency slots and a sliding-window rate counter for one key (a mailbox, an environment)."""
 
     def __init__(self) -> None:
+        self.present = 0
+        """Requests at the service now: served, waiting or being turned away."""
         self.in_flight = 0
         self.waiting = 0
         self.condition: asyncio.Condition | None = None
@@ -221,12 +231,23 @@ class FaultMiddleware:
             return
         method, path = scope["method"], scope["path"]
         arrived = time.monotonic()
-        plan, knobs = self.plan, self.plan.knobs
+        plan = self.plan
         plan.count(method, path)
-        gate = self._gates[self.key_of(path)]
+        key = self.key_of(path)
+        gate = self._gates[key]
         if gate.condition is None:
             gate.condition = asyncio.Condition()
+        gate.present += 1
+        plan.arrived(key, gate.present)
+        try:
+            await self._limited(gate, key, scope, receive, send, arrived)
+        finally:
+            gate.present -= 1
 
+    async def _limited(self, gate: _KeyGate, key: str, scope, receive, send, arrived: float) -> None:
+        """The request through the rate and concurrency limits of its key, then served."""
+        method, path = scope["method"], scope["path"]
+        plan, knobs = self.plan, self.plan.knobs
         if knobs.rate_limit:
             rate_gate = gate
             if self.rate_key_of is not None:
@@ -254,7 +275,6 @@ class FaultMiddleware:
                 gate.in_flight += 1
         else:
             gate.in_flight += 1
-        key = self.key_of(path)
         with plan._lock:
             if gate.in_flight > plan.stats.max_in_flight[key]:
                 plan.stats.max_in_flight[key] = gate.in_flight

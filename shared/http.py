@@ -11,7 +11,9 @@ record up by its natural key before trying again.
 Throttling slows the app down rather than failing it: without `Retry-After` the client backs
 off exponentially with jitter, a `RateBudget` keeps the client under a service's sliding-window
 quota, and a request still throttled after every retry raises `UpstreamThrottled`, which queue
-workers turn into "run this message again later"."""
+workers turn into "run this message again later". A semaphore per `limit_key` bounds the
+requests of this process; `shared/limits.py` bounds those of all the app's instances together
+(shared slots, a shared budget), when the client is given them."""
 
 from __future__ import annotations
 
@@ -23,11 +25,15 @@ import logging
 import random
 import time
 from collections import defaultdict, deque
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from collections.abc import Awaitable, Callable
 
 import httpx
+
+if TYPE_CHECKING:
+    from shared.limits import SharedRateBudget, SharedSlots
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +153,13 @@ class ApiClient:
     def __init__(self, service: str, token: TokenSource, *, timeout: float,
                  max_concurrency: int, max_attempts: int = 7, backoff_seconds: float = 0.25,
                  max_backoff_seconds: float = 20.0, max_connections: int = 32,
-                 budget: RateBudget | None = None):
+                 budget: RateBudget | SharedRateBudget | None = None,
+                 shared_slots: Callable[[str], SharedSlots] | None = None):
+        """`shared_slots(limit_key)`: the app-wide slots of that key, held besides this process's
+        own semaphore while a request is under way."""
         self.service = service
         self.budget = budget
+        self._shared_slots = shared_slots
         self._token = token
         self._max_concurrency = max_concurrency
         self._gates: dict[str, asyncio.Semaphore] = defaultdict(lambda: asyncio.Semaphore(self._max_concurrency))
@@ -203,10 +213,7 @@ class ApiClient:
         while True:
             attempt += 1
             if send_by is not None and time.monotonic() > send_by:
-                late = UpstreamThrottled(self.service, None, "SendWindowPassed",
-                                         "not sent: its send window passed while it waited to be retried")
-                late.retry_after = retry_after
-                raise late
+                raise self._late("retried", retry_after)
             retry_after = None
             try:
                 token = await self._token()
@@ -218,9 +225,13 @@ class ApiClient:
                 continue
             try:
                 request_headers = {"Authorization": f"Bearer {token}", **(headers or {})}
-                async with self._gates[limit_key]:
+                # The shared slot before the budget: a rate ticket is good for seconds, not for a
+                # wait for a slot.
+                async with self._gates[limit_key], self._shared_slot(limit_key):
                     if self.budget is not None:
                         await self.budget.acquire(self.service)
+                    if send_by is not None and time.monotonic() > send_by:
+                        raise self._late("sent", None)
                     self.requests_sent += 1
                     response = await self._http.request(method, url, json=json_body, params=params,
                                                         headers=request_headers)
@@ -250,6 +261,15 @@ class ApiClient:
             if not self._may_retry(attempt, failure, method, url):
                 raise failure
             await asyncio.sleep(self._delay(attempt, retry_after))
+
+    def _shared_slot(self, limit_key: str) -> AbstractAsyncContextManager:
+        return nullcontext() if self._shared_slots is None else self._shared_slots(limit_key).slot(self.service)
+
+    def _late(self, waited_to_be: str, retry_after: float | None) -> UpstreamThrottled:
+        late = UpstreamThrottled(self.service, None, "SendWindowPassed",
+                                 f"not sent: its send window passed while it waited to be {waited_to_be}")
+        late.retry_after = retry_after
+        return late
 
     def _interpret(self, response: httpx.Response) -> ApiResponse | UpstreamError:
         text = response.text

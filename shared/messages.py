@@ -34,6 +34,25 @@ class SyncRequest(Message):
     requested_at: AwareDatetime | None = Field(None, alias="requestedAt")
 
 
+class BusinessSync(Message):
+    """One business's part of a sync run: the run fans out one of these per business, and any
+    instance may take it (`shared.sync.sync_business`)."""
+    kind: Literal["business"] = "business"
+    run_id: str = Field(alias="runId", min_length=1, max_length=64)
+    business_id: str = Field(alias="businessId", min_length=1, max_length=320)
+    trigger: str = Field("timer", max_length=220)
+    requested_at: AwareDatetime = Field(alias="requestedAt")
+
+
+class InvoiceReconciliation(Message):
+    """A sync run's check of the drafts it knows against Business Central (`shared.reconcile`)."""
+    kind: Literal["reconcile"] = "reconcile"
+    run_id: str = Field(alias="runId", min_length=1, max_length=64)
+
+
+sync_part = TypeAdapter(Annotated[Union[BusinessSync, InvoiceReconciliation], Field(discriminator="kind")])
+
+
 SOURCE_TEXT = 200
 """Bookings text as it came (clipped only to keep messages small): the directory decides what
 BC can take (`shared.customer_fields`), so nothing is cut to BC's lengths on the way."""
@@ -85,7 +104,7 @@ MESSAGE_TEXT_LIMIT = 45_000
 class CustomerUpsert(Message):
     kind: Literal["customer"] = "customer"
     customer: CustomerSource
-    source_hash: str = Field(alias="sourceHash", max_length=64)
+    source_hash: str = Field(alias="sourceHash", max_length=400, description="`<digest>|<business>`")
 
     def entries(self) -> list[tuple[CustomerSource, str]]:
         return [(self.customer, self.source_hash)]
@@ -94,7 +113,7 @@ class CustomerUpsert(Message):
 class ItemUpsert(Message):
     kind: Literal["item"] = "item"
     service: ServiceSource
-    source_hash: str = Field(alias="sourceHash", max_length=64)
+    source_hash: str = Field(alias="sourceHash", max_length=400, description="`<digest>|<business>`")
 
     def entries(self) -> list[tuple[ServiceSource, str]]:
         return [(self.service, self.source_hash)]

@@ -40,7 +40,8 @@ from shared.store import CUSTOMER_LINKS, ITEM_LINKS, Store, encode_key
 
 log = logging.getLogger(__name__)
 
-WATERMARKS = "push/watermarks.json"
+WATERMARKS = "push/watermarks/{business}.json"
+"""One blob per business: businesses are synced side by side, on any instance."""
 OVERLAP = timedelta(minutes=5)
 """Read BC changes from a little before the watermark: clocks and commit order are not exact, and
 pushing an unchanged record again changes nothing."""
@@ -275,9 +276,15 @@ async def _push_kind(rt: Runtime, store: Store, kind: Kind, business_id: str, re
 
 # -- the run -------------------------------------------------------------------------------------
 
-async def _watermarks(store: Store) -> dict:
-    content = await store.read_blob(WATERMARKS)
-    return json.loads(content) if content else {}
+async def _watermarks(store: Store, businesses: list[str]) -> dict:
+    contents = await asyncio.gather(*(store.read_blob(WATERMARKS.format(business=encode_key(b))) for b in businesses))
+    return {business: json.loads(content) for business, content in zip(businesses, contents, strict=True) if content}
+
+
+async def _save_watermarks(store: Store, marks: dict) -> None:
+    await asyncio.gather(*(store.write_blob(WATERMARKS.format(business=encode_key(business)),
+                                            json.dumps(kinds).encode(), "application/json")
+                           for business, kinds in marks.items()))
 
 
 def _since(marks: dict, businesses: list[str], kind: str) -> datetime | None:
@@ -327,7 +334,7 @@ async def push_directory(rt: Runtime, store: Store, pulls: list) -> dict[str, Bu
                                                     "not be read")
     if not ready:
         return results
-    marks = await _watermarks(store)
+    marks = await _watermarks(store, [p.business_id for p in ready])
     started = datetime.now(timezone.utc)
     businesses = [p.business_id for p in ready]
     kinds = [kind for kind, wanted in ((CUSTOMERS, settings.push_customers), (SERVICES, settings.push_items)) if wanted]
@@ -344,7 +351,7 @@ async def push_directory(rt: Runtime, store: Store, pulls: list) -> dict[str, Bu
         records = [r for r in records if kind.pushable(r) and r["id"] not in skip]
         await asyncio.gather(*(_push_business(rt, store, kind, pull, records, results[pull.business_id], marks,
                                               started) for pull in ready))
-    await store.write_blob(WATERMARKS, json.dumps(marks).encode(), "application/json")
+    await _save_watermarks(store, marks)
     for result in results.values():
         log.info("pushed to %s", result.business_id,
                  extra={"event": "push_done", "business_id": result.business_id,

@@ -3,7 +3,11 @@
 The Functions worker runs async functions on one event loop for the life of the process; tests
 and the demo may use several loops, so clients are kept per loop (an httpx or aiohttp client
 belongs to the loop that made it). Settings are read on first use, never at import, so a missing
-setting fails only the function that needs it."""
+setting fails only the function that needs it.
+
+The upstream limits hold for the whole app, however many instances it runs on: Graph's 4 requests
+per mailbox and BC's 5 per environment are slots shared through storage, BC's 6,000 requests per
+5 minutes a shared budget (`shared/limits.py`)."""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ class Runtime:
     _store: object | None = None
     _graph: object | None = None
     _bc: object | None = None
+    _slots: dict = field(default_factory=dict)
     _closers: list = field(default_factory=list)
 
     async def store(self):
@@ -36,11 +41,15 @@ class Runtime:
         from shared.auth import token_provider
         from shared.graph import MAILBOX_CONCURRENCY, GraphClient
         from shared.http import ApiClient
+        from shared.store import encode_key
 
         if self._graph is None:
             tokens = token_provider(self.settings)
+            # GraphClient's limit_key is the business id, its mailbox address: case-insensitive.
             api = ApiClient("Graph", tokens.source(GRAPH_SCOPE), timeout=self.settings.http_timeout_seconds,
-                            max_concurrency=MAILBOX_CONCURRENCY)
+                            max_concurrency=MAILBOX_CONCURRENCY,
+                            shared_slots=lambda mailbox: self.shared_slots(f"graph/{encode_key(mailbox.lower())}",
+                                                                           MAILBOX_CONCURRENCY))
             self._closers.append(api.aclose)
             self._graph = GraphClient(api, self.settings.graph_base_url)
         return self._graph
@@ -49,19 +58,40 @@ class Runtime:
     def bc(self):
         from shared.auth import token_provider
         from shared.bc import ENVIRONMENT_CONCURRENCY, REQUESTS_PER_WINDOW, WINDOW_SECONDS, BcClient
-        from shared.http import ApiClient, RateBudget
+        from shared.http import ApiClient
+        from shared.limits import SharedRateBudget
 
         if self._bc is None:
             self.settings.require("tenant_id", "bc_environment", "bc_company_id")
             tokens = token_provider(self.settings)
+            # One environment, one principal (the app's): one pool and one budget, whatever the key.
+            name = f"bc/{self.settings.tenant_id}/{self.settings.bc_environment}".lower()
             api = ApiClient("Business Central", tokens.source(BC_SCOPE),
                             timeout=self.settings.http_timeout_seconds, max_concurrency=ENVIRONMENT_CONCURRENCY,
-                            budget=RateBudget(REQUESTS_PER_WINDOW, WINDOW_SECONDS))
+                            budget=SharedRateBudget(self.store, name, REQUESTS_PER_WINDOW, WINDOW_SECONDS),
+                            shared_slots=lambda _key: self.shared_slots(name, ENVIRONMENT_CONCURRENCY))
             self._closers.append(api.aclose)
             self._bc = BcClient(api, self.settings)
         return self._bc
 
+    def shared_slots(self, name: str, count: int):
+        """The app-wide request slots `name` (`shared/limits.py`), one pool per name and loop."""
+        from shared.limits import SharedSlots
+
+        pool = self._slots.get(name)
+        if pool is None:
+            pool = self._slots[name] = SharedSlots(self.store, name, count)
+        return pool
+
+    def retire(self) -> None:
+        """Being replaced: keep no request slot idle (the new clients will want them)."""
+        for pool in self._slots.values():
+            pool.retire()
+
     async def aclose(self) -> None:
+        pools, self._slots = list(self._slots.values()), {}
+        for pool in pools:  # before the store they need: other instances get the slots at once
+            await pool.aclose()
         for close in reversed(self._closers):
             await close()
         self._closers.clear()
@@ -77,5 +107,7 @@ def runtime() -> Runtime:
     settings = get_settings()
     current = _runtimes.get(loop)
     if current is None or current.settings is not settings:
+        if current is not None:
+            current.retire()
         current = _runtimes[loop] = Runtime(settings)
     return current

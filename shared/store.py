@@ -16,6 +16,7 @@ Azure, with the Function App's managed identity (`AzureWebJobsStorage__accountNa
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import re
@@ -49,9 +50,11 @@ CONTAINER = "bookings-invoicing"
 run's summary (`shared/sync.py`)."""
 
 SYNC_QUEUE = "sync-requests"
+SYNC_BUSINESS_QUEUE = "sync-businesses"
+"""A sync run's parts: one message per business (and one for the reconciliation with BC)."""
 DIRECTORY_QUEUE = "directory-upserts"
 INVOICE_QUEUE = "invoice-jobs"
-QUEUES = (SYNC_QUEUE, DIRECTORY_QUEUE, INVOICE_QUEUE)
+QUEUES = (SYNC_QUEUE, SYNC_BUSINESS_QUEUE, DIRECTORY_QUEUE, INVOICE_QUEUE)
 
 MAX_BATCH = 100
 FILTER_KEYS = 14
@@ -120,6 +123,15 @@ class StoreStats:
         self.table_writes += 1
         self.entities_written += entities
         self.by_table[table] = self.by_table.get(table, 0) + 1
+        attributed = writes_of_this_task.get()
+        if attributed is not self and attributed is not None:
+            attributed.count(table, entities)
+
+
+writes_of_this_task: contextvars.ContextVar[StoreStats | None] = contextvars.ContextVar("writes_of_this_task",
+                                                                                       default=None)
+"""Set to a fresh `StoreStats` to count the writes of one piece of work (a business's sync) and
+of the tasks it starts, while other work runs side by side in the same process."""
 
 
 class Store:

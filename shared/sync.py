@@ -1,14 +1,20 @@
 """Sync: pull each Bookings business's calendar window from Graph into the `bookings` table.
 
-Only rows whose content changed are written (a content hash per row), in transactions of at
-most 100 per partition. An appointment that vanished from a *complete* pull is marked cancelled,
-never deleted; after a failed or partial pull nothing is cancelled, so a business that cannot be
-read keeps its rows exactly as they were. New or changed customers and services are queued for
-the directory upsert (up to 100 per message) as soon as they are read, so Business Central work
-overlaps the calendar pull. A blob lease keeps overlapping runs apart.
+A run fans out: the timer (or a request) queues one message per business, and the queue workers
+sync the businesses on as many instances as the plan gives, each business under its own lease, so
+one slow or failing business delays no other. A business's calendar is read slice by slice
+(`SUB_WINDOW`), page by page, against the stored rows of the same slice, so memory does not grow
+with the calendar.
 
-The run's summary goes to one blob, overwritten by the next run: `GET /api/health` and the
-queued-request check read it back; the history of runs is in the logs (`sync_run_finished`)."""
+Only rows whose content changed are written (a content hash per row), in transactions of at
+most 100. An appointment that vanished from a *complete* read of its slice is confirmed gone by
+id and marked cancelled, never deleted; after a failed or partial read nothing is cancelled. New
+or changed customers and services are queued for the directory upsert (up to 100 per message) as
+soon as they are read, so Business Central work overlaps the calendar pull.
+
+Each business's latest result goes to one blob (`sync/businesses/<id>.json`), overwritten by its
+next sync; `GET /api/health` adds them up. The history of runs is in the logs
+(`sync_business_finished`, and `sync_run_finished` once the run's last part is done)."""
 
 from __future__ import annotations
 
@@ -17,49 +23,58 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
+from azure.core import MatchConditions
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.data.tables import TableTransactionError
 from pydantic import ValidationError
 
 from shared import leases
 from shared.bookings import Booking, normalise_email
 from shared.graph import Appointment, BookingCustomer, BookingService, NoAccessToBusiness
 from shared.http import UpstreamError, UpstreamNotFound
-from shared.messages import (SOURCE_TEXT, CustomerBatchUpsert, CustomerSource, CustomerUpsert, ItemBatchUpsert, ItemUpsert,
-                             ServiceSource, SyncRequest, encode, pack)
+from shared.messages import (SOURCE_TEXT, BusinessSync, CustomerBatchUpsert, CustomerSource, CustomerUpsert,
+                             InvoiceReconciliation, ItemBatchUpsert, ItemUpsert, ServiceSource, SyncRequest, encode, pack)
 from shared.push import push_directory
 from shared.runtime import Runtime
-from shared.store import (BOOKINGS, CUSTOMER_LINKS, DIRECTORY_QUEUE, ITEM_LINKS, SYNC_QUEUE, UPDATE, UPSERT, Store,
-                          decode_key, encode_key)
+from shared.store import (BOOKINGS, CREATE, CUSTOMER_LINKS, DIRECTORY_QUEUE, ITEM_LINKS, MAX_BATCH, SYNC_BUSINESS_QUEUE,
+                          SYNC_QUEUE, UPDATE, UPSERT, Store, StoreStats, decode_key, encode_key,
+                          writes_of_this_task)
 
 log = logging.getLogger(__name__)
 
 SYNC_LEASE = "sync"
+"""Each business's lease is `sync/<business>`: one sync of a business at a time, on any instance."""
+RECONCILE_LEASE = "reconcile"
 LAST_RUN = "sync/last-run.json"
+"""The latest run: its id, trigger, start and businesses (written when it fans out)."""
+BUSINESS_RESULT = "sync/businesses/{business}.json"
+"""Each business's latest result (counts, errors, outcome), overwritten by its next sync."""
+RECONCILED = "sync/reconciled.json"
+RUN_FINISHED = "sync/finished.json"
+"""The id of the latest run whose summary was logged (so it is logged once)."""
 CANCELLED_HASH = "cancelled"
 CUSTOMER_PARTITION = "customer"
 CUSTOMERS_PER_HANDOVER = 100
 """Customers handed to the directory queue at a time while their list is read (a Graph page)."""
 ITEM_PARTITION = "item"
 SUB_WINDOW = timedelta(days=7)
-"""Each business's window is read as slices of this length, side by side."""
+"""Each business's window is read as slices of this length, `SLICES_AT_ONCE` side by side."""
+SLICES_AT_ONCE = 4
+MAX_ERRORS = 40
+"""A business's result keeps this many error messages (the logs have them all)."""
 
 
 @dataclass
 class BusinessPull:
+    """What a business's sync read of its customers and services, and what went wrong."""
     business_id: str
-    bookings: list[Booking] = field(default_factory=list)
     customers: list[BookingCustomer] = field(default_factory=list)
     services: list[BookingService] = field(default_factory=list)
-    complete: bool = False
-    """Every page was read and every appointment could be read."""
     directory_complete: bool = False
-    invalid: int = 0
-    unreadable: set = field(default_factory=set)
-    """Ids of appointments the read returned but that could not be read (each reported once)."""
-    confirmed: int = 0
-    """Stored appointments the read did not return, read by id."""
     errors: list[str] = field(default_factory=list)
 
 
@@ -74,19 +89,44 @@ class BusinessCounts:
 
 
 @dataclass
-class SyncResult:
-    run_id: str
-    trigger: str
-    started_at: datetime
-    finished_at: datetime | None = None
-    outcome: str = "succeeded"
-    counts: dict = field(default_factory=dict)
-    errors: list[dict] = field(default_factory=list)
-    table_writes: int = 0
+class CalendarRead:
+    """A business's calendar as the sync went through it, slice by slice. Only what is needed
+    across slices is kept (counts, errors, customers met in appointments), never the
+    appointments themselves: memory does not grow with the calendar."""
+    business_id: str
+    start: datetime
+    end: datetime
+    counts: BusinessCounts = field(default_factory=BusinessCounts)
+    complete: bool = True
+    """Every page was read and every appointment could be read, in every slice."""
+    confirmed: int = 0
+    """Stored appointments the read did not return, read by id."""
+    customers: dict[str, CustomerSource] = field(default_factory=dict)
+    """People as appointments carry them (for those without a Bookings customer record)."""
+    errors: list[str] = field(default_factory=list)
 
-    def summary(self) -> dict:
-        return {"at": _iso(self.finished_at) if self.finished_at else None,
-                "outcome": self.outcome, "counts": self.counts, "errors": self.errors}
+    def owns(self, booking: Booking, slice_start: datetime, slice_end: datetime) -> bool:
+        """Each appointment belongs to the one slice its start falls in (clamped to the window),
+        so one that overlaps two slices is handled once."""
+        start = min(max(booking.start, self.start), self.end - timedelta(microseconds=1))
+        return slice_start <= start < slice_end
+
+    def met(self, booking: Booking) -> None:
+        for customer in booking.customers:
+            if customer.email and customer.email not in self.customers:
+                self.customers[customer.email] = CustomerSource(
+                    email=customer.email, displayName=_clip(customer.name), phone=_clip(customer.phone),
+                    businessId=self.business_id)
+
+
+@dataclass
+class StoredRow:
+    """What the table holds of an appointment: just enough to tell what changed."""
+    appointment_id: str
+    source_hash: str | None
+    cancelled: bool
+    start: datetime | None
+    end: datetime | None
 
 
 def window(settings, now: datetime) -> tuple[datetime, datetime]:
@@ -94,7 +134,7 @@ def window(settings, now: datetime) -> tuple[datetime, datetime]:
 
 
 def sub_windows(start: datetime, end: datetime) -> list[tuple[datetime, datetime]]:
-    """[start, end) cut into `SUB_WINDOW` slices, read side by side."""
+    """[start, end) cut into `SUB_WINDOW` slices."""
     slices, cursor = [], start
     while cursor < end:
         slices.append((cursor, min(cursor + SUB_WINDOW, end)))
@@ -102,77 +142,170 @@ def sub_windows(start: datetime, end: datetime) -> list[tuple[datetime, datetime
     return slices
 
 
-async def pull_calendar(rt: Runtime, pull: BusinessPull, start: datetime, end: datetime) -> None:
-    """Read one business's calendar window into `pull`; never raises for upstream trouble,
-    reports it instead. The window is read as weekly sub-windows side by side (the client keeps
-    within Bookings' 4 requests per mailbox); an appointment that overlaps two of them is kept
-    once. Which appointments a read returns (those overlapping the window, or those starting in
-    it) does not matter: what is missing is confirmed by id before anything is cancelled."""
-    seen: dict[str, Booking] = {}
+async def stored_slice(store: Store, read: CalendarRead, slice_start: datetime, slice_end: datetime
+                       ) -> dict[str, StoredRow]:
+    """The stored rows a slice owns: those starting in it (the first slice also those that
+    started before the window and end inside it)."""
+    first = slice_start == read.start
+    query = ("PartitionKey eq @pk and StartUtc lt @end and EndUtc gt @start" if first
+             else "PartitionKey eq @pk and StartUtc ge @start and StartUtc lt @end")
+    rows: dict[str, StoredRow] = {}
+    async for row in store.iterate(BOOKINGS, query, ["RowKey", "AppointmentId", "SourceHash", "Cancelled", "StartUtc",
+                                                     "EndUtc"],
+                                   {"pk": encode_key(read.business_id), "start": read.start if first else slice_start,
+                                    "end": slice_end}):
+        rows[row["RowKey"]] = StoredRow(row.get("AppointmentId") or decode_key(row["RowKey"]), row.get("SourceHash"),
+                                        bool(row.get("Cancelled")), row.get("StartUtc"), row.get("EndUtc"))
+    return rows
 
-    async def read(slice_start: datetime, slice_end: datetime) -> None:
-        async for raw in rt.graph.calendar_view(pull.business_id, slice_start, slice_end):
-            ident = raw.get("id") if isinstance(raw, dict) else None
-            try:
-                booking = Booking.from_appointment(pull.business_id, Appointment.model_validate(raw))
-            except (ValidationError, ValueError, TypeError) as error:
-                if ident not in pull.unreadable:
-                    pull.invalid += 1
-                    pull.errors.append(f"appointment {ident or '(no id)'} could not be read: "
-                                       f"{str(error).splitlines()[0]}")
-                pull.unreadable.add(ident)
-                continue
-            seen[booking.id] = booking
 
-    reads = [asyncio.ensure_future(read(*part)) for part in sub_windows(start, end)]
+class SliceWriter:
+    """Writes a slice's changes as they are found, 100 to a transaction. A new row is created
+    (never upserted over an existing one): an appointment that moved here from another slice
+    already has a row, with its invoicing state, which a create cannot overwrite; such a row is
+    then merged, source fields only."""
+
+    def __init__(self, store: Store, read: CalendarRead):
+        self.store, self.read = store, read
+        self.pending: list[tuple] = []
+        self.writing: list[asyncio.Task] = []
+
+    def add(self, operation: tuple) -> None:
+        self.pending.append(operation)
+        if len(self.pending) == MAX_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            self.writing.append(asyncio.create_task(self._write(self.pending)))
+            self.pending = []
+
+    async def _write(self, operations: list[tuple]) -> None:
+        try:
+            await self.store.transact(BOOKINGS, operations)
+        except TableTransactionError as error:
+            if error.error_code != "EntityAlreadyExists":
+                raise
+            await asyncio.gather(*(self._one(operation) for operation in operations))
+
+    async def _one(self, operation: tuple) -> None:
+        kind, entity = operation[0], operation[1]
+        if kind != CREATE:
+            await self.store.upsert(BOOKINGS, entity)
+            return
+        try:
+            await self.store.insert(BOOKINGS, entity)
+        except ResourceExistsError:
+            del entity["InvoiceState"]
+            await self.store.upsert(BOOKINGS, entity)
+            self.read.counts.created -= 1
+            self.read.counts.updated += 1
+
+    async def finish(self) -> None:
+        self._flush()
+        try:
+            await asyncio.gather(*self.writing)
+        finally:
+            for task in self.writing:
+                task.cancel()
+
+    def write(self, booking: Booking, stored: StoredRow | None) -> None:
+        entity = booking.sync_entity()
+        if stored is None:
+            self.read.counts.created += 1
+            self.add((CREATE, entity | {"InvoiceState": "none"}))
+        elif stored.source_hash == entity["SourceHash"]:
+            self.read.counts.unchanged += 1
+        else:
+            self.read.counts.updated += 1
+            self.add((UPSERT, entity, {"mode": "merge"}))
+
+
+async def sync_slice(rt: Runtime, store: Store, read: CalendarRead, slice_start: datetime, slice_end: datetime) -> None:
+    """Read one slice of a business's calendar page by page against the stored rows of the
+    same slice; write what changed as it is found; then confirm by id what the read did not
+    return, and mark cancelled only what Graph says is gone. Never raises for upstream trouble:
+    a slice that could not be read completely cancels nothing."""
+    stored = await stored_slice(store, read, slice_start, slice_end)
+    writer = SliceWriter(store, read)
+    returned: set[str] = set()
+    unreadable: set = set()
     try:
-        await asyncio.gather(*reads)
-    except UpstreamError as error:
-        pull.errors.append(error.message if isinstance(error, NoAccessToBusiness) else str(error))
-        return
-    finally:
-        for task in reads:
-            task.cancel()
-    pull.bookings = list(seen.values())
-    pull.complete = pull.invalid == 0
-
-
-async def confirm_missing(rt: Runtime, pull: BusinessPull, existing: dict[str, dict], start: datetime,
-                          end: datetime) -> set[str]:
-    """Stored appointments of the window that the read did not return: each is read by id.
-    Gone (404) → its row key is returned, to be marked cancelled; still there → it joins
-    `pull.bookings` as it is now (perhaps moved); anything else → left as it was, and said so.
-    A read that was not complete (a page or an appointment could not be read) confirms nothing:
-    its business keeps its rows exactly as they were."""
-    if not pull.complete:
-        return set()
-    returned = {encode_key(booking.id) for booking in pull.bookings}
-    missing = [row for key, row in existing.items()
-               if key not in returned and not row.get("Cancelled") and _overlaps(row, start, end)]
-    gone: set[str] = set()
-
-    async def confirm(row: dict) -> None:
-        ident = row.get("AppointmentId") or decode_key(row["RowKey"])
         try:
-            appointment = await rt.graph.get_appointment(pull.business_id, ident)
-        except UpstreamNotFound as error:
-            if error.code == "ErrorFolderNotFound":  # the business, not the appointment
-                pull.errors.append(f"appointment {ident} could not be checked: {error.message}")
-            else:
-                gone.add(row["RowKey"])
-            return
+            async for raw in rt.graph.calendar_view(read.business_id, slice_start, slice_end):
+                ident = raw.get("id") if isinstance(raw, dict) else None
+                try:
+                    booking = Booking.from_appointment(read.business_id, Appointment.model_validate(raw))
+                except (ValidationError, ValueError, TypeError) as error:
+                    if ident not in unreadable:
+                        read.counts.invalid += 1
+                        read.errors.append(f"appointment {ident or '(no id)'} could not be read: "
+                                           f"{str(error).splitlines()[0]}")
+                    unreadable.add(ident)
+                    continue
+                if not read.owns(booking, slice_start, slice_end) or booking.row_key in returned:
+                    continue
+                returned.add(booking.row_key)
+                read.counts.fetched += 1
+                read.met(booking)
+                writer.write(booking, stored.get(booking.row_key))
         except UpstreamError as error:
-            pull.errors.append(f"appointment {ident} was not in the calendar read and could not be read by id "
-                               f"({error.code}); it is left as it was")
+            read.complete = False
+            read.errors.append(error.message if isinstance(error, NoAccessToBusiness) else str(error))
             return
-        try:
-            pull.bookings.append(Booking.from_appointment(pull.business_id, appointment))
-        except (ValueError, TypeError) as error:
-            pull.errors.append(f"appointment {ident} could not be read: {str(error).splitlines()[0]}")
+        if unreadable:
+            read.complete = False
+            return
+        missing = [(key, row) for key, row in stored.items()
+                   if key not in returned and not row.cancelled and _overlaps(row, read.start, read.end)]
+        read.confirmed += len(missing)
+        await asyncio.gather(*(_confirm(rt, read, writer, key, row, slice_start, slice_end) for key, row in missing))
+    finally:
+        await writer.finish()
 
-    await asyncio.gather(*(confirm(row) for row in missing))
-    pull.confirmed = len(missing)
-    return gone
+
+async def _confirm(rt: Runtime, read: CalendarRead, writer: SliceWriter, key: str, row: StoredRow,
+                   slice_start: datetime, slice_end: datetime) -> None:
+    """A stored appointment of the slice that the read did not return, read by id. Gone (404) →
+    marked cancelled; still there → written as it is now (unless it moved to another slice of
+    the window, which writes it); anything else → left as it was, and said so."""
+    try:
+        appointment = await rt.graph.get_appointment(read.business_id, row.appointment_id)
+    except UpstreamNotFound as error:
+        if error.code == "ErrorFolderNotFound":  # the business, not the appointment
+            read.errors.append(f"appointment {row.appointment_id} could not be checked: {error.message}")
+            return
+        read.counts.cancelled += 1
+        writer.add((UPDATE, {"PartitionKey": encode_key(read.business_id), "RowKey": key, "Cancelled": True,
+                             "SourceHash": CANCELLED_HASH}, {"mode": "merge"}))
+        return
+    except UpstreamError as error:
+        read.errors.append(f"appointment {row.appointment_id} was not in the calendar read and could not be read by "
+                           f"id ({error.code}); it is left as it was")
+        return
+    try:
+        booking = Booking.from_appointment(read.business_id, appointment)
+    except (ValueError, TypeError) as error:
+        read.errors.append(f"appointment {row.appointment_id} could not be read: {str(error).splitlines()[0]}")
+        return
+    inside = booking.end > read.start and booking.start < read.end
+    if inside and not read.owns(booking, slice_start, slice_end):
+        return  # moved to another slice of the window: that slice's read writes it
+    read.counts.fetched += 1
+    read.met(booking)
+    writer.write(booking, row)
+
+
+async def sync_calendar(rt: Runtime, store: Store, read: CalendarRead) -> None:
+    """Every slice of the window, `SLICES_AT_ONCE` at a time (Bookings serves 4 requests per
+    mailbox at once, so more would only queue)."""
+    gate = asyncio.Semaphore(SLICES_AT_ONCE)
+
+    async def one(part: tuple[datetime, datetime]) -> None:
+        async with gate:
+            await sync_slice(rt, store, read, *part)
+
+    await asyncio.gather(*(one(part) for part in sub_windows(read.start, read.end)))
 
 
 async def pull_directory(rt: Runtime, pull: BusinessPull, upserts: DirectoryQueue) -> None:
@@ -201,8 +334,6 @@ async def pull_directory(rt: Runtime, pull: BusinessPull, upserts: DirectoryQueu
     except BaseException:
         services.cancel()
         raise
-    finally:
-        await upserts.customers_done(pull.business_id)
     for raw in raw_services:
         try:
             pull.services.append(BookingService.model_validate(raw))
@@ -216,44 +347,10 @@ async def _collect(pages) -> list:
     return [item async for item in pages]
 
 
-async def stored_rows(store: Store, business_id: str) -> dict[str, dict]:
-    """What the table holds for a business: just enough to tell what changed."""
-    return {row["RowKey"]: row for row in await store.partition(
-        BOOKINGS, encode_key(business_id),
-        select=["RowKey", "AppointmentId", "SourceHash", "Cancelled", "StartUtc", "EndUtc"])}
-
-
-async def store_business(store: Store, pull: BusinessPull, existing: dict[str, dict], gone: set[str]
-                         ) -> BusinessCounts:
-    """Write what changed; mark cancelled what Graph confirmed gone (`confirm_missing`)."""
-    counts = BusinessCounts(fetched=len(pull.bookings), invalid=pull.invalid)
-    partition = encode_key(pull.business_id)
-    operations: list[tuple] = []
-    for booking in pull.bookings:
-        entity = booking.sync_entity()
-        row = existing.pop(entity["RowKey"], None)
-        if row is None:
-            counts.created += 1
-            entity["InvoiceState"] = "none"
-        elif row.get("SourceHash") == entity["SourceHash"]:
-            counts.unchanged += 1
-            continue
-        else:
-            counts.updated += 1
-        operations.append((UPSERT, entity, {"mode": "merge"}))
-    for row_key in sorted(gone):
-        counts.cancelled += 1
-        operations.append((UPDATE, {"PartitionKey": partition, "RowKey": row_key, "Cancelled": True,
-                                    "SourceHash": CANCELLED_HASH}, {"mode": "merge"}))
-    await store.write_batches(BOOKINGS, operations)
-    return counts
-
-
-def _overlaps(row: dict, start: datetime, end: datetime) -> bool:
-    row_start, row_end = row.get("StartUtc"), row.get("EndUtc")
-    if row_start is None or row_end is None:
+def _overlaps(row: StoredRow, start: datetime, end: datetime) -> bool:
+    if row.start is None or row.end is None:
         return False
-    return row_end > start and row_start < end
+    return row.end > start and row.start < end
 
 
 def _digest(model) -> str:
@@ -272,19 +369,6 @@ def customer_source(customer: BookingCustomer, business_id: str) -> CustomerSour
         addressLine1=_clip(address and address.street), city=_clip(address and address.city),
         state=_clip(address and address.state), country=_clip(address and address.country_or_region),
         postalCode=_clip(address and address.postal_code), businessId=business_id)
-
-
-def appointment_customer_sources(pulls: list[BusinessPull]) -> dict[str, CustomerSource]:
-    """Customers as appointments carry them (for people without a Bookings customer record)."""
-    sources: dict[str, CustomerSource] = {}
-    for pull in pulls:
-        for booking in pull.bookings:
-            for customer in booking.customers:
-                if customer.email and customer.email not in sources:
-                    sources[customer.email] = CustomerSource(
-                        email=customer.email, displayName=_clip(customer.name),
-                        phone=_clip(customer.phone), businessId=pull.business_id)
-    return sources
 
 
 def service_source(service: BookingService, business_id: str) -> ServiceSource:
@@ -307,73 +391,70 @@ async def known_hashes(store: Store) -> tuple[dict[str, str], dict[str, str]]:
             {row["RowKey"]: row.get("SourceHash") for row in items})
 
 
-def _changed(known: dict[str, str], sources: dict, queued: set[str]) -> list[tuple]:
-    """(source, digest) of the sources not queued yet in this run whose digest differs from the
-    link row's; marks them queued."""
+def source_hash(source: CustomerSource | ServiceSource) -> str:
+    """What a link row records of the data last upserted: its digest, and the business it came
+    from (`<digest>|<business>`), so a customer several businesses know is kept from one of them."""
+    return f"{_digest(source)}|{source.business_id}"
+
+
+def _owner(recorded: str | None) -> str | None:
+    return recorded.split("|", 1)[1] if recorded and "|" in recorded else None
+
+
+def _changed(known: dict[str, str], sources: dict, queued: set[str], rank: dict[str, int]) -> list[tuple]:
+    """(source, hash) of the sources not queued yet in this sync whose hash differs from the link
+    row's; marks them queued. A record another business keeps is left to it when that business
+    comes first in `BOOKINGS_BUSINESS_IDS` (so two businesses never undo each other's data)."""
     changed = []
     for key, source in sources.items():
         if key in queued:
             continue
         queued.add(key)
-        digest = _digest(source)
-        if known.get(encode_key(key)) != digest:
+        recorded = known.get(encode_key(key))
+        owner = _owner(recorded)
+        if owner in rank and rank[owner] < rank.get(source.business_id, len(rank)):
+            continue
+        digest = source_hash(source)
+        if recorded != digest:
             changed.append((source, digest))
     return changed
 
 
 class DirectoryQueue:
-    """Queues the customers and services a run finds new or changed for the directory upsert:
-    each once, in messages of up to 100 (`pack`), as soon as they are read, so BC work starts
-    while the calendars are still paging.
+    """Queues the customers and services a business's sync finds new or changed for the
+    directory upsert: each once, in messages of up to 100 (`pack`), as soon as they are read, so
+    Business Central work starts while the calendar is still paging. People known only from
+    appointments come last (`appointment_customers`): a customer record, with its address, is
+    preferred. A customer several businesses know is created from whichever business's sync
+    reaches them first; from then on the first of them in `BOOKINGS_BUSINESS_IDS` order keeps
+    them up to date, and the others leave them alone."""
 
-    A customer known to several businesses is taken from the first business in
-    `BOOKINGS_BUSINESS_IDS` order that has a record of them (as if the lists were read one after
-    the other), so what is queued, and its hash, never depends on which answer came first: a
-    business's pages wait until the businesses before it have been read. People known only from
-    appointments come last (`bookings_read`)."""
-
-    def __init__(self, rt: Runtime, store: Store, businesses: list[str]):
-        self.rt, self.store, self.businesses = rt, store, businesses
+    def __init__(self, rt: Runtime, store: Store):
+        self.rt, self.store = rt, store
+        self.rank = {business: index for index, business in enumerate(rt.settings.business_ids)}
         self.known = asyncio.ensure_future(known_hashes(store))
         self.queued: tuple[set[str], set[str]] = (set(), set())
         self.customers = self.items = 0
-        self._waiting: dict[str, list[BookingCustomer]] = {b: [] for b in businesses}
-        self._read: set[str] = set()
         self._sending: list[asyncio.Task] = []
 
     async def customers_read(self, business_id: str, customers: list[BookingCustomer]) -> None:
-        self._waiting[business_id] += customers
-        await self._release()
-
-    async def customers_done(self, business_id: str) -> None:
-        """The business's customer list is read (or could not be)."""
-        self._read.add(business_id)
-        await self._release()
-
-    async def _release(self) -> None:
-        known = (await self.known)[0]
         sources: dict[str, CustomerSource] = {}
-        for business_id in self.businesses:
-            for customer in self._waiting[business_id]:
-                source = customer_source(customer, business_id)
-                if source and source.email not in sources:
-                    sources[source.email] = source
-            self._waiting[business_id] = []
-            if business_id not in self._read:
-                break
-        self._send_customers(_changed(known, sources, self.queued[0]))
+        for customer in customers:
+            source = customer_source(customer, business_id)
+            if source and source.email not in sources:
+                sources[source.email] = source
+        self._send_customers(_changed((await self.known)[0], sources, self.queued[0], self.rank))
 
     async def services_read(self, business_id: str, services: list[BookingService]) -> None:
         known = (await self.known)[1]
-        changed = _changed(known, {s.id: service_source(s, business_id) for s in services}, self.queued[1])
+        changed = _changed(known, {s.id: service_source(s, business_id) for s in services}, self.queued[1], self.rank)
         if self.rt.settings.sync_items and changed:
             self.items += len(changed)
             self._send(pack([ItemUpsert(service=source, sourceHash=digest) for source, digest in changed],
                             lambda chunk: ItemBatchUpsert(services=chunk)))
 
-    async def bookings_read(self, pulls: list[BusinessPull]) -> None:
-        known = (await self.known)[0]
-        self._send_customers(_changed(known, appointment_customer_sources(pulls), self.queued[0]))
+    async def appointment_customers(self, sources: dict[str, CustomerSource]) -> None:
+        self._send_customers(_changed((await self.known)[0], sources, self.queued[0], self.rank))
 
     def _send_customers(self, changed: list[tuple]) -> None:
         if self.rt.settings.sync_customers and changed:
@@ -393,123 +474,229 @@ class DirectoryQueue:
         await asyncio.gather(self.known, *self._sending, return_exceptions=True)
 
 
-async def run_sync(rt: Runtime, trigger: str, now: datetime | None = None) -> SyncResult | None:
-    """One sync run over every configured business. None when another run holds the lease."""
+# -- a run: fanned out per business -------------------------------------------------------------
+
+def _result_blob(business_id: str) -> str:
+    return BUSINESS_RESULT.format(business=encode_key(business_id))
+
+
+async def start_run(rt: Runtime, trigger: str, requested_at: datetime | None = None) -> str:
+    """Fan a sync run out: one `BusinessSync` message per business, and one reconciliation with
+    BC, which any instance may take. Returns the run id."""
     settings = rt.settings
     settings.require("business_ids")
     store = await rt.store()
-    lease = await leases.acquire(store, SYNC_LEASE)
+    started = datetime.now(timezone.utc)
+    run_id = f"{started:%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+    requested = requested_at or started
+    record = {"runId": run_id, "trigger": trigger, "startedAt": _iso(started), "requestedAt": _iso(requested),
+              "businesses": settings.business_ids}
+    await store.write_blob(LAST_RUN, json.dumps(record).encode(), "application/json")
+    await store.send_many(SYNC_BUSINESS_QUEUE, [
+        *(encode(BusinessSync(runId=run_id, businessId=business, trigger=trigger, requestedAt=requested))
+          for business in settings.business_ids),
+        encode(InvoiceReconciliation(runId=run_id))])
+    log.info("sync run %s started for %d businesses", run_id, len(settings.business_ids),
+             extra={"event": "sync_run_started", "run_id": run_id, "trigger": trigger,
+                    "businesses": len(settings.business_ids)})
+    return run_id
+
+
+async def sync_business(rt: Runtime, request: BusinessSync, now: datetime | None = None) -> dict | None:
+    """One business's part of a run, under the business's lease: its customers and services,
+    its calendar slice by slice, then the push from BC. Returns its result (also kept for health
+    in `sync/businesses/<id>.json`); the latest result if a sync that started after the request
+    covers it; None when another sync of the business holds its lease."""
+    settings = rt.settings
+    store = await rt.store()
+    business = request.business_id
+    latest = await business_result(store, business)
+    if _covers(latest, request.requested_at):
+        log.info("sync of a business already covered by a later one",
+                 extra={"event": "sync_request_covered", "business_id": business, "run_id": request.run_id})
+        await _finish_run(store)
+        return latest
+    lease = await leases.acquire(store, f"{SYNC_LEASE}/{encode_key(business)}")
     if lease is None:
-        log.info("sync skipped: another run is in progress", extra={"event": "sync_skipped", "trigger": trigger})
+        log.info("sync of a business skipped: another run is syncing it",
+                 extra={"event": "sync_skipped", "business_id": business, "run_id": request.run_id})
         return None
     started = datetime.now(timezone.utc)
-    now = now or started
-    result = SyncResult(run_id=f"{started:%Y%m%dT%H%M%S}-{lease.owner[:8]}", trigger=trigger, started_at=started)
-    writes_before = store.stats.table_writes
-    booking_writes_before = store.stats.by_table.get(BOOKINGS, 0)
     clock = time.monotonic()
+    start, end = window(settings, now or started)
+    read = CalendarRead(business, start, end)
+    pull = BusinessPull(business)
+    upserts = DirectoryQueue(rt, store)
+    outcome, counts, errors = "succeeded", {}, []
+    writes = StoreStats()
+    writes_of_this_task.set(writes)
     try:
-        start, end = window(settings, now)
-        businesses = settings.business_ids
-        pulls = [BusinessPull(business) for business in businesses]
-        # Graph, the stored rows and the link rows are read side by side; customers and
-        # services are queued for the directory upsert page by page as they arrive.
-        upserts = DirectoryQueue(rt, store, businesses)
-        calendars = asyncio.gather(*(pull_calendar(rt, pull, start, end) for pull in pulls))
-        stored = asyncio.gather(*(stored_rows(store, business) for business in businesses))
         try:
-            await asyncio.gather(*(pull_directory(rt, pull, upserts) for pull in pulls))
-            await calendars
-            await upserts.bookings_read(pulls)
+            await asyncio.gather(pull_directory(rt, pull, upserts), sync_calendar(rt, store, read))
+            await upserts.appointment_customers(read.customers)
             await upserts.finish()
         except BaseException:
-            calendars.cancel()
-            stored.cancel()
             await upserts.abandon()
             raise
-        totals = BusinessCounts()
-        per_business = {}
-        for pull, existing in zip(pulls, await stored, strict=True):
-            gone = await confirm_missing(rt, pull, existing, start, end)
-            counts = await store_business(store, pull, existing, gone)
-            per_business[pull.business_id] = counts.__dict__ | {"complete": pull.complete,
-                                                                 "confirmedById": pull.confirmed}
-            for name, value in counts.__dict__.items():
-                setattr(totals, name, getattr(totals, name) + value)
-            for message in pull.errors[:20]:
-                result.errors.append({"businessId": pull.business_id, "message": message})
-        pushed = await push_directory(rt, store, pulls)
-        for business, push in pushed.items():
-            per_business[business]["push"] = push.counts()
-            for message in push.errors[:20]:
-                result.errors.append({"businessId": business, "message": message})
-        reconciled = await _reconcile(rt, store)
-        failed = [p for p in pulls if not p.complete and not p.bookings]
-        if len(failed) == len(pulls):
-            result.outcome = "failed"
-        elif result.errors or any(not p.complete for p in pulls):
-            result.outcome = "partial"
-        result.counts = totals.__dict__ | {"customersQueued": upserts.customers, "itemsQueued": upserts.items,
-                                           "businesses": per_business, **reconciled}
-        if pushed:
-            result.counts |= {"customersPushed": sum(p.customers.created for p in pushed.values()),
-                              "servicesPushed": sum(p.services.created for p in pushed.values()),
-                              "pushUpdated": sum(p.customers.updated + p.services.updated for p in pushed.values()),
-                              "pushFailed": sum(p.customers.failed + p.services.failed for p in pushed.values())}
+        pushed = await push_directory(rt, store, [pull])
+        push = pushed.get(business)
+        counts = read.counts.__dict__ | {"complete": read.complete, "confirmedById": read.confirmed,
+                                         "customersQueued": upserts.customers, "itemsQueued": upserts.items,
+                                         "bookingWrites": writes.by_table.get(BOOKINGS, 0)}
+        if push is not None:
+            counts |= {"push": push.counts(), "customersPushed": push.customers.created,
+                       "servicesPushed": push.services.created,
+                       "pushUpdated": push.customers.updated + push.services.updated,
+                       "pushFailed": push.customers.failed + push.services.failed}
+        # The same trouble (no access to the business…) met by every slice is said once.
+        errors = list(dict.fromkeys([*read.errors, *pull.errors, *(push.errors if push else [])]))[:MAX_ERRORS]
+        if not read.complete and not read.counts.fetched:
+            outcome = "failed"
+        elif errors or not read.complete:
+            outcome = "partial"
     except Exception as error:
-        result.outcome = "failed"
-        result.errors.append({"businessId": None, "message": f"sync failed: {error}"})
-        log.exception("sync run failed", extra={"event": "sync_run_failed", "run_id": result.run_id})
+        outcome = "failed"
+        errors.append(f"sync failed: {error}")
+        log.exception("sync of a business failed", extra={"event": "sync_run_failed", "run_id": request.run_id,
+                                                          "business_id": business})
     finally:
-        result.finished_at = datetime.now(timezone.utc)
-        result.table_writes = store.stats.table_writes - writes_before
-        result.counts["tableWrites"] = result.table_writes
-        result.counts["bookingWrites"] = store.stats.by_table.get(BOOKINGS, 0) - booking_writes_before
-        result.counts["seconds"] = round(time.monotonic() - clock, 3)
+        counts["seconds"] = round(time.monotonic() - clock, 3)
+        counts["tableWrites"] = writes.table_writes
+        result = {"runId": request.run_id, "trigger": request.trigger, "businessId": business,
+                  "startedAt": _iso(started), "at": _iso(datetime.now(timezone.utc)), "outcome": outcome,
+                  "counts": counts, "errors": errors}
         try:
-            await _record(store, result)
+            await store.write_blob(_result_blob(business), json.dumps(result).encode(), "application/json")
         finally:
             await leases.release(store, lease)
-    # Prefixed: a bare `created` would collide with the LogRecord attribute of that name.
-    flat = {f"count_{k}": v for k, v in result.counts.items() if isinstance(v, (int, float))}
-    log.info("sync run %s %s", result.run_id, result.outcome,
-             extra={"event": "sync_run_finished", "run_id": result.run_id, "outcome": result.outcome,
-                    "trigger": trigger, **flat})
+    flat = {f"count_{k}": v for k, v in counts.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    log.info("sync of %s %s", business, outcome,
+             extra={"event": "sync_business_finished", "run_id": request.run_id, "business_id": business,
+                    "outcome": outcome, **flat})
+    await _finish_run(store)
     return result
 
 
-async def _reconcile(rt: Runtime, store: Store) -> dict:
+async def reconcile_run(rt: Runtime, request: InvoiceReconciliation) -> dict | None:
+    """The run's reconciliation with BC, under its own lease (None: another is running)."""
     from shared.reconcile import reconcile_invoices
 
-    return await reconcile_invoices(rt, store)
+    store = await rt.store()
+    lease = await leases.acquire(store, RECONCILE_LEASE)
+    if lease is None:
+        return None
+    try:
+        counts = await reconcile_invoices(rt, store)
+        result = {"runId": request.run_id, "at": _iso(datetime.now(timezone.utc)), "counts": counts}
+        await store.write_blob(RECONCILED, json.dumps(result).encode(), "application/json")
+    finally:
+        await leases.release(store, lease)
+    await _finish_run(store)
+    return result
 
 
-async def _record(store: Store, result: SyncResult) -> None:
-    """Replace the last run's summary (one blob write, never a table entity)."""
-    record = {"runId": result.run_id, "trigger": result.trigger, "startedAt": _iso(result.started_at),
-              **result.summary()}
-    await store.write_blob(LAST_RUN, json.dumps(record).encode(), "application/json")
+async def _finish_run(store: Store) -> None:
+    """Whoever completes the latest run's last part logs the run's summary, once
+    (`sync_run_finished`)."""
+    summary = await last_sync(store)
+    if summary is None or summary["pending"]:
+        return
+    run_id = summary["runId"]
+    if not await _claim_finish(store, run_id):
+        return
+    counts = summary["counts"]
+    flat = {f"count_{k}": v for k, v in counts.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    log.info("sync run %s %s", run_id, summary["outcome"],
+             extra={"event": "sync_run_finished", "run_id": run_id, "outcome": summary["outcome"],
+                    "trigger": summary["trigger"], **flat})
+
+
+async def _claim_finish(store: Store, run_id: str) -> bool:
+    """Record that `run_id`'s summary is being logged; False if another worker did (ETags)."""
+    blob = store.blob(RUN_FINISHED)
+    try:
+        download = await blob.download_blob()
+        if json.loads(await download.readall()).get("runId") == run_id:
+            return False
+        condition = {"overwrite": True, "etag": download.properties.etag,
+                     "match_condition": MatchConditions.IfNotModified}
+    except ResourceNotFoundError:
+        condition = {"overwrite": False}
+    try:
+        await blob.upload_blob(json.dumps({"runId": run_id}).encode(), **condition)
+    except (ResourceExistsError, ResourceModifiedError):
+        return False
+    return True
 
 
 def _iso(moment: datetime) -> str:
     return moment.isoformat().replace("+00:00", "Z")
 
 
-async def _last_run(store: Store) -> dict | None:
-    content = await store.read_blob(LAST_RUN)
+async def _read_json(store: Store, path: str) -> dict | None:
+    content = await store.read_blob(path)
     return json.loads(content) if content else None
 
 
-async def last_run_started(store: Store) -> datetime | None:
-    """When the latest sync run started (a queued request older than that is already served)."""
-    run = await _last_run(store)
-    return datetime.fromisoformat(run["startedAt"]) if run else None
+def _covers(result: dict | None, requested_at: datetime) -> bool:
+    """Whether a business's result comes from a sync that started after `requested_at`."""
+    return result is not None and datetime.fromisoformat(result["startedAt"]) > requested_at
+
+
+async def last_run(store: Store) -> dict | None:
+    """The latest run's record: id, trigger, start and businesses."""
+    return await _read_json(store, LAST_RUN)
+
+
+async def business_result(store: Store, business_id: str) -> dict | None:
+    """A business's latest sync result."""
+    return await _read_json(store, _result_blob(business_id))
+
+
+SUMMED = ("fetched", "created", "updated", "unchanged", "cancelled", "invalid", "confirmedById", "customersQueued",
+          "itemsQueued", "bookingWrites", "tableWrites", "customersPushed", "servicesPushed", "pushUpdated", "pushFailed")
 
 
 async def last_sync(store: Store) -> dict | None:
-    """The latest run as `GET /api/health` reports it."""
-    run = await _last_run(store)
-    return {name: run[name] for name in ("at", "outcome", "counts", "errors")} if run else None
+    """The latest run as `GET /api/health` reports it: every business's latest result, with
+    totals, and the run's reconciliation. Businesses not synced since the run began are listed
+    in `pending`."""
+    run = await last_run(store)
+    if run is None:
+        return None
+    businesses = run.get("businesses") or []
+    results = await asyncio.gather(*(business_result(store, b) for b in businesses), _read_json(store, RECONCILED))
+    reconciled, results = results[-1], dict(zip(businesses, results[:-1], strict=True))
+    totals: dict = dict.fromkeys(SUMMED, 0)
+    per_business, errors, outcomes, pending, finished = {}, [], [], [], []
+    for business, result in results.items():
+        if result is None or datetime.fromisoformat(result["at"]) < datetime.fromisoformat(run["startedAt"]):
+            pending.append(business)  # not synced since the run began (a sync that was running then counts)
+        if result is None:
+            per_business[business] = {"outcome": "pending"}
+            continue
+        counts = result["counts"]
+        per_business[business] = counts | {"outcome": result["outcome"], "at": result["at"], "runId": result["runId"]}
+        outcomes.append(result["outcome"])
+        finished.append(datetime.fromisoformat(result["at"]))
+        for name in SUMMED:
+            totals[name] += counts.get(name, 0)
+        errors += [{"businessId": business, "message": message} for message in result["errors"]]
+    if not outcomes:
+        return None
+    if all(outcome == "failed" for outcome in outcomes):
+        outcome = "failed"
+    elif any(outcome != "succeeded" for outcome in outcomes):
+        outcome = "partial"
+    else:
+        outcome = "succeeded"
+    if reconciled is not None:
+        totals |= reconciled["counts"]
+    at = max(finished)
+    seconds = (at - datetime.fromisoformat(run["startedAt"])).total_seconds()
+    totals |= {"businesses": per_business, "seconds": round(max(seconds, 0.0), 3)}
+    return {"runId": run["runId"], "trigger": run["trigger"], "startedAt": run["startedAt"], "at": _iso(at),
+            "outcome": outcome, "counts": totals, "errors": errors, "pending": pending}
 
 
 async def queue_sync(store: Store, reason: str) -> None:

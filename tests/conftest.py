@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 import pytest
 
 from sandbox.host import FunctionHost
+from shared.store import SYNC_BUSINESS_QUEUE
 from sandbox.graph.options import GraphOptions
 from sandbox.stack import CLIENT_ID, ENVIRONMENT, TENANT, Sandbox, SandboxStack, seed_users
 from sandbox.tokens import APP_ROLES
@@ -51,6 +52,12 @@ class World:
         """A timer-triggered sync, then every queue drained, as the host would."""
         self.host.timer("sync_bookings")
         return self.host.drain()
+
+    def sync_calendars(self):
+        """A timer-triggered sync and its per-business parts, leaving what they queue for the
+        directory and invoicing where it is."""
+        self.host.timer("sync_bookings")
+        return self.host.drain(queues=[SYNC_BUSINESS_QUEUE])
 
 
 def make_world(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, businesses: int = 1) -> World:

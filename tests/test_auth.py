@@ -21,8 +21,8 @@ def token_for(scope: str) -> str:
 
 def test_a_sync_asks_entra_once_per_scope_and_reuses_the_token(world):
     before = dict(world.sandbox.entra.tokens_issued)
-    world.host.timer("sync_bookings")
-    world.host.timer("sync_bookings")
+    world.sync_calendars()
+    world.sync_calendars()
     issued = {k: v - before.get(k, 0) for k, v in world.sandbox.entra.tokens_issued.items()}
     assert issued.get("https://graph.microsoft.com", 0) <= 1
 
@@ -50,7 +50,7 @@ def test_with_a_federated_credential_the_app_works_without_any_secret(world):
         "endDateTime": {"dateTime": "2026-11-20T10:00:00Z", "timeZone": "UTC"}, "customers": []})
     world.configure(SYNC_LOOKBACK_DAYS="3650", SYNC_LOOKAHEAD_DAYS="3650")
 
-    world.host.timer("sync_bookings")
+    world.sync_calendars()
 
     health = body(world.host.http("GET", "health", key=False))
     assert health["lastSync"]["counts"]["fetched"] == 1

@@ -57,7 +57,7 @@ TENANT_SPECIFIC = {"AZURE_TENANT_ID": "tenant().tenantId", "AZURE_CLIENT_ID": No
                    "BC_COMPANY_ID": None, "BOOKINGS_BUSINESS_IDS": None}
 
 ALERTED_EVENTS = {"sync_run_finished", "message_poisoned", "invoice_job_part_failed"}
-POISON_QUEUES = {"directory-upserts-poison", "invoice-jobs-poison", "sync-requests-poison"}
+POISON_QUEUES = {"directory-upserts-poison", "invoice-jobs-poison", "sync-requests-poison", "sync-businesses-poison"}
 
 
 # --- Bicep, just enough of it ------------------------------------------------------------------

@@ -116,3 +116,17 @@ def test_held_waits_for_the_other_holder_then_gives_up(world):
             assert releasing.done() and mine.owner != lease.owner
 
     run(world, scenario())
+
+
+def test_a_lease_may_be_shorter_but_never_outside_what_azure_allows(world):
+    async def scenario():
+        s = await store()
+        lease = await leases.acquire(s, "short", seconds=15)
+        assert lease.seconds == 15 and await leases.renew(s, lease)
+        assert await leases.acquire(s, "short") is None
+        await leases.release(s, lease)
+        for seconds in (14, 61, -1):  # -1 would be Azure's infinite lease, which outlives a crash
+            with pytest.raises(ValueError):
+                await leases.acquire(s, "short", seconds=seconds)
+
+    run(world, scenario())

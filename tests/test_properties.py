@@ -20,14 +20,14 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from sandbox.data import generate, graph_datetime
-from shared.messages import InvoiceJobPart, SyncRequest, directory_upsert
+from shared.messages import InvoiceJobPart, SyncRequest, directory_upsert, sync_part
 from shared.store import BOOKINGS, CUSTOMER_LINKS, ITEM_LINKS, JOBS, TEMPLATES
 from tests.conftest import make_world
 from tests.helpers import body, peek_raw, queue_client, rows
 from tests.plugins.chaos import TALLY
 
 MAX_BODY = 1_048_576
-QUEUES = ("directory-upserts", "invoice-jobs", "sync-requests")
+QUEUES = ("directory-upserts", "invoice-jobs", "sync-requests", "sync-businesses")
 
 
 def fuzz(examples: int):
@@ -369,6 +369,10 @@ def message_shapes(queue: str):
         "sync-requests": st.fixed_dictionaries(
             {}, optional={"kind": st.sampled_from(["sync", "invoice"]), "reason": weird_text,
                           "requestedAt": st.one_of(datetimes.map(lambda d: d.isoformat()), weird_text)}),
+        "sync-businesses": st.fixed_dictionaries(
+            {"kind": st.sampled_from(["business", "reconcile", "sync"]), "runId": st.one_of(st.just("r1"), weird_text)},
+            optional={"businessId": st.one_of(st.just("known"), weird_text), "trigger": weird_text,
+                      "requestedAt": st.one_of(datetimes.map(lambda d: d.isoformat()), weird_text)}),
     }[queue]
     return st.one_of(near_valid.map(json.dumps), json_values.map(json.dumps), weird_text)
 
@@ -376,7 +380,7 @@ def message_shapes(queue: str):
 def schema_accepts(queue: str, text: str) -> bool:
     schema = {"directory-upserts": directory_upsert.validate_json,
               "invoice-jobs": InvoiceJobPart.model_validate_json,
-              "sync-requests": SyncRequest.model_validate_json}[queue]
+              "sync-requests": SyncRequest.model_validate_json, "sync-businesses": sync_part.validate_json}[queue]
     try:
         schema(text)
         return True
@@ -396,6 +400,8 @@ def check_queue_message(world, queue: str, text: str, encode: bool) -> None:
         text = xml_safe(text)
     if queue == "invoice-jobs":
         text = text.replace('"known"', json.dumps(world.known_job))
+    if queue == "sync-businesses":
+        text = text.replace('"known"', json.dumps(world.business_ids[0]))
     clear(world, f"{queue}-poison")
     before = table_state(world)
     TALLY.tried(f"queue {queue}")
@@ -434,7 +440,7 @@ def quiet_sync_requests(pworld):
 
 @pytest.mark.parametrize("queue", QUEUES)
 def test_any_queue_message_is_processed_or_poisoned_with_a_reason_and_never_lost(pworld, quiet_sync_requests, queue):
-    examples = {"directory-upserts": 70, "invoice-jobs": 70, "sync-requests": 30}[queue]
+    examples = {"directory-upserts": 70, "invoice-jobs": 70, "sync-requests": 30, "sync-businesses": 30}[queue]
 
     @fuzz(examples)
     @given(text=message_shapes(queue), encode=st.booleans())

@@ -168,7 +168,7 @@ def test_a_sync_run_survives_info_logging_as_the_functions_host_enables_it(world
     named like a LogRecord attribute (`created`, `name`, `message`…) then raises KeyError."""
     caplog.set_level(logging.INFO)
 
-    world.host.timer("sync_bookings")
+    world.sync_calendars()
 
     assert any(getattr(r, "event", None) == "sync_run_finished" for r in caplog.records)
 

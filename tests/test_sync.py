@@ -46,7 +46,7 @@ def test_sync_of_250_appointments_with_small_pages_and_throttling_lands_each_exa
     world.graph.plan.script("GET", r"/calendarView", "429", times=3)
     world.graph.plan.configure(retry_after_seconds=0)
 
-    world.host.timer("sync_bookings")
+    world.sync_calendars()
 
     stored = bookings(world)
     assert set(stored) == in_window(dataset)
@@ -59,9 +59,9 @@ def test_sync_of_250_appointments_with_small_pages_and_throttling_lands_each_exa
 
 def test_a_second_sync_with_nothing_changed_writes_no_table_entity(world):
     load(world)
-    world.host.timer("sync_bookings")
+    world.sync_calendars()
     before = table_writes(world)
-    world.host.timer("sync_bookings")
+    world.sync_calendars()
 
     counts = last_run(world)["counts"]
     assert counts["tableWrites"] == 0 and table_writes(world) == before, "not even a lease or a run record"
@@ -72,11 +72,11 @@ def test_a_second_sync_with_nothing_changed_writes_no_table_entity(world):
 
 def test_a_changed_appointment_is_rewritten_and_only_it(world):
     dataset = load(world)
-    world.host.timer("sync_bookings")
+    world.sync_calendars()
     business_id, appointment = next(dataset.appointments())
     world.graph.update_appointment(business_id, appointment["id"], price=999.5)
 
-    world.host.timer("sync_bookings")
+    world.sync_calendars()
 
     counts = last_run(world)["counts"]
     assert counts["updated"] == 1 and counts["bookingWrites"] == 1
@@ -85,11 +85,11 @@ def test_a_changed_appointment_is_rewritten_and_only_it(world):
 
 def test_a_vanished_appointment_is_marked_cancelled_not_deleted(world):
     dataset = load(world)
-    world.host.timer("sync_bookings")
+    world.sync_calendars()
     business_id, appointment = next(dataset.appointments())
     world.graph.delete_appointment(business_id, appointment["id"])
 
-    world.host.timer("sync_bookings")
+    world.sync_calendars()
 
     stored = bookings(world)
     assert len(stored) == 250
@@ -100,7 +100,7 @@ def test_a_vanished_appointment_is_marked_cancelled_not_deleted(world):
 
 def test_a_failed_pull_cancels_nothing_and_keeps_rows_as_they_were(world):
     dataset = load(world)
-    world.host.timer("sync_bookings")
+    world.sync_calendars()
     before = bookings(world)
     for business_id, appointment in list(dataset.appointments())[:10]:
         world.graph.delete_appointment(business_id, appointment["id"])
@@ -108,7 +108,7 @@ def test_a_failed_pull_cancels_nothing_and_keeps_rows_as_they_were(world):
     world.graph.plan.script("GET", r"/calendarView", "503", times=1000)
     world.graph.plan.configure(retry_after_seconds=0)
 
-    world.host.timer("sync_bookings")
+    world.sync_calendars()
 
     after = bookings(world)
     assert {k: v["SourceHash"] for k, v in after.items()} == {k: v["SourceHash"] for k, v in before.items()}
@@ -121,12 +121,12 @@ def test_a_failed_pull_cancels_nothing_and_keeps_rows_as_they_were(world):
 def test_an_inaccessible_business_is_reported_by_name_and_keeps_its_rows(world2):
     world = world2
     load(world)
-    world.host.timer("sync_bookings")
+    world.sync_calendars()
     before = bookings(world)
     locked = world.business_ids[1]
     world.graph.set_inaccessible(locked)
 
-    world.host.timer("sync_bookings")
+    world.sync_calendars()
 
     assert bookings(world).keys() == before.keys()
     assert not any(r["Cancelled"] for r in bookings(world).values())
@@ -138,7 +138,7 @@ def test_an_inaccessible_business_is_reported_by_name_and_keeps_its_rows(world2)
 
 def test_a_malformed_appointment_is_reported_and_loses_no_stored_row(world):
     dataset = load(world)
-    world.host.timer("sync_bookings")
+    world.sync_calendars()
     business_id = world.business_ids[0]
     world.graph.put_appointment(business_id, {
         "id": "AAMkBROKEN=", "startDateTime": {"dateTime": "not a date", "timeZone": "UTC"},
@@ -146,7 +146,7 @@ def test_a_malformed_appointment_is_reported_and_loses_no_stored_row(world):
     victim_business, victim = next(dataset.appointments())
     world.graph.delete_appointment(victim_business, victim["id"])
 
-    world.host.timer("sync_bookings")
+    world.sync_calendars()
 
     stored = bookings(world)
     assert len(stored) == 250 and not stored[victim["id"]]["Cancelled"], "an incomplete pull cancels nothing"
@@ -157,7 +157,7 @@ def test_a_malformed_appointment_is_reported_and_loses_no_stored_row(world):
 
 def test_group_and_single_customer_fields_are_both_read(world):
     dataset = load(world)
-    world.host.timer("sync_bookings")
+    world.sync_calendars()
     stored = bookings(world)
     import json
 
@@ -178,7 +178,7 @@ def test_overlapping_runs_do_not_corrupt_anything(world, caplog):
 
     def run():
         try:
-            world.host.timer("sync_bookings")
+            world.sync_calendars()
         except Exception as error:  # noqa: BLE001
             errors.append(error)
 
@@ -190,8 +190,9 @@ def test_overlapping_runs_do_not_corrupt_anything(world, caplog):
 
     assert not errors
     assert len(bookings(world)) == 250
-    ran, skipped = logged(caplog, "sync_run_finished"), logged(caplog, "sync_skipped")
+    ran, skipped = logged(caplog, "sync_business_finished"), logged(caplog, "sync_skipped")
     assert ran + skipped == 3 and 1 <= ran < 3, "overlapping runs are skipped, not run twice at once"
+    assert logged(caplog, "sync_run_finished") == 1, "the latest run is summed up once its business is synced"
 
 
 def test_post_sync_queues_a_run_that_the_queue_trigger_performs(world):
@@ -200,7 +201,7 @@ def test_post_sync_queues_a_run_that_the_queue_trigger_performs(world):
     assert response.status_code == 202 and body(response) == {"status": "queued"}
     assert rows(world, BOOKINGS) == []
 
-    world.host.drain(queues=["sync-requests"])
+    world.host.drain(queues=["sync-requests", "sync-businesses"])
 
     assert len(bookings(world)) == 20
 
@@ -212,7 +213,7 @@ def test_a_sync_without_business_ids_fails_naming_the_setting(world):
     from shared.settings import SettingsError
 
     with pytest.raises(SettingsError, match="BOOKINGS_BUSINESS_IDS"):
-        world.host.timer("sync_bookings")
+        world.sync_calendars()
 
 
 def test_window_excludes_appointments_outside_lookback(world):
@@ -221,7 +222,7 @@ def test_window_excludes_appointments_outside_lookback(world):
     world.graph.put_appointment(business_id, {
         "id": "AAMkOLD=", "startDateTime": graph_datetime(old), "endDateTime": graph_datetime(old + timedelta(hours=1)),
         "serviceName": "Old", "price": 10, "priceType": "fixedPrice", "customers": []})
-    world.host.timer("sync_bookings")
+    world.sync_calendars()
     assert "AAMkOLD=" not in bookings(world)
 
 
@@ -250,7 +251,7 @@ def test_several_webhook_calls_while_queued_make_one_sync_run(world, caplog, mon
     load(world, appointments=10)
     for _ in range(4):
         assert world.host.http("POST", "sync").status_code == 202
-    world.host.drain(queues=["sync-requests"])
+    world.host.drain(queues=["sync-requests", "sync-businesses"])
     assert logged(caplog, "sync_run_finished") == 1
 
 
@@ -283,11 +284,11 @@ def test_appointments_straddling_the_window_edge_or_a_slice_edge_are_kept_once_a
     edge = appointment_at(world, NOW - lookback - timedelta(hours=1))  # begins before the window, ends in it
     slice_edge = appointment_at(world, NOW - lookback + timedelta(days=7) - timedelta(hours=1))
     world.configure(SYNC_LOOKBACK_DAYS="61")
-    world.host.timer("sync_bookings")  # a wider window first: both are stored
+    world.sync_calendars()  # a wider window first: both are stored
     world.configure(SYNC_LOOKBACK_DAYS="60")
     world.graph.plan.reset_stats()
 
-    world.host.timer("sync_bookings")
+    world.sync_calendars()
 
     stored = bookings(world)
     assert not stored[edge]["Cancelled"] and not stored[slice_edge]["Cancelled"]
@@ -300,11 +301,11 @@ def test_appointments_straddling_the_window_edge_or_a_slice_edge_are_kept_once_a
 def test_an_appointment_gone_from_bookings_is_cancelled_once_graph_confirms_it_by_id(world):
     kept = appointment_at(world, NOW - timedelta(days=3))
     gone = appointment_at(world, NOW - timedelta(days=2))
-    world.host.timer("sync_bookings")
+    world.sync_calendars()
     world.graph.delete_appointment(world.business_ids[0], gone)
     world.graph.plan.reset_stats()
 
-    world.host.timer("sync_bookings")
+    world.sync_calendars()
 
     stored = bookings(world)
     assert stored[gone]["Cancelled"] and not stored[kept]["Cancelled"]
@@ -313,11 +314,11 @@ def test_an_appointment_gone_from_bookings_is_cancelled_once_graph_confirms_it_b
 
 def test_a_silently_capped_read_cancels_nothing_that_still_exists(world):
     ids = [appointment_at(world, NOW - timedelta(days=1, minutes=30 * i), minutes=20) for i in range(12)]
-    world.host.timer("sync_bookings")
+    world.sync_calendars()
     world.graph.configure(calendar_view_cap=5)  # each read silently stops after 5 appointments
     world.graph.delete_appointment(world.business_ids[0], ids[-1])
 
-    world.host.timer("sync_bookings")
+    world.sync_calendars()
 
     stored = bookings(world)
     assert [i for i in ids if stored[i]["Cancelled"]] == [ids[-1]], "only the one Graph confirmed gone"
@@ -327,7 +328,7 @@ def test_a_silently_capped_read_cancels_nothing_that_still_exists(world):
 def test_a_window_is_read_in_weekly_slices_side_by_side_within_four_requests_per_mailbox(world):
     load(world, appointments=250)
     world.graph.plan.configure(latency_ms=30)
-    world.host.timer("sync_bookings")
+    world.sync_calendars()
 
     calendar_reads = sum(n for path, n in world.graph.plan.stats.requests.items() if "/calendarView" in path)
     assert calendar_reads >= 13, "90 days in weekly slices"
@@ -340,7 +341,7 @@ def test_times_labelled_with_a_windows_time_zone_are_read_in_that_zone(world):
     ident = appointment_at(world, start)
     world.graph.configure(response_time_zone="W. Europe Standard Time")
 
-    world.host.timer("sync_bookings")
+    world.sync_calendars()
 
     stored = bookings(world)[ident]
     assert stored["StartUtc"].replace(tzinfo=timezone.utc) == start
@@ -350,10 +351,74 @@ def test_times_labelled_with_a_windows_time_zone_are_read_in_that_zone(world):
 def test_an_unknown_time_zone_makes_the_appointment_unreadable_with_the_reason_never_utc(world):
     good = appointment_at(world, NOW - timedelta(days=2))
     odd = appointment_at(world, NOW - timedelta(days=1), zone="Mars Standard Time")
-    world.host.timer("sync_bookings")
+    world.sync_calendars()
 
     stored = bookings(world)
     assert good in stored and odd not in stored, "not stored at a guessed time"
     run = last_run(world)
     assert run["outcome"] == "partial"
     assert any(odd in e["message"] and "unknown time zone 'Mars Standard Time'" in e["message"] for e in run["errors"])
+
+
+def test_an_invoiced_appointment_moved_to_another_week_keeps_its_invoice(world):
+    ident = appointment_at(world, NOW - timedelta(days=20))
+    world.sync_calendars()
+    accepted = world.host.http("POST", "invoices", body={"bookingIds": [ident]})
+    assert accepted.status_code == 202
+    world.host.drain()
+    assert bookings(world)[ident]["InvoiceState"] == "invoiced"
+    moved = NOW - timedelta(days=2)  # two slices later: its new slice has no row of it
+    world.graph.update_appointment(world.business_ids[0], ident, startDateTime=graph_datetime(moved),
+                                   endDateTime=graph_datetime(moved + timedelta(hours=2)))
+
+    world.sync_calendars()
+
+    row = bookings(world)[ident]
+    assert row["InvoiceState"] == "invoiced" and row["HasInvoices"], "a move never makes a booking billable again"
+    assert row["StartUtc"] == moved
+    counts = last_run(world)["counts"]
+    assert (counts["created"], counts["updated"], counts["cancelled"]) == (0, 1, 0)
+    assert ident not in {b["id"] for b in body(world.host.http("GET", "bookings/uninvoiced"))["value"]}
+
+
+def test_each_business_is_synced_on_its_own_and_health_shows_each_outcome(world2):
+    world = world2
+    quick, slow = world.business_ids
+    load(world, appointments=60)
+    # The slow business's calendar answers late (a timeout, then the retry).
+    world.graph.plan.configure(hang_seconds=1.0, retry_after_seconds=0)
+    world.graph.plan.script("GET", rf"/{slow}/calendarView", "timeout", times=2)
+
+    world.host.timer("sync_bookings")
+    stats = world.host.drain(queues=["sync-businesses"])
+
+    assert stats.by_queue["sync-businesses"] == 3, "one message per business, and the reconciliation"
+    run = last_run(world)
+    quick_result, slow_result = (run["counts"]["businesses"][b] for b in (quick, slow))
+    assert quick_result["outcome"] == slow_result["outcome"] == "succeeded"
+    assert quick_result["at"] < slow_result["at"], "the slow business delays no other"
+    assert quick_result["created"] + slow_result["created"] == run["counts"]["created"] == 60
+
+    world.graph.set_inaccessible(slow)
+    world.sync_calendars()
+
+    run = last_run(world)
+    assert run["outcome"] == "partial"
+    assert run["counts"]["businesses"][quick]["outcome"] == "succeeded"
+    assert run["counts"]["businesses"][slow]["outcome"] == "failed"
+    assert {e["businessId"] for e in run["errors"]} == {slow}
+
+
+def test_a_sync_message_for_a_business_is_processed_or_deferred_never_run_twice_at_once(world, caplog):
+    caplog.set_level(logging.INFO, logger="shared.sync")
+    load(world, appointments=30)
+    world.graph.plan.configure(latency_ms=20)
+    world.host.timer("sync_bookings")
+    world.host.timer("sync_bookings")  # a second run before the first one's parts ran
+
+    world.host.drain(queues=["sync-businesses"])
+
+    synced = [r for r in caplog.records if getattr(r, "event", None) == "sync_business_finished"]
+    covered = [r for r in caplog.records if getattr(r, "event", None) in ("sync_request_covered", "sync_skipped")]
+    assert len(synced) + len(covered) == 2 and synced
+    assert len(bookings(world)) == 30 and last_run(world)["counts"]["created"] == 30 or len(synced) == 2

@@ -111,8 +111,8 @@ def dynamic_part(path: str, tree: ast.Module, node: ast.expr) -> tuple[str, ...]
     return values
 
 
-# The one `**spread` in an `extra`: sync_run_finished's `**flat`, `count_<key>` for every number
-# in the run's counts. Its keys are read from the code that fills `result.counts`.
+# The one `**spread` in an `extra`: sync_run_finished's (and sync_business_finished's) `**flat`,
+# `count_<key>` for every number in the counts. Its keys are read from the code that adds them up.
 
 def function(tree: ast.Module, name: str) -> ast.AsyncFunctionDef | ast.FunctionDef:
     return next(node for node in ast.walk(tree)
@@ -179,30 +179,16 @@ def returned_count_keys(tree: ast.Module, name: str) -> set[str]:
 
 
 def sync_run_count_keys(all_trees: dict[str, ast.Module]) -> set[str]:
-    """The numbers of a sync run: BusinessCounts' fields, what run_sync puts in `result.counts`,
-    and what reconciliation returns (spread into it)."""
+    """The numbers of a sync run: what `last_sync` adds up over the businesses (`SUMMED`), the
+    run's `seconds`, and what reconciliation returns (merged into the run's counts)."""
     sync = all_trees["shared/sync.py"]
+    summed = next(node for node in sync.body
+                  if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "SUMMED")
     counts_class = next(node for node in sync.body if isinstance(node, ast.ClassDef) and node.name == "BusinessCounts")
-    keys = {node.target.id for node in counts_class.body if isinstance(node, ast.AnnAssign)}
-    run_sync = function(sync, "run_sync")
-    bound = bindings(run_sync)
-    for node in ast.walk(run_sync):
-        if isinstance(node, ast.Assign):
-            for target in node.targets:
-                if ast.unparse(target) == "result.counts":
-                    more, spreads = numeric_dict_keys(node.value, bound)
-                    keys |= more
-                    for spread in spreads:
-                        call = bound[spread]
-                        call = call.value if isinstance(call, ast.Await) else call
-                        assert isinstance(call, ast.Call) and isinstance(call.func, ast.Name), spread
-                        helper = function(sync, call.func.id)
-                        [inner] = [n for n in ast.walk(helper) if isinstance(n, ast.Return)]
-                        inner_call = inner.value.value if isinstance(inner.value, ast.Await) else inner.value
-                        keys |= returned_count_keys(all_trees["shared/reconcile.py"], inner_call.func.id)
-                elif isinstance(target, ast.Subscript) and ast.unparse(target.value) == "result.counts":
-                    keys.add(target.slice.value)
-    return keys
+    fields = {node.target.id for node in counts_class.body if isinstance(node, ast.AnnAssign)}
+    keys = {element.value for element in summed.value.elts}
+    assert fields <= keys, f"BusinessCounts fields not added up in last_sync: {fields - keys}"
+    return keys | {"seconds"} | returned_count_keys(all_trees["shared/reconcile.py"], "reconcile_invoices")
 
 
 def spread_keys(path: str, func: ast.AST, value: ast.expr, all_trees: dict[str, ast.Module]) -> tuple[set[str], str]:
@@ -211,7 +197,7 @@ def spread_keys(path: str, func: ast.AST, value: ast.expr, all_trees: dict[str, 
         value = bindings(func).get(value.id)
     if not (isinstance(value, ast.DictComp) and isinstance(value.key, ast.JoinedStr)):
         raise AssertionError(f"{path}: a `**spread` in an extra; teach tests/test_telemetry.py to expand it")
-    if path == "shared/sync.py" and "result.counts.items()" == ast.unparse(value.generators[0].iter):
+    if path == "shared/sync.py" and "counts.items()" == ast.unparse(value.generators[0].iter):
         prefix = "".join(part.value for part in value.key.values if isinstance(part, ast.Constant))
         if re.fullmatch(r"\w+", prefix) and len(value.key.values) == 2:
             return {prefix + key for key in sync_run_count_keys(all_trees)}, ""

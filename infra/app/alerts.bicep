@@ -47,7 +47,7 @@ var poisonQuery = '''
 traces
 | where tostring(customDimensions.event) == "message_poisoned"
     or (message has "MaxDequeueCount"
-        and message has_any ("directory-upserts-poison", "invoice-jobs-poison", "sync-requests-poison"))
+        and message has_any ("directory-upserts-poison", "invoice-jobs-poison", "sync-requests-poison", "sync-businesses-poison"))
 '''
 
 // Part of an invoicing job (one customer's invoice) failed; its bookings stay uninvoiced.
@@ -78,7 +78,7 @@ var rules = [
   {
     name: 'message-poisoned'
     displayName: 'Message moved to a poison queue'
-    description: 'A queue message (directory-upserts, invoice-jobs or sync-requests) failed repeatedly and now waits in <queue>-poison. See the README Operate section.'
+    description: 'A queue message (directory-upserts, invoice-jobs, sync-requests or sync-businesses) failed repeatedly and now waits in <queue>-poison. See the README Operate section.'
     severity: 1
     query: poisonQuery
     operator: 'GreaterThan'

@@ -22,10 +22,15 @@ class SyncError(BaseModel):
 
 
 class LastSync(BaseModel):
-    at: str | None
+    at: str | None = Field(description="When the latest business result of the run was written")
     outcome: str = Field(examples=["succeeded"], description="succeeded | partial | failed")
-    counts: dict[str, Any]
+    counts: dict[str, Any] = Field(description="Totals over the businesses; each business's own result (outcome, "
+                                               "at, counts) under `businesses.<businessId>`")
     errors: list[SyncError]
+    run_id: str | None = Field(None, alias="runId")
+    pending: list[str] = Field(default_factory=list,
+                               description="Businesses not synced since the latest run began (their part is queued "
+                                           "or running)")
 
 
 class DirectoryHealth(BaseModel):
