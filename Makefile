@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup browser demo serve test screenshots bench chaos lint i18n clean
+.PHONY: setup browser demo serve test screenshots bench bench-scale chaos lint i18n clean
 
 setup: $(VENV)/.installed node_modules/.installed
 
@@ -43,6 +43,11 @@ screenshots: setup browser
 
 bench: setup
 	$(BIN)/python -m bench.run
+
+# Sync at scale: peak RSS vs calendar size (up to 100,000 appointments in one business) and speed-up
+# with 1, 2 and 4 host processes on one Azurite (up to ~20 min; `python -m bench.scale --quick`: 2-3 min).
+bench-scale: setup
+	$(BIN)/python -m bench.scale
 
 chaos: setup
 	$(BIN)/python -m pytest tests/test_chaos.py --chaos-runs=200 -q

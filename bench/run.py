@@ -471,7 +471,7 @@ def plot(results: dict, path: Path) -> None:
 
     points = results["scaling"]["first_sync"]
     sizes = [p["appointments"] for p in points]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right, memory) = plt.subplots(1, 3, figsize=(16, 4.2))
     left.plot(sizes, [p["seconds"] for p in points], "o-", label="app (measured)")
     left.plot(sizes, [p["bound_seconds"] for p in points], "s--", label="bound (cost model)")
     left.plot(sizes, [p["floor_seconds"] for p in points], "d-.", label="floor (bare client, same simulators)")
@@ -506,6 +506,15 @@ def plot(results: dict, path: Path) -> None:
     right.set_title("First sync: requests per booking")
     right.grid(True, alpha=0.3)
     right.legend(fontsize=8)
+    memory.plot(sizes, [p["peak_rss_mb"] for p in points], "o-", label="app: peak RSS of the worker process")
+    memory.axhline(300, color="grey", linestyle=":", label="target: under 300 MB")
+    memory.set_xscale("log")
+    memory.set_ylim(bottom=0)
+    memory.set_xlabel("appointments, log")
+    memory.set_ylabel("peak RSS (VmHWM), MB")
+    memory.set_title("First sync: memory")
+    memory.grid(True, which="both", alpha=0.3)
+    memory.legend(fontsize=8)
     fig.suptitle(f"bookings-invoicing first sync, cost model: Graph 60 ms x4, BC 120 ms x5 ($batch +20 ms/req) "
                  f"— {results['generated_at'][:16]}", fontsize=9)
     fig.tight_layout()

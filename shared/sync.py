@@ -382,6 +382,24 @@ def _clip(value: str | None, limit: int = SOURCE_TEXT) -> str | None:
     return value[:limit] or None
 
 
+_known_per_run: dict[tuple[int, str], asyncio.Future] = {}
+KNOWN_RUNS_KEPT = 2
+
+
+def known_hashes_of_run(store: Store, run_id: str) -> asyncio.Future:
+    """`known_hashes`, read once per run and process: the businesses an instance syncs in one
+    run share one read of the link rows (each would otherwise read all of them). What the
+    directory records meanwhile only makes a record look changed, and its upsert then finds it
+    up to date."""
+    key = (id(store), run_id)
+    known = _known_per_run.get(key)
+    if known is None or (known.done() and (known.cancelled() or known.exception() is not None)):
+        known = _known_per_run[key] = asyncio.ensure_future(known_hashes(store))
+        for old in list(_known_per_run)[:-KNOWN_RUNS_KEPT]:
+            del _known_per_run[old]
+    return known
+
+
 async def known_hashes(store: Store) -> tuple[dict[str, str], dict[str, str]]:
     """What the last successful upserts recorded on the customer and item link rows."""
     customers, items = await asyncio.gather(*(store.partition(table, partition, select=["RowKey", "SourceHash"])
@@ -429,10 +447,10 @@ class DirectoryQueue:
     reaches them first; from then on the first of them in `BOOKINGS_BUSINESS_IDS` order keeps
     them up to date, and the others leave them alone."""
 
-    def __init__(self, rt: Runtime, store: Store):
+    def __init__(self, rt: Runtime, store: Store, run_id: str):
         self.rt, self.store = rt, store
         self.rank = {business: index for index, business in enumerate(rt.settings.business_ids)}
-        self.known = asyncio.ensure_future(known_hashes(store))
+        self.known = known_hashes_of_run(store, run_id)
         self.queued: tuple[set[str], set[str]] = (set(), set())
         self.customers = self.items = 0
         self._sending: list[asyncio.Task] = []
@@ -443,10 +461,10 @@ class DirectoryQueue:
             source = customer_source(customer, business_id)
             if source and source.email not in sources:
                 sources[source.email] = source
-        self._send_customers(_changed((await self.known)[0], sources, self.queued[0], self.rank))
+        self._send_customers(_changed((await asyncio.shield(self.known))[0], sources, self.queued[0], self.rank))
 
     async def services_read(self, business_id: str, services: list[BookingService]) -> None:
-        known = (await self.known)[1]
+        known = (await asyncio.shield(self.known))[1]
         changed = _changed(known, {s.id: service_source(s, business_id) for s in services}, self.queued[1], self.rank)
         if self.rt.settings.sync_items and changed:
             self.items += len(changed)
@@ -454,7 +472,7 @@ class DirectoryQueue:
                             lambda chunk: ItemBatchUpsert(services=chunk)))
 
     async def appointment_customers(self, sources: dict[str, CustomerSource]) -> None:
-        self._send_customers(_changed((await self.known)[0], sources, self.queued[0], self.rank))
+        self._send_customers(_changed((await asyncio.shield(self.known))[0], sources, self.queued[0], self.rank))
 
     def _send_customers(self, changed: list[tuple]) -> None:
         if self.rt.settings.sync_customers and changed:
@@ -470,8 +488,7 @@ class DirectoryQueue:
         await asyncio.gather(*self._sending)
 
     async def abandon(self) -> None:
-        self.known.cancel()
-        await asyncio.gather(self.known, *self._sending, return_exceptions=True)
+        await asyncio.gather(*self._sending, return_exceptions=True)
 
 
 # -- a run: fanned out per business -------------------------------------------------------------
@@ -526,7 +543,7 @@ async def sync_business(rt: Runtime, request: BusinessSync, now: datetime | None
     start, end = window(settings, now or started)
     read = CalendarRead(business, start, end)
     pull = BusinessPull(business)
-    upserts = DirectoryQueue(rt, store)
+    upserts = DirectoryQueue(rt, store, request.run_id)
     outcome, counts, errors = "succeeded", {}, []
     writes = StoreStats()
     writes_of_this_task.set(writes)
