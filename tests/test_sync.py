@@ -422,3 +422,16 @@ def test_a_sync_message_for_a_business_is_processed_or_deferred_never_run_twice_
     covered = [r for r in caplog.records if getattr(r, "event", None) in ("sync_request_covered", "sync_skipped")]
     assert len(synced) + len(covered) == 2 and synced
     assert len(bookings(world)) == 30 and last_run(world)["counts"]["created"] == 30 or len(synced) == 2
+
+
+def test_a_queued_part_for_a_business_no_longer_configured_is_dropped_not_retried(world2, caplog):
+    caplog.set_level(logging.INFO, logger="shared.blueprints.sync")
+    load(world2, appointments=20)
+    world2.host.http("POST", "sync")
+    world2.host.drain(queues=["sync-requests"])  # the run is fanned out, its parts wait
+    world2.configure(BOOKINGS_BUSINESS_IDS=world2.business_ids[0])
+
+    stats = world2.host.drain(queues=["sync-businesses"])
+
+    assert stats.poisoned == 0 and logged(caplog, "sync_skipped") == 1
+    assert {row["BusinessId"] for row in bookings(world2).values()} == {world2.business_ids[0]}

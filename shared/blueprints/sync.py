@@ -47,6 +47,10 @@ async def sync_one_business(message: func.QueueMessage) -> None:
         if isinstance(part, InvoiceReconciliation):
             await reconcile_run(rt, part)  # None: another run's reconciliation is at it, which will do
             return
+        if part.business_id not in rt.settings.business_ids:
+            log.info("sync of a business skipped: it is no longer in BOOKINGS_BUSINESS_IDS",
+                     extra={"event": "sync_skipped", "business_id": part.business_id, "run_id": part.run_id})
+            return
         if await sync_business(rt, part) is None and part.trigger != "timer":
             # Another sync of this business is running and may have read its calendar before
             # the change that prompted this request: run again once it is done.
