@@ -27,7 +27,7 @@ from shared.bc import TEMPLATE_FIELDS, BcClient, Wait, explain_refusal
 from shared.hostconfig import queue_settings
 from shared.customer_fields import Countries, Mapped, drop_refused, map_customer, minimal
 from shared.http import UpstreamAmbiguous, UpstreamConflict, UpstreamError, UpstreamThrottled
-from shared.messages import (CustomerBatchUpsert, CustomerSource, CustomerUpsert, Deferred, DirectoryUpsertMessage,
+from shared.messages import (CustomerBatchUpsert, kept_by_an_earlier_business, CustomerSource, CustomerUpsert, Deferred, DirectoryUpsertMessage,
                              PermanentFailure, ServiceSource, throttled_wait)
 from shared.runtime import Runtime
 from shared.store import (CREATE, CUSTOMER_LINKS, ITEM_LINKS, MAX_BATCH, TEMPLATES, UPDATE, Store, encode_key,
@@ -250,7 +250,9 @@ class Resolver:
                 row = rows.get(encode_key(key))
                 if row and row.get("Status") == "linked" and row.get("BcId"):
                     links[key] = _link(row)
-                    if want.source_hash and row.get("SourceHash") != want.source_hash:
+                    if want.source_hash and row.get("SourceHash") != want.source_hash and not \
+                            kept_by_an_earlier_business(row.get("SourceHash"), want.source_hash,
+                                                        self.rt.settings.business_ids):
                         await self._refresh(kind, row, links[key], want.mapped.fields, want.source_hash)
                     del pending[key]
                 elif row and row.get("Status") == "waiting" and _when(row.get("WaitUntil")) \

@@ -44,6 +44,20 @@ class BusinessSync(Message):
     requested_at: AwareDatetime = Field(alias="requestedAt")
 
 
+def source_business(recorded: str | None) -> str | None:
+    """The business a link row's `SourceHash` (`<digest>|<business>`) came from."""
+    return recorded.split("|", 1)[1] if recorded and "|" in recorded else None
+
+
+def kept_by_an_earlier_business(recorded: str | None, incoming: str, businesses: list[str]) -> bool:
+    """Whether the record was last written from a business that comes before the incoming
+    data's in `BOOKINGS_BUSINESS_IDS`: that business keeps it, so two businesses that know one
+    customer differently never undo each other's data."""
+    rank = {business: index for index, business in enumerate(businesses)}
+    owner, source = source_business(recorded), source_business(incoming)
+    return owner in rank and rank[owner] < rank.get(source, len(rank))
+
+
 class InvoiceReconciliation(Message):
     """A sync run's check of the drafts it knows against Business Central (`shared.reconcile`)."""
     kind: Literal["reconcile"] = "reconcile"

@@ -24,6 +24,7 @@ import json
 import logging
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -37,7 +38,8 @@ from shared.bookings import Booking, normalise_email
 from shared.graph import Appointment, BookingCustomer, BookingService, NoAccessToBusiness
 from shared.http import UpstreamError, UpstreamNotFound
 from shared.messages import (SOURCE_TEXT, BusinessSync, CustomerBatchUpsert, CustomerSource, CustomerUpsert,
-                             InvoiceReconciliation, ItemBatchUpsert, ItemUpsert, ServiceSource, SyncRequest, encode, pack)
+                             InvoiceReconciliation, ItemBatchUpsert, ItemUpsert, ServiceSource, SyncRequest, encode,
+                             kept_by_an_earlier_business, pack)
 from shared.push import push_directory
 from shared.runtime import Runtime
 from shared.store import (BOOKINGS, CREATE, CUSTOMER_LINKS, DIRECTORY_QUEUE, ITEM_LINKS, MAX_BATCH, SYNC_BUSINESS_QUEUE,
@@ -64,6 +66,10 @@ ITEM_PARTITION = "item"
 SUB_WINDOW = timedelta(days=7)
 """Each business's window is read as slices of this length, `SLICES_AT_ONCE` side by side."""
 SLICES_AT_ONCE = 4
+BUSINESSES_AT_ONCE = 4
+"""Businesses one instance syncs at a time. The host hands an instance up to 16 messages at once
+(`host.json` `batchSize`); a business's sync holds one slice's rows per slice it reads, so four at
+a time keep an instance's memory that of four businesses, whatever the chain's size."""
 MAX_ERRORS = 40
 """A business's result keeps this many error messages (the logs have them all)."""
 
@@ -101,8 +107,9 @@ class CalendarRead:
     """Every page was read and every appointment could be read, in every slice."""
     confirmed: int = 0
     """Stored appointments the read did not return, read by id."""
-    customers: dict[str, CustomerSource] = field(default_factory=dict)
-    """People as appointments carry them (for those without a Bookings customer record)."""
+    customers: dict[str, tuple[tuple, CustomerSource]] = field(default_factory=dict)
+    """People as appointments carry them (for those without a Bookings customer record): as the
+    latest of their appointments has them, whatever order the slices were read in."""
     errors: list[str] = field(default_factory=list)
 
     def owns(self, booking: Booking, slice_start: datetime, slice_end: datetime) -> bool:
@@ -112,16 +119,22 @@ class CalendarRead:
         return slice_start <= start < slice_end
 
     def met(self, booking: Booking) -> None:
+        order = (booking.start, booking.id)
         for customer in booking.customers:
-            if customer.email and customer.email not in self.customers:
-                self.customers[customer.email] = CustomerSource(
+            known = self.customers.get(customer.email) if customer.email else None
+            if customer.email and (known is None or known[0] < order):
+                self.customers[customer.email] = (order, CustomerSource(
                     email=customer.email, displayName=_clip(customer.name), phone=_clip(customer.phone),
-                    businessId=self.business_id)
+                    businessId=self.business_id))
+
+    def customer_sources(self) -> dict[str, CustomerSource]:
+        return {email: source for email, (_, source) in sorted(self.customers.items())}
 
 
-@dataclass
+@dataclass(slots=True)
 class StoredRow:
-    """What the table holds of an appointment: just enough to tell what changed."""
+    """What the table holds of an appointment: just enough to tell what changed (a slice may
+    hold thousands of these, so no more)."""
     appointment_id: str
     source_hash: str | None
     cancelled: bool
@@ -415,11 +428,7 @@ def source_hash(source: CustomerSource | ServiceSource) -> str:
     return f"{_digest(source)}|{source.business_id}"
 
 
-def _owner(recorded: str | None) -> str | None:
-    return recorded.split("|", 1)[1] if recorded and "|" in recorded else None
-
-
-def _changed(known: dict[str, str], sources: dict, queued: set[str], rank: dict[str, int]) -> list[tuple]:
+def _changed(known: dict[str, str], sources: dict, queued: set[str], businesses: list[str]) -> list[tuple]:
     """(source, hash) of the sources not queued yet in this sync whose hash differs from the link
     row's; marks them queued. A record another business keeps is left to it when that business
     comes first in `BOOKINGS_BUSINESS_IDS` (so two businesses never undo each other's data)."""
@@ -428,12 +437,8 @@ def _changed(known: dict[str, str], sources: dict, queued: set[str], rank: dict[
         if key in queued:
             continue
         queued.add(key)
-        recorded = known.get(encode_key(key))
-        owner = _owner(recorded)
-        if owner in rank and rank[owner] < rank.get(source.business_id, len(rank)):
-            continue
-        digest = source_hash(source)
-        if recorded != digest:
+        recorded, digest = known.get(encode_key(key)), source_hash(source)
+        if recorded != digest and not kept_by_an_earlier_business(recorded, digest, businesses):
             changed.append((source, digest))
     return changed
 
@@ -449,7 +454,7 @@ class DirectoryQueue:
 
     def __init__(self, rt: Runtime, store: Store, run_id: str):
         self.rt, self.store = rt, store
-        self.rank = {business: index for index, business in enumerate(rt.settings.business_ids)}
+        self.businesses = rt.settings.business_ids
         self.known = known_hashes_of_run(store, run_id)
         self.queued: tuple[set[str], set[str]] = (set(), set())
         self.customers = self.items = 0
@@ -461,18 +466,18 @@ class DirectoryQueue:
             source = customer_source(customer, business_id)
             if source and source.email not in sources:
                 sources[source.email] = source
-        self._send_customers(_changed((await asyncio.shield(self.known))[0], sources, self.queued[0], self.rank))
+        self._send_customers(_changed((await asyncio.shield(self.known))[0], sources, self.queued[0], self.businesses))
 
     async def services_read(self, business_id: str, services: list[BookingService]) -> None:
         known = (await asyncio.shield(self.known))[1]
-        changed = _changed(known, {s.id: service_source(s, business_id) for s in services}, self.queued[1], self.rank)
+        changed = _changed(known, {s.id: service_source(s, business_id) for s in services}, self.queued[1], self.businesses)
         if self.rt.settings.sync_items and changed:
             self.items += len(changed)
             self._send(pack([ItemUpsert(service=source, sourceHash=digest) for source, digest in changed],
                             lambda chunk: ItemBatchUpsert(services=chunk)))
 
     async def appointment_customers(self, sources: dict[str, CustomerSource]) -> None:
-        self._send_customers(_changed((await asyncio.shield(self.known))[0], sources, self.queued[0], self.rank))
+        self._send_customers(_changed((await asyncio.shield(self.known))[0], sources, self.queued[0], self.businesses))
 
     def _send_customers(self, changed: list[tuple]) -> None:
         if self.rt.settings.sync_customers and changed:
@@ -524,15 +529,31 @@ async def sync_business(rt: Runtime, request: BusinessSync, now: datetime | None
     its calendar slice by slice, then the push from BC. Returns its result (also kept for health
     in `sync/businesses/<id>.json`); the latest result if a sync that started after the request
     covers it; None when another sync of the business holds its lease."""
-    settings = rt.settings
     store = await rt.store()
     business = request.business_id
-    latest = await business_result(store, business)
-    if _covers(latest, request.requested_at):
-        log.info("sync of a business already covered by a later one",
-                 extra={"event": "sync_request_covered", "business_id": business, "run_id": request.run_id})
-        await _finish_run(store)
-        return latest
+    async with _businesses_at_once():
+        latest = await business_result(store, business)
+        if _covers(latest, request.requested_at):
+            log.info("sync of a business already covered by a later one",
+                     extra={"event": "sync_request_covered", "business_id": business, "run_id": request.run_id})
+            await _finish_run(store)
+            return latest
+        return await _sync_business(rt, store, request, now)
+
+
+_gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+
+
+def _businesses_at_once() -> asyncio.Semaphore:
+    loop = asyncio.get_running_loop()
+    gate = _gates.get(loop)
+    if gate is None:
+        gate = _gates[loop] = asyncio.Semaphore(BUSINESSES_AT_ONCE)
+    return gate
+
+
+async def _sync_business(rt: Runtime, store: Store, request: BusinessSync, now: datetime | None) -> dict | None:
+    settings, business = rt.settings, request.business_id
     lease = await leases.acquire(store, f"{SYNC_LEASE}/{encode_key(business)}")
     if lease is None:
         log.info("sync of a business skipped: another run is syncing it",
@@ -550,7 +571,7 @@ async def sync_business(rt: Runtime, request: BusinessSync, now: datetime | None
     try:
         try:
             await asyncio.gather(pull_directory(rt, pull, upserts), sync_calendar(rt, store, read))
-            await upserts.appointment_customers(read.customers)
+            await upserts.appointment_customers(read.customer_sources())
             await upserts.finish()
         except BaseException:
             await upserts.abandon()

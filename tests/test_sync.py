@@ -435,3 +435,20 @@ def test_a_queued_part_for_a_business_no_longer_configured_is_dropped_not_retrie
 
     assert stats.poisoned == 0 and logged(caplog, "sync_skipped") == 1
     assert {row["BusinessId"] for row in bookings(world2).values()} == {world2.business_ids[0]}
+
+
+def test_someone_known_only_from_appointments_is_taken_from_the_latest_and_not_queued_again(world):
+    for days, name in ((20, "Kim Old"), (2, "Kim Latest"), (10, "Kim Middle")):  # three slices
+        start = NOW - timedelta(days=days)
+        world.graph.put_appointment(world.business_ids[0], {
+            "startDateTime": graph_datetime(start), "endDateTime": graph_datetime(start + timedelta(hours=1)),
+            "duration": "PT1H", "serviceId": "svc-1", "serviceName": "Massage", "price": 50.0,
+            "priceType": "fixedPrice", "customers": [], "customerEmailAddress": "kim@example.com",
+            "customerName": name})
+
+    world.sync()
+    world.sync()
+
+    [kim] = [c for c in world.bc.customers(world.company_id) if c["email"] == "kim@example.com"]
+    assert kim["displayName"] == "Kim Latest"
+    assert last_run(world)["counts"]["customersQueued"] == 0, "whatever order the slices were read in"
