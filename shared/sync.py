@@ -3,8 +3,8 @@
 A run fans out: the timer (or a request) queues one message per business, and the queue workers
 sync the businesses on as many instances as the plan gives, each business under its own lease, so
 one slow or failing business delays no other. A business's calendar is read slice by slice
-(`SUB_WINDOW`), page by page, against the stored rows of the same slice, so memory does not grow
-with the calendar.
+(`SUB_WINDOW`, shorter for a dense calendar), page by page, against the stored rows of the same
+slice, so memory does not grow with the calendar.
 
 Only rows whose content changed are written (a content hash per row), in transactions of at
 most 100. An appointment that vanished from a *complete* read of its slice is confirmed gone by
@@ -64,6 +64,10 @@ CUSTOMERS_PER_HANDOVER = 100
 """Customers handed to the directory queue at a time while their list is read (a Graph page)."""
 ITEM_PARTITION = "item"
 SUB_WINDOW = timedelta(days=7)
+SLICE_APPOINTMENTS = 2_000
+"""A business whose last sync read more than this many appointments a week gets shorter slices,
+so a slice holds about this many stored rows, whatever the calendar's size."""
+SHORTEST_SLICE = timedelta(hours=6)
 """Each business's window is read as slices of this length, `SLICES_AT_ONCE` side by side."""
 SLICES_AT_ONCE = 4
 BUSINESSES_AT_ONCE = 4
@@ -102,6 +106,7 @@ class CalendarRead:
     business_id: str
     start: datetime
     end: datetime
+    slice_length: timedelta = SUB_WINDOW
     counts: BusinessCounts = field(default_factory=BusinessCounts)
     complete: bool = True
     """Every page was read and every appointment could be read, in every slice."""
@@ -146,12 +151,24 @@ def window(settings, now: datetime) -> tuple[datetime, datetime]:
     return (now - timedelta(days=settings.sync_lookback_days), now + timedelta(days=settings.sync_lookahead_days))
 
 
-def sub_windows(start: datetime, end: datetime) -> list[tuple[datetime, datetime]]:
-    """[start, end) cut into `SUB_WINDOW` slices."""
+def slice_length(start: datetime, end: datetime, last_fetched: int | None) -> timedelta:
+    """A week, or less for a calendar denser than `SLICE_APPOINTMENTS` a week (judged by what the
+    business's last sync read), in whole hours, at least `SHORTEST_SLICE`."""
+    if not last_fetched:
+        return SUB_WINDOW
+    per_week = last_fetched * SUB_WINDOW / max(end - start, SHORTEST_SLICE)
+    if per_week <= SLICE_APPOINTMENTS:
+        return SUB_WINDOW
+    hours = int(SUB_WINDOW / timedelta(hours=1) * SLICE_APPOINTMENTS / per_week)
+    return max(timedelta(hours=hours), SHORTEST_SLICE)
+
+
+def sub_windows(start: datetime, end: datetime, length: timedelta = SUB_WINDOW) -> list[tuple[datetime, datetime]]:
+    """[start, end) cut into slices of `length`."""
     slices, cursor = [], start
     while cursor < end:
-        slices.append((cursor, min(cursor + SUB_WINDOW, end)))
-        cursor += SUB_WINDOW
+        slices.append((cursor, min(cursor + length, end)))
+        cursor += length
     return slices
 
 
@@ -318,7 +335,7 @@ async def sync_calendar(rt: Runtime, store: Store, read: CalendarRead) -> None:
         async with gate:
             await sync_slice(rt, store, read, *part)
 
-    await asyncio.gather(*(one(part) for part in sub_windows(read.start, read.end)))
+    await asyncio.gather(*(one(part) for part in sub_windows(read.start, read.end, read.slice_length)))
 
 
 async def pull_directory(rt: Runtime, pull: BusinessPull, upserts: DirectoryQueue) -> None:
@@ -538,7 +555,8 @@ async def sync_business(rt: Runtime, request: BusinessSync, now: datetime | None
                      extra={"event": "sync_request_covered", "business_id": business, "run_id": request.run_id})
             await _finish_run(store)
             return latest
-        return await _sync_business(rt, store, request, now)
+        last_fetched = (latest or {}).get("counts", {}).get("fetched")
+        return await _sync_business(rt, store, request, now, last_fetched)
 
 
 _gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
@@ -552,7 +570,8 @@ def _businesses_at_once() -> asyncio.Semaphore:
     return gate
 
 
-async def _sync_business(rt: Runtime, store: Store, request: BusinessSync, now: datetime | None) -> dict | None:
+async def _sync_business(rt: Runtime, store: Store, request: BusinessSync, now: datetime | None,
+                         last_fetched: int | None) -> dict | None:
     settings, business = rt.settings, request.business_id
     lease = await leases.acquire(store, f"{SYNC_LEASE}/{encode_key(business)}")
     if lease is None:
@@ -562,7 +581,7 @@ async def _sync_business(rt: Runtime, store: Store, request: BusinessSync, now: 
     started = datetime.now(timezone.utc)
     clock = time.monotonic()
     start, end = window(settings, now or started)
-    read = CalendarRead(business, start, end)
+    read = CalendarRead(business, start, end, slice_length(start, end, last_fetched))
     pull = BusinessPull(business)
     upserts = DirectoryQueue(rt, store, request.run_id)
     outcome, counts, errors = "succeeded", {}, []

@@ -452,3 +452,18 @@ def test_someone_known_only_from_appointments_is_taken_from_the_latest_and_not_q
     [kim] = [c for c in world.bc.customers(world.company_id) if c["email"] == "kim@example.com"]
     assert kim["displayName"] == "Kim Latest"
     assert last_run(world)["counts"]["customersQueued"] == 0, "whatever order the slices were read in"
+
+
+def test_a_dense_calendar_is_read_in_shorter_slices_so_a_slice_holds_about_2000_rows():
+    from shared.sync import SHORTEST_SLICE, SUB_WINDOW, slice_length, sub_windows
+
+    start = NOW
+    end = NOW + timedelta(days=90)
+    assert slice_length(start, end, None) == slice_length(start, end, 10_000) == SUB_WINDOW
+    dense = slice_length(start, end, 100_000)
+    assert timedelta(days=1) < dense < timedelta(days=2) and dense.total_seconds() % 3600 == 0
+    assert 100_000 * dense / (end - start) <= 2_000
+    assert slice_length(start, end, 100_000_000) == SHORTEST_SLICE
+    parts = sub_windows(start, end, dense)
+    assert parts[0][0] == start and parts[-1][1] == end
+    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
