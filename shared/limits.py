@@ -59,6 +59,7 @@ class _Slot:
     index: int
     lease: leases.Lease
     idle_since: float = 0.0
+    taken_at: float = 0.0
 
 
 def _still_ours(slot: _Slot) -> bool:
@@ -89,8 +90,11 @@ class SharedSlots:
     or storage polled with backoff) up to `max_wait_seconds`, then raises `UpstreamThrottled`."""
 
     def __init__(self, store: StoreSource, name: str, count: int, *, lease_seconds: int = 15,
-                 idle_seconds: float = 1.0, max_wait_seconds: float = 60.0):
+                 idle_seconds: float = 1.0, max_wait_seconds: float = 60.0, max_hold_seconds: float | None = None):
         self.name, self.count = name, count
+        self.max_hold_seconds = max_hold_seconds
+        """A slot held this long is given back to storage at its next release instead of being
+        passed on within the process, so busy instances take turns (None: kept while in use)."""
         self.lease_seconds, self.idle_seconds, self.max_wait_seconds = lease_seconds, idle_seconds, max_wait_seconds
         self.stats = SlotStats()
         self._store = store
@@ -233,7 +237,7 @@ class SharedSlots:
             return None
         if lease is None:
             return None
-        slot = _Slot(index, lease)
+        slot = _Slot(index, lease, taken_at=time.monotonic())
         if self._closed:
             await self._release(slot)
             return None
@@ -249,6 +253,18 @@ class SharedSlots:
             return  # released meanwhile (closed)
         if not _still_ours(slot):
             self._drop(slot)
+            return
+        if self.max_hold_seconds is not None and time.monotonic() - slot.taken_at > self.max_hold_seconds:
+            # Its turn is over: back to storage, where this process's waiters and other
+            # instances' have the same chance of it.
+            self._held.pop(slot.index, None)
+            self._release_soon(slot)
+            self._next_probe, self._backoff = 0.0, FIRST_POLL_SECONDS
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)  # wakes it to ask storage
+                    return
             return
         while self._waiters:
             waiter = self._waiters.popleft()

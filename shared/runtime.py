@@ -18,6 +18,11 @@ from dataclasses import dataclass, field
 from shared.settings import BC_SCOPE, GRAPH_SCOPE, Settings, get_settings
 
 
+BC_TURN_SECONDS = 2.0
+"""Instances busy with Business Central take turns with its 5 slots: one holds a slot at most
+this long before it goes back to storage (a mailbox is mostly one business's sync: no turns)."""
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -69,18 +74,19 @@ class Runtime:
             api = ApiClient("Business Central", tokens.source(BC_SCOPE),
                             timeout=self.settings.http_timeout_seconds, max_concurrency=ENVIRONMENT_CONCURRENCY,
                             budget=SharedRateBudget(self.store, name, REQUESTS_PER_WINDOW, WINDOW_SECONDS),
-                            shared_slots=lambda _key: self.shared_slots(name, ENVIRONMENT_CONCURRENCY))
+                            shared_slots=lambda _key: self.shared_slots(name, ENVIRONMENT_CONCURRENCY,
+                                                                        max_hold_seconds=BC_TURN_SECONDS))
             self._closers.append(api.aclose)
             self._bc = BcClient(api, self.settings)
         return self._bc
 
-    def shared_slots(self, name: str, count: int):
+    def shared_slots(self, name: str, count: int, max_hold_seconds: float | None = None):
         """The app-wide request slots `name` (`shared/limits.py`), one pool per name and loop."""
         from shared.limits import SharedSlots
 
         pool = self._slots.get(name)
         if pool is None:
-            pool = self._slots[name] = SharedSlots(self.store, name, count)
+            pool = self._slots[name] = SharedSlots(self.store, name, count, max_hold_seconds=max_hold_seconds)
         return pool
 
     def retire(self) -> None:

@@ -332,3 +332,27 @@ def test_two_instances_share_business_centrals_five_slots_and_its_budget(world, 
         return runtime().bc.api.budget.stats.granted
 
     assert [host.run(tickets(), 10) for host in hosts] == [20, 20], "every request drew on the shared budget"
+
+
+def test_two_busy_instances_take_turns_with_a_slot_instead_of_one_keeping_it(hosts):
+    served_by: list[int] = []
+
+    async def instance(number: int) -> int:
+        pool = SharedSlots(store(), "test/turns", 1, idle_seconds=5.0, max_hold_seconds=0.3, max_wait_seconds=20)
+        deadline = time.monotonic() + 3.0
+        served = 0
+        try:
+            while time.monotonic() < deadline:  # always busy: without turns it would keep the slot
+                async with pool.slot("Test"):
+                    served_by.append(number)
+                    served += 1
+                    await asyncio.sleep(0.01)
+        finally:
+            await pool.aclose()
+        return served
+
+    served = on_each(hosts, instance)
+
+    assert all(count > 0 for count in served), served
+    turns = sum(1 for a, b in zip(served_by, served_by[1:]) if a != b)
+    assert turns >= 3, "the slot went back and forth between the instances"
