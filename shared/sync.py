@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from azure.core import MatchConditions
-from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.core.exceptions import (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError, ServiceRequestError,
+                                   ServiceResponseError)
 from azure.data.tables import TableTransactionError
 from pydantic import ValidationError
 
@@ -68,6 +69,7 @@ SLICE_APPOINTMENTS = 2_000
 """A business whose last sync read more than this many appointments a week gets shorter slices,
 so a slice holds about this many stored rows, whatever the calendar's size."""
 SHORTEST_SLICE = timedelta(hours=6)
+WRITE_ATTEMPTS = 4
 """Each business's window is read as slices of this length, `SLICES_AT_ONCE` side by side."""
 SLICES_AT_ONCE = 4
 BUSINESSES_AT_ONCE = 4
@@ -211,12 +213,23 @@ class SliceWriter:
             self.pending = []
 
     async def _write(self, operations: list[tuple]) -> None:
-        try:
-            await self.store.transact(BOOKINGS, operations)
-        except TableTransactionError as error:
-            if error.error_code != "EntityAlreadyExists":
-                raise
-            await asyncio.gather(*(self._one(operation) for operation in operations))
+        """One transaction, tried again after a passing transport error: every operation in it is
+        safe to repeat (a create that did land is then found existing and merged)."""
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                await self.store.transact(BOOKINGS, operations)
+                return
+            except TableTransactionError as error:
+                if error.error_code != "EntityAlreadyExists":
+                    raise
+                await asyncio.gather(*(self._one(operation) for operation in operations))
+                return
+            except (ServiceRequestError, ServiceResponseError) as error:
+                if attempt == WRITE_ATTEMPTS:
+                    raise
+                log.warning("writing bookings failed (%s), trying again", error,
+                            extra={"event": "storage_retry", "business_id": self.read.business_id})
+                await asyncio.sleep(0.5 * 2 ** (attempt - 1))
 
     async def _one(self, operation: tuple) -> None:
         kind, entity = operation[0], operation[1]
@@ -440,9 +453,14 @@ async def known_hashes(store: Store) -> tuple[dict[str, str], dict[str, str]]:
 
 
 def source_hash(source: CustomerSource | ServiceSource) -> str:
-    """What a link row records of the data last upserted: its digest, and the business it came
-    from (`<digest>|<business>`), so a customer several businesses know is kept from one of them."""
-    return f"{_digest(source)}|{source.business_id}"
+    """What a link row records of the data last upserted: the digest of the data, and the
+    business it came from (`<digest>|<business>`), so a customer several businesses know is kept
+    from one of them, and the same data from another business is no change."""
+    return f"{_digest(source.model_copy(update={'business_id': None}))}|{source.business_id}"
+
+
+def _same_data(recorded: str | None, digest: str) -> bool:
+    return recorded is not None and recorded.split("|", 1)[0] == digest.split("|", 1)[0]
 
 
 def _changed(known: dict[str, str], sources: dict, queued: set[str], businesses: list[str]) -> list[tuple]:
@@ -455,7 +473,7 @@ def _changed(known: dict[str, str], sources: dict, queued: set[str], businesses:
             continue
         queued.add(key)
         recorded, digest = known.get(encode_key(key)), source_hash(source)
-        if recorded != digest and not kept_by_an_earlier_business(recorded, digest, businesses):
+        if not _same_data(recorded, digest) and not kept_by_an_earlier_business(recorded, digest, businesses):
             changed.append((source, digest))
     return changed
 
