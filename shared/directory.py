@@ -27,7 +27,7 @@ from shared.bc import TEMPLATE_FIELDS, BcClient, Wait, explain_refusal
 from shared.hostconfig import queue_settings
 from shared.customer_fields import Countries, Mapped, drop_refused, map_customer, minimal
 from shared.http import UpstreamAmbiguous, UpstreamConflict, UpstreamError, UpstreamThrottled
-from shared.messages import (CustomerBatchUpsert, kept_by_an_earlier_business, CustomerSource, CustomerUpsert, Deferred, DirectoryUpsertMessage,
+from shared.messages import (CustomerBatchUpsert, kept_by_an_earlier_business, same_source_data, CustomerSource, CustomerUpsert, Deferred, DirectoryUpsertMessage,
                              PermanentFailure, ServiceSource, throttled_wait)
 from shared.runtime import Runtime
 from shared.store import (CREATE, CUSTOMER_LINKS, ITEM_LINKS, MAX_BATCH, TEMPLATES, UPDATE, Store, encode_key,
@@ -246,14 +246,13 @@ class Resolver:
             rows = await self.store.get_many(kind.table, kind.partition, [encode_key(key) for key in pending])
             now = datetime.now(timezone.utc)
             unlinked: dict[str, dict | None] = {}
+            refreshes = []
             for key, want in list(pending.items()):
                 row = rows.get(encode_key(key))
                 if row and row.get("Status") == "linked" and row.get("BcId"):
                     links[key] = _link(row)
-                    if want.source_hash and row.get("SourceHash") != want.source_hash and not \
-                            kept_by_an_earlier_business(row.get("SourceHash"), want.source_hash,
-                                                        self.rt.settings.business_ids):
-                        await self._refresh(kind, row, links[key], want.mapped.fields, want.source_hash)
+                    if self._changed_since(row.get("SourceHash"), want.source_hash):
+                        refreshes.append(self._refresh(kind, row, links[key], want.mapped.fields, want.source_hash))
                     del pending[key]
                 elif row and row.get("Status") == "waiting" and _when(row.get("WaitUntil")) \
                         and _when(row.get("WaitUntil")) > now:
@@ -262,6 +261,7 @@ class Resolver:
                     del pending[key]
                 else:
                     unlinked[key] = row
+            await asyncio.gather(*refreshes)  # side by side, within BC's 5 requests at a time
             claimed = await self._claim_all(kind, unlinked)
             if claimed:
                 batch = [pending.pop(key) for key in claimed]
@@ -279,6 +279,12 @@ class Resolver:
             raise Deferred((until - datetime.now(timezone.utc)).total_seconds(),
                            f"{len(waits)} {kind.name}(s) wait until {until:%H:%M:%S} UTC: {reason}")
         return links
+
+    def _changed_since(self, recorded: str | None, incoming: str | None) -> bool:
+        """Whether Bookings data differs from what the link row records: not when it is the
+        same data (from whichever business), nor when an earlier business keeps the record."""
+        return bool(incoming) and recorded != incoming and not same_source_data(recorded, incoming) and \
+            not kept_by_an_earlier_business(recorded, incoming, self.rt.settings.business_ids)
 
     async def _link_claimed(self, kind: Kind, wanted: list[Wanted], claims: dict[str, Claim], find
                             ) -> tuple[dict[str, Link], dict[str, Wait]]:

@@ -49,6 +49,11 @@ def source_business(recorded: str | None) -> str | None:
     return recorded.split("|", 1)[1] if recorded and "|" in recorded else None
 
 
+def same_source_data(recorded: str | None, incoming: str) -> bool:
+    """Whether two `SourceHash`es are of the same data (whichever business it came from)."""
+    return recorded is not None and recorded.split("|", 1)[0] == incoming.split("|", 1)[0]
+
+
 def kept_by_an_earlier_business(recorded: str | None, incoming: str, businesses: list[str]) -> bool:
     """Whether the record was last written from a business that comes before the incoming
     data's in `BOOKINGS_BUSINESS_IDS`: that business keeps it, so two businesses that know one

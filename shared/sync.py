@@ -40,7 +40,7 @@ from shared.graph import Appointment, BookingCustomer, BookingService, NoAccessT
 from shared.http import UpstreamError, UpstreamNotFound
 from shared.messages import (SOURCE_TEXT, BusinessSync, CustomerBatchUpsert, CustomerSource, CustomerUpsert,
                              InvoiceReconciliation, ItemBatchUpsert, ItemUpsert, ServiceSource, SyncRequest, encode,
-                             kept_by_an_earlier_business, pack)
+                             kept_by_an_earlier_business, pack, same_source_data)
 from shared.push import push_directory
 from shared.runtime import Runtime
 from shared.store import (BOOKINGS, CREATE, CUSTOMER_LINKS, DIRECTORY_QUEUE, ITEM_LINKS, MAX_BATCH, SYNC_BUSINESS_QUEUE,
@@ -459,9 +459,6 @@ def source_hash(source: CustomerSource | ServiceSource) -> str:
     return f"{_digest(source.model_copy(update={'business_id': None}))}|{source.business_id}"
 
 
-def _same_data(recorded: str | None, digest: str) -> bool:
-    return recorded is not None and recorded.split("|", 1)[0] == digest.split("|", 1)[0]
-
 
 def _changed(known: dict[str, str], sources: dict, queued: set[str], businesses: list[str]) -> list[tuple]:
     """(source, hash) of the sources not queued yet in this sync whose hash differs from the link
@@ -473,7 +470,7 @@ def _changed(known: dict[str, str], sources: dict, queued: set[str], businesses:
             continue
         queued.add(key)
         recorded, digest = known.get(encode_key(key)), source_hash(source)
-        if not _same_data(recorded, digest) and not kept_by_an_earlier_business(recorded, digest, businesses):
+        if not same_source_data(recorded, digest) and not kept_by_an_earlier_business(recorded, digest, businesses):
             changed.append((source, digest))
     return changed
 
