@@ -220,6 +220,8 @@ class Resolver:
         self.rt, self.store, self.bc = rt, store, bc
         self.owner = uuid.uuid4().hex
         self.expect_new = expect_new
+        self._claimed_for: dict[str, str] = {}
+        """The Bookings data (`SourceHash`) each key is resolved for: written on its claim."""
 
     async def customers(self, entries: list[tuple[CustomerSource, str | None]]) -> dict[str, Link]:
         countries = await bc_countries(self.bc) if any(s.country for s, _ in entries) else None
@@ -232,6 +234,7 @@ class Resolver:
 
     async def _resolve(self, kind: Kind, wanted: list[Wanted], find) -> dict[str, Link]:
         pending = {w.key: w for w in wanted}
+        self._claimed_for |= {w.key: w.source_hash for w in wanted if w.source_hash}
         links: dict[str, Link] = {}
         waits: dict[str, Wait] = {}
         deadline = time.monotonic() + WAIT_FOR_OTHER_SECONDS
@@ -259,6 +262,8 @@ class Resolver:
                     waits[key] = Wait(_when(row["WaitUntil"]), _when(row.get("PendingSince")),
                                       row.get("LastError") or "waiting for Business Central")
                     del pending[key]
+                elif self._made_by_another(row, want, now):
+                    del pending[key]  # another worker is making this very record: it records the link
                 else:
                     unlinked[key] = row
             await asyncio.gather(*refreshes)  # side by side, within BC's 5 requests at a time
@@ -279,6 +284,14 @@ class Resolver:
             raise Deferred((until - datetime.now(timezone.utc)).total_seconds(),
                            f"{len(waits)} {kind.name}(s) wait until {until:%H:%M:%S} UTC: {reason}")
         return links
+
+    def _made_by_another(self, row: dict | None, want: Wanted, now: datetime) -> bool:
+        """A fresh claim of another worker that came from the same Bookings data (another
+        business's sync queued the same customer): nothing for this message to wait for. Were
+        that worker to fail, the next sync queues the record again."""
+        return bool(row and want.source_hash and row.get("Status") == "linking" and row.get("Owner") != self.owner
+                    and row.get("ClaimedAt") and now - row["ClaimedAt"] < CLAIM_STALE_AFTER
+                    and same_source_data(row.get("ClaimedFor"), want.source_hash))
 
     def _changed_since(self, recorded: str | None, incoming: str | None) -> bool:
         """Whether Bookings data differs from what the link row records: not when it is the
@@ -467,7 +480,8 @@ class Resolver:
         """The table operation that takes a link row for this worker; None if another worker
         holds a fresh claim on it. The claim marks a create as possibly sent from now on."""
         claim = {"PartitionKey": kind.partition, "RowKey": encode_key(key), "Key": key, "Status": "linking",
-                 "Owner": self.owner, "ClaimedAt": now, "PendingSince": now.isoformat()}
+                 "Owner": self.owner, "ClaimedAt": now, "PendingSince": now.isoformat(),
+                 "ClaimedFor": self._claimed_for.get(key, "")}
         if row is None:
             return (CREATE, claim)
         claimed_at = row.get("ClaimedAt")
