@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from shared.settings import BC_SCOPE, GRAPH_SCOPE, Settings, get_settings
 
 
-BC_TURN_SECONDS = 2.0
+BC_TURN_SECONDS = 10.0
 """Instances busy with Business Central take turns with its 5 slots: one holds a slot at most
-this long before it goes back to storage (a mailbox is mostly one business's sync: no turns)."""
+this long before it goes back to storage: long enough that one busy instance hardly pays for the
+turns (a mailbox is mostly one business's sync: no turns)."""
 
 
 @dataclass

@@ -5,6 +5,7 @@ store and clients, sharing only the storage account (and the simulators)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -354,5 +355,5 @@ def test_two_busy_instances_take_turns_with_a_slot_instead_of_one_keeping_it(hos
     served = on_each(hosts, instance)
 
     assert all(count > 0 for count in served), served
-    turns = sum(1 for a, b in zip(served_by, served_by[1:]) if a != b)
+    turns = sum(1 for a, b in itertools.pairwise(served_by) if a != b)
     assert turns >= 3, "the slot went back and forth between the instances"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import pytest
@@ -466,4 +467,4 @@ def test_a_dense_calendar_is_read_in_shorter_slices_so_a_slice_holds_about_2000_
     assert slice_length(start, end, 100_000_000) == SHORTEST_SLICE
     parts = sub_windows(start, end, dense)
     assert parts[0][0] == start and parts[-1][1] == end
-    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(parts))
