@@ -94,7 +94,8 @@ class SharedSlots:
         self.name, self.count = name, count
         self.max_hold_seconds = max_hold_seconds
         """A slot held this long is given back to storage at its next release instead of being
-        passed on within the process, so busy instances take turns (None: kept while in use)."""
+        passed on within the process, and the process stands back a moment, so busy instances
+        take turns (None: kept while in use)."""
         self.lease_seconds, self.idle_seconds, self.max_wait_seconds = lease_seconds, idle_seconds, max_wait_seconds
         self.stats = SlotStats()
         self._store = store
@@ -259,12 +260,9 @@ class SharedSlots:
             # instances' have the same chance of it.
             self._held.pop(slot.index, None)
             self._release_soon(slot)
-            self._next_probe, self._backoff = 0.0, FIRST_POLL_SECONDS
-            while self._waiters:
-                waiter = self._waiters.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)  # wakes it to ask storage
-                    return
+            # Stand back for longer than other instances wait between their looks at storage
+            # (else this process, first to know, would take the slot again at once).
+            self._next_probe, self._backoff = time.monotonic() + LAST_POLL_SECONDS + 0.1, FIRST_POLL_SECONDS
             return
         while self._waiters:
             waiter = self._waiters.popleft()
