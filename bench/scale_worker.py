@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.worker import _app_counters, _cpu_seconds, _peak_rss_mb
+from bench.worker import _cpu_seconds, record_counters, write_result
 
 POLL_SECONDS = 0.05
 GO_POLL_SECONDS = 0.005
@@ -158,14 +158,10 @@ def main() -> None:
     result: dict = {"index": args.index, "role": "trigger" if args.trigger else "listener", "pid": os.getpid()}
     try:
         host.run(_session(host, args, args.control, result), timeout=2 * args.timeout + 60)
-        result["app"] = host.run(_app_counters(), timeout=60)
-        result["host_queues"] = {"processed": host.stats.processed, "failed_attempts": host.stats.failed_attempts,
-                                 "poisoned": host.stats.poisoned, "by_queue": host.stats.by_queue}
+        record_counters(host, result)
     finally:
         host.close()
-    result["peak_rss_mb"] = round(_peak_rss_mb(), 1)
-    with open(args.out, "w") as handle:
-        json.dump(result, handle, default=str)
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -111,13 +111,23 @@ def main() -> None:
         health = json.loads(host.http("GET", "health").get_body())
         result["last_sync"] = health.get("lastSync")
         result["directory"] = health.get("directory")
-        result["app"] = host.run(_app_counters(), timeout=60)
-        result["host_queues"] = {"processed": host.stats.processed, "failed_attempts": host.stats.failed_attempts,
-                                 "poisoned": host.stats.poisoned, "by_queue": host.stats.by_queue}
+        record_counters(host, result)
     finally:
         host.close()
+    write_result(result, args.out)
+
+
+def record_counters(host, result: dict) -> None:
+    """The app's store and client counters and the host's queue counters, into `result`."""
+    result["app"] = host.run(_app_counters(), timeout=60)
+    result["host_queues"] = {"processed": host.stats.processed, "failed_attempts": host.stats.failed_attempts,
+                             "poisoned": host.stats.poisoned, "by_queue": host.stats.by_queue}
+
+
+def write_result(result: dict, out: str) -> None:
+    """`result` with this process's peak RSS, as JSON to `out`."""
     result["peak_rss_mb"] = round(_peak_rss_mb(), 1)
-    with open(args.out, "w") as handle:
+    with open(out, "w") as handle:
         json.dump(result, handle, default=str)
 
 
