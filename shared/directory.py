@@ -289,9 +289,14 @@ class Resolver:
         """A fresh claim of another worker that came from the same Bookings data (another
         business's sync queued the same customer): nothing for this message to wait for. Were
         that worker to fail, the next sync queues the record again."""
-        return bool(row and want.source_hash and row.get("Status") == "linking" and row.get("Owner") != self.owner
-                    and row.get("ClaimedAt") and now - row["ClaimedAt"] < CLAIM_STALE_AFTER
+        return bool(row and want.source_hash and self._claimed_by_another(row, now)
                     and same_source_data(row.get("ClaimedFor"), want.source_hash))
+
+    def _claimed_by_another(self, row: dict, now: datetime) -> bool:
+        """Another worker holds a fresh claim on the link row."""
+        claimed_at = row.get("ClaimedAt")
+        return bool(row.get("Status") == "linking" and row.get("Owner") != self.owner and claimed_at
+                    and now - claimed_at < CLAIM_STALE_AFTER)
 
     def _changed_since(self, recorded: str | None, incoming: str | None) -> bool:
         """Whether Bookings data differs from what the link row records: not when it is the
@@ -484,9 +489,7 @@ class Resolver:
                  "ClaimedFor": self._claimed_for.get(key, "")}
         if row is None:
             return (CREATE, claim)
-        claimed_at = row.get("ClaimedAt")
-        if (row.get("Status") == "linking" and row.get("Owner") != self.owner and claimed_at
-                and now - claimed_at < CLAIM_STALE_AFTER):
+        if self._claimed_by_another(row, now):
             return None
         return (UPDATE, claim, {"mode": "replace", "etag": row.metadata["etag"],
                                 "match_condition": MatchConditions.IfNotModified})

@@ -8,6 +8,7 @@ and moves it to the poison queue itself. Either way the poison message says why,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -44,25 +45,6 @@ class BusinessSync(Message):
     requested_at: AwareDatetime = Field(alias="requestedAt")
 
 
-def source_business(recorded: str | None) -> str | None:
-    """The business a link row's `SourceHash` (`<digest>|<business>`) came from."""
-    return recorded.split("|", 1)[1] if recorded and "|" in recorded else None
-
-
-def same_source_data(recorded: str | None, incoming: str) -> bool:
-    """Whether two `SourceHash`es are of the same data (whichever business it came from)."""
-    return recorded is not None and recorded.split("|", 1)[0] == incoming.split("|", 1)[0]
-
-
-def kept_by_an_earlier_business(recorded: str | None, incoming: str, businesses: list[str]) -> bool:
-    """Whether the record was last written from a business that comes before the incoming
-    data's in `BOOKINGS_BUSINESS_IDS`: that business keeps it, so two businesses that know one
-    customer differently never undo each other's data."""
-    rank = {business: index for index, business in enumerate(businesses)}
-    owner, source = source_business(recorded), source_business(incoming)
-    return owner in rank and rank[owner] < rank.get(source, len(rank))
-
-
 class InvoiceReconciliation(Message):
     """A sync run's check of the drafts it knows against Business Central (`shared.reconcile`)."""
     kind: Literal["reconcile"] = "reconcile"
@@ -96,6 +78,33 @@ class ServiceSource(Message):
     display_name: str = Field(alias="displayName", min_length=1, max_length=100)
     default_price: float = Field(0.0, alias="defaultPrice", ge=0, le=1e12)
     default_price_type: str | None = Field(None, alias="defaultPriceType", max_length=40)
+
+
+def source_hash(source: CustomerSource | ServiceSource) -> str:
+    """What a link row records of the data last upserted (`SourceHash`): the digest of the data,
+    and the business it came from (`<digest>|<business>`), so a customer several businesses know
+    is kept from one of them, and the same data from another business is no change."""
+    digest = hashlib.sha256(encode(source.model_copy(update={"business_id": None})).encode()).hexdigest()[:32]
+    return f"{digest}|{source.business_id}"
+
+
+def source_business(recorded: str | None) -> str | None:
+    """The business a link row's `SourceHash` (`<digest>|<business>`) came from."""
+    return recorded.split("|", 1)[1] if recorded and "|" in recorded else None
+
+
+def same_source_data(recorded: str | None, incoming: str) -> bool:
+    """Whether two `SourceHash`es are of the same data (whichever business it came from)."""
+    return recorded is not None and recorded.split("|", 1)[0] == incoming.split("|", 1)[0]
+
+
+def kept_by_an_earlier_business(recorded: str | None, incoming: str, businesses: list[str]) -> bool:
+    """Whether the record was last written from a business that comes before the incoming
+    data's in `BOOKINGS_BUSINESS_IDS`: that business keeps it, so two businesses that know one
+    customer differently never undo each other's data."""
+    rank = {business: index for index, business in enumerate(businesses)}
+    owner, source = source_business(recorded), source_business(incoming)
+    return owner in rank and rank[owner] < rank.get(source, len(rank))
 
 
 THROTTLED_DEFER_SECONDS = 60.0

@@ -31,6 +31,7 @@ class Runtime:
     _graph: object | None = None
     _bc: object | None = None
     _slots: dict = field(default_factory=dict)
+    _gates: dict = field(default_factory=dict)
     _closers: list = field(default_factory=list)
 
     async def store(self):
@@ -89,6 +90,13 @@ class Runtime:
         if pool is None:
             pool = self._slots[name] = SharedSlots(self.store, name, count, max_hold_seconds=max_hold_seconds)
         return pool
+
+    def gate(self, name: str, count: int) -> asyncio.Semaphore:
+        """At most `count` pieces of work `name` at a time in this process (one per name and loop)."""
+        gate = self._gates.get(name)
+        if gate is None:
+            gate = self._gates[name] = asyncio.Semaphore(count)
+        return gate
 
     def retire(self) -> None:
         """Being replaced: keep no request slot idle (the new clients will want them)."""

@@ -19,12 +19,10 @@ next sync; `GET /api/health` adds them up. The history of runs is in the logs
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import time
 import uuid
-import weakref
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -40,7 +38,7 @@ from shared.graph import Appointment, BookingCustomer, BookingService, NoAccessT
 from shared.http import UpstreamError, UpstreamNotFound
 from shared.messages import (SOURCE_TEXT, BusinessSync, CustomerBatchUpsert, CustomerSource, CustomerUpsert,
                              InvoiceReconciliation, ItemBatchUpsert, ItemUpsert, ServiceSource, SyncRequest, encode,
-                             kept_by_an_earlier_business, pack, same_source_data)
+                             kept_by_an_earlier_business, pack, same_source_data, source_hash)
 from shared.push import push_directory
 from shared.runtime import Runtime
 from shared.store import (BOOKINGS, CREATE, CUSTOMER_LINKS, DIRECTORY_QUEUE, ITEM_LINKS, MAX_BATCH, SYNC_BUSINESS_QUEUE,
@@ -65,12 +63,12 @@ CUSTOMERS_PER_HANDOVER = 100
 """Customers handed to the directory queue at a time while their list is read (a Graph page)."""
 ITEM_PARTITION = "item"
 SUB_WINDOW = timedelta(days=7)
+"""Each business's window is read as slices of this length, `SLICES_AT_ONCE` side by side."""
 SLICE_APPOINTMENTS = 2_000
 """A business whose last sync read more than this many appointments a week gets shorter slices,
 so a slice holds about this many stored rows, whatever the calendar's size."""
 SHORTEST_SLICE = timedelta(hours=6)
 WRITE_ATTEMPTS = 4
-"""Each business's window is read as slices of this length, `SLICES_AT_ONCE` side by side."""
 SLICES_AT_ONCE = 4
 BUSINESSES_AT_ONCE = 4
 """Businesses one instance syncs at a time. The host hands an instance up to 16 messages at once
@@ -331,8 +329,7 @@ async def _confirm(rt: Runtime, read: CalendarRead, writer: SliceWriter, key: st
     except (ValueError, TypeError) as error:
         read.errors.append(f"appointment {row.appointment_id} could not be read: {str(error).splitlines()[0]}")
         return
-    inside = booking.end > read.start and booking.start < read.end
-    if inside and not read.owns(booking, slice_start, slice_end):
+    if _overlaps(booking, read.start, read.end) and not read.owns(booking, slice_start, slice_end):
         return  # moved to another slice of the window: that slice's read writes it
     read.counts.fetched += 1
     read.met(booking)
@@ -390,14 +387,10 @@ async def _collect(pages) -> list:
     return [item async for item in pages]
 
 
-def _overlaps(row: StoredRow, start: datetime, end: datetime) -> bool:
+def _overlaps(row: StoredRow | Booking, start: datetime, end: datetime) -> bool:
     if row.start is None or row.end is None:
         return False
     return row.end > start and row.start < end
-
-
-def _digest(model) -> str:
-    return hashlib.sha256(encode(model).encode()).hexdigest()[:32]
 
 
 def customer_source(customer: BookingCustomer, business_id: str) -> CustomerSource | None:
@@ -450,14 +443,6 @@ async def known_hashes(store: Store) -> tuple[dict[str, str], dict[str, str]]:
                                                                        (ITEM_LINKS, ITEM_PARTITION))))
     return ({row["RowKey"]: row.get("SourceHash") for row in customers},
             {row["RowKey"]: row.get("SourceHash") for row in items})
-
-
-def source_hash(source: CustomerSource | ServiceSource) -> str:
-    """What a link row records of the data last upserted: the digest of the data, and the
-    business it came from (`<digest>|<business>`), so a customer several businesses know is kept
-    from one of them, and the same data from another business is no change."""
-    return f"{_digest(source.model_copy(update={'business_id': None}))}|{source.business_id}"
-
 
 
 def _changed(known: dict[str, str], sources: dict, queued: set[str], businesses: list[str]) -> list[tuple]:
@@ -563,7 +548,7 @@ async def sync_business(rt: Runtime, request: BusinessSync, now: datetime | None
     covers it; None when another sync of the business holds its lease."""
     store = await rt.store()
     business = request.business_id
-    async with _businesses_at_once():
+    async with rt.gate("business syncs", BUSINESSES_AT_ONCE):
         latest = await business_result(store, business)
         if _covers(latest, request.requested_at):
             log.info("sync of a business already covered by a later one",
@@ -572,17 +557,6 @@ async def sync_business(rt: Runtime, request: BusinessSync, now: datetime | None
             return latest
         last_fetched = (latest or {}).get("counts", {}).get("fetched")
         return await _sync_business(rt, store, request, now, last_fetched)
-
-
-_gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = weakref.WeakKeyDictionary()
-
-
-def _businesses_at_once() -> asyncio.Semaphore:
-    loop = asyncio.get_running_loop()
-    gate = _gates.get(loop)
-    if gate is None:
-        gate = _gates[loop] = asyncio.Semaphore(BUSINESSES_AT_ONCE)
-    return gate
 
 
 async def _sync_business(rt: Runtime, store: Store, request: BusinessSync, now: datetime | None,

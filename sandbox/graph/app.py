@@ -292,30 +292,28 @@ class GraphSimulator(DataApi):
         return json_response(request, body, 201)
 
     async def _update_customer(self, request: Request) -> Response:
-        body = await self._json_object(request)
-        check_entity_type(body, "bookingCustomer", required=False)
-        fields = self._reader("customer").entity("bookingCustomer", body, creating=False)
-        with self._lock:
-            business = self._accessible(request)
-            customer = self._item(request, business.customers)
-            apply_update(customer, fields)
-            self._writes.append(write_record("PATCH", "customers", business.id, customer["id"]))
-            if self.options.customer_update_status == 204:
-                return json_response(request, None, 204)
-            body = {"@odata.context": self._context(request, business, "customers") + "/$entity",
-                    **copy.deepcopy(customer)}
-            return json_response(request, body)
+        business, customer = await self._update(request, "customers", "bookingCustomer", "customer")
+        if self.options.customer_update_status == 204:
+            return json_response(request, None, 204)
+        body = {"@odata.context": self._context(request, business, "customers") + "/$entity", **customer}
+        return json_response(request, body)
 
     async def _update_service(self, request: Request) -> Response:
+        await self._update(request, "services", "bookingService", "service")
+        return json_response(request, None, 204)
+
+    async def _update(self, request: Request, kind: str, entity_type: str, reader: str) -> tuple[Business, dict]:
+        """PATCH one customer or service: the fields checked against the schema, applied, and
+        recorded as a write; the business and (a copy of) the item as it now is."""
         body = await self._json_object(request)
-        check_entity_type(body, "bookingService", required=False)
-        fields = self._reader("service").entity("bookingService", body, creating=False)
+        check_entity_type(body, entity_type, required=False)
+        fields = self._reader(reader).entity(entity_type, body, creating=False)
         with self._lock:
             business = self._accessible(request)
-            service = self._item(request, business.services)
-            apply_update(service, fields)
-            self._writes.append(write_record("PATCH", "services", business.id, service["id"]))
-        return json_response(request, None, 204)
+            item = self._item(request, getattr(business, kind))
+            apply_update(item, fields)
+            self._writes.append(write_record("PATCH", kind, business.id, item["id"]))
+            return business, copy.deepcopy(item)
 
     @staticmethod
     def _item(request: Request, collection: Collection) -> dict:
