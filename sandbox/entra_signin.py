@@ -202,6 +202,14 @@ class UserSignIn:
         with self._lock:
             self._spoils.extend([kind] * times)
 
+    def reset_sign_in(self) -> None:
+        """The sign-in knobs back to their defaults: no bad ID tokens pending, members' tokens
+        without ``idp``, ``interaction_required`` for a disabled user (users stay as they are)."""
+        with self._lock:
+            self._spoils.clear()
+        self.member_idp = False
+        self.disabled_user_error = "interaction_required"
+
     def users(self, tenant: str) -> list[dict]:
         with self._lock:
             return [user.as_dict() for user in self._users.get(tenant.lower(), {}).values()]
