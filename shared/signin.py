@@ -115,7 +115,8 @@ def read_cookie(header: str | None, name: str, secure: bool) -> str | None:
 
 
 def _serializer(keys: SigningKeys, purpose: str) -> URLSafeTimedSerializer:
-    return URLSafeTimedSerializer(keys.oldest_first, salt=f"bookings-invoicing/{purpose}")
+    return URLSafeTimedSerializer(keys.oldest_first, salt=f"bookings-invoicing/{purpose}",
+                                  signer_kwargs={"digest_method": hashlib.sha256})
 
 
 def session_cookie(token: str, keys: SigningKeys, secure: bool) -> str:

@@ -105,6 +105,10 @@ def test_every_page_is_strict_about_scripts_and_never_holds_a_function_key(world
     assert response.status_code == 200, text(response)
     policy = response.headers["Content-Security-Policy"]
     assert "script-src 'self'" in policy and "unsafe-inline" not in policy and "frame-ancestors 'none'" in policy
+    assert "default-src 'none'" in policy and "form-action 'self'" in policy and "base-uri 'none'" in policy
+    assert response.headers["Cache-Control"] == "no-store" and response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["X-Frame-Options"] == "DENY" and response.headers["Referrer-Policy"] == "same-origin"
+    assert (response.mimetype, response.charset) == ("text/html", "utf-8")
     html = text(response)
     assert all("src=" in tag for tag in re.findall(r"<script[^>]*>", html)), "inline script"
     assert not re.search(r"\son\w+\s*=", html), "inline event handler"

@@ -279,3 +279,15 @@ def test_anonymous_health_says_nothing_private_while_the_keyed_status_says_every
     for private in (missing, world.business_ids[0], "Ann", "555 0102", "Narnia", "ann@", company,
                     "ErrorFolderNotFound", "BOOKINGS_BUSINESS_IDS"):
         assert private not in text, private
+
+
+def test_every_test_docs_security_md_names_exists():
+    """The ASVS checklist names the test that holds each requirement: each of them must exist."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    text = (root.parent / "docs" / "SECURITY.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"\b(test_[a-z0-9_]+)\b(?!\.py)", text))
+    defined = {m for path in root.rglob("test_*.py") for m in re.findall(r"^def (test_[a-z0-9_]+)",
+                                                                        path.read_text(encoding="utf-8"), re.MULTILINE)}
+    assert len(named) > 40 and named <= defined, sorted(named - defined)

@@ -5,6 +5,8 @@ at Entra ID), roles are re-read within the hour, guests stay out, and the cookie
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import re
 from urllib.parse import parse_qs, urlsplit
@@ -16,7 +18,8 @@ from sandbox.stack import CLIENT_ID, OPERATOR_ROLE, TENANT, USER_NAME, USER_USER
 from shared import sessions
 from shared.store import SESSIONS
 from tests.helpers import merge_row, rows
-from tests.signin_helpers import Browser, EntraBrowser
+from shared.signin import session_token
+from tests.signin_helpers import Browser, EntraBrowser, keys_of
 from tests.test_security import JWT, everything_logged
 
 SITE = "https://bookings.example"
@@ -55,6 +58,9 @@ def test_signing_in_at_entra_id_starts_a_server_side_session_and_opens_the_page(
     assert row["Oid"] and row["Roles"] == f'["{OPERATOR_ROLE}"]' and row["Guest"] is False
     cookie_value = person.app.values["bi_session"]
     assert cookie_value not in str(row) and row["PartitionKey"] != cookie_value, "the table holds no token"
+    token = session_token(f"bi_session={cookie_value}", keys_of(world), secure=False)
+    assert len(base64.urlsafe_b64decode(token + "==")) >= 32, "at least 256 random bits"
+    assert row["PartitionKey"] == hashlib.sha256(token.encode()).hexdigest()
     assert "bi_signin" not in person.app.values, "the flow cookie is deleted after its callback"
     assert any(c.startswith("bi_signin=;") and "Max-Age=0" in c for c in person.app.set_cookies)
 
