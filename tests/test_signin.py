@@ -9,6 +9,8 @@ import base64
 import hashlib
 import logging
 import re
+import time
+import weakref
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -179,6 +181,25 @@ def test_the_domain_clock_decides_the_timeouts(world):
     alive, busy, late = world.host.run(scenario(), 60)
     assert alive[0] is not None and all(session is not None for session, _ in busy)
     assert late == (None, "expired")
+
+
+def test_sessions_nobody_can_use_any_more_are_deleted_at_the_next_sign_in(world, monkeypatch):
+    monkeypatch.setattr("shared.sessions._pruned", weakref.WeakKeyDictionary())
+
+    async def scenario():
+        from shared.runtime import runtime
+
+        store = await runtime().store()
+        principal = sessions.Principal("oid-2", TENANT, "Ada", "ada@contoso.example", (OPERATOR_ROLE,))
+        start = time.time() - sessions.ABSOLUTE_SECONDS - 60
+        await sessions.start(store, principal, start)  # 8 hours old
+        await sessions.start(store, principal, time.time() - sessions.IDLE_SECONDS - 60)  # unused for 31 minutes
+        sessions._pruned.clear()  # the next sign-in of this process prunes again
+        fresh, _ = await sessions.start(store, principal, time.time())
+        return fresh
+
+    fresh = world.host.run(scenario(), 60)
+    assert [row["PartitionKey"] for row in live_sessions(world)] == [sessions.token_key(fresh)]
 
 
 def test_roles_are_read_again_within_the_hour_silently(world, person):
