@@ -5,6 +5,7 @@ Thin on purpose: the app and one blueprint per area. The work lives in `shared/`
 import azure.functions as func
 
 from shared.blueprints import directory, invoicing, pages, status, sync
+from shared.blueprints.pages import account
 from shared.telemetry import configure_logging
 
 configure_logging()
@@ -16,3 +17,4 @@ app.register_functions(directory.bp)
 app.register_functions(invoicing.bp)
 app.register_functions(status.bp)
 app.register_functions(pages.bp)
+app.register_functions(account.bp)

@@ -55,7 +55,7 @@ async def _queue_counts(connection_string: str) -> dict[str, int]:
 
 
 async def _last_sync(host) -> dict | None:
-    """What `GET /api/health` reports as `lastSync`, read the way health reads it (health itself
+    """What `GET /api/status` reports as `lastSync`, read the way status reads it (status itself
     also runs setup checks that call Graph and BC, which would add to the measured requests)."""
     from shared.runtime import runtime
 
@@ -65,7 +65,7 @@ async def _last_sync(host) -> dict | None:
         last_sync = None
     if last_sync is not None:
         return await last_sync(await runtime().store())
-    response = await host.http_async("GET", "health")
+    response = await host.http_async("GET", "status")
     return json.loads(response.get_body()).get("lastSync")
 
 

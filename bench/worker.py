@@ -108,7 +108,7 @@ def main() -> None:
             result["job"] = {"status": job["status"], "bookingCount": job["bookingCount"],
                              "invoices": len(job["invoices"]), "errors": len(job["errors"]),
                              "lines": sum(len(i["bookingIds"]) for i in job["invoices"])}
-        health = json.loads(host.http("GET", "health").get_body())
+        health = json.loads(host.http("GET", "status").get_body())
         result["last_sync"] = health.get("lastSync")
         result["directory"] = health.get("directory")
         record_counters(host, result)

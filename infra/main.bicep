@@ -182,8 +182,18 @@ param bcExecutionLimitSeconds string = '600'
 @description('BC_WEB_CLIENT_URL: where people open Business Central; the operator pages link each draft invoice there.')
 param bcWebClientUrl string = 'https://businesscentral.dynamics.com'
 
-@description('PAGES_ALLOWED_ROLE: an app role of the app registration that users of the operator pages must hold; empty: any user of the tenant.')
-param pagesAllowedRole string = ''
+@description('PAGES_ALLOWED_ROLE: the app role (value) of the app registration that users of the operator pages must hold; the postprovision hook defines it on the app registration. `*`: every member of the tenant.')
+param pagesAllowedRole string = 'Invoicing.Operator'
+
+@description('PAGES_ALLOW_GUESTS: let guests (B2B users) of the tenant use the operator pages too, when they hold the role.')
+@allowed([
+  'true'
+  'false'
+])
+param pagesAllowGuests string = 'false'
+
+@description('PAGES_REDIRECT_URI: the operator pages\' sign-in redirect URI. Empty: https://<function app>.azurewebsites.net/api/pages/signin/callback (set it for a custom domain).')
+param pagesRedirectUri string = ''
 
 @allowed([
   'true'
@@ -212,6 +222,10 @@ var resourceToken = toLower(uniqueString(subscription().id, environmentName, loc
 var tags = { 'azd-env-name': environmentName }
 var functionAppName = '${abbrs.webSitesFunctions}api-${resourceToken}'
 var deploymentStorageContainerName = 'app-package-${take(functionAppName, 32)}-${take(toLower(uniqueString(functionAppName, resourceToken)), 7)}'
+// The app's bookkeeping blobs (leases, run summaries; the operator may read them) and the pages'
+// signing keys (shared/signing_keys.py; only the app's identity reads them).
+var bookkeepingContainerName = 'bookings-invoicing'
+var pagesKeysContainerName = 'pages-keys'
 
 resource rg 'Microsoft.Resources/resourceGroups@2021-04-01' = {
   name: !empty(resourceGroupName) ? resourceGroupName : '${abbrs.resourcesResourceGroups}${environmentName}'
@@ -253,6 +267,12 @@ module storage 'br/public:avm/res/storage/storage-account:0.8.3' = {
       containers: [
         {
           name: deploymentStorageContainerName
+        }
+        {
+          name: bookkeepingContainerName
+        }
+        {
+          name: pagesKeysContainerName
         }
       ]
     }
@@ -333,6 +353,7 @@ module rbac 'app/rbac.bicep' = {
   scope: rg
   params: {
     storageAccountName: storage.outputs.name
+    bookkeepingContainerName: bookkeepingContainerName
     applicationInsightsName: monitoring.outputs.name
     keyVaultName: keyVault.outputs.name
     managedIdentityPrincipalId: apiIdentity.outputs.principalId
@@ -340,6 +361,7 @@ module rbac 'app/rbac.bicep' = {
   }
 }
 
+// After rbac: the host reads storage and resolves the Key Vault reference at its first start.
 module api 'app/api.bicep' = {
   name: 'api'
   scope: rg
@@ -378,12 +400,13 @@ module api 'app/api.bicep' = {
     bcExecutionLimitSeconds: bcExecutionLimitSeconds
     bcWebClientUrl: bcWebClientUrl
     pagesAllowedRole: pagesAllowedRole
+    pagesAllowGuests: pagesAllowGuests
+    pagesRedirectUri: pagesRedirectUri
     pushCustomersToBookings: pushCustomersToBookings
     pushItemsToBookings: pushItemsToBookings
     bcCustomerFilter: bcCustomerFilter
     bcItemFilter: bcItemFilter
   }
-  // The host reads storage and resolves the Key Vault reference at its first start.
   dependsOn: [
     rbac
   ]
@@ -419,8 +442,12 @@ output AZURE_TENANT_ID string = tenant().tenantId
 output AZURE_RESOURCE_GROUP string = rg.name
 output SERVICE_API_NAME string = api.outputs.SERVICE_API_NAME
 output SERVICE_API_URI string = api.outputs.SERVICE_API_URI
-@description('Add this as a Web redirect URI of the app registration so people can sign in to the operator pages.')
-output PAGES_REDIRECT_URI string = '${api.outputs.SERVICE_API_URI}/api/pages/signin/callback'
+@description('The Web redirect URI of the app registration people sign in to the operator pages with (the app setting PAGES_REDIRECT_URI).')
+output PAGES_REDIRECT_URI string = api.outputs.PAGES_REDIRECT_URI
+@description('The app role the operator pages require: the postprovision hook defines it on the app registration.')
+output PAGES_APP_ROLE string = pagesAllowedRole
+@description('The tenant of the app registration (AZURE_TENANT_ID), which must be the managed identity\'s (AZURE_TENANT_ID output): the hook checks it.')
+output APP_REGISTRATION_TENANT_ID string = empty(entraTenantId) ? tenant().tenantId : entraTenantId
 output AZURE_FUNCTION_NAME string = api.outputs.SERVICE_API_NAME
 output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name
 output AZURE_KEY_VAULT_NAME string = keyVault.outputs.name

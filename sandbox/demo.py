@@ -105,7 +105,7 @@ def run(host: FunctionHost, sandbox, dataset) -> None:
     heading("Sync (timer sync_bookings)")
     host.timer("sync_bookings")  # fans out: one message per business, run by the queue workers
     host.drain(queues=[SYNC_BUSINESS_QUEUE])
-    last = call(host, "GET", "health", key=False)["lastSync"]
+    last = call(host, "GET", "status")["lastSync"]
     counts = last["counts"]
     print(f"  outcome {last['outcome']}: {counts['fetched']} appointments read from "
           f"{len(counts['businesses'])} businesses, {counts['created']} new, {counts['cancelled']} cancelled, "
@@ -123,13 +123,13 @@ def run(host: FunctionHost, sandbox, dataset) -> None:
     countries = Counter(c["country"] for c in customers if c["country"])
     print(f"  countries as BC's codes (Bookings writes names, e.g. 'United States', 'Norge'): "
           f"{', '.join(f'{code} {n}' for code, n in sorted(countries.items()))}")
-    for entry in call(host, "GET", "health", key=False)["directory"]["leftOut"]:
+    for entry in call(host, "GET", "status")["directory"]["leftOut"]:
         print(f"  created without what BC refuses: {entry['key']}: {entry['leftOut']}")
 
     heading("Re-sync with nothing changed")
     host.timer("sync_bookings")
     host.drain(queues=[SYNC_BUSINESS_QUEUE])
-    counts = call(host, "GET", "health", key=False)["lastSync"]["counts"]
+    counts = call(host, "GET", "status")["lastSync"]["counts"]
     print(f"  {counts['unchanged']} unchanged, {counts['bookingWrites']} booking writes, "
           f"{counts['customersQueued']} upserts queued")
 
@@ -141,7 +141,7 @@ def run(host: FunctionHost, sandbox, dataset) -> None:
     os.environ.update(PUSH_CUSTOMERS_TO_BOOKINGS="true", PUSH_ITEMS_TO_BOOKINGS="true")
     host.timer("sync_bookings")
     host.drain()
-    counts = call(host, "GET", "health", key=False)["lastSync"]["counts"]
+    counts = call(host, "GET", "status")["lastSync"]["counts"]
     print(f"  pushed: {counts['customersPushed']} customers and {counts['servicesPushed']} services created in "
           f"Bookings (customers that came from Bookings are not pushed back)")
     for business in sandbox.business_ids:
@@ -199,13 +199,17 @@ def run(host: FunctionHost, sandbox, dataset) -> None:
     sandbox.bc.post_invoice(sandbox.company_id, posted["id"])
     host.timer("sync_bookings")
     host.drain(queues=[SYNC_BUSINESS_QUEUE])
-    counts = call(host, "GET", "health", key=False)["lastSync"]["counts"]
+    counts = call(host, "GET", "status")["lastSync"]["counts"]
     print(f"  deleted {deleted['number']} → {counts['bookingsReleased']} bookings uninvoiced again; "
           f"posted {posted['number']} → {counts['bookingsPosted']} bookings marked posted")
 
-    heading("Health (GET /api/health)")
+    heading("Health (GET /api/health, anonymous) and status (GET /api/status, function key)")
     health = call(host, "GET", "health", key=False)
-    print(f"  status {health['status']}, last sync {health['lastSync']['outcome']} at {health['lastSync']['at']}")
+    print(f"  anyone sees: status {health['status']}, last sync {health['lastSync']['outcome']} at "
+          f"{health['lastSync']['at']}, failed checks {health['failedChecks'] or 'none'}")
+    status = call(host, "GET", "status")
+    print(f"  with the key: {len(status['checks'])} setup checks, {status['directory']['customerFailures']} customers "
+          f"and {status['directory']['itemFailures']} items BC refused, per-business results of the last run")
     print(f"  requests: Graph {sandbox.graph.plan.stats.total_requests}, BC {sandbox.bc.plan.stats.total_requests}")
     print("\nThe same, the way a bookkeeper does it: `make serve`, then sign in to the operator pages.")
 

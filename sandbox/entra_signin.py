@@ -15,8 +15,12 @@ as msal's ``initiate_auth_code_flow`` and ``acquire_token_by_auth_code_flow`` dr
 - ``GET|POST /{tenant}/oauth2/v2.0/logout`` sends the browser to ``post_logout_redirect_uri`` when
   it is a registered redirect URI, else shows "You signed out of your account".
 
-No passwords, no consent prompt (whatever is asked for counts as consented) and no SSO session:
-every authorize request shows the account picker, and ``prompt=none`` fails ``login_required``.
+No passwords and no consent prompt (whatever is asked for counts as consented). Choosing an
+account also signs the browser in to the simulator (an SSO cookie, `SSO_COOKIE`, ended by the
+logout endpoint): a later ``prompt=none`` request for that user (``login_hint``) is answered with a
+code and no page, as Entra's single sign-on does; without that session it fails ``login_required``,
+and for a user who was disabled meanwhile ``interaction_required``. An interactive request still
+shows the account picker every time.
 The pages carry no script; their one stylesheet is allowed by hash in a strict CSP.
 """
 
@@ -24,44 +28,34 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import html
+import hmac
 import json
 import secrets
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping
+import dataclasses
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from sandbox import tokens
+from sandbox import entra_idtokens, tokens
+from sandbox.entra_oauth import (OAuthError, access_scopes, check_redirect_uri, match_key, pkce_matches,
+                                 requested_resources, returned_uri)
+from sandbox.entra_pages import answer, error_page, form_of, logged_out_page, picker
 
-OIDC_SCOPES = ("openid", "profile", "email", "offline_access")
 AUTH_CODE_LIFETIME_SECONDS = 600
 """Entra: "Authorization codes are short lived. Typically, they expire after about 10 minutes." """
-ID_TOKEN_LIFETIME_SECONDS = 3600
 REFRESH_TOKEN_LIFETIME_SECONDS = 90 * 24 * 3600
+SSO_COOKIE = "sim_sso"
+"""The browser's single sign-on session at the simulator (Entra's is ``ESTSAUTH``)."""
 RESPONSE_MODES = ("query", "fragment", "form_post")
 PROMPTS = ("login", "none", "consent", "select_account", "create")
-DEFAULT_DELEGATED = {tokens.GRAPH_AUDIENCE: ("User.Read",), tokens.BC_AUDIENCE: ("Financials.ReadWrite.All",)}
-"""What ``<resource>/.default`` (and, for Graph, a request of OpenID scopes alone) grants a user."""
-_LOOPBACK_HOSTS = ("localhost", "127.0.0.1")
-_NOT_IN_REDIRECT_URIS = "!$'(),;*"
-_CHOICE_FIELDS = ("account", "action")
-
-
-class OAuthError(Exception):
-    """A refusal in Entra's vocabulary: OAuth ``error``, the AADSTS number and its text."""
-
-    def __init__(self, error: str, code: int, description: str, status: int = 400):
-        super().__init__(f"AADSTS{code}: {description}")
-        self.error, self.code, self.description, self.status = error, code, description, status
 
 
 @dataclass(frozen=True)
@@ -72,10 +66,14 @@ class User:
     username: str
     app_roles: Mapping[str, tuple[str, ...]]
     """Client id (lower case) → the app roles assigned to the user for that application."""
+    home_tenant: str | None = None
+    """A guest's home tenant (B2B): their ID tokens carry that tenant's issuer as ``idp``."""
+    enabled: bool = True
 
     def as_dict(self) -> dict:
         return {"tenant": self.tenant, "oid": self.oid, "name": self.name, "username": self.username,
-                "app_roles": {client: list(roles) for client, roles in self.app_roles.items()}}
+                "app_roles": {client: list(roles) for client, roles in self.app_roles.items()},
+                "home_tenant": self.home_tenant, "enabled": self.enabled}
 
 
 @dataclass
@@ -126,179 +124,6 @@ def _error_description(code: int, description: str) -> str:
             f"Timestamp: {now}")
 
 
-def check_redirect_uri(uri: str) -> None:
-    """The restrictions Entra puts on a Web redirect URI (reply-url.md); ValueError if broken."""
-    if len(uri) > 256:
-        raise ValueError("a redirect URI has at most 256 characters")
-    if any(character in uri for character in _NOT_IN_REDIRECT_URIS):
-        raise ValueError(f"a redirect URI has none of {_NOT_IN_REDIRECT_URIS!r} (no wildcards either)")
-    parts = urlsplit(uri)
-    if "#" in uri or not parts.hostname:
-        raise ValueError(f"{uri!r} is not an absolute URI without a fragment")
-    scheme = parts.scheme.lower()
-    if not (scheme == "https" or (scheme == "http" and parts.hostname.lower() in _LOOPBACK_HOSTS)):
-        raise ValueError("a redirect URI is https, or http for localhost / 127.0.0.1 only")
-
-
-def _match_key(uri: str) -> tuple | None:
-    """How Entra compares redirect URIs: scheme and host in any case, the path and query exactly,
-    no path the same as ``/``, and the port ignored for a loopback host."""
-    parts = urlsplit(uri)
-    try:
-        port = parts.port
-    except ValueError:
-        return None
-    if not parts.scheme or not parts.hostname:
-        return None
-    host = parts.hostname.lower()
-    return (parts.scheme.lower(), host, None if host in _LOOPBACK_HOSTS else port,
-            parts.path or "/", parts.query)
-
-
-def _returned(uri: str) -> str:
-    """A redirect URI without a path is answered with a trailing slash."""
-    parts = urlsplit(uri)
-    return parts._replace(path="/").geturl() if not parts.path else uri
-
-
-def _split_scope(scope: str) -> tuple[str, str]:
-    """``https://graph.microsoft.com/User.Read`` → (Graph, ``User.Read``); ``User.Read`` is Graph's."""
-    if "://" in scope:
-        resource, _, permission = scope.rpartition("/")
-        return resource.rstrip("/"), permission
-    return tokens.GRAPH_AUDIENCE, scope
-
-
-def _resources(scopes: Iterable[str], tenant: str) -> dict[str, list[str]]:
-    """The permissions asked for per resource; OAuthError for a resource Entra does not know."""
-    resources: dict[str, list[str]] = {}
-    for scope in scopes:
-        if scope in OIDC_SCOPES:
-            continue
-        resource, permission = _split_scope(scope)
-        if resource not in (tokens.GRAPH_AUDIENCE, tokens.BC_AUDIENCE):
-            raise OAuthError("invalid_resource", 500011,
-                             f"The resource principal named {resource} was not found in the tenant named "
-                             f"{tenant}. This can happen if the application has not been installed by the "
-                             "administrator of the tenant or consented to by any user in the tenant.")
-        resources.setdefault(resource, []).append(permission)
-    return resources
-
-
-def _access_scopes(scopes: tuple[str, ...], tenant: str) -> tuple[str, tuple[str, ...], str]:
-    """(audience, delegated permissions, answered ``scope``) of the access token a request asks for."""
-    resources = _resources(scopes, tenant)
-    if len(resources) > 1:
-        raise OAuthError("invalid_scope", 700022,
-                         "The provided value for the input parameter scope is not valid because it contains "
-                         f"more than one resource. Scope {' '.join(scopes)} is not valid.")
-    oidc = [scope for scope in scopes if scope in OIDC_SCOPES and scope != "offline_access"]
-    if not resources:  # OpenID scopes alone: a token for Graph (UserInfo), with User.Read
-        permissions = tuple(dict.fromkeys([*oidc, *DEFAULT_DELEGATED[tokens.GRAPH_AUDIENCE]]))
-        return tokens.GRAPH_AUDIENCE, permissions, " ".join(permissions)
-    (audience, asked), = resources.items()
-    permissions = tuple(dict.fromkeys(
-        p for permission in asked for p in (DEFAULT_DELEGATED[audience] if permission == ".default" else (permission,))))
-    answered = [scope for scope in scopes if scope not in OIDC_SCOPES] + oidc
-    return audience, permissions, " ".join(answered)
-
-
-def _pkce_matches(verifier: str | None, challenge: str, method: str) -> bool:
-    if not verifier:
-        return False
-    if method == "S256":
-        computed = _b64(hashlib.sha256(verifier.encode("ascii", "replace")).digest())
-        return secrets.compare_digest(computed, challenge)
-    return secrets.compare_digest(verifier, challenge)
-
-
-# Pages --------------------------------------------------------------------------------------------
-
-_STYLE = ("body{font-family:'Segoe UI',system-ui,sans-serif;margin:0;background:#f2f2f2;color:#1b1b1b}"
-          "main{max-width:28rem;margin:3rem auto;background:#fff;padding:2rem 2.5rem;"
-          "box-shadow:0 2px 6px rgba(0,0,0,.2)}h1{font-size:1.5rem;font-weight:600}"
-          "ul{list-style:none;padding:0}button{display:block;width:100%;text-align:left;padding:.75rem;"
-          "margin:.25rem 0;border:1px solid #8a8886;background:#fff;font:inherit;cursor:pointer}"
-          "button:hover,button:focus{background:#e6e6e6;outline:2px solid #0067b8}"
-          ".username{display:block;color:#605e5c}.secondary{width:auto}.error{color:#a80000}")
-_CSP = ("default-src 'none'; style-src 'sha256-" + base64.b64encode(hashlib.sha256(_STYLE.encode()).digest()).decode()
-        + "'; base-uri 'none'; frame-ancestors 'none'")
-_PAGE_HEADERS = {"Content-Security-Policy": _CSP, "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
-                 "Cache-Control": "no-store", "Pragma": "no-cache"}
-
-
-def _escape(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
-    document = ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-                "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-                f"<title>{_escape(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n<main>\n"
-                f"{body}\n</main>\n</body>\n</html>\n")
-    return HTMLResponse(document, status_code=status, headers=_PAGE_HEADERS)
-
-
-def _error_page(code: int, message: str, status: int = 400) -> HTMLResponse:
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    body = ("<h1>Sign in</h1>\n<p>Sorry, but we’re having trouble signing you in.</p>\n"
-            f"<p class=\"error\" role=\"alert\">AADSTS{code}: {_escape(message)}</p>\n"
-            f"<dl>\n<dt>Request Id</dt><dd>{uuid.uuid4()}</dd>\n<dt>Correlation Id</dt><dd>{uuid.uuid4()}</dd>\n"
-            f"<dt>Timestamp</dt><dd>{now}</dd>\n</dl>")
-    return _page("Sign in to your account", body, status)
-
-
-def _hidden_fields(values: Mapping[str, str]) -> str:
-    return "\n".join(f"<input type=\"hidden\" name=\"{_escape(name)}\" value=\"{_escape(value)}\">"
-                     for name, value in values.items())
-
-
-def _picker(tenant: str, params: Mapping[str, str], users: list[User], problem: str | None = None,
-            status: int = 200) -> HTMLResponse:
-    action = f"/{quote(tenant, safe='')}/oauth2/v2.0/authorize"
-    request = {name: value for name, value in params.items() if name not in _CHOICE_FIELDS}
-    alert = f"<p class=\"error\" role=\"alert\">{_escape(problem)}</p>\n" if problem else ""
-    if users:
-        accounts = "\n".join(
-            f"<li><button type=\"submit\" name=\"account\" value=\"{_escape(user.oid)}\">"
-            f"<span class=\"name\">{_escape(user.name)}</span> "
-            f"<span class=\"username\">{_escape(user.username)}</span></button></li>" for user in users)
-        choice = f"<ul aria-label=\"Accounts\">\n{accounts}\n</ul>\n"
-    else:
-        choice = f"<p>There are no user accounts in the directory {_escape(tenant)}.</p>\n"
-    body = (f"<h1 id=\"heading\">Pick an account</h1>\n{alert}"
-            f"<p>to continue to the application {_escape(params.get('client_id', ''))}</p>\n"
-            f"<form method=\"post\" action=\"{_escape(action)}\" aria-labelledby=\"heading\">\n"
-            f"{_hidden_fields(request)}\n{choice}"
-            "<button type=\"submit\" name=\"action\" value=\"cancel\" class=\"secondary\">Cancel</button>\n</form>")
-    return _page("Sign in to your account", body, status)
-
-
-def _answer(redirect_uri: str, mode: str, values: Mapping[str, str]) -> Response:
-    """Send the authorization response to the app as ``response_mode`` asks."""
-    if mode == "form_post":  # Entra posts with a script; without one, the user continues
-        body = ("<h1>Continue to the application</h1>\n"
-                f"<form method=\"post\" action=\"{_escape(redirect_uri)}\">\n{_hidden_fields(values)}\n"
-                "<p>Script is disabled. Select Continue to go on.</p>\n"
-                "<button type=\"submit\" class=\"secondary\">Continue</button>\n</form>")
-        return _page("Working...", body)
-    encoded = urlencode(values)
-    if mode == "fragment":
-        location = f"{redirect_uri}#{encoded}"
-    else:
-        location = f"{redirect_uri}{'&' if urlsplit(redirect_uri).query else '?'}{encoded}"
-    return RedirectResponse(location, status_code=302, headers={"Cache-Control": "no-store"})
-
-
-def _logged_out_page() -> HTMLResponse:
-    return _page("Sign out", "<h1>You signed out of your account</h1>\n"
-                             "<p>It’s a good idea to close all browser windows.</p>")
-
-
-def _form_of(body: bytes) -> dict[str, str]:
-    return {name: values[-1] for name, values in parse_qs(body.decode(), keep_blank_values=True).items()}
-
-
 # The simulator's half ------------------------------------------------------------------------------
 
 class UserSignIn:
@@ -318,6 +143,14 @@ class UserSignIn:
         self._users: dict[str, dict[str, User]] = {}
         self._codes: dict[str, _Code] = {}
         self._refresh_tokens: dict[str, _RefreshToken] = {}
+        self._sso_key = secrets.token_bytes(32)
+        self._spoils: list[str] = []
+        self.member_idp = False
+        """Whether a member's ID token carries ``idp`` (= ``iss``) too; False: no ``idp`` claim (the
+        docs allow both: "If the claim isn't present, it means that the value of `iss` can be used")."""
+        self.disabled_user_error = "interaction_required"
+        """What ``prompt=none`` answers for a signed-in user who was disabled since (not documented;
+        the other plausible reading: ``access_denied``)."""
 
     def _known_tenant(self, tenant: str) -> bool:
         with self._lock:
@@ -326,11 +159,12 @@ class UserSignIn:
     # Data API
 
     def add_user(self, tenant: str, *, name: str, username: str, oid: str | None = None,
-                 app_roles: Mapping[str, Iterable[str]] | None = None) -> dict:
-        """A user of `tenant` (a member, with no password: the account picker signs them in).
-        `app_roles`: per client id, the app roles assigned to the user for that application (the
-        ID token's ``roles``). Adding a username again replaces that user's name and roles and
-        keeps their ``oid``. Returns the user as a dict (``oid``, ``name``, ``username``…)."""
+                 app_roles: Mapping[str, Iterable[str]] | None = None, guest_of: str | None = None) -> dict:
+        """A user of `tenant` (with no password: the account picker signs them in); `guest_of`: a
+        guest whose home is that tenant. `app_roles`: per client id, the app roles assigned to the
+        user for that application (the ID token's ``roles``). Adding a username again replaces that
+        user's name and roles (enabled again) and keeps their ``oid``. Returns the user as a dict
+        (``oid``, ``name``, ``username``…)."""
         if not name.strip() or "@" not in username:
             raise ValueError("a user needs a name and a username of the form user@domain")
         roles: dict[str, tuple[str, ...]] = {}
@@ -346,10 +180,35 @@ class UserSignIn:
             chosen = existing.oid if existing else (oid or str(uuid.uuid4())).lower()
             if existing is None and chosen in users:
                 raise ValueError(f"oid {chosen} is taken in {tenant}")
-            user = User(tenant, chosen, name, username, roles)
+            user = User(tenant, chosen, name, username, roles, guest_of)
             users[chosen] = user
             self._tenants.add(tenant.lower())
             return user.as_dict()
+
+    def set_user_enabled(self, tenant: str, username: str, enabled: bool) -> None:
+        """Disable (or enable again) a user's account: a disabled user cannot sign in, silently or
+        not. KeyError for an unknown user."""
+        with self._lock:
+            users = self._users.get(tenant.lower(), {})
+            user = next(u for u in users.values() if u.username.lower() == username.lower())
+            users[user.oid] = dataclasses.replace(user, enabled=enabled)
+
+    def spoil_id_tokens(self, kind: str, times: int = 1) -> None:
+        """Make the next `times` ID tokens bad in one way (`entra_idtokens.SPOILS`): a wrong issuer,
+        audience or tenant, expired, not yet valid, a bad signature or unknown key, unsigned, another
+        sign-in's nonce, no ``oid``. ValueError for an unknown kind."""
+        if kind not in entra_idtokens.SPOILS:
+            raise ValueError(f"unknown kind of bad ID token {kind!r}; known: {sorted(entra_idtokens.SPOILS)}")
+        with self._lock:
+            self._spoils.extend([kind] * times)
+
+    def reset_sign_in(self) -> None:
+        """The sign-in knobs back to their defaults: no bad ID tokens pending, members' tokens
+        without ``idp``, ``interaction_required`` for a disabled user (users stay as they are)."""
+        with self._lock:
+            self._spoils.clear()
+        self.member_idp = False
+        self.disabled_user_error = "interaction_required"
 
     def users(self, tenant: str) -> list[dict]:
         with self._lock:
@@ -379,62 +238,105 @@ class UserSignIn:
 
     async def _authorize(self, request: Request) -> Response:
         tenant = request.path_params["tenant"]
-        params = dict(request.query_params) if request.method == "GET" else _form_of(await request.body())
+        params = dict(request.query_params) if request.method == "GET" else form_of(await request.body())
         checked = self._check_client(tenant, params)
         if isinstance(checked, Response):
             return checked
         client, redirect_uri = checked
         mode = params.get("response_mode") or "query"
-        reply = _returned(redirect_uri)
+        reply = returned_uri(redirect_uri)
         state = {"state": params["state"]} if params.get("state") else {}
         try:
             self._check_request(tenant, params)
         except OAuthError as error:
-            return _answer(reply, mode if mode in RESPONSE_MODES else "query", {
+            return answer(reply, mode if mode in RESPONSE_MODES else "query", {
                 "error": error.error, "error_description": _error_description(error.code, error.description),
                 "error_uri": f"https://login.microsoftonline.com/error?code={error.code}", **state})
+        if params.get("prompt") == "none":
+            return self._silent(request, client, tenant, redirect_uri, reply, mode, params, state)
         users = self._listed_users(tenant, params.get("login_hint"))
         if params.get("action") == "cancel":
-            return _answer(reply, mode, {
+            return answer(reply, mode, {
                 "error": "access_denied",
                 "error_description": _error_description(65004, "User declined to consent to access the app."),
                 **state})
         if "account" not in params:
-            return _picker(tenant, params, users)
+            return picker(tenant, params, users)
         user = next((u for u in users if u.oid == params["account"].lower()), None)
         if user is None:
-            return _picker(tenant, params, users, problem="That account is not in this directory. Pick another.",
-                           status=400)
+            return picker(tenant, params, users, problem="That account is not in this directory. Pick another.",
+                          status=400)
+        if not user.enabled:
+            return picker(tenant, params, users, problem="AADSTS50057: The user account is disabled.", status=400)
+        response = self._code_answer(client, tenant, redirect_uri, reply, mode, user, params, state)
+        signed_in = {key for key in self._sso_users(request) if key[0] != tenant.lower()} | {(tenant.lower(), user.oid)}
+        response.set_cookie(SSO_COOKIE, self._sso_value(signed_in), path="/", httponly=True, samesite="lax")
+        return response
+
+    def _code_answer(self, client: Any, tenant: str, redirect_uri: str, reply: str, mode: str, user: User,
+                     params: Mapping[str, str], state: dict) -> Response:
         code = self._issue_code(client, tenant, redirect_uri, "redirect_uri" in params, user, params)
         values = {"code": code, **state}
         if params.get("client_info") == "1":  # what msal asks for, and reads back from this response
             values["client_info"] = _b64(json.dumps({"uid": user.oid, "utid": user.tenant}).encode())
-        return _answer(reply, mode, values)
+        return answer(reply, mode, values)
+
+    def _silent(self, request: Request, client: Any, tenant: str, redirect_uri: str, reply: str, mode: str,
+                params: Mapping[str, str], state: dict) -> Response:
+        """``prompt=none``: a code for the user this browser is signed in as (the ``login_hint`` one
+        when several are), or an error, never a page."""
+        with self._lock:
+            users = self._users.get(tenant.lower(), {})
+            signed_in = [users[oid] for t, oid in self._sso_users(request) if t == tenant.lower() and oid in users]
+        hint = (params.get("login_hint") or "").lower()
+        chosen = [u for u in signed_in if u.username.lower() == hint] if hint else signed_in
+        if len(chosen) != 1:
+            return answer(reply, mode, {"error": "login_required", "error_description": _error_description(
+                50058, "A silent sign-in request was sent but no user is signed in."), **state})
+        if not chosen[0].enabled:
+            return answer(reply, mode, {"error": self.disabled_user_error, "error_description": _error_description(
+                50057, "The user account is disabled."), **state})
+        return self._code_answer(client, tenant, redirect_uri, reply, mode, chosen[0], params, state)
+
+    def _sso_value(self, signed_in: set[tuple[str, str]]) -> str:
+        payload = _b64(json.dumps(sorted(signed_in)).encode())
+        return f"{payload}.{_b64(hmac.new(self._sso_key, payload.encode(), hashlib.sha256).digest())}"
+
+    def _sso_users(self, request: Request) -> set[tuple[str, str]]:
+        """(tenant, oid) of every user this browser is signed in as (the simulator's SSO cookie)."""
+        payload, _, mac = (request.cookies.get(SSO_COOKIE) or "").partition(".")
+        expected = _b64(hmac.new(self._sso_key, payload.encode(), hashlib.sha256).digest())
+        if not payload or not hmac.compare_digest(mac, expected):
+            return set()
+        try:
+            return {(str(t), str(o)) for t, o in json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))}
+        except (ValueError, TypeError):
+            return set()
 
     def _check_client(self, tenant: str, params: Mapping[str, str]) -> tuple[Any, str] | Response:
         """The client and the redirect URI to answer to, or the error page Entra shows instead."""
         if not self._known_tenant(tenant):
-            return _error_page(90002, f"Tenant '{tenant}' not found. Check to make sure you have the correct "
+            return error_page(90002, f"Tenant '{tenant}' not found. Check to make sure you have the correct "
                                       "tenant ID and are signing into the correct cloud.")
         client_id = params.get("client_id")
         if not client_id:
-            return _error_page(900144, "The request body must contain the following parameter: 'client_id'.")
+            return error_page(900144, "The request body must contain the following parameter: 'client_id'.")
         with self._lock:
             client = self._clients.get((tenant.lower(), client_id.lower()))
             registered = list(client.redirect_uris) if client else []
         if client is None:
-            return _error_page(700016, f"Application with identifier '{client_id}' was not found in the directory "
+            return error_page(700016, f"Application with identifier '{client_id}' was not found in the directory "
                                        f"'{tenant}'. This can happen if the application has not been installed by "
                                        "the administrator of the tenant or consented to by any user in the tenant. "
                                        "You may have sent your authentication request to the wrong tenant.")
         redirect_uri = params.get("redirect_uri")
         if not redirect_uri:
             if not registered:
-                return _error_page(900971, "No reply address provided.")
+                return error_page(900971, "No reply address provided.")
             return client, registered[0]
-        wanted = _match_key(redirect_uri)
-        if wanted is None or all(_match_key(uri) != wanted for uri in registered):
-            return _error_page(50011, f"The redirect URI '{redirect_uri}' specified in the request does not match "
+        wanted = match_key(redirect_uri)
+        if wanted is None or all(match_key(uri) != wanted for uri in registered):
+            return error_page(50011, f"The redirect URI '{redirect_uri}' specified in the request does not match "
                                       f"the redirect URIs configured for the application '{client_id}'. Make sure "
                                       "the redirect URI sent in the request matches one added to your application "
                                       "in the Azure portal. Navigate to https://aka.ms/redirectUriMismatchError to "
@@ -461,7 +363,7 @@ class UserSignIn:
         if not scopes:
             raise OAuthError("invalid_request", 900144,
                              "The request body must contain the following parameter: 'scope'.")
-        _resources(scopes, tenant)
+        requested_resources(scopes, tenant)
         challenge, method = params.get("code_challenge"), params.get("code_challenge_method")
         if method and not challenge:
             raise OAuthError("invalid_request", 900144,
@@ -474,9 +376,6 @@ class UserSignIn:
         prompt = params.get("prompt")
         if prompt and prompt not in PROMPTS:
             raise OAuthError("invalid_request", 90100, f"Invalid value '{prompt}' for the parameter 'prompt'.")
-        if prompt == "none":
-            raise OAuthError("login_required", 50058,
-                             "A silent sign-in request was sent but no user is signed in.")
 
     def _listed_users(self, tenant: str, login_hint: str | None) -> list[User]:
         with self._lock:
@@ -500,18 +399,26 @@ class UserSignIn:
 
     async def _logout(self, request: Request) -> Response:
         tenant = request.path_params["tenant"]
-        params = dict(request.query_params) if request.method == "GET" else _form_of(await request.body())
+        params = dict(request.query_params) if request.method == "GET" else form_of(await request.body())
         target = params.get("post_logout_redirect_uri")
         if target and self._is_redirect_uri(tenant, params.get("client_id"), target):
-            return RedirectResponse(target, status_code=302, headers={"Cache-Control": "no-store"})
-        return _logged_out_page()
+            response: Response = RedirectResponse(target, status_code=302, headers={"Cache-Control": "no-store"})
+        else:
+            response = logged_out_page()
+        # The browser's session ends for this tenant (its other tenants' sessions stay).
+        kept = {key for key in self._sso_users(request) if key[0] != tenant.lower()}
+        if kept:
+            response.set_cookie(SSO_COOKIE, self._sso_value(kept), path="/", httponly=True, samesite="lax")
+        else:
+            response.delete_cookie(SSO_COOKIE, path="/", httponly=True, samesite="lax")
+        return response
 
     def _is_redirect_uri(self, tenant: str, client_id: str | None, uri: str) -> bool:
-        wanted = _match_key(uri)
+        wanted = match_key(uri)
         with self._lock:
             registered = [u for (t, c), client in self._clients.items() if t == tenant.lower()
                           and (not client_id or c == client_id.lower()) for u in client.redirect_uris]
-        return wanted is not None and any(_match_key(u) == wanted for u in registered)
+        return wanted is not None and any(match_key(u) == wanted for u in registered)
 
     # Token endpoint
 
@@ -546,12 +453,12 @@ class UserSignIn:
                 raise OAuthError("invalid_grant", 500112, f"The reply address '{redirect_uri}' does not match the "
                                                           f"reply address '{issued.redirect_uri}' provided when "
                                                           "requesting Authorization code.")
-            if issued.challenge is not None and not _pkce_matches(form.get("code_verifier"), issued.challenge,
+            if issued.challenge is not None and not pkce_matches(form.get("code_verifier"), issued.challenge,
                                                                   issued.challenge_method):
                 raise OAuthError("invalid_grant", 501481, "The Code_Verifier does not match the code_challenge "
                                                           "supplied in the authorization request.")
             requested = tuple(form.get("scope", "").split()) or issued.scopes
-            audience, permissions, scope = _access_scopes(requested, tenant)
+            audience, permissions, scope = access_scopes(requested, tenant)
             issued.redeemed = True
             user = self._users[issued.tenant][issued.oid]
         return Grant(issued.client_id, user, issued.scopes, audience, permissions, scope, issued.nonce,
@@ -572,7 +479,7 @@ class UserSignIn:
             if time.time() >= held.expires_at:
                 raise OAuthError("invalid_grant", 700082, "The refresh token has expired due to inactivity.")
             requested = tuple(form.get("scope", "").split()) or held.scopes
-            audience, permissions, scope = _access_scopes(requested, tenant)
+            audience, permissions, scope = access_scopes(requested, tenant)
             user = self._users[held.tenant][held.oid]
         return Grant(held.client_id, user, held.scopes, audience, permissions, scope, None, None)
 
@@ -594,27 +501,14 @@ class UserSignIn:
                     time.time() + REFRESH_TOKEN_LIFETIME_SECONDS)
             body["refresh_token"] = refresh_token
         if "openid" in grant.consented:
-            body["id_token"] = self.signing_key.sign(self._id_token_claims(grant, issuer))
+            claims = entra_idtokens.id_token_claims(
+                client_id=grant.client_id, tenant=user.tenant, issuer=issuer, oid=user.oid, name=user.name,
+                username=user.username, consented=grant.consented, nonce=grant.nonce,
+                roles=user.app_roles.get(grant.client_id.lower()), auth_time=grant.auth_time,
+                home_tenant=user.home_tenant, member_idp=self.member_idp)
+            with self._lock:
+                spoil = self._spoils.pop(0) if self._spoils else None
+            body["id_token"] = entra_idtokens.sign(claims, self.signing_key, spoil)
         if client_info:
             body["client_info"] = _b64(json.dumps({"uid": user.oid, "utid": user.tenant}).encode())
         return body
-
-    @staticmethod
-    def _id_token_claims(grant: Grant, issuer: str) -> dict:
-        user, now = grant.user, int(time.time())
-        subject = _b64(hashlib.sha256(f"{user.tenant.lower()}|{grant.client_id.lower()}|{user.oid}".encode()).digest())
-        claims: dict[str, Any] = {"aud": grant.client_id, "iss": issuer, "iat": now, "nbf": now,
-                                  "exp": now + ID_TOKEN_LIFETIME_SECONDS}
-        if "profile" in grant.consented:
-            claims.update(name=user.name, oid=user.oid, preferred_username=user.username)
-        if "email" in grant.consented:
-            claims["email"] = user.username
-        if grant.nonce is not None:
-            claims["nonce"] = grant.nonce
-        roles = user.app_roles.get(grant.client_id.lower())
-        if roles:
-            claims["roles"] = list(roles)
-        if grant.auth_time is not None:
-            claims["auth_time"] = grant.auth_time
-        claims.update(sub=subject, tid=user.tenant, uti=_b64(secrets.token_bytes(16)), ver="2.0")
-        return claims

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1_048_576
 PROBLEM_JSON = "application/problem+json"
+API_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+"""On every JSON answer: never sniffed as another type, never kept by a cache (answers may hold
+customer data)."""
 
 
 class ProblemField(BaseModel):
@@ -73,7 +76,7 @@ def problem_response(status: int, title: str, detail: str, errors: list[ProblemF
                      headers: dict | None = None, **extra: Any) -> func.HttpResponse:
     problem = Problem(title=title, status=status, detail=detail, errors=errors, **extra)
     return func.HttpResponse(problem.model_dump_json(exclude_none=True), status_code=status,
-                             mimetype=PROBLEM_JSON, headers=headers)
+                             mimetype=PROBLEM_JSON, headers={**API_HEADERS, **(headers or {})})
 
 
 def json_response(body: Any, status: int = 200, headers: dict | None = None) -> func.HttpResponse:
@@ -81,7 +84,8 @@ def json_response(body: Any, status: int = 200, headers: dict | None = None) -> 
         text = body.model_dump_json(by_alias=True)
     else:
         text = json.dumps(body, default=str)
-    return func.HttpResponse(text, status_code=status, mimetype="application/json", headers=headers)
+    return func.HttpResponse(text, status_code=status, mimetype="application/json",
+                             headers={**API_HEADERS, **(headers or {})})
 
 
 def validation_problems(error: ValidationError, prefix: str = "") -> list[ProblemField]:

@@ -66,28 +66,41 @@ def _managed_identity_assertion(identity_client_id: str) -> Callable[[], str]:
     return assertion
 
 
+_credentials: dict[tuple, str | dict] = {}
+_credentials_lock = threading.Lock()
+
+
 def client_credential(settings: Settings) -> str | dict:
     """The app registration's credential as MSAL takes it: the secret, or the managed identity's
-    token as a client assertion (federated credential)."""
+    token as a client assertion (federated credential). One per process, so the managed identity's
+    token cache is shared by every client built from it."""
     settings.require("tenant_id", "client_id")
     if settings.client_secret:
         return settings.client_secret
     if settings.federated_identity_client_id:
-        return {"client_assertion": _managed_identity_assertion(settings.federated_identity_client_id)}
+        key = (settings.authority_host, settings.federated_identity_client_id)
+        with _credentials_lock:
+            credential = _credentials.get(key)
+            if credential is None:
+                credential = _credentials[key] = {
+                    "client_assertion": _managed_identity_assertion(settings.federated_identity_client_id)}
+            return credential
     raise SettingsError("Setting AZURE_FEDERATED_IDENTITY_CLIENT_ID (the managed identity the app registration "
                         "trusts) or AZURE_CLIENT_SECRET is required: the app signs in as AZURE_CLIENT_ID with one "
                         "of them.")
 
 
-def confidential_client(settings: Settings) -> msal.ConfidentialClientApplication:
+def confidential_client(settings: Settings, **options) -> msal.ConfidentialClientApplication:
     """The app registration as MSAL's confidential client, for the app's own tokens and for
-    redeeming the codes of people who sign in to the pages."""
+    redeeming the codes of people who sign in to the pages (`options`: MSAL's own, such as a
+    throw-away `token_cache`)."""
     return msal.ConfidentialClientApplication(
         settings.client_id,
         client_credential=client_credential(settings),
         authority=f"{settings.authority_host}/{settings.tenant_id}",
         instance_discovery=None if settings.is_public_authority else False,
         http_client=requests.Session(),  # honours REQUESTS_CA_BUNDLE: trust comes from the environment
+        **options,
     )
 
 

@@ -1,6 +1,6 @@
-"""Checks of the setup the app depends on, for `GET /api/health`: does the app's identity hold the
-permissions it needs, can it read every Bookings business and reach Business Central, and do the
-templates named in settings exist?
+"""Checks of the setup the app depends on, for `GET /api/status` and the setup page (health names
+the failed ones): does the app's identity hold the permissions it needs, can it read every
+Bookings business and reach Business Central, and do the templates named in settings exist?
 
 A failed check names what to fix and where (BC's *Microsoft Entra Applications* page, the app
 registration's API permissions, a setting), because "403" in a log helps nobody. Health is polled

@@ -11,6 +11,7 @@ import os
 import zoneinfo
 from functools import lru_cache
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -18,6 +19,13 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from shared.odata_filter import CUSTOMER_FILTER_FIELDS, ITEM_FILTER_FIELDS, InvalidFilter, validate_filter
 
 PUBLIC_AUTHORITY_HOST = "https://login.microsoftonline.com"
+PAGES_CALLBACK_PATH = "/api/pages/signin/callback"
+"""Where Entra ID sends people back after they sign in to the operator pages."""
+OPERATOR_ROLE = "Invoicing.Operator"
+"""The app role the pages require by default (the postprovision hook defines it on the app registration)."""
+ANY_MEMBER = "*"
+"""`PAGES_ALLOWED_ROLE` value that lets every member of the tenant in, without an app role."""
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 GRAPH_SCOPE = "https://graph.microsoft.com/.default"
 BC_SCOPE = "https://api.businesscentral.dynamics.com/.default"
 
@@ -78,9 +86,15 @@ class Settings(BaseSettings):
     """OData `$filter` narrowing the service items pushed, e.g. `itemCategoryCode eq 'HAIR'`."""
     bc_web_client_url: str = Field("https://businesscentral.dynamics.com", alias="BC_WEB_CLIENT_URL")
     """Where people open Business Central: the pages link each draft invoice there."""
-    pages_allowed_role: str | None = Field(None, alias="PAGES_ALLOWED_ROLE")
-    """An app role of the app registration a user must hold to use the operator pages; unset: any
-    user of the tenant who can sign in to the app."""
+    pages_allowed_role: str = Field(OPERATOR_ROLE, alias="PAGES_ALLOWED_ROLE")
+    """The app role (its value) of the app registration a user must hold to use the operator pages;
+    empty means the default, `*` every member of the tenant who can sign in to the app."""
+    pages_allow_guests: bool = Field(False, alias="PAGES_ALLOW_GUESTS")
+    """Let guests of the tenant (B2B users, `idp` ≠ `iss`) use the pages too, if they hold the role."""
+    pages_redirect_uri: str | None = Field(None, alias="PAGES_REDIRECT_URI")
+    """The pages' sign-in redirect URI, `https://<host>/api/pages/signin/callback` (infra sets it):
+    the one URL the app gives Entra ID, and the origin its forms must come from. Unset: a request
+    to a loopback address (a local run) uses its own."""
 
     @field_validator("business_ids", mode="before")
     @classmethod
@@ -90,12 +104,31 @@ class Settings(BaseSettings):
         return value
 
     @field_validator("customer_template", "item_template", "bc_environment", "bc_company_id",
-                     "tenant_id", "client_id", "client_secret", "storage_connection", "pages_allowed_role",
+                     "tenant_id", "client_id", "client_secret", "storage_connection", "pages_redirect_uri",
                      "federated_identity_client_id", "bc_customer_filter", "bc_item_filter",
                      mode="before")
     @classmethod
     def _blank_is_unset(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("pages_allowed_role", mode="before")
+    @classmethod
+    def _blank_is_default_role(cls, value):
+        return OPERATOR_ROLE if value is None or (isinstance(value, str) and not value.strip()) else value.strip()
+
+    @field_validator("pages_redirect_uri")
+    @classmethod
+    def _callback_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("https", "http") or not parts.hostname or parts.query or parts.fragment:
+            raise ValueError("must be an absolute URL without query or fragment")
+        if parts.scheme == "http" and parts.hostname not in LOOPBACK_HOSTS:
+            raise ValueError("must be https (http only for localhost)")
+        if parts.path != PAGES_CALLBACK_PATH:
+            raise ValueError(f"must end with {PAGES_CALLBACK_PATH}")
+        return value.strip()
 
     @field_validator("bc_customer_filter", "bc_item_filter")
     @classmethod
@@ -123,6 +156,11 @@ class Settings(BaseSettings):
         if not value.startswith(("https://", "http://")):
             raise ValueError("must be an absolute http(s) URL")
         return value.rstrip("/")
+
+    @property
+    def pages_need_role(self) -> str | None:
+        """The app role the pages require, or None when every member may use them."""
+        return None if self.pages_allowed_role == ANY_MEMBER else self.pages_allowed_role
 
     @property
     def is_public_authority(self) -> bool:

@@ -5,15 +5,16 @@ Authentication ("Easy Auth") is not supported on the Flex Consumption plan: its 
 unauthenticated callers are not even blocked when it is turned on. So a request's
 `X-MS-CLIENT-PRINCIPAL` header proves nothing here and is never read.
 
-A sign-in keeps MSAL's flow (state, nonce, PKCE verifier) in a short-lived signed cookie; the
-callback redeems the code at Entra ID's token endpoint (the app authenticates as the app
-registration), MSAL checks the ID token's issuer, audience, expiry and nonce, and the app checks
-the tenant and, if `PAGES_ALLOWED_ROLE` is set, the user's app role. The session is then a signed
-cookie (HttpOnly, SameSite=Lax, Secure over HTTPS) valid for `SESSION_SECONDS`; every form
-carries a CSRF token derived from it.
+A sign-in keeps MSAL's flow (state, nonce, PKCE verifier) in a short-lived signed cookie, deleted
+by the callback. The callback redeems the code at Entra ID's token endpoint with a throw-away MSAL
+client and token cache (no `offline_access`: the app keeps no refresh token of anyone), validates
+the ID token itself (`shared.oidc`: signature, issuer, audience, tenant, times, nonce), and starts
+a server-side session (`shared.sessions`); the browser gets its token in a signed cookie.
 
-The signing key is random, made once and kept in the storage account (`pages/signing-key`), so
-there is no secret setting to manage and every instance signs alike."""
+`authorise` then lets in members of the app's tenant holding the app role `PAGES_ALLOWED_ROLE`
+(default `Invoicing.Operator`); guests only with `PAGES_ALLOW_GUESTS`. Roles are re-read within the
+hour by a silent sign-in (`prompt=none`), and signing out deletes the session and ends the Entra
+ID session too (`end_session_url`)."""
 
 from __future__ import annotations
 
@@ -21,226 +22,265 @@ import asyncio
 import hashlib
 import hmac
 import logging
-import secrets
 import threading
 import warnings
 from dataclasses import dataclass
-from http.cookies import SimpleCookie
+from http.cookies import CookieError, SimpleCookie
+from urllib.parse import urlencode
 
 import msal
 import requests
-from azure.core.exceptions import ResourceExistsError
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from shared.settings import Settings
-from shared.store import Store
+from shared.oidc import DiscoveryFailed, InvalidIdToken, nonce_hash, provider, validate
+from shared.sessions import ABSOLUTE_SECONDS, Principal
+from shared.settings import PAGES_CALLBACK_PATH, Settings
+from shared.signing_keys import SigningKeys
 
 log = logging.getLogger(__name__)
 
 SESSION_COOKIE = "bi_session"
 FLOW_COOKIE = "bi_signin"
-SESSION_SECONDS = 8 * 3600
 FLOW_SECONDS = 600
-SIGNING_KEY_BLOB = "pages/signing-key"
 PAGES_PREFIX = "/api/pages"
-CALLBACK_PATH = f"{PAGES_PREFIX}/signin/callback"
+CALLBACK_PATH = PAGES_CALLBACK_PATH
 """Where Entra ID sends people back: a Web redirect URI of the app registration (infra outputs it)."""
+SILENT_ERRORS = frozenset({"login_required", "interaction_required", "consent_required", "account_selection_required"})
+"""What Entra answers a silent sign-in (`prompt=none`) it cannot complete without the person."""
+
+__all__ = ["Principal", "SignInFailed", "SilentSignInFailed", "NotAllowed", "begin", "complete", "authorise"]
 
 
 class SignInFailed(Exception):
-    """The sign-in did not complete; the message says why in words a person can act on."""
+    """The sign-in did not complete. `reason` is a code the pages explain (`entra-error`, `flow`,
+    `state`, `redeem`, `unreachable`, `id-token`); `detail` the specifics (never a token)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, " ".join(detail.split())[:300]
+
+
+class SilentSignInFailed(Exception):
+    """A silent sign-in (roles re-read) needs the person: sign in again interactively."""
+
+    def __init__(self, next_path: str):
+        super().__init__(next_path)
+        self.next_path = next_path
 
 
 class NotAllowed(Exception):
-    """Signed in, but not someone these pages are for (another tenant, or without the app role)."""
+    """Signed in, but not someone these pages are for: `reason` is `tenant`, `guest` or `role`."""
+
+    def __init__(self, reason: str, role: str | None = None):
+        super().__init__(reason)
+        self.reason, self.role = reason, role
 
 
 @dataclass(frozen=True)
-class Principal:
-    """A verified user: from an ID token MSAL checked, carried in the signed session cookie."""
-    oid: str
-    tid: str
-    name: str
-    username: str
-    roles: tuple[str, ...]
-    sid: str
-
-    def as_dict(self) -> dict:
-        return {"oid": self.oid, "tid": self.tid, "name": self.name, "username": self.username,
-                "roles": list(self.roles), "sid": self.sid}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Principal:
-        return cls(str(data["oid"]), str(data["tid"]), str(data.get("name") or ""), str(data.get("username") or ""),
-                   tuple(str(r) for r in data.get("roles") or ()), str(data["sid"]))
-
-
-# -- the signing key -----------------------------------------------------------------------------
-
-_keys: dict[int, bytes] = {}
-_key_lock = asyncio.Lock()
-
-
-async def signing_key(store: Store) -> bytes:
-    """The key every instance signs sessions with: made by whichever instance needs it first."""
-    cached = _keys.get(id(store))
-    if cached:
-        return cached
-    async with _key_lock:
-        if id(store) not in _keys:
-            key = await store.read_blob(SIGNING_KEY_BLOB)
-            if not key:
-                try:
-                    await store.write_blob(SIGNING_KEY_BLOB, secrets.token_bytes(32), "application/octet-stream",
-                                           overwrite=False)
-                except ResourceExistsError:
-                    pass  # another instance made it first: use theirs
-                key = await store.read_blob(SIGNING_KEY_BLOB)
-            _keys[id(store)] = key
-    return _keys[id(store)]
-
-
-def _serializer(key: bytes, purpose: str) -> URLSafeTimedSerializer:
-    return URLSafeTimedSerializer(key, salt=f"bookings-invoicing/{purpose}")
+class Completed:
+    principal: Principal
+    next_path: str
+    renews: str | None
+    """The session key a silent sign-in renewed (its start time carries over), or None."""
 
 
 # -- cookies -------------------------------------------------------------------------------------
 
-def read_cookie(header: str | None, name: str) -> str | None:
-    if not header:
-        return None
-    jar = SimpleCookie()
-    try:
-        jar.load(header)
-    except Exception:  # noqa: BLE001 - a malformed Cookie header is the same as none
-        return None
-    morsel = jar.get(name)
-    return morsel.value if morsel else None
+def cookie_name(name: str, secure: bool) -> str:
+    """`__Host-` prefixed over HTTPS: the browser then holds it only for this exact host, Secure,
+    with `Path=/`, so neither a sibling subdomain nor plain HTTP can plant or read it."""
+    return f"__Host-{name}" if secure else name
 
 
 def cookie(name: str, value: str, max_age: int, secure: bool) -> str:
-    """A Set-Cookie value scoped to the pages: HttpOnly, SameSite=Lax (the sign-in callback is a
-    top-level GET from Entra ID, so Strict would drop the flow cookie), Secure over HTTPS."""
-    parts = [f"{name}={value}", f"Path={PAGES_PREFIX}", f"Max-Age={max_age}", "HttpOnly", "SameSite=Lax"]
+    """A Set-Cookie value: HttpOnly, SameSite=Lax (the sign-in callback is a top-level GET from
+    Entra ID, so Strict would drop the flow cookie), Secure and `__Host-` except on loopback HTTP."""
+    path = "/" if secure else PAGES_PREFIX
+    parts = [f"{cookie_name(name, secure)}={value}", f"Path={path}", f"Max-Age={max_age}", "HttpOnly", "SameSite=Lax"]
     if secure:
         parts.append("Secure")
     return "; ".join(parts)
 
 
-def session_cookie(principal: Principal, key: bytes, secure: bool) -> str:
-    return cookie(SESSION_COOKIE, _serializer(key, "session").dumps(principal.as_dict()), SESSION_SECONDS, secure)
+def read_cookie(header: str | None, name: str, secure: bool) -> str | None:
+    if not header:
+        return None
+    jar = SimpleCookie()
+    try:
+        jar.load(header)
+    except CookieError:  # a malformed Cookie header is the same as none
+        return None
+    morsel = jar.get(cookie_name(name, secure))
+    return morsel.value if morsel else None
 
 
-def principal_of(cookie_header: str | None, key: bytes) -> Principal | None:
-    """The signed-in user of a request, or None (no session, a forged or an expired one)."""
-    value = read_cookie(cookie_header, SESSION_COOKIE)
+def _serializer(keys: SigningKeys, purpose: str) -> URLSafeTimedSerializer:
+    return URLSafeTimedSerializer(keys.oldest_first, salt=f"bookings-invoicing/{purpose}",
+                                  signer_kwargs={"digest_method": hashlib.sha256})
+
+
+def session_cookie(token: str, keys: SigningKeys, secure: bool) -> str:
+    return cookie(SESSION_COOKIE, _serializer(keys, "session").dumps(token), ABSOLUTE_SECONDS, secure)
+
+
+def session_token(cookie_header: str | None, keys: SigningKeys, secure: bool) -> str | None:
+    """The session token a request carries, if the app signed it (with any key in force)."""
+    value = read_cookie(cookie_header, SESSION_COOKIE, secure)
     if not value:
         return None
     try:
-        return Principal.from_dict(_serializer(key, "session").loads(value, max_age=SESSION_SECONDS))
-    except (BadSignature, KeyError, TypeError, ValueError):
+        token = _serializer(keys, "session").loads(value, max_age=ABSOLUTE_SECONDS)
+    except BadSignature:
         return None
+    return token if isinstance(token, str) else None
 
 
-def csrf_token(principal: Principal, key: bytes) -> str:
+def csrf_token(session_key: str, keys: SigningKeys) -> str:
     """Bound to the session: a form from another session, or from another site, does not carry it."""
-    return hmac.new(key, f"csrf:{principal.sid}".encode(), hashlib.sha256).hexdigest()
+    return hmac.new(keys.signing, f"csrf:{session_key}".encode(), hashlib.sha256).hexdigest()
 
 
-def csrf_ok(principal: Principal, key: bytes, supplied: str | None) -> bool:
-    return bool(supplied) and hmac.compare_digest(csrf_token(principal, key), supplied or "")
+def csrf_ok(session_key: str, keys: SigningKeys, supplied: str | None) -> bool:
+    return bool(supplied) and any(
+        hmac.compare_digest(hmac.new(key, f"csrf:{session_key}".encode(), hashlib.sha256).hexdigest(), supplied or "")
+        for key in keys.keys)
 
 
 def safe_next(path: str | None) -> str:
     """Only a path of these pages may be returned to after signing in (no open redirect)."""
-    if path and path.startswith(PAGES_PREFIX + "/") and "//" not in path and "\\" not in path:
+    if path and path.startswith(PAGES_PREFIX + "/") and "//" not in path and "\\" not in path \
+            and not path.startswith(CALLBACK_PATH) and all(32 < ord(c) < 127 for c in path):
         return path
     return f"{PAGES_PREFIX}/bookings"
 
 
 # -- MSAL ----------------------------------------------------------------------------------------
 
-_apps: dict[tuple, msal.ConfidentialClientApplication] = {}
-_apps_lock = threading.Lock()
+_http_cache: dict = {}
+"""MSAL's HTTP cache, shared by the sign-in clients of the process: tenant discovery once a day."""
+_http_cache_lock = threading.Lock()
 
 
-def _sign_in_app(settings: Settings) -> msal.ConfidentialClientApplication:
-    """The app registration as a confidential client, one per process (MSAL caches discovery)."""
-    key = (settings.authority_host, settings.tenant_id, settings.client_id, settings.client_secret,
-           settings.federated_identity_client_id)
-    with _apps_lock:
-        app = _apps.get(key)
-        if app is None:
-            from shared.auth import confidential_client
+def _sign_in_client(settings: Settings) -> msal.ConfidentialClientApplication:
+    """A confidential client for one sign-in, with its own token cache that is dropped with it:
+    the app keeps nobody's tokens. No `offline_access`, so Entra issues no refresh token."""
+    from shared.auth import confidential_client
 
-            # The app registration redeems the code with the same credential it uses for Graph and BC.
-            app = _apps[key] = confidential_client(settings)
-        return app
+    with _http_cache_lock:
+        return confidential_client(settings, token_cache=msal.TokenCache(), exclude_scopes=["offline_access"],
+                                   http_cache=_http_cache)
 
 
-async def begin(settings: Settings, key: bytes, redirect_uri: str, next_path: str | None, secure: bool
-                ) -> tuple[str, str]:
-    """(URL to send the browser to, Set-Cookie keeping the flow) for a new sign-in."""
+async def begin(settings: Settings, keys: SigningKeys, redirect_uri: str, next_path: str | None, secure: bool,
+                silent: Principal | None = None, renews: str | None = None) -> tuple[str, str]:
+    """(URL to send the browser to, Set-Cookie keeping the flow) for a new sign-in; `silent`: the
+    user whose roles are re-read without a prompt (`prompt=none` with their `login_hint`)."""
     def initiate() -> dict:
         # The code comes back in the query, not as a cross-site form post: a POST from Entra ID
         # would not carry the SameSite=Lax flow cookie (and SameSite=None needs HTTPS, which a local
-        # run has not). PKCE, the client secret and single use make a leaked code worthless, and
-        # the callback answers with a redirect under `Referrer-Policy: same-origin`.
+        # run has not). PKCE, the client credential and single use make a leaked code worthless,
+        # and the callback answers with a redirect under `Referrer-Policy: same-origin`.
+        extra = {"prompt": "none", "login_hint": silent.username} if silent else {}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="response_mode='form_post' is recommended")
-            return _sign_in_app(settings).initiate_auth_code_flow(scopes=[], redirect_uri=redirect_uri,
-                                                                  response_mode="query")
+            return _sign_in_client(settings).initiate_auth_code_flow(scopes=[], redirect_uri=redirect_uri,
+                                                                     response_mode="query", **extra)
 
     try:
         flow = await asyncio.to_thread(initiate)
     except (requests.RequestException, ValueError) as error:
-        raise SignInFailed(f"Microsoft Entra ID could not be reached to sign in ({error.__class__.__name__}).") \
-            from None
+        raise SignInFailed("unreachable", error.__class__.__name__) from None
     auth_uri = flow.pop("auth_uri")
-    kept = _serializer(key, "flow").dumps({"flow": flow, "next": safe_next(next_path)})
+    kept = _serializer(keys, "flow").dumps({"flow": flow, "next": safe_next(next_path), "silent": bool(silent),
+                                            "renews": renews})
     return auth_uri, cookie(FLOW_COOKIE, kept, FLOW_SECONDS, secure)
 
 
-async def complete(settings: Settings, key: bytes, cookie_header: str | None, params: dict[str, str]
-                   ) -> tuple[Principal, str]:
-    """Redeem the callback's code; (the verified user, the page to return to)."""
-    if params.get("error"):
-        raise SignInFailed(f"Microsoft Entra ID did not sign you in: {params.get('error_description') or params['error']}")
-    kept = read_cookie(cookie_header, FLOW_COOKIE)
+def end_flow_cookie(secure: bool) -> str:
+    """The flow cookie, deleted: it served its one callback."""
+    return cookie(FLOW_COOKIE, "", 0, secure)
+
+
+async def complete(settings: Settings, keys: SigningKeys, cookie_header: str | None, params: dict[str, str],
+                   secure: bool) -> Completed:
+    """Redeem the callback's code and validate the ID token; raises `SignInFailed` (or
+    `SilentSignInFailed` when a silent sign-in needs the person after all)."""
+    kept = read_cookie(cookie_header, FLOW_COOKIE, secure)
     try:
-        state = _serializer(key, "flow").loads(kept or "", max_age=FLOW_SECONDS)
-        flow, next_path = state["flow"], state["next"]
+        state = _serializer(keys, "flow").loads(kept or "", max_age=FLOW_SECONDS)
+        flow, next_path, silent, renews = state["flow"], state["next"], state.get("silent"), state.get("renews")
     except (BadSignature, KeyError, TypeError):
-        raise SignInFailed("The sign-in took too long or was started in another browser; please sign in again.") \
-            from None
+        if params.get("error"):
+            raise SignInFailed("entra-error", _entra_error(params)) from None
+        raise SignInFailed("flow") from None
+    if params.get("error"):
+        if silent and params["error"] in SILENT_ERRORS and params.get("state") == flow.get("state"):
+            raise SilentSignInFailed(next_path)
+        raise SignInFailed("entra-error", _entra_error(params))
 
     def redeem() -> dict:
-        return _sign_in_app(settings).acquire_token_by_auth_code_flow(flow, params)
+        return _sign_in_client(settings).acquire_token_by_auth_code_flow(flow, params)
 
     try:
         result = await asyncio.to_thread(redeem)
-    except (requests.RequestException, ValueError) as error:
-        # msal raises ValueError for a state mismatch: a callback that is not this browser's sign-in.
-        raise SignInFailed(f"The sign-in could not be completed ({str(error).splitlines()[0][:200]}).") from None
+    except ValueError as error:  # msal: a state that is not this browser's sign-in
+        raise SignInFailed("state", str(error).splitlines()[0][:120]) from None
+    except RuntimeError as error:  # msal compares the nonce itself before the app can
+        if "nonce" in str(error):
+            raise SignInFailed("id-token", "nonce") from None
+        raise SignInFailed("redeem", error.__class__.__name__) from None
+    except requests.RequestException as error:
+        raise SignInFailed("unreachable", error.__class__.__name__) from None
     if "error" in result:
         description = (result.get("error_description") or "").splitlines()
-        raise SignInFailed(f"Microsoft Entra ID refused the sign-in: {result['error']}"
-                           f"{': ' + description[0] if description else ''}")
-    claims = result.get("id_token_claims") or {}
-    principal = Principal(oid=str(claims.get("oid") or claims.get("sub") or ""), tid=str(claims.get("tid") or ""),
-                          name=str(claims.get("name") or ""), username=str(claims.get("preferred_username") or ""),
-                          roles=tuple(str(r) for r in claims.get("roles") or ()), sid=secrets.token_urlsafe(16))
-    if not principal.oid:
-        raise SignInFailed("The ID token names no user.")
-    log.info("operator signed in", extra={"event": "pages_signed_in", "user_oid": principal.oid})
-    return principal, next_path
+        raise SignInFailed("redeem", f"{result['error']}{': ' + description[0] if description else ''}")
+    try:
+        found = await asyncio.to_thread(provider, settings)
+        claims = await asyncio.to_thread(validate, result.get("id_token") or "", found, str(settings.client_id),
+                                         nonce_hash(flow["nonce"]))
+    except DiscoveryFailed as error:
+        raise SignInFailed("unreachable", str(error)) from None
+    except InvalidIdToken as error:
+        raise SignInFailed("id-token", error.reason) from None
+    principal = Principal(oid=str(claims["oid"]), tid=str(claims["tid"]), name=str(claims.get("name") or ""),
+                          username=str(claims.get("preferred_username") or ""),
+                          roles=tuple(str(r) for r in claims.get("roles") or () if isinstance(r, str)),
+                          guest=_is_guest(claims))
+    return Completed(principal, next_path, renews)
+
+
+def _entra_error(params: dict[str, str]) -> str:
+    description = (params.get("error_description") or "").splitlines()
+    return f"{params.get('error', '')}{': ' + description[0] if description else ''}"
+
+
+def _is_guest(claims: dict) -> bool:
+    """A guest (B2B) account: authenticated by another identity provider than the tenant (`idp`
+    differs from `iss`; absent means the same), or the optional `acct` claim says 1."""
+    idp = claims.get("idp")
+    return (idp is not None and idp != claims.get("iss")) or claims.get("acct") == 1
 
 
 def authorise(principal: Principal, settings: Settings) -> None:
-    """Raise `NotAllowed` unless the user belongs to the app's tenant (and holds the app role)."""
-    if not settings.tenant_id or principal.tid.lower() != settings.tenant_id.lower():
-        raise NotAllowed("Your account belongs to another organisation than this app's.")
-    role = settings.pages_allowed_role
+    """Raise `NotAllowed` unless the user is a member of the app's tenant (a guest only with
+    `PAGES_ALLOW_GUESTS`) holding the app role the pages require. (With AZURE_TENANT_ID a domain
+    name, the tenant is the one whose issuer validated the ID token at sign-in.)"""
+    tenant = (settings.tenant_id or "").lower()
+    if not tenant or ("." not in tenant and principal.tid.lower() != tenant):
+        raise NotAllowed("tenant")
+    if principal.guest and not settings.pages_allow_guests:
+        raise NotAllowed("guest")
+    role = settings.pages_need_role
     if role and role not in principal.roles:
-        raise NotAllowed(f"Your account does not hold the app role '{role}'. An administrator can assign it in the "
-                         "Entra admin center: Enterprise applications → this app → Users and groups.")
+        raise NotAllowed("role", role)
+
+
+async def end_session_url(settings: Settings, post_logout_redirect_uri: str) -> str | None:
+    """Entra ID's end-session endpoint for this sign-out, or None if discovery does not name one."""
+    try:
+        found = await asyncio.to_thread(provider, settings)
+    except DiscoveryFailed:
+        return None
+    if not found.end_session_endpoint:
+        return None
+    return f"{found.end_session_endpoint}?{urlencode({'post_logout_redirect_uri': post_logout_redirect_uri})}"

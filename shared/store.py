@@ -43,7 +43,9 @@ CUSTOMER_LINKS = "customerlinks"
 ITEM_LINKS = "itemlinks"
 TEMPLATES = "templates"
 JOBS = "invoicejobs"
-TABLES = (BOOKINGS, CUSTOMER_LINKS, ITEM_LINKS, TEMPLATES, JOBS)
+SESSIONS = "pagesessions"
+"""Sessions of the operator pages (`shared/sessions.py`)."""
+TABLES = (BOOKINGS, CUSTOMER_LINKS, ITEM_LINKS, TEMPLATES, JOBS, SESSIONS)
 
 CONTAINER = "bookings-invoicing"
 """The app's bookkeeping blobs: `locks/<name>` (leases, `shared/leases.py`) and the last sync

@@ -13,7 +13,7 @@ or changed customers and services are queued for the directory upsert (up to 100
 soon as they are read, so Business Central work overlaps the calendar pull.
 
 Each business's latest result goes to one blob (`sync/businesses/<id>.json`), overwritten by its
-next sync; `GET /api/health` adds them up. The history of runs is in the logs
+next sync; `GET /api/status` adds them up. The history of runs is in the logs
 (`sync_business_finished`, and `sync_run_finished` once the run's last part is done)."""
 
 from __future__ import annotations
@@ -704,7 +704,7 @@ SUMMED = ("fetched", "created", "updated", "unchanged", "cancelled", "invalid", 
 
 
 async def last_sync(store: Store) -> dict | None:
-    """The latest run as `GET /api/health` reports it: every business's latest result, with
+    """The latest run as `GET /api/status` reports it: every business's latest result, with
     totals, and the run's reconciliation. Businesses not synced since the run began are listed
     in `pending`."""
     run = await last_run(store)

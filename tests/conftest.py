@@ -77,6 +77,7 @@ def make_world(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, businesses: in
     for audience, roles in APP_ROLES.items():
         sandbox.entra.set_roles(TENANT, CLIENT_ID, audience, roles)
     seed_users(sandbox.entra)  # the operator and her app role (users and redirect URIs a test adds stay)
+    sandbox.entra.reset_sign_in()  # no bad ID token left pending by another test
     sandbox.bc.register_app(TENANT, ENVIRONMENT, CLIENT_ID)
     # What BC finishes after the client gave up lands within the execution limit the app assumes.
     sandbox.bc.plan.configure(execution_limit_seconds=BC_EXECUTION_LIMIT_SECONDS,

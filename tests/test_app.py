@@ -17,7 +17,7 @@ from tests.helpers import body
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED_FUNCTIONS = {
     "sync_bookings", "run_requested_sync", "sync_one_business", "request_sync", "upsert_directory", "list_templates", "put_template",
-    "list_uninvoiced", "create_invoices", "get_invoice_job", "invoice_worker", "health", "openapi",
+    "list_uninvoiced", "create_invoices", "get_invoice_job", "invoice_worker", "health", "status", "openapi",
 } | {"pages_home", "pages_bookings", "pages_jobs", "pages_job", "pages_setup", "pages_template", "pages_new_template",
      "pages_attention", "pages_signin", "pages_signin_callback", "pages_signout", "pages_static"}
 
@@ -79,7 +79,7 @@ def test_http_routes_and_auth_levels_are_as_the_contract_says():
         ("POST", "pages/templates"), ("POST", "pages/signout")}
     routes = {route: level for route, level in routes.items() if route not in pages}
     assert routes == {
-        ("GET", "health"): "anonymous", ("GET", "openapi.json"): "anonymous",
+        ("GET", "health"): "anonymous", ("GET", "openapi.json"): "anonymous", ("GET", "status"): "function",
         ("POST", "sync"): "function", ("GET", "bookings/uninvoiced"): "function",
         ("POST", "invoices"): "function", ("GET", "invoices/jobs/{jobId}"): "function",
         ("GET", "templates"): "function", ("PUT", "templates/{kind}/{code}"): "function",
@@ -108,6 +108,10 @@ def test_openapi_document_is_valid_3_1_and_describes_every_registered_route(worl
     query = {p["name"] for p in document["paths"]["/api/bookings/uninvoiced"]["get"]["parameters"]}
     assert {"businessId", "customerEmail", "from", "to", "top"} <= query
     assert document["paths"]["/api/health"]["get"]["security"] == []
+    assert "security" not in document["paths"]["/api/status"]["get"], "the full status needs the function key"
+    health = document["paths"]["/api/health"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert set(health["properties"]) == {"status", "lastSync", "failedChecks"}
+    assert set(document["components"]["schemas"]["LastSyncOutcome"]["properties"]) == {"at", "outcome"}
 
 
 def test_a_missing_setting_fails_only_what_needs_it_with_its_name(world):

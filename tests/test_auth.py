@@ -52,9 +52,9 @@ def test_with_a_federated_credential_the_app_works_without_any_secret(world):
 
     world.sync_calendars()
 
-    health = body(world.host.http("GET", "health", key=False))
-    assert health["lastSync"]["counts"]["fetched"] == 1
-    assert all(check["ok"] for check in health["checks"]), health["checks"]
+    status = body(world.host.http("GET", "status"))
+    assert status["lastSync"]["counts"]["fetched"] == 1
+    assert all(check["ok"] for check in status["checks"]), status["checks"]
     claims = json.loads(base64.urlsafe_b64decode(token_for(BC_SCOPE).split(".")[1] + "=="))
     assert claims["appid"] == CLIENT_ID, "Graph and BC see the app registration, not the managed identity"
 
@@ -72,5 +72,7 @@ def test_without_a_secret_or_a_federated_credential_the_settings_are_named(world
     world.monkeypatch.delenv("AZURE_FEDERATED_IDENTITY_CLIENT_ID", raising=False)
     with pytest.raises(SettingsError, match="AZURE_FEDERATED_IDENTITY_CLIENT_ID.*AZURE_CLIENT_SECRET"):
         token_for(GRAPH_SCOPE)
-    response = world.host.http("GET", "health", key=False)
+    response = world.host.http("GET", "status")
     assert "AZURE_FEDERATED_IDENTITY_CLIENT_ID" in response.get_body().decode()
+    anonymous = body(world.host.http("GET", "health", key=False))
+    assert anonymous["failedChecks"] == ["graph", "businessCentral"], "anyone learns which check failed, not why"

@@ -535,7 +535,7 @@ def unsettled(world) -> list[str]:
     for table in (CUSTOMER_LINKS, ITEM_LINKS):
         # A customer or service whose upsert was poisoned is queued again by the next sync.
         left += [f"{table} {r.get('Key')} {r.get('Status')}" for r in rows(world, table) if r.get("Status") != "linked"]
-    last = body(world.host.http("GET", "health")).get("lastSync") or {}
+    last = body(world.host.http("GET", "status")).get("lastSync") or {}
     if last.get("outcome") != "succeeded":
         left.append(f"last sync {last.get('outcome')}: {last.get('errors')}")
     return left
@@ -710,7 +710,7 @@ def check_invariants(world, *, invoice_free: bool, ended_before: datetime, time_
         for row in rows(world, table):
             if row.get("Status") != "linked":
                 problems.append(f"{table} {row.get('Key')} ended {row.get('Status')}: {row.get('LastError')}")
-    health = body(world.host.http("GET", "health"))
+    health = body(world.host.http("GET", "status"))
     if not health.get("lastSync"):
         problems.append("health shows no sync run")
     elif health["lastSync"]["outcome"] != "succeeded":
@@ -970,5 +970,5 @@ def test_a_transient_entra_id_failure_is_retried_like_any_upstream_fault(world, 
     world.sync_calendars()
 
     assert world.sandbox.entra.plan.stats.faults[fault] == 1
-    last = body(world.host.http("GET", "health"))["lastSync"]
+    last = body(world.host.http("GET", "status"))["lastSync"]
     assert last["outcome"] == "succeeded", last["errors"]

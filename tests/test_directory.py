@@ -152,7 +152,7 @@ def test_a_create_whose_answer_was_lost_is_found_not_repeated(world):
     assert world.bc.creates["items"] - before.get("items", 0) == 1
 
 
-def test_a_missing_template_poisons_the_message_naming_it_and_health_reports_it(world):
+def test_a_missing_template_poisons_the_message_naming_it_and_the_status_reports_it(world):
     world.configure(CUSTOMER_TEMPLATE="NOPE")
     world.host.send("directory-upserts", customer_message("t@example.com"))
     world.host.drain()
@@ -162,8 +162,8 @@ def test_a_missing_template_poisons_the_message_naming_it_and_health_reports_it(
     assert "'NOPE'" in poisoned["reason"] and "CUSTOMER_TEMPLATE" in poisoned["reason"]
     [link] = rows(world, CUSTOMER_LINKS)
     assert link["Status"] == "failed" and "NOPE" in link["LastError"]
-    health = body(world.host.http("GET", "health", key=False))
-    assert health["directory"]["customerFailures"] == 1
+    status = body(world.host.http("GET", "status"))
+    assert status["directory"]["customerFailures"] == 1
 
 
 def test_a_message_that_keeps_failing_lands_in_poison_after_max_dequeue_count(world):
@@ -228,7 +228,7 @@ def test_sync_queues_each_customer_and_service_once_and_nothing_when_unchanged(w
 
     world.sync()
 
-    assert body(world.host.http("GET", "health"))["lastSync"]["counts"]["customersQueued"] == 0
+    assert body(world.host.http("GET", "status"))["lastSync"]["counts"]["customersQueued"] == 0
     assert dict(world.bc.creates) == creates
 
 
@@ -290,7 +290,7 @@ def test_customers_are_upserted_while_the_calendar_is_still_being_read(world):
 
     world.host.run_listening(world.host.timer_async("sync_bookings"))
 
-    run = body(world.host.http("GET", "health"))["lastSync"]
+    run = body(world.host.http("GET", "status"))["lastSync"]
     assert run["outcome"] == "succeeded" and run["counts"]["created"] == 60
     upserts_done = [at for queue, at in world.host.stats.finished_at if queue == "directory-upserts"]
     parts_done = [at for queue, at in world.host.stats.finished_at if queue == "sync-businesses"]
@@ -318,7 +318,7 @@ def test_a_customer_of_two_businesses_is_made_once_and_kept_by_the_first_busines
     assert link["SourceHash"].endswith(f"|{first}"), "the first business in BOOKINGS_BUSINESS_IDS keeps her"
     for _ in range(2):
         world2.sync()
-        counts = body(world2.host.http("GET", "health"))["lastSync"]["counts"]
+        counts = body(world2.host.http("GET", "status"))["lastSync"]["counts"]
         assert counts["customersQueued"] == 0, "the two businesses do not undo each other's data"
     assert len(world2.bc.customers(world2.company_id)) == 1
 
@@ -368,7 +368,7 @@ def test_countries_written_in_any_language_reach_bc_as_its_country_codes(world):
     assert all(r["Status"] == "linked" and not r.get("LeftOut") for r in rows(world, CUSTOMER_LINKS))
 
 
-def test_a_customer_with_fields_bc_refuses_is_created_without_them_and_health_says_which(world):
+def test_a_customer_with_fields_bc_refuses_is_created_without_them_and_the_status_says_which(world):
     world.host.send("directory-upserts", customer_message("ann@example.com", "Ann", phone="555 0102 ext. 7",
                                                           country="Narnia", city="Cair Paravel"))
     world.host.drain()
@@ -378,9 +378,9 @@ def test_a_customer_with_fields_bc_refuses_is_created_without_them_and_health_sa
     assert customer["phoneNumber"] == "" and customer["country"] == ""
     [link] = rows(world, CUSTOMER_LINKS)
     assert link["Status"] == "linked" and "phoneNumber" in link["LeftOut"] and "'Narnia'" in link["LeftOut"]
-    health = body(world.host.http("GET", "health", key=False))
-    assert health["directory"]["customersWithFieldsLeftOut"] == 1 and health["directory"]["customerFailures"] == 0
-    [left_out] = health["directory"]["leftOut"]
+    status = body(world.host.http("GET", "status"))
+    assert status["directory"]["customersWithFieldsLeftOut"] == 1 and status["directory"]["customerFailures"] == 0
+    [left_out] = status["directory"]["leftOut"]
     assert "contains letters" in left_out["leftOut"] and "not a country/region" in left_out["leftOut"]
     assert world.host.peek_poison("directory-upserts") == []
 

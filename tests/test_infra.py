@@ -23,6 +23,8 @@ import pytest
 import yaml
 
 from shared.settings import Settings, setting_names
+from shared.signing_keys import KEYS_CONTAINER
+from shared.store import CONTAINER
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -55,6 +57,9 @@ REAL_ENDPOINTS = {"AZURE_AUTHORITY_HOST", "GRAPH_BASE_URL", "BC_BASE_URL"}
 # default at all (azd asks).
 TENANT_SPECIFIC = {"AZURE_TENANT_ID": "tenant().tenantId", "AZURE_CLIENT_ID": None,
                    "BC_COMPANY_ID": None, "BOOKINGS_BUSINESS_IDS": None}
+
+FALLBACKS = {"PAGES_REDIRECT_URI": "https://func-api-abc.azurewebsites.net/api/pages/signin/callback"}
+"""What api.bicep puts in place of an empty parameter, where the app checks the value's form."""
 
 ALERTED_EVENTS = {"sync_run_finished", "message_poisoned", "invoice_job_part_failed"}
 POISON_QUEUES = {"directory-upserts-poison", "invoice-jobs-poison", "sync-requests-poison", "sync-businesses-poison"}
@@ -232,6 +237,30 @@ def sample_values() -> dict[str, str]:
 
 def app_default(alias: str):
     return next(info.default for info in Settings.model_fields.values() if info.alias == alias)
+
+
+def test_every_bicep_file_parses_with_an_outside_parser():
+    """pycep-parser, the Bicep parser checkov's Bicep checks run on: a syntax error, or something
+    it cannot read (a comment inside an object literal, in this version), fails here rather than
+    leaving checkov blind to the file."""
+    from pycep import BicepParser
+
+    found = sorted(str(path.relative_to(INFRA)) for path in INFRA.rglob("*.bicep"))
+    assert found == sorted(BICEP_FILES)
+    parser = BicepParser()
+    for relative in BICEP_FILES:
+        tree = parser.parse(file_path=INFRA / relative)
+        assert tree.get("parameters") or tree.get("resources"), relative
+
+
+def test_the_outside_parser_catches_a_syntax_error(tmp_path):
+    from lark.exceptions import LarkError
+    from pycep import BicepParser
+
+    broken = tmp_path / "broken.bicep"
+    broken.write_text(bicep("app/secret.bicep").text.replace("properties: {", "properties: {{", 1), encoding="utf-8")
+    with pytest.raises(LarkError):
+        BicepParser().parse(file_path=broken)
 
 
 def test_mask_hides_comments_and_literal_text_but_keeps_interpolations():
@@ -552,7 +581,7 @@ def problems_with(values: dict[str, object]) -> list[str]:
         value = values[param]
         value = REQUIRED_VALUES[parameter_variables()[param]] if value is PROMPT else effective_value(param, value)
         if value == "" and setting in fallback:
-            value = "<fallback>"
+            value = FALLBACKS.get(setting, "<fallback>")
         if value == "" and (defaults[param] is None or string_literal(defaults[param]) != ""):
             found.append(f"{setting} would be empty ({param}: main.bicep's default is {defaults[param]})")
         settings[setting] = str(value).lower() if isinstance(value, bool) else str(value)
@@ -659,9 +688,17 @@ def test_identity_gets_the_storage_monitoring_and_secret_roles():
         assert role in rbac
     operator = rbac[rbac.index("var storageRolesOfUser"):]
     operator = operator[:operator.index("]")]
-    assert "roles.storageBlobDataReader" in operator and "2a2b9908-6ea1-4ae2-8e65-a410df84e7d1" in rbac, \
-        "the operator can read the last sync run and the leases"
-    assert "storageBlobDataOwner" not in operator
+    assert "Blob" not in operator, "no blob role on the whole account: the pages' signing keys are the app's alone"
+    reader = rbac[rbac.index("resource userBookkeeping"):]
+    assert "scope: bookkeeping\n" in reader[:reader.index("\n}")] and "roles.storageBlobDataReader" in reader, \
+        "the operator can read the last sync run and the leases, in their container"
+    assert "name: '${storageAccountName}/default/${bookkeepingContainerName}'" in rbac
+    main = bicep("main.bicep")
+    assert "var bookkeepingContainerName = 'bookings-invoicing'" in main.text and CONTAINER == "bookings-invoicing"
+    assert "var pagesKeysContainerName = 'pages-keys'" in main.text and KEYS_CONTAINER == "pages-keys"
+    containers = main.text[main.text.index("blobServices: {"):main.text.index("minimumTlsVersion")]
+    assert "name: bookkeepingContainerName" in containers and "name: pagesKeysContainerName" in containers
+    assert "pagesKeysContainerName" not in rbac, "nobody but the app's identity gets a role on the keys"
     _, vault = bicep("main.bicep").module("keyVault")
     assert vault["enableRbacAuthorization"] == "true"
     _, insights = bicep("main.bicep").module("monitoring")
@@ -673,9 +710,11 @@ def test_the_app_is_the_app_registration_with_a_federated_credential_or_a_key_va
     signs in with a client assertion of the managed identity (AZURE_FEDERATED_IDENTITY_CLIENT_ID);
     with one, the secret is a Key Vault reference and the identity setting is empty."""
     api, main = bicep("app/api.bicep"), bicep("main.bicep")
-    assert ("var clientSecretSettings = empty(clientSecretUri) ? {} : {\n"
+    assert ("var clientSecretSettings = empty(clientSecretUri) ? {\n"
+            "  AZURE_CLIENT_SECRET: ''\n"
+            "} : {\n"
             "  AZURE_CLIENT_SECRET: '@Microsoft.KeyVault(SecretUri=${clientSecretUri}/)'\n"
-            "}") in api.text
+            "}") in api.text, "without a secret the setting is written empty (the site module merges old settings)"
     wiring = api.entries(api.object_after(r"^var[ \t]+appSettings[ \t]*="))
     assert wiring["AZURE_CLIENT_ID"] == "entraClientId"
     assert wiring["AZURE_FEDERATED_IDENTITY_CLIENT_ID"] == "empty(clientSecretUri) ? identityClientId : ''"
@@ -737,6 +776,9 @@ def test_hook_reads_what_azd_provision_writes_to_the_environment():
     assert "output API_IDENTITY_PRINCIPAL_ID string = apiIdentity.outputs.principalId" in main
     assert "output FEDERATED_CREDENTIAL_ISSUER string = '${environment().authentication.loginEndpoint}${tenant().tenantId}/v2.0'" in main
     assert "output ENTRA_CLIENT_ID string = entraClientId" in main
+    assert {"APP_REGISTRATION_TENANT_ID", "AZURE_TENANT_ID", "PAGES_APP_ROLE"} <= posix
+    assert "output PAGES_APP_ROLE string = pagesAllowedRole" in main
+    assert "output APP_REGISTRATION_TENANT_ID string = empty(entraTenantId) ? tenant().tenantId : entraTenantId" in main
     for text in scripts.values():
         assert "api://AzureADTokenExchange" in text
         for verb in ("list", "create", "update"):
@@ -744,24 +786,44 @@ def test_hook_reads_what_azd_provision_writes_to_the_environment():
 
 
 FAKE_AZ = r"""#!PYTHON
-# Stands in for the Azure CLI: `az ad app federated-credential list|create|update`, against the
-# credentials in $FAKE_AZ_STATE (JSON list); every call is appended to $FAKE_AZ_LOG.
+# Stands in for the Azure CLI: `az account show`, `az ad app show|update` (app roles) and
+# `az ad app federated-credential list|create|update`, against the app registration in
+# $FAKE_AZ_STATE (JSON: credentials, appRoles); every call is appended to $FAKE_AZ_LOG.
 import json, os, re, sys
 args = sys.argv[1:]
 state = json.load(open(os.environ["FAKE_AZ_STATE"]))
 def option(name):
     return args[args.index(name) + 1] if name in args else None
 call = {"args": args}
-if args[:4] == ["ad", "app", "federated-credential", "list"]:
-    if os.environ.get("FAKE_AZ_FAIL"):
-        print("ERROR: not signed in", file=sys.stderr); sys.exit(1)
+if os.environ.get("FAKE_AZ_FAIL"):
+    print("ERROR: Please run 'az login' to setup account.", file=sys.stderr); sys.exit(1)
+if args[:2] == ["account", "show"]:
+    assert option("--query") == "tenantId" and option("-o") == "tsv"
+    print(os.environ["FAKE_AZ_TENANT"])
+elif args[:3] == ["ad", "app", "show"]:
+    query = option("--query")
+    m = re.fullmatch(r"appRoles\[\?value=='([^']*)'\]\.value", query)
+    if m:
+        assert option("-o") == "tsv"
+        print("\n".join(r["value"] for r in state["appRoles"] if r["value"] == m.group(1)))
+    elif query == "appRoles":
+        assert option("-o") == "json"
+        print(json.dumps(state["appRoles"], indent=2))
+    else:
+        sys.exit("unexpected query: " + query)
+elif args[:3] == ["ad", "app", "update"]:
+    value = option("--app-roles")
+    assert value.startswith("@")
+    call["appRoles"] = json.load(open(value[1:]))
+elif args[:4] == ["ad", "app", "federated-credential", "list"]:
     query = option("--query")
     m = re.fullmatch(r"\[\?issuer=='([^']*)' && subject=='([^']*)' && contains\(audiences, '([^']*)'\)\]\.name", query)
     n = re.fullmatch(r"\[\?name=='([^']*)'\]\.name", query)
+    credentials = state["credentials"]
     if m:
-        names = [c["name"] for c in state if (c["issuer"], c["subject"]) == m.group(1, 2) and m.group(3) in c["audiences"]]
+        names = [c["name"] for c in credentials if (c["issuer"], c["subject"]) == m.group(1, 2) and m.group(3) in c["audiences"]]
     elif n:
-        names = [c["name"] for c in state if c["name"] == n.group(1)]
+        names = [c["name"] for c in credentials if c["name"] == n.group(1)]
     else:
         sys.exit("unexpected query: " + query)
     assert option("-o") == "tsv"
@@ -774,13 +836,20 @@ with open(os.environ["FAKE_AZ_LOG"], "a") as log:
     log.write(json.dumps(call) + "\n")
 """
 
+FAKE_AZD = r"""#!/bin/sh
+echo "azd version $FAKE_AZD_VERSION (commit 0123456789abcdef)"
+"""
+
 ISSUER = "https://login.microsoftonline.com/00000000-0000-0000-0000-000000000001/v2.0"
+TENANT_OF_APP = "00000000-0000-0000-0000-000000000001"
 APP = "00000000-0000-0000-0000-0000000000c1"
 IDENTITY = "00000000-0000-0000-0000-0000000000d1"
+OTHER_ROLE = {"allowedMemberTypes": ["User"], "description": "Read reports", "displayName": "Reader",
+              "id": "6a1e2f4b-0000-4000-8000-000000000001", "isEnabled": True, "value": "Reports.Read"}
 
 
-def run_hook(tmp_path, existing: list[dict], **env: str):
-    """Runs the POSIX hook with a stand-in `az`; returns (exit code, output, az calls)."""
+def run_hook(tmp_path, existing: list[dict], roles: list[dict] | None = None, **env: str):
+    """Runs the POSIX hook with a stand-in `az` (and `azd`); returns (exit code, output, az calls)."""
     import sys
 
     bin_dir = tmp_path / "bin"
@@ -788,11 +857,17 @@ def run_hook(tmp_path, existing: list[dict], **env: str):
     az = bin_dir / "az"
     az.write_text(FAKE_AZ.replace("PYTHON", sys.executable, 1), encoding="utf-8")
     az.chmod(0o755)
-    (tmp_path / "state.json").write_text(json.dumps(existing), encoding="utf-8")
+    azd = bin_dir / "azd"
+    azd.write_text(FAKE_AZD, encoding="utf-8")
+    azd.chmod(0o755)
+    (tmp_path / "state.json").write_text(json.dumps({"credentials": existing, "appRoles": roles or []}),
+                                         encoding="utf-8")
     log = tmp_path / "az.log"
     log.write_text("", encoding="utf-8")
-    azd_env = {"AZURE_ENV_NAME": "bookings-prod", "ENTRA_CLIENT_ID": APP,
-               "API_IDENTITY_PRINCIPAL_ID": IDENTITY, "FEDERATED_CREDENTIAL_ISSUER": ISSUER}
+    azd_env = {"AZURE_ENV_NAME": "bookings-prod", "ENTRA_CLIENT_ID": APP, "API_IDENTITY_PRINCIPAL_ID": IDENTITY,
+               "FEDERATED_CREDENTIAL_ISSUER": ISSUER, "AZURE_TENANT_ID": TENANT_OF_APP,
+               "APP_REGISTRATION_TENANT_ID": TENANT_OF_APP, "PAGES_APP_ROLE": "Invoicing.Operator",
+               "FAKE_AZ_TENANT": TENANT_OF_APP, "FAKE_AZD_VERSION": "1.18.2"}
     process = subprocess.run(  # noqa: S603 - our own script
         ["/bin/sh", str(ROOT / hook_config()["posix"]["run"])], capture_output=True, text=True, timeout=60,
         env={"PATH": f"{bin_dir}{os.pathsep}/usr/bin:/bin", "FAKE_AZ_STATE": str(tmp_path / "state.json"),
@@ -801,10 +876,14 @@ def run_hook(tmp_path, existing: list[dict], **env: str):
     return process.returncode, process.stdout + process.stderr, calls
 
 
+def credential_calls(calls: list[dict], verb: str | None = None) -> list[dict]:
+    return [c for c in calls if c["args"][2] == "federated-credential" and (verb is None or c["args"][3] == verb)]
+
+
 def test_hook_adds_the_credential_the_docs_describe(tmp_path):
     code, output, calls = run_hook(tmp_path, [])
     assert code == 0, output
-    [create] = [c for c in calls if c["args"][3] == "create"]
+    [create] = credential_calls(calls, "create")
     assert create["args"][4:6] == ["--id", APP]
     assert create["parameters"] == {
         "name": "bookings-invoicing-bookings-prod", "issuer": ISSUER, "subject": IDENTITY,
@@ -812,15 +891,16 @@ def test_hook_adds_the_credential_the_docs_describe(tmp_path):
         "description": "The function app's managed identity signs in as this app (azd environment bookings-prod)"}
 
 
-def test_hook_updates_its_credential_when_the_identity_changed(tmp_path):
+def test_hook_updates_its_credential_when_the_identity_changed_without_renaming_it(tmp_path):
     old = {"name": "bookings-invoicing-bookings-prod", "issuer": ISSUER, "subject": "old-principal",
            "audiences": ["api://AzureADTokenExchange"]}
     code, output, calls = run_hook(tmp_path, [old])
     assert code == 0, output
-    [update] = [c for c in calls if c["args"][3] == "update"]
+    [update] = credential_calls(calls, "update")
     assert update["args"][update["args"].index("--federated-credential-id") + 1] == old["name"]
     assert update["parameters"]["subject"] == IDENTITY
-    assert not [c for c in calls if c["args"][3] == "create"]
+    assert "name" not in update["parameters"], "a credential's name cannot change: the PATCH leaves it out"
+    assert not credential_calls(calls, "create")
 
 
 def test_hook_leaves_an_equivalent_credential_alone(tmp_path):
@@ -828,22 +908,97 @@ def test_hook_leaves_an_equivalent_credential_alone(tmp_path):
                "audiences": ["api://AzureADTokenExchange"]}
     code, output, calls = run_hook(tmp_path, [by_hand])
     assert code == 0, output
-    assert [c["args"][3] for c in calls] == ["list"]
+    assert [c["args"][3] for c in credential_calls(calls)] == ["list"]
     assert "already trusts" in output
 
 
-def test_hook_does_nothing_with_a_client_secret(tmp_path):
+def test_hook_adds_no_credential_with_a_client_secret(tmp_path):
     code, output, calls = run_hook(tmp_path, [], ENTRA_CLIENT_SECRET="s3cr3t")
-    assert (code, calls) == (0, [])
+    assert code == 0 and credential_calls(calls) == []
     assert "s3cr3t" not in output
 
 
 def test_hook_fails_azd_when_it_cannot_do_its_job(tmp_path):
     code, output, calls = run_hook(tmp_path, [], API_IDENTITY_PRINCIPAL_ID=None)
-    assert code != 0 and calls == [] and "API_IDENTITY_PRINCIPAL_ID" in output
+    assert code != 0 and not credential_calls(calls) and "API_IDENTITY_PRINCIPAL_ID" in output
     code, output, calls = run_hook(tmp_path, [], FAKE_AZ_FAIL="1")
-    assert code != 0 and "not signed in" in output
-    assert not [c for c in calls if c["args"][3] in ("create", "update")]
+    assert code != 0 and "az login" in output
+    assert calls == []
+
+
+def test_hook_refuses_an_app_registration_and_identity_in_different_tenants_and_says_what_to_do(tmp_path):
+    other = "00000000-0000-0000-0000-0000000000e2"
+    code, output, calls = run_hook(tmp_path, [], AZURE_TENANT_ID=other)
+    assert code != 0 and not credential_calls(calls, "create")
+    assert "same tenant" in output and other in output and "ENTRA_CLIENT_SECRET" in output
+    code, output, _ = run_hook(tmp_path, [], AZURE_TENANT_ID=other, ENTRA_CLIENT_SECRET="s3cr3t")
+    assert code == 0, "with a secret the identity's tenant does not matter"
+
+
+def test_hook_needs_the_cli_signed_in_to_the_app_registrations_tenant(tmp_path):
+    code, output, calls = run_hook(tmp_path, [], FAKE_AZ_TENANT="00000000-0000-0000-0000-0000000000e2")
+    assert code != 0 and f"az login --tenant {TENANT_OF_APP}" in output
+    assert [c["args"][:2] for c in calls] == [["account", "show"]]
+
+
+def test_hook_defines_the_pages_app_role_next_to_the_roles_there_are(tmp_path):
+    code, output, calls = run_hook(tmp_path, [], roles=[OTHER_ROLE])
+    assert code == 0, output
+    [update] = [c for c in calls if c["args"][:3] == ["ad", "app", "update"]]
+    kept, added = update["appRoles"]
+    assert kept == OTHER_ROLE, "the roles it had are kept"
+    assert added["value"] == "Invoicing.Operator" and added["allowedMemberTypes"] == ["User"]
+    assert added["isEnabled"] is True and re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+                                                        added["id"])
+    code, output, calls = run_hook(tmp_path, [], roles=[])
+    [update] = [c for c in calls if c["args"][:3] == ["ad", "app", "update"]]
+    assert [r["value"] for r in update["appRoles"]] == ["Invoicing.Operator"]
+
+
+def test_hook_leaves_a_defined_role_alone_and_defines_none_for_every_member(tmp_path):
+    defined = {**OTHER_ROLE, "value": "Invoicing.Operator", "id": "6a1e2f4b-0000-4000-8000-000000000002"}
+    code, output, calls = run_hook(tmp_path, [], roles=[defined])
+    assert code == 0 and not [c for c in calls if c["args"][:3] == ["ad", "app", "update"]]
+    code, output, calls = run_hook(tmp_path, [], PAGES_APP_ROLE="*")
+    assert code == 0 and not [c for c in calls if c["args"][:3] == ["ad", "app", "show"]]
+    code, output, calls = run_hook(tmp_path, [], PAGES_APP_ROLE="Bad role'")
+    assert code != 0 and "not an app role value" in output
+
+
+def test_hook_refuses_an_azd_older_than_1_18_2(tmp_path):
+    code, output, calls = run_hook(tmp_path, [], FAKE_AZD_VERSION="1.18.1")
+    assert code != 0 and "1.18.2" in output and calls == []
+    for newer in ("1.18.2", "1.19.0", "2.0.0"):
+        assert run_hook(tmp_path, [], FAKE_AZD_VERSION=newer)[0] == 0, newer
+
+
+def test_azd_itself_refuses_a_version_that_would_upload_local_settings():
+    """azd reads `.funcignore` (so local.settings.json and node_modules stay out of the package)
+    from 1.18.0, and falls back from pwsh only from 1.18.2: azure.yaml's requiredVersions makes an
+    older azd refuse the project ("the project fails to load")."""
+    config = yaml.safe_load((ROOT / "azure.yaml").read_text(encoding="utf-8"))
+    assert config["requiredVersions"] == {"azd": ">= 1.18.2"}
+    ignored = (ROOT / ".funcignore").read_text(encoding="utf-8").split()
+    assert "local.settings.json" in ignored and "node_modules" in ignored
+
+
+def test_the_windows_hook_does_what_the_posix_one_does():
+    """pwsh is not installed here: its twin is checked for the same steps."""
+    text = (ROOT / hook_config()["windows"]["run"]).read_text(encoding="utf-8")
+    assert "$PSVersionTable.PSVersion.Major -lt 7" in text, "PowerShell 7 is required"
+    assert "[version]'1.18.2'" in text
+    assert "az account show --query tenantId -o tsv" in text and "az login --tenant" in text
+    assert "same tenant" in text and "$appTenant -ne $identityTenant" in text
+    update = text[text.index("if ($mine) {"):text.index("else {", text.index("if ($mine) {"))]
+    assert "$credential | ConvertTo-Json" in update and "name =" not in update, "no name in the PATCH body"
+    assert "az ad app update --id $app --app-roles" in text and "$roles +=" in text
+
+
+def test_readme_says_which_azd_powershell_and_roles_the_hook_needs():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "azd 1.18.2 or later" in readme and "PowerShell 7" in readme
+    assert "Application Developer (for applications they own)" in readme
+    assert "Application Developer or" not in readme
 
 
 # --- (b4) the workbook ---------------------------------------------------------------------------
@@ -897,8 +1052,13 @@ def test_azure_yaml_names_the_function_service_and_points_at_infra():
     assert api.params()["serviceName"] == "'api'"
 
 
-def test_infra_outputs_the_redirect_uri_the_pages_sign_in_with():
+def test_infra_sets_and_outputs_the_redirect_uri_the_pages_sign_in_with():
     from shared.signin import CALLBACK_PATH
 
-    bicep = (INFRA / "main.bicep").read_text()
-    assert f"output PAGES_REDIRECT_URI string = '${{api.outputs.SERVICE_API_URI}}{CALLBACK_PATH}'" in bicep
+    main, api = bicep("main.bicep").text, bicep("app/api.bicep")
+    assert "output PAGES_REDIRECT_URI string = api.outputs.PAGES_REDIRECT_URI" in main
+    assert f"var defaultRedirectUri = 'https://${{name}}.azurewebsites.net{CALLBACK_PATH}'" in api.text
+    wiring = api.entries(api.object_after(r"^var[ \t]+appSettings[ \t]*="))
+    expression = "empty(pagesRedirectUri) ? defaultRedirectUri : pagesRedirectUri"
+    assert wiring["PAGES_REDIRECT_URI"] == expression
+    assert f"output PAGES_REDIRECT_URI string = {expression}" in api.text, "the output is the setting"

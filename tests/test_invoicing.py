@@ -340,7 +340,7 @@ def test_a_deleted_draft_makes_its_bookings_uninvoiced_and_a_posted_one_marks_th
     assert [r["id"] for r in uninvoiced(world)["value"]] == [a]
     states = {r["AppointmentId"]: r["InvoiceState"] for r in rows(world, BOOKINGS)}
     assert states[b] == "posted"
-    counts = body(world.host.http("GET", "health"))["lastSync"]["counts"]
+    counts = body(world.host.http("GET", "status"))["lastSync"]["counts"]
     assert counts["bookingsReleased"] == 1 and counts["bookingsPosted"] == 1
 
 

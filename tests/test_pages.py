@@ -5,55 +5,18 @@ from __future__ import annotations
 
 import re
 import uuid
-from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 import pytest
 from babel.messages.catalog import Catalog
 
 from sandbox.i18n import extract, read
-from sandbox.stack import TENANT
 from shared.blueprints.pages.render import DEFAULT_LANGUAGE, LANGUAGES, translations
-from shared.signin import Principal, csrf_token, session_cookie, signing_key
+from tests.signin_helpers import Browser
 from tests.helpers import body
 from tests.test_invoicing import appointment
 
 PAGES = ["pages/bookings", "pages/jobs", "pages/setup", "pages/attention"]
-
-
-def key_of(world) -> bytes:
-    async def read_key() -> bytes:
-        from shared.runtime import runtime
-
-        return await signing_key(await runtime().store())
-
-    return world.host.run(read_key(), 30)
-
-
-class Browser:
-    """A signed-in person, as far as the app can tell: a session cookie the app signed."""
-
-    def __init__(self, world, tid: str = TENANT, roles: tuple[str, ...] = ()):
-        self.world = world
-        self.principal = Principal(oid=str(uuid.uuid4()), tid=tid, name="Ada Accountant",
-                                   username="ada@contoso.example", roles=roles, sid=uuid.uuid4().hex)
-        self.key = key_of(world)
-        self.cookie = session_cookie(self.principal, self.key, secure=False).split(";")[0]
-
-    @property
-    def csrf(self) -> str:
-        return csrf_token(self.principal, self.key)
-
-    def get(self, path: str, params: dict | None = None, headers: dict | None = None):
-        return self.world.host.http("GET", path, params=params, key=False,
-                                    headers={"cookie": self.cookie, **(headers or {})})
-
-    def post(self, path: str, form: dict | list, csrf: bool = True, headers: dict | None = None):
-        fields = list(form.items()) if isinstance(form, dict) else list(form)
-        if csrf:
-            fields.append(("csrf", self.csrf))
-        return self.world.host.http("POST", path, body=urlencode(fields), key=False,
-                                    headers={"cookie": self.cookie, "origin": "http://localhost:7071",
-                                             "content-type": "application/x-www-form-urlencoded", **(headers or {})})
 
 
 def text(response) -> str:
@@ -103,11 +66,20 @@ def test_a_user_of_another_tenant_is_refused(world):
     assert "another organisation" in text(response)
 
 
-def test_with_an_allowed_role_set_only_users_holding_it_get_in(world):
-    world.configure(PAGES_ALLOWED_ROLE="Invoicing.Operator")
-    refused = Browser(world).get("pages/bookings")
+def test_by_default_only_holders_of_the_operator_app_role_get_in(world):
+    refused = Browser(world, roles=()).get("pages/bookings")
     assert refused.status_code == 403 and "Invoicing.Operator" in text(refused)
     assert Browser(world, roles=("Invoicing.Operator",)).get("pages/bookings").status_code == 200
+    world.configure(PAGES_ALLOWED_ROLE="")  # empty is the default, never "no role"
+    assert Browser(world, roles=()).get("pages/bookings").status_code == 403
+
+
+def test_another_role_or_every_member_can_be_chosen(world):
+    world.configure(PAGES_ALLOWED_ROLE="Accounting.Clerk")
+    assert Browser(world).get("pages/bookings").status_code == 403
+    assert Browser(world, roles=("Accounting.Clerk",)).get("pages/bookings").status_code == 200
+    world.configure(PAGES_ALLOWED_ROLE="*")
+    assert Browser(world, roles=()).get("pages/bookings").status_code == 200
 
 
 def test_a_form_without_the_session_csrf_token_is_refused_and_invoices_nothing(world):
@@ -133,6 +105,10 @@ def test_every_page_is_strict_about_scripts_and_never_holds_a_function_key(world
     assert response.status_code == 200, text(response)
     policy = response.headers["Content-Security-Policy"]
     assert "script-src 'self'" in policy and "unsafe-inline" not in policy and "frame-ancestors 'none'" in policy
+    assert "default-src 'none'" in policy and "form-action 'self'" in policy and "base-uri 'none'" in policy
+    assert response.headers["Cache-Control"] == "no-store" and response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["X-Frame-Options"] == "DENY" and response.headers["Referrer-Policy"] == "same-origin"
+    assert (response.mimetype, response.charset) == ("text/html", "utf-8")
     html = text(response)
     assert all("src=" in tag for tag in re.findall(r"<script[^>]*>", html)), "inline script"
     assert not re.search(r"\son\w+\s*=", html), "inline event handler"

@@ -15,7 +15,9 @@ import pytest
 from sandbox.serve import AppServer
 from sandbox.stack import USER_NAME
 from tests.conftest import make_world
-from tests.helpers import body
+from shared.sessions import ROLES_SECONDS
+from shared.store import SESSIONS
+from tests.helpers import body, merge_row, rows
 from tests.test_invoicing import appointment
 
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -216,3 +218,37 @@ def test_a_selection_can_be_invoiced_with_the_keyboard_alone(site, page):
     page.wait_for_url(re.compile(r"/api/pages/jobs/[0-9a-f]{32}$"))
     page.locator("[data-status=succeeded]").wait_for(timeout=60_000)
     assert len(world.bc.invoices(world.company_id)) == before + 1
+
+
+def test_signing_out_ends_the_session_here_and_at_entra_id(site, page):
+    sign_in(page)
+    assert any(c["name"] == "sim_sso" for c in page.context.cookies()), "signed in at Entra ID too"
+    copied = next(c["value"] for c in page.context.cookies() if c["name"] == "bi_session")
+    visited = []
+    page.on("request", lambda request: visited.append(request.url))
+
+    page.get_by_role("button", name="Sign out").click()
+    page.get_by_role("heading", name="You are signed out").wait_for()
+    page.wait_for_url(re.compile(r"/api/pages/signin/callback$"))
+
+    assert any("/oauth2/v2.0/logout?post_logout_redirect_uri=" in url for url in visited), visited
+    assert not any(c["name"] in ("sim_sso", "bi_session") for c in page.context.cookies())
+    replayed = page.request.get("/api/pages/bookings", max_redirects=0, headers={"cookie": f"bi_session={copied}"})
+    assert replayed.status == 302 and "/api/pages/signin" in replayed.headers["location"], "the copied cookie is dead"
+
+
+def test_roles_older_than_the_hour_are_read_again_without_a_prompt(site, page):
+    world = site[0]
+    sign_in(page, "/api/pages/jobs")
+    token = next(c["value"] for c in page.context.cookies() if c["name"] == "bi_session")
+    before = {r["PartitionKey"] for r in rows(world, SESSIONS)}
+    for row in rows(world, SESSIONS):
+        merge_row(world, SESSIONS, {"PartitionKey": row["PartitionKey"], "RowKey": row["RowKey"],
+                                    "RolesAt": float(row["RolesAt"]) - ROLES_SECONDS - 1})
+
+    page.reload()
+    page.wait_for_url(re.compile(r"/api/pages/jobs$"))
+
+    assert page.get_by_role("heading", name="Invoicing jobs").is_visible(), "back on the page, no account picker"
+    assert next(c["value"] for c in page.context.cookies() if c["name"] == "bi_session") != token
+    assert {r["PartitionKey"] for r in rows(world, SESSIONS)} - before, "a new session with fresh roles"

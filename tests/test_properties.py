@@ -295,7 +295,8 @@ def test_any_template_is_stored_as_validated_or_rejected_with_a_problem_and_noth
 
 
 @fuzz(60)
-@given(route=st.sampled_from([("POST", "sync"), ("GET", "templates"), ("GET", "health"), ("GET", "openapi.json")]),
+@given(route=st.sampled_from([("POST", "sync"), ("GET", "templates"), ("GET", "health"), ("GET", "status"),
+                              ("GET", "openapi.json")]),
        query=st.dictionaries(st.text(min_size=1, max_size=10).filter(lambda k: k != "code"), query_values,
                              max_size=3),
        raw=raw_bodies, content_type=content_types)

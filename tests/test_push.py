@@ -34,7 +34,7 @@ def by_email(world, business: int = 0) -> dict[str, list[dict]]:
 
 
 def pushed(world) -> dict:
-    return body(world.host.http("GET", "health", key=False))["lastSync"]["counts"]
+    return body(world.host.http("GET", "status"))["lastSync"]["counts"]
 
 
 def test_a_bc_customer_appears_once_in_every_business_and_an_edit_in_bc_follows(world2):
@@ -120,15 +120,15 @@ def test_bc_service_items_become_bookings_services_once(world2):
     assert [i["displayName"] for i in world.bc.items(world.company_id)].count("Colour consultation") == 1
 
 
-def test_without_the_services_permission_health_names_it_and_nothing_is_written(world):
+def test_without_the_services_permission_the_status_names_it_and_nothing_is_written(world):
     enable_push(world, customers=False, roles=[BOOKINGS_READ, BOOKINGS_APPOINTMENT_READ_WRITE])
     world.bc.add_item(world.company_id, displayName="Massage", type="Service", unitPrice=60)
     world.sync()
-    health = body(world.host.http("GET", "health", key=False))
-    graph = next(c for c in health["checks"] if c["name"] == "graph")
+    status = body(world.host.http("GET", "status"))
+    graph = next(c for c in status["checks"] if c["name"] == "graph")
     assert not graph["ok"] and "Bookings.ReadWrite.All" in graph["message"] and "PUSH_ITEMS_TO_BOOKINGS" in graph["message"]
     assert world.graph.writes(kind="services") == []
-    assert health["lastSync"]["counts"]["pushFailed"] >= 1 or health["lastSync"]["errors"]
+    assert status["lastSync"]["counts"]["pushFailed"] >= 1 or status["lastSync"]["errors"]
 
 
 def test_a_create_whose_answer_was_lost_is_found_by_email_and_not_made_twice(world):

@@ -253,3 +253,41 @@ def test_an_unexpected_error_answers_500_with_nothing_of_its_insides(world, monk
         text = no_trace(response)
         assert response.status_code == 500 and response.mimetype == "application/problem+json"
         assert "hunter2" not in text and "internal detail" not in text
+
+
+# -- what anyone may learn ------------------------------------------------------------------------
+
+def test_anonymous_health_says_nothing_private_while_the_keyed_status_says_everything(world):
+    from tests.test_directory import customer_message
+
+    missing = "closed-salon@contoso.onmicrosoft.com"
+    world.configure(BOOKINGS_BUSINESS_IDS=f"{world.business_ids[0]},{missing}")
+    world.host.send("directory-upserts", customer_message("ann@example.com", "Ann Private", phone="555 0102 ext. 7",
+                                                          country="Narnia", city="Cair Paravel"))
+    world.sync()
+
+    status = body(world.host.http("GET", "status"))
+    [bc_check] = [check for check in status["checks"] if check["name"] == "businessCentral"]
+    company = re.search(r"company '([^']+)'", bc_check["message"]).group(1)
+    anonymous = world.host.http("GET", "health", key=False)
+    text = anonymous.get_body().decode()
+    health = json.loads(text)
+
+    assert status["lastSync"]["errors"] and missing in json.dumps(status), "the status names the business"
+    assert set(health) == {"status", "lastSync", "failedChecks"} and set(health["lastSync"]) == {"at", "outcome"}
+    assert health["status"] == "degraded" and health["failedChecks"] == ["graph"]
+    for private in (missing, world.business_ids[0], "Ann", "555 0102", "Narnia", "ann@", company,
+                    "ErrorFolderNotFound", "BOOKINGS_BUSINESS_IDS"):
+        assert private not in text, private
+
+
+def test_every_test_docs_security_md_names_exists():
+    """The ASVS checklist names the test that holds each requirement: each of them must exist."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    text = (root.parent / "docs" / "SECURITY.md").read_text(encoding="utf-8")
+    named = set(re.findall(r"\b(test_[a-z0-9_]+)\b(?!\.py)", text))
+    defined = {m for path in root.rglob("test_*.py") for m in re.findall(r"^def (test_[a-z0-9_]+)",
+                                                                        path.read_text(encoding="utf-8"), re.MULTILINE)}
+    assert len(named) > 40 and named <= defined, sorted(named - defined)

@@ -27,7 +27,7 @@ def in_window(dataset):
 
 
 def last_run(world) -> dict:
-    return body(world.host.http("GET", "health"))["lastSync"]
+    return body(world.host.http("GET", "status"))["lastSync"]
 
 
 def logged(caplog, event: str) -> int:

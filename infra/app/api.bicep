@@ -41,6 +41,8 @@ param httpTimeoutSeconds string
 param bcExecutionLimitSeconds string
 param bcWebClientUrl string
 param pagesAllowedRole string
+param pagesAllowGuests string
+param pagesRedirectUri string
 param pushCustomersToBookings string
 param pushItemsToBookings string
 param bcCustomerFilter string
@@ -54,18 +56,22 @@ resource applicationInsights 'Microsoft.Insights/components@2020-02-02' existing
   name: applicationInsightsName
 }
 
+// The sign-in redirect URI of the operator pages on the app's default host name (a custom domain:
+// set pagesRedirectUri).
+var defaultRedirectUri = 'https://${name}.azurewebsites.net/api/pages/signin/callback'
+
 // Every setting the app reads (shared/settings.py setting_names()). AzureWebJobsStorage itself is
 // not set: the identity-based __accountName/__clientId pair replaces the connection string, for
-// the host's triggers and for the app's table and queue clients alike.
+// the host's triggers and for the app's table and queue clients alike. An empty ENTRA_TENANT_ID
+// (set, but to nothing) means the deployment's tenant too. The app always acts as the app
+// registration (AZURE_CLIENT_ID, the identity Business Central lists) and, without a secret,
+// proves it with a token of its managed identity (AZURE_FEDERATED_IDENTITY_CLIENT_ID), which the
+// app registration trusts through a federated identity credential (the postprovision hook adds it).
 var appSettings = {
   AzureWebJobsStorage__accountName: stg.name
   AzureWebJobsStorage__clientId: identityClientId
-  // An empty ENTRA_TENANT_ID (set, but to nothing) means the deployment's tenant too.
   AZURE_TENANT_ID: empty(entraTenantId) ? tenant().tenantId : entraTenantId
-  // The app always acts as the app registration (the identity Business Central lists) ...
   AZURE_CLIENT_ID: entraClientId
-  // ... and, without a secret, proves it with a token of its managed identity, which the app
-  // registration trusts through a federated identity credential (the postprovision hook adds it).
   AZURE_FEDERATED_IDENTITY_CLIENT_ID: empty(clientSecretUri) ? identityClientId : ''
   AZURE_AUTHORITY_HOST: authorityHost
   GRAPH_BASE_URL: graphBaseUrl
@@ -87,6 +93,8 @@ var appSettings = {
   BC_EXECUTION_LIMIT_SECONDS: bcExecutionLimitSeconds
   BC_WEB_CLIENT_URL: bcWebClientUrl
   PAGES_ALLOWED_ROLE: pagesAllowedRole
+  PAGES_ALLOW_GUESTS: pagesAllowGuests
+  PAGES_REDIRECT_URI: empty(pagesRedirectUri) ? defaultRedirectUri : pagesRedirectUri
   PUSH_CUSTOMERS_TO_BOOKINGS: pushCustomersToBookings
   PUSH_ITEMS_TO_BOOKINGS: pushItemsToBookings
   BC_CUSTOMER_FILTER: bcCustomerFilter
@@ -94,21 +102,27 @@ var appSettings = {
 }
 
 // A Key Vault reference without a version (trailing slash): after a rotation the app reads the
-// newest version on its next restart, or within 24 hours.
-var clientSecretSettings = empty(clientSecretUri) ? {} : {
+// newest version on its next restart, or within 24 hours. Without a secret the setting is written
+// empty, not left out: the site module merges existing app settings, so a secret left out would
+// stay in force after moving to the federated credential.
+var clientSecretSettings = empty(clientSecretUri) ? {
+  AZURE_CLIENT_SECRET: ''
+} : {
   AZURE_CLIENT_SECRET: '@Microsoft.KeyVault(SecretUri=${clientSecretUri}/)'
 }
 
-// Settings only the Functions host and the Python worker read.
+// Settings only the Functions host and the Python worker read. With
+// PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY the worker exports Python logs itself (Azure Monitor
+// distro), so `extra={...}` lands in customDimensions: the setting "Use OpenTelemetry with Azure
+// Functions" documents for Python and Application Insights (PYTHON_ENABLE_OPENTELEMETRY is the one
+// for an OTLP exporter). The worker attaches the exporter to the root logger
+// (PYTHON_APPLICATIONINSIGHTS_LOGGER_NAME, not set: one logger name cannot cover both `shared` and
+// `function_app`); shared/telemetry.py sets the levels. (No comments inside object literals: the
+// Bicep parser checkov uses cannot read them.)
 var hostSettings = {
   AzureWebJobsStorage__credential: 'managedidentity'
   APPLICATIONINSIGHTS_CONNECTION_STRING: applicationInsights.properties.ConnectionString
   APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
-  // The worker exports Python logs itself (Azure Monitor distro), so `extra={...}` lands in
-  // customDimensions: the setting "Use OpenTelemetry with Azure Functions" documents for Python and
-  // Application Insights (PYTHON_ENABLE_OPENTELEMETRY is the one for an OTLP exporter). The worker
-  // attaches the exporter to the root logger (PYTHON_APPLICATIONINSIGHTS_LOGGER_NAME, not set: one
-  // logger name cannot cover both `shared` and `function_app`); shared/telemetry.py sets the levels.
   PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY: 'true'
 }
 
@@ -168,3 +182,4 @@ module api 'br/public:avm/res/web/site:0.15.1' = {
 
 output SERVICE_API_NAME string = api.outputs.name
 output SERVICE_API_URI string = 'https://${api.outputs.defaultHostname}'
+output PAGES_REDIRECT_URI string = empty(pagesRedirectUri) ? defaultRedirectUri : pagesRedirectUri

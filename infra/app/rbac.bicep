@@ -1,6 +1,10 @@
 // Data-plane roles. The storage account takes no keys and Application Insights no
-// instrumentation-key ingestion, so these assignments are the only way in.
+// instrumentation-key ingestion, so these assignments are the only way in. Blob data is the app's
+// alone but for its bookkeeping container: the `pages-keys` container (the operator pages' signing
+// keys) is readable by the app's identity only.
 param storageAccountName string
+@description('The container of the app\'s bookkeeping blobs (leases, run summaries), which the person running azd may read.')
+param bookkeepingContainerName string
 param applicationInsightsName string
 param keyVaultName string
 param managedIdentityPrincipalId string
@@ -20,6 +24,10 @@ var roles = {
 
 resource storageAccount 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
+}
+
+resource bookkeeping 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' existing = {
+  name: '${storageAccountName}/default/${bookkeepingContainerName}'
 }
 
 resource applicationInsights 'Microsoft.Insights/components@2020-02-02' existing = {
@@ -71,10 +79,9 @@ resource appSecrets 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
 }
 
 // The operator: browse tables, read and delete poison messages, read the last sync run and the
-// leases (blobs), write a new secret version.
-// principalType is left out so a service principal running azd in CI works as well as a person.
+// leases (blobs of the bookkeeping container only, not the pages' signing keys), write a new secret
+// version. principalType is left out so a service principal running azd in CI works as well as a person.
 var storageRolesOfUser = [
-  roles.storageBlobDataReader
   roles.storageQueueDataContributor
   roles.storageTableDataContributor
 ]
@@ -89,6 +96,15 @@ resource userStorage 'Microsoft.Authorization/roleAssignments@2022-04-01' = [
     }
   }
 ]
+
+resource userBookkeeping 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(userPrincipalId)) {
+  name: guid(bookkeeping.id, userPrincipalId, roles.storageBlobDataReader)
+  scope: bookkeeping
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageBlobDataReader)
+    principalId: userPrincipalId
+  }
+}
 
 resource userSecrets 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (!empty(userPrincipalId)) {
   name: guid(vault.id, userPrincipalId, roles.keyVaultSecretsOfficer)

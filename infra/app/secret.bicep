@@ -6,6 +6,9 @@ param name string
 @secure()
 param value string
 
+@description('When the secret expires (seconds since 1970): by default 24 months from this deployment, the longest a client secret of Entra ID lives. Key Vault reports it near expiry; rotate before (README, Rotating the client secret).')
+param expiresOn int = dateTimeToEpoch(dateTimeAdd(utcNow(), 'P2Y'))
+
 resource vault 'Microsoft.KeyVault/vaults@2023-07-01' existing = {
   name: keyVaultName
 }
@@ -16,6 +19,10 @@ resource secret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = {
   properties: {
     value: value
     contentType: 'Entra client secret'
+    attributes: {
+      enabled: true
+      exp: expiresOn
+    }
   }
 }
 

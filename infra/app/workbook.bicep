@@ -17,8 +17,9 @@ resource applicationInsights 'Microsoft.Insights/components@2020-02-02' existing
 // workbook is opened outside Application Insights (fallbackResourceIds).
 var serializedData = replace(loadTextContent('workbook.json'), '__APPLICATION_INSIGHTS_ID__', applicationInsights.id)
 
+// Its name is stable, so the same workbook is updated on every `azd provision`, never duplicated;
+// its sourceId is the resource it belongs to, in lower case as the service keeps resource ids.
 resource workbook 'Microsoft.Insights/workbooks@2023-06-01' = {
-  // Stable: the same workbook is updated on every `azd provision`, never duplicated.
   name: guid(resourceGroup().id, applicationInsights.id, 'bookings-invoicing-workbook')
   location: location
   tags: tags
@@ -26,7 +27,6 @@ resource workbook 'Microsoft.Insights/workbooks@2023-06-01' = {
   properties: {
     displayName: displayName
     category: 'workbook'
-    // The resource the workbook belongs to; the service keeps resource ids in lower case.
     sourceId: toLower(applicationInsights.id)
     serializedData: serializedData
     version: 'Notebook/1.0'

@@ -1,4 +1,6 @@
-"""Anonymous endpoints for operators and tools: health and the OpenAPI description."""
+"""Health for anyone (`GET /api/health`: the status and the last sync's time and outcome, the names
+of failed checks, nothing private), the full status for holders of a function key
+(`GET /api/status`), and the OpenAPI description."""
 
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ class SetupCheck(BaseModel):
     message: str = Field(description="What was found, or what to fix and where")
 
 
-class Health(BaseModel):
+class AppStatus(BaseModel):
     status: str = Field(description="ok | degraded (the last sync was not fully successful, or a setup check "
                                     "failed) | never-synced", examples=["ok"])
     last_sync: LastSync | None = Field(alias="lastSync")
@@ -60,10 +62,21 @@ class Health(BaseModel):
                                      "identity and permissions; the templates named in settings exist")
 
 
-@bp.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
-@endpoint("health", "GET", "health", "Health and the outcome of the last sync run",
-          responses={200: Health, 503: Problem}, anonymous=True)
-async def health(request: ApiRequest) -> Health:
+class LastSyncOutcome(BaseModel):
+    at: str | None = Field(description="When the latest business result of the run was written")
+    outcome: str = Field(examples=["succeeded"], description="succeeded | partial | failed")
+
+
+class Health(BaseModel):
+    """What anyone may know: nothing private (no addresses, error texts or customer data)."""
+    status: str = Field(description="ok | degraded | never-synced (as in GET /api/status)", examples=["ok"])
+    last_sync: LastSyncOutcome | None = Field(alias="lastSync")
+    failed_checks: list[str] = Field(default_factory=list, alias="failedChecks", examples=[["businessCentral"]],
+                                     description="Names of the setup checks that failed (graph | businessCentral | "
+                                                 "templates); GET /api/status says why")
+
+
+async def _status() -> AppStatus:
     rt = runtime()
     store = await rt.store()
     last = await last_sync(store)
@@ -76,7 +89,25 @@ async def health(request: ApiRequest) -> Health:
         status = "ok"
     else:
         status = "degraded"
-    return Health.model_validate({"status": status, "lastSync": last, "directory": directory, "checks": checks})
+    return AppStatus.model_validate({"status": status, "lastSync": last, "directory": directory, "checks": checks})
+
+
+@bp.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+@endpoint("health", "GET", "health", "Health: the status and the last sync's time and outcome (anonymous)",
+          responses={200: Health, 503: Problem}, anonymous=True)
+async def health(request: ApiRequest) -> Health:
+    full = await _status()
+    last = full.last_sync
+    return Health.model_validate({"status": full.status,
+                                  "lastSync": {"at": last.at, "outcome": last.outcome} if last else None,
+                                  "failedChecks": [check.name for check in full.checks if not check.ok]})
+
+
+@bp.route(route="status", methods=["GET"])
+@endpoint("status", "GET", "status", "The full status: the last sync's counts, per-business results and errors, "
+          "the directory's failures, the setup checks", responses={200: AppStatus, 503: Problem})
+async def status(request: ApiRequest) -> AppStatus:
+    return await _status()
 
 
 @bp.route(route="openapi.json", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)

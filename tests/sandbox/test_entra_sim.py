@@ -826,3 +826,115 @@ def test_federated_credentials_are_checked_when_written(federation) -> None:
     assert len(entra.federated_credentials(tenant, client_id)) == 20
     entra.register_client(tenant, client_id, None)  # registering again keeps them
     assert len(entra.federated_credentials(tenant, client_id)) == 20
+
+
+# Single sign-on, guests, disabled accounts and bad ID tokens ---------------------------------------
+
+def signed_in_browser(stack, app, account: str = stack_module.USER_NAME):
+    """A browser that signed in once (the simulator's SSO cookie set) and the tokens of that sign-in."""
+    http = browser(stack.tls)
+    flow = start_flow(app)
+    params = callback_params(choose(http, flow["auth_uri"], account), "http://127.0.0.1:7071/auth/callback")
+    return http, app.acquire_token_by_auth_code_flow(flow, params)
+
+
+def test_prompt_none_signs_in_the_hinted_user_of_the_browsers_session_without_a_page(stack) -> None:
+    app = stack_app(stack)
+    http, _ = signed_in_browser(stack, app)
+    try:
+        silent = start_flow(app, prompt="none", login_hint=stack_module.USER_USERNAME)
+        answer = http.get(silent["auth_uri"])
+        other = start_flow(app, prompt="none", login_hint="someone.else@contoso.example")
+        refused = callback_params(http.get(other["auth_uri"]), "http://127.0.0.1:7071/auth/callback")
+    finally:
+        http.close()
+    result = app.acquire_token_by_auth_code_flow(silent, callback_params(answer, "http://127.0.0.1:7071/auth/callback"))
+    assert result["id_token_claims"]["oid"] == stack_module.USER_OID, "a code, no account picker"
+    assert refused["error"] == "login_required", "the hinted user is not signed in in this browser"
+
+
+def test_signing_out_ends_the_browsers_session_for_prompt_none(stack) -> None:
+    app = stack_app(stack)
+    http, _ = signed_in_browser(stack, app)
+    try:
+        configuration = http.get(f"{stack.servers['entra'].url}/{stack_module.TENANT}/v2.0/.well-known/openid-configuration").json()
+        http.get(configuration["end_session_endpoint"])
+        silent = start_flow(app, prompt="none", login_hint=stack_module.USER_USERNAME)
+        answer = callback_params(http.get(silent["auth_uri"]), "http://127.0.0.1:7071/auth/callback")
+    finally:
+        http.close()
+    assert answer["error"] == "login_required"
+
+
+@pytest.mark.parametrize("answer", ["interaction_required", "access_denied"])
+def test_a_disabled_account_cannot_sign_in_silently_or_at_the_picker(stack, answer) -> None:
+    app = stack_app(stack)
+    http, _ = signed_in_browser(stack, app)
+    stack.entra.set_user_enabled(stack_module.TENANT, stack_module.USER_USERNAME, False)
+    stack.entra.disabled_user_error = answer
+    try:
+        silent = start_flow(app, prompt="none", login_hint=stack_module.USER_USERNAME)
+        refused = callback_params(http.get(silent["auth_uri"]), "http://127.0.0.1:7071/auth/callback")
+        picked = choose(http, start_flow(app)["auth_uri"], stack_module.USER_NAME)
+    finally:
+        http.close()
+        stack.entra.set_user_enabled(stack_module.TENANT, stack_module.USER_USERNAME, True)
+        stack.entra.disabled_user_error = "interaction_required"
+    assert refused["error"] == answer and "AADSTS50057" in refused["error_description"]
+    assert picked.status_code == 400 and "AADSTS50057" in picked.text
+
+
+def test_a_guests_id_token_names_their_home_tenant_as_identity_provider(stack) -> None:
+    home = "0c8d5b3e-0000-4000-8000-00000000fab1"
+    stack.entra.add_user(stack_module.TENANT, name="Gus Guest", username="gus_fabrikam.example#EXT#@contoso.example",
+                         guest_of=home)
+    app = stack_app(stack)
+    http, guest = signed_in_browser(stack, app, "Gus Guest")
+    http.close()
+    http, member = signed_in_browser(stack, app)
+    http.close()
+    stack.entra.member_idp = True
+    try:
+        http, named = signed_in_browser(stack, app)
+        http.close()
+    finally:
+        stack.entra.member_idp = False
+    assert guest["id_token_claims"]["idp"] == f"https://sts.windows.net/{home}/"
+    assert "idp" not in member["id_token_claims"]
+    assert named["id_token_claims"]["idp"] == named["id_token_claims"]["iss"]
+
+
+@pytest.mark.parametrize("kind, refusal", [
+    ("issuer", jwt.InvalidIssuerError), ("audience", jwt.InvalidAudienceError), ("expired", jwt.ExpiredSignatureError),
+    ("not-yet-valid", jwt.ImmatureSignatureError), ("signature", jwt.InvalidSignatureError),
+    ("unknown-key", jwt.PyJWKClientError), ("unsigned", jwt.PyJWKClientError),
+    ("no-oid", jwt.MissingRequiredClaimError), ("tenant", None), ("nonce", None)])
+def test_each_kind_of_bad_id_token_is_bad_in_exactly_that_way(stack, kind, refusal) -> None:
+    app = stack_app(stack)
+    good = signed_in_browser(stack, app)[1]["id_token_claims"]
+    stack.entra.spoil_id_tokens(kind)
+    http = browser(stack.tls)
+    flow = start_flow(app)
+    params = callback_params(choose(http, flow["auth_uri"], stack_module.USER_NAME), "http://127.0.0.1:7071/auth/callback")
+    http.close()
+    if kind == "nonce":
+        with pytest.raises(RuntimeError, match="nonce"):  # msal compares the nonce itself
+            app.acquire_token_by_auth_code_flow(flow, params)
+        return
+    token = app.acquire_token_by_auth_code_flow(flow, params)["id_token"]
+    issuer = f"{stack.servers['entra'].url}/{stack_module.TENANT}/v2.0"
+    keys = jwt.PyJWKClient(f"{stack.servers['entra'].url}/{stack_module.TENANT}/discovery/v2.0/keys",
+                           ssl_context=ssl.create_default_context(cafile=str(stack.tls.ca_bundle)))
+
+    def check() -> dict:
+        return jwt.decode(token, keys.get_signing_key_from_jwt(token).key, algorithms=["RS256"],
+                          audience=stack_module.CLIENT_ID, issuer=issuer,
+                          options={"require": ["iss", "aud", "exp", "nbf", "iat", "oid", "tid"]})
+
+    if refusal is None:
+        assert check()["tid"] != good["tid"]
+    else:
+        with pytest.raises(refusal):
+            check()
+    with pytest.raises(ValueError, match="unknown kind"):
+        stack.entra.spoil_id_tokens("something-else")

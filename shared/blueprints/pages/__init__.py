@@ -2,8 +2,9 @@
 rebuilt for the browser, plus invoicing jobs and what needs attention.
 
 Routes live under `/api/pages/`, anonymous at the Functions level because people sign in with the
-app itself (`shared.signin`); `web.page` refuses anyone else. Each handler parses its input, calls
-the same domain function as the JSON API, and renders a template beside this module."""
+app itself (`shared.signin`, routes in `account.py`); `web.page` refuses anyone else. Each handler
+parses its input, calls the same domain function as the JSON API, and renders a template beside
+this module."""
 
 from __future__ import annotations
 
@@ -20,16 +21,14 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapte
 from shared.attention import needs_attention
 from shared.bc import TEMPLATE_FIELDS, web_client_invoice_url
 from shared.blueprints.pages.render import STATIC, N_
-from shared.blueprints.pages.web import Page, base_url, error_page, page, redirect, secure_request
+from shared.blueprints.pages.web import Page, page, redirect
 from shared.checks import setup_checks
-from shared.directory import InvalidTemplate, list_templates, put_template, validate_template
+from shared.directory import InvalidTemplate, directory_health, list_templates, put_template, validate_template
 from shared.http import UpstreamError
 from shared.invoicing import (Filters, NotUninvoiced, TooLarge, after_cursor, candidates, encode_cursor,
                               invoice_bookings, job_status, recent_jobs)
-from shared.runtime import runtime
 from shared.settings import SettingsError, settings_in_force
-from shared.signin import (CALLBACK_PATH, PAGES_PREFIX, SESSION_COOKIE, SignInFailed, begin, complete, cookie,
-                           session_cookie, signing_key)
+from shared.signin import PAGES_PREFIX
 from shared.sync import last_sync, queue_sync
 
 log = logging.getLogger(__name__)
@@ -222,11 +221,13 @@ async def _setup(current: Page, store, status: int = 200, template_errors: dict 
                  edited: dict | None = None) -> func.HttpResponse:
     last = await last_sync(store)
     checks = await setup_checks(current.rt, store)
+    directory = await directory_health(store)
     templates = await list_templates(store)
     fields = {kind: list(model.model_fields) for kind, model in TEMPLATE_FIELDS.items()}
     booleans = {kind: [name for name, info in model.model_fields.items() if info.annotation in (bool | None, bool)]
                 for kind, model in TEMPLATE_FIELDS.items()}
-    return current.render("setup.html", status, nav="setup", last=last, checks=checks, templates=templates,
+    return current.render("setup.html", status, nav="setup", last=last, checks=checks, directory=directory,
+                          templates=templates,
                           template_fields=fields, boolean_fields=booleans, settings=settings_in_force(current.settings),
                           businesses=current.settings.business_ids, queued=current.req.params.get("queued") == "1",
                           template_errors=template_errors or {}, edited=edited or {},
@@ -271,42 +272,6 @@ async def _save_template(current: Page, kind: str | None, code: str) -> func.Htt
 async def pages_attention(current: Page) -> func.HttpResponse:
     found = await needs_attention(current.rt, await current.rt.store())
     return current.render("attention.html", nav="attention", attention=found)
-
-
-# -- signing in and out --------------------------------------------------------------------------
-
-def _callback_url(req: func.HttpRequest) -> str:
-    return f"{base_url(req)}{CALLBACK_PATH}"
-
-
-@bp.route(route="pages/signin", methods=["GET"], auth_level=ANONYMOUS)
-async def pages_signin(req: func.HttpRequest) -> func.HttpResponse:
-    rt = runtime()
-    try:
-        key = await signing_key(await rt.store())
-        location, flow_cookie = await begin(rt.settings, key, _callback_url(req), req.params.get("next"),
-                                            secure_request(req))
-    except (SettingsError, SignInFailed) as error:
-        return error_page(req, 503, N_("Signing in is not possible"), str(error), rt)
-    return redirect(location, status=302, headers={"Set-Cookie": flow_cookie})
-
-
-@bp.route(route="pages/signin/callback", methods=["GET"], auth_level=ANONYMOUS)
-async def pages_signin_callback(req: func.HttpRequest) -> func.HttpResponse:
-    rt = runtime()
-    try:
-        key = await signing_key(await rt.store())
-        principal, next_path = await complete(rt.settings, key, req.headers.get("cookie"), dict(req.params))
-    except (SettingsError, SignInFailed) as error:
-        return error_page(req, 401, N_("You are not signed in"), str(error), rt, sign_in=True)
-    return redirect(next_path, headers={"Set-Cookie": session_cookie(principal, key, secure_request(req))})
-
-
-@bp.route(route="pages/signout", methods=["POST"], auth_level=ANONYMOUS)
-@page
-async def pages_signout(current: Page) -> func.HttpResponse:
-    current.set_cookie = cookie(SESSION_COOKIE, "", 0, secure_request(current.req))
-    return current.render("signed_out.html", sign_in=True)
 
 
 # -- static files --------------------------------------------------------------------------------

@@ -4,7 +4,13 @@ One Jinja2 environment per supported locale, built on first use: autoescaping on
 template (a customer called `<script>` is text), gettext from the locale's catalog
 (`locales/<lang>/LC_MESSAGES/messages.po`, read with Babel and compiled in memory, so there is no
 build step), and filters that format dates, numbers and amounts with Babel's CLDR data for that
-locale, never with hand-made tables."""
+locale, never with hand-made tables.
+
+Only constant message ids are translated: `_()` in a template takes a string literal (a test
+checks every template), and page code hands templates a `Message` (an id marked with `N_`, plus
+runtime values) or plain text, which the template shows with `say()`. Runtime text is never a
+message id, so it is always escaped and never read as a format string; the catalog's own text is
+escaped too."""
 
 from __future__ import annotations
 
@@ -15,6 +21,10 @@ from functools import cache
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
 from babel import Locale, UnknownLocaleError
 from babel.core import negotiate_locale
 from babel.dates import format_date, format_time, get_timezone_name
@@ -23,6 +33,7 @@ from babel.messages.pofile import read_po
 from babel.numbers import format_decimal
 from babel.support import NullTranslations, Translations
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from markupsafe import Markup, escape
 
 from shared.bookings import parse_instant
 
@@ -37,9 +48,20 @@ LANGUAGES = {"en": "English", "nb": "Norsk bokmål", "nl": "Nederlands", "de": "
 DEFAULT_LANGUAGE = "en"
 
 
-def N_(text: str) -> str:  # noqa: N802 - gettext's name for "translate later"
+@dataclass(frozen=True)
+class Message:
+    """A message of the pages' catalog: a constant id and the runtime values its `%(name)s`
+    placeholders stand for (escaped when shown, like any text)."""
+    id: str
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+    def with_values(self, **values: Any) -> Message:
+        return Message(self.id, {**self.values, **values})
+
+
+def N_(text: str, **values: Any) -> Message:  # noqa: N802 - gettext's name for "translate later"
     """Marks a message the pages translate when they show it (Babel extracts `N_`)."""
-    return text
+    return Message(text, values)
 
 
 def catalog_path(language: str) -> Path:
@@ -122,11 +144,25 @@ class Formats:
         return get_timezone_name(self.zone, locale=self.locale)
 
 
+def say(language: str, value: Message | str | None) -> Markup:
+    """A `Message` translated with its values escaped, or runtime text escaped as it is."""
+    if isinstance(value, Message):
+        text = escape(translations(language).gettext(value.id))
+        # Markup's % escapes every value it puts in.
+        return text % dict(value.values) if value.values else text
+    return escape("" if value is None else value)
+
+
 @cache
 def environment(language: str) -> Environment:
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, undefined=StrictUndefined,
                       extensions=["jinja2.ext.i18n"], trim_blocks=True, lstrip_blocks=True)
-    env.install_gettext_translations(translations(language), newstyle=True)
+    catalog = translations(language)
+    # The catalog's text is escaped too: a translation is text, never markup.
+    env.install_gettext_callables(lambda message: escape(catalog.gettext(message)),
+                                  lambda singular, plural, n: escape(catalog.ngettext(singular, plural, n)),
+                                  newstyle=True)
+    env.globals["say"] = lambda value: say(language, value)
     return env
 
 
