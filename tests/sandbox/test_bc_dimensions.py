@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.sandbox.test_bc_sim import Bc, bc, error_code, error_message, server, tls  # noqa: F401 - fixtures
+from tests.sandbox import test_bc_sim
+from tests.sandbox.test_bc_sim import Bc, error_code, error_message
+
+# The simulator over HTTPS and a fresh company per test, as in test_bc_sim.
+tls, server, bc = test_bc_sim.tls, test_bc_sim.server, test_bc_sim.bc
 
 
 def _setup(bc: Bc) -> tuple[dict, dict, dict]:
