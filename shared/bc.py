@@ -199,6 +199,9 @@ class BcClient:
                                           json_body=changes, headers={"If-Match": etag})
         return _entity(response.body)
 
+    async def delete(self, entity_set: str, entity_id: str, etag: str) -> None:
+        await self.api.request("DELETE", f"{self.company_url}/{entity_set}({entity_id})", headers={"If-Match": etag})
+
     async def batch(self, requests: list[dict], atomic: bool = False, idempotent: bool = True,
                     send_by: float | None = None) -> list[dict]:
         """JSON `$batch` of ≤ 100 inner requests (`method`, `url` relative to the company).

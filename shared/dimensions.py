@@ -48,21 +48,23 @@ def problems_in(found: dict[str, dict], wanted: dict[str, dict[str, str]], compa
     for business, dimensions in wanted.items():
         for code, value in sorted(dimensions.items()):
             dimension = found.get(code)
+            source = business if business == "INVOICE_DIMENSIONS" else f"INVOICE_DIMENSIONS for {business}"
             if dimension is None:
-                problems.append(f"Business Central company '{company_name}' has no dimension {code} (INVOICE_DIMENSIONS "
-                                f"for {business}). Fix: create dimension {code} on BC's Dimensions page, then its "
-                                f"value {value} under Dimension Values.")
+                problems.append(f"Business Central company '{company_name}' has no dimension {code} ({source}). Fix: "
+                                f"create dimension {code} on BC's Dimensions page, then its value {value} under "
+                                "Dimension Values.")
             elif value not in {v.get("code") for v in dimension.get("dimensionValues") or []}:
                 problems.append(f"Business Central company '{company_name}' has no value {value} of dimension {code} "
-                                f"(INVOICE_DIMENSIONS for {business}). Fix: on BC's Dimensions page, open {code} → "
-                                f"Dimension Values and create {value}.")
+                                f"({source}). Fix: on BC's Dimensions page, open {code} → Dimension Values and "
+                                f"create {value}.")
     return list(dict.fromkeys(problems))
 
 
-async def company_dimensions(rt: Runtime, company_id: str, fresh: bool = False) -> dict[str, dict]:
+async def company_dimensions(rt: Runtime, company_id: str, fresh: bool = False, extra: tuple[str, ...] = ()
+                             ) -> dict[str, dict]:
     """The company's dimensions named in settings, with their values (read at most every
     `CHECK_SECONDS` per process unless `fresh`)."""
-    codes = sorted({code for dims in wanted_in(rt.settings, company_id).values() for code in dims})
+    codes = sorted({code for dims in wanted_in(rt.settings, company_id).values() for code in dims} | set(extra))
     key = (id(rt.settings), company_id)
     cached = _checked.get(key)
     if cached and not fresh and cached[0] > time.monotonic():
@@ -72,19 +74,17 @@ async def company_dimensions(rt: Runtime, company_id: str, fresh: bool = False) 
     return found
 
 
-async def problem_of(rt: Runtime, business_id: str) -> str | None:
-    """Why the business's invoices cannot carry their dimension values now, or None."""
-    dimensions = rt.settings.dimensions_of(business_id)
+async def problem_of(rt: Runtime, company_id: str, dimensions: dict[str, str]) -> str | None:
+    """Why an invoice in the company cannot carry these dimension values now, or None."""
     if not dimensions:
         return None
-    company = rt.settings.company_of(business_id)
-    found = await company_dimensions(rt, company)
-    if not problems_in(found, {business_id: dimensions}, company):
+    wanted = {"INVOICE_DIMENSIONS": dimensions}
+    codes = tuple(sorted(dimensions))
+    if not problems_in(await company_dimensions(rt, company_id, extra=codes), wanted, company_id):
         return None
     # BC may have changed since the last read: read again before refusing.
-    found = await company_dimensions(rt, company, fresh=True)
-    name = await rt.bc_for(company).name()
-    return " ".join(problems_in(found, {business_id: dimensions}, name)) or None
+    found = await company_dimensions(rt, company_id, fresh=True, extra=codes)
+    return " ".join(problems_in(found, wanted, await rt.bc_for(company_id).name())) or None
 
 
 # -- refusals BC made (blocked values) --------------------------------------------------------------

@@ -14,7 +14,8 @@ from shared.api import ApiRequest, ApiResult, BadRequest, Conflict, NotFound, Pr
 from shared.blueprints.common import send_later, send_to_poison
 from shared.invoice_worker import give_up, invoice_parts
 from shared.invoicing import (Filters, NotUninvoiced, TooLarge, after_cursor, candidates, encode_cursor,
-                              invoice_bookings, job_status)
+                              invoice_bookings)
+from shared.jobs import job_status
 from shared.messages import InvoiceJobPart, process_message
 from shared.runtime import runtime
 from shared.store import INVOICE_QUEUE

@@ -25,7 +25,8 @@ from shared.checks import setup_checks
 from shared.directory import InvalidTemplate, list_templates, put_template, validate_template
 from shared.http import UpstreamError
 from shared.invoicing import (Filters, NotUninvoiced, TooLarge, after_cursor, candidates, encode_cursor,
-                              invoice_bookings, job_status, recent_jobs)
+                              invoice_bookings)
+from shared.jobs import job_status, recent_jobs
 from shared.runtime import runtime
 from shared.settings import SettingsError, settings_in_force
 from shared.signin import (CALLBACK_PATH, PAGES_PREFIX, SESSION_COOKIE, SignInFailed, begin, complete, cookie,
