@@ -629,7 +629,9 @@ async def _sync_business(rt: Runtime, store: Store, request: BusinessSync, now: 
 
 
 async def reconcile_run(rt: Runtime, request: InvoiceReconciliation) -> dict | None:
-    """The run's reconciliation with BC, under its own lease (None: another is running)."""
+    """The run's reconciliation with BC, under its own lease (None: another is running); it also
+    takes over a billing run that died."""
+    from shared.billing import resume_stale_run
     from shared.reconcile import reconcile_invoices
 
     store = await rt.store()
@@ -638,6 +640,9 @@ async def reconcile_run(rt: Runtime, request: InvoiceReconciliation) -> dict | N
         return None
     try:
         counts = await reconcile_invoices(rt, store)
+        resumed = await resume_stale_run(rt)
+        if resumed is not None:
+            counts["billingRunResumed"] = resumed.get("period")
         result = {"runId": request.run_id, "at": _iso(datetime.now(timezone.utc)), "counts": counts}
         await store.write_blob(RECONCILED, json.dumps(result).encode(), "application/json")
     finally:

@@ -11,6 +11,7 @@ import azure.functions as func
 from pydantic import BaseModel, Field, StringConstraints, field_validator, model_validator
 
 from shared.api import ApiRequest, ApiResult, BadRequest, Conflict, NotFound, Problem, ProblemField, StrictModel, endpoint
+from shared.billing import run_billing
 from shared.blueprints.common import send_later, send_to_poison
 from shared.invoice_worker import give_up, invoice_parts
 from shared.invoicing import (Filters, NotUninvoiced, TooLarge, after_cursor, candidates, encode_cursor,
@@ -239,6 +240,12 @@ async def get_invoice_job(request: ApiRequest) -> JobStatus:
     if status is None:
         raise NotFound(f"There is no invoicing job {request.route['jobId']}.")
     return JobStatus.model_validate(status)
+
+
+@bp.timer_trigger(arg_name="timer", schedule="%BILLING_SCHEDULE%", run_on_startup=False, use_monitor=True)
+async def billing_run(timer: func.TimerRequest) -> None:
+    """Bill the last closed period (BILLING_PERIOD), once however often this fires."""
+    await run_billing(runtime(), trigger="timer:past-due" if timer.past_due else "timer")
 
 
 @bp.queue_trigger(arg_name="message", queue_name=INVOICE_QUEUE, connection="AzureWebJobsStorage")
