@@ -14,10 +14,10 @@ from tests.test_invoicing import appointment, run_job, uninvoiced
 LOCATIONS = ("OSLO", "BERGEN", "STOCKHOLM")
 
 
-@pytest.fixture
-def chain(sandbox, monkeypatch) -> World:
-    """Three locations: Oslo and Bergen bill into the world's company (A), Stockholm into B;
-    each location's invoices carry LOCATION=<its code>, which both companies have set up."""
+def make_chain(sandbox, monkeypatch) -> World:
+    """Three locations: Oslo and Bergen bill into the world's company (A), Stockholm into B
+    ("Contoso Sweden AB"); each location's invoices carry LOCATION=<its code>, which both
+    companies have set up."""
     made = make_world(sandbox, monkeypatch, businesses=3)
     monkeypatch.setattr("shared.checks._cache", {})
     monkeypatch.setattr("shared.dimensions._checked", {})
@@ -30,6 +30,12 @@ def chain(sandbox, monkeypatch) -> World:
     made.configure(BUSINESS_COMPANIES=f"{stockholm}={made.second_company}",
                    INVOICE_DIMENSIONS=",".join(f"{business}:LOCATION={code}"
                                                for business, code in zip(made.business_ids, LOCATIONS, strict=True)))
+    return made
+
+
+@pytest.fixture
+def chain(sandbox, monkeypatch) -> World:
+    made = make_chain(sandbox, monkeypatch)
     yield made
     made.host.close()
 
