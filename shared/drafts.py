@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 from shared.bc import MAX_BATCH_REQUESTS, BcClient, Wait, explain_refusal
+from shared.dimensions import clear_refusal, record_refusal
 from shared.http import UpstreamError, error_from_body
 from shared.messages import throttled_wait
+from shared.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -141,3 +143,30 @@ async def _delete(bc: BcClient, draft: Draft) -> None:
     except UpstreamError as error:
         draft.refusal += (f" The incomplete draft {draft.invoice.get('number')} could not be deleted ({error.code}): "
                           "delete it in Business Central.")
+
+
+async def complete_parts(store: Store, bc: BcClient, works: list, invoices: dict[str, dict],
+                           refused: dict[str, str], claimed_at: datetime) -> None:
+    """Complete the drafts of job parts (`shared.invoice_worker.PartWork`) with invoice dimensions.
+    A draft that must wait leaves `invoices` (the part gets `wait`); one BC refused leaves it too
+    and is in `refused` (a refused dimension is recorded for the health checks); a complete one
+    is in `invoices` as BC has it now."""
+    if not works:
+        return
+    drafts = [Draft(w.key, invoices[w.key], w.dimensions, w.all_lines, new=w.key in invoices and w.earlier is None,
+                    since=w.earlier or claimed_at) for w in works]
+    await complete(bc, drafts)
+    by_key = {w.key: w for w in works}
+    for draft in drafts:
+        work = by_key[draft.key]
+        if draft.refusal is not None:
+            del invoices[draft.key]
+            refused[draft.key] = draft.refusal
+            if draft.dimension_refusal:
+                await record_refusal(store, bc.company_id, draft.dimensions, draft.refusal)
+        elif draft.wait is not None:
+            del invoices[draft.key]
+            work.wait = draft.wait
+        else:
+            invoices[draft.key] = draft.invoice
+            await clear_refusal(store, bc.company_id, draft.dimensions)

@@ -33,9 +33,9 @@ from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableTransactionError
 
 from shared.bc import BcClient, Wait, explain_refusal
-from shared.dimensions import clear_refusal, parse_dimension_set, record_refusal
+from shared.dimensions import parse_dimension_set
 from shared.dimensions import problem_of as dimension_problem
-from shared.drafts import Draft, complete, numbered
+from shared.drafts import complete_parts, numbered
 from shared.bookings import Booking
 from shared.directory import Resolver
 from shared.hostconfig import queue_settings
@@ -309,7 +309,7 @@ async def _invoice_company(rt: Runtime, store: Store, job_id: str, bc: BcClient,
     invoices, refusals = await find_or_create_invoices(bc, [w for w in parts if w.key not in refused], bodies,
                                                        claimed_at)
     refused |= refusals
-    await _complete_drafts(store, bc, [w for w in parts if w.dimensions and w.key in invoices], invoices, refused,
+    await complete_parts(store, bc, [w for w in parts if w.dimensions and w.key in invoices], invoices, refused,
                            claimed_at)
     for work in [w for w in parts if w.key in refused]:
         await release(store, job_id, refs_of(work.row), work.email)
@@ -342,32 +342,6 @@ async def _invoice_company(rt: Runtime, store: Store, job_id: str, bc: BcClient,
         await asyncio.gather(*(write_back(rt, [b for b in w.mine if (b.id, w.email) in recorded], links[w.key])
                                for w in done))
     return waiting
-
-
-async def _complete_drafts(store: Store, bc: BcClient, works: list[PartWork], invoices: dict[str, dict],
-                           refused: dict[str, str], claimed_at: datetime) -> None:
-    """Give the drafts with invoice dimensions their dimensions, then their lines (`shared.drafts`).
-    A draft that must wait leaves `invoices` (the part waits); one BC refused leaves it too and
-    is refused; a complete one is there as BC has it now."""
-    if not works:
-        return
-    drafts = [Draft(w.key, invoices[w.key], w.dimensions, w.all_lines, new=w.key in invoices and w.earlier is None,
-                    since=w.earlier or claimed_at) for w in works]
-    await complete(bc, drafts)
-    by_key = {w.key: w for w in works}
-    for draft in drafts:
-        work = by_key[draft.key]
-        if draft.refusal is not None:
-            del invoices[draft.key]
-            refused[draft.key] = draft.refusal
-            if draft.dimension_refusal:
-                await record_refusal(store, bc.company_id, draft.dimensions, draft.refusal)
-        elif draft.wait is not None:
-            del invoices[draft.key]
-            work.wait = draft.wait
-        else:
-            invoices[draft.key] = draft.invoice
-            await clear_refusal(store, bc.company_id, draft.dimensions)
 
 
 async def _unclaim(store: Store, works: list[PartWork]) -> None:
