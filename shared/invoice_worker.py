@@ -301,16 +301,22 @@ async def _invoice_company(rt: Runtime, store: Store, job_id: str, bc: BcClient,
                             "invoiceDate": work.row.get("InvoiceDate") or today}
         if work.dimensions:
             work.all_lines = numbered(period + work.lines)  # after the dimensions: see shared/drafts.py
-            problem = await dimension_problem(rt, bc.company_id, work.dimensions)
-            if problem:
-                refused[work.key] = problem
+            if work.earlier is None:  # before anything can exist in BC: a missing value fails the part at once
+                try:
+                    problem = await dimension_problem(rt, bc.company_id, work.dimensions)
+                except UpstreamError as error:
+                    until = datetime.now(timezone.utc) + timedelta(seconds=throttled_wait(error))
+                    work.wait = Wait(until, None, f"the invoice dimensions could not be checked ({error.code})")
+                    continue
+                if problem:
+                    refused[work.key] = problem
         else:
             bodies[work.key]["salesInvoiceLines"] = period + work.lines
-    invoices, refusals = await find_or_create_invoices(bc, [w for w in parts if w.key not in refused], bodies,
-                                                       claimed_at)
+    invoices, refusals = await find_or_create_invoices(
+        bc, [w for w in parts if w.key not in refused and w.wait is None], bodies, claimed_at)
     refused |= refusals
     await complete_parts(store, bc, [w for w in parts if w.dimensions and w.key in invoices], invoices, refused,
-                           claimed_at)
+                         claimed_at)
     for work in [w for w in parts if w.key in refused]:
         await release(store, job_id, refs_of(work.row), work.email)
         await _finish(store, work.row, "failed", errors=work.errors + [
