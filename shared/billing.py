@@ -97,8 +97,8 @@ async def run_billing(rt: Runtime, trigger: str = "timer", now: datetime | None 
     period = last_closed_period(settings.billing_period, settings.time_zone, now)
     claimed = await _claim(store, period, now, trigger)
     if isinstance(claimed, str):
-        log.info("billing run for %s %s", period.key, claimed,
-                 extra={"event": f"billing_run_{claimed}", "period": period.key, "trigger": trigger})
+        log.info("billing run for %s skipped: %s", period.key, claimed,
+                 extra={"event": "billing_run_skipped", "outcome": claimed, "period": period.key, "trigger": trigger})
         return {"outcome": claimed, "period": period.key}
     job_id, etag = claimed
     outcome = await invoice_bookings(
