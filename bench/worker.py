@@ -49,11 +49,9 @@ async def _app_counters() -> dict:
     stats = store.stats
     counters = {"table_writes": stats.table_writes, "blob_writes": stats.blob_writes, "entities_written": stats.entities_written,
                 "messages_sent": stats.messages_sent, "table_writes_by_table": dict(stats.by_table)}
-    for name in ("_graph", "_bc"):
-        client = getattr(rt, name, None)
-        api = getattr(client, "api", None)
+    for name, api in (("graph", getattr(rt._graph, "api", None)), ("bc", rt._bc_api)):
         if api is not None:
-            counters[f"{name[1:]}_client"] = {"requests_sent": api.requests_sent, "retries": api.retries}
+            counters[f"{name}_client"] = {"requests_sent": api.requests_sent, "retries": api.retries}
     return counters
 
 

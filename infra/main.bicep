@@ -215,6 +215,23 @@ param bcCustomerFilter string = ''
 @description('BC_ITEM_FILTER: OData $filter narrowing the service items pushed (BC API v2.0 item fields).')
 param bcItemFilter string = ''
 
+@description('BUSINESS_COMPANIES: comma-separated business-id=company-id pairs; businesses not named bill into BC_COMPANY_ID.')
+param businessCompanies string = ''
+
+@description('INVOICE_DIMENSIONS: comma-separated business-id:CODE=VALUE entries, BC dimension values put on every invoice of the business.')
+param invoiceDimensions string = ''
+
+@allowed([
+  ''
+  'month'
+  'week'
+])
+@description('BILLING_PERIOD: month or week, one billing run per closed period; empty: no billing runs.')
+param billingPeriod string = ''
+
+@description('BILLING_SCHEDULE: NCRONTAB schedule of the billing timer (UTC); a run happens at most once a period.')
+param billingSchedule string = '0 0 6 1 * *'
+
 // ---------------------------------------------------------------------------------------------
 
 var abbrs = loadJsonContent('./abbreviations.json')
@@ -406,6 +423,10 @@ module api 'app/api.bicep' = {
     pushItemsToBookings: pushItemsToBookings
     bcCustomerFilter: bcCustomerFilter
     bcItemFilter: bcItemFilter
+    businessCompanies: businessCompanies
+    invoiceDimensions: invoiceDimensions
+    billingPeriod: billingPeriod
+    billingSchedule: billingSchedule
   }
   dependsOn: [
     rbac

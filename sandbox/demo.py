@@ -21,6 +21,10 @@ from sandbox.stack import SandboxStack
 from shared.store import SYNC_BUSINESS_QUEUE
 
 BUSINESSES = ["contoso-salon@contoso.onmicrosoft.com", "contoso-clinic@contoso.onmicrosoft.com"]
+LOCATIONS = {BUSINESSES[0]: ("SALON", "Contoso Salon, Oslo"), BUSINESSES[1]: ("CLINIC", "Contoso Clinic, Bergen")}
+CLINIC_COMPANY = "Contoso Clinic AS"
+"""A chain's set-up: the salon bills into the sandbox's company, the clinic into a company of
+its own, and each location's invoices carry the dimension value LOCATION=<its code>."""
 
 
 def heading(text: str) -> None:
@@ -69,8 +73,19 @@ def seed(sandbox, appointments: int = 300):
 
     sandbox.entra.set_roles(TENANT, CLIENT_ID, GRAPH_AUDIENCE,
                             [BOOKINGS_READ, BOOKINGS_APPOINTMENT_READ_WRITE, BOOKINGS_READ_WRITE])
+    # A chain: the clinic bills into a company of its own; both companies have set up the LOCATION
+    # dimension (Dimensions page in BC), and each location's invoices carry its value.
+    from sandbox.stack import ENVIRONMENT
+
+    clinic = sandbox.bc.add_company(TENANT, ENVIRONMENT, name=CLINIC_COMPANY)
+    for company in (sandbox.company_id, clinic):
+        sandbox.bc.add_dimension(company, "LOCATION", "Location")
+        for code, name in LOCATIONS.values():
+            sandbox.bc.add_dimension_value(company, "LOCATION", code, name)
     sandbox.apply_env(CUSTOMER_TEMPLATE="BOOKINGS", ITEM_TEMPLATE="SERVICES", BOOKINGS_TIME_ZONE="Europe/Paris",
-                      **sandbox.trust_managed_identity())
+                      BUSINESS_COMPANIES=f"{BUSINESSES[1]}={clinic}",
+                      INVOICE_DIMENSIONS=",".join(f"{b}:LOCATION={code}" for b, (code, _) in LOCATIONS.items()),
+                      BILLING_PERIOD="month", **sandbox.trust_managed_identity())
     # As `azd up` deploys it: no secret, the app registration trusts the app's managed identity.
     os.environ.pop("AZURE_CLIENT_SECRET", None)
     return dataset
@@ -144,16 +159,18 @@ def run(host: FunctionHost, sandbox, dataset) -> None:
     counts = call(host, "GET", "status")["lastSync"]["counts"]
     print(f"  pushed: {counts['customersPushed']} customers and {counts['servicesPushed']} services created in "
           f"Bookings (customers that came from Bookings are not pushed back)")
-    for business in sandbox.business_ids:
-        found = [c for c in sandbox.graph.customers(business) if c.get("emailAddress") == "nora.nordmann@example.no"]
-        services = [s for s in sandbox.graph.services(business) if s["displayName"] == "Colour consultation"]
-        print(f"  {business}: Nora {len(found)}× ({found[0]['addresses'][0]['city']}), "
-              f"'Colour consultation' {len(services)}× at {services[0]['defaultPrice']:.2f}")
+    salon, clinic = sandbox.business_ids
+    found = [c for c in sandbox.graph.customers(salon) if c.get("emailAddress") == "nora.nordmann@example.no"]
+    services = [s for s in sandbox.graph.services(salon) if s["displayName"] == "Colour consultation"]
+    print(f"  {salon}: Nora {len(found)}× ({found[0]['addresses'][0]['city']}), "
+          f"'Colour consultation' {len(services)}× at {services[0]['defaultPrice']:.2f}")
+    elsewhere = [c for c in sandbox.graph.customers(clinic) if c.get("emailAddress") == "nora.nordmann@example.no"]
+    print(f"  {clinic} bills into {CLINIC_COMPANY}: it gets that company's customers, so Nora {len(elsewhere)}×")
     sandbox.bc.update(sandbox.company_id, "customers", nora["id"], city="Bergen")
     host.timer("sync_bookings")
     host.drain()
-    cities = [next(c for c in sandbox.graph.customers(b) if c.get("emailAddress") == "nora.nordmann@example.no")
-              ["addresses"][0]["city"] for b in sandbox.business_ids]
+    cities = [next(c for c in sandbox.graph.customers(salon) if c.get("emailAddress") == "nora.nordmann@example.no")
+              ["addresses"][0]["city"]]
     bc_noras = [c for c in sandbox.bc.customers(sandbox.company_id) if c["email"] == "nora.nordmann@example.no"]
     print(f"  Nora moved to Bergen in BC → Bookings says {', '.join(cities)}; BC still has {len(bc_noras)} Nora")
 
@@ -175,6 +192,19 @@ def run(host: FunctionHost, sandbox, dataset) -> None:
     host.drain()
     _print_job(call(host, "GET", f"invoices/jobs/{accepted['jobId']}"))
 
+    heading("Billing run (timer billing_run, BILLING_PERIOD=month)")
+    from shared.billing import last_closed_period
+    from datetime import datetime, timezone
+
+    period = last_closed_period("month", "Europe/Paris", datetime.now(timezone.utc))
+    host.timer("billing_run")
+    host.timer("billing_run")  # a duplicated timer: the month is billed once
+    host.drain()
+    runs = [j for j in _jobs(host) if j["request"].get("source") == "billing"]
+    for job in runs:
+        print(f"  {job['request']['label']}: job {job['jobId']}, {job['bookingCount']} bookings, "
+              f"{len(job['invoices'])} drafts dated {period.last_day.isoformat()} (the timer fired twice: one run)")
+
     heading("Invoice all the rest (POST /api/invoices {all: true})")
     accepted = call(host, "POST", "invoices", body={"all": True})
     print(f"  202 job {accepted['jobId']} for {accepted['bookingCount']} bookings")
@@ -182,14 +212,22 @@ def run(host: FunctionHost, sandbox, dataset) -> None:
     job = call(host, "GET", f"invoices/jobs/{accepted['jobId']}")
     _print_job(job)
 
-    heading("Draft sales invoices in Business Central")
-    customers = {c["id"]: c for c in sandbox.bc.customers(sandbox.company_id)}
+    heading("Draft sales invoices in Business Central, per company, with the location dimension")
+    companies = {sandbox.company_id: "CRONUS (the salon)", os.environ["BUSINESS_COMPANIES"].split("=")[1]: CLINIC_COMPANY}
+    every = []
+    for company, name in companies.items():
+        customers = {c["id"]: c for c in sandbox.bc.customers(company)}
+        drafts = sandbox.bc.invoices(company)
+        every += drafts
+        print(f"  {name}: {len(drafts)} drafts, {len(customers)} customers")
+        table([[d["number"], d["invoiceDate"], customers[d["customerId"]]["displayName"][:24], len(d["salesInvoiceLines"]),
+                f"{d['totalAmountIncludingTax']:.2f}", ",".join(f"{k}={v}" for k, v in d["dimensions"].items()),
+                d["salesInvoiceLines"][0]["description"][:30]]
+               for d in drafts[:5]], ["number", "date", "customer", "lines", "total", "dimensions", "first line"])
     drafts = sandbox.bc.invoices(sandbox.company_id)
-    table([[d["number"], customers[d["customerId"]]["displayName"][:26], len(d["salesInvoiceLines"]),
-            f"{d['totalAmountIncludingTax']:.2f}", d["salesInvoiceLines"][0]["description"][:38]]
-           for d in drafts[:10]], ["number", "customer", "lines", "total", "first line"])
-    print(f"  … {len(drafts)} drafts, {sum(len(d['salesInvoiceLines']) for d in drafts)} lines, "
-          f"total {sum(d['totalAmountIncludingTax'] for d in drafts):.2f}")
+    print(f"  … {len(every)} drafts, {sum(len(d['salesInvoiceLines']) for d in every)} lines, "
+          f"total {sum(d['totalAmountIncludingTax'] for d in every):.2f}; every line carries its invoice's location: "
+          f"{all(line['dimensions'] == d['dimensions'] for d in every for line in d['salesInvoiceLines'])}")
     again = call(host, "POST", "invoices", body={"all": True})
     print(f"  invoicing all again: jobId={again['jobId']}, bookingCount={again['bookingCount']} (nothing twice)")
 
@@ -222,6 +260,17 @@ def _links(host: FunctionHost) -> dict:
     for kind, name in (("customers", "customerlinks"), ("items", "itemlinks")):
         found[kind] = Counter(row.get("Origin") for row in service.get_table_client(name).list_entities())
     return found
+
+
+def _jobs(host: FunctionHost) -> list[dict]:
+    """The latest jobs as the jobs page lists them."""
+    from shared.jobs import recent_jobs
+    from shared.runtime import runtime
+
+    async def read() -> list[dict]:
+        return await recent_jobs(await runtime().store())
+
+    return host.run(read())
 
 
 def _print_job(job: dict) -> None:

@@ -91,5 +91,5 @@ async def poisoned(store: Store) -> list[Poisoned]:
 
 
 async def needs_attention(rt: Runtime, store: Store) -> Attention:
-    found, refused, poison = await asyncio.gather(candidates(rt, store, Filters()), refusals(store), poisoned(store))
+    found, refused, poison = await asyncio.gather(candidates(rt, store, Filters()), refusals(store, rt.settings), poisoned(store))
     return Attention(group_by_reason(found), refused, poison)

@@ -46,6 +46,8 @@ FIELD_LENGTHS = {"email": 80, "displayName": 100, "externalDocumentNumber": 35}
 """Lengths of the fields the app filters on (Customer "E-Mail" Text[80], Name/Description
 Text[100], Sales Header "External Document No." Code[35])."""
 
+COMPANY_NAME_SECONDS = 3600.0
+
 SECONDS_PER_CREATE = {"customers": 0.2, "items": 0.2, "salesInvoices": 0.5}
 """A generous estimate of what BC spends creating one record inside a `$batch` (an invoice with
 its lines by deep insert counts as one). Batches are sized so that a normal one takes at most a
@@ -125,13 +127,20 @@ TEMPLATE_FIELDS: dict[str, type[BaseModel]] = {"customer": CustomerFields, "item
 
 
 class BcClient:
-    def __init__(self, api: ApiClient, settings: Settings):
+    """One BC company (`BC_COMPANY_ID`, or the company a business bills into): its URLs. The
+    companies of one environment share one `ApiClient` (its slots, budget and tokens)."""
+
+    def __init__(self, api: ApiClient, settings: Settings, company_id: str | None = None):
         self.api = api
-        self.company_url = settings.bc_company_url
-        self.company_path = f"companies({settings.bc_company_id})"
+        self.company_id = company_id or settings.bc_company_id
+        if not self.company_id:
+            settings.require("bc_company_id")
+        self.company_url = settings.company_url(self.company_id)
+        self.company_path = f"companies({self.company_id})"
         self.batch_url = settings.bc_batch_url
         self.timeout_seconds = settings.http_timeout_seconds
         self.execution_limit_seconds = settings.bc_execution_limit_seconds
+        self._name: tuple[float, str] | None = None
 
     # -- unknown outcomes ----------------------------------------------------------------------
 
@@ -189,6 +198,9 @@ class BcClient:
         response = await self.api.request("PATCH", f"{self.company_url}/{entity_set}({entity_id})",
                                           json_body=changes, headers={"If-Match": etag})
         return _entity(response.body)
+
+    async def delete(self, entity_set: str, entity_id: str, etag: str) -> None:
+        await self.api.request("DELETE", f"{self.company_url}/{entity_set}({entity_id})", headers={"If-Match": etag})
 
     async def batch(self, requests: list[dict], atomic: bool = False, idempotent: bool = True,
                     send_by: float | None = None) -> list[dict]:
@@ -316,10 +328,33 @@ class BcClient:
         """BC's Country/Region table (`code`, `displayName`): the only values `country` takes."""
         return await self.list("countriesRegions")
 
+    async def dimensions(self, codes: list[str]) -> dict[str, dict]:
+        """The dimensions of these codes (Code fields: upper-case) with their values, in one
+        request: code → the dimension with `dimensionValues`. A code BC does not have is absent.
+        (API v2.0 does not publish whether a dimension or a value is blocked.)"""
+        wanted = sorted({code.strip().upper() for code in codes if code.strip()})
+        if not wanted:
+            return {}
+        found = await self.list("dimensions", " or ".join(f"code eq {odata_string(code)}" for code in wanted),
+                                {"$expand": "dimensionValues"})
+        return {record.get("code"): record for record in found if record.get("code") in wanted}
+
     async def company(self) -> dict:
         """The configured company (reachable, and the app may read it)."""
         response = await self.api.request("GET", self.company_url)
-        return _entity(response.body)
+        company = _entity(response.body)
+        self._name = (time.monotonic() + COMPANY_NAME_SECONDS, company.get("name") or company["id"])
+        return company
+
+    async def name(self) -> str:
+        """The company's name (what BC's web client opens it by), asked at most once an hour;
+        its id when BC cannot be asked."""
+        if self._name is None or self._name[0] < time.monotonic():
+            try:
+                await self.company()
+            except UpstreamError:
+                return self.company_id
+        return self._name[1]
 
     async def invoices_by_id(self, ids: list[str]) -> dict[str, dict | None]:
         """Current state of many invoices with few round trips (`$batch`); None = deleted."""

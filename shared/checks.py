@@ -13,6 +13,7 @@ import logging
 import time
 
 from shared.bc import API_ROLE
+from shared.dimensions import company_dimensions, problems_in, refusals_of, wanted_in
 from shared.directory import CUSTOMER, ITEM, get_template
 from shared.graph import CUSTOMER_WRITE_ROLES, READ_ROLES, SERVICE_WRITE_ROLES, WRITE_ROLES
 from shared.http import UpstreamError
@@ -85,13 +86,27 @@ async def graph_access(rt: Runtime) -> dict:
 
 
 async def business_central(rt: Runtime) -> dict:
-    """Reach the configured company with the app's own token."""
+    """Reach every company the businesses bill into with the app's own token."""
     try:
-        roles = await rt.bc.api.granted_roles()
+        companies = rt.settings.companies
+        if not companies:
+            rt.settings.require("bc_company_id")
+        clients = [rt.bc_for(company) for company in companies]
+        roles = await clients[0].api.granted_roles()
         if roles is not None and API_ROLE not in roles:
             return _check("businessCentral", False, f"The app's token lacks the Business Central application "
                                                     f"permission {API_ROLE}. {API_PERMISSION}")
-        company = await rt.bc.company()
+        names, failed = [], []
+        for client in clients:
+            try:
+                company = await client.company()
+            except UpstreamError as error:
+                if error.status != 404 or len(clients) == 1:
+                    raise
+                failed.append(f"company {client.company_id} not found: check BUSINESS_COMPANIES and BC_COMPANY_ID "
+                              f"(Business Central has no such company in environment {rt.settings.bc_environment})")
+                continue
+            names.append(company.get("displayName") or company.get("name") or company["id"])
     except SettingsError as error:
         return _check("businessCentral", False, str(error))
     except ValueError as error:  # MSAL refuses the authority (tenant) before any request is made
@@ -104,14 +119,45 @@ async def business_central(rt: Runtime) -> dict:
             advice = REGISTER_IN_BC
         elif error.status == 404:
             advice = "Check BC_ENVIRONMENT and BC_COMPANY_ID: Business Central has no such environment or company."
-        elif error.service != rt.bc.api.service:
+        elif error.service != "Business Central":
             advice = ("Check the app's credentials (AZURE_CLIENT_ID, and its secret or the federated credential "
                       "trusting the managed identity) in Entra ID.")
         else:
             advice = "Business Central could not be reached; this is retried on its own."
         return _check("businessCentral", False, f"{error} {advice}")
-    name = company.get("displayName") or company.get("name") or company["id"]
-    return _check("businessCentral", True, f"company '{name}' reachable with the app's identity")
+    if failed:
+        return _check("businessCentral", False, "; ".join(failed))
+    if len(names) == 1:
+        return _check("businessCentral", True, f"company '{names[0]}' reachable with the app's identity")
+    return _check("businessCentral", True, f"{len(names)} companies ({', '.join(repr(n) for n in names)}) reachable "
+                                           "with the app's identity")
+
+
+async def invoice_dimensions(rt: Runtime, store: Store) -> dict | None:
+    """The dimension values of `INVOICE_DIMENSIONS` exist in the companies their businesses bill
+    into; values BC refused on an invoice (blocked) are named until one goes through. None when
+    no business has dimensions."""
+    settings = rt.settings
+    if not settings.invoice_dimensions:
+        return None
+    problems: list[str] = []
+    companies = list(dict.fromkeys(settings.company_of(business) for business in settings.invoice_dimensions))
+    for company in companies:
+        try:
+            found = await company_dimensions(rt, company, fresh=True)
+            name = await rt.bc_for(company).name()
+        except (UpstreamError, SettingsError) as error:
+            problems.append(f"the dimensions of company {company} could not be read: {error}")
+            continue
+        problems += problems_in(found, wanted_in(settings, company), name)
+        for values, refusal in (await refusals_of(store, company)).items():
+            problems.append(f"Business Central company '{name}' refused the dimension values {values} on an invoice: "
+                            f"{refusal['message']} Fix: clear Blocked on the dimension value (BC's Dimensions page → "
+                            "Dimension Values), then invoice those bookings again.")
+    if problems:
+        return _check("dimensions", False, "; ".join(problems))
+    count = sum(len(dims) for dims in settings.invoice_dimensions.values())
+    return _check("dimensions", True, f"{count} dimension value(s) of INVOICE_DIMENSIONS present in Business Central")
 
 
 async def templates(rt: Runtime, store: Store) -> dict:
@@ -131,7 +177,9 @@ async def setup_checks(rt: Runtime, store: Store) -> list[dict]:
     cached = _cache.get(key)
     if cached and cached[0] > time.monotonic():
         return cached[1]
-    checks = list(await asyncio.gather(graph_access(rt), business_central(rt), templates(rt, store)))
+    found = await asyncio.gather(graph_access(rt), business_central(rt), templates(rt, store),
+                                 invoice_dimensions(rt, store))
+    checks = [check for check in found if check is not None]
     for check in checks:
         if not check["ok"]:
             log.warning("setup check %s failed: %s", check["name"], check["message"],

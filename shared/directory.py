@@ -80,6 +80,27 @@ ITEM = Kind("item", ITEM_LINKS, ITEM_PARTITION, "items", "ITEM_TEMPLATE")
 KINDS = {"customer": CUSTOMER, "item": ITEM}
 
 
+def link_partition(kind: Kind, company_id: str | None, settings) -> str:
+    """Link rows are per BC company: a customer of two businesses that bill into two companies
+    is one BC customer in each. `BC_COMPANY_ID`'s rows keep the kind's own partition (so links
+    made before businesses had companies of their own stay valid); another company's are
+    `<kind>@<company id>`."""
+    if not company_id or company_id == settings.bc_company_id:
+        return kind.partition
+    return f"{kind.partition}@{company_id}"
+
+
+def link_partitions(kind: Kind, settings) -> dict[str, str]:
+    """Partition → company, for every company the businesses bill into."""
+    companies = settings.companies or [settings.bc_company_id]
+    return {link_partition(kind, company, settings): company for company in companies}
+
+
+def company_scoped(name: str, company_id: str | None, settings) -> str:
+    """A lease or blob name of the directory, one per company (BC_COMPANY_ID's keeps its name)."""
+    return name if not company_id or company_id == settings.bc_company_id else f"{name}@{company_id}"
+
+
 # -- templates ---------------------------------------------------------------------------------
 
 _template_cache: dict[tuple, tuple[float, dict]] = {}
@@ -218,6 +239,7 @@ class Resolver:
         link rows are claimed by insert straight away; a row that exists fails the insert and
         that group is read and claimed the usual way."""
         self.rt, self.store, self.bc = rt, store, bc
+        self.company = bc.company_id
         self.owner = uuid.uuid4().hex
         self.expect_new = expect_new
         self._claimed_for: dict[str, str] = {}
@@ -246,7 +268,7 @@ class Resolver:
                 links |= found
                 waits |= waiting
         while pending:
-            rows = await self.store.get_many(kind.table, kind.partition, [encode_key(key) for key in pending])
+            rows = await self.store.get_many(kind.table, self._pk(kind), [encode_key(key) for key in pending])
             now = datetime.now(timezone.utc)
             unlinked: dict[str, dict | None] = {}
             refreshes = []
@@ -285,6 +307,10 @@ class Resolver:
                            f"{len(waits)} {kind.name}(s) wait until {until:%H:%M:%S} UTC: {reason}")
         return links
 
+    def _pk(self, kind: Kind) -> str:
+        """The link rows' partition of this resolver's company."""
+        return link_partition(kind, self.company, self.rt.settings)
+
     def _made_by_another(self, row: dict | None, want: Wanted, now: datetime) -> bool:
         """A fresh claim of another worker that came from the same Bookings data (another
         business's sync queued the same customer): nothing for this message to wait for. Were
@@ -310,7 +336,8 @@ class Resolver:
             return await self._find_or_create(kind, wanted, claims, find)
         # Items are known to BC by name, not by the service id their link rows are claimed
         # by: two services of one name (two businesses) must not race to create two items.
-        async with leases.held(self.store, "directory-items", WAIT_FOR_OTHER_SECONDS):
+        async with leases.held(self.store, company_scoped("directory-items", self.company, self.rt.settings),
+                               WAIT_FOR_OTHER_SECONDS):
             return await self._find_or_create(kind, wanted, claims, find)
 
     async def _find_or_create(self, kind: Kind, wanted: list[Wanted], claims: dict[str, Claim], find
@@ -437,7 +464,7 @@ class Resolver:
         now = datetime.now(timezone.utc)
         entities = {}
         for want, record, origin in found:
-            entity = {"PartitionKey": kind.partition, "RowKey": encode_key(want.key), "Key": want.key,
+            entity = {"PartitionKey": self._pk(kind), "RowKey": encode_key(want.key), "Key": want.key,
                       "Status": "linked", "BcId": record["id"], "BcNumber": record.get("number") or "",
                       "Origin": origin, "Owner": "", "LastError": "", "UpdatedAt": now, "PendingSince": "",
                       "WaitUntil": "", "Attempts": 0, "LeftOut": fit_string(want.mapped.summary(), 4000)}
@@ -472,19 +499,20 @@ class Resolver:
         still be running. Under the items lease (held by every item create), the names an earlier
         create may still be creating are returned with since when; the others are recorded as
         being created from `now` (the blob `ITEMS_IN_FLIGHT`, name → since)."""
-        raw = await self.store.read_blob(ITEMS_IN_FLIGHT)
+        blob = company_scoped("directory", self.company, self.rt.settings) + ITEMS_IN_FLIGHT.removeprefix("directory")
+        raw = await self.store.read_blob(blob)
         recorded = {name: when for name, text in (json.loads(raw) if raw else {}).items()
                     if (when := _when(text)) and self.bc.settled_at(when) > now}
         in_flight = {name: recorded[name] for name in names if name in recorded}
         recorded |= {name: now for name in names if name not in in_flight}
-        await self.store.write_blob(ITEMS_IN_FLIGHT, to_json({n: t.isoformat() for n, t in recorded.items()}).encode(),
+        await self.store.write_blob(blob, to_json({n: t.isoformat() for n, t in recorded.items()}).encode(),
                                     "application/json")
         return in_flight
 
     def _claim_operation(self, kind: Kind, key: str, row: dict | None, now: datetime) -> tuple | None:
         """The table operation that takes a link row for this worker; None if another worker
         holds a fresh claim on it. The claim marks a create as possibly sent from now on."""
-        claim = {"PartitionKey": kind.partition, "RowKey": encode_key(key), "Key": key, "Status": "linking",
+        claim = {"PartitionKey": self._pk(kind), "RowKey": encode_key(key), "Key": key, "Status": "linking",
                  "Owner": self.owner, "ClaimedAt": now, "PendingSince": now.isoformat(),
                  "ClaimedFor": self._claimed_for.get(key, "")}
         if row is None:
@@ -564,7 +592,7 @@ class Resolver:
             else:
                 await self._fill_blanks(kind, record, mapped)
         try:
-            await self.store.update(kind.table, {"PartitionKey": kind.partition, "RowKey": row["RowKey"],
+            await self.store.update(kind.table, {"PartitionKey": self._pk(kind), "RowKey": row["RowKey"],
                                                  "SourceHash": source_hash, "LastError": ""},
                                     etag=row.metadata["etag"])
         except ResourceModifiedError:
@@ -575,7 +603,7 @@ class Resolver:
                     extra={"event": f"{kind.name}_waiting"})
         try:
             await self.store.update(kind.table, {
-                "PartitionKey": kind.partition, "RowKey": encode_key(key), "Key": key, "Status": "waiting",
+                "PartitionKey": self._pk(kind), "RowKey": encode_key(key), "Key": key, "Status": "waiting",
                 "Owner": "", "WaitUntil": wait.until.isoformat(), "LastError": wait.reason[:2000],
                 "PendingSince": wait.pending_since.isoformat() if wait.pending_since else "",
                 "Attempts": claim.attempts + (1 if wait.attempt else 0),
@@ -586,7 +614,7 @@ class Resolver:
     async def _mark_failed(self, kind: Kind, row_key: str, key: str, reason: str, etag: str | None,
                            pending_since: datetime | None) -> None:
         try:
-            await self.store.update(kind.table, {"PartitionKey": kind.partition, "RowKey": row_key, "Key": key,
+            await self.store.update(kind.table, {"PartitionKey": self._pk(kind), "RowKey": row_key, "Key": key,
                                                  "Status": "failed", "Owner": "", "LastError": reason[:2000],
                                                  "PendingSince": pending_since.isoformat() if pending_since else "",
                                                  "Attempts": 0, "UpdatedAt": datetime.now(timezone.utc)}, etag=etag)
@@ -627,47 +655,72 @@ def _mask(key: str) -> str:
     return f"{local[:2]}…@{domain}"
 
 
-async def record_failure(store: Store, kind_name: str, key: str, reason: str) -> None:
-    """Make a failure visible on the link row (health, invoice reasons) without a claim."""
+async def record_failure(store: Store, kind_name: str, key: str, reason: str, partition: str | None = None) -> None:
+    """Make a failure visible on the link row (health, invoice reasons) without a claim.
+    `partition`: the company's (`link_partition`); BC_COMPANY_ID's when not given."""
     kind = KINDS[kind_name]
+    partition = partition or kind.partition
     row_key = encode_key(key)
-    row = await store.get(kind.table, kind.partition, row_key)
+    row = await store.get(kind.table, partition, row_key)
     if row and row.get("Status") == "linked":
-        await store.update(kind.table, {"PartitionKey": kind.partition, "RowKey": row_key,
+        await store.update(kind.table, {"PartitionKey": partition, "RowKey": row_key,
                                         "LastError": reason[:2000]}, etag=None)
         return
-    await store.upsert(kind.table, {"PartitionKey": kind.partition, "RowKey": row_key, "Key": key,
+    await store.upsert(kind.table, {"PartitionKey": partition, "RowKey": row_key, "Key": key,
                                     "Status": "failed", "Owner": "", "LastError": reason[:2000],
                                     "UpdatedAt": datetime.now(timezone.utc)})
 
 
+def company_of_source(rt: Runtime, source: CustomerSource | ServiceSource) -> str:
+    """The company a customer or service is upserted into: its business's (BC_COMPANY_ID's when
+    the message names no business)."""
+    if source.business_id and source.business_id in rt.settings.business_ids:
+        return rt.settings.company_of(source.business_id)
+    rt.settings.require("bc_company_id")
+    return rt.settings.bc_company_id
+
+
 async def upsert_from_message(rt: Runtime, message: DirectoryUpsertMessage) -> dict[str, Link]:
-    """The queue-triggered upsert. Disabled sides (`SYNC_CUSTOMERS`/`SYNC_ITEMS`) do nothing."""
-    store = await rt.store()
-    resolver = Resolver(rt, store, rt.bc, expect_new=True)
-    if isinstance(message, (CustomerUpsert, CustomerBatchUpsert)):
-        if not rt.settings.sync_customers:
-            return {}
-        return await resolver.customers(message.entries())
-    if not rt.settings.sync_items:
+    """The queue-triggered upsert, into the company of each entry's business. Disabled sides
+    (`SYNC_CUSTOMERS`/`SYNC_ITEMS`) do nothing."""
+    customers = isinstance(message, (CustomerUpsert, CustomerBatchUpsert))
+    if not (rt.settings.sync_customers if customers else rt.settings.sync_items):
         return {}
-    return await resolver.items(message.entries())
+    store = await rt.store()
+    by_company: dict[str, list] = {}
+    for entry in message.entries():
+        by_company.setdefault(company_of_source(rt, entry[0]), []).append(entry)
+    links: dict[str, Link] = {}
+    for company, entries in by_company.items():
+        resolver = Resolver(rt, store, rt.bc_for(company), expect_new=True)
+        links |= await (resolver.customers(entries) if customers else resolver.items(entries))
+    return links
 
 
-async def directory_health(store: Store) -> dict:
-    """Customers and items BC refused, waiting ones, and customers created with fields left out."""
+async def _rows_of_companies(store: Store, kind: Kind, settings, condition: str, select: list[str]) -> list[dict]:
+    """Link rows of every company's partition that meet `condition` (an OData filter)."""
+    partitions = link_partitions(kind, settings) if settings is not None else {kind.partition: None}
+    found = await asyncio.gather(*(store.query(kind.table, f"PartitionKey eq @pk and ({condition})",
+                                               [*select, "PartitionKey"], {"pk": partition})
+                                   for partition in partitions))
+    return [row | {"companyId": partitions[row["PartitionKey"]]} for rows in found for row in rows]
+
+
+async def directory_health(store: Store, settings=None) -> dict:
+    """Customers and items BC refused, waiting ones, and customers created with fields left out,
+    over every company the businesses bill into."""
     failures = {"customer": 0, "item": 0}
     recent, left_out = [], []
     waiting = 0
     for kind in (CUSTOMER, ITEM):
-        rows = await store.query(kind.table, "PartitionKey eq @pk and (Status eq 'failed' or Status eq 'waiting')",
-                                 ["RowKey", "Key", "Status", "LastError", "UpdatedAt"], {"pk": kind.partition})
+        rows = await _rows_of_companies(store, kind, settings, "Status eq 'failed' or Status eq 'waiting'",
+                                        ["RowKey", "Key", "Status", "LastError", "UpdatedAt"])
         failures[kind.name] = sum(1 for r in rows if r.get("Status") == "failed")
         waiting += sum(1 for r in rows if r.get("Status") == "waiting")
         recent += [{"kind": kind.name, "key": _mask(r.get("Key") or r["RowKey"]), "reason": r.get("LastError"),
                     "at": r.get("UpdatedAt")} for r in rows if r.get("Status") == "failed"]
-    partial = await store.query(CUSTOMER_LINKS, "PartitionKey eq @pk and Status eq 'linked' and LeftOut ne ''",
-                                ["RowKey", "Key", "LeftOut", "UpdatedAt"], {"pk": CUSTOMER_PARTITION})
+    partial = await _rows_of_companies(store, CUSTOMER, settings, "Status eq 'linked' and LeftOut ne ''",
+                                       ["RowKey", "Key", "LeftOut", "UpdatedAt"])
     left_out = [{"kind": "customer", "key": _mask(r.get("Key") or r["RowKey"]), "leftOut": r.get("LeftOut"),
                  "at": r.get("UpdatedAt")} for r in partial]
     for entries in (recent, left_out):
@@ -678,14 +731,15 @@ async def directory_health(store: Store) -> dict:
             "waiting": waiting, "customersWithFieldsLeftOut": len(left_out), "leftOut": left_out[:10]}
 
 
-async def refusals(store: Store, limit: int = 200) -> list[dict]:
-    """Customers and items BC refused, newest first, with BC's reason (and the fix, where known),
-    for signed-in operators: keys are shown whole, unlike in the anonymous health answer."""
+async def refusals(store: Store, settings=None, limit: int = 200) -> list[dict]:
+    """Customers and items BC refused (in any company), newest first, with BC's reason (and the
+    fix, where known), for signed-in operators: keys are shown whole, unlike in the anonymous
+    health answer."""
     found = []
     for kind in (CUSTOMER, ITEM):
-        rows = await store.query(kind.table, "PartitionKey eq @pk and Status eq 'failed'",
-                                 ["RowKey", "Key", "LastError", "UpdatedAt"], {"pk": kind.partition})
+        rows = await _rows_of_companies(store, kind, settings, "Status eq 'failed'",
+                                        ["RowKey", "Key", "LastError", "UpdatedAt"])
         found += [{"kind": kind.name, "key": r.get("Key") or r["RowKey"], "reason": r.get("LastError") or "",
-                   "at": r.get("UpdatedAt")} for r in rows]
+                   "at": r.get("UpdatedAt"), "companyId": r["companyId"]} for r in rows]
     found.sort(key=lambda r: r["at"] or datetime.min.replace(tzinfo=timezone.utc), reverse=True)
     return found[:limit]

@@ -33,6 +33,9 @@ from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableTransactionError
 
 from shared.bc import BcClient, Wait, explain_refusal
+from shared.dimensions import parse_dimension_set
+from shared.dimensions import problem_of as dimension_problem
+from shared.drafts import complete_parts, numbered
 from shared.bookings import Booking
 from shared.directory import Resolver
 from shared.hostconfig import queue_settings
@@ -78,6 +81,13 @@ class PartWork:
     etag: str | None = None
     wait: Wait | None = None
     """Set for a part that must wait for BC."""
+    all_lines: list[dict] = field(default_factory=list)
+    """A draft made in steps (invoice dimensions): every line as sent, numbered."""
+
+    @property
+    def dimensions(self) -> dict[str, str]:
+        """The invoice dimension values of the part's business (`INVOICE_DIMENSIONS`)."""
+        return parse_dimension_set(self.row.get("Dimensions"))
 
     @property
     def attempts(self) -> int:
@@ -217,9 +227,24 @@ async def invoice_parts(rt: Runtime, message: InvoiceJobPart, owner: str | None 
 
 
 async def _invoice(rt: Runtime, store: Store, job_id: str, parts: list[PartWork], owner: str) -> list[PartWork]:
-    """Read, resolve and claim (side by side), find or create, record. Returns the parts that
+    """Each company's parts with that company's client, side by side. Returns the parts that
     wait for BC."""
-    resolver = Resolver(rt, store, rt.bc)
+    by_company: dict[str, list[PartWork]] = {}
+    for work in parts:
+        by_company.setdefault(company_of_part(rt, work.row), []).append(work)
+    results = await asyncio.gather(*(_invoice_company(rt, store, job_id, rt.bc_for(company), works, owner)
+                                     for company, works in by_company.items()), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return [work for waiting in results for work in waiting]
+
+
+async def _invoice_company(rt: Runtime, store: Store, job_id: str, bc: BcClient, parts: list[PartWork],
+                           owner: str) -> list[PartWork]:
+    """Read, resolve and claim (side by side), find or create, record: the parts of one company.
+    Returns the parts that wait for BC."""
+    resolver = Resolver(rt, store, bc)
     claimed_at = datetime.now(timezone.utc)
     # A first attempt uses the bookings its part carries; a retry reads them as they are now.
     carried = {w.key: snapshot_of(w.row) if w.earlier is None else None for w in parts}
@@ -265,14 +290,33 @@ async def _invoice(rt: Runtime, store: Store, job_id: str, parts: list[PartWork]
         raise
     zone = rt.settings.time_zone
     today = datetime.now(ZoneInfo(zone)).date().isoformat()
-    bodies = {}
+    bodies, refused = {}, {}
     for work in parts:
         work.lines = [{"lineType": "Item", "itemId": items[b.service_id].bc_id,
                        "description": line_description(b, zone), "quantity": float(b.quantity()),
                        "unitPrice": float(b.unit_price())} for b in work.mine]
+        # A billing run's invoice names its period first ("October 2026"), on a comment line.
+        period = [{"lineType": "Comment", "description": work.row["Period"][:100]}] if work.row.get("Period") else []
         bodies[work.key] = {"customerId": customers[work.email].bc_id, "externalDocumentNumber": work.key,
-                            "invoiceDate": today, "salesInvoiceLines": work.lines}
-    invoices, refused = await find_or_create_invoices(rt.bc, parts, bodies, claimed_at)
+                            "invoiceDate": work.row.get("InvoiceDate") or today}
+        if work.dimensions:
+            work.all_lines = numbered(period + work.lines)  # after the dimensions: see shared/drafts.py
+            if work.earlier is None:  # before anything can exist in BC: a missing value fails the part at once
+                try:
+                    problem = await dimension_problem(rt, bc.company_id, work.dimensions)
+                except UpstreamError as error:
+                    until = datetime.now(timezone.utc) + timedelta(seconds=throttled_wait(error))
+                    work.wait = Wait(until, None, f"the invoice dimensions could not be checked ({error.code})")
+                    continue
+                if problem:
+                    refused[work.key] = problem
+        else:
+            bodies[work.key]["salesInvoiceLines"] = period + work.lines
+    invoices, refusals = await find_or_create_invoices(
+        bc, [w for w in parts if w.key not in refused and w.wait is None], bodies, claimed_at)
+    refused |= refusals
+    await complete_parts(store, bc, [w for w in parts if w.dimensions and w.key in invoices], invoices, refused,
+                         claimed_at)
     for work in [w for w in parts if w.key in refused]:
         await release(store, job_id, refs_of(work.row), work.email)
         await _finish(store, work.row, "failed", errors=work.errors + [
@@ -282,7 +326,9 @@ async def _invoice(rt: Runtime, store: Store, job_id: str, parts: list[PartWork]
         await _wait(store, work, work.wait)
     done = [w for w in parts if w.key in invoices]
     links = {w.key: {"invoiceId": invoices[w.key]["id"], "invoiceNumber": invoices[w.key].get("number"),
-                     "jobId": job_id, "date": invoices[w.key].get("invoiceDate") or today} for w in done}
+                     "jobId": job_id, "date": invoices[w.key].get("invoiceDate") or today,
+                     **({"companyId": bc.company_id} if bc.company_id != rt.settings.bc_company_id else {})}
+             for w in done}
     recorded = await _record(store, job_id, done, links)
     finished = []
     for work in done:
@@ -392,7 +438,9 @@ async def give_up(rt: Runtime, message: InvoiceJobPart, reason: str, owner: str 
         return
     keys = [external_document_number(message.job_id, index) for index, _ in unfinished]
     try:
-        found = await rt.bc.invoices_by_external_numbers(keys)
+        found: dict[str, list[dict]] = {}
+        for company, company_keys in _keys_by_company(rt, unfinished, keys).items():
+            found |= await rt.bc_for(company).invoices_by_external_numbers(company_keys)
     except UpstreamError as error:
         for _, row in unfinished:
             await _keep_for_check(store, row, f"{_plain(reason)} Business Central could not be checked ({error.code}); "
@@ -406,7 +454,7 @@ async def give_up(rt: Runtime, message: InvoiceJobPart, reason: str, owner: str 
         if found.get(key):
             continue
         since = pending_since(row)
-        if since is not None and rt.bc.settled_at(since) > now:
+        if since is not None and rt.bc_for(company_of_part(rt, row)).settled_at(since) > now:
             await _keep_for_check(store, row, f"{_plain(reason)} Business Central may still be creating the invoice; "
                                               "the bookings stay reserved until a sync confirms no invoice was made.")
             continue
@@ -415,6 +463,21 @@ async def give_up(rt: Runtime, message: InvoiceJobPart, reason: str, owner: str 
                                                     for ref in _booking_ids(row)])
         log.error("invoice job part %s failed; %d bookings released", row["RowKey"], released,
                   extra={"event": "invoice_job_part_released", "job_id": message.job_id, "released": released})
+
+
+def company_of_part(rt: Runtime, row: dict) -> str:
+    """The company a job part invoices into (parts made before companies per business: BC_COMPANY_ID's)."""
+    company = row.get("CompanyId") or rt.settings.bc_company_id
+    if not company:
+        rt.settings.require("bc_company_id")
+    return company
+
+
+def _keys_by_company(rt: Runtime, rows: list[tuple[int, dict]], keys: list[str]) -> dict[str, list[str]]:
+    by_company: dict[str, list[str]] = {}
+    for (_, row), key in zip(rows, keys, strict=True):
+        by_company.setdefault(company_of_part(rt, row), []).append(key)
+    return by_company
 
 
 async def _keep_for_check(store: Store, row: dict, message: str) -> None:

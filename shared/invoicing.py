@@ -27,7 +27,10 @@ from shared.bc import ENVIRONMENT_CONCURRENCY
 from shared.bookings import FREE, Booking, iso_z, normalise_email
 from shared.messages import PARTS_PER_MESSAGE, InvoiceJobPart, encode
 from shared.runtime import Runtime
-from shared.store import (BOOKINGS, CUSTOMER_LINKS, INVOICE_QUEUE, ITEM_LINKS, JOBS, MAX_BATCH, UPDATE, Store,
+from shared.settings import SettingsError
+from shared.dimensions import dimension_set_key
+from shared.directory import CUSTOMER, ITEM, link_partitions
+from shared.store import (BOOKINGS, INVOICE_QUEUE, JOBS, MAX_BATCH, UPDATE, Store,
                           encode_key, fit_string, to_json)
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,10 @@ class Filters:
     customer_email: str | None = None
     start_from: datetime | None = None
     start_to: datetime | None = None
+    ended_before: datetime | None = None
+    """Only bookings that ended before this (`POST /api/invoices` `to`, billing runs)."""
+    business_ids: list[str] | None = None
+    """Only these businesses (the pages' company and location filters)."""
 
 
 @dataclass
@@ -86,9 +93,11 @@ class Candidate:
 REASON_CODES = ("no-customer", "no-email", "no-service", "no-price", "free", "customer-refused", "item-refused")
 
 
-def _billing_problem(booking: Booking, invoice_free: bool, failed_customers: dict, failed_items: dict
-                     ) -> tuple[str, str] | None:
-    """(code, reason) when the booking cannot be billed as it is; None when it can."""
+def _billing_problem(booking: Booking, invoice_free: bool, failed_customers: dict, failed_items: dict,
+                     company: str | None = None) -> tuple[str, str] | None:
+    """(code, reason) when the booking cannot be billed as it is; None when it can. The failed
+    customers and items are those of the company the booking's business bills into."""
+    failed_customers, failed_items = failed_customers.get(company, {}), failed_items.get(company, {})
     if not booking.customers:
         return "no-customer", "appointment has no customer"
     if booking.missing_email:
@@ -108,12 +117,26 @@ def _billing_problem(booking: Booking, invoice_free: bool, failed_customers: dic
     return None
 
 
-async def _failures(store: Store) -> tuple[dict, dict]:
-    customers = {r.get("Key"): r.get("LastError") for r in await store.query(
-        CUSTOMER_LINKS, "Status eq 'failed'", ["Key", "LastError"])}
-    items = {r.get("Key"): r.get("LastError") for r in await store.query(
-        ITEM_LINKS, "Status eq 'failed'", ["Key", "LastError"])}
-    return customers, items
+async def _failures(store: Store, settings) -> tuple[dict, dict]:
+    """Customers and items BC refused, per company: company → key → reason."""
+    found: list[dict] = []
+    for kind in (CUSTOMER, ITEM):
+        partitions = link_partitions(kind, settings)
+        rows = await store.query(kind.table, "Status eq 'failed'", ["PartitionKey", "Key", "LastError"])
+        failed: dict = {}
+        for row in rows:
+            if row["PartitionKey"] in partitions:  # not the push's rows (`push:<business>`)
+                failed.setdefault(partitions[row["PartitionKey"]], {})[row.get("Key")] = row.get("LastError")
+        found.append(failed)
+    return found[0], found[1]
+
+
+def company_of(settings, booking: Booking) -> str | None:
+    """The BC company the booking's business bills into (None: no company is set for it)."""
+    try:
+        return settings.company_of(booking.business_id)
+    except SettingsError:
+        return None
 
 
 def _time_filter(name: str, moment: datetime) -> str:
@@ -124,7 +147,8 @@ async def candidates(rt: Runtime, store: Store, filters: Filters, now: datetime 
     """Every uninvoiced booking (SPEC §4: ended, not cancelled, not invoiced nor claimed), sorted
     by start. Free ones only with `INVOICE_FREE_BOOKINGS`; rows that cannot be billed carry a reason."""
     now = now or datetime.now(timezone.utc)
-    clauses = ["InvoiceState eq 'none'", "Cancelled eq false", _time_filter("EndUtc", now).format(op="lt")]
+    ended_before = min(now, filters.ended_before) if filters.ended_before else now
+    clauses = ["InvoiceState eq 'none'", "Cancelled eq false", _time_filter("EndUtc", ended_before).format(op="lt")]
     parameters: dict = {}
     if filters.business_id:
         clauses.insert(0, "PartitionKey eq @pk")
@@ -134,19 +158,23 @@ async def candidates(rt: Runtime, store: Store, filters: Filters, now: datetime 
     if filters.start_to:
         clauses.append(_time_filter("StartUtc", filters.start_to).format(op="lt"))
     rows, (failed_customers, failed_items) = await asyncio.gather(
-        store.query(BOOKINGS, " and ".join(clauses), parameters=parameters or None), _failures(store))
+        store.query(BOOKINGS, " and ".join(clauses), parameters=parameters or None), _failures(store, rt.settings))
+    only = set(filters.business_ids) if filters.business_ids is not None else None
     email = normalise_email(filters.customer_email) if filters.customer_email else None
     invoice_free = rt.settings.invoice_free_bookings
     found = []
     for row in rows:
         booking = Booking.from_entity(row)
+        if only is not None and booking.business_id not in only:
+            continue
         if not booking.open_emails() and not booking.missing_email:
             continue
         if email and email not in booking.open_emails():
             continue
         if booking.price_type == FREE and not invoice_free:
             continue
-        problem = _billing_problem(booking, invoice_free, failed_customers, failed_items)
+        problem = _billing_problem(booking, invoice_free, failed_customers, failed_items,
+                                   company_of(rt.settings, booking))
         found.append(Candidate(booking, problem is None, problem and problem[1], problem and problem[0]))
     found.sort(key=lambda c: (c.booking.start, c.booking.business_id, c.booking.id))
     return found
@@ -173,27 +201,34 @@ def after_cursor(found: list[Candidate], cursor: str | None) -> list[Candidate]:
 
 @dataclass
 class Part:
-    """One customer's share of a job: one BC draft invoice."""
+    """One customer's share of a job in one company with one set of invoice dimensions: one BC
+    draft invoice."""
     index: int
     email: str
     name: str | None
     bookings: list[Booking] = field(default_factory=list)
+    company_id: str | None = None
+    dimensions: dict[str, str] = field(default_factory=dict)
 
     @property
     def amount(self) -> Decimal:
         return sum((b.amount_per_customer() for b in self.bookings), Decimal(0))
 
 
-def group_by_customer(bookings: list[Booking], emails_of) -> list[Part]:
-    """One part per customer e-mail, bookings in start order; `emails_of(booking)` says which
-    of a booking's customers to bill (open ones for a preview, the job's claims for a job)."""
-    by_email: dict[str, Part] = {}
+def group_by_customer(bookings: list[Booking], emails_of, settings=None) -> list[Part]:
+    """One part per customer e-mail, company and set of invoice dimensions (SPEC §4), bookings
+    in start order; `emails_of(booking)` says which of a booking's customers to bill (open ones
+    for a preview, the job's claims for a job). Without `settings`: one company, no dimensions."""
+    groups: dict[tuple[str, str, str], Part] = {}
     for booking in sorted(bookings, key=lambda b: (b.start, b.id)):
         names = {c.email: c.name for c in booking.customers}
+        company = company_of(settings, booking) if settings is not None else None
+        dimensions = settings.dimensions_of(booking.business_id) if settings is not None else {}
         for email in emails_of(booking):
-            part = by_email.setdefault(email, Part(0, email, names.get(email)))
+            key = (email, company or "", dimension_set_key(dimensions))
+            part = groups.setdefault(key, Part(0, email, names.get(email), company_id=company, dimensions=dimensions))
             part.bookings.append(booking)
-    parts = [by_email[email] for email in sorted(by_email)]
+    parts = [groups[key] for key in sorted(groups)]
     for index, part in enumerate(parts):
         part.index = index
     return parts
@@ -207,9 +242,10 @@ def line_description(booking: Booking, time_zone: str) -> str:
 
 
 def preview(parts: list[Part], time_zone: str) -> list[dict]:
-    """What `dryRun` answers: the invoices that would be made."""
+    """What `dryRun` answers: the invoices that would be made (in which company, with which
+    dimension values)."""
     return [{"customerEmail": p.email, "customerName": p.name, "amount": float(p.amount),
-             "bookingIds": [b.id for b in p.bookings],
+             "companyId": p.company_id, "dimensions": p.dimensions, "bookingIds": [b.id for b in p.bookings],
              "lines": [{"bookingId": b.id, "description": line_description(b, time_zone),
                         "quantity": float(b.quantity()), "unitPrice": float(b.unit_price()),
                         "amount": float(b.amount_per_customer())} for b in p.bookings]}
@@ -389,11 +425,20 @@ def part_key(index: int) -> str:
     return f"part-{index:05d}"
 
 
+@dataclass(frozen=True)
+class Dating:
+    """How a job's invoices are dated: a billing run's invoices carry the period's last day and
+    a comment line naming the period ("October 2026"); by hand, today and no comment."""
+    invoice_date: str | None = None
+    period: str | None = None
+
+
 async def create_job(rt: Runtime, store: Store, bookings: list[Booking], strict: bool,
-                     request: dict) -> tuple[str | None, int]:
+                     request: dict, dating: Dating = Dating(), job_id: str | None = None) -> tuple[str | None, int]:
     """Claim, record and queue a job. `strict`: any booking that cannot be claimed rejects the
-    whole request (listed ids); otherwise such bookings are left out (`all`)."""
-    job_id = new_job_id()
+    whole request (listed ids); otherwise such bookings are left out (`all`). One part (one draft)
+    per customer, company and set of invoice dimensions."""
+    job_id = job_id or new_job_id()
     now = datetime.now(timezone.utc)
     await store.upsert(JOBS, {"PartitionKey": job_id, "RowKey": HEADER, "Status": "claiming", "CreatedAt": now,
                               "Request": fit_string(to_json(request), 4000)})
@@ -404,10 +449,12 @@ async def create_job(rt: Runtime, store: Store, bookings: list[Booking], strict:
         if strict and problems:
             raise NotUninvoiced(problems)
         return None, 0
-    parts = group_by_customer(claimed, lambda b: sorted(e for e, j in b.claims.items() if j == job_id))
+    parts = group_by_customer(claimed, lambda b: sorted(e for e, j in b.claims.items() if j == job_id), rt.settings)
     try:
         rows = [{"PartitionKey": job_id, "RowKey": part_key(p.index), "CustomerEmail": p.email,
                  "CustomerName": p.name or "", "Status": "queued", "BookingCount": len(p.bookings),
+                 "CompanyId": p.company_id or "", "Dimensions": dimension_set_key(p.dimensions),
+                 "InvoiceDate": dating.invoice_date or "", "Period": dating.period or "",
                  **_chunks(to_json(_refs(p.bookings))), **_snapshot(p.bookings)} for p in parts]
     except TooLarge:
         await release(store, job_id, _refs(claimed))
@@ -427,38 +474,6 @@ async def create_job(rt: Runtime, store: Store, bookings: list[Booking], strict:
     return job_id, len(claimed)
 
 
-async def job_status(store: Store, job_id: str) -> dict | None:
-    rows = await store.partition(JOBS, job_id)
-    header = next((r for r in rows if r["RowKey"] == HEADER), None)
-    if header is None or header.get("Status") == "rejected":
-        return None
-    parts = [r for r in rows if r["RowKey"].startswith("part-")]
-    statuses = [p.get("Status") for p in parts]
-    if header.get("Status") == "claiming" or not parts:
-        status = "queued"
-    elif all(s == "succeeded" for s in statuses):
-        status = "succeeded"
-    elif any(s in ("queued", "running", "waiting") for s in statuses):
-        started = any(s != "queued" for s in statuses)  # a part taken by a worker is no longer queued
-        status = "running" if started else "queued"
-    elif any(s == "succeeded" for s in statuses):
-        status = "partial"
-    else:
-        status = "failed"
-    invoices, errors, waiting = [], [], []
-    for part in sorted(parts, key=lambda p: p["RowKey"]):
-        if part.get("Status") == "waiting":
-            waiting.append({"customerEmail": part.get("CustomerEmail"), "until": part.get("WaitUntil") or None,
-                            "reason": part.get("Note") or "waiting for Business Central"})
-        if part.get("InvoiceId"):
-            invoices.append({"customerEmail": part.get("CustomerEmail"), "invoiceId": part.get("InvoiceId"),
-                             "invoiceNumber": part.get("InvoiceNumber"), "amount": part.get("Amount"),
-                             "bookingIds": json.loads(part.get("BookingIds") or "[]")})
-        errors.extend(json.loads(part.get("Errors") or "[]"))
-    return {"jobId": job_id, "status": status, "bookingCount": int(header.get("BookingCount") or 0),
-            "invoices": invoices, "errors": errors, "waiting": waiting}
-
-
 async def select_listed(rt: Runtime, store: Store, ids: list[str], now: datetime
                         ) -> tuple[list[Booking], dict[str, str]]:
     """The listed bookings if every one is uninvoiced and invoiceable; else the problems by id."""
@@ -467,7 +482,7 @@ async def select_listed(rt: Runtime, store: Store, ids: list[str], now: datetime
     async for row in store.iterate(BOOKINGS):
         if row.get("AppointmentId") in wanted:
             found[row["AppointmentId"]] = Booking.from_entity(row)
-    failed_customers, failed_items = await _failures(store)
+    failed_customers, failed_items = await _failures(store, rt.settings)
     check = _claimable(now, rt.settings.invoice_free_bookings)
     problems: dict[str, str] = {}
     for ident in dict.fromkeys(ids):
@@ -475,7 +490,8 @@ async def select_listed(rt: Runtime, store: Store, ids: list[str], now: datetime
         if booking is None:
             problems[ident] = "unknown booking"
             continue
-        billing = _billing_problem(booking, rt.settings.invoice_free_bookings, failed_customers, failed_items)
+        billing = _billing_problem(booking, rt.settings.invoice_free_bookings, failed_customers, failed_items,
+                                   company_of(rt.settings, booking))
         problem = check(booking) or (billing and billing[1])
         if problem:
             problems[ident] = problem
@@ -491,8 +507,8 @@ class Outcome:
 
 
 async def invoice_bookings(rt: Runtime, store: Store, *, booking_ids: list[str] | None = None,
-                           filters: Filters | None = None, dry_run: bool = False, request: dict | None = None
-                           ) -> Outcome:
+                           filters: Filters | None = None, dry_run: bool = False, request: dict | None = None,
+                           dating: Dating = Dating(), job_id: str | None = None) -> Outcome:
     """Invoice the listed bookings (all or nothing: `NotUninvoiced` names each one that cannot
     be), or every invoiceable booking the filters find; `dry_run` only says what would be made.
     The JSON API and the operator pages both come here."""
@@ -505,20 +521,10 @@ async def invoice_bookings(rt: Runtime, store: Store, *, booking_ids: list[str] 
         found = await candidates(rt, store, filters or Filters(), now)
         bookings = [c.booking for c in found if c.invoiceable]
     if dry_run:
-        parts = group_by_customer(bookings, lambda b: b.open_emails())
+        parts = group_by_customer(bookings, lambda b: b.open_emails(), rt.settings)
         return Outcome(len(bookings), invoices=preview(parts, rt.settings.time_zone))
     if not bookings:
         return Outcome(0)
-    job_id, count = await create_job(rt, store, bookings, strict=booking_ids is not None, request=request or {})
+    job_id, count = await create_job(rt, store, bookings, strict=booking_ids is not None, request=request or {},
+                                     dating=dating, job_id=job_id)
     return Outcome(count, job_id)
-
-
-async def recent_jobs(store: Store, limit: int = 25) -> list[dict]:
-    """The latest jobs, newest first, each as `job_status` reports it plus when it was made."""
-    headers = await store.query(JOBS, f"RowKey eq '{HEADER}' and Status ne 'rejected'",
-                                ["PartitionKey", "CreatedAt"])
-    headers.sort(key=lambda r: r.get("CreatedAt") or datetime.min.replace(tzinfo=timezone.utc), reverse=True)
-    chosen = headers[:limit]
-    statuses = await asyncio.gather(*(job_status(store, row["PartitionKey"]) for row in chosen))
-    return [{**status, "createdAt": row.get("CreatedAt")} for row, status in zip(chosen, statuses, strict=True)
-            if status is not None]

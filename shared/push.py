@@ -19,7 +19,8 @@ The rules that keep both systems clean:
 - **Blocked BC records are not pushed.**
 
 Link rows live in the customer and item link tables, one partition per business
-(`push:<business>`), keyed by the BC record's id."""
+(`push:<business>`), keyed by the BC record's id. A business gets the records of the BC company
+it bills into (`BUSINESS_COMPANIES`)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from datetime import datetime, timedelta, timezone
 from babel import Locale
 
 from shared.bookings import normalise_email, parse_instant
+from shared.directory import KINDS as DIRECTORY_KINDS, link_partition
 from shared.graph import BookingCustomer, BookingService
 from shared.http import UpstreamAmbiguous, UpstreamError, UpstreamThrottled
 from shared.runtime import Runtime
@@ -336,21 +338,26 @@ async def push_directory(rt: Runtime, store: Store, pulls: list) -> dict[str, Bu
         return results
     marks = await _watermarks(store, [p.business_id for p in ready])
     started = datetime.now(timezone.utc)
-    businesses = [p.business_id for p in ready]
     kinds = [kind for kind, wanted in ((CUSTOMERS, settings.push_customers), (SERVICES, settings.push_items)) if wanted]
     filters = {CUSTOMERS: settings.bc_customer_filter, SERVICES: settings.bc_item_filter}
-    for kind in kinds:
-        try:
-            records = await rt.bc.list(kind.entity_set,
-                                       _changed_filter(filters[kind], _since(marks, businesses, kind.name)))
-            skip = await _from_bookings(store, kind.table, kind.link_partition)
-        except UpstreamError as error:
-            for business in businesses:
-                results[business].errors.append(f"push of {kind.name}: Business Central: {error}")
-            continue
-        records = [r for r in records if kind.pushable(r) and r["id"] not in skip]
-        await asyncio.gather(*(_push_business(rt, store, kind, pull, records, results[pull.business_id], marks,
-                                              started) for pull in ready))
+    by_company: dict[str, list] = {}
+    for pull in ready:  # a business gets its own company's records
+        by_company.setdefault(settings.company_of(pull.business_id), []).append(pull)
+    for company, pulls_of_company in by_company.items():
+        businesses = [p.business_id for p in pulls_of_company]
+        for kind in kinds:
+            try:
+                records = await rt.bc_for(company).list(
+                    kind.entity_set, _changed_filter(filters[kind], _since(marks, businesses, kind.name)))
+                skip = await _from_bookings(store, kind.table,
+                                            link_partition(DIRECTORY_KINDS[kind.link_partition], company, settings))
+            except UpstreamError as error:
+                for business in businesses:
+                    results[business].errors.append(f"push of {kind.name}: Business Central: {error}")
+                continue
+            records = [r for r in records if kind.pushable(r) and r["id"] not in skip]
+            await asyncio.gather(*(_push_business(rt, store, kind, pull, records, results[pull.business_id], marks,
+                                                  started) for pull in pulls_of_company))
     await _save_watermarks(store, marks)
     for result in results.values():
         log.info("pushed to %s", result.business_id,

@@ -25,17 +25,28 @@ POSTED_STATUSES = {"Open", "Paid", "Canceled", "Corrective"}
 
 
 async def reconcile_invoices(rt: Runtime, store: Store) -> dict:
-    try:
-        bc = rt.bc
-    except SettingsError as error:
-        return {"reconcileSkipped": str(error)}
+    """Every company's drafts the bookings know, checked in that company."""
+    default = rt.settings.bc_company_id
+    if not default and not rt.settings.business_companies:
+        return {"reconcileSkipped": "Setting BC_COMPANY_ID is required but not set."}
     rows = await store.query(BOOKINGS, "HasInvoices eq true and InvoiceState ne 'posted'")
     bookings = [Booking.from_entity(row) for row in rows]
-    open_ids = sorted({inv["invoiceId"] for b in bookings for inv in b.invoices.values() if not inv.get("posted")})
+    by_company: dict[str, set[str]] = {}
+    for booking in bookings:
+        for invoice in booking.invoices.values():
+            if not invoice.get("posted"):
+                by_company.setdefault(invoice.get("companyId") or default, set()).add(invoice["invoiceId"])
+    open_ids = sorted(i for ids in by_company.values() for i in ids)
     counts = {"invoicesChecked": len(open_ids), "bookingsReleased": 0, "bookingsPosted": 0, "partsRechecked": 0}
     if open_ids:
         try:
-            states = await bc.invoices_by_id(open_ids)
+            states: dict[str, dict | None] = {}
+            for company, ids in by_company.items():
+                if company is None:
+                    raise SettingsError("Setting BC_COMPANY_ID is required but not set.")
+                states |= await rt.bc_for(company).invoices_by_id(sorted(ids))
+        except SettingsError as error:
+            return counts | {"reconcileSkipped": str(error)}
         except UpstreamError as error:
             log.warning("reconciliation skipped: %s", error, extra={"event": "reconcile_failed"})
             return counts | {"reconcileError": str(error)}
@@ -72,7 +83,7 @@ async def _recheck_parts(rt: Runtime, store: Store) -> int:
     """Parts whose bookings stayed reserved because BC could not say whether their invoice
     exists: record the invoice if it does; release the bookings once BC certainly has none and
     cannot still be creating one."""
-    from shared.invoice_worker import invoice_parts, pending_since
+    from shared.invoice_worker import company_of_part, invoice_parts, pending_since
 
     checked = 0
     now = datetime.now(timezone.utc)
@@ -81,8 +92,9 @@ async def _recheck_parts(rt: Runtime, store: Store) -> int:
         key = external_document_number(job_id, part)
         since = pending_since(row)
         try:
-            found = (await rt.bc.invoices_by_external_numbers([key]))[key]
-        except UpstreamError:
+            bc = rt.bc_for(company_of_part(rt, row))
+            found = (await bc.invoices_by_external_numbers([key]))[key]
+        except (UpstreamError, SettingsError):
             continue
         if found:
             await store.update(JOBS, {"PartitionKey": job_id, "RowKey": row["RowKey"], "Status": "queued",
@@ -92,7 +104,7 @@ async def _recheck_parts(rt: Runtime, store: Store) -> int:
             except Deferred as deferred:
                 await store.send(INVOICE_QUEUE, encode(deferred.message or InvoiceJobPart(jobId=job_id, parts=[part])),
                                  visibility_timeout=max(1, int(deferred.seconds)))
-        elif since is not None and rt.bc.settled_at(since) > now:
+        elif since is not None and bc.settled_at(since) > now:
             continue  # BC may still be creating it: check on a later sync
         else:
             await release(store, job_id, refs_of(row), row["CustomerEmail"])

@@ -29,7 +29,8 @@ class Runtime:
     settings: Settings
     _store: object | None = None
     _graph: object | None = None
-    _bc: object | None = None
+    _bc_api: object | None = None
+    _bc: dict = field(default_factory=dict)
     _slots: dict = field(default_factory=dict)
     _gates: dict = field(default_factory=dict)
     _closers: list = field(default_factory=list)
@@ -63,13 +64,27 @@ class Runtime:
 
     @property
     def bc(self):
+        """The client of `BC_COMPANY_ID`."""
+        self.settings.require("tenant_id", "bc_environment", "bc_company_id")
+        return self.bc_for(self.settings.bc_company_id)
+
+    def bc_of(self, business_id: str):
+        """The client of the company the business bills into (`BUSINESS_COMPANIES`)."""
+        return self.bc_for(self.settings.company_of(business_id))
+
+    def bc_for(self, company_id: str):
+        """The client of one company. Every company of the environment shares one `ApiClient`:
+        BC's limits are per environment and principal, not per company."""
         from shared.auth import token_provider
         from shared.bc import ENVIRONMENT_CONCURRENCY, REQUESTS_PER_WINDOW, WINDOW_SECONDS, BcClient
         from shared.http import ApiClient
         from shared.limits import SharedRateBudget
 
-        if self._bc is None:
-            self.settings.require("tenant_id", "bc_environment", "bc_company_id")
+        client = self._bc.get(company_id)
+        if client is not None:
+            return client
+        if self._bc_api is None:
+            self.settings.require("tenant_id", "bc_environment")
             tokens = token_provider(self.settings)
             # One environment, one principal (the app's): one pool and one budget, whatever the key.
             name = f"bc/{self.settings.tenant_id}/{self.settings.bc_environment}".lower()
@@ -79,8 +94,9 @@ class Runtime:
                             shared_slots=lambda _key: self.shared_slots(name, ENVIRONMENT_CONCURRENCY,
                                                                         max_hold_seconds=BC_TURN_SECONDS))
             self._closers.append(api.aclose)
-            self._bc = BcClient(api, self.settings)
-        return self._bc
+            self._bc_api = api
+        client = self._bc[company_id] = BcClient(self._bc_api, self.settings, company_id)
+        return client
 
     def shared_slots(self, name: str, count: int, max_hold_seconds: float | None = None):
         """The app-wide request slots `name` (`shared/limits.py`), one pool per name and loop."""
@@ -110,7 +126,8 @@ class Runtime:
         for close in reversed(self._closers):
             await close()
         self._closers.clear()
-        self._store = self._graph = self._bc = None
+        self._store = self._graph = self._bc_api = None
+        self._bc = {}
 
 
 _runtimes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Runtime] = weakref.WeakKeyDictionary()

@@ -8,12 +8,15 @@ missing or invalid value fails that function only, with a `SettingsError` naming
 from __future__ import annotations
 
 import os
+import re
 import zoneinfo
+from datetime import datetime
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from cronsim import CronSim, CronSimError
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.odata_filter import CUSTOMER_FILTER_FIELDS, ITEM_FILTER_FIELDS, InvalidFilter, validate_filter
@@ -95,6 +98,19 @@ class Settings(BaseSettings):
     """The pages' sign-in redirect URI, `https://<host>/api/pages/signin/callback` (infra sets it):
     the one URL the app gives Entra ID, and the origin its forms must come from. Unset: a request
     to a loopback address (a local run) uses its own."""
+    business_companies: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict,
+                                                                   alias="BUSINESS_COMPANIES")
+    """`business-id=company-id` pairs: the BC company each named business bills into (customers,
+    items and invoices live per company); businesses not named use `BC_COMPANY_ID`."""
+    invoice_dimensions: Annotated[dict[str, dict[str, str]], NoDecode] = Field(default_factory=dict,
+                                                                              alias="INVOICE_DIMENSIONS")
+    """`business-id:CODE=VALUE` entries: BC dimension values put on every invoice the business bills
+    (the invoice's `dimensionSetLines`, which its lines inherit); a business may have several."""
+    billing_period: Literal["month", "week"] | None = Field(None, alias="BILLING_PERIOD")
+    """`month` or `week`: each billing run invoices what ended before the end of the last closed
+    period; unset: no billing runs."""
+    billing_schedule: str = Field("0 0 6 1 * *", alias="BILLING_SCHEDULE")
+    """NCRONTAB of the billing timer (`%BILLING_SCHEDULE%`); a run happens at most once a period."""
 
     @field_validator("business_ids", mode="before")
     @classmethod
@@ -105,7 +121,7 @@ class Settings(BaseSettings):
 
     @field_validator("customer_template", "item_template", "bc_environment", "bc_company_id",
                      "tenant_id", "client_id", "client_secret", "storage_connection", "pages_redirect_uri",
-                     "federated_identity_client_id", "bc_customer_filter", "bc_item_filter",
+                     "federated_identity_client_id", "bc_customer_filter", "bc_item_filter", "billing_period",
                      mode="before")
     @classmethod
     def _blank_is_unset(cls, value):
@@ -141,6 +157,75 @@ class Settings(BaseSettings):
         except InvalidFilter as error:
             raise ValueError(f"not an OData $filter Business Central can take: {error}") from None
 
+    @field_validator("bc_company_id")
+    @classmethod
+    def _company_guid(cls, value: str | None) -> str | None:
+        if value is not None and not GUID.fullmatch(value.strip()):
+            raise ValueError(f"{value!r} is not a company id (a GUID)")
+        return value.strip().lower() if value else value
+
+    @field_validator("business_companies", mode="before")
+    @classmethod
+    def _pairs(cls, value):
+        if not isinstance(value, str):
+            return value
+        pairs: dict[str, str] = {}
+        for entry in (part.strip() for part in value.split(",")):
+            if not entry:
+                continue
+            business, sep, company = (text.strip() for text in entry.rpartition("="))
+            if not sep or not business or not company:
+                raise ValueError(f"{entry!r} is not a business-id=company-id pair")
+            if not GUID.fullmatch(company):
+                raise ValueError(f"{company!r} (for {business}) is not a company id (a GUID)")
+            if business in pairs:
+                raise ValueError(f"{business} is named twice")
+            pairs[business] = company.lower()
+        return pairs
+
+    @field_validator("invoice_dimensions", mode="before")
+    @classmethod
+    def _dimensions(cls, value):
+        if not isinstance(value, str):
+            return value
+        found: dict[str, dict[str, str]] = {}
+        for entry in (part.strip() for part in value.split(",")):
+            if not entry:
+                continue
+            business, sep, assignment = (text.strip() for text in entry.rpartition(":"))
+            code, equals, dimension_value = (text.strip().upper() for text in assignment.partition("="))
+            if not sep or not business or not equals:
+                raise ValueError(f"{entry!r} is not a business-id:CODE=VALUE entry")
+            for what, text in (("dimension code", code), ("dimension value", dimension_value)):
+                if not DIMENSION_CODE.fullmatch(text):
+                    raise ValueError(f"{text!r} in {entry!r} is not a {what} (1–20 characters, as BC's Code fields)")
+            if code in found.get(business, {}):
+                raise ValueError(f"{business} has dimension {code} twice")
+            found.setdefault(business, {})[code] = dimension_value
+        return found
+
+    @field_validator("billing_schedule")
+    @classmethod
+    def _ncrontab(cls, value: str) -> str:
+        value = value.strip()
+        if len(value.split()) != 6:
+            raise ValueError("must be an NCRONTAB expression of six fields ({second} {minute} {hour} {day} "
+                             "{month} {day-of-week}), e.g. 0 0 6 1 * *")
+        try:
+            next(CronSim(value, datetime(2000, 1, 1)))
+        except (CronSimError, StopIteration, ValueError) as error:
+            raise ValueError(f"not an NCRONTAB expression: {error}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _known_businesses(self):
+        for name, mapping in (("BUSINESS_COMPANIES", self.business_companies),
+                              ("INVOICE_DIMENSIONS", self.invoice_dimensions)):
+            unknown = [business for business in mapping if business not in self.business_ids]
+            if unknown and self.business_ids:
+                raise ValueError(f"{name} names {', '.join(unknown)}, not in BOOKINGS_BUSINESS_IDS")
+        return self
+
     @field_validator("time_zone")
     @classmethod
     def _known_time_zone(cls, value: str) -> str:
@@ -168,10 +253,40 @@ class Settings(BaseSettings):
 
     @property
     def bc_company_url(self) -> str:
+        """`{BC_BASE_URL}/{tenant}/{environment}/api/v2.0/companies({id})` of `BC_COMPANY_ID`."""
+        self.require("bc_company_id")
+        return self.company_url(self.bc_company_id)
+
+    def company_url(self, company_id: str) -> str:
         """`{BC_BASE_URL}/{tenant}/{environment}/api/v2.0/companies({id})`."""
-        self.require("tenant_id", "bc_environment", "bc_company_id")
-        return (f"{self.bc_base_url}/{self.tenant_id}/{self.bc_environment}"
-                f"/api/v2.0/companies({self.bc_company_id})")
+        self.require("tenant_id", "bc_environment")
+        return f"{self.bc_base_url}/{self.tenant_id}/{self.bc_environment}/api/v2.0/companies({company_id})"
+
+    def company_of(self, business_id: str) -> str:
+        """The BC company a business bills into: its `BUSINESS_COMPANIES` entry, else `BC_COMPANY_ID`."""
+        company = self.business_companies.get(business_id)
+        if company:
+            return company
+        if not self.bc_company_id:
+            raise SettingsError(f"Setting BC_COMPANY_ID is required but not set (business {business_id} is not "
+                                "named in BUSINESS_COMPANIES).")
+        return self.bc_company_id
+
+    @property
+    def companies(self) -> list[str]:
+        """Every BC company the businesses bill into, `BC_COMPANY_ID` first when it is used."""
+        found = []
+        for business in self.business_ids:
+            company = self.business_companies.get(business) or self.bc_company_id
+            if company and company not in found:
+                found.append(company)
+        if not found and self.bc_company_id:
+            found.append(self.bc_company_id)
+        return found
+
+    def dimensions_of(self, business_id: str) -> dict[str, str]:
+        """The dimension values (code → value) every invoice of the business carries."""
+        return dict(self.invoice_dimensions.get(business_id, {}))
 
     @property
     def bc_batch_url(self) -> str:
@@ -183,6 +298,11 @@ class Settings(BaseSettings):
         missing = [setting_name(name) for name in fields if not getattr(self, name)]
         if missing:
             raise SettingsError(f"Setting {', '.join(missing)} is required but not set.")
+
+
+GUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+DIMENSION_CODE = re.compile(r"[^\s,:=][^,:=]{0,19}")
+"""BC's Dimension "Code" and Dimension Value "Code" are Code[20] (upper-cased, trimmed)."""
 
 
 def setting_name(field: str) -> str:
@@ -200,6 +320,10 @@ def settings_in_force(settings: Settings) -> list[tuple[str, str | None, bool]]:
         value = getattr(settings, field)
         if isinstance(value, list):
             value = ",".join(value)
+        elif isinstance(value, dict):
+            value = ",".join(f"{key}={item}" if isinstance(item, str) else
+                             ",".join(f"{key}:{code}={code_value}" for code, code_value in item.items())
+                             for key, item in value.items()) or None
         text = None if value is None or value == "" else str(value).lower() if isinstance(value, bool) else str(value)
         hidden = field in SECRET_SETTINGS and text is not None
         shown.append((info.alias or field, None if hidden else text, hidden))
@@ -218,7 +342,10 @@ def _load(environment_key: tuple) -> Settings:
     except ValidationError as error:
         problems = []
         for item in error.errors():
-            field = item["loc"][0] if item["loc"] else "?"
+            if not item["loc"]:  # a check across settings: its message names them
+                problems.append(item["msg"].removeprefix("Value error, "))
+                continue
+            field = item["loc"][0]
             name = setting_name(field) if field in Settings.model_fields else field
             problems.append(f"{name}: {item['msg']}")
         raise SettingsError("Invalid setting " + "; ".join(problems)) from None

@@ -34,6 +34,7 @@ from pydantic import ValidationError
 
 from shared import leases
 from shared.bookings import Booking, normalise_email
+from shared.directory import CUSTOMER, ITEM, link_partition
 from shared.graph import Appointment, BookingCustomer, BookingService, NoAccessToBusiness
 from shared.http import UpstreamError, UpstreamNotFound
 from shared.messages import (SOURCE_TEXT, BusinessSync, CustomerBatchUpsert, CustomerSource, CustomerUpsert,
@@ -418,29 +419,31 @@ def _clip(value: str | None, limit: int = SOURCE_TEXT) -> str | None:
     return value[:limit] or None
 
 
-_known_per_run: dict[tuple[int, str], asyncio.Future] = {}
-KNOWN_RUNS_KEPT = 2
+_known_per_run: dict[tuple[int, str, tuple[str, str]], asyncio.Future] = {}
+KNOWN_RUNS_KEPT = 4
 
 
-def known_hashes_of_run(store: Store, run_id: str) -> asyncio.Future:
-    """`known_hashes`, read once per run and process: the businesses an instance syncs in one
-    run share one read of the link rows (each would otherwise read all of them). What the
-    directory records meanwhile only makes a record look changed, and its upsert then finds it
-    up to date."""
-    key = (id(store), run_id)
+def known_hashes_of_run(store: Store, run_id: str, partitions: tuple[str, str] = (CUSTOMER_PARTITION, ITEM_PARTITION)
+                        ) -> asyncio.Future:
+    """`known_hashes` of one company's link rows (`partitions`: customers', items'), read once
+    per run and process: the businesses of a company an instance syncs in one run share one read
+    of the link rows (each would otherwise read all of them). What the directory records
+    meanwhile only makes a record look changed, and its upsert then finds it up to date."""
+    key = (id(store), run_id, partitions)
     known = _known_per_run.get(key)
     if known is None or (known.done() and (known.cancelled() or known.exception() is not None)):
-        known = _known_per_run[key] = asyncio.ensure_future(known_hashes(store))
+        known = _known_per_run[key] = asyncio.ensure_future(known_hashes(store, partitions))
         for old in list(_known_per_run)[:-KNOWN_RUNS_KEPT]:
             del _known_per_run[old]
     return known
 
 
-async def known_hashes(store: Store) -> tuple[dict[str, str], dict[str, str]]:
-    """What the last successful upserts recorded on the customer and item link rows."""
+async def known_hashes(store: Store, partitions: tuple[str, str] = (CUSTOMER_PARTITION, ITEM_PARTITION)
+                       ) -> tuple[dict[str, str], dict[str, str]]:
+    """What the last successful upserts recorded on a company's customer and item link rows."""
     customers, items = await asyncio.gather(*(store.partition(table, partition, select=["RowKey", "SourceHash"])
-                                              for table, partition in ((CUSTOMER_LINKS, CUSTOMER_PARTITION),
-                                                                       (ITEM_LINKS, ITEM_PARTITION))))
+                                              for table, partition in zip((CUSTOMER_LINKS, ITEM_LINKS), partitions,
+                                                                          strict=True)))
     return ({row["RowKey"]: row.get("SourceHash") for row in customers},
             {row["RowKey"]: row.get("SourceHash") for row in items})
 
@@ -469,10 +472,12 @@ class DirectoryQueue:
     reaches them first; from then on the first of them in `BOOKINGS_BUSINESS_IDS` order keeps
     them up to date, and the others leave them alone."""
 
-    def __init__(self, rt: Runtime, store: Store, run_id: str):
+    def __init__(self, rt: Runtime, store: Store, run_id: str, business_id: str | None = None):
         self.rt, self.store = rt, store
         self.businesses = rt.settings.business_ids
-        self.known = known_hashes_of_run(store, run_id)
+        company = rt.settings.company_of(business_id) if business_id else rt.settings.bc_company_id
+        partitions = (link_partition(CUSTOMER, company, rt.settings), link_partition(ITEM, company, rt.settings))
+        self.known = known_hashes_of_run(store, run_id, partitions)
         self.queued: tuple[set[str], set[str]] = (set(), set())
         self.customers = self.items = 0
         self._sending: list[asyncio.Task] = []
@@ -572,7 +577,7 @@ async def _sync_business(rt: Runtime, store: Store, request: BusinessSync, now: 
     start, end = window(settings, now or started)
     read = CalendarRead(business, start, end, slice_length(start, end, last_fetched))
     pull = BusinessPull(business)
-    upserts = DirectoryQueue(rt, store, request.run_id)
+    upserts = DirectoryQueue(rt, store, request.run_id, business)
     outcome, counts, errors = "succeeded", {}, []
     writes = StoreStats()
     writes_of_this_task.set(writes)
@@ -624,7 +629,9 @@ async def _sync_business(rt: Runtime, store: Store, request: BusinessSync, now: 
 
 
 async def reconcile_run(rt: Runtime, request: InvoiceReconciliation) -> dict | None:
-    """The run's reconciliation with BC, under its own lease (None: another is running)."""
+    """The run's reconciliation with BC, under its own lease (None: another is running); it also
+    takes over a billing run that died."""
+    from shared.billing import resume_stale_run
     from shared.reconcile import reconcile_invoices
 
     store = await rt.store()
@@ -633,6 +640,9 @@ async def reconcile_run(rt: Runtime, request: InvoiceReconciliation) -> dict | N
         return None
     try:
         counts = await reconcile_invoices(rt, store)
+        resumed = await resume_stale_run(rt)
+        if resumed is not None:
+            counts["billingRunResumed"] = resumed.get("period")
         result = {"runId": request.run_id, "at": _iso(datetime.now(timezone.utc)), "counts": counts}
         await store.write_blob(RECONCILED, json.dumps(result).encode(), "application/json")
     finally:

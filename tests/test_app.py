@@ -17,7 +17,7 @@ from tests.helpers import body
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED_FUNCTIONS = {
     "sync_bookings", "run_requested_sync", "sync_one_business", "request_sync", "upsert_directory", "list_templates", "put_template",
-    "list_uninvoiced", "create_invoices", "get_invoice_job", "invoice_worker", "health", "status", "openapi",
+    "list_uninvoiced", "create_invoices", "get_invoice_job", "invoice_worker", "billing_run", "health", "status", "openapi",
 } | {"pages_home", "pages_bookings", "pages_jobs", "pages_job", "pages_setup", "pages_template", "pages_new_template",
      "pages_attention", "pages_signin", "pages_signin_callback", "pages_signout", "pages_static"}
 
@@ -46,6 +46,7 @@ def test_every_functions_binding_names_match_its_parameters():
 def test_queue_and_timer_bindings_use_the_settings_the_host_resolves():
     triggers = {name: fn.get_trigger() for name, fn in functions().items()}
     assert triggers["sync_bookings"].schedule == "%SYNC_SCHEDULE%"
+    assert triggers["billing_run"].schedule == "%BILLING_SCHEDULE%"
     queues = {name: t.queue_name for name, t in triggers.items() if type(t).__name__ == "QueueTrigger"}
     assert queues == {"run_requested_sync": "sync-requests", "sync_one_business": "sync-businesses",
                       "upsert_directory": "directory-upserts",

@@ -245,6 +245,10 @@ class Run:
     pushed_services: list[str] = field(default_factory=list)
     customers_before: dict[str, Counter] = field(default_factory=dict)
     """Bookings customers per e-mail in each business before the push (the data has duplicates of its own)."""
+    companies: list[str] = field(default_factory=list)
+    """The BC companies the businesses bill into (business 1 into a second one in some runs)."""
+    dimensions: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Company → the dimension values every invoice (and line) in it must carry."""
 
     @property
     def host(self):
@@ -391,13 +395,14 @@ def add_bc_records(run: Run) -> None:
                             for b in world.business_ids}
     known = sorted({(c.get("emailAddress") or "") for b in world.business_ids for c in world.graph.customers(b)} - {""})
     run.pushed_emails = [f"bc-only-{seed}@example.com"] + ([known[0].lower()] if known else [])
-    world.bc.add_customer(world.company_id, type="Person", displayName="Only In BC", email=run.pushed_emails[0].upper(),
-                          city="Oslo", country="NO", phoneNumber="+47 22 33 44 55")
-    if known:
-        world.bc.add_customer(world.company_id, type="Person", displayName="Also In Bookings", email=known[0].upper())
-    world.bc.add_customer(world.company_id, type="Company", displayName="A Company", email=f"company-{seed}@example.com")
     run.pushed_services = [f"BC consultation {seed}"]
-    world.bc.add_item(world.company_id, displayName=run.pushed_services[0], type="Service", unitPrice=75)
+    for company in run.companies or [world.company_id]:  # each business gets its own company's records
+        world.bc.add_customer(company, type="Person", displayName="Only In BC", email=run.pushed_emails[0].upper(),
+                              city="Oslo", country="NO", phoneNumber="+47 22 33 44 55")
+        if known:
+            world.bc.add_customer(company, type="Person", displayName="Also In Bookings", email=known[0].upper())
+        world.bc.add_customer(company, type="Company", displayName="A Company", email=f"company-{seed}@example.com")
+        world.bc.add_item(company, displayName=run.pushed_services[0], type="Service", unitPrice=75)
 
 
 def configure_faults(run: Run) -> None:
@@ -459,6 +464,22 @@ def choose_settings(run: Run) -> None:
                                       [BOOKINGS_READ, BOOKINGS_APPOINTMENT_READ_WRITE, BOOKINGS_READ_WRITE])
         world.configure(PUSH_CUSTOMERS_TO_BOOKINGS="true", PUSH_ITEMS_TO_BOOKINGS="true")
         run.note("BC customers and service items pushed into Bookings")
+    run.companies = [world.company_id]
+    if rng.random() < 0.5:
+        # A chain: business 1 bills into a company of its own, each business's invoices carry its
+        # location; the directory, invoices, reconciliation and push then run per company.
+        from sandbox.stack import ENVIRONMENT, TENANT
+
+        second = world.bc.add_company(TENANT, ENVIRONMENT, name=f"Chaos Sverige {run.seed}")
+        run.companies.append(second)
+        for index, company in enumerate(run.companies):
+            world.bc.add_dimension(company, "LOCATION", "Location")
+            world.bc.add_dimension_value(company, "LOCATION", f"SITE{index}", f"Site {index}")
+            run.dimensions[company] = {"LOCATION": f"SITE{index}"}
+        world.configure(BUSINESS_COMPANIES=f"{world.business_ids[1]}={second}",
+                        INVOICE_DIMENSIONS=",".join(f"{business}:LOCATION=SITE{index}"
+                                                    for index, business in enumerate(world.business_ids)))
+        run.note("two BC companies, a LOCATION dimension per business")
     for _ in range(rng.randint(2, 5)):
         run.crashes.store_points[rng.randint(1, 250)] = rng.choice(("before", "after"))
     run.crashes.upstream_points = set(rng.sample(range(1, 40), k=rng.randint(1, 2)))
@@ -607,17 +628,46 @@ def poisoned(world, queue: str) -> list[dict | str]:
 
 def check_invariants(world, *, invoice_free: bool, ended_before: datetime, time_zone: str,
                      jobs: set[str] = frozenset(), deleted: set[str] = frozenset(),
-                     repriced: set[str] = frozenset()) -> Findings:
-    """Everything that must hold once the pipeline has settled; collects every violation."""
+                     repriced: set[str] = frozenset(), companies: list[str] | None = None,
+                     dimensions: dict[str, dict[str, str]] | None = None) -> Findings:
+    """Everything that must hold once the pipeline has settled, in every company; collects every
+    violation."""
     found = Findings()
     problems = found.problems
     bookings = {r["AppointmentId"]: Booking.from_entity(r) for r in rows(world, BOOKINGS)}
-    customers = world.bc.customers(world.company_id)
-    items = world.bc.items(world.company_id)
-    invoices = {i["id"]: i for i in world.bc.invoices(world.company_id)}
-    links = {r["Key"]: r for r in rows(world, CUSTOMER_LINKS) if r.get("Key")}
+    companies = companies or [world.company_id]
+    invoices, company_of_invoice = {}, {}
+    for company in companies:
+        for invoice in world.bc.invoices(company):
+            invoices[invoice["id"]] = invoice
+            company_of_invoice[invoice["id"]] = company
+    # The customer links of each company (BC_COMPANY_ID's partition is `customer`).
+    partition = {company: "customer" if company == world.company_id else f"customer@{company}" for company in companies}
+    links = {(r["PartitionKey"], r["Key"]): r for r in rows(world, CUSTOMER_LINKS) if r.get("Key")}
+    for company in companies:
+        _check_directory(world, company, found)
+    for invoice_id, invoice in invoices.items():
+        wanted = (dimensions or {}).get(company_of_invoice[invoice_id], {})
+        if invoice.get("dimensions", {}) != wanted or any(line.get("dimensions", {}) != wanted
+                                                          for line in invoice["salesInvoiceLines"]):
+            problems.append(f"BC invoice {invoice.get('number')} (or a line) carries {invoice.get('dimensions')}, "
+                            f"not {wanted}")
+        if not invoice["salesInvoiceLines"]:
+            problems.append(f"BC invoice {invoice.get('number')} was left without lines")
+    numbers = Counter(i.get("externalDocumentNumber") for i in invoices.values())
+    for number, n in sorted(numbers.items()):
+        if n > 1:
+            problems.append(f"BC has {n} invoices with externalDocumentNumber {number}")
+    _check_lines(world, bookings, invoices, company_of_invoice, partition, links, found, time_zone, repriced)
+    _check_bookings_and_jobs(world, bookings, found, invoice_free, ended_before, jobs, deleted)
+    return found
 
-    # No BC customer or item twice.
+
+def _check_directory(world, company: str, found: Findings) -> None:
+    """No BC customer or item twice in one company."""
+    problems = found.problems
+    customers = world.bc.customers(company)
+    items = world.bc.items(company)
     by_email = Counter(normalise_email(c.get("email")) for c in customers if normalise_email(c.get("email")))
     by_name = Counter((i.get("displayName") or "").strip().lower() for i in items if i.get("type") == "Service")
     for email, n in sorted(by_email.items()):
@@ -628,12 +678,12 @@ def check_invariants(world, *, invoice_free: bool, ended_before: datetime, time_
         if n > 1:
             found.duplicates += n - 1
             problems.append(f"BC has {n} service items named {name!r}")
-    numbers = Counter(i.get("externalDocumentNumber") for i in invoices.values())
-    for number, n in sorted(numbers.items()):
-        if n > 1:
-            problems.append(f"BC has {n} invoices with externalDocumentNumber {number}")
 
-    # Every BC invoice line is one that a booking records, once; nothing recorded is missing.
+
+def _check_lines(world, bookings, invoices, company_of_invoice, partition, links, found: Findings, time_zone: str,
+                 repriced) -> None:
+    """Every BC invoice line is one that a booking records, once; nothing recorded is missing."""
+    problems = found.problems
     expected: Counter = Counter()
     for booking in bookings.values():
         for email, link in booking.invoices.items():
@@ -641,7 +691,7 @@ def check_invariants(world, *, invoice_free: bool, ended_before: datetime, time_
             invoice = invoices.get(link.get("invoiceId"))
             if invoice is None:
                 continue
-            customer = links.get(email)
+            customer = links.get((partition[company_of_invoice[invoice["id"]]], email))
             if customer and invoice.get("customerId") != customer.get("BcId"):
                 problems.append(f"booking {booking.id} of {email} is recorded on invoice {invoice.get('number')} "
                                 "of another customer")
@@ -664,7 +714,12 @@ def check_invariants(world, *, invoice_free: bool, ended_before: datetime, time_
         found.lost += n
         problems.append(f"{n} booking line(s) {description!r} recorded on invoice {invoice_id} that BC does not have")
 
-    # Every invoiceable ended booking is billed to each of its customers, and nothing stays claimed.
+
+def _check_bookings_and_jobs(world, bookings, found: Findings, invoice_free: bool, ended_before: datetime, jobs,
+                             deleted) -> None:
+    """Every invoiceable ended booking is billed to each of its customers, nothing stays claimed,
+    every job ended (and said why when it did not succeed), every failure is visible."""
+    problems = found.problems
     for booking in bookings.values():
         if booking.claims:
             found.lost += len(booking.claims)
@@ -716,7 +771,6 @@ def check_invariants(world, *, invoice_free: bool, ended_before: datetime, time_
     elif health["lastSync"]["outcome"] != "succeeded":
         problems.append(f"the last sync without faults was {health['lastSync']['outcome']}: "
                         f"{health['lastSync']['errors']}")
-    return found
 
 
 def check_push(run: Run, findings: Findings) -> None:
@@ -792,7 +846,7 @@ def test_a_seeded_chaos_run_bills_every_booking_exactly_once(chaos_world, chaos_
         check_write_back(run)
         findings = check_invariants(chaos_world, invoice_free=run.invoice_free, ended_before=ended_before,
                                     time_zone=run.time_zone, jobs=run.jobs, deleted=run.deleted,
-                                    repriced=run.repriced)
+                                    repriced=run.repriced, companies=run.companies, dimensions=run.dimensions)
         if run.push:
             check_push(run, findings)
     except Exception as error:  # a function the host would have run raised: reported with the seed

@@ -47,6 +47,10 @@ param pushCustomersToBookings string
 param pushItemsToBookings string
 param bcCustomerFilter string
 param bcItemFilter string
+param businessCompanies string
+param invoiceDimensions string
+param billingPeriod string
+param billingSchedule string
 
 resource stg 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
@@ -99,6 +103,10 @@ var appSettings = {
   PUSH_ITEMS_TO_BOOKINGS: pushItemsToBookings
   BC_CUSTOMER_FILTER: bcCustomerFilter
   BC_ITEM_FILTER: bcItemFilter
+  BUSINESS_COMPANIES: businessCompanies
+  INVOICE_DIMENSIONS: invoiceDimensions
+  BILLING_PERIOD: billingPeriod
+  BILLING_SCHEDULE: billingSchedule
 }
 
 // A Key Vault reference without a version (trailing slash): after a rotation the app reads the

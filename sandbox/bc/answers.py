@@ -16,18 +16,23 @@ from urllib.parse import quote, urlencode
 from sandbox.bc import odata
 from sandbox.bc.backend import Backend
 from sandbox.bc.etags import etag
-from sandbox.bc.fields import COMPANY, INVOICE, SPECS, EntitySpec
+from sandbox.bc.fields import EntitySpec, spec_of
 from sandbox.bc.store import Company, Row
 from sandbox.bc.wire import ApiRequest, ApiResponse
 
 
-def select_expand(r: ApiRequest, spec: EntitySpec) -> tuple[list[str] | None, bool]:
+NAVIGATION = {"salesInvoices": ("salesInvoiceLines", "dimensionSetLines"), "salesInvoiceLines": ("dimensionSetLines",),
+              "dimensions": ("dimensionValues",)}
+"""The parts (navigation properties) of each API page that `$expand` may name."""
+
+
+def select_expand(r: ApiRequest, spec: EntitySpec) -> tuple[list[str] | None, tuple[str, ...]]:
     select = odata.parse_select(r.query["$select"], spec.odata) if "$select" in r.query else None
-    expand = False
+    expand: tuple[str, ...] = ()
     if r.query.get("$expand"):
         for name in (part.strip() for part in r.query["$expand"].split(",")):
-            if spec is INVOICE and name == "salesInvoiceLines":
-                expand = True
+            if name in NAVIGATION.get(spec.set_name, ()):
+                expand += (name,)
             else:
                 raise odata.ODataError(f"Could not find a property named '{name}' on type "
                                        f"'Microsoft.NAV.{spec.type_name}'.")
@@ -36,7 +41,7 @@ def select_expand(r: ApiRequest, spec: EntitySpec) -> tuple[list[str] | None, bo
 
 def single(backend: Backend, r: ApiRequest, company: Company | None, set_name: str, row: Row, url: str,
            status: int = 200) -> ApiResponse:
-    spec = SPECS.get(set_name, COMPANY)
+    spec = spec_of(set_name)
     select, expand = select_expand(r, spec)
     context_path = url.rsplit("(", 1)[0]
     body = {"@odata.context": f"{r.service_root}/$metadata#{context_path}/$entity"}

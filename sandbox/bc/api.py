@@ -15,7 +15,7 @@ from sandbox.bc.answers import collection, single
 from sandbox.bc.backend import Backend
 from sandbox.bc.errors import BcError, dialog, not_found
 from sandbox.bc.etags import check_if_match
-from sandbox.bc.fields import COMPANY, COUNTRY, INVOICE, LINE, SPECS
+from sandbox.bc.fields import COMPANY, COUNTRY, DIMENSION, DIMENSION_SET_LINE, DIMENSION_VALUE, INVOICE, LINE, SPECS
 from sandbox.bc.store import Company, Row
 from sandbox.bc.wire import BAD_BODY, NO_BODY, ApiRequest, ApiResponse, error_response
 
@@ -95,6 +95,8 @@ class Api:
         record_id = _key(key)
         if name == "salesInvoiceLines":
             return self._lines(r, company, None, record_id, rest, base)
+        if spec in (DIMENSION, DIMENSION_VALUE):
+            return self._dimensions(r, company, spec, record_id, rest, base)
         if record_id is None:
             if rest:
                 raise BcError(400, "BadRequest", f"An id is required: {name}({{id}})/….")
@@ -116,6 +118,9 @@ class Api:
             if name != "salesInvoices":
                 raise BcError(404, "BadRequest_ResourceNotFound", f"Resource not found for the segment '{rest[0][0]}'.")
             sub, sub_key = rest[0]
+            if sub == "dimensionSetLines":
+                return self._dimension_set_lines(r, company, name, row, _key(sub_key), rest[1:],
+                                                 f"{base}({record_id})/{sub}")
             if sub == "salesInvoiceLines":
                 return self._lines(r, company, record_id, _key(sub_key), rest[1:], f"{base}({record_id})/{sub}")
             if sub.lower() == "microsoft.nav.post" and len(rest) == 1:
@@ -149,8 +154,83 @@ class Api:
                       f"'{r.method}' requests for '{name}' are not allowed within Dynamics 365 Business Central "
                       "OData web services.")
 
+    def _dimensions(self, r: ApiRequest, company: Company, spec, record_id: str | None, rest: list,
+                    base: str) -> ApiResponse:
+        """The read-only ``dimensions`` and ``dimensionValues`` pages (and a dimension's values)."""
+        self._only(r, "GET", spec.set_name)
+        if record_id is None:
+            if rest:
+                raise BcError(400, "BadRequest", f"An id is required: {spec.set_name}({{id}})/….")
+            return collection(self.b, r, company, spec, list(company.tables[spec.set_name].values()), base,
+                              default_order="code")
+        row = self.b.row(company, spec.set_name, record_id)
+        if not rest:
+            return single(self.b, r, company, spec.set_name, row, f"{base}({record_id})")
+        (sub, sub_key), more = rest[0], rest[1:]
+        if spec is not DIMENSION or sub != "dimensionValues" or more:
+            raise BcError(404, "BadRequest_ResourceNotFound", f"Resource not found for the segment '{sub}'.")
+        values = self.b.values_of(company, record_id)
+        url = f"{base}({record_id})/dimensionValues"
+        value_id = _key(sub_key)
+        if value_id is None:
+            return collection(self.b, r, company, DIMENSION_VALUE, values, url, default_order="code")
+        found = next((v for v in values if v.fields["id"] == value_id), None)
+        if found is None:
+            raise not_found(DIMENSION_VALUE.table, value_id)
+        return single(self.b, r, company, "dimensionValues", found, f"{url}({value_id})")
+
+    def _dimension_set_lines(self, r: ApiRequest, company: Company, parent_set: str, parent: Row,
+                             dimension_id: str | None, rest: list, base: str) -> ApiResponse:
+        """A sales invoice's or line's ``dimensionSetLines`` (keyed by the dimension's id)."""
+        if rest:
+            raise BcError(404, "BadRequest_ResourceNotFound", f"Resource not found for the segment '{rest[0][0]}'.")
+        parent_id = parent.fields["id"]
+        if dimension_id is None:
+            if r.method == "GET":
+                rows = self.b.dimension_set_lines(company, parent_set, parent_id, parent.version)
+                return collection(self.b, r, company, DIMENSION_SET_LINE, rows, base, default_order="code")
+            self._only(r, "POST", "dimensionSetLines")
+            code, _ = self.b.add_dimension_set_line(company, parent_id, self._body(r))
+            parent = self._touch(company, parent_set, parent_id)
+            line = next(row for row in self.b.dimension_set_lines(company, parent_set, parent_id, parent.version)
+                        if row.fields["code"] == code)
+            return single(self.b, r, company, "dimensionSetLines", line, f"{base}({line.fields['id']})", status=201)
+        line = next((row for row in self.b.dimension_set_lines(company, parent_set, parent_id, parent.version)
+                     if row.fields["id"] == dimension_id), None)
+        if line is None:
+            raise not_found(DIMENSION_SET_LINE.table, dimension_id)
+        url = f"{base}({dimension_id})"
+        if r.method == "GET":
+            return single(self.b, r, company, "dimensionSetLines", line, url)
+        if r.method == "PATCH":
+            self._if_match(r, line)
+            self.b.change_dimension_set_line(company, parent_id, line.fields["code"], self._body(r))
+            parent = self._touch(company, parent_set, parent_id)
+            line = next(row for row in self.b.dimension_set_lines(company, parent_set, parent_id, parent.version)
+                        if row.fields["id"] == dimension_id)
+            return single(self.b, r, company, "dimensionSetLines", line, url)
+        if r.method == "DELETE":
+            self._if_match(r, line)
+            self.b.remove_dimension_set_line(company, parent_id, line.fields["code"])
+            self._touch(company, parent_set, parent_id)
+            return ApiResponse(204)
+        raise BcError(405, "BadRequest_MethodNotAllowed",
+                      f"'{r.method}' requests for 'dimensionSetLines' are not allowed within Dynamics 365 Business "
+                      "Central OData web services.")
+
+    def _touch(self, company: Company, set_name: str, record_id: str) -> Row:
+        """The parent's Modify(true) when its dimension set changed: a new row version (ETag)."""
+        row = self.b.row(company, set_name, record_id)
+        return self.b._put(company, set_name, record_id, dict(row.fields))
+
     def _lines(self, r: ApiRequest, company: Company, invoice_id: str | None, line_id: str | None,
                rest: list, base: str) -> ApiResponse:
+        if rest and line_id is not None and rest[0][0] == "dimensionSetLines":
+            line = self.b.row(company, "salesInvoiceLines", line_id)
+            if invoice_id is not None and line.fields["documentId"] != invoice_id:
+                raise not_found(LINE.table, line_id)
+            return self._dimension_set_lines(r, company, "salesInvoiceLines", line, _key(rest[0][1]), rest[1:],
+                                             f"{base}({line_id})/dimensionSetLines")
         if rest:
             raise BcError(404, "BadRequest_ResourceNotFound", f"Resource not found for the segment '{rest[0][0]}'.")
         table = company.tables["salesInvoiceLines"]

@@ -13,7 +13,7 @@ from typing import Any
 
 from sandbox.bc.countries import CountryRegions
 from sandbox.bc.etags import etag
-from sandbox.bc.fields import COMPANY, SPECS, coerce_body, json_value
+from sandbox.bc.fields import SPECS, coerce_body, json_value, spec_of
 from sandbox.bc.invoices import SalesInvoices
 from sandbox.bc.masters import MasterRecords
 from sandbox.bc.store import API_TEMPLATE_DEFAULTS, Company, Row
@@ -32,13 +32,24 @@ class Backend(MasterRecords, SalesInvoices, CountryRegions):
         return company_id
 
     def present(self, company: Company | None, set_name: str, row: Row, select: list[str] | None = None,
-                expand: bool = False, hidden: bool = False) -> dict[str, Any]:
-        """A record as the API shows it; `hidden`: with the fields only a BC user sees (data API)."""
-        spec = SPECS.get(set_name, COMPANY)
+                expand: bool | tuple[str, ...] = False, hidden: bool = False) -> dict[str, Any]:
+        """A record as the API shows it; `hidden`: with the fields only a BC user sees (data API).
+        `expand`: an invoice's navigation properties to include (True: its lines; the data API
+        also shows each one's dimension set)."""
+        spec = spec_of(set_name)
         names = select or (list(spec.fields) if hidden else spec.public())
         result: dict[str, Any] = {"@odata.etag": etag(row.version)}
         result.update((name, json_value(row.fields[name])) for name in names)
-        if expand and company is not None:
-            result["salesInvoiceLines"] = [self.present(company, "salesInvoiceLines", line)
+        expanded = ("salesInvoiceLines",) if expand is True else expand or ()
+        if company is not None and "salesInvoiceLines" in expanded:
+            result["salesInvoiceLines"] = [self.present(company, "salesInvoiceLines", line, hidden=hidden)
                                            for line in self.lines(company, row.fields["id"])]
+        if company is not None and "dimensionSetLines" in expanded:
+            result["dimensionSetLines"] = [self.present(company, "dimensionSetLines", line) for line in
+                                           self.dimension_set_lines(company, set_name, row.fields["id"], row.version)]
+        if company is not None and "dimensionValues" in expanded:
+            result["dimensionValues"] = [self.present(company, "dimensionValues", value)
+                                         for value in self.values_of(company, row.fields["id"])]
+        if hidden and company is not None and set_name in ("salesInvoices", "salesInvoiceLines"):
+            result["dimensions"] = self.dimension_set(company, row.fields["id"])
         return result

@@ -84,6 +84,33 @@ class DataApi:
                 raise ValueError(f"no Country/Region {code!r} in company {company_id}")
             self._backend.delete_country(company, company.tables["countriesRegions"][record_id])
 
+    def add_dimension(self, company_id: str, code: str, name: str, blocked: bool = False) -> dict:
+        """A dimension set up in BC (Dimensions page), e.g. ``add_dimension(c, "LOCATION", "Location")``."""
+        with self._lock, self._backend.atomic(count=False):
+            company = self._backend.company(company_id)
+            row = self._backend.create_dimension(company, code, name, blocked)
+            return self._backend.present(company, "dimensions", row, hidden=True)
+
+    def add_dimension_value(self, company_id: str, dimension_code: str, code: str, name: str,
+                            blocked: bool = False) -> dict:
+        """A value of a dimension set up in BC (Dimension Values page)."""
+        with self._lock, self._backend.atomic(count=False):
+            company = self._backend.company(company_id)
+            row = self._backend.create_dimension_value(company, dimension_code, code, name, blocked)
+            return self._backend.present(company, "dimensionValues", row, hidden=True)
+
+    def block_dimension_value(self, company_id: str, dimension_code: str, code: str, blocked: bool = True) -> dict:
+        """A user setting (or clearing) Blocked on a dimension value."""
+        with self._lock, self._backend.atomic(count=False):
+            company = self._backend.company(company_id)
+            row = self._backend.block_dimension_value(company, dimension_code, code, blocked)
+            return self._backend.present(company, "dimensionValues", row, hidden=True)
+
+    def dimension_sets(self, company_id: str) -> dict[str, dict[str, str]]:
+        """Every invoice's and line's dimension set (record id → dimension code → value code)."""
+        with self._lock:
+            return {key: dict(value) for key, value in self._backend.company(company_id).dimension_sets.items()}
+
     def update(self, company_id: str, entity: str, record_id: str, **fields: Any) -> dict:
         """A user editing a customer, item, country, draft invoice or line in BC (the record gets a
         new ETag). Customers and items may get the fields the API does not publish."""

@@ -198,7 +198,33 @@ COUNTRY = EntitySpec("countriesRegions", "countryRegion", "Country/Region", {
     "addressFormat": Field("enum", options=ADDRESS_FORMATS), "lastModifiedDateTime": RO_DATETIME,
 })
 
-SPECS = {spec.set_name: spec for spec in (CUSTOMER, ITEM, INVOICE, LINE, COUNTRY)}
+# APIV2Dimensions.Page.al and APIV2DimensionValuesEntity.Page.al: read-only pages (InsertAllowed,
+# ModifyAllowed and DeleteAllowed false) over the Dimension and Dimension Value tables. `blocked`
+# is a table field neither page publishes: only a BC user sets it.
+DIMENSION = EntitySpec("dimensions", "dimension", "Dimension", {
+    "id": RO_GUID, "code": _ro_code(20, "Code"), "displayName": _ro_text(30, "Name"),
+    "consolidationCode": _ro_code(20, "Consolidation Code"), "lastModifiedDateTime": RO_DATETIME,
+    "blocked": Field("bool", hidden=True),
+})
+
+DIMENSION_VALUE = EntitySpec("dimensionValues", "dimensionValue", "Dimension Value", {
+    "id": RO_GUID, "code": _ro_code(20, "Code"), "dimensionId": RO_GUID, "displayName": _ro_text(50, "Name"),
+    "consolidationCode": _ro_code(20, "Consolidation Code"), "lastModifiedDateTime": RO_DATETIME,
+    "dimensionCode": Field("code", 20, caption="Dimension Code", hidden=True),
+    "blocked": Field("bool", hidden=True),
+})
+
+# APIV2DimensionSetLines.Page.al over the temporary "Dimension Set Entry Buffer" (key: Parent Id,
+# Dimension Id): `id` is the dimension's id; parent and consolidation fields are Editable = false.
+DIMENSION_SET_LINE = EntitySpec("dimensionSetLines", "dimensionSetLine", "Dimension Set Entry Buffer", {
+    "id": GUID_F, "code": _code(20, "Dimension Code"), "consolidationCode": _ro_code(20, "Consolidation Code"),
+    "parentId": RO_GUID, "parentType": Field("text", read_only=True), "displayName": _text(30, "Display Name"),
+    "valueId": GUID_F, "valueCode": _code(20, "Value Code"),
+    "valueConsolidationCode": _ro_code(20, "Dimension Value Consolidation Code"),
+    "valueDisplayName": _text(50, "Value Display Name"),
+})
+
+SPECS = {spec.set_name: spec for spec in (CUSTOMER, ITEM, INVOICE, LINE, COUNTRY, DIMENSION, DIMENSION_VALUE)}
 
 CODE_IDS = {
     "customers": {"currencyCode": "currencyId"},
@@ -263,9 +289,10 @@ def coerce_value(spec: EntitySpec, name: str, f: Field, value: Any) -> Any:
 
 
 def coerce_body(spec: EntitySpec, body: Any, navigation: tuple[str, ...] = (), *,
-                hidden: bool = False) -> dict[str, Any]:
+                hidden: bool = False, writable: bool = False) -> dict[str, Any]:
     """Check a POST/PATCH body against the entity: unknown and read-only fields, types, lengths.
-    `hidden`: the body may set the fields the page does not publish (templates, BC users)."""
+    `hidden`: the body may set the fields the page does not publish (templates, BC users);
+    `writable`: a BC user sets fields the read-only API page shows (dimensions, their values)."""
     if not isinstance(body, dict):
         raise BcError(400, "BadRequest", "Invalid Request Body")
     values: dict[str, Any] = {}
@@ -277,7 +304,7 @@ def coerce_body(spec: EntitySpec, body: Any, navigation: tuple[str, ...] = (), *
             raise BcError(400, "BadRequest",
                           f"The property '{name}' does not exist on type 'Microsoft.NAV.{spec.type_name}'. "
                           "Make sure to only use property names that are defined by the type.")
-        if f.read_only:
+        if f.read_only and not writable:
             raise BcError(400, "BadRequest_InvalidOperation", f"Control '{name}' is read-only.")
         values[name] = coerce_value(spec, name, f, value)
     return values
@@ -296,3 +323,10 @@ def money(value: Decimal) -> Decimal:
 def derived_id(kind: str, code: str) -> str:
     """A stable id for a setup record known only by its code (unit of measure, tax group…)."""
     return str(uuid.uuid5(_ID_NAMESPACE, f"{kind}:{code}")) if code else ZERO_GUID
+
+
+def spec_of(set_name: str) -> EntitySpec:
+    """The entity of an entity set the API answers with (``companies`` for the company itself)."""
+    if set_name == DIMENSION_SET_LINE.set_name:
+        return DIMENSION_SET_LINE
+    return SPECS.get(set_name, COMPANY)

@@ -19,10 +19,11 @@ from typing import Any
 from sandbox.bc.errors import BcError, dialog
 from sandbox.bc.fields import INVOICE, LCY_CODE, LINE, ZERO_GUID, coerce_body, money
 from sandbox.bc.rules import check_customer_not_blocked, check_document_phone, check_email_addresses, must_have_value
-from sandbox.bc.store import MISSING, Company, Row, Store
+from sandbox.bc.dimensions import Dimensions
+from sandbox.bc.store import MISSING, Company, Row
 
 
-class SalesInvoices(Store):
+class SalesInvoices(Dimensions):
     """Operations on sales invoices and their lines."""
 
     def _customer(self, company: Company, customer_id: str | None, number: str | None, role: str) -> Row:
@@ -141,6 +142,8 @@ class SalesInvoices(Store):
         invoice = self._draft(company, invoice_id)
         for line_id in list(company.lines_of.get(invoice_id, {})):
             self._journal.set(company.tables["salesInvoiceLines"], line_id, MISSING)
+            self.set_dimension_set(company, line_id, {})
+        self.set_dimension_set(company, invoice_id, {})
         self._journal.set(company.lines_of, invoice_id, MISSING)
         self._journal.set(company.numbers["salesInvoices"], invoice.fields["number"], MISSING)
         self._journal.set(company.tables["salesInvoices"], invoice_id, MISSING)
@@ -150,6 +153,7 @@ class SalesInvoices(Store):
         lines = [company.tables["salesInvoiceLines"][i].fields for i in company.lines_of.get(invoice_id, {})]
         if not any(line["lineType"] != "Comment" and line["quantity"] for line in lines):
             raise dialog("There is nothing to post.")
+        self.check_posting_dimensions(company, invoice, list(company.lines_of.get(invoice_id, {})))
         for customer_id in dict.fromkeys((invoice.fields["customerId"], invoice.fields["billToCustomerId"])):
             customer = company.tables["customers"].get(customer_id)
             if customer is not None:
@@ -195,6 +199,8 @@ class SalesInvoices(Store):
         _line_amounts(fields, "discountAmount" in values)
         row = self._put(company, "salesInvoiceLines", fields["id"], fields)
         self._journal.set(company.lines_of[invoice_id], fields["id"], None)
+        # SalesLine.CreateDim: a new line inherits the header's dimension set as it is now.
+        self.set_dimension_set(company, fields["id"], self.dimension_set(company, invoice_id))
         if api:
             self._journal.creates.append("salesInvoiceLines")
         self._recalculate(company, invoice_id)
@@ -261,6 +267,7 @@ class SalesInvoices(Store):
         self._draft(company, invoice_id)
         self._journal.set(company.lines_of[invoice_id], row.fields["id"], MISSING)
         self._journal.set(company.tables["salesInvoiceLines"], row.fields["id"], MISSING)
+        self.set_dimension_set(company, row.fields["id"], {})
         self._recalculate(company, invoice_id)
 
     def lines(self, company: Company, invoice_id: str) -> list[Row]:

@@ -24,6 +24,11 @@ class BcOptions:
     nested_functions_need_schema_2_1: bool = True
     """Docs: nested calls are supported from ``$schemaversion=2.1``; before, they "throw an error or
     return an undefined result". True: refused (400) without ``$schemaversion=2.1``. False: allowed."""
+    refuse_blocked_dimension_values: bool = False
+    """Docs silent on what the API does with a blocked dimension value. False (the AL source of
+    APIV2DimensionSetLines.Page.al, which only checks that the value exists): a draft takes it, and
+    posting refuses it ("Dimension Value LOCATION - OSLO is blocked."). True: the dimension set
+    line itself is refused with that message."""
     sales_tax: bool = False
     """A sales-tax (North American) company: BC then skips the sell-to customer's Gen. Bus. Posting
     Group check when an invoice is created. False: the check runs (as in W1 companies)."""

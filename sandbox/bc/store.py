@@ -69,8 +69,13 @@ class Company:
     row: Row
     tables: dict[str, dict[str, Row]] = field(default_factory=lambda: {name: {} for name in SPECS})
     numbers: dict[str, dict[str, str]] = field(
-        default_factory=lambda: {"customers": {}, "items": {}, "salesInvoices": {}, "countriesRegions": {}})
+        default_factory=lambda: {"customers": {}, "items": {}, "salesInvoices": {}, "countriesRegions": {},
+                                 "dimensions": {}})
     """Number (or code) → id, for the entities whose number is a key."""
+    dimension_values: dict[tuple[str, str], str] = field(default_factory=dict)
+    """(dimension code, value code) → the dimension value's id."""
+    dimension_sets: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Document or line id → its dimension set (dimension code → value code); none: empty."""
     lines_of: dict[str, dict[str, None]] = field(default_factory=dict)
     """Invoice id → its line ids."""
     series: dict[str, int] = field(default_factory=dict)

@@ -10,7 +10,8 @@ from pydantic import BaseModel, Field
 from shared.api import ApiRequest, ApiResult, BadRequest, ProblemField, endpoint
 from shared.bc import CustomerFields, ItemFields
 from shared.blueprints.common import send_later, send_to_poison
-from shared.directory import (InvalidTemplate, list_templates, put_template, record_failure, upsert_from_message,
+from shared.directory import (KINDS, InvalidTemplate, company_of_source, link_partition, list_templates, put_template,
+                              record_failure, upsert_from_message,
                               validate_template)
 from shared.messages import CustomerBatchUpsert, CustomerUpsert, DirectoryUpsertMessage, directory_upsert, process_message
 from shared.runtime import runtime
@@ -43,7 +44,9 @@ async def upsert_directory(message: func.QueueMessage) -> None:
         store = await rt.store()
         kind = "customer" if isinstance(parsed, (CustomerUpsert, CustomerBatchUpsert)) else "item"
         for source, _ in parsed.entries():
-            await record_failure(store, kind, source.email if kind == "customer" else source.service_id, reason)
+            partition = link_partition(KINDS[kind], company_of_source(rt, source), rt.settings)
+            await record_failure(store, kind, source.email if kind == "customer" else source.service_id, reason,
+                                 partition)
 
     await process_message(message, DIRECTORY_QUEUE, directory_upsert, handle, give_up, send_to_poison, send_later)
 

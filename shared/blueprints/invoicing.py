@@ -11,10 +11,12 @@ import azure.functions as func
 from pydantic import BaseModel, Field, StringConstraints, field_validator, model_validator
 
 from shared.api import ApiRequest, ApiResult, BadRequest, Conflict, NotFound, Problem, ProblemField, StrictModel, endpoint
+from shared.billing import run_billing
 from shared.blueprints.common import send_later, send_to_poison
 from shared.invoice_worker import give_up, invoice_parts
 from shared.invoicing import (Filters, NotUninvoiced, TooLarge, after_cursor, candidates, encode_cursor,
-                              invoice_bookings, job_status)
+                              invoice_bookings)
+from shared.jobs import job_status
 from shared.messages import InvoiceJobPart, process_message
 from shared.runtime import runtime
 from shared.store import INVOICE_QUEUE
@@ -82,7 +84,10 @@ class InvoiceRequest(StrictModel):
     all: bool | None = None
     business_id: BusinessId | None = Field(None, alias="businessId")
     customer_email: Email | None = Field(None, alias="customerEmail")
+    to: datetime | None = Field(None, description="With all: only bookings that ended before this instant (ISO 8601)")
     dry_run: bool = Field(False, alias="dryRun")
+
+    _as_utc = field_validator("to")(_utc)
 
     @model_validator(mode="after")
     def _one_selection(self):
@@ -90,8 +95,8 @@ class InvoiceRequest(StrictModel):
             raise ValueError("give either bookingIds or all, not both")
         if self.booking_ids is None and self.all is not True:
             raise ValueError("give bookingIds, or all: true")
-        if self.booking_ids is not None and (self.business_id or self.customer_email):
-            raise ValueError("businessId and customerEmail filter only with all: true")
+        if self.booking_ids is not None and (self.business_id or self.customer_email or self.to):
+            raise ValueError("businessId, customerEmail and to filter only with all: true")
         return self
 
 
@@ -118,6 +123,9 @@ class PreviewLine(BaseModel):
 class PreviewInvoice(BaseModel):
     customer_email: str = Field(alias="customerEmail")
     customer_name: str | None = Field(alias="customerName")
+    company_id: str | None = Field(None, alias="companyId", description="The BC company the draft would be made in")
+    dimensions: dict[str, str] = Field(default_factory=dict, description="The dimension values (code → value) the "
+                                       "draft would carry (INVOICE_DIMENSIONS)")
     amount: float
     booking_ids: list[str] = Field(alias="bookingIds")
     lines: list[PreviewLine]
@@ -193,11 +201,12 @@ async def create_invoices(request: ApiRequest) -> ApiResult:
     body: InvoiceRequest = request.body
     rt = runtime()
     store = await rt.store()
-    filters = None if body.booking_ids is not None else Filters(body.business_id, body.customer_email)
+    filters = None if body.booking_ids is not None else Filters(body.business_id, body.customer_email,
+                                                                ended_before=body.to)
     try:
         outcome = await invoice_bookings(rt, store, booking_ids=body.booking_ids, filters=filters,
                                          dry_run=body.dry_run,
-                                         request=body.model_dump(by_alias=True, exclude={"booking_ids"}))
+                                         request=body.model_dump(mode="json", by_alias=True, exclude={"booking_ids"}))
     except NotUninvoiced as error:
         raise _conflict(error.problems) from None
     except TooLarge as error:
@@ -231,6 +240,12 @@ async def get_invoice_job(request: ApiRequest) -> JobStatus:
     if status is None:
         raise NotFound(f"There is no invoicing job {request.route['jobId']}.")
     return JobStatus.model_validate(status)
+
+
+@bp.timer_trigger(arg_name="timer", schedule="%BILLING_SCHEDULE%", run_on_startup=False, use_monitor=True)
+async def billing_run(timer: func.TimerRequest) -> None:
+    """Bill the last closed period (BILLING_PERIOD), once however often this fires."""
+    await run_billing(runtime(), trigger="timer:past-due" if timer.past_due else "timer")
 
 
 @bp.queue_trigger(arg_name="message", queue_name=INVOICE_QUEUE, connection="AzureWebJobsStorage")

@@ -48,7 +48,7 @@ class DirectoryHealth(BaseModel):
 
 
 class SetupCheck(BaseModel):
-    name: str = Field(examples=["businessCentral"], description="graph | businessCentral | templates")
+    name: str = Field(examples=["businessCentral"], description="graph | businessCentral | templates | dimensions")
     ok: bool
     message: str = Field(description="What was found, or what to fix and where")
 
@@ -80,7 +80,7 @@ async def _status() -> AppStatus:
     rt = runtime()
     store = await rt.store()
     last = await last_sync(store)
-    directory = await directory_health(store)
+    directory = await directory_health(store, rt.settings)
     checks = await setup_checks(rt, store)
     if last is None:
         status = "never-synced"

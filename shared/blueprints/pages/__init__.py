@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-import time
+
 from datetime import date, datetime, time as clock, timedelta
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo
@@ -20,14 +20,15 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapte
 
 from shared.attention import needs_attention
 from shared.bc import TEMPLATE_FIELDS, web_client_invoice_url
+from shared.blueprints.pages import chain
 from shared.blueprints.pages.render import STATIC, N_
 from shared.blueprints.pages.web import Page, page, redirect
 from shared.checks import setup_checks
 from shared.directory import InvalidTemplate, directory_health, list_templates, put_template, validate_template
-from shared.http import UpstreamError
 from shared.invoicing import (Filters, NotUninvoiced, TooLarge, after_cursor, candidates, encode_cursor,
-                              invoice_bookings, job_status, recent_jobs)
-from shared.settings import SettingsError, settings_in_force
+                              invoice_bookings)
+from shared.jobs import job_status, recent_jobs
+from shared.settings import settings_in_force
 from shared.signin import PAGES_PREFIX
 from shared.sync import last_sync, queue_sync
 
@@ -43,27 +44,38 @@ _JOB_ID = TypeAdapter(Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$"
 # -- forms ----------------------------------------------------------------------------------------
 
 class BookingFilters(BaseModel):
-    """The list's filters; dates are the business's local calendar days, `to` inclusive."""
+    """The list's filters; dates are the business's local calendar days, `to` inclusive. A
+    company (`BUSINESS_COMPANIES`) or a location (a `CODE=VALUE` of `INVOICE_DIMENSIONS`) stands
+    for the businesses that bill into it or carry it; `group` groups the rows by either."""
     model_config = ConfigDict(populate_by_name=True, str_strip_whitespace=True)
     business_id: Annotated[str, StringConstraints(max_length=320)] | None = Field(None, alias="businessId")
     customer_email: Annotated[str, StringConstraints(max_length=254)] | None = Field(None, alias="customerEmail")
     start: date | None = Field(None, alias="from")
     end: date | None = Field(None, alias="to")
+    company: Annotated[str, StringConstraints(max_length=36)] | None = Field(None, alias="company")
+    location: Annotated[str, StringConstraints(max_length=41)] | None = Field(None, alias="location")
+    group: Literal["company", "location"] | None = Field(None, alias="group")
 
     @field_validator("*", mode="before")
     @classmethod
     def _blank_is_none(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
 
-    def filters(self, time_zone: str) -> Filters:
-        zone = ZoneInfo(time_zone)
+    def filters(self, settings) -> Filters:
+        zone = ZoneInfo(settings.time_zone)
         start = datetime.combine(self.start, clock(), zone) if self.start else None
         end = datetime.combine(self.end + timedelta(days=1), clock(), zone) if self.end else None
-        return Filters(self.business_id, self.customer_email, start, end)
+        businesses = None
+        if self.company or self.location:
+            businesses = [b for b in settings.business_ids
+                          if (not self.company or chain.company_or_none(settings, b) == self.company)
+                          and (not self.location or self.location in chain.locations_of(settings, b))]
+        return Filters(self.business_id, self.customer_email, start, end, business_ids=businesses)
 
     def query(self) -> dict[str, str]:
         values = {"businessId": self.business_id, "customerEmail": self.customer_email,
-                  "from": self.start.isoformat() if self.start else None, "to": self.end.isoformat() if self.end else None}
+                  "from": self.start.isoformat() if self.start else None, "to": self.end.isoformat() if self.end else None,
+                  "company": self.company, "location": self.location, "group": self.group}
         return {k: v for k, v in values.items() if v}
 
 
@@ -73,18 +85,28 @@ class InvoiceForm(BaseModel):
         default_factory=list, max_length=MAX_SELECTED)
 
 
-def _filters_of(current: Page) -> tuple[BookingFilters, list[str]]:
-    raw = {name: current.value(name) for name in ("businessId", "customerEmail", "from", "to")}
+FILTER_FIELDS = ("businessId", "customerEmail", "from", "to", "company", "location", "group")
+
+
+def _filters_of(current: Page) -> tuple[BookingFilters, list[str], list[str]]:
+    """The filters, the problems with them (message ids, translated) and their details (runtime
+    text, shown escaped, never translated)."""
+    raw = {name: current.value(name) for name in FILTER_FIELDS}
     try:
         parsed = BookingFilters.model_validate(raw)
     except ValidationError as error:
-        problems = [f"{item['loc'][0]}: {item['msg']}" for item in error.errors()]
-        return BookingFilters(), problems
-    if parsed.business_id and parsed.business_id not in current.settings.business_ids:
-        return BookingFilters(), [f"businessId: {parsed.business_id} is not one of the app's businesses"]
+        details = [f"{item['loc'][0]}: {item['msg']}" for item in error.errors()]
+        return BookingFilters(), [N_("The filters are not valid; showing every booking.")], details
+    settings = current.settings
+    if parsed.business_id and parsed.business_id not in settings.business_ids:
+        return BookingFilters(), [N_("That business is not one of the app's businesses.")], [parsed.business_id]
+    if parsed.company and parsed.company not in settings.companies:
+        return BookingFilters(), [N_("That company is not one the businesses bill into.")], [parsed.company]
+    if parsed.location and parsed.location not in chain.all_locations(settings):
+        return BookingFilters(), [N_("That location is not one of INVOICE_DIMENSIONS.")], [parsed.location]
     if parsed.start and parsed.end and parsed.end < parsed.start:
-        return parsed, [N_("to: the end date is before the start date")]
-    return parsed, []
+        return parsed, [N_("to: the end date is before the start date")], []
+    return parsed, [], []
 
 
 # -- the bookings list ---------------------------------------------------------------------------
@@ -97,7 +119,7 @@ async def pages_home(req: func.HttpRequest) -> func.HttpResponse:
 @bp.route(route="pages/bookings", methods=["GET", "POST"], auth_level=ANONYMOUS)
 @page
 async def pages_bookings(current: Page) -> func.HttpResponse:
-    filters, problems = _filters_of(current)
+    filters, problems, details = _filters_of(current)
     store = await current.rt.store()
     if current.req.method == "POST" and not problems:
         try:
@@ -107,12 +129,13 @@ async def pages_bookings(current: Page) -> func.HttpResponse:
             problems = [N_("Choose Preview, Invoice selected or Invoice all.")]
         else:
             return await _invoice(current, store, filters, form)
-    return await _list(current, store, filters, problems, status=400 if problems else 200)
+    return await _list(current, store, filters, problems, status=400 if problems else 200, details=details)
 
 
 async def _list(current: Page, store, filters: BookingFilters, problems: list[str], status: int = 200,
-                conflicts: dict[str, str] | None = None, notice: str | None = None) -> func.HttpResponse:
-    found = await candidates(current.rt, store, filters.filters(current.settings.time_zone))
+                conflicts: dict[str, str] | None = None, notice: str | None = None,
+                details: list[str] | None = None) -> func.HttpResponse:
+    found = await candidates(current.rt, store, filters.filters(current.settings))
     # Pages of ROWS_SHOWN, continued after the last row shown (the JSON API's cursor).
     after = current.req.params.get("after") if current.req.method == "GET" else None
     try:
@@ -121,11 +144,13 @@ async def _list(current: Page, store, filters: BookingFilters, problems: list[st
         rest, problems = found, [*problems, N_("The page link is not valid; showing the first page.")]
     shown = rest[:ROWS_SHOWN]
     next_query = {**filters.query(), "after": encode_cursor(shown[-1])} if len(rest) > len(shown) else None
-    return current.render("bookings.html", status, nav="bookings", rows=shown, total=len(found),
-                          invoiceable=sum(1 for c in found if c.invoiceable), filters=filters,
-                          businesses=current.settings.business_ids, problems=problems, conflicts=conflicts or {},
-                          notice=notice, selected=set(current.values("bookingId")), next_query=next_query,
-                          first_page=bool(after))
+    setup = await chain.describe(current.rt)
+    return current.render("bookings.html", status, nav="bookings", groups=chain.grouped(shown, filters.group, setup),
+                          total=len(found), shown_count=len(shown),
+                          invoiceable=sum(1 for c in found if c.invoiceable), filters=filters, chain=setup,
+                          businesses=current.settings.business_ids, problems=problems, details=details or [],
+                          conflicts=conflicts or {}, notice=notice, selected=set(current.values("bookingId")),
+                          next_query=next_query, first_page=bool(after))
 
 
 async def _invoice(current: Page, store, filters: BookingFilters, form: InvoiceForm) -> func.HttpResponse:
@@ -133,7 +158,7 @@ async def _invoice(current: Page, store, filters: BookingFilters, form: InvoiceF
         else None
     if form.action == "selected" and not selection:
         return await _list(current, store, filters, [N_("Select at least one booking, or use Invoice all.")], 400)
-    scope = Filters() if selection else filters.filters(current.settings.time_zone)
+    scope = Filters() if selection else filters.filters(current.settings)
     try:
         outcome = await invoice_bookings(current.rt, store, booking_ids=selection, filters=scope,
                                          dry_run=form.action == "preview",
@@ -143,7 +168,8 @@ async def _invoice(current: Page, store, filters: BookingFilters, form: InvoiceF
         return await _list(current, store, filters, [N_("Nothing was invoiced: some selected bookings cannot be.")], 409,
                            conflicts=error.problems)
     except TooLarge as error:
-        return await _list(current, store, filters, [str(error)], 400)
+        return await _list(current, store, filters, [N_("Too many bookings for one customer in one request; select "
+                                                        "fewer.")], 400, details=[str(error)])
     if outcome.invoices is not None:
         return current.render("preview.html", nav="bookings", invoices=outcome.invoices,
                               booking_count=outcome.booking_count, filters=filters, selection=selection or [])
@@ -156,24 +182,6 @@ async def _invoice(current: Page, store, filters: BookingFilters, form: InvoiceF
 
 
 # -- jobs ----------------------------------------------------------------------------------------
-
-_company_names: dict[str, tuple[float, str | None]] = {}
-COMPANY_NAME_SECONDS = 3600.0
-
-
-async def _company_name(current: Page) -> str | None:
-    """BC's web client opens a company by name; asked once an hour per process."""
-    key = f"{current.settings.bc_environment}/{current.settings.bc_company_id}"
-    cached = _company_names.get(key)
-    if cached and cached[0] > time.monotonic():
-        return cached[1]
-    try:
-        name = (await current.rt.bc.company()).get("name")
-    except (UpstreamError, SettingsError):
-        return None  # the link opens BC's default company instead
-    _company_names[key] = (time.monotonic() + COMPANY_NAME_SECONDS, name)
-    return name
-
 
 @bp.route(route="pages/jobs", methods=["GET"], auth_level=ANONYMOUS)
 @page
@@ -193,8 +201,10 @@ async def pages_job(current: Page) -> func.HttpResponse:
     if status is None:
         return current.render("error.html", 404, title=N_("Not found"), detail=N_("There is no such invoicing job."),
                               sign_in=False)
-    company = await _company_name(current) if status["invoices"] else None
-    links = {invoice["invoiceNumber"]: web_client_invoice_url(current.settings, company, invoice["invoiceNumber"])
+    names = await chain.company_names(current.rt) if status["invoices"] else {}
+    links = {invoice["invoiceNumber"]: web_client_invoice_url(
+                 current.settings, names.get(invoice.get("companyId") or current.settings.bc_company_id),
+                 invoice["invoiceNumber"])
              for invoice in status["invoices"] if invoice.get("invoiceNumber")}
     template = "job_progress.html" if current.req.params.get("fragment") == "1" else "job.html"
     return current.render(template, nav="jobs", job=status, links=links,
@@ -228,6 +238,7 @@ async def _setup(current: Page, store, status: int = 200, template_errors: dict 
                 for kind, model in TEMPLATE_FIELDS.items()}
     return current.render("setup.html", status, nav="setup", last=last, checks=checks, directory=directory,
                           templates=templates,
+                          chain=await chain.describe(current.rt), billing=await chain.billing(current.rt, store),
                           template_fields=fields, boolean_fields=booleans, settings=settings_in_force(current.settings),
                           businesses=current.settings.business_ids, queued=current.req.params.get("queued") == "1",
                           template_errors=template_errors or {}, edited=edited or {},
