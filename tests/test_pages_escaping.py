@@ -13,6 +13,7 @@ from jinja2 import nodes
 
 from sandbox.host import indexed_functions
 from shared.bc import TEMPLATE_FIELDS
+from shared.blueprints.pages import FILTER_FIELDS
 from shared.blueprints.pages.render import LANGUAGES, N_, TEMPLATES, environment, render
 from shared.sessions import Principal
 from tests.signin_helpers import Browser
@@ -37,12 +38,13 @@ class FakeCandidate:
     reason_code: str = HOSTILE
 
     def row(self) -> dict:
-        return {"id": HOSTILE, "start": ISO, "serviceName": HOSTILE, "priceType": HOSTILE, "amount": 12.5,
+        return {"id": HOSTILE, "businessId": HOSTILE, "start": ISO, "serviceName": HOSTILE, "priceType": HOSTILE,
+                "amount": 12.5,
                 "customers": [{"name": HOSTILE, "email": HOSTILE, "quantity": 1.0}]}
 
 
 class FakeFilters:
-    business_id = customer_email = HOSTILE
+    business_id = customer_email = company = location = group = HOSTILE
     start = end = None
 
     def query(self) -> dict:
@@ -76,15 +78,22 @@ JOB = {"jobId": HOSTILE, "status": HOSTILE, "bookingCount": 2, "createdAt": ISO,
        "invoices": [{"invoiceNumber": HOSTILE, "invoiceId": HOSTILE, "customerEmail": HOSTILE,
                      "bookingIds": [HOSTILE], "amount": 10}],
        "waiting": [{"customerEmail": HOSTILE, "reason": HOSTILE, "until": ISO}],
-       "errors": [{"bookingId": HOSTILE, "message": HOSTILE}]}
+       "errors": [{"bookingId": HOSTILE, "message": HOSTILE}],
+       "request": {"source": "billing", "label": HOSTILE, "period": HOSTILE}}
+CHAIN = {"businesses": [{"id": HOSTILE, "companyId": HOSTILE, "companyName": HOSTILE, "mapped": False,
+                         "locations": [HOSTILE]}],
+         "byBusiness": {HOSTILE: {"companyName": HOSTILE, "locations": [HOSTILE]}},
+         "companies": [{"id": HOSTILE, "name": HOSTILE, "default": True}], "locations": [HOSTILE],
+         "multiCompany": True, "hasLocations": True}
 FIELDS = {kind: list(model.model_fields) for kind, model in TEMPLATE_FIELDS.items()}
 COMMON = {"user": Principal(HOSTILE, HOSTILE, HOSTILE, HOSTILE, (HOSTILE,)), "csrf": HOSTILE, "path": HOSTILE,
           "nav": HOSTILE, "status": 200, "keep": {HOSTILE: HOSTILE}}
 CONTEXTS = {
     "error.html": {"title": HOSTILE, "detail": N_("Microsoft Entra ID did not sign you in: %(detail)s",
                                                   detail=HOSTILE), "sign_in": True},
-    "bookings.html": {"rows": [FakeCandidate(True), FakeCandidate(False), FakeCandidate(False, reason_code="no-price")],
-                      "total": 3, "invoiceable": 1, "filters": FakeFilters(), "businesses": [HOSTILE],
+    "bookings.html": {"groups": [(HOSTILE, [FakeCandidate(True), FakeCandidate(False)]),
+                                 (None, [FakeCandidate(False, reason_code="no-price")])],
+                      "total": 4, "shown_count": 3, "invoiceable": 1, "chain": CHAIN, "details": [HOSTILE], "filters": FakeFilters(), "businesses": [HOSTILE],
                       "problems": [HOSTILE, N_("to: the end date is before the start date")],
                       "conflicts": {HOSTILE: HOSTILE}, "notice": HOSTILE, "selected": {HOSTILE},
                       "next_query": {HOSTILE: HOSTILE}, "first_page": True},
@@ -103,7 +112,10 @@ CONTEXTS = {
                    "edited": {}, "saved": HOSTILE, "template_fields": FIELDS,
                    "boolean_fields": {"customer": [], "item": []},
                    "settings": [(HOSTILE, HOSTILE, False), (HOSTILE, None, False), (HOSTILE, None, True)],
-                   "directory": {"customerFailures": 1, "itemFailures": 2, "waiting": 3, "customersWithFieldsLeftOut": 4}},
+                   "directory": {"customerFailures": 1, "itemFailures": 2, "waiting": 3, "customersWithFieldsLeftOut": 4},
+                   "chain": CHAIN,
+                   "billing": {"period": "month", "schedule": HOSTILE, "next": {"at": ISO, "label": HOSTILE},
+                               "runs": [{"label": HOSTILE, "status": "done", "bookingCount": 1, "jobId": HOSTILE}]}},
     "attention.html": {"attention": FakeAttention(
         [FakeGroup("customer-refused", 1, [FakeCandidate(False)]), FakeGroup(HOSTILE, 1, [FakeCandidate(False)])],
         [{"kind": "customer", "key": HOSTILE, "reason": HOSTILE, "at": ISO}], [FakePoisoned()])},
@@ -146,10 +158,10 @@ def test_a_message_with_runtime_values_escapes_them_and_keeps_a_percent():
 
 # -- every page route, signed in and not ------------------------------------------------------------
 
-QUERY = ["businessId", "customerEmail", "from", "to", "after", "lang", "fragment", "queued", "saved", "next",
+QUERY = [*FILTER_FIELDS, "after", "lang", "fragment", "queued", "saved", "next",
          "renew", "error", "error_description", "code", "state", "session_state", "client_info", HOSTILE]
-FORM = ["action", "bookingId", "kind", "code", "lang", *{name for fields in FIELDS.values() for name in fields},
-        HOSTILE]
+FORM = [*FILTER_FIELDS, "action", "bookingId", "kind", "code", "lang",
+        *{name for fields in FIELDS.values() for name in fields}, HOSTILE]
 
 
 def page_routes() -> list[tuple[str, str, str]]:
