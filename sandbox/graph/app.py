@@ -43,8 +43,9 @@ _MALFORMED_ID = re.compile(r"[^A-Za-z0-9_\-+/=.@]")
 
 
 def default_plan() -> FaultPlan:
-    """Graph's documented per-mailbox concurrency, with no queueing (excess is throttled)."""
-    return FaultPlan(Knobs(max_concurrency=CONCURRENCY_PER_MAILBOX, max_queued=0))
+    """Graph's documented per-mailbox concurrency, with no queueing (excess is throttled); a query
+    string over 2,048 characters is refused (not documented: the strictest plausible front end)."""
+    return FaultPlan(Knobs(max_concurrency=CONCURRENCY_PER_MAILBOX, max_queued=0, max_query_chars=2048))
 
 
 class GraphSimulator(DataApi):

@@ -16,6 +16,8 @@ The app must not import this module: it copies the documented values (FIDELITY.m
 
 from __future__ import annotations
 
+from sandbox.text import utf16_length  # noqa: F401 - the length unit of these limits, used by schema.py
+
 CUSTOMER_DISPLAY_NAME = 100
 EMAIL_ADDRESS = 254
 """RFC 5321: a path is at most 256 octets including the angle brackets."""
@@ -59,11 +61,6 @@ DEFAULT_FIELD_LIMITS: dict[str, int] = {
 }
 """Keyed ``"<type>.<property>"`` (the Graph type that declares the property); ``"*"`` is every
 string property not listed."""
-
-
-def utf16_length(text: str) -> int:
-    """The length .NET's ``String.Length`` gives: UTF-16 code units."""
-    return len(text.encode("utf-16-le")) // 2
 
 
 def limit_of(limits: dict[str, int], type_name: str, name: str) -> int:
