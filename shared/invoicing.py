@@ -23,16 +23,19 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableTransactionError
 
-from shared.bc import ENVIRONMENT_CONCURRENCY
+from shared.bc import CONFIRMING, ENVIRONMENT_CONCURRENCY
 from shared.bookings import FREE, Booking, iso_z, normalise_email
 from shared.messages import PARTS_PER_MESSAGE, InvoiceJobPart, encode
 from shared.runtime import Runtime
+from shared.utf16 import cut, units
 from shared.store import (BOOKINGS, CUSTOMER_LINKS, INVOICE_QUEUE, ITEM_LINKS, JOBS, MAX_BATCH, UPDATE, Store,
                           encode_key, fit_string, to_json)
 
 log = logging.getLogger(__name__)
 
 HEADER = "job"
+LINE_DESCRIPTION_UNITS = 100
+"""Sales Line "Description" is Text[100], counted in UTF-16 units."""
 _IF_NOT_MODIFIED = MatchConditions.IfNotModified
 REFS_CHUNK_CHARS = 30_000
 MAX_REFS_CHUNKS = 28
@@ -203,7 +206,9 @@ def line_description(booking: Booking, time_zone: str) -> str:
     from zoneinfo import ZoneInfo
 
     local = booking.start.astimezone(ZoneInfo(time_zone))
-    return f"{booking.service_name or 'Appointment'} – {local:%Y-%m-%d %H:%M}"[:100]
+    when = f" – {local:%Y-%m-%d %H:%M}"
+    # Sales Line "Description" is Text[100] in UTF-16 units: the service name gives way, the date stays.
+    return cut(booking.service_name or "Appointment", LINE_DESCRIPTION_UNITS - units(when)) + when
 
 
 def preview(parts: list[Part], time_zone: str) -> list[dict]:
@@ -448,8 +453,10 @@ async def job_status(store: Store, job_id: str) -> dict | None:
     invoices, errors, waiting = [], [], []
     for part in sorted(parts, key=lambda p: p["RowKey"]):
         if part.get("Status") == "waiting":
+            since = part.get("ConfirmSince") or None
+            reason = f"{CONFIRMING}, since {since}" if since else part.get("Note") or "waiting for Business Central"
             waiting.append({"customerEmail": part.get("CustomerEmail"), "until": part.get("WaitUntil") or None,
-                            "reason": part.get("Note") or "waiting for Business Central"})
+                            "since": since, "reason": reason})
         if part.get("InvoiceId"):
             invoices.append({"customerEmail": part.get("CustomerEmail"), "invoiceId": part.get("InvoiceId"),
                              "invoiceNumber": part.get("InvoiceNumber"), "amount": part.get("Amount"),
