@@ -220,7 +220,7 @@ def test_the_lookups_after_an_unknown_outcome_start_within_seconds_and_back_off(
         schedule.append((now - lost).total_seconds())
 
     assert schedule[:4] == [2.0, 6.0, 14.0, 29.0], "seconds at first"
-    assert max(b - a for a, b in zip(schedule, schedule[1:])) == max(CONFIRM_DELAYS) == 120.0
+    assert max(b - a for a, b in zip(schedule, schedule[1:], strict=False)) == max(CONFIRM_DELAYS) == 120.0
     assert schedule[-1] == 720.0 and len(schedule) == 12, "a dozen lookups over BC's execution limit, then settled"
 
 

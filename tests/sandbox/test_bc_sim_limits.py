@@ -2,6 +2,7 @@
 the `$filter` node limit, text lengths in UTF-16 units, address lists in E-Mail, the line type
 enum, a queue that gives up with 503 and the query-string length. The fixtures are those of
 `test_bc_sim.py`: a fresh company per test on one simulator with BC's defaults."""
+# ruff: noqa: F811 - the fixtures `bc`, `server` and `tls` are imported from test_bc_sim.py by name
 
 from __future__ import annotations
 
