@@ -45,6 +45,7 @@ from shared.invoicing import (_apply, _read, external_document_number, line_desc
 from shared.messages import CustomerSource, Deferred, InvoiceJobPart, PermanentFailure, ServiceSource, throttled_wait
 from shared.runtime import Runtime
 from shared.store import JOBS, UPDATE, Store, fit_string, to_json
+from shared.utf16 import units
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,10 @@ RUNNING_STALE_AFTER = timedelta(minutes=10)
 MAX_ATTEMPTS = queue_settings().max_dequeue_count
 """Creates without a known outcome before BC is taken to be failing: as often as a message is tried."""
 MARKER = "Invoiced: Business Central draft invoice {number} ({date})"
+NOTES_UNITS = 1000
+"""The longest staff notes the write-back leaves behind, in UTF-16 units. Bookings documents no
+limit; the simulator's strict choice (sandbox/graph/limits.py): notes that would grow past it are
+left as they are (the invoice itself is made all the same)."""
 
 
 def _when(value) -> datetime | None:
@@ -456,6 +461,10 @@ async def write_back(rt: Runtime, bookings: list[Booking], link: dict) -> None:
             if line in notes.splitlines():
                 return
             updated = f"{notes.rstrip()}\n{line}" if notes.strip() else line
+            if units(updated) > NOTES_UNITS:
+                log.warning("the staff notes of an appointment are too long to add invoice %s to", link["invoiceNumber"],
+                            extra={"event": "write_back_skipped", "booking_id": booking.id})
+                return
             await graph.update_appointment(booking.business_id, booking.id, {"serviceNotes": updated})
         except UpstreamError as error:
             log.warning("could not note invoice %s on appointment: %s", link["invoiceNumber"], error,

@@ -253,7 +253,7 @@ class GraphSimulator(DataApi):
         if fields.get("@odata.type", "#microsoft.graph.bookingAppointment") != "#microsoft.graph.bookingAppointment":
             raise GraphError(400, "BadRequest", "A type named '" + str(fields["@odata.type"]) + "' could not be resolved.")
         fields.pop("@odata.type", None)
-        check_appointment_fields(fields)
+        check_appointment_fields(fields, self.options.field_limits)
         with self._lock:
             business = self._accessible(request)
             appointment = self._item(request, business.appointments)

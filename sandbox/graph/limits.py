@@ -38,6 +38,9 @@ SERVICE_ADDITIONAL_INFORMATION = 1000
 LANGUAGE_TAG = 35
 """BCP 47 (RFC 5646 §4.4.1): implementations should accept tags of at least 35 characters."""
 REMINDER_MESSAGE = 1000
+APPOINTMENT_NOTES = 1000
+"""An appointment's ``serviceNotes``, ``customerNotes`` and ``additionalInformation`` (what a PATCH
+may change): as a service's notes."""
 OTHER_STRING = 255
 """Any other string property of a customer or service (and of the types inside them)."""
 
@@ -57,6 +60,9 @@ DEFAULT_FIELD_LIMITS: dict[str, int] = {
     "bookingService.additionalInformation": SERVICE_ADDITIONAL_INFORMATION,
     "bookingService.languageTag": LANGUAGE_TAG,
     "bookingReminder.message": REMINDER_MESSAGE,
+    "bookingAppointment.serviceNotes": APPOINTMENT_NOTES,
+    "bookingAppointment.customerNotes": APPOINTMENT_NOTES,
+    "bookingAppointment.additionalInformation": APPOINTMENT_NOTES,
     "*": OTHER_STRING,
 }
 """Keyed ``"<type>.<property>"`` (the Graph type that declares the property); ``"*"`` is every

@@ -479,6 +479,17 @@ def test_the_permissions_an_operation_accepts_are_a_knob(client, served, tls: Tl
         assert http.get(f"{business_path()}/calendarView", params=whole_window(dataset)).status_code == 200
 
 
+def test_appointment_notes_are_limited_like_a_services_in_utf16_units(client, dataset) -> None:
+    path = f"{business_path()}/appointments/{dataset.businesses[BUSINESS].appointments[6]['id']}"
+
+    fits = client.patch(path, json={"serviceNotes": "n" * 998 + "\N{GRINNING FACE}"})  # 1,000 UTF-16 units
+    refused = client.patch(path, json={"serviceNotes": "n" * 999 + "\N{GRINNING FACE}"})
+
+    assert fits.status_code == 204
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "InvalidModel"
+    assert "is 1001 characters long; at most 1000 are allowed" in refused.json()["error"]["message"]
+
+
 def test_batch_checks_the_permission_of_each_inner_request(served, tls: TlsFiles, dataset) -> None:
     _, url = served
     inner = f"{business_path()}/appointments/{dataset.businesses[BUSINESS].appointments[5]['id']}"
