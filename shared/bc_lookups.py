@@ -13,10 +13,11 @@ upper-case values and are asked as such. A value longer than its field (in UTF-1
 counts) cannot be stored in BC and is never asked (BC would refuse the whole filter).
 
 BC's E-Mail field may hold several addresses separated by `;` (BaseApp Mail Management). Such a
-customer is not found by `tolower(email) eq 'x'`, so customers are also asked with
+customer is not found by `tolower(email) eq 'x'`, so customers are asked with
 `contains(tolower(email),'x')` (a function inside a function: BC takes it with
-`$schemaversion=2.1`), and a record matches an address when the address is one of its list. Should
-BC refuse that query, the case-sensitive `contains(email,'x')` is asked instead."""
+`$schemaversion=2.1`), which finds the address alone too; a record matches an address only when
+the address is one of its list (so `tim@x.com` never links `victim@x.com`). Should BC refuse that
+query, `tolower(email) eq 'x'` and the case-sensitive `contains(email,'x')` are asked instead."""
 
 from __future__ import annotations
 
@@ -133,12 +134,15 @@ class Lookup:
 
     def queries(self, values: list[str]) -> list[Query]:
         subject = self.field if self.code else f"tolower({self.field})"
-        found = pack([term(f"{subject} eq {odata_string(v)}", v) for v in values])
-        if self.address_list:
-            for query in pack([term(f"contains(tolower({self.field}),{odata_string(v)})", v) for v in values],
-                              SCHEMA_2_1):
-                fallback = pack([term(f"contains({self.field},{odata_string(v)})", v) for v in query.values])
-                found.append(Query(query.filter, query.values, query.params, tuple(fallback)))
+        if not self.address_list:
+            return pack([term(f"{subject} eq {odata_string(v)}", v) for v in values])
+        # `contains` also finds the address alone; should BC refuse the nested call, the exact
+        # match (case-insensitive) and a case-sensitive `contains` are asked instead.
+        found = []
+        for query in pack([term(f"contains({subject},{odata_string(v)})", v) for v in values], SCHEMA_2_1):
+            fallback = pack([term(f"{subject} eq {odata_string(v)}", v) for v in query.values]) + \
+                pack([term(f"contains({self.field},{odata_string(v)})", v) for v in query.values])
+            found.append(Query(query.filter, query.values, query.params, tuple(fallback)))
         return found
 
     def keys_of(self, record: dict) -> list[str]:

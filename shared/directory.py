@@ -166,18 +166,24 @@ def blanks_to_fill(existing: dict, mapped: dict) -> dict:
             if value not in (None, "") and existing.get(name) in (None, "")}
 
 
-_countries_cache: dict[int, tuple[float, Countries]] = {}
+_countries_cache: dict[int, tuple[float, asyncio.Future]] = {}
 COUNTRIES_CACHE_SECONDS = 3600.0
 
 
 async def bc_countries(bc: BcClient) -> Countries:
-    """BC's Country/Region table, read at most once an hour per process."""
+    """BC's Country/Region table, read at most once an hour per process: the directory messages
+    that start together share one read (a failed read is not kept)."""
     cached = _countries_cache.get(id(bc))
-    if cached and cached[0] > time.monotonic():
-        return cached[1]
-    countries = Countries(await bc.countries())
-    _countries_cache[id(bc)] = (time.monotonic() + COUNTRIES_CACHE_SECONDS, countries)
-    return countries
+    if cached and cached[0] > time.monotonic() and cached[1].get_loop() is asyncio.get_running_loop() \
+            and not (cached[1].done() and cached[1].exception()):
+        return await asyncio.shield(cached[1])
+
+    async def read() -> Countries:
+        return Countries(await bc.countries())
+
+    task = asyncio.ensure_future(read())
+    _countries_cache[id(bc)] = (time.monotonic() + COUNTRIES_CACHE_SECONDS, task)
+    return await asyncio.shield(task)
 
 
 # -- resolution --------------------------------------------------------------------------------

@@ -333,7 +333,7 @@ def test_a_batch_of_new_customers_is_looked_up_in_one_request(world):
 
     assert len(world.bc.customers(world.company_id)) == 100
     assert Counter(world.bc.plan.stats.requests) == Counter({
-        "POST /v2.0/{id}/production/api/v2.0/$batch": 2}), "one $batch of 3 lookups, one $batch of 100 creates"
+        "POST /v2.0/{id}/production/api/v2.0/$batch": 2}), "one $batch of 8 lookups (13 addresses each, BC's node limit), one $batch of 100 creates"
 
 
 # -- Business Central as it really behaves ------------------------------------------------------
