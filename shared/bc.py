@@ -2,16 +2,19 @@
 
 BC serves about 5 requests at a time per user (more are queued, then throttled) and 6,000 per
 5-minute sliding window, so the client holds at most 5 in flight and keeps its own budget.
-Lookups follow BC's filter semantics: Text fields compare case-sensitively, so e-mails and item
-names are matched with `tolower(field) eq '<lower-cased value>'`; Code fields (such as
+Lookups follow BC's filter semantics and limits (`shared/bc_lookups.py`): Text fields compare
+case-sensitively, so e-mails and item names are matched through `tolower`; Code fields (such as
 `externalDocumentNumber`) are stored upper-case, so their keys are made and sent upper-case; a
-value longer than the field cannot exist in BC and is never sent (BC refuses the whole filter).
-Literals use OData string escaping (`'` → `''`), so an e-mail such as `o'brien@example.com` is a
-value, never syntax. Writes of existing records send `If-Match` with the record's ETag.
+value longer than the field cannot exist in BC and is never sent (BC refuses the whole filter);
+filters are packed to BC's node limit and sent many to a `$batch`. Literals use OData string
+escaping (`'` → `''`), so an e-mail such as `o'brien@example.com` is a value, never syntax. Writes
+of existing records send `If-Match` with the record's ETag.
 
 BC runs the requests of a `$batch` one after another and may go on executing a request after
 the client stopped waiting, so creates are batched small enough to finish well inside
-`HTTP_TIMEOUT_SECONDS` (`creates_per_batch`)."""
+`HTTP_TIMEOUT_SECONDS` (`creates_per_batch`). After an unknown outcome a record is looked for
+again within seconds and then less often (`confirm`), and created again only once BC cannot be
+running the first create any more (`settled_at`)."""
 
 from __future__ import annotations
 

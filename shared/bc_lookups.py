@@ -24,18 +24,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlencode
 
-from shared.odata_filter import MAX_NODES, node_count
+from shared.odata_filter import FILTER_URL_CHARS, MAX_NODES, MAX_QUERY_CHARS, node_count  # noqa: F401
 from shared.utf16 import units
 
 NODE_MARGIN = 10
 NODE_BUDGET = MAX_NODES - NODE_MARGIN
 """Nodes one lookup filter may have: BC refuses more than 100; 10 stay free."""
-MAX_QUERY_CHARS = 2048
-"""Not documented for BC: IIS's default `maxQueryString`, the strictest limit a front end is likely
-to keep (sandbox/FIDELITY.md, limits checklist)."""
-QUERY_BUDGET = MAX_QUERY_CHARS - 148
-"""Characters the percent-encoded `$filter` of one lookup may take: room for `$schemaversion` and
-a `$skiptoken` BC adds to a next link."""
+QUERY_BUDGET = FILTER_URL_CHARS
+"""Characters the percent-encoded `$filter` of one lookup may take (of BC's plausible 2,048)."""
 FIELD_LENGTHS = {"email": 80, "displayName": 100, "externalDocumentNumber": 35}
 """Lengths of the fields the app filters on (Customer "E-Mail" Text[80], Name/Description
 Text[100], Sales Header "External Document No." Code[35]), in UTF-16 units."""

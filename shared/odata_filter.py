@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from urllib.parse import quote
 
 CUSTOMER_FILTER_FIELDS = frozenset({
     "number", "displayName", "type", "addressLine1", "addressLine2", "city", "state", "country", "postalCode",
@@ -48,6 +49,12 @@ STRING_FUNCTIONS = frozenset({"tolower", "toupper"})
 MAX_LENGTH = 2000
 MAX_NODES = 100
 """ASP.NET OData's default `ODataValidationSettings.MaxNodeCount`, which BC keeps."""
+MAX_QUERY_CHARS = 2048
+"""Not documented for BC: IIS's default `maxQueryString`, the strictest limit a front end is likely
+to keep (sandbox/FIDELITY.md, limits checklist)."""
+FILTER_URL_CHARS = MAX_QUERY_CHARS - 148
+"""Characters a percent-encoded `$filter` may take in a URL: room for `$schemaversion` and a
+`$skiptoken` BC adds to a next link."""
 CHANGED_SINCE = "lastModifiedDateTime gt {since}"
 """The clause the push adds to a user's filter: only what BC changed since the last push."""
 
@@ -285,4 +292,9 @@ def validate_filter(text: str, fields: frozenset[str]) -> str:
                             f"function, field and value; a field counts 2 or 3) and passes the limit at position "
                             f"{position}: Business Central refuses a filter of more than {MAX_NODES} nodes, and the "
                             f"push adds {extra} of its own, so at most {MAX_NODES - extra} can be yours")
+    encoded = len(quote(changed_since_filter(text, datetime(2000, 1, 1, tzinfo=timezone.utc)) or "", safe=""))
+    if encoded > FILTER_URL_CHARS:
+        raise InvalidFilter(f"the filter takes {encoded} characters in the URL once encoded (with the push's own clause); "
+                            f"at most {FILTER_URL_CHARS} fit, as a front end in the way may refuse a query string of "
+                            f"more than {MAX_QUERY_CHARS}")
     return text

@@ -107,6 +107,9 @@ def test_a_push_filter_bc_would_refuse_fails_at_start_up_with_the_reason_and_pos
     world.configure(BC_CUSTOMER_FILTER=" or ".join(f"city eq 'Town {i}'" for i in range(16)))
     with pytest.raises(SettingsError, match=r"BC_CUSTOMER_FILTER.*passes the limit at position \d+.*at most 93"):
         get_settings()
+    world.configure(BC_CUSTOMER_FILTER=" or ".join(f"city eq '{'Ø' * 28}{i:02d}'" for i in range(12)))
+    with pytest.raises(SettingsError, match=r"BC_CUSTOMER_FILTER.*characters in the URL once encoded.*2048"):
+        get_settings()
 
 
 # -- UTF-16 lengths ---------------------------------------------------------------------------------------
