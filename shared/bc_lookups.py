@@ -17,7 +17,8 @@ customer is not found by `tolower(email) eq 'x'`, so customers are asked with
 `contains(tolower(email),'x')` (a function inside a function: BC takes it with
 `$schemaversion=2.1`), which finds the address alone too; a record matches an address only when
 the address is one of its list (so `tim@x.com` never links `victim@x.com`). Should BC refuse that
-query, `tolower(email) eq 'x'` and the case-sensitive `contains(email,'x')` are asked instead."""
+query, `tolower(email) eq 'x'` and the case-sensitive `contains(email,'x')` with the address in
+lower and in upper case are asked instead (an address listed in mixed case is then not found)."""
 
 from __future__ import annotations
 
@@ -133,11 +134,13 @@ class Lookup:
         if not self.address_list:
             return pack([term(f"{subject} eq {odata_string(v)}", v) for v in values])
         # `contains` also finds the address alone; should BC refuse the nested call, the exact
-        # match (case-insensitive) and a case-sensitive `contains` are asked instead.
+        # match (case-insensitive) and a case-sensitive `contains` of the address in lower and in
+        # upper case (how addresses are usually typed) are asked instead.
         found = []
         for query in pack([term(f"contains({subject},{odata_string(v)})", v) for v in values], SCHEMA_2_1):
             fallback = pack([term(f"{subject} eq {odata_string(v)}", v) for v in query.values]) + \
-                pack([term(f"contains({self.field},{odata_string(v)})", v) for v in query.values])
+                pack([term(f"contains({self.field},{odata_string(case(v))})", v) for v in query.values
+                      for case in (str.lower, str.upper)])
             found.append(Query(query.filter, query.values, query.params, tuple(fallback)))
         return found
 
