@@ -29,6 +29,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 FLOOR_BOOKINGS = "floorbookings"
+BC_REQUESTS_PER_100_NEW_CUSTOMERS_BEFORE = 2.68
+"""Measured on main before BC lookups were split by OData's node limit (2026-12-06, first sync of
+10,000 appointments and 1,939 new customers: 52 BC requests): lookups must stay in `$batch`es so
+that the smaller filters cost no more requests."""
 WORKLOADS = ("first_sync", "unchanged_sync", "changed_sync", "invoice_all")
 APP_SETTINGS_TO_CLEAR = ("CUSTOMER_TEMPLATE", "ITEM_TEMPLATE", "SYNC_CUSTOMERS", "SYNC_ITEMS", "INVOICE_FREE_BOOKINGS",
                          "WRITE_BACK_TO_BOOKINGS", "BOOKINGS_TIME_ZONE", "SYNC_LOOKBACK_DAYS", "SYNC_LOOKAHEAD_DAYS")
@@ -276,6 +280,7 @@ def run_syncs(bench: Bench, plan: Plan) -> tuple[dict, list[dict]]:
         bound = sync_bound(dataset, customers, items)
         created = first["last_sync"]["counts"]
         scaling.append({"appointments": size, "customers": customers, "seconds": first["seconds"],
+                        "bc_requests_per_100_new_customers": _per_100(first["requests"]["bc"], customers),
                         "bound_seconds": round(bound.seconds, 3), "floor_seconds": floor["seconds"], "requests": {
                             "graph": first["requests"]["graph"], "bc": first["requests"]["bc"],
                             "token": first["requests"]["token"]},
@@ -283,7 +288,8 @@ def run_syncs(bench: Bench, plan: Plan) -> tuple[dict, list[dict]]:
         if size != plan.appointments:
             continue
         workloads["first_sync"] = _summary(first, bound, "sync", floor) | {
-            "appointments": size, "customers": customers, "items": items, "sync_counts": created}
+            "appointments": size, "customers": customers, "items": items, "sync_counts": created,
+            "bc_requests_per_100_new_customers": _per_100(first["requests"]["bc"], customers)}
         pull = bench.floor("sync", env, "graph-pull")
         unchanged = bench.app("sync", env, "unchanged_sync")
         workloads["unchanged_sync"] = _summary(unchanged, sync_bound(dataset, 0, 0), "sync", pull) | {
@@ -293,6 +299,12 @@ def run_syncs(bench: Bench, plan: Plan) -> tuple[dict, list[dict]]:
         workloads["changed_sync"] = _summary(result, sync_bound(dataset, 0, 0), "sync", pull) | {
             "appointments": size, "appointments_changed": changed, "sync_counts": result["last_sync"]["counts"]}
     return workloads, scaling
+
+
+def _per_100(requests: int, customers: int) -> float | None:
+    """BC requests of a first sync per 100 new customers (the lookups and creates of customers and
+    service items, the countries read once per process, the health check's company read)."""
+    return round(100 * requests / customers, 2) if customers else None
 
 
 def run_invoicing(bench: Bench, plan: Plan) -> dict:
@@ -439,6 +451,11 @@ def targets(results: dict) -> list[dict]:
     check("unchanged_sync reads calendarView once", passes,
           f"{u['calendar_view_requests']} calendarView requests for {pages} pages of one pass in {slices} "
           f"weekly slices (at most {pages + slices})")
+    per_100 = w["first_sync"]["bc_requests_per_100_new_customers"]
+    check("first_sync: BC requests per 100 new customers no more than before the node limit",
+          per_100 <= BC_REQUESTS_PER_100_NEW_CUSTOMERS_BEFORE,
+          f"{per_100} now, {BC_REQUESTS_PER_100_NEW_CUSTOMERS_BEFORE} before ({w['first_sync']['requests']['bc']} BC "
+          f"requests for {w['first_sync']['customers']} new customers)")
     check("first_sync peak RSS under 300 MB", w["first_sync"]["peak_rss_mb"] < 300,
           f"{w['first_sync']['peak_rss_mb']:.0f} MB")
     i = results["import"]
@@ -457,6 +474,11 @@ def table(results: dict) -> str:
                      f"{r['floor_seconds']:>6.2f} "
                      f"{naive:>8} {r['vs_naive'] or 0:>9.1f} {r['table_writes']:>10} {r['peak_rss_mb']:>7.0f} "
                      f"{r['requests']['graph']:>6} {r['requests']['bc']:>6} {r['requests']['token']:>5}")
+    scaling = results.get("scaling", {}).get("first_sync", [])
+    if scaling:
+        lines.append("BC requests per 100 new customers (first sync): " + ", ".join(
+            f"{p['appointments']:,} appointments / {p['customers']:,} customers: {p['bc_requests_per_100_new_customers']}"
+            for p in scaling) + f" (before the node limit: {BC_REQUESTS_PER_100_NEW_CUSTOMERS_BEFORE} at 10,000)")
     i = results["import"]
     lines.append(f"import: function_app {i['app_seconds']:.3f} s, dependencies alone {i['deps_seconds']:.3f} s "
                  f"({i['ratio']}x), median of {i['runs']} fresh interpreters")

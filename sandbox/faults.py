@@ -68,6 +68,12 @@ class Knobs:
     """``408``/``504``: False for the variant in which the timed-out request is never executed."""
     execution_limit_seconds: float = 600.0
     """Nothing is executed later than this after it arrived (BC aborts requests after 10 minutes)."""
+    queue_timeout_seconds: float | None = None
+    """A request waiting for a concurrency slot longer than this is answered 503 with
+    ``Retry-After`` and never executed (BC: queued requests "time out after 8 minutes")."""
+    max_query_chars: int | None = None
+    """A request whose query string (as sent, percent-encoded) is longer is answered 414 and not
+    executed (None: no limit)."""
     seed: int = 0
 
 
@@ -233,6 +239,13 @@ class FaultMiddleware:
         arrived = time.monotonic()
         plan = self.plan
         plan.count(method, path)
+        limit = plan.knobs.max_query_chars
+        if limit is not None and len(scope.get("query_string", b"")) > limit:
+            plan.count_fault("414")
+            await self._json(send, 414, self.error_body(414, "RequestUriTooLong", (
+                f"The query string is {len(scope.get('query_string', b''))} characters long; at most {limit} "
+                "are accepted.")))
+            return
         key = self.key_of(path)
         gate = self._gates[key]
         if gate.condition is None:
@@ -270,7 +283,16 @@ class FaultMiddleware:
                 return
             async with gate.condition:
                 gate.waiting += 1
-                await gate.condition.wait_for(lambda: gate.in_flight < (knobs.max_concurrency or 1 << 30))
+                try:
+                    async with asyncio.timeout(knobs.queue_timeout_seconds):
+                        await gate.condition.wait_for(lambda: gate.in_flight < (knobs.max_concurrency or 1 << 30))
+                except TimeoutError:
+                    gate.waiting -= 1
+                    plan.count_fault("503")
+                    await self._json(send, 503, self.error_body(
+                        503, "ServiceUnavailable", "The request waited too long for its turn and was not processed."),
+                        [(b"retry-after", str(knobs.retry_after_seconds).encode())])
+                    return
                 gate.waiting -= 1
                 gate.in_flight += 1
         else:

@@ -2,16 +2,19 @@
 
 BC serves about 5 requests at a time per user (more are queued, then throttled) and 6,000 per
 5-minute sliding window, so the client holds at most 5 in flight and keeps its own budget.
-Lookups follow BC's filter semantics: Text fields compare case-sensitively, so e-mails and item
-names are matched with `tolower(field) eq '<lower-cased value>'`; Code fields (such as
+Lookups follow BC's filter semantics and limits (`shared/bc_lookups.py`): Text fields compare
+case-sensitively, so e-mails and item names are matched through `tolower`; Code fields (such as
 `externalDocumentNumber`) are stored upper-case, so their keys are made and sent upper-case; a
-value longer than the field cannot exist in BC and is never sent (BC refuses the whole filter).
-Literals use OData string escaping (`'` → `''`), so an e-mail such as `o'brien@example.com` is a
-value, never syntax. Writes of existing records send `If-Match` with the record's ETag.
+value longer than the field cannot exist in BC and is never sent (BC refuses the whole filter);
+filters are packed to BC's node limit and sent many to a `$batch`. Literals use OData string
+escaping (`'` → `''`), so an e-mail such as `o'brien@example.com` is a value, never syntax. Writes
+of existing records send `If-Match` with the record's ETag.
 
 BC runs the requests of a `$batch` one after another and may go on executing a request after
 the client stopped waiting, so creates are batched small enough to finish well inside
-`HTTP_TIMEOUT_SECONDS` (`creates_per_batch`)."""
+`HTTP_TIMEOUT_SECONDS` (`creates_per_batch`). After an unknown outcome a record is looked for
+again within seconds and then less often (`confirm`), and created again only once BC cannot be
+running the first create any more (`settled_at`)."""
 
 from __future__ import annotations
 
@@ -21,13 +24,15 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.http import (ApiClient, UpstreamAmbiguous, UpstreamError, UpstreamNotFound, UpstreamThrottled,
+from shared.bc_lookups import Lookup, Query, odata_string, pack, term
+from shared.http import (NOT_RUN_STATUS, ApiClient, UpstreamAmbiguous, UpstreamError, UpstreamNotFound, UpstreamThrottled,
                          error_from_body)
 from shared.settings import Settings
+from shared.utf16 import Utf16Max
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +45,9 @@ MAX_BATCH_REQUESTS = 100
 UNKNOWN_OUTCOME_STATUS = {408, 504}
 """Inside a finished batch, BC timed this request out: it may still complete (BC's docs: 408
 after the operation timeout, 504 after the 10-minute execution limit)."""
-LOOKUP_CHUNK = 40
-"""Values per `or` filter: keeps the URL well under the limits of gateways in front of BC."""
-FIELD_LENGTHS = {"email": 80, "displayName": 100, "externalDocumentNumber": 35}
-"""Lengths of the fields the app filters on (Customer "E-Mail" Text[80], Name/Description
-Text[100], Sales Header "External Document No." Code[35])."""
+CUSTOMERS_BY_EMAIL = Lookup("customers", "email", address_list=True)
+ITEMS_BY_NAME = Lookup("items", "displayName")
+INVOICES_BY_KEY = Lookup("salesInvoices", "externalDocumentNumber", code=True)
 
 COMPANY_NAME_SECONDS = 3600.0
 
@@ -55,46 +58,62 @@ third of `HTTP_TIMEOUT_SECONDS`: with the default 60 s, 100 customers or items (
 invoices (20 s) per batch."""
 
 
+CONFIRM_DELAYS = (2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0)
+"""Seconds between the lookups after an unknown outcome: soon at first (BC usually has the record
+a few seconds after a lost answer), then less often; the last one repeats until the settle time."""
+CONFIRMING = "waiting for Business Central to confirm"
+"""What a part or record waiting for BC to show a write of unknown outcome says (with since when)."""
+
+
 @dataclass(frozen=True)
 class Wait:
     """Work that must wait for BC: until when; since when a write of it may have been sent (None:
-    certainly never); why; and whether it used up an attempt (an unknown outcome or a server
-    error, as opposed to throttling, which only slows the app down and never makes it give up)."""
+    certainly never); why; whether it used up an attempt (an unknown outcome or a server error, as
+    opposed to throttling, which only slows the app down and never makes it give up); and, while
+    BC is asked to confirm a write of unknown outcome, since when that outcome is unknown."""
     until: datetime
     pending_since: datetime | None
     reason: str
     attempt: bool = False
+    confirming_since: datetime | None = None
+
+
+def next_lookup(confirming_since: datetime, now: datetime, settled: datetime) -> datetime:
+    """When to look for a write of unknown outcome next: the first point of the `CONFIRM_DELAYS`
+    schedule from `confirming_since` that is still to come, and never after `settled` (then a
+    lookup that finds nothing means the write did not happen)."""
+    at, index = confirming_since, 0
+    while at <= now and at < settled:
+        at += timedelta(seconds=CONFIRM_DELAYS[min(index, len(CONFIRM_DELAYS) - 1)])
+        index += 1
+    return min(at, settled)
 
 
 def creates_per_batch(entity_set: str, timeout_seconds: float) -> int:
     return max(1, min(MAX_BATCH_REQUESTS, int(timeout_seconds / 3 / SECONDS_PER_CREATE[entity_set])))
 
 
-def odata_string(value: str) -> str:
-    """An OData string literal: quotes doubled, so the value can never end the literal."""
-    return "'" + value.replace("'", "''") + "'"
-
-
 class CustomerFields(BaseModel):
-    """Writable BC customer fields a template may default (`type` is always `Person`)."""
+    """Writable BC customer fields a template may default (`type` is always `Person`). Text
+    lengths are BC's, in UTF-16 units (an emoji counts 2)."""
     model_config = ConfigDict(extra="forbid")
-    displayName: str | None = Field(None, max_length=100)
-    addressLine1: str | None = Field(None, max_length=100)
-    addressLine2: str | None = Field(None, max_length=50)
-    city: str | None = Field(None, max_length=30)
-    state: str | None = Field(None, max_length=30)
-    country: str | None = Field(None, max_length=10)
-    postalCode: str | None = Field(None, max_length=20)
-    phoneNumber: str | None = Field(None, max_length=30)
-    email: str | None = Field(None, max_length=80)
-    website: str | None = Field(None, max_length=80)
-    salespersonCode: str | None = Field(None, max_length=20)
+    displayName: Utf16Max(100) = None
+    addressLine1: Utf16Max(100) = None
+    addressLine2: Utf16Max(50) = None
+    city: Utf16Max(30) = None
+    state: Utf16Max(30) = None
+    country: Utf16Max(10) = None
+    postalCode: Utf16Max(20) = None
+    phoneNumber: Utf16Max(30) = None
+    email: Utf16Max(80) = None
+    website: Utf16Max(80) = None
+    salespersonCode: Utf16Max(20) = None
     creditLimit: float | None = Field(None, ge=0)
     taxLiable: bool | None = None
     taxAreaId: str | None = None
-    taxRegistrationNumber: str | None = Field(None, max_length=20)
+    taxRegistrationNumber: Utf16Max(20) = None
     currencyId: str | None = None
-    currencyCode: str | None = Field(None, max_length=10)
+    currencyCode: Utf16Max(10) = None
     paymentTermsId: str | None = None
     shipmentMethodId: str | None = None
     paymentMethodId: str | None = None
@@ -104,23 +123,23 @@ class CustomerFields(BaseModel):
 class ItemFields(BaseModel):
     """Writable BC item fields a template may default (`type` is always `Service`)."""
     model_config = ConfigDict(extra="forbid")
-    displayName: str | None = Field(None, max_length=100)
-    displayName2: str | None = Field(None, max_length=50)
+    displayName: Utf16Max(100) = None
+    displayName2: Utf16Max(50) = None
     itemCategoryId: str | None = None
-    itemCategoryCode: str | None = Field(None, max_length=20)
+    itemCategoryCode: Utf16Max(20) = None
     blocked: bool | None = None
-    gtin: str | None = Field(None, max_length=14)
+    gtin: Utf16Max(14) = None
     unitPrice: float | None = Field(None, ge=0)
     priceIncludesTax: bool | None = None
     unitCost: float | None = Field(None, ge=0)
     taxGroupId: str | None = None
-    taxGroupCode: str | None = Field(None, max_length=20)
+    taxGroupCode: Utf16Max(20) = None
     baseUnitOfMeasureId: str | None = None
-    baseUnitOfMeasureCode: str | None = Field(None, max_length=10)
+    baseUnitOfMeasureCode: Utf16Max(10) = None
     generalProductPostingGroupId: str | None = None
-    generalProductPostingGroupCode: str | None = Field(None, max_length=20)
+    generalProductPostingGroupCode: Utf16Max(20) = None
     inventoryPostingGroupId: str | None = None
-    inventoryPostingGroupCode: str | None = Field(None, max_length=20)
+    inventoryPostingGroupCode: Utf16Max(20) = None
 
 
 TEMPLATE_FIELDS: dict[str, type[BaseModel]] = {"customer": CustomerFields, "item": ItemFields}
@@ -161,6 +180,17 @@ class BcClient:
         deadline plus BC's execution limit (`BC_EXECUTION_LIMIT_SECONDS`). Only then does looking
         it up tell for sure whether it happened."""
         return pending_since + timedelta(seconds=self.send_window_seconds + self.execution_limit_seconds)
+
+    def confirm(self, pending_since: datetime, confirming_since: datetime | None = None,
+                attempt: bool = False) -> Wait:
+        """Wait for BC to show a write sent since `pending_since` whose outcome became unknown at
+        `confirming_since` (now, when not given): look again soon, then less often, and only
+        once it is settled may a lookup that finds nothing lead to sending it again."""
+        now = datetime.now(timezone.utc)
+        since = confirming_since or now
+        settled = self.settled_at(pending_since)
+        return Wait(next_lookup(since, now, settled), pending_since, CONFIRMING, attempt=attempt,
+                    confirming_since=since)
 
     # -- generic -------------------------------------------------------------------------------
 
@@ -227,45 +257,59 @@ class BcClient:
     # -- entities ------------------------------------------------------------------------------
 
     async def customers_by_emails(self, emails: list[str]) -> dict[str, list[dict]]:
-        """Customers by e-mail, case-insensitively (`tolower(email) eq …`); keys are lower-case."""
-        return await self._by_values("customers", "email", emails, lambda c: True)
+        """Customers by e-mail, case-insensitively, also when their E-Mail holds a `;`-separated
+        list with the address in it; keys are lower-case."""
+        return await self._by_values(CUSTOMERS_BY_EMAIL, emails, lambda c: True)
 
     async def items_by_names(self, names: list[str]) -> dict[str, list[dict]]:
         """Service items by name, case-insensitively; keys are lower-case."""
-        return await self._by_values("items", "displayName", names, lambda i: i.get("type") == "Service")
+        return await self._by_values(ITEMS_BY_NAME, names, lambda i: i.get("type") == "Service")
 
-    async def _by_values(self, entity_set: str, field: str, values: list[str], keep,
-                         code: bool = False) -> dict[str, list[dict]]:
-        """Many values with few requests: one `or` filter per chunk of values, several chunks in
-        one `$batch` (one round trip, and one of BC's concurrent-request slots, instead of one
-        each). Text fields are compared through `tolower` (BC compares Text case-sensitively);
-        Code fields hold upper-case values and are compared as such. Values longer than the
-        field cannot be stored in BC: they are answered "not found" without asking."""
-        fold = str.upper if code else str.lower
-        limit = FIELD_LENGTHS[field]
-        wanted = sorted({fold(v.strip()) for v in values if v and v.strip()})
-        subject = field if code else f"tolower({field})"
-        askable = [value for value in wanted if len(value) <= limit]
-        filters = [" or ".join(f"{subject} eq {odata_string(value)}" for value in askable[i:i + LOOKUP_CHUNK])
-                   for i in range(0, len(askable), LOOKUP_CHUNK)]
-        if len(filters) == 1:
-            pages = [await self.list(entity_set, filters[0])]
-        else:
-            pages = []
-            for start in range(0, len(filters), MAX_BATCH_REQUESTS):
-                chunk = filters[start:start + MAX_BATCH_REQUESTS]
-                answers = await self.batch([{"method": "GET", "url": f"{entity_set}?{urlencode({'$filter': f})}"}
-                                            for f in chunk])
-                pages += [await self._list_answer(entity_set, f, answer) for f, answer in zip(chunk, answers, strict=True)]
-        found: dict[str, list[dict]] = {value: [] for value in wanted}
-        for page in pages:
-            for record in page:
-                value = fold((record.get(field) or "").strip())
-                if value in found and keep(record):
-                    found[value].append(record)
+    async def _by_values(self, lookup: Lookup, values: list[str], keep) -> dict[str, list[dict]]:
+        """Many values with few requests: `or` filters packed to BC's node limit
+        (`shared/bc_lookups.py`), many of them in one `$batch` (one round trip, and one of BC's
+        concurrent-request slots, instead of one each). Values BC cannot hold are answered "not
+        found" without asking."""
+        wanted = lookup.askable(values)
+        found: dict[str, list[dict]] = {value: [] for value in {lookup.fold(v) for v in values if v and v.strip()}}
+        seen: dict[str, set[str]] = {value: set() for value in found}
+        for records in await self._ask(lookup.entity_set, lookup.queries(wanted)):
+            for record in records:
+                for key in lookup.keys_of(record):
+                    if key in found and keep(record) and record.get("id") not in seen[key]:
+                        seen[key].add(record.get("id"))
+                        found[key].append(record)
         return found
 
-    async def _list_answer(self, entity_set: str, filter: str, answer: dict) -> list[dict]:
+    async def _ask(self, entity_set: str, queries: list[Query]) -> list[list[dict]]:
+        """The records each query finds: one GET for a single query, else `$batch`es of 100. A
+        query BC refuses that has a fallback is asked again as its fallback."""
+        if not queries:
+            return []
+        answers: list[list[dict] | UpstreamError] = []
+        if len(queries) == 1:
+            answers.append(await self._list_or_refusal(entity_set, queries[0]))
+        else:
+            for start in range(0, len(queries), MAX_BATCH_REQUESTS):
+                chunk = queries[start:start + MAX_BATCH_REQUESTS]
+                replies = await self.batch([{"method": "GET", "url": q.url(entity_set)} for q in chunk])
+                answers += [await self._list_answer(entity_set, q, reply) for q, reply in zip(chunk, replies, strict=True)]
+        fallbacks = [fallback for query, answer in zip(queries, answers, strict=True)
+                     if isinstance(answer, UpstreamError) for fallback in query.fallback]
+        if fallbacks:
+            log.warning("Business Central refused a lookup of %s with $schemaversion=2.1; asked without it",
+                        entity_set, extra={"event": "bc_lookup_fallback", "entity_set": entity_set})
+        return [a for a in answers if not isinstance(a, UpstreamError)] + await self._ask(entity_set, fallbacks)
+
+    async def _list_or_refusal(self, entity_set: str, query: Query) -> list[dict] | UpstreamError:
+        try:
+            return await self.list(entity_set, query.filter, query.params)
+        except UpstreamError as error:
+            if query.fallback and error.status == 400:
+                return error
+            raise
+
+    async def _list_answer(self, entity_set: str, query: Query, answer: dict) -> list[dict] | UpstreamError:
         """The records of one list answered inside a `$batch`; a failed or paged one is read
         again on its own (`list` retries and follows `nextLink`)."""
         body = answer.get("body")
@@ -273,7 +317,9 @@ class BcClient:
         if 200 <= status < 300 and isinstance(body, dict) and isinstance(body.get("value"), list) \
                 and not body.get("@odata.nextLink"):
             return body["value"]
-        return await self.list(entity_set, filter)
+        if status == 400 and query.fallback:
+            return error_from_body(self.api.service, status, body, "")
+        return await self.list(entity_set, query.filter, query.params)
 
     async def create_many(self, entity_set: str, records: list[dict], send_by: float | None = None
                           ) -> list[dict | UpstreamError]:
@@ -281,7 +327,8 @@ class BcClient:
         order: the new record; `UpstreamAmbiguous` when BC may have created it or may still be
         creating it (the batch timed out or its answer was lost, or BC timed the request out);
         `UpstreamThrottled` when it was certainly not sent (throttled, past `send_by`, or a
-        batch before it had an unknown outcome: no more load is put on a BC that is struggling);
+        batch before it had an unknown outcome: no more load is put on a BC that is struggling),
+        or an `UpstreamError` with status 503 (BC answered the batch "unavailable" to the end: not run);
         any other `UpstreamError` is BC's own answer for that record. `send_by`: see
         `ApiClient.request`."""
         if len(records) == 1:
@@ -300,7 +347,9 @@ class BcClient:
             try:
                 answers = await self.batch([{"method": "POST", "url": entity_set, "body": record} for record in chunk],
                                            idempotent=False, send_by=send_by)
-            except (UpstreamAmbiguous, UpstreamThrottled) as error:
+            except UpstreamError as error:
+                if not isinstance(error, (UpstreamAmbiguous, UpstreamThrottled)) and error.status not in NOT_RUN_STATUS:
+                    raise
                 results += [error] * len(chunk)
                 stopped = error
                 continue
@@ -321,7 +370,7 @@ class BcClient:
     async def invoices_by_external_numbers(self, keys: list[str]) -> dict[str, list[dict]]:
         """Invoices by our deterministic external document numbers (few requests for many).
         `externalDocumentNumber` is a Code field: BC keeps it upper-case, and so do our keys."""
-        found = await self._by_values("salesInvoices", "externalDocumentNumber", keys, lambda i: True, code=True)
+        found = await self._by_values(INVOICES_BY_KEY, keys, lambda i: True)
         return {key: found.get(key.strip().upper(), []) for key in keys}
 
     async def countries(self) -> list[dict]:
@@ -335,8 +384,10 @@ class BcClient:
         wanted = sorted({code.strip().upper() for code in codes if code.strip()})
         if not wanted:
             return {}
-        found = await self.list("dimensions", " or ".join(f"code eq {odata_string(code)}" for code in wanted),
-                                {"$expand": "dimensionValues"})
+        # Within BC's filter node limit like every lookup (a company rarely has more than a few codes).
+        queries = pack([term(f"code eq {odata_string(code)}", code) for code in wanted])
+        found = [record for query in queries
+                 for record in await self.list("dimensions", query.filter, {"$expand": "dimensionValues"})]
         return {record.get("code"): record for record in found if record.get("code") in wanted}
 
     async def company(self) -> dict:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import datetime, timedelta, timezone
 
 from shared.bc import API_ROLE
 from shared.dimensions import company_dimensions, problems_in, refusals_of, wanted_in
 from shared.directory import CUSTOMER, ITEM, get_template
-from shared.graph import CUSTOMER_WRITE_ROLES, READ_ROLES, SERVICE_WRITE_ROLES, WRITE_ROLES
+from shared.graph import CUSTOMER_WRITE_ROLES, GENEROUS_ROLE, READ_ROLES, SERVICE_WRITE_ROLES, WRITE_ROLES
 from shared.http import UpstreamError
 from shared.runtime import Runtime
 from shared.settings import SettingsError
@@ -56,10 +57,20 @@ async def graph_access(rt: Runtime) -> dict:
         return _check("graph", False, f"No Graph token: {error} Check the app's credentials (AZURE_CLIENT_ID, the "
                                       "secret, or the federated credential trusting the managed identity) in Entra ID.")
     missing: dict[str, str] = {}
+    warnings: list[str] = []
+    generous = roles is not None and GENEROUS_ROLE in roles
     if roles is not None and not roles & READ_ROLES:
-        missing["Bookings.Read.All"] = ""
+        if not generous or not await _appointments_readable(rt, settings.business_ids[0]):
+            missing["Bookings.Read.All"] = ""
+        else:
+            warnings.append(f"the app reads appointments with {GENEROUS_ROLE} alone, which Graph's documentation "
+                            "allows but app-only calls have been refused with; add Bookings.Read.All")
     if roles is not None and settings.write_back_to_bookings and not roles & WRITE_ROLES:
-        missing["BookingsAppointment.ReadWrite.All"] = "WRITE_BACK_TO_BOOKINGS"
+        if generous:
+            warnings.append(f"WRITE_BACK_TO_BOOKINGS writes appointments with {GENEROUS_ROLE} alone, which app-only "
+                            "calls have been refused with; add BookingsAppointment.ReadWrite.All")
+        else:
+            missing["BookingsAppointment.ReadWrite.All"] = "WRITE_BACK_TO_BOOKINGS"
     if roles is not None and settings.push_customers and not roles & CUSTOMER_WRITE_ROLES:
         missing.setdefault("BookingsAppointment.ReadWrite.All", "PUSH_CUSTOMERS_TO_BOOKINGS")
     if roles is not None and settings.push_items and not roles & SERVICE_WRITE_ROLES:
@@ -82,7 +93,23 @@ async def graph_access(rt: Runtime) -> dict:
                 problems.append(f"{business_id}: {error}")
     if problems:
         return _check("graph", False, "; ".join(problems))
-    return _check("graph", True, f"{len(settings.business_ids)} Bookings business(es) readable with the app's identity")
+    readable = f"{len(settings.business_ids)} Bookings business(es) readable with the app's identity"
+    if warnings:
+        added = ", ".join(sorted({w.rsplit("add ", 1)[1] for w in warnings}))
+        return _check("graph", True, f"Warning: {'; '.join(warnings)}. {grant_graph(added.split(', '))} "
+                                     f"({readable})")
+    return _check("graph", True, readable)
+
+
+async def _appointments_readable(rt: Runtime, business_id: str) -> bool:
+    """Whether Graph lets the app read a business's appointments (an hour of its calendar)."""
+    now = datetime.now(timezone.utc)
+    try:
+        async for _ in rt.graph.calendar_view(business_id, now, now + timedelta(hours=1)):
+            break
+    except UpstreamError as error:
+        return error.status not in (401, 403)  # anything else is for the business check below to report
+    return True
 
 
 async def business_central(rt: Runtime) -> dict:
@@ -184,5 +211,8 @@ async def setup_checks(rt: Runtime, store: Store) -> list[dict]:
         if not check["ok"]:
             log.warning("setup check %s failed: %s", check["name"], check["message"],
                         extra={"event": "setup_check_failed", "check": check["name"]})
+        elif check["message"].startswith("Warning:"):
+            log.warning("setup check %s: %s", check["name"], check["message"],
+                        extra={"event": "setup_check_warning", "check": check["name"]})
     _cache[key] = (time.monotonic() + CHECK_EVERY_SECONDS, checks)
     return checks

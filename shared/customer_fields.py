@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from shared.messages import CustomerSource
+from shared.utf16 import cut, units
 
 LENGTHS = {"displayName": 100, "email": 80, "phoneNumber": 30, "addressLine1": 100, "city": 30, "state": 30,
            "postalCode": 20, "country": 10}
 """The BC Customer fields' lengths (Name Text[100], E-Mail Text[80], Phone No. Text[30], Address
-Text[100], City Text[30], County Text[30], Post Code Code[20], Country/Region Code Code[10])."""
+Text[100], City Text[30], County Text[30], Post Code Code[20], Country/Region Code Code[10]), in
+UTF-16 units as BC counts them (`shared/utf16.py`)."""
 
 COUNTRY_NAME_LANGUAGES = ("en", "nb", "nn", "da", "sv", "fi", "is", "de", "nl", "fr", "es", "it", "pt", "pl",
                           "cs", "ru")
@@ -114,19 +116,20 @@ class Mapped:
 def accepted_email(value: str) -> bool:
     """BC's check (MailManagement): one `@`, and a domain with a dot before a top-level domain of
     two or more characters; no spaces."""
-    return len(value) <= LENGTHS["email"] and bool(_EMAIL.match(value))
+    return units(value) <= LENGTHS["email"] and bool(_EMAIL.match(value))
 
 
 def map_customer(source: CustomerSource, countries: Countries | None) -> Mapped:
     """The BC fields for `source`, each in BC's form or left out with the reason."""
-    name = (source.display_name or source.email).strip()[:LENGTHS["displayName"]]
+    name = cut((source.display_name or source.email).strip(), LENGTHS["displayName"]).strip()
     wanted = {"displayName": name, "email": source.email, "phoneNumber": source.phone,
               "addressLine1": source.address_line1, "city": source.city, "state": source.state,
               "postalCode": source.postal_code}
     mapped = Mapped({key: value.strip() for key, value in wanted.items() if value and value.strip()})
     for key, value in list(mapped.fields.items()):
-        if len(value) > LENGTHS[key]:
-            mapped.drop(key, f"'{value}' is longer than the {LENGTHS[key]} characters Business Central allows")
+        if units(value) > LENGTHS[key]:
+            mapped.drop(key, f"'{value}' is longer than the {LENGTHS[key]} characters Business Central allows "
+                             "(it counts a character such as an emoji as 2)")
     email = mapped.fields.get("email")
     if email and not accepted_email(email):
         mapped.drop("email", f"'{email}' is not an e-mail address Business Central accepts")

@@ -26,15 +26,18 @@ from shared import leases
 from shared.bc import TEMPLATE_FIELDS, BcClient, Wait, explain_refusal
 from shared.hostconfig import queue_settings
 from shared.customer_fields import Countries, Mapped, drop_refused, map_customer, minimal
-from shared.http import UpstreamAmbiguous, UpstreamConflict, UpstreamError, UpstreamThrottled
+from shared.http import NOT_RUN_STATUS, UpstreamAmbiguous, UpstreamConflict, UpstreamError, UpstreamThrottled
 from shared.messages import (CustomerBatchUpsert, kept_by_an_earlier_business, same_source_data, CustomerSource, CustomerUpsert, Deferred, DirectoryUpsertMessage,
                              PermanentFailure, ServiceSource, throttled_wait)
 from shared.runtime import Runtime
+from shared.utf16 import cut
 from shared.store import (CREATE, CUSTOMER_LINKS, ITEM_LINKS, MAX_BATCH, TEMPLATES, UPDATE, Store, encode_key,
                           fit_string, to_json)
 
 log = logging.getLogger(__name__)
 
+ITEM_NAME_UNITS = 100
+"""Item "Description" is Text[100]: UTF-16 units, as BC counts."""
 CUSTOMER_PARTITION = "customer"
 ITEM_PARTITION = "item"
 ITEMS_IN_FLIGHT = "directory/items-in-flight.json"
@@ -45,8 +48,6 @@ CREATE_ROUNDS = 3
 """A customer refused for a field is created again without it: at most this many tries."""
 MAX_ATTEMPTS = queue_settings().max_dequeue_count
 """Creates without a known outcome before BC is taken to be failing: as often as a message is tried."""
-UNSETTLED = ("an earlier create's outcome is unknown (no answer in time) and Business Central may still be "
-             "running it; it is looked up, and repeated only if missing, once it cannot be")
 
 
 class TemplateNotFound(PermanentFailure):
@@ -169,7 +170,8 @@ async def list_templates(store: Store) -> list[dict]:
 # -- mapping to BC fields ----------------------------------------------------------------------
 
 def item_fields(source: ServiceSource) -> dict:
-    return {"displayName": source.display_name[:100], "unitPrice": round(source.default_price, 2)}
+    return {"displayName": cut(source.display_name.strip(), ITEM_NAME_UNITS).strip(),
+            "unitPrice": round(source.default_price, 2)}
 
 
 def new_record(kind: Kind, defaults: dict, mapped: dict) -> dict:
@@ -185,18 +187,24 @@ def blanks_to_fill(existing: dict, mapped: dict) -> dict:
             if value not in (None, "") and existing.get(name) in (None, "")}
 
 
-_countries_cache: dict[int, tuple[float, Countries]] = {}
+_countries_cache: dict[int, tuple[float, asyncio.Future]] = {}
 COUNTRIES_CACHE_SECONDS = 3600.0
 
 
 async def bc_countries(bc: BcClient) -> Countries:
-    """BC's Country/Region table, read at most once an hour per process."""
+    """BC's Country/Region table, read at most once an hour per process: the directory messages
+    that start together share one read (a failed read is not kept)."""
     cached = _countries_cache.get(id(bc))
-    if cached and cached[0] > time.monotonic():
-        return cached[1]
-    countries = Countries(await bc.countries())
-    _countries_cache[id(bc)] = (time.monotonic() + COUNTRIES_CACHE_SECONDS, countries)
-    return countries
+    if cached and cached[0] > time.monotonic() and cached[1].get_loop() is asyncio.get_running_loop() \
+            and not (cached[1].done() and cached[1].exception()):
+        return await asyncio.shield(cached[1])
+
+    async def read() -> Countries:
+        return Countries(await bc.countries())
+
+    task = asyncio.ensure_future(read())
+    _countries_cache[id(bc)] = (time.monotonic() + COUNTRIES_CACHE_SECONDS, task)
+    return await asyncio.shield(task)
 
 
 # -- resolution --------------------------------------------------------------------------------
@@ -219,6 +227,8 @@ class Claim:
     at: datetime
     attempts: int = 0
     """Attempts that ended without a known outcome so far (see `Wait.attempt`)."""
+    confirming: datetime | None = None
+    """Since when an earlier create's outcome is unknown (BC is being asked to confirm it)."""
 
 
 class Resolver:
@@ -228,11 +238,13 @@ class Resolver:
     them with a few `or` filters; what is missing is created with one `$batch` per batch size.
     The queue-triggered upsert and the invoice worker both resolve through here.
 
-    A create whose outcome is unknown (timeout, lost answer) may still be running in BC, so it is
-    neither repeated nor looked up at once: the link row waits (`Status` `waiting`, `WaitUntil`)
-    until BC cannot be running it any more, and `Deferred` has the work run again then. A
-    claimed row records since when a create may have been sent (`PendingSince`): a later worker
-    that does not find the record in BC creates it only once that cannot be running either."""
+    A create whose outcome is unknown (timeout, lost answer, 408/500/502/504) may have happened or
+    may still be running in BC: the link row waits for BC to confirm (`Status` `waiting`,
+    `WaitUntil`, `ConfirmSince`), and `Deferred` has the work run again in seconds, then less
+    often (`shared.bc.CONFIRM_DELAYS`), each time looking the record up; it is linked as soon as BC
+    shows it. A claimed row records since when a create may have been sent (`PendingSince`): a
+    worker that does not find the record creates it only once that create cannot be running any
+    more. 429 and 503 mean BC did not run the create: it is sent again after the delay."""
 
     def __init__(self, rt: Runtime, store: Store, bc: BcClient, expect_new: bool = False):
         """`expect_new`: most records are probably not linked yet (the sync's upserts), so the
@@ -251,7 +263,8 @@ class Resolver:
         return await self._resolve(CUSTOMER, wanted, self.bc.customers_by_emails)
 
     async def items(self, entries: list[tuple[ServiceSource, str | None]]) -> dict[str, Link]:
-        wanted = [Wanted(s.service_id, Mapped(item_fields(s)), s.display_name, h) for s, h in entries]
+        # Found by the name BC will hold: a name cut to BC's length is looked up as cut.
+        wanted = [Wanted(s.service_id, Mapped(fields := item_fields(s)), fields["displayName"], h) for s, h in entries]
         return await self._resolve(ITEM, wanted, self.bc.items_by_names)
 
     async def _resolve(self, kind: Kind, wanted: list[Wanted], find) -> dict[str, Link]:
@@ -357,7 +370,8 @@ class Resolver:
                     await self._fill_blanks(kind, existing[0], want.mapped.fields)
                     records[want.key] = (existing[0], "linked")
                 elif earlier and self.bc.settled_at(earlier) > datetime.now(timezone.utc):
-                    waits[want.key] = Wait(self.bc.settled_at(earlier), earlier, UNSETTLED)
+                    # Not there (yet): an earlier create may still land. Ask again soon.
+                    waits[want.key] = self.bc.confirm(earlier, claims[want.key].confirming or earlier)
                 elif claims[want.key].attempts >= MAX_ATTEMPTS:
                     failures[want.key] = PermanentFailure(
                         f"Business Central gave no answer to {claims[want.key].attempts} attempts to create the "
@@ -376,7 +390,7 @@ class Resolver:
                 if kind is ITEM:
                     for name, since in (await self._names_in_flight(list(first), claimed_at)).items():
                         del first[name]
-                        name_waits[name] = Wait(self.bc.settled_at(since), since, UNSETTLED)
+                        name_waits[name] = self.bc.confirm(since, since)
                 leaders = list(first.values())
                 earlier = {w.key: claims[w.key].earlier_pending for w in leaders}
                 created, failed, waiting = await self._create(kind, leaders, defaults, claimed_at, earlier, send_by) \
@@ -434,14 +448,15 @@ class Resolver:
                 if isinstance(answer, dict):
                     created[want.key] = answer
                 elif isinstance(answer, UpstreamAmbiguous):
-                    # BC may still be creating it: nothing is repeated until it cannot be.
-                    waits[want.key] = Wait(self.bc.settled_at(claimed_at), claimed_at, UNSETTLED, attempt=True)
+                    # BC may have created it, or may still be: looked up soon, repeated only once
+                    # it cannot be running any more.
+                    waits[want.key] = self.bc.confirm(claimed_at, attempt=True)
                 elif answer.retryable:
-                    # Throttled, not sent, or a server error inside a finished batch: not created.
+                    # Throttled or unavailable, not sent, or a server error inside a finished batch: not created.
                     until = datetime.now(timezone.utc) + timedelta(seconds=throttled_wait(answer))
                     waits[want.key] = Wait(until, earlier.get(want.key),
                                            f"Business Central did not create it yet ({answer.code}); trying again later",
-                                           attempt=answer.status is not None and answer.status != 429)
+                                           attempt=answer.status is not None and answer.status not in NOT_RUN_STATUS)
                 elif kind is CUSTOMER and (drop_refused(want.mapped, answer.message)
                                            or minimal(want.mapped, answer.message)):
                     log.warning("customer %s refused by BC; trying again with fields left out: %s", _mask(want.key),
@@ -529,13 +544,14 @@ class Resolver:
         operations = {key: op for key, row in rows.items() if (op := self._claim_operation(kind, key, row, now))}
         earlier = {key: _when(row.get("PendingSince")) if row else None for key, row in rows.items()}
         attempts = {key: int(row.get("Attempts") or 0) if row else 0 for key, row in rows.items()}
+        confirming = {key: _when(row.get("ConfirmSince")) if row else None for key, row in rows.items()}
         claimed: dict[str, Claim] = {}
         keys = list(operations)
         for start in range(0, len(keys), MAX_BATCH):
             chunk = keys[start:start + MAX_BATCH]
             try:
                 answers = await self.store.transact(kind.table, [operations[key] for key in chunk])
-                claimed |= {key: Claim(answer["etag"], earlier[key], now, attempts[key])
+                claimed |= {key: Claim(answer["etag"], earlier[key], now, attempts[key], confirming[key])
                             for key, answer in zip(chunk, answers, strict=True)}
                 continue
             except (TableTransactionError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
@@ -543,7 +559,7 @@ class Resolver:
             for key in chunk:
                 etag = await self._claim_one(kind, operations[key])
                 if etag:
-                    claimed[key] = Claim(etag, earlier[key], now, attempts[key])
+                    claimed[key] = Claim(etag, earlier[key], now, attempts[key], confirming[key])
         return claimed
 
     async def _claim_new(self, kind: Kind, keys: list[str]) -> dict[str, Claim]:
@@ -606,6 +622,7 @@ class Resolver:
                 "PartitionKey": self._pk(kind), "RowKey": encode_key(key), "Key": key, "Status": "waiting",
                 "Owner": "", "WaitUntil": wait.until.isoformat(), "LastError": wait.reason[:2000],
                 "PendingSince": wait.pending_since.isoformat() if wait.pending_since else "",
+                "ConfirmSince": wait.confirming_since.isoformat() if wait.confirming_since else "",
                 "Attempts": claim.attempts + (1 if wait.attempt else 0),
                 "UpdatedAt": datetime.now(timezone.utc)}, etag=claim.etag)
         except (ResourceModifiedError, ResourceNotFoundError):

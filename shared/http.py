@@ -3,7 +3,7 @@ event loop, bearer tokens, bounded concurrency, retries that honour `Retry-After
 mapped from the APIs' `{"error": {"code", "message"}}` bodies.
 
 Retrying a request that may already have taken effect would bill or create twice, so a POST is
-retried only when the server certainly did not act on it (429, or a connection never made).
+retried only when the server certainly did not act on it (429 or 503, or a connection never made).
 Any other failure of a POST raises `UpstreamAmbiguous`: the server may still be executing it, so
 the caller waits until it cannot be (Business Central: its execution limit), then looks the
 record up by its natural key before trying again.
@@ -38,6 +38,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
+NOT_RUN_STATUS = {429, 503}
+"""Answers that mean the service did not run the request, so even a create may simply be sent
+again after the delay: throttled (429), or unavailable (503: BC answers it to a request that
+waited too long in its queue, and both BC and Graph document it as "retry after a delay", with
+`Retry-After`). Any other failure of a create leaves its outcome unknown (408, 500, 502, 504, a
+timeout, a dropped connection): BC may have run it, or may still be running it."""
 MAX_RETRY_AFTER_SECONDS = 120.0
 MAX_BUDGET_WAIT_SECONDS = 20.0
 """A request that would wait longer than this for the rate budget is not sent now: the caller's
@@ -253,7 +259,7 @@ class ApiClient:
                     continue
                 if not failure.retryable:
                     raise failure
-                if not idempotent and response.status_code != 429:
+                if not idempotent and response.status_code not in NOT_RUN_STATUS:
                     raise UpstreamAmbiguous(self.service, failure.status, failure.code, failure.message)
                 retry_after = parse_retry_after(response.headers.get("retry-after"))
                 if isinstance(failure, UpstreamThrottled):

@@ -12,10 +12,13 @@ Order of work, and why it is safe to repeat from any point:
    a part never claimed cannot have an invoice and is created without asking;
 5. the missing invoices are created (all lines by deep insert);
 6. each invoice is recorded on its bookings (ETag-guarded), then on its part.
-A create whose outcome is unknown (timeout, lost answer) may still be running in BC. Looking it
-up at once would find nothing and create it again, so the part waits (`waiting`, shown as still
-running) until BC cannot be running it any more, and the message comes back then (`Deferred`).
-The same holds for a retried part not found in BC whose earlier attempt may still be running.
+A create whose outcome is unknown (a timeout, a dropped connection, 408, 500, 502, 504) may have
+happened, or may still be running in BC. The part waits for BC to confirm (`waiting`, shown as
+still running, with since when): its message comes back in seconds, then less and less often
+(`Deferred`), and each time its invoice is looked up by its key; the part finishes as soon as BC
+shows it. Only once BC cannot be running that create any more does a lookup that finds nothing
+mean it did not happen, and the invoice is created again. BC's 429 and 503 mean it did not run
+the request: it is sent again after the delay, without waiting for any of that.
 A part that BC refuses for good (e.g. a customer without a posting group) fails alone, with
 what to fix in BC; its bookings are released."""
 
@@ -39,12 +42,13 @@ from shared.drafts import complete_parts, numbered
 from shared.bookings import Booking
 from shared.directory import Resolver
 from shared.hostconfig import queue_settings
-from shared.http import UpstreamAmbiguous, UpstreamError
+from shared.http import NOT_RUN_STATUS, UpstreamAmbiguous, UpstreamError
 from shared.invoicing import (_apply, _read, external_document_number, line_description, part_key,
                               refs_of, release, snapshot_of)
 from shared.messages import CustomerSource, Deferred, InvoiceJobPart, PermanentFailure, ServiceSource, throttled_wait
 from shared.runtime import Runtime
 from shared.store import JOBS, UPDATE, Store, fit_string, to_json
+from shared.utf16 import units
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +57,14 @@ RUNNING_STALE_AFTER = timedelta(minutes=10)
 MAX_ATTEMPTS = queue_settings().max_dequeue_count
 """Creates without a known outcome before BC is taken to be failing: as often as a message is tried."""
 MARKER = "Invoiced: Business Central draft invoice {number} ({date})"
-UNSETTLED = ("Business Central did not answer in time and may still be creating this invoice; it is looked up, "
-             "and created only if missing, once Business Central cannot be running the request any more")
+NOTES_UNITS = 1000
+"""The longest staff notes the write-back leaves behind, in UTF-16 units. Bookings documents no
+limit; the simulator's strict choice (sandbox/graph/limits.py): notes that would grow past it are
+left as they are (the invoice itself is made all the same)."""
+
+
+def _when(value) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) and value else None
 
 
 def pending_since(row: dict) -> datetime | None:
@@ -88,6 +98,8 @@ class PartWork:
     def dimensions(self) -> dict[str, str]:
         """The invoice dimension values of the part's business (`INVOICE_DIMENSIONS`)."""
         return parse_dimension_set(self.row.get("Dimensions"))
+    confirming: datetime | None = None
+    """Since when an earlier create's outcome is unknown (BC is being asked to confirm it)."""
 
     @property
     def attempts(self) -> int:
@@ -122,7 +134,8 @@ async def _unfinished(store: Store, job_id: str, indexes: list[int], owner: str
             until = max(until or now, datetime.fromisoformat(wait_until))
             continue
         takeable.append(PartWork(index, row, external_document_number(job_id, index), row["CustomerEmail"],
-                                 pending_since(row), etag=row.metadata["etag"]))
+                                 pending_since(row), etag=row.metadata["etag"],
+                                 confirming=_when(row.get("ConfirmSince"))))
     return takeable, later, until
 
 
@@ -184,7 +197,8 @@ async def find_or_create_invoices(bc: BcClient, works: list[PartWork], bodies: d
         if existing.get(work.key):
             invoices[work.key] = existing[work.key][0]
         elif work.earlier is not None and bc.settled_at(work.earlier) > now:
-            work.wait = Wait(bc.settled_at(work.earlier), work.earlier, UNSETTLED)
+            # Not there (yet): an earlier create may still land. Ask again soon.
+            work.wait = bc.confirm(work.earlier, work.confirming or work.earlier)
         elif work.attempts >= MAX_ATTEMPTS:
             refused[work.key] = (f"Business Central gave no usable answer to {work.attempts} attempts to create the "
                                  f"invoice, and it does not have it (last: {work.row.get('Note') or 'no answer'})")
@@ -197,13 +211,13 @@ async def find_or_create_invoices(bc: BcClient, works: list[PartWork], bodies: d
         if isinstance(answer, dict):
             invoices[work.key] = answer
         elif isinstance(answer, UpstreamAmbiguous):
-            work.wait = Wait(bc.settled_at(claimed_at), claimed_at, UNSETTLED, attempt=True)
+            work.wait = bc.confirm(claimed_at, attempt=True)
         elif answer.retryable:
-            # Certainly not created (throttled, not sent, or refused for now inside a batch).
+            # Certainly not created (throttled or unavailable, not sent, or refused for now inside a batch).
             until = datetime.now(timezone.utc) + timedelta(seconds=throttled_wait(answer))
             work.wait = Wait(until, work.earlier, f"Business Central did not create it yet ({answer.code}); it is "
                                                   "tried again later",
-                             attempt=answer.status is not None and answer.status != 429)
+                             attempt=answer.status is not None and answer.status not in NOT_RUN_STATUS)
         else:
             refused[work.key] = explain_refusal(answer.message)
     return invoices, refused
@@ -370,6 +384,7 @@ async def _wait(store: Store, work: PartWork, wait: Wait) -> None:
     await store.update(JOBS, {"PartitionKey": work.row["PartitionKey"], "RowKey": work.row["RowKey"],
                               "Status": "waiting", "Owner": "", "WaitUntil": wait.until.isoformat(),
                               "PendingSince": wait.pending_since.isoformat() if wait.pending_since else "",
+                              "ConfirmSince": wait.confirming_since.isoformat() if wait.confirming_since else "",
                               "Attempts": work.attempts + (1 if wait.attempt else 0), "Note": wait.reason[:1000]},
                        etag=None)
 
@@ -509,6 +524,10 @@ async def write_back(rt: Runtime, bookings: list[Booking], link: dict) -> None:
             if line in notes.splitlines():
                 return
             updated = f"{notes.rstrip()}\n{line}" if notes.strip() else line
+            if units(updated) > NOTES_UNITS:
+                log.warning("the staff notes of an appointment are too long to add invoice %s to", link["invoiceNumber"],
+                            extra={"event": "write_back_skipped", "booking_id": booking.id})
+                return
             await graph.update_appointment(booking.business_id, booking.id, {"serviceNotes": updated})
         except UpstreamError as error:
             log.warning("could not note invoice %s on appointment: %s", link["invoiceNumber"], error,

@@ -28,6 +28,7 @@ from shared.bookings import FREE, Booking, iso_z, normalise_email
 from shared.messages import PARTS_PER_MESSAGE, InvoiceJobPart, encode
 from shared.runtime import Runtime
 from shared.settings import SettingsError
+from shared.utf16 import cut, units
 from shared.dimensions import dimension_set_key
 from shared.directory import CUSTOMER, ITEM, link_partitions
 from shared.store import (BOOKINGS, INVOICE_QUEUE, JOBS, MAX_BATCH, UPDATE, Store,
@@ -36,6 +37,8 @@ from shared.store import (BOOKINGS, INVOICE_QUEUE, JOBS, MAX_BATCH, UPDATE, Stor
 log = logging.getLogger(__name__)
 
 HEADER = "job"
+LINE_DESCRIPTION_UNITS = 100
+"""Sales Line "Description" is Text[100], counted in UTF-16 units."""
 _IF_NOT_MODIFIED = MatchConditions.IfNotModified
 REFS_CHUNK_CHARS = 30_000
 MAX_REFS_CHUNKS = 28
@@ -238,7 +241,9 @@ def line_description(booking: Booking, time_zone: str) -> str:
     from zoneinfo import ZoneInfo
 
     local = booking.start.astimezone(ZoneInfo(time_zone))
-    return f"{booking.service_name or 'Appointment'} – {local:%Y-%m-%d %H:%M}"[:100]
+    when = f" – {local:%Y-%m-%d %H:%M}"
+    # Sales Line "Description" is Text[100] in UTF-16 units: the service name gives way, the date stays.
+    return cut(booking.service_name or "Appointment", LINE_DESCRIPTION_UNITS - units(when)) + when
 
 
 def preview(parts: list[Part], time_zone: str) -> list[dict]:

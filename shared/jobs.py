@@ -10,6 +10,7 @@ import asyncio
 import json
 from datetime import datetime, timezone
 
+from shared.bc import CONFIRMING
 from shared.invoicing import HEADER
 from shared.store import JOBS, Store
 
@@ -35,8 +36,10 @@ async def job_status(store: Store, job_id: str) -> dict | None:
     invoices, errors, waiting = [], [], []
     for part in sorted(parts, key=lambda p: p["RowKey"]):
         if part.get("Status") == "waiting":
+            since = part.get("ConfirmSince") or None
+            reason = f"{CONFIRMING}, since {since}" if since else part.get("Note") or "waiting for Business Central"
             waiting.append({"customerEmail": part.get("CustomerEmail"), "until": part.get("WaitUntil") or None,
-                            "reason": part.get("Note") or "waiting for Business Central"})
+                            "since": since, "reason": reason})
         if part.get("InvoiceId"):
             invoices.append({"customerEmail": part.get("CustomerEmail"), "invoiceId": part.get("InvoiceId"),
                              "invoiceNumber": part.get("InvoiceNumber"), "amount": part.get("Amount"),

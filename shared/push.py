@@ -33,12 +33,15 @@ from datetime import datetime, timedelta, timezone
 
 from babel import Locale
 
+from shared.bc_lookups import first_email
 from shared.bookings import normalise_email, parse_instant
 from shared.directory import KINDS as DIRECTORY_KINDS, link_partition
 from shared.graph import BookingCustomer, BookingService
 from shared.http import UpstreamAmbiguous, UpstreamError, UpstreamThrottled
+from shared.odata_filter import changed_since_filter
 from shared.runtime import Runtime
 from shared.store import CUSTOMER_LINKS, ITEM_LINKS, Store, encode_key
+from shared.utf16 import cut
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +70,7 @@ def _partition(business_id: str) -> str:
 
 def _cut(value: object, limit: int) -> str | None:
     """At most `limit` UTF-16 code units (how Exchange counts: an emoji is 2), never half a character."""
-    text = str(value or "").strip()
-    encoded = text.encode("utf-16-le")
-    if len(encoded) > 2 * limit:
-        text = encoded[:2 * limit].decode("utf-16-le", errors="ignore").strip()
-    return text or None
+    return cut(str(value or "").strip(), limit).strip() or None
 
 
 def _country_name(code: str | None) -> str | None:
@@ -119,7 +118,7 @@ def customer_fields(bc: dict) -> dict:
               "countryOrRegion": _country_name(bc.get("country"))}
     address = {name: _cut(value, ADDRESS_CHARS[name]) for name, value in values.items()}
     fields: dict = {"displayName": _cut(bc.get("displayName"), DISPLAY_NAME_CHARS),
-                    "emailAddress": _cut(normalise_email(bc.get("email")), EMAIL_CHARS)}
+                    "emailAddress": _cut(first_email(bc.get("email")), EMAIL_CHARS)}
     if any(address.values()):
         fields["addresses"] = [{**{k: v or "" for k, v in address.items()}, "type": "home"}]
     phone = _cut(bc.get("phoneNumber"), PHONE_CHARS)
@@ -195,9 +194,9 @@ def _name_key(name: str | None) -> str | None:
 
 
 CUSTOMERS = Kind("customers", "customers", CUSTOMER_LINKS, "customer", BookingCustomer,
-                 lambda bc: normalise_email(bc.get("email")), lambda c: normalise_email(c.email_address),
+                 lambda bc: first_email(bc.get("email")), lambda c: normalise_email(c.email_address),
                  customer_fields, customer_changes,
-                 lambda bc: bc.get("type", "Person") == "Person" and bool(normalise_email(bc.get("email")))
+                 lambda bc: bc.get("type", "Person") == "Person" and bool(first_email(bc.get("email")))
                  and (bc.get("blocked") or " ").strip() in ("", "_x0020_"), {})
 SERVICES = Kind("services", "items", ITEM_LINKS, "item", BookingService,
                 lambda bc: _name_key(bc.get("displayName")), lambda s: _name_key(s.display_name),
@@ -296,15 +295,6 @@ def _since(marks: dict, businesses: list[str], kind: str) -> datetime | None:
     return min(seen) - OVERLAP
 
 
-def _changed_filter(user_filter: str | None, since: datetime | None) -> str | None:
-    clauses = []
-    if user_filter:
-        clauses.append(f"({user_filter})")
-    if since:
-        clauses.append(f"lastModifiedDateTime gt {since.astimezone(timezone.utc):%Y-%m-%dT%H:%M:%SZ}")
-    return " and ".join(clauses) or None
-
-
 async def _from_bookings(store: Store, table: str, partition: str) -> set[str]:
     """BC ids of the records the app created from Bookings: those are never pushed back."""
     rows = await store.query(table, "PartitionKey eq @pk and Origin eq 'created'", ["BcId"], {"pk": partition})
@@ -348,7 +338,7 @@ async def push_directory(rt: Runtime, store: Store, pulls: list) -> dict[str, Bu
         for kind in kinds:
             try:
                 records = await rt.bc_for(company).list(
-                    kind.entity_set, _changed_filter(filters[kind], _since(marks, businesses, kind.name)))
+                    kind.entity_set, changed_since_filter(filters[kind], _since(marks, businesses, kind.name)))
                 skip = await _from_bookings(store, kind.table,
                                             link_partition(DIRECTORY_KINDS[kind.link_partition], company, settings))
             except UpstreamError as error:

@@ -10,6 +10,7 @@ import pytest
 
 from sandbox.host import FunctionHost
 from shared.store import SYNC_BUSINESS_QUEUE
+from sandbox.bc.options import BcOptions
 from sandbox.graph.options import GraphOptions
 from sandbox.stack import CLIENT_ID, ENVIRONMENT, TENANT, Sandbox, SandboxStack, seed_users
 from sandbox.tokens import APP_ROLES
@@ -70,9 +71,10 @@ def make_world(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, businesses: in
     for plan in (sandbox.graph.plan, sandbox.bc.plan, sandbox.entra.plan):
         plan.clear()
         plan.reset_stats()
-    # Graph's readings of what the docs leave open, the app's permissions and its place in BC's
+    # Graph's and BC's readings of what the docs leave open, the app's permissions and its place in BC's
     # Entra Applications: back to their defaults (a test may have changed them).
     sandbox.graph.configure(**asdict(GraphOptions()))
+    sandbox.bc.configure(**asdict(BcOptions()))
     sandbox.graph.clear_writes()
     for audience, roles in APP_ROLES.items():
         sandbox.entra.set_roles(TENANT, CLIENT_ID, audience, roles)

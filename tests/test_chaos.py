@@ -46,6 +46,7 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 
 from sandbox.data import generate, graph_datetime
+from shared.bc_lookups import email_addresses
 from shared.bookings import Booking, normalise_email
 from shared.invoicing import line_description
 from shared.store import BOOKINGS, CUSTOMER_LINKS, ITEM_LINKS, JOBS
@@ -219,6 +220,23 @@ class FailureLog(logging.Handler):
 
 
 @dataclass
+class LimitsFaults:
+    """BC's limits in the fault model, drawn apart from the run's own random sequence: some runs
+    have enough customers that a lookup filter is full (within 10 nodes of BC's 100), names with
+    astral characters at and just over BC's lengths, a BC customer whose E-Mail lists a Bookings
+    customer's address, push filters near the node limit, and BC's undocumented filter readings."""
+    extra_customers: int = 0
+    conversions_counted: bool = True
+    schema_2_1_honoured: bool = True
+
+    @classmethod
+    def draw(cls, seed: int) -> LimitsFaults:
+        rng = random.Random(seed * 7919 + 11)
+        return cls(extra_customers=rng.choice((0, 0, 8)), conversions_counted=rng.random() < 0.7,
+                   schema_2_1_honoured=rng.random() < 0.7)
+
+
+@dataclass
 class Run:
     """One chaos run: its seed, its world, and what it did (for the invariants and the report)."""
     seed: int
@@ -241,6 +259,7 @@ class Run:
     """Which instance a request or trigger lands on (apart from `rng`: threads draw from it)."""
     push: bool = False
     """BC customers and service items are pushed into Bookings in this run."""
+    limits: LimitsFaults = field(default_factory=LimitsFaults)
     pushed_emails: list[str] = field(default_factory=list)
     pushed_services: list[str] = field(default_factory=list)
     customers_before: dict[str, Counter] = field(default_factory=dict)
@@ -364,8 +383,9 @@ class Run:
 
 def build_world(run: Run) -> None:
     world, rng = run.world, run.rng
-    dataset = generate(appointments=rng.randint(28, 40), customers=rng.randint(6, 10), services=8,
-                       business_ids=world.business_ids, seed=run.seed)
+    dataset = generate(appointments=rng.randint(28, 40), customers=rng.randint(6, 10) + run.limits.extra_customers,
+                       services=8, business_ids=world.business_ids, seed=run.seed)
+    astral_names(run, dataset)
     world.graph.load(dataset)
     emails = sorted({c["emailAddress"] for b in dataset.businesses.values() for c in b.customers
                      if c["emailAddress"]})
@@ -387,6 +407,32 @@ def build_world(run: Run) -> None:
                           for n, email in enumerate(people)]})
 
 
+EMOJI = "\N{GRINNING FACE}"  # outside the Basic Multilingual Plane: 2 UTF-16 units in BC and Bookings
+
+
+def astral_names(run: Run, dataset) -> None:
+    """Every third customer's name ends in emoji: exactly BC's 100 UTF-16 units, or 101 (cut);
+    one service's name too (BC's item Description is Text[100])."""
+    for business in dataset.businesses.values():
+        for index, customer in enumerate(business.customers[::3]):
+            base = (customer.get("displayName") or "Guest")[:40]
+            customer["displayName"] = base + " " * (57 - len(base)) + EMOJI * 21 + ("x" if index % 2 else "")
+        if business.services:
+            business.services[0]["displayName"] = "Massage " + EMOJI * (46 + run.seed % 2)  # 100 or 102 units
+
+
+def add_email_list_customer(run: Run) -> None:
+    """What an accountant may keep in BC: one customer for two addresses, the second a Bookings
+    customer's in capitals. The app must link that Bookings customer to it, never make another."""
+    world = run.world
+    known = sorted({(c.get("emailAddress") or "").lower() for b in world.business_ids
+                    for c in world.graph.customers(b)} - {""})
+    if len(known) > 1:
+        world.bc.add_customer(world.company_id, type="Person", displayName="Front desk and accounts",
+                              email=f"front-{run.seed}@example.com;{known[-1].upper()}", city="Oslo")
+        run.note(f"BC customer listing front-{run.seed}@example.com;{known[-1].upper()}")
+
+
 def add_bc_records(run: Run) -> None:
     """What an accountant keeps in BC: persons to push (one of them also a Bookings customer, typed
     with other capitals), a company (never pushed) and a service item."""
@@ -400,9 +446,14 @@ def add_bc_records(run: Run) -> None:
         world.bc.add_customer(company, type="Person", displayName="Only In BC", email=run.pushed_emails[0].upper(),
                               city="Oslo", country="NO", phoneNumber="+47 22 33 44 55")
         if known:
-            world.bc.add_customer(company, type="Person", displayName="Also In Bookings", email=known[0].upper())
+            world.bc.add_customer(company, type="Person", displayName="Also In Bookings", email=known[0].upper(),
+                                  city="Oslo")
         world.bc.add_customer(company, type="Company", displayName="A Company", email=f"company-{seed}@example.com")
         world.bc.add_item(company, displayName=run.pushed_services[0], type="Service", unitPrice=75)
+    # Push filters near BC's node limit: 15 conditions on one field, 89 nodes and the push's own 7.
+    world.configure(BC_CUSTOMER_FILTER=" or ".join([f"city eq 'Town {i}'" for i in range(14)] + ["city eq 'Oslo'"]),
+                    BC_ITEM_FILTER=" or ".join([f"displayName eq 'Other {i}'" for i in range(14)]
+                                               + [f"displayName eq '{run.pushed_services[0]}'"]))
 
 
 def configure_faults(run: Run) -> None:
@@ -431,6 +482,9 @@ def configure_faults(run: Run) -> None:
     run.capped = world.graph.options.calendar_view_cap is not None
     world.sandbox.entra.plan.configure(fault_rate=0.2, fault_kinds=("429", "500", "503", "reset"), seed=run.seed + 2,
                                        retry_after_seconds=0)
+    # BC's readings the docs leave open: conversion nodes in the filter count, $schemaversion=2.1.
+    world.bc.configure(filter_counts_conversions=run.limits.conversions_counted,
+                       schema_version_2_1_honoured=run.limits.schema_2_1_honoured)
     # Real services answer in tens or hundreds of milliseconds: it widens every race window.
     world.bc.plan.configure(latency_ms=rng.choice((0.0, 0.0, 20.0, 50.0)))
     world.graph.plan.configure(latency_ms=rng.choice((0.0, 0.0, 20.0)))
@@ -668,7 +722,7 @@ def _check_directory(world, company: str, found: Findings) -> None:
     problems = found.problems
     customers = world.bc.customers(company)
     items = world.bc.items(company)
-    by_email = Counter(normalise_email(c.get("email")) for c in customers if normalise_email(c.get("email")))
+    by_email = Counter(address for c in customers for address in email_addresses(c.get("email")))
     by_name = Counter((i.get("displayName") or "").strip().lower() for i in items if i.get("type") == "Service")
     for email, n in sorted(by_email.items()):
         if n > 1:
@@ -826,9 +880,10 @@ def report(run: Run, findings: Findings) -> str:
 
 
 def test_a_seeded_chaos_run_bills_every_booking_exactly_once(chaos_world, chaos_seed, monkeypatch):
-    run = Run(chaos_seed, chaos_world, random.Random(chaos_seed), Crashes())
+    run = Run(chaos_seed, chaos_world, random.Random(chaos_seed), Crashes(), limits=LimitsFaults.draw(chaos_seed))
     build_world(run)
     choose_settings(run)
+    add_email_list_customer(run)
     if run.push:
         add_bc_records(run)
     arm_crashes(monkeypatch, run.crashes)

@@ -106,3 +106,23 @@ def test_every_configured_business_is_checked_by_name(world2):
     found = checks(world2)["graph"]
     assert not found["ok"] and f"no access to business {world2.business_ids[1]}" in found["message"]
     assert world2.business_ids[0] not in found["message"]
+
+
+def test_bookings_read_write_all_alone_is_not_taken_as_enough_for_appointments(world, fresh_tokens):
+    """Graph's tables name Bookings.ReadWrite.All for appointments; app-only calls with it alone
+    have been refused. Strictest reading (the simulator's default): refused, and health names what
+    to add; the documented reading: accepted, and health warns."""
+    world.sandbox.entra.set_roles(TENANT, CLIENT_ID, GRAPH_AUDIENCE, ["Bookings.ReadWrite.All"])
+    refused = checks(world)["graph"]
+    assert not refused["ok"] and "lacks the Microsoft Graph application permission Bookings.Read.All" in refused["message"]
+
+    monkeypatch_cache = world.monkeypatch
+    monkeypatch_cache.setattr("shared.checks._cache", {})
+    from sandbox.graph.options import READ_ROLES
+    world.graph.configure(appointment_read_roles=READ_ROLES)
+    warned = checks(world)["graph"]
+    assert warned["ok"] and warned["message"].startswith("Warning: the app reads appointments with "
+                                                         "Bookings.ReadWrite.All alone")
+    assert "add Bookings.Read.All" in warned["message"] and "Grant admin consent" in warned["message"]
+    anonymous = body(world.host.http("GET", "health", key=False))
+    assert "graph" not in anonymous["failedChecks"], "a warning is not a failed check"

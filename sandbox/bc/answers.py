@@ -13,7 +13,7 @@ import binascii
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from sandbox.bc import odata
+from sandbox.bc import nodes, odata
 from sandbox.bc.backend import Backend
 from sandbox.bc.etags import etag
 from sandbox.bc.fields import EntitySpec, spec_of
@@ -58,7 +58,9 @@ def collection(backend: Backend, r: ApiRequest, company: Company | None, spec: E
     select, expand = select_expand(r, spec)
     if r.query.get("$filter"):
         rules = backend.options.filter_rules(r.query.get("$schemaversion"))
-        predicate = odata.compile_filter(r.query["$filter"], entity, rules)
+        tree = odata.parse_filter(r.query["$filter"])
+        nodes.check(tree, entity, rules)
+        predicate = odata.compile_tree(tree, entity, rules)
         rows = [row for row in rows if predicate(row.fields)]
     order = [(default_order, False)]
     if r.query.get("$orderby"):

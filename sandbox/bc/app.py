@@ -28,6 +28,9 @@ from sandbox.bc.webclient import web_client_app
 from sandbox.bc.wire import NO_BODY, ApiRequest, ApiResponse, error_response, json_response, parse_json
 from sandbox.faults import FaultMiddleware, FaultPlan, Knobs
 
+MAX_QUERY_CHARS = 2048
+"""Not documented for BC online: IIS's default ``maxQueryString``, the strictest limit a front end
+in the path is likely to keep (a knob: ``plan.configure(max_query_chars=None)``)."""
 DEFAULT_PAGE_SIZE = 20000
 """BC's maximum page size (operational limits: "Max page size 20,000")."""
 
@@ -56,9 +59,10 @@ def _bc_error_body(status: int, code: str, message: str) -> dict:
 def default_knobs() -> Knobs:
     """BC online's documented limits (operational-limits-online.md): 5 requests at a time and 95
     waiting, then 429; 6,000 requests per 5-minute sliding window; and — the docs promising
-    ``Retry-After`` only for 502/503 — half of the 429s without a ``Retry-After`` header."""
+    ``Retry-After`` only for 502/503 — half of the 429s without a ``Retry-After`` header; a
+    request queued for 8 minutes is answered 503; a query string over 2,048 characters 414."""
     return Knobs(max_concurrency=5, max_queued=95, rate_limit=6000, rate_window_seconds=300.0,
-                 retry_after_omitted=0.5)
+                 retry_after_omitted=0.5, queue_timeout_seconds=480.0, max_query_chars=MAX_QUERY_CHARS)
 
 
 class BcSimulator(DataApi):
@@ -149,7 +153,8 @@ class BcSimulator(DataApi):
             return json_response(error_response(BcError(
                 405, "BadRequest_MethodNotAllowed", f"'{request.method}' requests for '$batch' are not allowed.")))
         try:
-            inner = parse_batch(parse_json(await request.body()), tenant, environment, root)
+            inner = parse_batch(parse_json(await request.body()), tenant, environment, root,
+                                self.plan.knobs.max_query_chars)
         except BcError as error:
             return json_response(error_response(error))
         if self.batch_item_ms:

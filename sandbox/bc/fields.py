@@ -19,6 +19,7 @@ from typing import Any
 
 from sandbox.bc import odata
 from sandbox.bc.errors import BcError
+from sandbox.text import utf16_length
 
 LCY_CODE = "USD"
 ZERO_GUID = "00000000-0000-0000-0000-000000000000"
@@ -177,7 +178,8 @@ INVOICE = EntitySpec("salesInvoices", "salesInvoice", "Sales Header", {
 
 LINE = EntitySpec("salesInvoiceLines", "salesInvoiceLine", "Sales Line", {
     "id": RO_GUID, "documentId": GUID_F, "sequence": INT, "itemId": GUID_F, "accountId": GUID_F,
-    "lineType": _enum("Comment", "Account", "Item", "Resource", "Value", "Charge"),
+    "lineType": _enum("Comment", "Account", "Item", "Resource", "Fixed_x0020_Asset", "Charge",
+                      "Allocation_x0020_Account"),
     "lineObjectNumber": _code(20, "No."), "description": _text(100, "Description"),
     "description2": _text(50, "Description 2"), "unitOfMeasureId": GUID_F,
     "unitOfMeasureCode": _code(10, "Unit of Measure Code"), "unitPrice": DEC, "quantity": DEC,
@@ -248,10 +250,10 @@ def coerce_value(spec: EntitySpec, name: str, f: Field, value: Any) -> Any:
         if not isinstance(value, str):
             raise BcError(400, "BadRequest", f"Cannot convert a primitive value to the expected type 'Edm.String' "
                                              f"(property '{name}').")
-        if f.max_length is not None and len(value) > f.max_length:
+        if f.max_length is not None and utf16_length(value) > f.max_length:
             raise BcError(400, "Application_StringExceededLength",
-                          f"The length of the string is {len(value)}, but it must be less than or equal to "
-                          f"{f.max_length} characters. Value: {value}")
+                          f"The length of the string is {utf16_length(value)}, but it must be less than or equal "
+                          f"to {f.max_length} characters. Value: {value}")
         return value.strip().upper() if f.kind == "code" else value
     if f.kind == "guid":
         if not isinstance(value, str) or not odata.is_guid(value):

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from sandbox.text import utf16_length
+
 STRING, CODE, GUID, NUMBER, BOOL, DATE, DATETIME = "string", "code", "guid", "number", "bool", "date", "datetime"
 TEXT_KINDS = (STRING, CODE)
 """Both are ``Edm.String``; a CODE field holds upper-case values (AL ``Code[n]``)."""
@@ -69,6 +71,10 @@ class FilterRules:
     ``tolower(email) eq 'Bob@x.com'`` finds nothing."""
     nested_functions: bool = False
     """Nested calls such as ``contains(tolower(email),'x')``: allowed from ``$schemaversion=2.1``."""
+    max_nodes: int | None = 100
+    """ASP.NET OData's ``MaxNodeCount`` (`sandbox.bc.nodes`); None: no limit."""
+    count_conversions: bool = True
+    """Count the conversions OData's binding inserts (`sandbox.bc.nodes`, strictest reading)."""
 
 
 @dataclass(frozen=True)
@@ -405,12 +411,12 @@ class _Compiler:
         """The literal as BC filters with it: checked against the field's length, upper-cased for a
         Code field when `FilterRules.code_literals_upper`, case-folded for a case-insensitive one."""
         limit = self.entity.lengths.get(operand.name)
-        if limit is not None and len(literal) > limit:
+        if limit is not None and utf16_length(literal) > limit:
             caption = self.entity.captions.get(operand.name, operand.name)
             shown = _AL_FILTER[op].format(literal)
             raise FilterValueError(
                 f'The filter "{shown}" is not valid for the {caption} field on the '
-                f"{self.entity.table or self.entity.name} table. The length of the string is {len(literal)}, "
+                f"{self.entity.table or self.entity.name} table. The length of the string is {utf16_length(literal)}, "
                 f"but it must be less than or equal to {limit} characters. Value: {literal}")
         if operand.case == "fold":
             return literal.casefold()
@@ -496,12 +502,25 @@ _OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
 }
 
 
-def compile_filter(text: str, entity: EntityType, rules: FilterRules | None = None) -> Predicate:
-    """Parse and type-check a `$filter`; the result tells whether a (stored) record matches."""
+def parse_filter(text: str):
+    """A `$filter`'s syntax tree."""
     try:
-        return _Compiler(entity, rules or FilterRules()).predicate(_Parser(text).parse())
+        return _Parser(text).parse()
     except RecursionError as error:
         raise ODataError("The $filter expression is nested too deeply.") from error
+
+
+def compile_tree(tree, entity: EntityType, rules: FilterRules | None = None) -> Predicate:
+    """Type-check a parsed `$filter`; the result tells whether a (stored) record matches."""
+    try:
+        return _Compiler(entity, rules or FilterRules()).predicate(tree)
+    except RecursionError as error:
+        raise ODataError("The $filter expression is nested too deeply.") from error
+
+
+def compile_filter(text: str, entity: EntityType, rules: FilterRules | None = None) -> Predicate:
+    """Parse and type-check a `$filter`; the result tells whether a (stored) record matches."""
+    return compile_tree(parse_filter(text), entity, rules)
 
 
 def filter_fields(text: str) -> set[str]:

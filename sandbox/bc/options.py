@@ -29,14 +29,26 @@ class BcOptions:
     APIV2DimensionSetLines.Page.al, which only checks that the value exists): a draft takes it, and
     posting refuses it ("Dimension Value LOCATION - OSLO is blocked."). True: the dimension set
     line itself is refused with that message."""
+    schema_version_2_1_honoured: bool = True
+    """Docs: nested calls work "in ``$schemaversion=2.1`` and later" (written for OData web services;
+    whether API pages honour the parameter is not stated). True: they do. False: the parameter is
+    ignored, so nested calls are refused as without it."""
+    filter_max_nodes: int | None = 100
+    """ASP.NET OData's default ``MaxNodeCount``, which BC keeps (a filter of more nodes is refused
+    with BC's message; `sandbox.bc.nodes`). None: no limit (what the simulator did before)."""
+    filter_counts_conversions: bool = True
+    """Undocumented: whether OData's binding inserts conversion nodes for BC's fields (their
+    ``MaxLength``/``Scale`` facets). True counts them (strictest); False: a model without facets."""
     sales_tax: bool = False
     """A sales-tax (North American) company: BC then skips the sell-to customer's Gen. Bus. Posting
     Group check when an invoice is created. False: the check runs (as in W1 companies)."""
 
     def filter_rules(self, schema_version: str | None) -> FilterRules:
-        nested = not self.nested_functions_need_schema_2_1 or _at_least_2_1(schema_version)
+        nested = not self.nested_functions_need_schema_2_1 or (
+            self.schema_version_2_1_honoured and _at_least_2_1(schema_version))
         return FilterRules(code_literals_upper=self.code_filter_uppercases_literal,
-                           case_functions_ignore_case=self.case_functions_ignore_case, nested_functions=nested)
+                           case_functions_ignore_case=self.case_functions_ignore_case, nested_functions=nested,
+                           max_nodes=self.filter_max_nodes, count_conversions=self.filter_counts_conversions)
 
 
 def _at_least_2_1(version: str | None) -> bool:

@@ -36,6 +36,8 @@ class ApiRequest:
     body: Any
     service_root: str
     """Absolute ``…/v2.0/{tenant}/{environment}/api/v2.0``, for links and ``@odata.context``."""
+    refusal: Any = None
+    """A `BcError` to answer instead of running the call (set while parsing a ``$batch``)."""
 
 
 @dataclass

@@ -43,8 +43,9 @@ _MALFORMED_ID = re.compile(r"[^A-Za-z0-9_\-+/=.@]")
 
 
 def default_plan() -> FaultPlan:
-    """Graph's documented per-mailbox concurrency, with no queueing (excess is throttled)."""
-    return FaultPlan(Knobs(max_concurrency=CONCURRENCY_PER_MAILBOX, max_queued=0))
+    """Graph's documented per-mailbox concurrency, with no queueing (excess is throttled); a query
+    string over 2,048 characters is refused (not documented: the strictest plausible front end)."""
+    return FaultPlan(Knobs(max_concurrency=CONCURRENCY_PER_MAILBOX, max_queued=0, max_query_chars=2048))
 
 
 class GraphSimulator(DataApi):
@@ -252,7 +253,7 @@ class GraphSimulator(DataApi):
         if fields.get("@odata.type", "#microsoft.graph.bookingAppointment") != "#microsoft.graph.bookingAppointment":
             raise GraphError(400, "BadRequest", "A type named '" + str(fields["@odata.type"]) + "' could not be resolved.")
         fields.pop("@odata.type", None)
-        check_appointment_fields(fields)
+        check_appointment_fields(fields, self.options.field_limits)
         with self._lock:
             business = self._accessible(request)
             appointment = self._item(request, business.appointments)

@@ -8,7 +8,9 @@ import copy
 from datetime import datetime, timedelta, timezone
 
 from sandbox.data import graph_timestamp, iso_duration
+from sandbox.graph.limits import limit_of
 from sandbox.graph.store import Business
+from sandbox.text import utf16_length
 from sandbox.graph.times import in_zone, instant_of, parse_instant
 from sandbox.graph.wire import GraphError
 
@@ -34,9 +36,15 @@ READ_ONLY_FIELDS = frozenset({"id", "createdDateTime", "lastUpdatedDateTime"})
 _TIMES = ("startDateTime", "endDateTime")
 
 
-def check_appointment_fields(fields: dict) -> None:
-    """What Graph refuses in a PATCH: unknown or read-only properties and values of the wrong type."""
+def check_appointment_fields(fields: dict, limits: dict | None = None) -> None:
+    """What Graph refuses in a PATCH: unknown or read-only properties, values of the wrong type, and
+    (with `limits`, `GraphOptions.field_limits`) strings longer than their limit in UTF-16 units."""
     for name, value in fields.items():
+        if limits is not None and isinstance(value, str) and name in APPOINTMENT_FIELDS and name != "@odata.type":
+            limit = limit_of(limits, "bookingAppointment", name)
+            if utf16_length(value) > limit:
+                raise GraphError(400, "InvalidModel", f"appointment: The value of '{name}' is {utf16_length(value)} "
+                                                      f"characters long; at most {limit} are allowed.")
         kinds = APPOINTMENT_FIELDS.get(name)
         if kinds is None:
             raise GraphError(400, "BadRequest",

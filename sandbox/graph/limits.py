@@ -16,6 +16,8 @@ The app must not import this module: it copies the documented values (FIDELITY.m
 
 from __future__ import annotations
 
+from sandbox.text import utf16_length  # noqa: F401 - the length unit of these limits, used by schema.py
+
 CUSTOMER_DISPLAY_NAME = 100
 EMAIL_ADDRESS = 254
 """RFC 5321: a path is at most 256 octets including the angle brackets."""
@@ -36,6 +38,9 @@ SERVICE_ADDITIONAL_INFORMATION = 1000
 LANGUAGE_TAG = 35
 """BCP 47 (RFC 5646 §4.4.1): implementations should accept tags of at least 35 characters."""
 REMINDER_MESSAGE = 1000
+APPOINTMENT_NOTES = 1000
+"""An appointment's ``serviceNotes``, ``customerNotes`` and ``additionalInformation`` (what a PATCH
+may change): as a service's notes."""
 OTHER_STRING = 255
 """Any other string property of a customer or service (and of the types inside them)."""
 
@@ -55,15 +60,13 @@ DEFAULT_FIELD_LIMITS: dict[str, int] = {
     "bookingService.additionalInformation": SERVICE_ADDITIONAL_INFORMATION,
     "bookingService.languageTag": LANGUAGE_TAG,
     "bookingReminder.message": REMINDER_MESSAGE,
+    "bookingAppointment.serviceNotes": APPOINTMENT_NOTES,
+    "bookingAppointment.customerNotes": APPOINTMENT_NOTES,
+    "bookingAppointment.additionalInformation": APPOINTMENT_NOTES,
     "*": OTHER_STRING,
 }
 """Keyed ``"<type>.<property>"`` (the Graph type that declares the property); ``"*"`` is every
 string property not listed."""
-
-
-def utf16_length(text: str) -> int:
-    """The length .NET's ``String.Length`` gives: UTF-16 code units."""
-    return len(text.encode("utf-16-le")) // 2
 
 
 def limit_of(limits: dict[str, int], type_name: str, name: str) -> int:

@@ -24,17 +24,18 @@ _WWW_AUTHENTICATE = (b'Bearer realm="", authorization_uri="https://login.microso
 def roles_needed(method: str, path: str, options: GraphOptions) -> frozenset[str] | None:
     """The permissions of which a request needs one; None for paths outside Bookings.
 
-    Reads need `read_roles` (the businesses list `list_roles`); writes to customers
-    `customer_write_roles`, to services `service_write_roles`, to anything else (appointments)
-    `write_roles`."""
+    Reads need `read_roles`, of appointments and the calendar view `appointment_read_roles` (the
+    businesses list `list_roles`); writes to customers `customer_write_roles`, to services
+    `service_write_roles`, to anything else (appointments) `write_roles`."""
     path = path.rstrip("/")
     if path == BUSINESSES_PATH:
         return options.list_roles if method == "GET" else options.write_roles
     if path.startswith(BUSINESSES_PATH + "/"):
-        if method == "GET":
-            return options.read_roles
         segments = path[len(BUSINESSES_PATH) + 1:].split("/")
         collection = segments[1] if len(segments) > 1 else ""
+        if method == "GET":
+            return options.appointment_read_roles if collection in ("calendarView", "appointments") \
+                else options.read_roles
         if collection == "customers":
             return options.customer_write_roles
         if collection == "services":

@@ -153,7 +153,11 @@ class JobError(BaseModel):
 class JobWaiting(BaseModel):
     customer_email: str | None = Field(alias="customerEmail")
     until: str | None = Field(description="When the invoice is looked for (and created if missing) again, UTC")
-    reason: str
+    since: str | None = Field(None, description="While Business Central is asked to confirm a create whose "
+                              "answer was lost (timeout, dropped connection, 408/502/504): since when, UTC; "
+                              "null when the part waits for another reason (BC throttling)")
+    reason: str = Field(description="Why it waits, e.g. \"waiting for Business Central to confirm, since "
+                        "2026-05-04T10:00:02+00:00\"")
 
 
 class JobStatus(BaseModel):
@@ -163,8 +167,8 @@ class JobStatus(BaseModel):
     invoices: list[JobInvoice]
     errors: list[JobError]
     waiting: list[JobWaiting] = Field(default_factory=list, description="Invoices that wait for Business Central "
-                                      "(the job is still running): an earlier request's outcome is unknown, or BC "
-                                      "is throttling")
+                                      "(the job is still running): BC is asked to confirm a create whose answer "
+                                      "was lost (looked up within seconds, then less often), or BC is throttling")
 
 
 def _base_url(req: func.HttpRequest) -> str:

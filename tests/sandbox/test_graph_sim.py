@@ -437,7 +437,8 @@ def test_by_default_times_are_utc_as_stored_and_an_unknown_zone_is_refused(clien
     ([], 403, 403, 403),
     ([tokens.BOOKINGS_READ], 200, 403, 200),
     ([tokens.BOOKINGS_APPOINTMENT_READ_WRITE], 200, 204, 403),
-    ([tokens.BOOKINGS_READ_WRITE], 200, 204, 200),
+    # Documented for appointments, reported refused for them app-only: the strictest reading refuses.
+    ([tokens.BOOKINGS_READ_WRITE], 403, 403, 200),
     ([tokens.BOOKINGS_MANAGE], 200, 204, 200),
     (["Calendars.ReadWrite", "Mail.Read"], 403, 403, 403),
 ])
@@ -471,6 +472,20 @@ def test_the_permissions_an_operation_accepts_are_a_knob(client, served, tls: Tl
     sim.configure(write_roles=READ_ROLES)  # the per-API table's reading: Bookings.Read.All may PATCH
     with graph_client(url, tls, roles=[tokens.BOOKINGS_READ]) as http:
         assert http.patch(path, json={"serviceNotes": "read role writes"}).status_code == 204
+    sim.configure(appointment_read_roles=READ_ROLES)  # the tables' reading: Bookings.ReadWrite.All reads appointments
+    with graph_client(url, tls, roles=[tokens.BOOKINGS_READ_WRITE]) as http:
+        assert http.get(f"{business_path()}/calendarView", params=whole_window(dataset)).status_code == 200
+
+
+def test_appointment_notes_are_limited_like_a_services_in_utf16_units(client, dataset) -> None:
+    path = f"{business_path()}/appointments/{dataset.businesses[BUSINESS].appointments[6]['id']}"
+
+    fits = client.patch(path, json={"serviceNotes": "n" * 998 + "\N{GRINNING FACE}"})  # 1,000 UTF-16 units
+    refused = client.patch(path, json={"serviceNotes": "n" * 999 + "\N{GRINNING FACE}"})
+
+    assert fits.status_code == 204
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "InvalidModel"
+    assert "is 1001 characters long; at most 1000 are allowed" in refused.json()["error"]["message"]
 
 
 def test_batch_checks_the_permission_of_each_inner_request(served, tls: TlsFiles, dataset) -> None:
