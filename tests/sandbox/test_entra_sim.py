@@ -588,6 +588,8 @@ def federation(sandbox, monkeypatch: pytest.MonkeyPatch, trust_sim_ca):
     for name, value in sandbox.tls.trust_env().items():
         monkeypatch.setenv(name, value)
     settings = sandbox.trust_managed_identity()
+    for audience, roles in tokens.APP_ROLES.items():  # the app's own permissions (a test may have changed them)
+        sandbox.entra.set_roles(stack_module.TENANT, stack_module.CLIENT_ID, audience, roles)
     for name in ("IDENTITY_ENDPOINT", "IDENTITY_HEADER"):
         monkeypatch.setenv(name, settings[name])
     return sandbox, settings
