@@ -33,6 +33,7 @@ from azure.storage.blob.aio import BlobClient, BlobServiceClient
 from azure.storage.queue import TextBase64DecodePolicy, TextBase64EncodePolicy
 from azure.storage.queue.aio import QueueClient, QueueServiceClient
 
+from shared import table_batch
 from shared.hostconfig import queue_settings
 from shared.settings import Settings, SettingsError
 
@@ -315,7 +316,7 @@ class Store:
         if len(operations) > MAX_BATCH:
             raise ValueError("a table transaction holds at most 100 operations")
         self.stats.count(table, len(operations))
-        return await self.table(table).submit_transaction([(op[0], storable(op[1]), *op[2:]) for op in operations])
+        return await table_batch.submit(self.table(table), [(op[0], storable(op[1]), *op[2:]) for op in operations])
 
     async def write_batches(self, table: str, operations: Iterable[tuple], concurrency: int = 8) -> int:
         """Apply many operations as transactions of ≤ 100 per partition, a few at a time.
@@ -365,3 +366,4 @@ class Store:
 UPSERT = TransactionOperation.UPSERT
 UPDATE = TransactionOperation.UPDATE
 CREATE = TransactionOperation.CREATE
+DELETE = TransactionOperation.DELETE
