@@ -19,6 +19,7 @@ import asyncio
 import contextvars
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +76,16 @@ def connection_string(value: str) -> str:
     """The table and queue SDKs understand `UseDevelopmentStorage=true`, the blob SDK does not:
     spell it out once for all three."""
     return DEVELOPMENT_STORAGE if value.strip().rstrip(";").lower() == "usedevelopmentstorage=true" else value
+
+
+PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy")
+
+
+def transport_settings() -> dict:
+    """The storage clients read proxy settings from the environment only when a proxy is set:
+    aiohttp's `trust_env` costs every request two hops through a thread (a `.netrc` look-up and
+    the proxy variables), a fifth of a storage call's CPU."""
+    return {"use_env_settings": any(os.environ.get(name) for name in PROXY_VARIABLES)}
 
 
 def encode_key(value: str) -> str:
@@ -146,21 +157,24 @@ class Store:
         else:
             encode = decode = None
         self._queue_policies = {"message_encode_policy": encode, "message_decode_policy": decode}
+        transport = transport_settings()
         if settings.storage_connection:
             connection = connection_string(settings.storage_connection)
-            self.tables = TableServiceClient.from_connection_string(connection)
-            self.queues = QueueServiceClient.from_connection_string(connection, **self._queue_policies)
-            self.blobs = BlobServiceClient.from_connection_string(connection)
+            self.tables = TableServiceClient.from_connection_string(connection, **transport)
+            self.queues = QueueServiceClient.from_connection_string(connection, **self._queue_policies, **transport)
+            self.blobs = BlobServiceClient.from_connection_string(connection, **transport)
         elif settings.storage_account_name:
             from azure.identity.aio import ManagedIdentityCredential
 
             # The managed identity, never the app registration: only the identity has storage roles.
             account = settings.storage_account_name
             self._credential = ManagedIdentityCredential(client_id=settings.storage_client_id)
-            self.tables = TableServiceClient(f"https://{account}.table.core.windows.net", credential=self._credential)
+            self.tables = TableServiceClient(f"https://{account}.table.core.windows.net", credential=self._credential,
+                                             **transport)
             self.queues = QueueServiceClient(f"https://{account}.queue.core.windows.net",
-                                             credential=self._credential, **self._queue_policies)
-            self.blobs = BlobServiceClient(f"https://{account}.blob.core.windows.net", credential=self._credential)
+                                             credential=self._credential, **self._queue_policies, **transport)
+            self.blobs = BlobServiceClient(f"https://{account}.blob.core.windows.net", credential=self._credential,
+                                           **transport)
         else:
             raise SettingsError("Setting AzureWebJobsStorage is required but not set "
                                 "(or set AzureWebJobsStorage__accountName to use the managed identity).")
