@@ -277,48 +277,46 @@ class SliceWriter:
             self.add((UPSERT, entity, {"mode": "merge"}))
 
 
-async def sync_slice(rt: Runtime, store: Store, read: CalendarRead, slice_start: datetime, slice_end: datetime) -> None:
+async def sync_slice(rt: Runtime, store: Store, read: CalendarRead, writer: SliceWriter, slice_start: datetime,
+                     slice_end: datetime) -> None:
     """Read one slice of a business's calendar page by page against the stored rows of the
-    same slice; write what changed as it is found; then confirm by id what the read did not
-    return, and mark cancelled only what Graph says is gone. Never raises for upstream trouble:
-    a slice that could not be read completely cancels nothing."""
+    same slice; hand what changed to `writer` as it is found (the caller waits for its writes);
+    then confirm by id what the read did not return, and mark cancelled only what Graph says is
+    gone. Never raises for upstream trouble: a slice that could not be read completely cancels
+    nothing."""
     stored = await stored_slice(store, read, slice_start, slice_end)
-    writer = SliceWriter(store, read)
     returned: set[str] = set()
     unreadable: set = set()
     try:
-        try:
-            async for item in rt.graph.calendar_view(read.business_id, slice_start, slice_end):
-                try:
-                    if isinstance(item, Unreadable):
-                        raise ValueError(item.reason)
-                    booking = Booking.from_appointment(read.business_id, item)
-                except (ValueError, TypeError) as error:
-                    ident = item.id
-                    if ident not in unreadable:
-                        read.counts.invalid += 1
-                        read.errors.append(f"appointment {ident or '(no id)'} could not be read: "
-                                           f"{str(error).splitlines()[0]}")
-                    unreadable.add(ident)
-                    continue
-                if not read.owns(booking, slice_start, slice_end) or booking.row_key in returned:
-                    continue
-                returned.add(booking.row_key)
-                read.counts.fetched += 1
-                read.met(booking)
-                writer.write(booking, stored.get(booking.row_key))
-        except UpstreamError as error:
-            read.complete = False
-            read.errors.append(error.message if isinstance(error, NoAccessToBusiness) else str(error))
-            return
-        if unreadable:
-            read.complete = False
-            return
-        missing = await missing_rows(store, read, stored, returned)
-        read.confirmed += len(missing)
-        await asyncio.gather(*(_confirm(rt, read, writer, key, row, slice_start, slice_end) for key, row in missing))
-    finally:
-        await writer.finish()
+        async for item in rt.graph.calendar_view(read.business_id, slice_start, slice_end):
+            try:
+                if isinstance(item, Unreadable):
+                    raise ValueError(item.reason)
+                booking = Booking.from_appointment(read.business_id, item)
+            except (ValueError, TypeError) as error:
+                ident = item.id
+                if ident not in unreadable:
+                    read.counts.invalid += 1
+                    read.errors.append(f"appointment {ident or '(no id)'} could not be read: "
+                                       f"{str(error).splitlines()[0]}")
+                unreadable.add(ident)
+                continue
+            if not read.owns(booking, slice_start, slice_end) or booking.row_key in returned:
+                continue
+            returned.add(booking.row_key)
+            read.counts.fetched += 1
+            read.met(booking)
+            writer.write(booking, stored.get(booking.row_key))
+    except UpstreamError as error:
+        read.complete = False
+        read.errors.append(error.message if isinstance(error, NoAccessToBusiness) else str(error))
+        return
+    if unreadable:
+        read.complete = False
+        return
+    missing = await missing_rows(store, read, stored, returned)
+    read.confirmed += len(missing)
+    await asyncio.gather(*(_confirm(rt, read, writer, key, row, slice_start, slice_end) for key, row in missing))
 
 
 async def _confirm(rt: Runtime, read: CalendarRead, writer: SliceWriter, key: str, row: StoredRow,
@@ -358,8 +356,12 @@ async def sync_calendar(rt: Runtime, store: Store, read: CalendarRead) -> None:
     gate = asyncio.Semaphore(SLICES_AT_ONCE)
 
     async def one(part: tuple[datetime, datetime]) -> None:
-        async with gate:
-            await sync_slice(rt, store, read, *part)
+        writer = SliceWriter(store, read)
+        try:
+            async with gate:
+                await sync_slice(rt, store, read, writer, *part)
+        finally:  # the slice's last writes, outside the gate: the next slice reads meanwhile
+            await writer.finish()
 
     await asyncio.gather(*(one(part) for part in sub_windows(read.start, read.end, read.slice_length)))
 
