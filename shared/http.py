@@ -33,7 +33,8 @@ from collections.abc import Awaitable, Callable
 import httpx
 
 if TYPE_CHECKING:
-    from shared.limits import SharedRateBudget, SharedSlots
+    from shared.ledger import SharedRateBudget
+    from shared.limits import SharedSlots
 
 log = logging.getLogger(__name__)
 

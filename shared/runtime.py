@@ -66,7 +66,7 @@ class Runtime:
         from shared.auth import token_provider
         from shared.bc import ENVIRONMENT_CONCURRENCY, REQUESTS_PER_WINDOW, WINDOW_SECONDS, BcClient
         from shared.http import ApiClient
-        from shared.limits import SharedRateBudget
+        from shared.ledger import SharedRateBudget
 
         if self._bc is None:
             self.settings.require("tenant_id", "bc_environment", "bc_company_id")
