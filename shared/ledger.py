@@ -47,6 +47,8 @@ class BudgetStats:
     """Tickets handed to requests."""
     claims: int = 0
     """Claims written (each a block of tickets)."""
+    claim_seconds: float = 0.0
+    """Time spent claiming (storage round trips every request waiting for a ticket waits for)."""
 
     @property
     def round_trips(self) -> int:
@@ -88,7 +90,11 @@ class SharedRateBudget:
         try:
             async with self._lock:
                 if self._tickets == 0 or time.monotonic() >= self._usable_until:
-                    await self._claim_tickets(service)
+                    started = time.monotonic()
+                    try:
+                        await self._claim_tickets(service)
+                    finally:
+                        self.stats.claim_seconds += time.monotonic() - started
                 self._tickets -= 1
                 self.stats.granted += 1
         finally:

@@ -75,7 +75,8 @@ class SlotStats:
     """Storage round trips (`attempts` to take a lease, `released`, lease `renewals`, waiting
     `marks` written and `watches` of the waiting mark) against `served`: requests given a slot,
     most of them one this process already held (`reused`). `turns`: slots given back because
-    another instance was waiting; `waited_seconds`: what requests spent waiting for a slot."""
+    another instance was waiting; `waited_seconds`: what requests spent waiting for a slot, most of
+    it for one another request of this process was using."""
     attempts: int = 0
     taken: int = 0
     released: int = 0
@@ -85,6 +86,8 @@ class SlotStats:
     watches: int = 0
     turns: int = 0
     waited_seconds: float = 0.0
+    probe_seconds: float = 0.0
+    """Of `waited_seconds`, what requests spent asking storage for slots (round trips on their path)."""
 
     @property
     def reused(self) -> int:
@@ -176,7 +179,9 @@ class SharedSlots:
                 return reused
             now = time.monotonic()
             if not self._probing and now >= self._next_probe:
-                if (taken := await self._probe()) is not None:
+                taken = await self._probe()
+                self.stats.probe_seconds += time.monotonic() - now
+                if taken is not None:
                     return taken
                 continue
             if now >= deadline:
