@@ -67,19 +67,22 @@ def limit_counters(rt) -> dict:
     apis: dict = {}
     for name, pool in getattr(rt, "_slots", {}).items():
         api = apis.setdefault(name.split("/", 1)[0], {"pools": 0, "served": 0, "slot_round_trips": 0,
-                                                      "waited_seconds": 0.0, "turns": 0})
+                                                      "waited_seconds": 0.0, "storage_wait_seconds": 0.0, "turns": 0})
         stats = pool.stats
-        renewing = sum(slot.lease.renewals for slot in getattr(pool, "_held", {}).values())
+        renewing = sum(getattr(slot.lease, "renewals", 0) for slot in getattr(pool, "_held", {}).values())
         api["pools"] += 1
         api["served"] += stats.served
         api["slot_round_trips"] += getattr(stats, "round_trips", stats.attempts + stats.released) + renewing
         api["waited_seconds"] = round(api["waited_seconds"] + getattr(stats, "waited_seconds", 0.0), 3)
         api["turns"] += getattr(stats, "turns", 0)
+        api["storage_wait_seconds"] = round(api["storage_wait_seconds"] + getattr(stats, "probe_seconds", 0.0), 3)
         api.setdefault("detail", {})[name] = asdict(stats) | {"renewals_of_held": renewing}
     budget = getattr(getattr(getattr(rt, "_bc", None), "api", None), "budget", None)
     if budget is not None and "bc" in apis:
         apis["bc"]["ledger_round_trips"] = getattr(budget.stats, "round_trips", budget.stats.reads + budget.stats.writes)
         apis["bc"]["ledger"] = asdict(budget.stats)
+        apis["bc"]["storage_wait_seconds"] = round(apis["bc"]["storage_wait_seconds"]
+                                                   + getattr(budget.stats, "claim_seconds", 0.0), 3)
     for api in apis.values():
         trips = api["slot_round_trips"] + api.get("ledger_round_trips", 0)
         api["storage_round_trips"] = trips
@@ -109,7 +112,7 @@ def main() -> None:
     if args.profile:
         import cProfile
 
-        profiler = cProfile.Profile(time.process_time)  # CPU time: comparable however loaded the machine is
+        profiler = cProfile.Profile()
         host.run(_switch(profiler, True))
     try:
         cpu = _cpu_seconds()
