@@ -50,9 +50,10 @@ LAST_POLL_SECONDS = 1.0
 CLOCK_SKEW_SECONDS = 1.0
 """How far apart the instances' clocks may be (Azure hosts keep theirs synchronised far closer):
 a grant is kept this much longer, since another instance judges its age by its own clock."""
+MARK_EVERY_SECONDS = 1.0
 WAITING_MARK_SECONDS = 3.0
 """A starved instance's mark (`limits/<name>/waiting`) counts this long after it was written (plus
-the clock skew): it rewrites it at least every second while it waits."""
+the clock skew): it rewrites it every `MARK_EVERY_SECONDS` at most, as long as it waits."""
 
 
 @dataclass(eq=False)
@@ -267,7 +268,7 @@ class SharedSlots:
         """Tell the holders that this instance waits without any slot (at most once a second)."""
         if self.max_hold_seconds is None or time.monotonic() < self._next_mark:
             return
-        self._next_mark = time.monotonic() + FIRST_POLL_SECONDS * 10
+        self._next_mark = time.monotonic() + MARK_EVERY_SECONDS
         self.stats.marks += 1
         mark = json.dumps({"instance": self._instance, "at": time.time()}).encode()
         try:
