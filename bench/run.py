@@ -258,6 +258,7 @@ def _summary(result: dict, bound, kind: str, floor: dict) -> dict:
                               "poisoned": result["host_queues"]["poisoned"], "clients": {
                                   k: v for k, v in app.items() if k.endswith("_client")}},
         "queue_messages_processed": result["host_queues"]["processed"],
+        "limits": app.get("limits"),
         "bound": bound.as_dict(),
         "floor": {k: v for k, v in floor.items() if k != "requests"} | {
             "requests": {k: floor["requests"][k] for k in ("graph", "bc")}},
@@ -418,6 +419,11 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a and b else None
 
 
+RSS_LIMIT_MB = 200
+FLOOR_TARGETS = {"first_sync": 1.3, "unchanged_sync": 1.25, "changed_sync": 1.25}
+"""Each workload's time at most this many times its floor, measured in the same run (issue #25)."""
+
+
 def targets(results: dict) -> list[dict]:
     w = results["workloads"]
     checks = []
@@ -425,21 +431,22 @@ def targets(results: dict) -> list[dict]:
     def check(name: str, met: bool, measured: str) -> None:
         checks.append({"target": name, "met": bool(met), "measured": measured})
 
-    for key in ("first_sync", "invoice_all"):
+    r = w["first_sync"]
+    check("first_sync within 1.5x of the bound", r["seconds"] <= 1.5 * r["bound_seconds"],
+          f"{r['seconds']:.2f} s vs bound {r['bound_seconds']:.2f} s = {r['vs_bound']}x")
+    for key, limit in FLOOR_TARGETS.items():
         r = w[key]
-        check(f"{key} within 1.5x of the bound", r["seconds"] <= 1.5 * r["bound_seconds"],
-              f"{r['seconds']:.2f} s vs bound {r['bound_seconds']:.2f} s = {r['vs_bound']}x")
-        check(f"{key} at least 10x faster than naive", (r["vs_naive"] or 0) >= 10,
-              f"naive {r['naive_seconds']:.1f} s / {r['seconds']:.2f} s = {r['vs_naive']}x")
-    u = w["unchanged_sync"]
-    check("unchanged_sync within 1.5x of the bound", u["seconds"] <= 1.5 * u["bound_seconds"],
-          f"{u['seconds']:.2f} s vs bound {u['bound_seconds']:.2f} s = {u['vs_bound']}x "
-          f"(the bare-client floor: {u['floor_seconds']:.2f} s)")
+        check(f"{key} within {limit}x of the floor", r["seconds"] <= limit * r["floor_seconds"],
+              f"{r['seconds']:.2f} s vs floor {r['floor_seconds']:.2f} s = {r['vs_floor']}x")
     r = w["invoice_all"]
     check("invoice_all within 1.3x of its storage floor", r["vs_floor_with_storage"] <= 1.3,
           f"median of {len(r['samples'])}: {r['seconds']:.2f} s vs {r['floor_with_storage_seconds']:.2f} s = "
           f"{r['vs_floor_with_storage']}x (runs: "
           + ", ".join(f"{s['seconds']:.2f}/{s['floor_with_storage_seconds']:.2f}" for s in r["samples"]) + ")")
+    for key in ("first_sync", "invoice_all"):
+        r = w[key]
+        check(f"{key} at least 10x faster than naive", (r["vs_naive"] or 0) >= 10,
+              f"naive {r['naive_seconds']:.1f} s / {r['seconds']:.2f} s = {r['vs_naive']}x")
     u = w["unchanged_sync"]
     # One pass over the window, read in weekly slices: at most one partly filled page per slice.
     businesses = len(u["bound"]["terms"]["graph"])
@@ -456,12 +463,32 @@ def targets(results: dict) -> list[dict]:
           per_100 <= BC_REQUESTS_PER_100_NEW_CUSTOMERS_BEFORE,
           f"{per_100} now, {BC_REQUESTS_PER_100_NEW_CUSTOMERS_BEFORE} before ({w['first_sync']['requests']['bc']} BC "
           f"requests for {w['first_sync']['customers']} new customers)")
-    check("first_sync peak RSS under 300 MB", w["first_sync"]["peak_rss_mb"] < 300,
-          f"{w['first_sync']['peak_rss_mb']:.0f} MB")
+    peak = max(w.values(), key=lambda r: r["peak_rss_mb"])
+    check(f"peak RSS under {RSS_LIMIT_MB} MB", peak["peak_rss_mb"] < RSS_LIMIT_MB,
+          ", ".join(f"{name} {r['peak_rss_mb']:.0f}" for name, r in w.items()) + " MB")
     i = results["import"]
     check("import function_app <= 1.3x its dependencies", i["ratio"] <= 1.3,
           f"{i['app_seconds']:.3f} s vs {i['deps_seconds']:.3f} s = {i['ratio']}x")
     return checks
+
+
+def per_unit(results: dict) -> dict:
+    """App CPU per 1,000 appointments of each sync (its worker's user + system CPU, the
+    in-process host's queue polling included) and what the limits shared through storage cost
+    it: storage round trips per request of each API. `make bench-scale` gives the capacity
+    figures; these are the same units for the fixed workloads."""
+    units = {}
+    for name, r in results["workloads"].items():
+        unit = {"cpu_seconds": r["cpu_seconds"]}
+        if r.get("appointments"):
+            unit["app_cpu_seconds_per_1000_appointments"] = round(1000 * r["cpu_seconds"] / r["appointments"], 3)
+        if r.get("bookings"):
+            unit["app_cpu_seconds_per_1000_bookings"] = round(1000 * r["cpu_seconds"] / r["bookings"], 3)
+        unit["limits"] = {api: {k: v.get(k) for k in ("served", "storage_round_trips", "round_trips_per_request",
+                                                      "turns", "waited_seconds", "storage_wait_seconds")}
+                          for api, v in (r.get("limits") or {}).items()}
+        units[name] = unit
+    return units
 
 
 def table(results: dict) -> str:
@@ -482,6 +509,13 @@ def table(results: dict) -> str:
     i = results["import"]
     lines.append(f"import: function_app {i['app_seconds']:.3f} s, dependencies alone {i['deps_seconds']:.3f} s "
                  f"({i['ratio']}x), median of {i['runs']} fresh interpreters")
+    for name, unit in (results.get("per_unit") or {}).items():
+        per = unit.get("app_cpu_seconds_per_1000_appointments") or unit.get("app_cpu_seconds_per_1000_bookings")
+        what = "appointments" if unit.get("app_cpu_seconds_per_1000_appointments") else "bookings"
+        limits = "; ".join(f"{api} {v['storage_round_trips']} storage round trips ({v['storage_wait_seconds']:.2f} s "
+                           f"on requests' path) for {v['served']} requests" for api, v in unit["limits"].items())
+        lines.append(f"{name}: app CPU {unit['cpu_seconds']:.2f} s = {per:.3f} s per 1,000 {what}"
+                     + (f"; shared limits: {limits}" if limits else ""))
     return "\n".join(lines)
 
 
@@ -604,6 +638,7 @@ def main() -> None:
     results["naive"] = naive
     results["scaling"] = {"first_sync": scaling}
     results["targets"] = targets(results) if naive else []
+    results["per_unit"] = per_unit(results)
     results["bench_seconds"] = round(time.perf_counter() - started, 1)
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
 
@@ -615,7 +650,10 @@ def main() -> None:
     print()
     for t in results["targets"]:
         print(f"  [{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['measured']}")
-    print(f"\nwrote {out / 'latest.json'} and {out / 'scaling.png'} in {results['bench_seconds']:.0f} s")
+    machine = results["machine"]
+    print(f"\nload average (1, 5, 15 min) at the start {machine['load_average_at_start']}, at the end "
+          f"{machine['load_average_at_end']} on {machine['cpus']} cores: well above 0 means other work shared them")
+    print(f"wrote {out / 'latest.json'} and {out / 'scaling.png'} in {results['bench_seconds']:.0f} s")
     if results["bench_seconds"] > 600:
         print("warning: the benchmark took longer than its 10-minute budget")
 

@@ -110,6 +110,8 @@ class ScaleBench(Bench):
                        "--out", str(control / f"out-{index}.json"), "--timeout", str(timeout)]
             if index == 0:
                 command.append("--trigger")
+            if self.profiles:
+                command += ["--profile", str(self.profiles / f"{label}-process{index}.prof")]
             stderr = open(control / f"stderr-{index}.txt", "w")
             workers.append((subprocess.Popen(command, cwd=ROOT, env=env, stdout=stderr, stderr=stderr), stderr))
         try:
@@ -191,7 +193,16 @@ def _process_summary(out: dict) -> dict:
     return {"role": out["role"], "peak_rss_mb": out["peak_rss_mb"], "cpu_seconds": out["cpu_seconds"],
             "messages": out["host_queues"]["by_queue"], "failed_attempts": out["host_queues"]["failed_attempts"],
             "poisoned": out["host_queues"]["poisoned"], "table_writes": out["app"]["table_writes"],
-            "clients": {k: v for k, v in out["app"].items() if k.endswith("_client")}}
+            "clients": {k: v for k, v in out["app"].items() if k.endswith("_client")},
+            "harness_cpu_seconds": out.get("harness_cpu_seconds"), "limits": _limits_brief(out["app"].get("limits"))}
+
+
+def _limits_brief(limits: dict | None) -> dict | None:
+    """A process's cost of the shared limits, per API: storage round trips against requests."""
+    if not limits:
+        return None
+    return {api: {k: v.get(k) for k in ("served", "storage_round_trips", "round_trips_per_request", "turns",
+                                        "waited_seconds", "storage_wait_seconds")} for api, v in limits.items()}
 
 
 # -- the measurements ------------------------------------------------------------------------------
@@ -337,7 +348,36 @@ def per_unit(memory: dict, workers: dict) -> dict:
             "table_writes_per_business": point["table_writes"],
             "peak_rss_mb": max(p[kind]["peak_rss_mb"] for p in memory["points"]),
         }
+        # CPU = fixed + marginal x appointments over the calendar sizes: what a business costs
+        # whatever its size, and what each 1,000 appointments add.
+        sizes = [p["appointments"] / 1000 for p in memory["points"]]
+        cpus = [p[kind]["cpu_seconds"] for p in memory["points"]]
+        if len(sizes) > 1:
+            mean_x, mean_y = sum(sizes) / len(sizes), sum(cpus) / len(cpus)
+            slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(sizes, cpus, strict=True)) / sum(
+                (x - mean_x) ** 2 for x in sizes)
+            units[f"{kind}_1_business"] |= {"app_cpu_seconds_marginal_per_1000_appointments": round(slope, 3),
+                                            "app_cpu_seconds_fixed_per_business": round(mean_y - slope * mean_x, 3)}
     return units
+
+
+CPU_TARGETS = {"unchanged_sync": 0.15, "first_sync": 0.35}
+"""App CPU seconds per 1,000 appointments (issue #25: half of 0.26-0.34 and 0.65)."""
+
+
+def cpu_targets(units: dict) -> list[dict]:
+    """Each sync's app CPU per 1,000 appointments against its target, from both measurements
+    (one large calendar; many businesses in one process, their directory work included)."""
+    checks = []
+    for kind, limit in CPU_TARGETS.items():
+        for name in (f"{kind}_1_business", kind):
+            unit = units.get(name)
+            if unit is None:
+                continue
+            value = unit["app_cpu_seconds_per_1000_appointments"]
+            checks.append({"target": f"{name} app CPU <= {limit} s per 1,000 appointments", "met": value <= limit,
+                           "measured": f"{value:.3f} s ({unit['source']})"})
+    return checks
 
 
 # -- output ----------------------------------------------------------------------------------------
@@ -469,6 +509,8 @@ def main() -> None:
                              "(writes scale-service-limits.json)")
     parser.add_argument("--out", type=Path, help="results folder (default bench/results, or bench/results/quick.tmp "
                                                  "with --quick)")
+    parser.add_argument("--profile", action="store_true", help="also write a cProfile of every app process "
+                                                               "to <out>/profiles.tmp/ (slower; for finding costs)")
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
     out = args.out or (RESULTS / "quick.tmp" if args.quick else RESULTS)
@@ -505,12 +547,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as scratch, \
             SandboxStack(graph_knobs=graph_limits, bc_knobs=bc_limits, page_size=GRAPH_PAGE_SIZE,
                          batch_item_ms=BC_BATCH_ITEM_MS) as sandbox:
-        bench = ScaleBench(sandbox, Path(scratch))
+        profiles = out / "profiles.tmp" if args.profile else None
+        if profiles:
+            profiles.mkdir(exist_ok=True)
+        bench = ScaleBench(sandbox, Path(scratch), profiles)
         if args.only != "workers":
             results["memory"] = run_memory(bench, plan, problems)
         if args.only != "memory":
             results["workers"] = run_workers(bench, plan, problems)
     results["per_unit"] = per_unit(results["memory"], results["workers"]) if not args.only else {}
+    results["targets"] = cpu_targets(results["per_unit"])
     results["problems"] = problems
     results["bench_seconds"] = round(time.perf_counter() - started, 1)
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -519,6 +565,11 @@ def main() -> None:
         plot(results, out / f"{name}.png")
     print()
     print(table(results))
+    for target in results["targets"]:
+        print(f"  [{'met' if target['met'] else 'NOT met'}] {target['target']}: {target['measured']}")
+    machine = results["machine"]
+    print(f"  load average at the start {machine['load_average_at_start']}, at the end {machine['load_average_at_end']} "
+          f"on {machine['cpus']} cores")
     for problem in problems:
         print(f"  PROBLEM: {problem}")
     written = f"{out / name}.json" + ("" if args.only else f" and {name}.png")

@@ -52,7 +52,40 @@ async def _app_counters() -> dict:
     for name, api in (("graph", getattr(rt._graph, "api", None)), ("bc", rt._bc_api)):
         if api is not None:
             counters[f"{name}_client"] = {"requests_sent": api.requests_sent, "retries": api.retries}
+    counters["limits"] = limit_counters(rt)
     return counters
+
+
+def limit_counters(rt) -> dict:
+    """What the limits shared through storage cost this process: storage round trips of the
+    request slots (lease takes, releases, renewals, waiting marks and looks) and of the rate
+    ledger (reads, writes), against the requests they served, per API."""
+    from dataclasses import asdict
+
+    apis: dict = {}
+    for name, pool in getattr(rt, "_slots", {}).items():
+        api = apis.setdefault(name.split("/", 1)[0], {"pools": 0, "served": 0, "slot_round_trips": 0,
+                                                      "waited_seconds": 0.0, "storage_wait_seconds": 0.0, "turns": 0})
+        stats = pool.stats
+        renewing = sum(getattr(slot.lease, "renewals", 0) for slot in getattr(pool, "_held", {}).values())
+        api["pools"] += 1
+        api["served"] += stats.served
+        api["slot_round_trips"] += getattr(stats, "round_trips", stats.attempts + stats.released) + renewing
+        api["waited_seconds"] = round(api["waited_seconds"] + getattr(stats, "waited_seconds", 0.0), 3)
+        api["turns"] += getattr(stats, "turns", 0)
+        api["storage_wait_seconds"] = round(api["storage_wait_seconds"] + getattr(stats, "probe_seconds", 0.0), 3)
+        api.setdefault("detail", {})[name] = asdict(stats) | {"renewals_of_held": renewing}
+    budget = getattr(getattr(getattr(rt, "_bc", None), "api", None), "budget", None)
+    if budget is not None and "bc" in apis:
+        apis["bc"]["ledger_round_trips"] = getattr(budget.stats, "round_trips", budget.stats.reads + budget.stats.writes)
+        apis["bc"]["ledger"] = asdict(budget.stats)
+        apis["bc"]["storage_wait_seconds"] = round(apis["bc"]["storage_wait_seconds"]
+                                                   + getattr(budget.stats, "claim_seconds", 0.0), 3)
+    for api in apis.values():
+        trips = api["slot_round_trips"] + api.get("ledger_round_trips", 0)
+        api["storage_round_trips"] = trips
+        api["round_trips_per_request"] = round(trips / api["served"], 3) if api["served"] else None
+    return apis
 
 
 def main() -> None:

@@ -137,13 +137,11 @@ class Booking(BaseModel):
         }
 
     def source_hash(self) -> str:
-        fields = self.source_fields()
-        canonical = json.dumps(fields, sort_keys=True, default=lambda v: v.isoformat())
-        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+        return _digest(self.source_fields())
 
     def sync_entity(self) -> dict:
-        return {"PartitionKey": self.partition_key, "RowKey": self.row_key,
-                **self.source_fields(), "SourceHash": self.source_hash()}
+        fields = self.source_fields()
+        return {"PartitionKey": self.partition_key, "RowKey": self.row_key, **fields, "SourceHash": _digest(fields)}
 
     @classmethod
     def from_appointment(cls, business_id: str, appointment: Appointment) -> Booking:
@@ -182,6 +180,12 @@ class Booking(BaseModel):
             invoices=json.loads(entity.get("Invoices") or "{}"),
             etag=metadata.get("etag"),
         )
+
+
+def _digest(source_fields: dict) -> str:
+    """The `SourceHash` of a booking's source fields (stored on every row: never change its form)."""
+    canonical = json.dumps(source_fields, sort_keys=True, default=lambda v: v.isoformat())
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
 def _aware(value: datetime) -> datetime:

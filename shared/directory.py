@@ -14,6 +14,7 @@ import json
 import logging
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -187,24 +188,24 @@ def blanks_to_fill(existing: dict, mapped: dict) -> dict:
             if value not in (None, "") and existing.get(name) in (None, "")}
 
 
-_countries_cache: dict[int, tuple[float, asyncio.Future]] = {}
+_countries_cache: weakref.WeakKeyDictionary[BcClient, tuple[float, asyncio.Future]] = weakref.WeakKeyDictionary()
 COUNTRIES_CACHE_SECONDS = 3600.0
 
 
 async def bc_countries(bc: BcClient) -> Countries:
-    """BC's Country/Region table, read at most once an hour per process: the directory messages
-    that start together share one read (a failed read is not kept)."""
-    cached = _countries_cache.get(id(bc))
-    if cached and cached[0] > time.monotonic() and cached[1].get_loop() is asyncio.get_running_loop() \
-            and not (cached[1].done() and cached[1].exception()):
-        return await asyncio.shield(cached[1])
+    """BC's Country/Region table, read at most once an hour per process: the directory workers
+    that need it at the same moment (a first sync starts a dozen) share one read, rather than
+    each taking one of BC's five slots for it."""
+    cached = _countries_cache.get(bc)
+    if cached is None or cached[0] <= time.monotonic() or (
+            cached[1].done() and (cached[1].cancelled() or cached[1].exception() is not None)):
+        cached = _countries_cache[bc] = (time.monotonic() + COUNTRIES_CACHE_SECONDS,
+                                         asyncio.ensure_future(_read_countries(bc)))
+    return await asyncio.shield(cached[1])
 
-    async def read() -> Countries:
-        return Countries(await bc.countries())
 
-    task = asyncio.ensure_future(read())
-    _countries_cache[id(bc)] = (time.monotonic() + COUNTRIES_CACHE_SECONDS, task)
-    return await asyncio.shield(task)
+async def _read_countries(bc: BcClient) -> Countries:
+    return Countries(await bc.countries())
 
 
 # -- resolution --------------------------------------------------------------------------------

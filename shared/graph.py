@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 import zoneinfo
+from dataclasses import dataclass
 from datetime import datetime, timezone, tzinfo
+from typing import Any
 from urllib.parse import quote as url_quote
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared.http import ApiClient, UpstreamError
 
@@ -147,6 +149,63 @@ class BookingService(GraphModel):
     last_updated_date_time: str | None = Field(None, alias="lastUpdatedDateTime")
 
 
+class Page(GraphModel):
+    """A page of a Graph collection whose every item is valid, parsed and validated from the
+    answer's bytes in one pass (`model_validate_json`; each collection has its subclass)."""
+    value: list
+    next_link: str | None = Field(None, alias="@odata.nextLink")
+
+
+class AppointmentPage(Page):
+    value: list[Appointment]
+
+
+class CustomerPage(Page):
+    value: list[BookingCustomer]
+
+
+class ServicePage(Page):
+    value: list[BookingService]
+
+
+class RawPage(Page):
+    """A page with an item that is not valid: read again as it came, so that one bad item does
+    not hide the others on its page (they are validated one by one)."""
+    value: list[Any]
+
+
+def _read_page(page_type: type[Page]):
+    def read(content: bytes) -> Page:
+        try:
+            return page_type.model_validate_json(content)
+        except ValidationError:
+            return RawPage.model_validate_json(content)  # raises if the page itself is malformed
+    return read
+
+
+@dataclass
+class Unreadable:
+    """An item of a page that is not a valid appointment (customer, service): its id, if it has
+    one, and why."""
+    id: str | None
+    reason: str
+
+
+def _readable(model: type[GraphModel], item: Any) -> GraphModel | Unreadable:
+    if isinstance(item, model):
+        return item
+    try:
+        return model.model_validate(item)
+    except (ValidationError, ValueError, TypeError) as error:
+        ident = item.get("id") if isinstance(item, dict) else None
+        return Unreadable(ident if isinstance(ident, str) else None, str(error).splitlines()[0] if str(error) else
+                          type(error).__name__)
+
+
+_PAGES: dict[type[GraphModel], Any] = {Appointment: _read_page(AppointmentPage), BookingCustomer: _read_page(CustomerPage),
+                                       BookingService: _read_page(ServicePage)}
+
+
 class NoAccessToBusiness(UpstreamError):
     """Graph hides an inaccessible business behind ErrorFolderNotFound."""
 
@@ -159,12 +218,15 @@ class GraphClient:
     def _business_url(self, business_id: str) -> str:
         return f"{self.base_url}/solutions/bookingBusinesses/{url_quote(business_id, safe='@')}"
 
-    async def _pages(self, business_id: str, url: str, params: dict | None = None):
-        """Yield the raw items of every page, following `@odata.nextLink` only."""
+    async def _pages(self, business_id: str, url: str, model: type[GraphModel], params: dict | None = None):
+        """Yield the items of every page, following `@odata.nextLink` only: each a `model`, or
+        `Unreadable`."""
+        read_page = _PAGES[model]
         next_url: str | None = url
         while next_url:
             try:
-                response = await self.api.request("GET", next_url, params=params, limit_key=business_id)
+                response = await self.api.request("GET", next_url, params=params, limit_key=business_id,
+                                                  decode=read_page)
             except UpstreamError as error:
                 if error.status == 403:
                     raise NoAccessToBusiness(error.service, error.status, error.code,
@@ -175,28 +237,29 @@ class GraphClient:
                     raise NoAccessToBusiness(error.service, error.status, error.code,
                                              f"no access to business {business_id}") from error
                 raise
-            body = response.body if isinstance(response.body, dict) else {}
-            items = body.get("value")
-            if not isinstance(items, list):
-                raise UpstreamError("Graph", response.status, "MalformedResponse",
-                                    "a page of results had no 'value' list")
-            for item in items:
-                yield item
-            next_url, params = body.get("@odata.nextLink"), None
+            page = response.body
+            if not isinstance(page, Page):  # an answer without a body
+                raise UpstreamError("Graph", response.status, "MalformedResponse", "a page of results had no body")
+            for item in page.value:
+                yield _readable(model, item)
+            next_url, params = page.next_link, None
 
     async def calendar_view(self, business_id: str, start: datetime, end: datetime):
-        """Raw appointment payloads overlapping [start, end); validation is the caller's choice
-        so one bad appointment does not hide the others."""
+        """The appointments overlapping [start, end): each an `Appointment`, or `Unreadable` (one
+        bad appointment does not hide the others)."""
         params = {"start": _iso_z(start), "end": _iso_z(end)}
-        async for item in self._pages(business_id, f"{self._business_url(business_id)}/calendarView", params):
+        async for item in self._pages(business_id, f"{self._business_url(business_id)}/calendarView", Appointment,
+                                      params):
             yield item
 
     async def customers(self, business_id: str):
-        async for item in self._pages(business_id, f"{self._business_url(business_id)}/customers"):
+        """The business's customers: each a `BookingCustomer`, or `Unreadable`."""
+        async for item in self._pages(business_id, f"{self._business_url(business_id)}/customers", BookingCustomer):
             yield item
 
     async def services(self, business_id: str):
-        async for item in self._pages(business_id, f"{self._business_url(business_id)}/services"):
+        """The business's services: each a `BookingService`, or `Unreadable`."""
+        async for item in self._pages(business_id, f"{self._business_url(business_id)}/services", BookingService):
             yield item
 
     async def get_business(self, business_id: str) -> dict:

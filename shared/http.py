@@ -33,7 +33,8 @@ from collections.abc import Awaitable, Callable
 import httpx
 
 if TYPE_CHECKING:
-    from shared.limits import SharedRateBudget, SharedSlots
+    from shared.ledger import SharedRateBudget
+    from shared.limits import SharedSlots
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +207,12 @@ class ApiClient:
     async def request(self, method: str, url: str, *, json_body: Any = None,
                       params: dict | None = None, headers: dict | None = None,
                       limit_key: str = "*", idempotent: bool | None = None,
-                      send_by: float | None = None) -> ApiResponse:
+                      send_by: float | None = None, decode: Callable[[bytes], Any] | None = None) -> ApiResponse:
         """Send one request with retries; return the parsed answer or raise `UpstreamError`.
+
+        `decode` reads a successful answer's raw bytes instead of `json.loads` (a pydantic
+        `model_validate_json`: parsing and validating in one pass); a `ValueError` from it makes
+        the answer malformed, as invalid JSON does.
 
         `send_by` (a `time.monotonic()` deadline) bounds when the request may still be sent, a
         retry included: the caller promises that nothing it started lands later than that plus
@@ -249,7 +254,7 @@ class ApiClient:
                 if not idempotent:
                     raise UpstreamAmbiguous(self.service, None, failure.code, failure.message) from error
             else:
-                outcome = self._interpret(response)
+                outcome = self._interpret(response, decode)
                 if isinstance(outcome, ApiResponse):
                     return outcome
                 failure = outcome
@@ -277,7 +282,16 @@ class ApiClient:
         late.retry_after = retry_after
         return late
 
-    def _interpret(self, response: httpx.Response) -> ApiResponse | UpstreamError:
+    def _interpret(self, response: httpx.Response, decode: Callable[[bytes], Any] | None = None
+                   ) -> ApiResponse | UpstreamError:
+        if decode is not None and response.is_success and response.content:
+            try:
+                return ApiResponse(response.status_code, response.headers, decode(response.content))
+            except ValueError as error:
+                malformed = UpstreamError(self.service, response.status_code, "MalformedResponse",
+                                          "the answer could not be read: " + " ".join(str(error).splitlines()[:2]))
+                malformed.retryable_override = True
+                return malformed
         text = response.text
         try:
             body = response.json() if text else None

@@ -46,6 +46,8 @@ class Lease:
     least `seconds` after it."""
     lost: bool = False
     """A renewal found that another holder has the name: this lease cannot be won back."""
+    renewals: int = 0
+    """Renewals sent (storage round trips while held)."""
     renewing: asyncio.Task | None = field(default=None, repr=False)
 
 
@@ -95,6 +97,7 @@ async def renew(store: Store, lease: Lease) -> bool:
     lease runs out; a lost lease (the holder stalled past it and another took over) cannot be won
     back, only reported, and marked `lost` so its holder stops counting on it."""
     sent = time.monotonic()
+    lease.renewals += 1
     try:
         await _lock(store, lease.name, lease.owner).renew()
         lease.renewed_at = sent

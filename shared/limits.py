@@ -3,19 +3,19 @@
 Bookings serves 4 requests at a time per mailbox, Business Central about 5 per environment and
 6,000 per 5-minute sliding window per user. A per-process semaphore or budget multiplies when the
 Functions app scales out to several instances, and the excess comes back as 429s; so these limits
-live in the storage account every instance shares:
+live in the storage account every instance shares. A single busy instance should pay almost
+nothing for that: its storage round trips grow with the minutes it works, not with its requests.
 
 - `SharedSlots`: `count` request slots, each a short blob lease on `locks/limits/<name>/<i>`
-  (`shared/leases.py`, renewed while held). A process keeps a slot while it has work and hands it
-  from one request to the next locally, without a storage round trip; a slot left unused for
-  `idle_seconds` is released for the other instances. A crashed instance stops renewing, so its
-  slots come back within the lease's 15 seconds.
-- `SharedRateBudget`: a ledger blob `limits/<name>/ledger` of ticket grants, written with ETag
-  optimistic concurrency. A process claims a few tickets at a time and sends with them within
-  `ticket_seconds`; a grant counts against the window until `ticket_seconds` + the window after it
-  was made, so whenever its tickets were used, no window ever holds more than the limit. Tickets
-  a claim did not use are given back with the process's next claim, and a claim is sized by what
-  the process used of its last one, so an instance that sends little holds little.
+  (`shared/leases.py`, renewed while held). A process takes as many free slots at once as it has
+  requests waiting, keeps them while it has work and hands them from one request to the next
+  locally, without a storage round trip; a slot left unused for `idle_seconds` is released for
+  the other instances. A crashed instance stops renewing, so its slots come back within the
+  lease's 15 seconds. Busy instances take turns only when one of them is left without any slot:
+  it says so in `limits/<name>/waiting`, which holders read every few seconds while they hold
+  slots, and a holder then gives back each slot it has held longer than `max_hold_seconds`.
+- `SharedRateBudget` (`shared/ledger.py`): the 6,000 requests per 5 minutes, as a ledger of
+  ticket grants in storage.
 
 Both raise `UpstreamThrottled` (with `retry_after`) when the wait would be too long: queue workers
 already turn that into "run this message again later"."""
@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import random
 import time
 import uuid
@@ -34,12 +33,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from azure.core import MatchConditions
-from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.core.exceptions import AzureError, ResourceNotFoundError
 from azure.storage.blob import ContentSettings
 
 from shared import leases
-from shared.http import MAX_BUDGET_WAIT_SECONDS, UpstreamThrottled
+from shared.http import UpstreamThrottled
 from shared.store import Store
 
 log = logging.getLogger(__name__)
@@ -52,6 +50,10 @@ LAST_POLL_SECONDS = 1.0
 CLOCK_SKEW_SECONDS = 1.0
 """How far apart the instances' clocks may be (Azure hosts keep theirs synchronised far closer):
 a grant is kept this much longer, since another instance judges its age by its own clock."""
+MARK_EVERY_SECONDS = 1.0
+WAITING_MARK_SECONDS = 3.0
+"""A starved instance's mark (`limits/<name>/waiting`) counts this long after it was written (plus
+the clock skew): it rewrites it every `MARK_EVERY_SECONDS` at most, as long as it waits."""
 
 
 @dataclass(eq=False)
@@ -71,16 +73,30 @@ def _still_ours(slot: _Slot) -> bool:
 
 @dataclass
 class SlotStats:
-    """Storage round trips (`attempts` to take a lease, `released`) against `served`: requests
-    given a slot, most of them one this process already held (`reused`)."""
+    """Storage round trips (`attempts` to take a lease, `released`, lease `renewals`, waiting
+    `marks` written and `watches` of the waiting mark) against `served`: requests given a slot,
+    most of them one this process already held (`reused`). `turns`: slots given back because
+    another instance was waiting; `waited_seconds`: what requests spent waiting for a slot, most of
+    it for one another request of this process was using."""
     attempts: int = 0
     taken: int = 0
     released: int = 0
     served: int = 0
+    renewals: int = 0
+    marks: int = 0
+    watches: int = 0
+    turns: int = 0
+    waited_seconds: float = 0.0
+    probe_seconds: float = 0.0
+    """Of `waited_seconds`, what requests spent asking storage for slots (round trips on their path)."""
 
     @property
     def reused(self) -> int:
         return self.served - self.taken
+
+    @property
+    def round_trips(self) -> int:
+        return self.attempts + self.released + self.renewals + self.marks + self.watches
 
 
 class SharedSlots:
@@ -93,9 +109,10 @@ class SharedSlots:
                  idle_seconds: float = 1.0, max_wait_seconds: float = 60.0, max_hold_seconds: float | None = None):
         self.name, self.count = name, count
         self.max_hold_seconds = max_hold_seconds
-        """A slot held this long is given back to storage at its next release instead of being
-        passed on within the process, and the process stands back a moment, so busy instances
-        take turns (None: kept while in use)."""
+        """While another instance is waiting without a slot, a slot held this long is given back
+        to storage at its next release instead of being passed on within the process, and the
+        process stands back a moment, so busy instances take turns (None: kept while in use,
+        whoever waits)."""
         self.lease_seconds, self.idle_seconds, self.max_wait_seconds = lease_seconds, idle_seconds, max_wait_seconds
         self.stats = SlotStats()
         self._store = store
@@ -109,6 +126,11 @@ class SharedSlots:
         self._reaper: asyncio.Task | None = None
         self._releasing: set[asyncio.Task] = set()
         self._closed = False
+        self._instance = uuid.uuid4().hex[:12]
+        self._contended = False
+        """Another instance said, recently, that it waits without any slot."""
+        self._watcher: asyncio.Task | None = None
+        self._next_mark = 0.0
 
     @property
     def held(self) -> int:
@@ -117,8 +139,10 @@ class SharedSlots:
 
     @asynccontextmanager
     async def slot(self, service: str) -> AsyncIterator[None]:
+        started = time.monotonic()
         taken = await self._take(service)
         self.stats.served += 1
+        self.stats.waited_seconds += time.monotonic() - started
         try:
             yield
         finally:
@@ -138,6 +162,8 @@ class SharedSlots:
         self._closed = True
         if self._reaper is not None:
             self._reaper.cancel()  # it only ever waits: its releases run as tasks of their own
+        if self._watcher is not None:
+            self._watcher.cancel()
         slots = list(self._held.values())
         self._held.clear()
         self._idle.clear()
@@ -154,7 +180,9 @@ class SharedSlots:
                 return reused
             now = time.monotonic()
             if not self._probing and now >= self._next_probe:
-                if (taken := await self._probe()) is not None:
+                taken = await self._probe()
+                self.stats.probe_seconds += time.monotonic() - now
+                if taken is not None:
                     return taken
                 continue
             if now >= deadline:
@@ -197,24 +225,32 @@ class SharedSlots:
             waiter.cancel()
 
     async def _probe(self) -> _Slot | None:
-        """Lease free slots from storage: one for this task and one per task waiting behind it.
-        Only one task of the process asks storage at a time."""
+        """Lease free slots from storage, all at once: one for this task and one per task waiting
+        behind it. Only one task of the process asks storage at a time. Without any slot while
+        another instance holds some, say so (`_mark_waiting`): holders then take turns."""
         self._probing = True
         mine: _Slot | None = None
         tried_all = True
         try:
             store = await self._store()
             start = random.randrange(self.count)  # instances start at different slots: fewer collisions
-            for index in [(start + step) % self.count for step in range(self.count)]:
-                if mine is not None and not self._waiters:
+            free = [(start + step) % self.count for step in range(self.count)]
+            free = [index for index in free if index not in self._held]
+            while free:
+                wanted = (1 if mine is None else 0) + len(self._waiters)
+                if wanted == 0:
                     tried_all = False
                     break
-                if index in self._held or (slot := await self._lease(store, index)) is None:
-                    continue
-                if mine is None:
-                    mine = slot
-                else:
-                    self._give(slot)
+                batch, free = free[:wanted], free[wanted:]
+                for slot in await asyncio.gather(*(self._lease(store, index) for index in batch)):
+                    if slot is None:
+                        continue
+                    if mine is None:
+                        mine = slot
+                    else:
+                        self._give(slot)
+            if mine is None and not self._held:
+                await self._mark_waiting(store)
         except BaseException:
             if mine is not None:
                 self._give(mine)
@@ -227,6 +263,44 @@ class SharedSlots:
         else:
             self._next_probe, self._backoff = 0.0, FIRST_POLL_SECONDS
         return mine
+
+    async def _mark_waiting(self, store: Store) -> None:
+        """Tell the holders that this instance waits without any slot (at most once a second)."""
+        if self.max_hold_seconds is None or time.monotonic() < self._next_mark:
+            return
+        self._next_mark = time.monotonic() + MARK_EVERY_SECONDS
+        self.stats.marks += 1
+        mark = json.dumps({"instance": self._instance, "at": time.time()}).encode()
+        try:
+            await store.blob(self._waiting_path).upload_blob(
+                mark, overwrite=True, content_settings=ContentSettings(content_type="application/json"))
+        except AzureError as error:
+            log.warning("could not say that %s waits for a slot: %s", self.name, error,
+                        extra={"event": "slot_mark_failed", "limit": self.name})
+
+    @property
+    def _waiting_path(self) -> str:
+        return f"limits/{self.name}/waiting"
+
+    async def _watch_turns(self) -> None:
+        """While this process holds slots, look every half turn whether another instance waits
+        without any (one storage read each time)."""
+        period = max(self.max_hold_seconds / 2, 0.05)
+        while self._held and not self._closed:
+            await asyncio.sleep(period)
+            self.stats.watches += 1
+            try:
+                store = await self._store()
+                content = await (await store.blob(self._waiting_path).download_blob()).readall()
+                mark = json.loads(content)
+                self._contended = (mark.get("instance") != self._instance and
+                                   time.time() - float(mark.get("at", 0)) < WAITING_MARK_SECONDS + CLOCK_SKEW_SECONDS)
+            except ResourceNotFoundError:
+                self._contended = False
+            except (AzureError, ValueError, TypeError, AttributeError) as error:
+                log.warning("could not read whether another instance waits for %s: %s", self.name, error,
+                            extra={"event": "slot_watch_failed", "limit": self.name})
+        self._contended = False
 
     async def _lease(self, store: Store, index: int) -> _Slot | None:
         self.stats.attempts += 1
@@ -244,6 +318,8 @@ class SharedSlots:
             return None
         self.stats.taken += 1
         self._held[index] = slot
+        if self.max_hold_seconds is not None and (self._watcher is None or self._watcher.done()):
+            self._watcher = asyncio.create_task(self._watch_turns(), name=f"watch turns {self.name}")
         return slot
 
     # -- giving back ---------------------------------------------------------------------------
@@ -255,9 +331,11 @@ class SharedSlots:
         if not _still_ours(slot):
             self._drop(slot)
             return
-        if self.max_hold_seconds is not None and time.monotonic() - slot.taken_at > self.max_hold_seconds:
-            # Its turn is over: back to storage, where this process's waiters and other
-            # instances' have the same chance of it.
+        if (self._contended and self.max_hold_seconds is not None
+                and time.monotonic() - slot.taken_at > self.max_hold_seconds):
+            # Its turn is over and another instance waits: back to storage, where this
+            # process's waiters and other instances' have the same chance of it.
+            self.stats.turns += 1
             self._held.pop(slot.index, None)
             self._release_soon(slot)
             # Stand back for longer than other instances wait between their looks at storage
@@ -306,142 +384,9 @@ class SharedSlots:
 
     async def _release(self, slot: _Slot) -> None:
         self.stats.released += 1
+        self.stats.renewals += slot.lease.renewals
         try:
             await leases.release(await self._store(), slot.lease)
         except AzureError as error:  # it runs out within lease_seconds all the same
             log.warning("request slot %s/%d could not be released: %s", self.name, slot.index, error,
                         extra={"event": "slot_release_failed", "limit": self.name})
-
-
-@dataclass
-class _Grant:
-    id: str
-    until: float
-    """Epoch seconds: the grant counts against the window until then."""
-    count: int
-
-
-@dataclass
-class BudgetStats:
-    reads: int = 0
-    writes: int = 0
-    conflicts: int = 0
-    """Writes refused because another instance wrote the ledger first (then read again)."""
-    granted: int = 0
-    """Tickets handed to requests."""
-
-
-class SharedRateBudget:
-    """A sliding-window quota shared by every process of the app, with `RateBudget`'s contract:
-    `await budget.acquire(service)` returns when a request may be sent (at once), waits when the
-    window has room again soon, or raises `UpstreamThrottled` (`retry_after` set) when that is
-    more than `MAX_BUDGET_WAIT_SECONDS` away. One instance per process, event loop and quota."""
-
-    def __init__(self, store: StoreSource, name: str, limit: int, window_seconds: float, *,
-                 chunk: int | None = None, ticket_seconds: float = 10.0,
-                 clock_skew_seconds: float = CLOCK_SKEW_SECONDS):
-        if limit < 1 or window_seconds <= 0 or ticket_seconds <= 0:
-            raise ValueError("a rate budget needs a limit of at least 1 and positive durations")
-        self.name, self.limit, self.window = name, limit, window_seconds
-        self.chunk = chunk or max(1, limit // 60)
-        self.ticket_seconds, self.clock_skew_seconds = ticket_seconds, clock_skew_seconds
-        self.stats = BudgetStats()
-        self._store = store
-        self._path = f"limits/{name}/ledger"
-        self._lock = asyncio.Lock()
-        self._claim: _Grant | None = None
-        self._tickets = 0
-        self._usable_until = 0.0
-        """`time.monotonic()` after which the current claim's tickets are never used."""
-        self._next_size = 1
-        self._give_back: tuple[str, int] | None = None
-        """A finished claim's id and its unused tickets, taken off the ledger with the next write."""
-        self._cached: tuple[list[_Grant], str] | None = None
-        """The ledger and its ETag as this process last wrote it: tried first, re-read on a conflict."""
-
-    async def acquire(self, service: str) -> None:
-        async with self._lock:
-            if self._tickets == 0 or time.monotonic() >= self._usable_until:
-                await self._claim_tickets(service)
-            self._tickets -= 1
-            self.stats.granted += 1
-
-    async def _claim_tickets(self, service: str) -> None:
-        self._finish_claim()
-        while True:
-            fresh = self._cached is None
-            grants, etag = self._cached or await self._read()
-            self._cached = None
-            now, started = time.time(), time.monotonic()
-            grants = [grant for grant in grants if grant.until > now]
-            if self._give_back is not None:
-                claim_id, unused = self._give_back
-                grants = [_Grant(g.id, g.until, g.count - unused) if g.id == claim_id else g for g in grants]
-                grants = [grant for grant in grants if grant.count > 0]
-            room = self.limit - sum(grant.count for grant in grants)
-            if room <= 0:
-                if fresh:  # else read it again before deciding
-                    await self._wait_for_room(service, min(grant.until for grant in grants) - now)
-                continue
-            claim = _Grant(uuid.uuid4().hex[:12], now + self.ticket_seconds + self.window + self.clock_skew_seconds,
-                           min(self._next_size, room))
-            written = [*grants, claim]
-            try:
-                etag = await self._write(written, etag)
-            except (ResourceModifiedError, ResourceExistsError):
-                self.stats.conflicts += 1
-                continue
-            self._cached = (written, etag)
-            self._claim, self._tickets = claim, claim.count
-            self._usable_until = started + self.ticket_seconds
-            self._give_back = None
-            return
-
-    async def _wait_for_room(self, service: str, seconds: float) -> None:
-        """Until the oldest grant stops counting, or `UpstreamThrottled` if that is too far off."""
-        if seconds > MAX_BUDGET_WAIT_SECONDS:
-            throttled = UpstreamThrottled(service, None, "ClientRateBudget",
-                                          f"{self.limit} requests in {self.window:g} s already granted "
-                                          f"to the app's instances ({self.name})")
-            throttled.retry_after = seconds
-            raise throttled
-        await asyncio.sleep(max(seconds, 0.0))
-
-    def _finish_claim(self) -> None:
-        """The current claim's tickets are spent or expired: size the next claim by its use."""
-        if self._claim is None:
-            return
-        used = self._claim.count - self._tickets
-        if self._tickets:
-            self._give_back = (self._claim.id, self._tickets)
-        self._next_size = max(1, min(self.chunk, 2 * used))
-        self._claim, self._tickets = None, 0
-
-    async def _read(self) -> tuple[list[_Grant], str | None]:
-        store = await self._store()
-        self.stats.reads += 1
-        try:
-            download = await store.blob(self._path).download_blob()
-        except ResourceNotFoundError:
-            return [], None
-        content = await download.readall()
-        try:
-            return [_Grant(str(i), float(until), int(count)) for i, until, count in json.loads(content)["grants"]], \
-                download.properties.etag
-        except (ValueError, TypeError, KeyError) as error:
-            # Never written by this code; replacing it (ETag-guarded) beats refusing every request.
-            log.error("the rate ledger %s could not be read (%s); starting it again", self._path, error,
-                      extra={"event": "rate_ledger_unreadable", "limit": self.name})
-            return [], download.properties.etag
-
-    async def _write(self, grants: list[_Grant], etag: str | None) -> str:
-        """Write the ledger if nobody else did since `etag` (None: if nobody created it yet)."""
-        store = await self._store()
-        self.stats.writes += 1
-        store.stats.blob_writes += 1
-        data = json.dumps({"grants": [[g.id, math.ceil(g.until * 1000) / 1000, g.count] for g in grants]}, separators=(",", ":"))
-        condition = ({"overwrite": True, "etag": etag, "match_condition": MatchConditions.IfNotModified}
-                     if etag else {"overwrite": False})
-        answer = await store.blob(self._path).upload_blob(
-            data.encode(), content_settings=ContentSettings(content_type="application/json"), **condition)
-        return answer["etag"]

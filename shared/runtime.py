@@ -19,9 +19,9 @@ from shared.settings import BC_SCOPE, GRAPH_SCOPE, Settings, get_settings
 
 
 BC_TURN_SECONDS = 10.0
-"""Instances busy with Business Central take turns with its 5 slots: one holds a slot at most
-this long before it goes back to storage: long enough that one busy instance hardly pays for the
-turns (a mailbox is mostly one business's sync: no turns)."""
+"""Instances busy with Business Central take turns with its 5 slots while one of them waits
+without any: a holder then gives a slot back once it has held it this long. A lone busy instance
+keeps its slots (a mailbox is mostly one business's sync: no turns)."""
 
 
 @dataclass
@@ -78,7 +78,7 @@ class Runtime:
         from shared.auth import token_provider
         from shared.bc import ENVIRONMENT_CONCURRENCY, REQUESTS_PER_WINDOW, WINDOW_SECONDS, BcClient
         from shared.http import ApiClient
-        from shared.limits import SharedRateBudget
+        from shared.ledger import SharedRateBudget
 
         client = self._bc.get(company_id)
         if client is not None:

@@ -30,12 +30,11 @@ from azure.core import MatchConditions
 from azure.core.exceptions import (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError, ServiceRequestError,
                                    ServiceResponseError)
 from azure.data.tables import TableTransactionError
-from pydantic import ValidationError
 
 from shared import leases
 from shared.bookings import Booking, normalise_email
 from shared.directory import CUSTOMER, ITEM, link_partition
-from shared.graph import Appointment, BookingCustomer, BookingService, NoAccessToBusiness
+from shared.graph import BookingCustomer, BookingService, NoAccessToBusiness, Unreadable
 from shared.http import UpstreamError, UpstreamNotFound
 from shared.messages import (SOURCE_TEXT, BusinessSync, CustomerBatchUpsert, CustomerSource, CustomerUpsert,
                              InvoiceReconciliation, ItemBatchUpsert, ItemUpsert, ServiceSource, SyncRequest, encode,
@@ -140,12 +139,13 @@ class CalendarRead:
 @dataclass(slots=True)
 class StoredRow:
     """What the table holds of an appointment: just enough to tell what changed (a slice may
-    hold thousands of these, so no more)."""
-    appointment_id: str
+    hold thousands of these, so no more). Its id and times are read only for a row the calendar
+    read did not return (`missing_rows`)."""
     source_hash: str | None
     cancelled: bool
-    start: datetime | None
-    end: datetime | None
+    appointment_id: str | None = None
+    start: datetime | None = None
+    end: datetime | None = None
 
 
 def window(settings, now: datetime) -> tuple[datetime, datetime]:
@@ -181,13 +181,28 @@ async def stored_slice(store: Store, read: CalendarRead, slice_start: datetime, 
     query = ("PartitionKey eq @pk and StartUtc lt @end and EndUtc gt @start" if first
              else "PartitionKey eq @pk and StartUtc ge @start and StartUtc lt @end")
     rows: dict[str, StoredRow] = {}
-    async for row in store.iterate(BOOKINGS, query, ["RowKey", "AppointmentId", "SourceHash", "Cancelled", "StartUtc",
-                                                     "EndUtc"],
+    async for row in store.iterate(BOOKINGS, query, ["RowKey", "SourceHash", "Cancelled"],
                                    {"pk": encode_key(read.business_id), "start": read.start if first else slice_start,
                                     "end": slice_end}):
-        rows[row["RowKey"]] = StoredRow(row.get("AppointmentId") or decode_key(row["RowKey"]), row.get("SourceHash"),
-                                        bool(row.get("Cancelled")), row.get("StartUtc"), row.get("EndUtc"))
+        rows[row["RowKey"]] = StoredRow(row.get("SourceHash"), bool(row.get("Cancelled")))
     return rows
+
+
+async def missing_rows(store: Store, read: CalendarRead, stored: dict[str, StoredRow], returned: set[str]
+                       ) -> list[tuple[str, StoredRow]]:
+    """The stored rows of a slice the read did not return, not cancelled and inside the window,
+    with their ids and times (read now: the slice's query left them out)."""
+    keys = [key for key, row in stored.items() if key not in returned and not row.cancelled]
+    if not keys:
+        return []
+    missing = []
+    for key, entity in (await store.get_many(BOOKINGS, encode_key(read.business_id), keys)).items():
+        row = stored[key]
+        row.appointment_id = entity.get("AppointmentId") or decode_key(key)
+        row.start, row.end = entity.get("StartUtc"), entity.get("EndUtc")
+        if _overlaps(row, read.start, read.end):
+            missing.append((key, row))
+    return missing
 
 
 class SliceWriter:
@@ -263,47 +278,46 @@ class SliceWriter:
             self.add((UPSERT, entity, {"mode": "merge"}))
 
 
-async def sync_slice(rt: Runtime, store: Store, read: CalendarRead, slice_start: datetime, slice_end: datetime) -> None:
+async def sync_slice(rt: Runtime, store: Store, read: CalendarRead, writer: SliceWriter, slice_start: datetime,
+                     slice_end: datetime) -> None:
     """Read one slice of a business's calendar page by page against the stored rows of the
-    same slice; write what changed as it is found; then confirm by id what the read did not
-    return, and mark cancelled only what Graph says is gone. Never raises for upstream trouble:
-    a slice that could not be read completely cancels nothing."""
+    same slice; hand what changed to `writer` as it is found (the caller waits for its writes);
+    then confirm by id what the read did not return, and mark cancelled only what Graph says is
+    gone. Never raises for upstream trouble: a slice that could not be read completely cancels
+    nothing."""
     stored = await stored_slice(store, read, slice_start, slice_end)
-    writer = SliceWriter(store, read)
     returned: set[str] = set()
     unreadable: set = set()
     try:
-        try:
-            async for raw in rt.graph.calendar_view(read.business_id, slice_start, slice_end):
-                ident = raw.get("id") if isinstance(raw, dict) else None
-                try:
-                    booking = Booking.from_appointment(read.business_id, Appointment.model_validate(raw))
-                except (ValidationError, ValueError, TypeError) as error:
-                    if ident not in unreadable:
-                        read.counts.invalid += 1
-                        read.errors.append(f"appointment {ident or '(no id)'} could not be read: "
-                                           f"{str(error).splitlines()[0]}")
-                    unreadable.add(ident)
-                    continue
-                if not read.owns(booking, slice_start, slice_end) or booking.row_key in returned:
-                    continue
-                returned.add(booking.row_key)
-                read.counts.fetched += 1
-                read.met(booking)
-                writer.write(booking, stored.get(booking.row_key))
-        except UpstreamError as error:
-            read.complete = False
-            read.errors.append(error.message if isinstance(error, NoAccessToBusiness) else str(error))
-            return
-        if unreadable:
-            read.complete = False
-            return
-        missing = [(key, row) for key, row in stored.items()
-                   if key not in returned and not row.cancelled and _overlaps(row, read.start, read.end)]
-        read.confirmed += len(missing)
-        await asyncio.gather(*(_confirm(rt, read, writer, key, row, slice_start, slice_end) for key, row in missing))
-    finally:
-        await writer.finish()
+        async for item in rt.graph.calendar_view(read.business_id, slice_start, slice_end):
+            try:
+                if isinstance(item, Unreadable):
+                    raise ValueError(item.reason)
+                booking = Booking.from_appointment(read.business_id, item)
+            except (ValueError, TypeError) as error:
+                ident = item.id
+                if ident not in unreadable:
+                    read.counts.invalid += 1
+                    read.errors.append(f"appointment {ident or '(no id)'} could not be read: "
+                                       f"{str(error).splitlines()[0]}")
+                unreadable.add(ident)
+                continue
+            if not read.owns(booking, slice_start, slice_end) or booking.row_key in returned:
+                continue
+            returned.add(booking.row_key)
+            read.counts.fetched += 1
+            read.met(booking)
+            writer.write(booking, stored.get(booking.row_key))
+    except UpstreamError as error:
+        read.complete = False
+        read.errors.append(error.message if isinstance(error, NoAccessToBusiness) else str(error))
+        return
+    if unreadable:
+        read.complete = False
+        return
+    missing = await missing_rows(store, read, stored, returned)
+    read.confirmed += len(missing)
+    await asyncio.gather(*(_confirm(rt, read, writer, key, row, slice_start, slice_end) for key, row in missing))
 
 
 async def _confirm(rt: Runtime, read: CalendarRead, writer: SliceWriter, key: str, row: StoredRow,
@@ -343,8 +357,12 @@ async def sync_calendar(rt: Runtime, store: Store, read: CalendarRead) -> None:
     gate = asyncio.Semaphore(SLICES_AT_ONCE)
 
     async def one(part: tuple[datetime, datetime]) -> None:
-        async with gate:
-            await sync_slice(rt, store, read, *part)
+        writer = SliceWriter(store, read)
+        try:
+            async with gate:
+                await sync_slice(rt, store, read, writer, *part)
+        finally:  # the slice's last writes, outside the gate: the next slice reads meanwhile
+            await writer.finish()
 
     await asyncio.gather(*(one(part) for part in sub_windows(read.start, read.end, read.slice_length)))
 
@@ -356,18 +374,18 @@ async def pull_directory(rt: Runtime, pull: BusinessPull, upserts: DirectoryQueu
     services = asyncio.ensure_future(_collect(graph.services(pull.business_id)))
     try:
         page: list[BookingCustomer] = []
-        async for raw in graph.customers(pull.business_id):
-            try:
-                page.append(BookingCustomer.model_validate(raw))
-            except ValidationError:
+        async for customer in graph.customers(pull.business_id):
+            if isinstance(customer, Unreadable):
                 pull.errors.append("a Bookings customer could not be read")
+            else:
+                page.append(customer)
             if len(page) == CUSTOMERS_PER_HANDOVER:
                 pull.customers += page
                 await upserts.customers_read(pull.business_id, page)
                 page = []
         pull.customers += page
         await upserts.customers_read(pull.business_id, page)
-        raw_services = await services
+        services_read = await services
     except UpstreamError as error:
         services.cancel()
         pull.errors.append(f"customers/services: {error.message if isinstance(error, NoAccessToBusiness) else error}")
@@ -375,11 +393,11 @@ async def pull_directory(rt: Runtime, pull: BusinessPull, upserts: DirectoryQueu
     except BaseException:
         services.cancel()
         raise
-    for raw in raw_services:
-        try:
-            pull.services.append(BookingService.model_validate(raw))
-        except ValidationError:
+    for service in services_read:
+        if isinstance(service, Unreadable):
             pull.errors.append("a Bookings service could not be read")
+        else:
+            pull.services.append(service)
     await upserts.services_read(pull.business_id, pull.services)
     pull.directory_complete = True
 

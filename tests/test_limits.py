@@ -17,7 +17,8 @@ from azure.core.exceptions import ResourceNotFoundError
 
 from shared.graph import MAILBOX_CONCURRENCY
 from shared.http import MAX_BUDGET_WAIT_SECONDS, ApiClient, UpstreamThrottled
-from shared.limits import SharedRateBudget, SharedSlots
+from shared.ledger import SharedRateBudget
+from shared.limits import SharedSlots
 from shared.runtime import runtime
 from shared.store import encode_key
 from sandbox.graph.app import CONCURRENCY_PER_MAILBOX
@@ -357,3 +358,37 @@ def test_two_busy_instances_take_turns_with_a_slot_instead_of_one_keeping_it(hos
     assert all(count > 0 for count in served), served
     turns = sum(1 for a, b in itertools.pairwise(served_by) if a != b)
     assert turns >= 3, "the slot went back and forth between the instances"
+
+
+def test_a_lone_busy_instance_keeps_its_slots_past_the_turn_and_pays_storage_by_the_minute_not_by_request(world):
+    async def busy() -> tuple[SharedSlots, int]:
+        pool = SharedSlots(store(), "test/lone", 2, idle_seconds=5.0, max_hold_seconds=0.2)
+        deadline = time.monotonic() + 1.5
+
+        async def worker() -> None:
+            while time.monotonic() < deadline:
+                async with pool.slot("Test"):
+                    await asyncio.sleep(0.002)
+
+        await asyncio.gather(*(worker() for _ in range(6)))
+        held = pool.held
+        await pool.aclose()
+        return pool, held
+
+    pool, held = world.host.run(busy(), 30)
+    stats = pool.stats
+    assert stats.served > 300 and held == 2
+    assert (stats.taken, stats.turns) == (2, 0), "both slots taken once, at once, and kept: nobody else waited"
+    assert stats.round_trips - stats.released < 2 + 1.5 / 0.1 + 3, \
+        "a lease per slot and a look for waiting instances every half turn, whatever the requests"
+
+
+def test_ledger_tickets_are_claimed_in_a_block_for_every_request_waiting(world):
+    async def burst() -> SharedRateBudget:
+        budget = SharedRateBudget(store(), "test/block", 6000, 300.0)
+        await asyncio.gather(*(budget.acquire("Test") for _ in range(40)))
+        return budget
+
+    budget = world.host.run(burst(), 30)
+    assert budget.stats.granted == 40
+    assert budget.stats.claims <= 2, "one claim for the first request and one block for the 39 queued behind it"

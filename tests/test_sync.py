@@ -361,6 +361,23 @@ def test_an_unknown_time_zone_makes_the_appointment_unreadable_with_the_reason_n
     assert any(odd in e["message"] and "unknown time zone 'Mars Standard Time'" in e["message"] for e in run["errors"])
 
 
+def test_a_malformed_appointment_hides_no_other_on_its_page_and_is_named(world):
+    """A page is parsed and validated in one pass; one item that is not a valid appointment
+    makes the app read that page item by item, so only that one is left out."""
+    good = [appointment_at(world, NOW - timedelta(days=2, hours=hour)) for hour in range(3)]
+    start = NOW - timedelta(days=2, hours=5)
+    bad = world.graph.put_appointment(world.business_ids[0], {
+        "startDateTime": graph_datetime(start), "endDateTime": graph_datetime(start + timedelta(hours=1)),
+        "price": "a lot", "customers": [], "customerEmailAddress": "odd@example.com"})
+    world.sync_calendars()
+
+    stored = bookings(world)
+    assert set(good) <= set(stored) and bad not in stored
+    run = last_run(world)
+    assert run["outcome"] == "partial" and run["counts"]["invalid"] == 1
+    assert any(bad in e["message"] and "could not be read" in e["message"] for e in run["errors"])
+
+
 def test_an_invoiced_appointment_moved_to_another_week_keeps_its_invoice(world):
     ident = appointment_at(world, NOW - timedelta(days=20))
     world.sync_calendars()
