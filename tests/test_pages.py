@@ -177,6 +177,19 @@ def test_invoicing_a_selection_makes_those_drafts_and_the_job_page_links_them_in
     assert [b["customers"][0]["email"] for b in remaining] == ["bob@example.com"]
 
 
+def test_a_job_made_through_the_json_api_shows_on_the_jobs_pages_as_made_by_hand(world):
+    first = appointment(world, customers=(("carol@example.com", "Carol"),))
+    world.sync()
+    made = world.host.http("POST", "invoices", body={"bookingIds": [first]})
+    assert made.status_code == 202
+    job_id = body(made)["jobId"]
+    world.host.drain()
+    browser = Browser(world)
+    listed, shown = browser.get("pages/jobs"), browser.get(f"pages/jobs/{job_id}")
+    assert listed.status_code == 200 and shown.status_code == 200
+    assert f"/api/pages/jobs/{job_id}" in text(listed) and "By hand" in text(listed) and "By hand" in text(shown)
+
+
 def test_invoicing_a_booking_that_is_no_longer_uninvoiced_queues_nothing_and_says_why(world):
     first = appointment(world)
     world.sync()
