@@ -77,7 +77,8 @@ class FakeAttention:
 JOB = {"jobId": HOSTILE, "status": HOSTILE, "bookingCount": 2, "createdAt": ISO,
        "invoices": [{"invoiceNumber": HOSTILE, "invoiceId": HOSTILE, "customerEmail": HOSTILE,
                      "bookingIds": [HOSTILE], "amount": 10}],
-       "waiting": [{"customerEmail": HOSTILE, "reason": HOSTILE, "until": ISO}],
+       "waiting": [{"customerEmail": HOSTILE, "reason": HOSTILE, "until": ISO, "since": ISO},
+                   {"customerEmail": HOSTILE, "reason": HOSTILE, "until": None, "since": None}],
        "errors": [{"bookingId": HOSTILE, "message": HOSTILE}],
        "request": {"source": "billing", "label": HOSTILE, "period": HOSTILE}}
 CHAIN = {"businesses": [{"id": HOSTILE, "companyId": HOSTILE, "companyName": HOSTILE, "mapped": False,
