@@ -105,7 +105,11 @@ class Sandbox:
 
 
 class SandboxStack(ExitStack):
-    """`with SandboxStack() as sandbox:` starts everything and stops it all on exit."""
+    """`with SandboxStack() as sandbox:` starts everything and stops it all on exit.
+
+    Without knobs, Graph and Business Central run under their documented limits
+    (`sandbox.graph.default_plan`: 4 requests at once per mailbox, the fifth refused with 429, query
+    strings up to 2,048 characters; BC's own default plan); `graph_knobs`/`bc_knobs` replace them."""
 
     def __init__(self, graph_knobs: Knobs | None = None, bc_knobs: Knobs | None = None,
                  page_size: int = 100, batch_item_ms: float = 0.0):
@@ -123,7 +127,8 @@ class SandboxStack(ExitStack):
             # BC lists it in every environment's Microsoft Entra Applications (the simulator's default).
             entra.register_client(TENANT, CLIENT_ID, CLIENT_SECRET, roles=APP_ROLES)
             seed_users(entra)
-            graph = GraphSimulator(FaultPlan(self.graph_knobs), page_size=self.page_size)
+            graph_plan = FaultPlan(self.graph_knobs) if self.graph_knobs is not None else None  # None: Graph's limits
+            graph = GraphSimulator(graph_plan, page_size=self.page_size)
             bc_plan = FaultPlan(self.bc_knobs) if self.bc_knobs is not None else None  # None: BC's limits
             bc = BcSimulator(bc_plan, batch_item_ms=self.batch_item_ms)
             company_id = bc.add_company(TENANT, ENVIRONMENT)
