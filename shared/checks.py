@@ -21,6 +21,7 @@ from shared.http import UpstreamError
 from shared.runtime import Runtime
 from shared.settings import SettingsError
 from shared.store import Store
+from shared.write_back import check as notes_check
 
 log = logging.getLogger(__name__)
 
@@ -215,4 +216,14 @@ async def setup_checks(rt: Runtime, store: Store) -> list[dict]:
             log.warning("setup check %s: %s", check["name"], check["message"],
                         extra={"event": "setup_check_warning", "check": check["name"]})
     _cache[key] = (time.monotonic() + CHECK_EVERY_SECONDS, checks)
+    return checks
+
+
+async def all_checks(rt: Runtime, store: Store) -> list[dict]:
+    """The setup checks (asked of the services at most every `CHECK_EVERY_SECONDS`), and, with
+    WRITE_BACK_TO_BOOKINGS, whether Bookings took the latest write-back's notes (read each time:
+    one blob)."""
+    checks = list(await setup_checks(rt, store))
+    if rt.settings.write_back_to_bookings:
+        checks.append(await notes_check(store))
     return checks
