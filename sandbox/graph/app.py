@@ -15,6 +15,7 @@ import re
 import random
 import threading
 from datetime import datetime, timezone
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -67,7 +68,11 @@ class GraphSimulator(DataApi):
         self._empty_pages = random.Random(self.plan.knobs.seed + 1)
         self.omitted_reads = 0
         """Calendar views answered with appointments left out (`GraphOptions.calendar_view_omit`)."""
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self.page_served: Callable[[str, str], None] | None = None
+        """For tests: called with (business id, collection) after each page of a business's collection
+        is made, under the data lock (the data API may be used in it), e.g. to delete a customer
+        while a client walks the list."""
         self._businesses: dict[str, Business] = {}
         self._writes: list[Write] = []
         business = BUSINESSES_PATH + "/{business_id}"
@@ -161,7 +166,10 @@ class GraphSimulator(DataApi):
         """Call with the lock held."""
         options = self.options
         empty = bool(options.empty_pages) and self._empty_pages.random() < options.empty_pages
-        return page(request, entries, context, kind, project, self.page_size, options.paging, empty)
+        answer = page(request, entries, context, kind, project, self.page_size, options.paging, empty)
+        if self.page_served is not None:
+            self.page_served(request.path_params.get("business_id", ""), kind)
+        return answer
 
     def _refused(self, error: GraphError) -> GraphError:
         """A refusal of what a write holds, as `GraphOptions.refusal_style` says Graph answers it."""
