@@ -293,24 +293,28 @@ class GraphClient:
                 yield item
             return
         except UpstreamError as error:
-            if served or error.status != 400 or names != self.window_parameters:
+            if served or error.status != 400:
                 raise
             refused = error
-        other = next(pair for pair in WINDOW_PARAMETERS if pair != names)
+        # Another read of this process may have found the names Graph takes meanwhile.
+        other = self.window_parameters if self.window_parameters != names else \
+            next(pair for pair in WINDOW_PARAMETERS if pair != names)
         try:
             async for item in self._pages(business_id, url, Appointment, _window(other, start, end)):
-                if self.window_parameters != other:
-                    self.window_parameters = other
-                    log.warning("Graph refused the calendar view's documented parameters %s; it takes %s",
-                                "/".join(names), "/".join(other),
-                                extra={"event": "graph_calendar_parameters", "business_id": business_id})
+                self._taken(other, business_id)
                 yield item
         except UpstreamError as error:
-            if error.status == 400 and self.window_parameters == names:
+            if error.status == 400:
                 raise refused from None
             raise
-        if self.window_parameters != other:  # an empty window answered: the names were taken all the same
-            self.window_parameters = other
+        self._taken(other, business_id)  # an empty window: the names were taken all the same
+
+    def _taken(self, names: tuple[str, str], business_id: str) -> None:
+        if self.window_parameters != names:
+            log.warning("Graph refused the calendar view's parameters %s; it takes %s",
+                        "/".join(self.window_parameters), "/".join(names),
+                        extra={"event": "graph_calendar_parameters", "business_id": business_id})
+            self.window_parameters = names
 
     async def customers(self, business_id: str):
         """The business's customers: each a `BookingCustomer`, or `Unreadable`."""
