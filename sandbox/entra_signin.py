@@ -145,9 +145,13 @@ class UserSignIn:
         self._refresh_tokens: dict[str, _RefreshToken] = {}
         self._sso_key = secrets.token_bytes(32)
         self._spoils: list[str] = []
-        self.member_idp = False
-        """Whether a member's ID token carries ``idp`` (= ``iss``) too; False: no ``idp`` claim (the
-        docs allow both: "If the claim isn't present, it means that the value of `iss` can be used")."""
+        self.member_idp: str | None = None
+        """Whether and how a member's ID token names the identity provider: None, no ``idp`` claim
+        ("If the claim isn't present, it means that the value of `iss` can be used"); ``issuer``,
+        ``idp`` = ``iss`` ("identical to the value of the issuer claim unless the user account isn't
+        in the same tenant"); ``v1``, the tenant's v1 issuer ``https://sts.windows.net/{tid}/``, the
+        form guests' home tenants are named in (the docs add that it "should always be sent in
+        managed domain scenarios"; in which form for members they do not say)."""
         self.disabled_user_error = "interaction_required"
         """What ``prompt=none`` answers for a signed-in user who was disabled since (not documented;
         the other plausible reading: ``access_denied``)."""
@@ -207,7 +211,7 @@ class UserSignIn:
         without ``idp``, ``interaction_required`` for a disabled user (users stay as they are)."""
         with self._lock:
             self._spoils.clear()
-        self.member_idp = False
+        self.member_idp = None
         self.disabled_user_error = "interaction_required"
 
     def users(self, tenant: str) -> list[dict]:

@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import re
 import threading
 import warnings
 from dataclasses import dataclass
@@ -254,11 +255,23 @@ def _entra_error(params: dict[str, str]) -> str:
     return f"{params.get('error', '')}{': ' + description[0] if description else ''}"
 
 
+_TENANT_AUTHORITY = re.compile(r"https://[^/?#]+/([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+                               r"[0-9a-fA-F]{12})(/|/v2\.0/?)?")
+"""An issuer naming a tenant: v1 ``https://sts.windows.net/{tid}/`` or v2 ``https://…/{tid}/v2.0``."""
+
+
 def _is_guest(claims: dict) -> bool:
-    """A guest (B2B) account: authenticated by another identity provider than the tenant (`idp`
-    differs from `iss`; absent means the same), or the optional `acct` claim says 1."""
+    """A guest (B2B) account: authenticated by another identity provider than the token's own
+    tenant, or the optional `acct` claim says 1. Entra names the provider in `idp` (absent: the
+    issuer) as an issuer URI in either form, v1 or v2, or as a name such as ``live.com``; so
+    `idp` is compared by the tenant it names, and one that names no tenant is another provider."""
+    if claims.get("acct") == 1:
+        return True
     idp = claims.get("idp")
-    return (idp is not None and idp != claims.get("iss")) or claims.get("acct") == 1
+    if idp is None:
+        return False
+    named = _TENANT_AUTHORITY.fullmatch(str(idp))
+    return named is None or named.group(1).lower() != str(claims.get("tid") or "").lower()
 
 
 def authorise(principal: Principal, settings: Settings) -> None:

@@ -282,13 +282,36 @@ def test_a_guest_is_refused_unless_guests_are_allowed(world, person):
     assert person.get("/api/pages/jobs").status_code == 200
 
 
-@pytest.mark.parametrize("member_idp", [False, True])
+@pytest.mark.parametrize("member_idp", [None, "issuer", "v1"])
 def test_a_member_gets_in_whether_or_not_entra_names_the_identity_provider(world, person, member_idp):
     world.sandbox.entra.member_idp = member_idp
     try:
         assert person.sign_in().status_code == 200
     finally:
-        world.sandbox.entra.member_idp = False
+        world.sandbox.entra.member_idp = None
+
+
+TID = "8f3c1e2a-0000-4000-8000-00000000e1d0"
+
+
+@pytest.mark.parametrize("claims, guest", [
+    ({}, False),
+    ({"idp": f"https://login.microsoftonline.com/{TID}/v2.0"}, False),
+    ({"idp": f"https://sts.windows.net/{TID}/"}, False),
+    ({"idp": f"https://sts.windows.net/{TID.upper()}/"}, False),
+    ({"idp": "https://sts.windows.net/0c8d5b3e-0000-4000-8000-00000000fab1/"}, True),
+    ({"idp": "live.com"}, True),
+    ({"idp": "google.com"}, True),
+    ({"idp": "mail"}, True),
+    ({"idp": f"https://evil.example/{TID}x/"}, True),
+    ({"acct": 1}, True),
+    ({"acct": 0, "idp": f"https://sts.windows.net/{TID}/"}, False),
+])
+def test_a_guest_is_told_by_the_tenant_idp_names_not_by_its_form(claims, guest):
+    from shared.signin import _is_guest
+
+    issuer = f"https://login.microsoftonline.com/{TID}/v2.0"
+    assert _is_guest({"iss": issuer, "tid": TID, **claims}) is guest
 
 
 def test_refusals_are_logged_with_the_reason(world, caplog):

@@ -895,15 +895,18 @@ def test_a_guests_id_token_names_their_home_tenant_as_identity_provider(stack) -
     http.close()
     http, member = signed_in_browser(stack, app)
     http.close()
-    stack.entra.member_idp = True
+    named = {}
     try:
-        http, named = signed_in_browser(stack, app)
-        http.close()
+        for form in ("issuer", "v1"):
+            stack.entra.member_idp = form
+            http, named[form] = signed_in_browser(stack, app)
+            http.close()
     finally:
-        stack.entra.member_idp = False
+        stack.entra.member_idp = None
     assert guest["id_token_claims"]["idp"] == f"https://sts.windows.net/{home}/"
     assert "idp" not in member["id_token_claims"]
-    assert named["id_token_claims"]["idp"] == named["id_token_claims"]["iss"]
+    assert named["issuer"]["id_token_claims"]["idp"] == named["issuer"]["id_token_claims"]["iss"]
+    assert named["v1"]["id_token_claims"]["idp"] == f"https://sts.windows.net/{named['v1']['id_token_claims']['tid']}/"
 
 
 @pytest.mark.parametrize("kind, refusal", [
