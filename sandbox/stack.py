@@ -37,6 +37,8 @@ USER_NAME = "Ada Accountant"
 USER_USERNAME = "ada@contoso.example"
 USER_OID = "3d5c7a10-0000-4000-8000-0000000ada01"
 OPERATOR_ROLE = "Invoicing.Operator"
+ENTRA_RETRY_AFTER_SECONDS = 60
+"""What Entra ID's 429 to a token request says (`Retry-After`)."""
 FEDERATED_CREDENTIAL = "api-managed-identity"
 """The federated identity credential of `CLIENT_ID` that trusts the managed identity."""
 
@@ -122,7 +124,9 @@ class SandboxStack(ExitStack):
         try:
             tls = make_tls_files()
             azurite = self.enter_context(Azurite())
-            entra = EntraSimulator(FaultPlan(), managed_identity_roles=APP_ROLES, managed_identity_tenant=TENANT)
+            # Entra ID throttles token requests with 429 and "a Retry-After: 60 header" (MSAL's docs).
+            entra = EntraSimulator(FaultPlan(Knobs(retry_after_seconds=ENTRA_RETRY_AFTER_SECONDS)),
+                                   managed_identity_roles=APP_ROLES, managed_identity_tenant=TENANT)
             # The app registration holds exactly the permissions the app needs (admin-consented), and
             # BC lists it in every environment's Microsoft Entra Applications (the simulator's default).
             entra.register_client(TENANT, CLIENT_ID, CLIENT_SECRET, roles=APP_ROLES)

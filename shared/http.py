@@ -233,9 +233,12 @@ class ApiClient:
                 token = await self._token()
             except UpstreamError as error:
                 failure = error
+                wait = failure.retry_after if isinstance(failure, UpstreamThrottled) else None
+                if wait is not None and wait > MAX_BUDGET_WAIT_SECONDS:
+                    raise  # the token source is throttled for longer than a request waits: put the work off
                 if not failure.retryable or not self._may_retry(attempt, failure, method, url):
                     raise
-                await asyncio.sleep(self._delay(attempt, None))
+                await asyncio.sleep(self._delay(attempt, wait))
                 continue
             try:
                 request_headers = {"Authorization": f"Bearer {token}", **(headers or {})}
