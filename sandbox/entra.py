@@ -221,6 +221,7 @@ class EntraSimulator(UserSignIn):
         self._lock = threading.Lock()
         self._clients: dict[tuple[str, str], _Client] = {}
         self._tenants: set[str] = set()
+        self._domains: dict[str, str] = {}
         self._init_sign_in()
         router = Starlette(routes=[
             Route("/msi/token", self._managed_identity_token, methods=["GET"]),
@@ -230,9 +231,9 @@ class EntraSimulator(UserSignIn):
             Route("/{tenant}/discovery/v2.0/keys", self._keys, methods=["GET"]),
             *self._browser_routes(),
         ])
-        self.app = FaultMiddleware(router, self.plan, key_of=_tenant_of_path,
-                                   error_body=oauth_fault_body)
-        self.browser_app = Starlette(routes=self._browser_routes())
+        self.app = _TenantByGuid(FaultMiddleware(router, self.plan, key_of=_tenant_of_path,
+                                                 error_body=oauth_fault_body), self._tenant_guid)
+        self.browser_app = _TenantByGuid(Starlette(routes=self._browser_routes()), self._tenant_guid)
         """Only the endpoints a browser visits (authorize, logout), without faults: serve it over
         plain HTTP on loopback and set `browser_base_url` to that server's URL."""
 
@@ -251,6 +252,24 @@ class EntraSimulator(UserSignIn):
             old = self._clients.get(key)
             self._clients[key] = _Client(tenant, client_id, secret, granted, old.redirect_uris if old else [],
                                          old.federated_credentials if old else [])
+
+    def add_tenant_domain(self, tenant: str, domain: str) -> None:
+        """A domain name of a registered tenant (``contoso.onmicrosoft.com``, a verified custom
+        domain): a request naming the tenant by it is served as the tenant's, and everything Entra
+        answers names the tenant by its GUID, as Entra ID does ("the GUID is the immutable tenant
+        ID"): the issuer and endpoints of the openid-configuration, ``iss`` and ``tid`` of every
+        token, ``client_info``'s ``utid``. Idempotent; ValueError if the domain names another tenant."""
+        with self._lock:
+            if tenant.lower() not in self._tenants:
+                raise KeyError(f"unknown tenant {tenant!r}")
+            held = self._domains.get(domain.lower())
+            if held is not None and held != tenant.lower():
+                raise ValueError(f"{domain} is a domain of tenant {held}")
+            self._domains[domain.lower()] = tenant.lower()
+
+    def _tenant_guid(self, name: str) -> str:
+        with self._lock:
+            return self._domains.get(name.lower(), name)
 
     def set_roles(self, tenant: str, client_id: str, audience: str, roles: Iterable[str]) -> None:
         """Grant exactly `roles` to a registered client on `audience` (an empty list revokes all);
@@ -558,6 +577,24 @@ def _basic_credentials(authorization: str | None) -> tuple[str | None, str | Non
         return None, None
     client_id, _, secret = decoded.partition(":")
     return unquote(client_id.replace("+", " ")), unquote(secret.replace("+", " "))
+
+
+class _TenantByGuid:
+    """ASGI middleware: a path naming a tenant by one of its domain names is served as if it named
+    the tenant's GUID (`EntraSimulator.add_tenant_domain`)."""
+
+    def __init__(self, app, resolve):
+        self.app = app
+        self.resolve = resolve
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            first, slash, rest = scope["path"].lstrip("/").partition("/")
+            guid = self.resolve(first) if first else first
+            if guid != first:
+                path = f"/{guid}{slash}{rest}"
+                scope = {**scope, "path": path, "raw_path": path.encode()}
+        await self.app(scope, receive, send)
 
 
 def _tenant_of_path(path: str) -> str:

@@ -30,6 +30,8 @@ from sandbox.tls import TlsFiles, make_tls_files
 from sandbox.tokens import APP_ROLES, entra_issuer
 
 TENANT = "8f3c1e2a-0000-4000-8000-00000000e1d0"
+TENANT_DOMAIN = "contoso.onmicrosoft.com"
+"""The tenant's initial domain: AZURE_TENANT_ID may name the tenant by it (Entra answers with the GUID)."""
 CLIENT_ID = "5a1b2c3d-0000-4000-8000-0000000c1e47"
 CLIENT_SECRET = "sim-secret-" + "x" * 24
 ENVIRONMENT = "production"
@@ -130,6 +132,7 @@ class SandboxStack(ExitStack):
             # The app registration holds exactly the permissions the app needs (admin-consented), and
             # BC lists it in every environment's Microsoft Entra Applications (the simulator's default).
             entra.register_client(TENANT, CLIENT_ID, CLIENT_SECRET, roles=APP_ROLES)
+            entra.add_tenant_domain(TENANT, TENANT_DOMAIN)
             seed_users(entra)
             graph_plan = FaultPlan(self.graph_knobs) if self.graph_knobs is not None else None  # None: Graph's limits
             graph = GraphSimulator(graph_plan, page_size=self.page_size)

@@ -16,10 +16,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from sandbox.entra_idtokens import SPOILS
-from sandbox.stack import CLIENT_ID, OPERATOR_ROLE, TENANT, USER_NAME, USER_USERNAME, seed_users
+from sandbox.stack import CLIENT_ID, OPERATOR_ROLE, TENANT, TENANT_DOMAIN, USER_NAME, USER_USERNAME, seed_users
 from shared import sessions
 from shared.store import SESSIONS
-from tests.helpers import merge_row, rows
+from tests.helpers import body, merge_row, rows
 from shared.signin import session_token
 from tests.signin_helpers import Browser, EntraBrowser, keys_of
 from tests.test_security import JWT, everything_logged
@@ -65,6 +65,26 @@ def test_signing_in_at_entra_id_starts_a_server_side_session_and_opens_the_page(
     assert row["PartitionKey"] == hashlib.sha256(token.encode()).hexdigest()
     assert "bi_signin" not in person.app.values, "the flow cookie is deleted after its callback"
     assert any(c.startswith("bi_signin=;") and "Max-Age=0" in c for c in person.app.set_cookies)
+
+
+def test_a_tenant_configured_by_domain_name_signs_in_with_guid_tokens(world, person):
+    """Entra names a tenant by its GUID whatever name it was asked by: in the issuer the app
+    validates ID tokens against, in `tid` and `iss`."""
+    from shared.oidc import provider
+    from shared.settings import get_settings
+
+    world.configure(AZURE_TENANT_ID=TENANT_DOMAIN)
+    world.monkeypatch.setattr("shared.auth._providers", {})
+
+    found = provider(get_settings())
+    page = person.sign_in("/api/pages/jobs")
+
+    assert found.tenant_id == TENANT and found.issuer.endswith(f"/{TENANT}/v2.0")
+    assert page.status_code == 200 and USER_NAME in text(page)
+    [row] = live_sessions(world)
+    assert row["Tid"] == TENANT
+    world.sync_calendars()  # the app's own tokens come from the tenant named by its domain too
+    assert body(world.host.http("GET", "status"))["lastSync"]["outcome"] == "succeeded"
 
 
 def test_the_sign_in_keeps_no_refresh_token_and_no_token_cache(world, person):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import ssl
 import time
 import uuid
@@ -106,6 +107,23 @@ def test_unknown_tenant_fails_at_discovery_as_in_azure(entra) -> None:
     _, url = entra
     with pytest.raises(ValueError):
         confidential_app(url, SECRET, tenant="nobody.onmicrosoft.com")
+
+
+def test_a_tenant_asked_by_its_domain_name_answers_with_its_guid(entra) -> None:
+    sim, url = entra
+    guid = "7b2e4c1a-0000-4000-8000-00000000d0a1"
+    sim.register_client(guid, CLIENT_ID, SECRET)
+    sim.add_tenant_domain(guid, "fabrikam.example")
+
+    discovery = httpx.get(f"{url}/fabrikam.example/v2.0/.well-known/openid-configuration",
+                          verify=ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])).json()
+    result = confidential_app(url, SECRET, tenant="fabrikam.example").acquire_token_for_client(scopes=[GRAPH_SCOPE])
+
+    assert discovery["issuer"] == f"{url}/{guid}/v2.0" and f"/{guid}/oauth2/v2.0/token" in discovery["token_endpoint"]
+    claims = tokens.verify(f"Bearer {result['access_token']}", tokens.GRAPH_AUDIENCE)
+    assert claims["tid"] == guid and claims["iss"] == f"https://sts.windows.net/{guid}/"
+    with pytest.raises(ValueError):
+        sim.add_tenant_domain(TENANT, "fabrikam.example")
 
 
 def test_certificate_credential_is_accepted_by_client_assertion(entra) -> None:
