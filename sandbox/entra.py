@@ -271,6 +271,26 @@ class EntraSimulator(UserSignIn):
         with self._lock:
             return self._domains.get(name.lower(), name)
 
+    def rotate_signing_key(self, keep_old: bool = True) -> str:
+        """Sign from now on with a new key (Entra's signing-key rollover), listed first in the JWKS;
+        the old one stays listed (`keep_old`, as Entra keeps a key published while tokens signed with
+        it live) or is dropped. Returns the new key's ``kid``. An app that cached the JWKS meets an
+        unknown ``kid`` and must fetch it again."""
+        old = self.signing_key
+        self.signing_key = tokens.SigningKey()
+        self.retired_keys = [old, *self.retired_keys][:2] if keep_old else []
+        return self.signing_key.kid
+
+    def _verify_signed(self, token: str) -> dict:
+        """The claims of a token signed by a key the JWKS lists (current or retired)."""
+        for key in (self.signing_key, *self.retired_keys):
+            try:
+                return key.verify(token)
+            except tokens.InvalidToken as refused:
+                if str(refused) != "The key was not found.":
+                    raise
+        raise tokens.InvalidToken("The key was not found.")
+
     def set_roles(self, tenant: str, client_id: str, audience: str, roles: Iterable[str]) -> None:
         """Grant exactly `roles` to a registered client on `audience` (an empty list revokes all);
         tokens issued from now on carry them. KeyError for an unknown client."""
@@ -376,7 +396,7 @@ class EntraSimulator(UserSignIn):
 
     async def _keys(self, request: Request) -> JSONResponse:
         issuer = _issuer(request, request.path_params["tenant"])
-        return JSONResponse({"keys": [self.signing_key.jwk(issuer)]})
+        return JSONResponse({"keys": [key.jwk(issuer) for key in (self.signing_key, *self.retired_keys)]})
 
     async def _token(self, request: Request) -> JSONResponse:
         tenant = request.path_params["tenant"]
@@ -483,7 +503,7 @@ class EntraSimulator(UserSignIn):
                                 "No matching federated identity record found for presented assertion issuer "
                                 f"'{issuer}'. {_FIC_HELP}")
         try:
-            self.signing_key.verify(assertion)
+            self._verify_signed(assertion)
         except tokens.InvalidToken as refused:
             return _oauth_error(401, "invalid_client", 700027,
                                 f"Client assertion failed signature validation. (Reason - {refused})")

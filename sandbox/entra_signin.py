@@ -140,6 +140,8 @@ class UserSignIn:
         None: the host the openid-configuration was asked on."""
         self.auth_code_lifetime_seconds = AUTH_CODE_LIFETIME_SECONDS
         self.signing_key = tokens.SigningKey()
+        self.retired_keys: list[tokens.SigningKey] = []
+        """Keys rolled over from (`EntraSimulator.rotate_signing_key`), still in the JWKS."""
         self._users: dict[str, dict[str, User]] = {}
         self._codes: dict[str, _Code] = {}
         self._refresh_tokens: dict[str, _RefreshToken] = {}

@@ -409,3 +409,37 @@ def test_a_sign_in_reads_entra_discovery_and_keys_once_per_process(world, person
     finally:
         another.close()
     assert world.sandbox.entra.plan.stats.total_requests - before == 1
+
+
+class _Later:
+    """`time` as PyJWT's key client sees it, `seconds` later: its cool-down between two forced
+    fetches of the key set has passed (no sleeping)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.seconds
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def test_a_rolled_over_key_is_fetched_on_first_sight(world, person, monkeypatch):
+    """Entra rolls its signing keys over; within the hour the app keeps the key set, an ID token
+    signed with a key it has not seen makes it fetch the set again, once, rather than refuse the sign-in."""
+    import jwt.jwks_client
+
+    assert person.sign_in().status_code == 200  # the key set is cached now
+    world.sandbox.entra.rotate_signing_key()
+    monkeypatch.setattr(jwt.jwks_client, "time", _Later(31))
+    before = world.sandbox.entra.plan.stats.requests.copy()
+    another = EntraBrowser(world)
+    try:
+        page = another.sign_in("/api/pages/jobs")
+    finally:
+        another.close()
+
+    assert page.status_code == 200 and USER_NAME in text(page)
+    fetched = {shape: count - before.get(shape, 0) for shape, count in world.sandbox.entra.plan.stats.requests.items()}
+    assert sum(count for shape, count in fetched.items() if shape.endswith("/discovery/v2.0/keys")) == 1

@@ -126,6 +126,20 @@ def test_a_tenant_asked_by_its_domain_name_answers_with_its_guid(entra) -> None:
         sim.add_tenant_domain(TENANT, "fabrikam.example")
 
 
+def test_a_signing_key_rollover_publishes_the_new_key_first_and_keeps_the_old_one(entra) -> None:
+    sim, url = entra
+    old = sim.signing_key.kid
+    verify = ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+
+    new = sim.rotate_signing_key()
+    listed = [key["kid"] for key in httpx.get(f"{url}/{TENANT}/discovery/v2.0/keys", verify=verify).json()["keys"]]
+    sim.rotate_signing_key(keep_old=False)
+    alone = [key["kid"] for key in httpx.get(f"{url}/{TENANT}/discovery/v2.0/keys", verify=verify).json()["keys"]]
+
+    assert listed == [new, old] and new != old
+    assert alone == [sim.signing_key.kid]
+
+
 def test_certificate_credential_is_accepted_by_client_assertion(entra) -> None:
     _, url = entra
     cert = trustme.CA().issue_cert("bookings-invoicing", key_type=trustme.KeyType.RSA)
