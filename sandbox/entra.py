@@ -61,6 +61,8 @@ from starlette.routing import Route
 
 from sandbox import tokens
 from sandbox.entra_signin import OAuthError, UserSignIn
+from sandbox.entra_signout import UserSignOut
+from sandbox.entra_tenants import TenantNamesAndKeys, TenantByGuid
 from sandbox.faults import FaultMiddleware, FaultPlan
 
 KNOWN_AUDIENCES = (tokens.GRAPH_AUDIENCE, tokens.BC_AUDIENCE)
@@ -167,6 +169,8 @@ class _Client:
     roles: dict[str, tuple[str, ...]] = field(default_factory=dict)
     redirect_uris: list[str] = field(default_factory=list)
     federated_credentials: list[_FederatedCredential] = field(default_factory=list)
+    optional_claims: tuple[str, ...] = ()
+    """Optional ID token claims the app registration asks for (`set_optional_claims`)."""
 
 
 def _check_federated_credential(name: str, issuer: str, subject: str, audiences: Iterable[str]) -> tuple[str, ...]:
@@ -188,7 +192,7 @@ def _check_federated_credential(name: str, issuer: str, subject: str, audiences:
     return chosen
 
 
-class EntraSimulator(UserSignIn):
+class EntraSimulator(UserSignIn, UserSignOut, TenantNamesAndKeys):
     """Token issuer for the app's service principal and its managed identity, and sign-in of the
     tenant's users into the app (`add_user`, `register_redirect_uri`; `sandbox.entra_signin`).
 
@@ -231,9 +235,9 @@ class EntraSimulator(UserSignIn):
             Route("/{tenant}/discovery/v2.0/keys", self._keys, methods=["GET"]),
             *self._browser_routes(),
         ])
-        self.app = _TenantByGuid(FaultMiddleware(router, self.plan, key_of=_tenant_of_path,
-                                                 error_body=oauth_fault_body), self._tenant_guid)
-        self.browser_app = _TenantByGuid(Starlette(routes=self._browser_routes()), self._tenant_guid)
+        self.app = TenantByGuid(FaultMiddleware(router, self.plan, key_of=_tenant_of_path,
+                                                 error_body=oauth_fault_body), self.tenant_guid)
+        self.browser_app = TenantByGuid(Starlette(routes=self._browser_routes()), self.tenant_guid)
         """Only the endpoints a browser visits (authorize, logout), without faults: serve it over
         plain HTTP on loopback and set `browser_base_url` to that server's URL."""
 
@@ -251,45 +255,7 @@ class EntraSimulator(UserSignIn):
             key = (tenant.lower(), client_id.lower())
             old = self._clients.get(key)
             self._clients[key] = _Client(tenant, client_id, secret, granted, old.redirect_uris if old else [],
-                                         old.federated_credentials if old else [])
-
-    def add_tenant_domain(self, tenant: str, domain: str) -> None:
-        """A domain name of a registered tenant (``contoso.onmicrosoft.com``, a verified custom
-        domain): a request naming the tenant by it is served as the tenant's, and everything Entra
-        answers names the tenant by its GUID, as Entra ID does ("the GUID is the immutable tenant
-        ID"): the issuer and endpoints of the openid-configuration, ``iss`` and ``tid`` of every
-        token, ``client_info``'s ``utid``. Idempotent; ValueError if the domain names another tenant."""
-        with self._lock:
-            if tenant.lower() not in self._tenants:
-                raise KeyError(f"unknown tenant {tenant!r}")
-            held = self._domains.get(domain.lower())
-            if held is not None and held != tenant.lower():
-                raise ValueError(f"{domain} is a domain of tenant {held}")
-            self._domains[domain.lower()] = tenant.lower()
-
-    def _tenant_guid(self, name: str) -> str:
-        with self._lock:
-            return self._domains.get(name.lower(), name)
-
-    def rotate_signing_key(self, keep_old: bool = True) -> str:
-        """Sign from now on with a new key (Entra's signing-key rollover), listed first in the JWKS;
-        the old one stays listed (`keep_old`, as Entra keeps a key published while tokens signed with
-        it live) or is dropped. Returns the new key's ``kid``. An app that cached the JWKS meets an
-        unknown ``kid`` and must fetch it again."""
-        old = self.signing_key
-        self.signing_key = tokens.SigningKey()
-        self.retired_keys = [old, *self.retired_keys][:2] if keep_old else []
-        return self.signing_key.kid
-
-    def _verify_signed(self, token: str) -> dict:
-        """The claims of a token signed by a key the JWKS lists (current or retired)."""
-        for key in (self.signing_key, *self.retired_keys):
-            try:
-                return key.verify(token)
-            except tokens.InvalidToken as refused:
-                if str(refused) != "The key was not found.":
-                    raise
-        raise tokens.InvalidToken("The key was not found.")
+                                         old.federated_credentials if old else [], old.optional_claims if old else ())
 
     def set_roles(self, tenant: str, client_id: str, audience: str, roles: Iterable[str]) -> None:
         """Grant exactly `roles` to a registered client on `audience` (an empty list revokes all);
@@ -597,24 +563,6 @@ def _basic_credentials(authorization: str | None) -> tuple[str | None, str | Non
         return None, None
     client_id, _, secret = decoded.partition(":")
     return unquote(client_id.replace("+", " ")), unquote(secret.replace("+", " "))
-
-
-class _TenantByGuid:
-    """ASGI middleware: a path naming a tenant by one of its domain names is served as if it named
-    the tenant's GUID (`EntraSimulator.add_tenant_domain`)."""
-
-    def __init__(self, app, resolve):
-        self.app = app
-        self.resolve = resolve
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            first, slash, rest = scope["path"].lstrip("/").partition("/")
-            guid = self.resolve(first) if first else first
-            if guid != first:
-                path = f"/{guid}{slash}{rest}"
-                scope = {**scope, "path": path, "raw_path": path.encode()}
-        await self.app(scope, receive, send)
 
 
 def _tenant_of_path(path: str) -> str:

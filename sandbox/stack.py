@@ -133,6 +133,8 @@ class SandboxStack(ExitStack):
             # BC lists it in every environment's Microsoft Entra Applications (the simulator's default).
             entra.register_client(TENANT, CLIENT_ID, CLIENT_SECRET, roles=APP_ROLES)
             entra.add_tenant_domain(TENANT, TENANT_DOMAIN)
+            # infra's postprovision hook asks for the login_hint optional claim: sign-out names the account.
+            entra.set_optional_claims(TENANT, CLIENT_ID, ["login_hint"])
             seed_users(entra)
             graph_plan = FaultPlan(self.graph_knobs) if self.graph_knobs is not None else None  # None: Graph's limits
             graph = GraphSimulator(graph_plan, page_size=self.page_size)

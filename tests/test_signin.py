@@ -155,14 +155,34 @@ def test_signing_out_ends_the_session_everywhere_and_at_entra_id(world, person):
     assert signed_out.status_code == 200 and live_sessions(world) == []
     end_session = re.search(r'<a class="button" id="end-session" data-continue="1" href="([^"]+)"', text(signed_out))
     assert end_session, text(signed_out)
-    assert urlsplit(end_session.group(1).replace("&amp;", "&")).path == f"/{TENANT}/oauth2/v2.0/logout"
-    back = person.follow(person.entra.get(end_session.group(1).replace("&amp;", "&")))
+    ending = urlsplit(end_session.group(1).replace("&amp;", "&"))
+    assert ending.path == f"/{TENANT}/oauth2/v2.0/logout"
+    assert parse_qs(ending.query)["logout_hint"], "Entra ends this account's session without asking which"
+    landed = person.entra.get(end_session.group(1).replace("&amp;", "&"))
+    assert landed.status_code == 302, "no account picker"
+    back = person.follow(landed)
     assert back.status_code == 200 and "You are signed out" in text(back)
     replay = world.host.http("GET", "pages/bookings", key=False, headers={"cookie": copied})
     assert replay.status_code == 302 and "/api/pages/signin" in replay.headers["Location"], \
         "a copied cookie is worthless after sign-out"
     silent = person.get("/api/pages/signin?renew=1")
     assert "prompt=none" not in silent.headers["Location"], "nothing left to renew"
+
+
+def test_without_the_login_hint_claim_entra_asks_which_account_to_sign_out_of(world, person):
+    world.sandbox.entra.set_optional_claims(TENANT, CLIENT_ID, [])
+    try:
+        page = person.sign_in("/api/pages/setup")
+    finally:
+        world.sandbox.entra.set_optional_claims(TENANT, CLIENT_ID, ["login_hint"])
+    signed_out = person.app_request("POST", "/api/pages/signout", form={"csrf": person.csrf_of(text(page))})
+    end_session = re.search(r'id="end-session" data-continue="1" href="([^"]+)"', text(signed_out)).group(1)
+
+    asked = person.entra.get(end_session.replace("&amp;", "&"))
+
+    assert "logout_hint" not in end_session
+    assert asked.status_code == 200 and "Which account do you want to sign out of?" in asked.text
+    assert "You are signed out" in text(person.follow(asked)), "the person picks the account, and is back"
 
 
 def test_a_session_unused_for_30_minutes_ends(world, person):

@@ -872,6 +872,47 @@ def signed_in_browser(stack, app, account: str = stack_module.USER_NAME):
     return http, app.acquire_token_by_auth_code_flow(flow, params)
 
 
+def test_sign_out_asks_which_account_unless_hinted_and_ends_only_that_one(stack) -> None:
+    """"To use `logout_hint`, enable the `login_hint` optional claim": the sandbox's app has it."""
+    stack.entra.add_user(stack_module.TENANT, name="Bo Bookkeeper", username="bo@contoso.example",
+                         app_roles={stack_module.CLIENT_ID: [stack_module.OPERATOR_ROLE]})
+    app = stack_app(stack)
+    http, ada = signed_in_browser(stack, app)
+    try:
+        bo = app.acquire_token_by_auth_code_flow(*_signed_in_again(http, app, "Bo Bookkeeper"))
+        logout = f"{stack.servers['entra-browser'].url}/{stack_module.TENANT}/oauth2/v2.0/logout"
+        asked = http.get(logout, params={"post_logout_redirect_uri": "http://127.0.0.1:7071/auth/callback"})
+        ended = http.get(logout, params={"post_logout_redirect_uri": "http://127.0.0.1:7071/auth/callback",
+                                         "logout_hint": ada["id_token_claims"]["login_hint"]})
+        ada_silent = start_flow(app, prompt="none", login_hint=stack_module.USER_USERNAME)
+        ada_answer = callback_params(http.get(ada_silent["auth_uri"]), "http://127.0.0.1:7071/auth/callback")
+        bo_silent = start_flow(app, prompt="none", login_hint="bo@contoso.example")
+        bo_answer = callback_params(http.get(bo_silent["auth_uri"]), "http://127.0.0.1:7071/auth/callback")
+    finally:
+        http.close()
+    assert ada["id_token_claims"]["login_hint"] != bo["id_token_claims"]["login_hint"]
+    assert asked.status_code == 200 and "Which account do you want to sign out of?" in asked.text
+    assert stack_module.USER_NAME in asked.text and "Bo Bookkeeper" in asked.text
+    assert ended.status_code == 302 and ended.headers["location"] == "http://127.0.0.1:7071/auth/callback"
+    assert ada_answer["error"] == "login_required", "the hinted account's session ended"
+    assert "code" in bo_answer, "the browser's other account stays signed in"
+
+
+def test_an_app_that_does_not_ask_for_login_hint_gets_none(stack) -> None:
+    stack.entra.set_optional_claims(stack_module.TENANT, stack_module.CLIENT_ID, [])
+    try:
+        http, result = signed_in_browser(stack, stack_app(stack))
+        http.close()
+    finally:
+        stack.entra.set_optional_claims(stack_module.TENANT, stack_module.CLIENT_ID, ["login_hint"])
+    assert "login_hint" not in result["id_token_claims"]
+
+
+def _signed_in_again(http: httpx.Client, app, account: str) -> tuple[dict, dict]:
+    flow = start_flow(app)
+    return flow, callback_params(choose(http, flow["auth_uri"], account), "http://127.0.0.1:7071/auth/callback")
+
+
 def test_prompt_none_signs_in_the_hinted_user_of_the_browsers_session_without_a_page(stack) -> None:
     app = stack_app(stack)
     http, _ = signed_in_browser(stack, app)
@@ -889,10 +930,10 @@ def test_prompt_none_signs_in_the_hinted_user_of_the_browsers_session_without_a_
 
 def test_signing_out_ends_the_browsers_session_for_prompt_none(stack) -> None:
     app = stack_app(stack)
-    http, _ = signed_in_browser(stack, app)
+    http, signed_in = signed_in_browser(stack, app)
     try:
         configuration = http.get(f"{stack.servers['entra'].url}/{stack_module.TENANT}/v2.0/.well-known/openid-configuration").json()
-        http.get(configuration["end_session_endpoint"])
+        http.get(configuration["end_session_endpoint"], params={"logout_hint": signed_in["id_token_claims"]["login_hint"]})
         silent = start_flow(app, prompt="none", login_hint=stack_module.USER_USERNAME)
         answer = callback_params(http.get(silent["auth_uri"]), "http://127.0.0.1:7071/auth/callback")
     finally:
