@@ -48,7 +48,9 @@ class DirectoryHealth(BaseModel):
 
 
 class SetupCheck(BaseModel):
-    name: str = Field(examples=["businessCentral"], description="graph | businessCentral | templates | dimensions")
+    name: str = Field(examples=["businessCentral"], description="graph | businessCentral | templates | dimensions | "
+                                                                "bookingsNotes (with WRITE_BACK_TO_BOOKINGS: did Bookings take "
+                                                                "the latest write-back's notes)")
     ok: bool
     message: str = Field(description="What was found, or what to fix and where")
 
