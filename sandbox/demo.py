@@ -7,6 +7,7 @@ everything it started (also on Ctrl-C or failure)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from collections import Counter
 
 from sandbox.data import generate
 from sandbox.faults import Knobs
+from sandbox.graph import default_plan
 from sandbox.host import FunctionHost
 from sandbox.stack import SandboxStack
 from shared.store import SYNC_BUSINESS_QUEUE
@@ -47,7 +49,9 @@ def table(rows: list[list], headers: list[str]) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
 
 
-DEMO_GRAPH = Knobs(latency_ms=15, max_concurrency=4)
+DEMO_GRAPH = dataclasses.replace(default_plan().knobs, latency_ms=15)
+"""Graph's limits (4 at once per mailbox, the fifth refused with 429; query strings up to 2,048
+characters) with a little latency."""
 DEMO_BC = Knobs(latency_ms=25, max_concurrency=5)
 
 

@@ -61,6 +61,8 @@ from starlette.routing import Route
 
 from sandbox import tokens
 from sandbox.entra_signin import OAuthError, UserSignIn
+from sandbox.entra_signout import UserSignOut
+from sandbox.entra_tenants import TenantNamesAndKeys, TenantByGuid
 from sandbox.faults import FaultMiddleware, FaultPlan
 
 KNOWN_AUDIENCES = (tokens.GRAPH_AUDIENCE, tokens.BC_AUDIENCE)
@@ -167,6 +169,8 @@ class _Client:
     roles: dict[str, tuple[str, ...]] = field(default_factory=dict)
     redirect_uris: list[str] = field(default_factory=list)
     federated_credentials: list[_FederatedCredential] = field(default_factory=list)
+    optional_claims: tuple[str, ...] = ()
+    """Optional ID token claims the app registration asks for (`set_optional_claims`)."""
 
 
 def _check_federated_credential(name: str, issuer: str, subject: str, audiences: Iterable[str]) -> tuple[str, ...]:
@@ -188,7 +192,7 @@ def _check_federated_credential(name: str, issuer: str, subject: str, audiences:
     return chosen
 
 
-class EntraSimulator(UserSignIn):
+class EntraSimulator(UserSignIn, UserSignOut, TenantNamesAndKeys):
     """Token issuer for the app's service principal and its managed identity, and sign-in of the
     tenant's users into the app (`add_user`, `register_redirect_uri`; `sandbox.entra_signin`).
 
@@ -221,6 +225,7 @@ class EntraSimulator(UserSignIn):
         self._lock = threading.Lock()
         self._clients: dict[tuple[str, str], _Client] = {}
         self._tenants: set[str] = set()
+        self._domains: dict[str, str] = {}
         self._init_sign_in()
         router = Starlette(routes=[
             Route("/msi/token", self._managed_identity_token, methods=["GET"]),
@@ -230,9 +235,9 @@ class EntraSimulator(UserSignIn):
             Route("/{tenant}/discovery/v2.0/keys", self._keys, methods=["GET"]),
             *self._browser_routes(),
         ])
-        self.app = FaultMiddleware(router, self.plan, key_of=_tenant_of_path,
-                                   error_body=oauth_fault_body)
-        self.browser_app = Starlette(routes=self._browser_routes())
+        self.app = TenantByGuid(FaultMiddleware(router, self.plan, key_of=_tenant_of_path,
+                                                 error_body=oauth_fault_body), self.tenant_guid)
+        self.browser_app = TenantByGuid(Starlette(routes=self._browser_routes()), self.tenant_guid)
         """Only the endpoints a browser visits (authorize, logout), without faults: serve it over
         plain HTTP on loopback and set `browser_base_url` to that server's URL."""
 
@@ -250,7 +255,7 @@ class EntraSimulator(UserSignIn):
             key = (tenant.lower(), client_id.lower())
             old = self._clients.get(key)
             self._clients[key] = _Client(tenant, client_id, secret, granted, old.redirect_uris if old else [],
-                                         old.federated_credentials if old else [])
+                                         old.federated_credentials if old else [], old.optional_claims if old else ())
 
     def set_roles(self, tenant: str, client_id: str, audience: str, roles: Iterable[str]) -> None:
         """Grant exactly `roles` to a registered client on `audience` (an empty list revokes all);
@@ -357,7 +362,7 @@ class EntraSimulator(UserSignIn):
 
     async def _keys(self, request: Request) -> JSONResponse:
         issuer = _issuer(request, request.path_params["tenant"])
-        return JSONResponse({"keys": [self.signing_key.jwk(issuer)]})
+        return JSONResponse({"keys": [key.jwk(issuer) for key in (self.signing_key, *self.retired_keys)]})
 
     async def _token(self, request: Request) -> JSONResponse:
         tenant = request.path_params["tenant"]
@@ -464,7 +469,7 @@ class EntraSimulator(UserSignIn):
                                 "No matching federated identity record found for presented assertion issuer "
                                 f"'{issuer}'. {_FIC_HELP}")
         try:
-            self.signing_key.verify(assertion)
+            self._verify_signed(assertion)
         except tokens.InvalidToken as refused:
             return _oauth_error(401, "invalid_client", 700027,
                                 f"Client assertion failed signature validation. (Reason - {refused})")

@@ -5,7 +5,7 @@ A good token is a v2.0 ID token signed RS256 with the simulator's key (in its JW
 client, `iss` the tenant's issuer, `iat`/`nbf`/`exp`, pairwise `sub`, `tid`, `ver` 2.0, the
 authorize request's `nonce`; with `profile` `name`, `preferred_username`, `oid`; with `email`
 `email`; `roles` when the user holds app roles of the client; `idp` for a guest (the home
-tenant's issuer). `EntraSimulator.spoil_id_tokens(kind, times)` makes the next tokens bad in one
+tenant's v1 issuer), and for a member as `EntraSimulator.member_idp` says. `EntraSimulator.spoil_id_tokens(kind, times)` makes the next tokens bad in one
 way of `SPOILS`."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _b64(data: bytes) -> str:
 
 def id_token_claims(*, client_id: str, tenant: str, issuer: str, oid: str, name: str, username: str,
                     consented: tuple[str, ...], nonce: str | None, roles: tuple[str, ...] | None,
-                    auth_time: int | None, home_tenant: str | None, member_idp: bool) -> dict[str, Any]:
+                    auth_time: int | None, home_tenant: str | None, member_idp: str | None) -> dict[str, Any]:
     now = int(time.time())
     subject = _b64(hashlib.sha256(f"{tenant.lower()}|{client_id.lower()}|{oid}".encode()).digest())
     claims: dict[str, Any] = {"aud": client_id, "iss": issuer, "iat": now, "nbf": now,
@@ -60,8 +60,10 @@ def id_token_claims(*, client_id: str, tenant: str, issuer: str, oid: str, name:
         claims["auth_time"] = auth_time
     if home_tenant is not None:  # a guest: authenticated by their home tenant
         claims["idp"] = f"https://sts.windows.net/{home_tenant}/"
-    elif member_idp:
+    elif member_idp == "issuer":
         claims["idp"] = issuer
+    elif member_idp == "v1":  # the form Entra names a guest's home tenant in, naming the member's own
+        claims["idp"] = f"https://sts.windows.net/{tenant}/"
     claims.update(sub=subject, tid=tenant, uti=_b64(secrets.token_bytes(16)), ver="2.0")
     return claims
 

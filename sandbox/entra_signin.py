@@ -12,8 +12,7 @@ as msal's ``initiate_auth_code_flow`` and ``acquire_token_by_auth_code_flow`` dr
 - The token endpoint (`sandbox.entra`) redeems codes and refresh tokens with `redeem_code` and
   `redeem_refresh_token` and answers with `user_tokens`: a v2.0 ID token signed RS256 (key in the
   JWKS), a delegated access token, a refresh token (``offline_access``) and ``client_info``.
-- ``GET|POST /{tenant}/oauth2/v2.0/logout`` sends the browser to ``post_logout_redirect_uri`` when
-  it is a registered redirect URI, else shows "You signed out of your account".
+- ``GET|POST /{tenant}/oauth2/v2.0/logout``: `sandbox.entra_signout`.
 
 No passwords and no consent prompt (whatever is asked for counts as consented). Choosing an
 account also signs the browser in to the simulator (an SSO cookie, `SSO_COOKIE`, ended by the
@@ -41,13 +40,13 @@ from datetime import datetime, timezone
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from sandbox import entra_idtokens, tokens
 from sandbox.entra_oauth import (OAuthError, access_scopes, check_redirect_uri, match_key, pkce_matches,
                                  requested_resources, returned_uri)
-from sandbox.entra_pages import answer, error_page, form_of, logged_out_page, picker
+from sandbox.entra_pages import answer, error_page, form_of, picker
 
 AUTH_CODE_LIFETIME_SECONDS = 600
 """Entra: "Authorization codes are short lived. Typically, they expire after about 10 minutes." """
@@ -140,14 +139,20 @@ class UserSignIn:
         None: the host the openid-configuration was asked on."""
         self.auth_code_lifetime_seconds = AUTH_CODE_LIFETIME_SECONDS
         self.signing_key = tokens.SigningKey()
+        self.retired_keys: list[tokens.SigningKey] = []
+        """Keys rolled over from (`EntraSimulator.rotate_signing_key`), still in the JWKS."""
         self._users: dict[str, dict[str, User]] = {}
         self._codes: dict[str, _Code] = {}
         self._refresh_tokens: dict[str, _RefreshToken] = {}
         self._sso_key = secrets.token_bytes(32)
         self._spoils: list[str] = []
-        self.member_idp = False
-        """Whether a member's ID token carries ``idp`` (= ``iss``) too; False: no ``idp`` claim (the
-        docs allow both: "If the claim isn't present, it means that the value of `iss` can be used")."""
+        self.member_idp: str | None = None
+        """Whether and how a member's ID token names the identity provider: None, no ``idp`` claim
+        ("If the claim isn't present, it means that the value of `iss` can be used"); ``issuer``,
+        ``idp`` = ``iss`` ("identical to the value of the issuer claim unless the user account isn't
+        in the same tenant"); ``v1``, the tenant's v1 issuer ``https://sts.windows.net/{tid}/``, the
+        form guests' home tenants are named in (the docs add that it "should always be sent in
+        managed domain scenarios"; in which form for members they do not say)."""
         self.disabled_user_error = "interaction_required"
         """What ``prompt=none`` answers for a signed-in user who was disabled since (not documented;
         the other plausible reading: ``access_denied``)."""
@@ -207,7 +212,7 @@ class UserSignIn:
         without ``idp``, ``interaction_required`` for a disabled user (users stay as they are)."""
         with self._lock:
             self._spoils.clear()
-        self.member_idp = False
+        self.member_idp = None
         self.disabled_user_error = "interaction_required"
 
     def users(self, tenant: str) -> list[dict]:
@@ -269,7 +274,8 @@ class UserSignIn:
         if not user.enabled:
             return picker(tenant, params, users, problem="AADSTS50057: The user account is disabled.", status=400)
         response = self._code_answer(client, tenant, redirect_uri, reply, mode, user, params, state)
-        signed_in = {key for key in self._sso_users(request) if key[0] != tenant.lower()} | {(tenant.lower(), user.oid)}
+        # The browser keeps its other accounts signed in too (Entra's "Pick an account" lists them).
+        signed_in = self._sso_users(request) | {(tenant.lower(), user.oid)}
         response.set_cookie(SSO_COOKIE, self._sso_value(signed_in), path="/", httponly=True, samesite="lax")
         return response
 
@@ -397,29 +403,6 @@ class UserSignIn:
             self._codes[code] = issued
         return code
 
-    async def _logout(self, request: Request) -> Response:
-        tenant = request.path_params["tenant"]
-        params = dict(request.query_params) if request.method == "GET" else form_of(await request.body())
-        target = params.get("post_logout_redirect_uri")
-        if target and self._is_redirect_uri(tenant, params.get("client_id"), target):
-            response: Response = RedirectResponse(target, status_code=302, headers={"Cache-Control": "no-store"})
-        else:
-            response = logged_out_page()
-        # The browser's session ends for this tenant (its other tenants' sessions stay).
-        kept = {key for key in self._sso_users(request) if key[0] != tenant.lower()}
-        if kept:
-            response.set_cookie(SSO_COOKIE, self._sso_value(kept), path="/", httponly=True, samesite="lax")
-        else:
-            response.delete_cookie(SSO_COOKIE, path="/", httponly=True, samesite="lax")
-        return response
-
-    def _is_redirect_uri(self, tenant: str, client_id: str | None, uri: str) -> bool:
-        wanted = match_key(uri)
-        with self._lock:
-            registered = [u for (t, c), client in self._clients.items() if t == tenant.lower()
-                          and (not client_id or c == client_id.lower()) for u in client.redirect_uris]
-        return wanted is not None and any(match_key(u) == wanted for u in registered)
-
     # Token endpoint
 
     def redeem_code(self, tenant: str, client_id: str, form: Mapping[str, str]) -> Grant:
@@ -506,6 +489,8 @@ class UserSignIn:
                 username=user.username, consented=grant.consented, nonce=grant.nonce,
                 roles=user.app_roles.get(grant.client_id.lower()), auth_time=grant.auth_time,
                 home_tenant=user.home_tenant, member_idp=self.member_idp)
+            if "login_hint" in self._optional_claims(user.tenant, grant.client_id):
+                claims["login_hint"] = self.login_hint_of(user)
             with self._lock:
                 spoil = self._spoils.pop(0) if self._spoils else None
             body["id_token"] = entra_idtokens.sign(claims, self.signing_key, spoil)

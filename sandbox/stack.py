@@ -30,6 +30,8 @@ from sandbox.tls import TlsFiles, make_tls_files
 from sandbox.tokens import APP_ROLES, entra_issuer
 
 TENANT = "8f3c1e2a-0000-4000-8000-00000000e1d0"
+TENANT_DOMAIN = "contoso.onmicrosoft.com"
+"""The tenant's initial domain: AZURE_TENANT_ID may name the tenant by it (Entra answers with the GUID)."""
 CLIENT_ID = "5a1b2c3d-0000-4000-8000-0000000c1e47"
 CLIENT_SECRET = "sim-secret-" + "x" * 24
 ENVIRONMENT = "production"
@@ -37,6 +39,8 @@ USER_NAME = "Ada Accountant"
 USER_USERNAME = "ada@contoso.example"
 USER_OID = "3d5c7a10-0000-4000-8000-0000000ada01"
 OPERATOR_ROLE = "Invoicing.Operator"
+ENTRA_RETRY_AFTER_SECONDS = 60
+"""What Entra ID's 429 to a token request says (`Retry-After`)."""
 FEDERATED_CREDENTIAL = "api-managed-identity"
 """The federated identity credential of `CLIENT_ID` that trusts the managed identity."""
 
@@ -105,7 +109,11 @@ class Sandbox:
 
 
 class SandboxStack(ExitStack):
-    """`with SandboxStack() as sandbox:` starts everything and stops it all on exit."""
+    """`with SandboxStack() as sandbox:` starts everything and stops it all on exit.
+
+    Without knobs, Graph and Business Central run under their documented limits
+    (`sandbox.graph.default_plan`: 4 requests at once per mailbox, the fifth refused with 429, query
+    strings up to 2,048 characters; BC's own default plan); `graph_knobs`/`bc_knobs` replace them."""
 
     def __init__(self, graph_knobs: Knobs | None = None, bc_knobs: Knobs | None = None,
                  page_size: int = 100, batch_item_ms: float = 0.0):
@@ -118,12 +126,18 @@ class SandboxStack(ExitStack):
         try:
             tls = make_tls_files()
             azurite = self.enter_context(Azurite())
-            entra = EntraSimulator(FaultPlan(), managed_identity_roles=APP_ROLES, managed_identity_tenant=TENANT)
+            # Entra ID throttles token requests with 429 and "a Retry-After: 60 header" (MSAL's docs).
+            entra = EntraSimulator(FaultPlan(Knobs(retry_after_seconds=ENTRA_RETRY_AFTER_SECONDS)),
+                                   managed_identity_roles=APP_ROLES, managed_identity_tenant=TENANT)
             # The app registration holds exactly the permissions the app needs (admin-consented), and
             # BC lists it in every environment's Microsoft Entra Applications (the simulator's default).
             entra.register_client(TENANT, CLIENT_ID, CLIENT_SECRET, roles=APP_ROLES)
+            entra.add_tenant_domain(TENANT, TENANT_DOMAIN)
+            # infra's postprovision hook asks for the login_hint optional claim: sign-out names the account.
+            entra.set_optional_claims(TENANT, CLIENT_ID, ["login_hint"])
             seed_users(entra)
-            graph = GraphSimulator(FaultPlan(self.graph_knobs), page_size=self.page_size)
+            graph_plan = FaultPlan(self.graph_knobs) if self.graph_knobs is not None else None  # None: Graph's limits
+            graph = GraphSimulator(graph_plan, page_size=self.page_size)
             bc_plan = FaultPlan(self.bc_knobs) if self.bc_knobs is not None else None  # None: BC's limits
             bc = BcSimulator(bc_plan, batch_item_ms=self.batch_item_ms)
             company_id = bc.add_company(TENANT, ENVIRONMENT)

@@ -26,13 +26,46 @@ from collections.abc import Callable
 import msal
 import requests
 
-from shared.http import UpstreamError
+from shared.http import UpstreamError, UpstreamThrottled, parse_retry_after
 from shared.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
 TOKEN_EXCHANGE_AUDIENCE = "api://AzureADTokenExchange"  # noqa: S105 - an audience, not a secret
 """The audience of a managed identity's token that an app registration's federated credential accepts."""
+
+
+MSAL_DEFAULT_THROTTLE_SECONDS = 5.0
+"""How long msal serves a 429 without `Retry-After` from its cache (`RetryAfterParser(5)`)."""
+
+
+class TokenThrottled(UpstreamThrottled):
+    """Entra ID answered the app's token request 429: it (and msal, which serves that answer from
+    its cache meanwhile) is not asked again before `retry_after` seconds (Entra: `Retry-After: 60`)."""
+
+    def __init__(self, seconds: float):
+        super().__init__("Entra ID", 429, "TokenThrottled",
+                         f"Entra ID is throttling the app's token requests; asked again in {seconds:.0f} s")
+        self.retry_after = seconds
+
+
+class _ThrottleAware(requests.Session):
+    """The HTTP client msal uses: remembers until when Entra ID asked (429, `Retry-After`) not to
+    be asked again, which msal's own answer does not say. Honours REQUESTS_CA_BUNDLE like any Session."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.throttled_until = 0.0
+
+    def request(self, method, url, *args, **kwargs):
+        response = super().request(method, url, *args, **kwargs)
+        if response.status_code == 429:
+            seconds = parse_retry_after(response.headers.get("Retry-After"))
+            self.throttled_until = time.monotonic() + (MSAL_DEFAULT_THROTTLE_SECONDS if seconds is None else seconds)
+        return response
+
+    def throttled_for(self) -> float:
+        return max(0.0, self.throttled_until - time.monotonic())
 
 
 class AuthenticationFailed(UpstreamError):
@@ -94,12 +127,12 @@ def confidential_client(settings: Settings, **options) -> msal.ConfidentialClien
     """The app registration as MSAL's confidential client, for the app's own tokens and for
     redeeming the codes of people who sign in to the pages (`options`: MSAL's own, such as a
     throw-away `token_cache`)."""
+    options.setdefault("http_client", requests.Session())  # honours REQUESTS_CA_BUNDLE: trust from the environment
     return msal.ConfidentialClientApplication(
         settings.client_id,
         client_credential=client_credential(settings),
         authority=f"{settings.authority_host}/{settings.tenant_id}",
         instance_discovery=None if settings.is_public_authority else False,
-        http_client=requests.Session(),  # honours REQUESTS_CA_BUNDLE: trust comes from the environment
         **options,
     )
 
@@ -110,13 +143,14 @@ class TokenProvider:
     def __init__(self, settings: Settings):
         self._settings = settings
         self._lock = threading.Lock()
+        self._http = _ThrottleAware()
         self._app = self._build()
         self._cached: dict[str, tuple[str, float]] = {}
         self._scope_locks: dict[str, threading.Lock] = {}
         self.tokens_acquired = 0
 
     def _build(self) -> msal.ConfidentialClientApplication:
-        return confidential_client(self._settings)
+        return confidential_client(self._settings, http_client=self._http)
 
     def _acquire(self, scope: str) -> str:
         # One request to Entra ID per scope at a time: concurrent callers wait and reuse it.
@@ -127,6 +161,10 @@ class TokenProvider:
             return self._acquire_now(scope)
 
     def _acquire_now(self, scope: str) -> str:
+        # Entra ID answers a storm of token requests with 429 and `Retry-After: 60`, and msal keeps
+        # answering from that 429 meanwhile: say so at once, so the work is put off, not retried.
+        if self._http.throttled_for() > 0:
+            raise TokenThrottled(self._http.throttled_for())
         with self._lock:
             app = self._app
         result = app.acquire_token_for_client(scopes=[scope])
@@ -136,6 +174,8 @@ class TokenProvider:
             with self._lock:
                 self._cached[scope] = (token, time.monotonic() + max(lifetime - 300, lifetime / 2))
                 self.tokens_acquired += result.get("token_source") == "identity_provider"
+        if not token and self._http.throttled_for() > 0:
+            raise TokenThrottled(self._http.throttled_for())
         if not token:
             error = result.get("error", "unknown_error") if isinstance(result, dict) else "unknown_error"
             description = (result.get("error_description") or "") if isinstance(result, dict) else ""

@@ -21,6 +21,7 @@ from shared.http import UpstreamError
 from shared.runtime import Runtime
 from shared.settings import SettingsError
 from shared.store import Store
+from shared.write_back import check as notes_check
 
 log = logging.getLogger(__name__)
 
@@ -79,26 +80,45 @@ async def graph_access(rt: Runtime) -> dict:
         names = " and ".join(f"{role} (needed by {why})" if why else role for role, why in missing.items())
         return _check("graph", False, f"The app's token lacks the Microsoft Graph application permission "
                                       f"{names}. {grant_graph(list(missing))}")
-    problems = []
-    for business_id in settings.business_ids:
-        try:
-            await rt.graph.get_business(business_id)
-        except UpstreamError as error:
-            if error.status == 403:
-                problems.append(f"{business_id}: access denied ({error.code}). {grant_graph(['Bookings.Read.All'])}")
-            elif error.code == "ErrorFolderNotFound":
-                problems.append(f"no access to business {business_id}: check the id in BOOKINGS_BUSINESS_IDS "
-                                "(the Bookings mailbox address) and that the business still exists")
-            else:
-                problems.append(f"{business_id}: {error}")
+    found = await asyncio.gather(*(_business_problem(rt, business_id, roles) for business_id in settings.business_ids))
+    problems = [problem for problem in found if problem]
     if problems:
         return _check("graph", False, "; ".join(problems))
-    readable = f"{len(settings.business_ids)} Bookings business(es) readable with the app's identity"
+    readable = f"{len(settings.business_ids)} Bookings business(es) and their calendars readable with the app's identity"
     if warnings:
         added = ", ".join(sorted({w.rsplit("add ", 1)[1] for w in warnings}))
         return _check("graph", True, f"Warning: {'; '.join(warnings)}. {grant_graph(added.split(', '))} "
                                      f"({readable})")
     return _check("graph", True, readable)
+
+
+async def _business_problem(rt: Runtime, business_id: str, roles: set[str] | None) -> str | None:
+    """What stops the app reading a business: the business itself, or its calendar (an hour of
+    it: app-only calendar reads have been reported refused although the permission is granted)."""
+    try:
+        await rt.graph.get_business(business_id)
+    except UpstreamError as error:
+        if error.status == 403:
+            return f"{business_id}: access denied ({error.code}). {grant_graph(['Bookings.Read.All'])}"
+        if error.code == "ErrorFolderNotFound":
+            return (f"no access to business {business_id}: check the id in BOOKINGS_BUSINESS_IDS (the Bookings "
+                    "mailbox address) and that the business still exists")
+        return f"{business_id}: {error}"
+    now = datetime.now(timezone.utc)
+    try:
+        async for _ in rt.graph.calendar_view(business_id, now, now + timedelta(hours=1)):
+            break
+    except UpstreamError as error:
+        held = sorted((roles or set()) & READ_ROLES)
+        if error.status in (401, 403) and held:
+            return (f"{business_id}: Graph refuses the app's calendar reads ({error.status} {error.code}) although the "
+                    f"app holds {', '.join(held)}, so no appointment of this business can be synced or invoiced. Check "
+                    "in the Entra admin center that admin consent is granted for the app's Microsoft Graph application "
+                    "permissions, and the business in Bookings.")
+        if error.status in (401, 403):
+            return f"{business_id}: its calendar cannot be read ({error.code}). {grant_graph(['Bookings.Read.All'])}"
+        return f"{business_id}: its calendar cannot be read: {error}"
+    return None
 
 
 async def _appointments_readable(rt: Runtime, business_id: str) -> bool:
@@ -215,4 +235,14 @@ async def setup_checks(rt: Runtime, store: Store) -> list[dict]:
             log.warning("setup check %s: %s", check["name"], check["message"],
                         extra={"event": "setup_check_warning", "check": check["name"]})
     _cache[key] = (time.monotonic() + CHECK_EVERY_SECONDS, checks)
+    return checks
+
+
+async def all_checks(rt: Runtime, store: Store) -> list[dict]:
+    """The setup checks (asked of the services at most every `CHECK_EVERY_SECONDS`), and, with
+    WRITE_BACK_TO_BOOKINGS, whether Bookings took the latest write-back's notes (read each time:
+    one blob)."""
+    checks = list(await setup_checks(rt, store))
+    if rt.settings.write_back_to_bookings:
+        checks.append(await notes_check(store))
     return checks

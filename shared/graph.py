@@ -15,7 +15,7 @@ from urllib.parse import quote as url_quote
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared.http import ApiClient, UpstreamError
+from shared.http import ApiClient, UpstreamAmbiguous, UpstreamError, UpstreamNotFound
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,15 @@ CUSTOMER_WRITE_ROLES = {"BookingsAppointment.ReadWrite.All", "Bookings.ReadWrite
 SERVICE_WRITE_ROLES = {"Bookings.ReadWrite.All", "Bookings.Manage.All"}
 """Application permissions that let the app create and update Bookings services (the push)."""
 
+
+UNKNOWN_ERROR = "UnknownError"
+UNKNOWN_ERROR_ATTEMPTS = {UNKNOWN_ERROR: 2}
+"""How often a request answered `UnknownError` is sent (`ApiClient(attempts_by_code=…)`): Bookings
+answers it, without a message, to writes it refuses for what they hold (community reports,
+sandbox/FIDELITY.md), so retrying it seven times only holds one of the mailbox's four slots."""
+WINDOW_PARAMETERS = (("start", "end"), ("startDateTime", "endDateTime"))
+"""The calendar view's window: as documented (and in the SDKs' URL templates), then the names a
+community report says Bookings wants instead, tried once when the documented ones are refused."""
 
 ODATA_TYPES = {"customers": "#microsoft.graph.bookingCustomer", "services": "#microsoft.graph.bookingService"}
 
@@ -210,10 +219,33 @@ class NoAccessToBusiness(UpstreamError):
     """Graph hides an inaccessible business behind ErrorFolderNotFound."""
 
 
+class BookingsRefused(UpstreamError):
+    """Bookings refused a write without a reason (`UnknownError`, 400 or 500): not to be sent again
+    as it is."""
+
+    retryable_override = False
+
+
+class UnreadableAppointment(UpstreamError):
+    """An appointment read by id that is not a valid appointment (it is reported, never retried)."""
+
+    retryable_override = False
+
+
+def refused_without_reason(error: UpstreamError) -> UpstreamError:
+    """`BookingsRefused` for a write answered `UnknownError` (but not a create whose outcome is
+    unknown: Bookings has been reported to answer 500 to a create it made); any other error as it is."""
+    if error.code != UNKNOWN_ERROR or isinstance(error, UpstreamAmbiguous):
+        return error
+    return BookingsRefused(error.service, error.status, error.code, "Bookings refused it without giving a reason")
+
+
 class GraphClient:
     def __init__(self, api: ApiClient, base_url: str):
         self.api = api
         self.base_url = base_url.rstrip("/")
+        self.window_parameters = WINDOW_PARAMETERS[0]
+        """The calendar view's parameter names this process found Graph to take."""
 
     def _business_url(self, business_id: str) -> str:
         return f"{self.base_url}/solutions/bookingBusinesses/{url_quote(business_id, safe='@')}"
@@ -245,12 +277,44 @@ class GraphClient:
             next_url, params = page.next_link, None
 
     async def calendar_view(self, business_id: str, start: datetime, end: datetime):
-        """The appointments overlapping [start, end): each an `Appointment`, or `Unreadable` (one
-        bad appointment does not hide the others)."""
-        params = {"start": _iso_z(start), "end": _iso_z(end)}
-        async for item in self._pages(business_id, f"{self._business_url(business_id)}/calendarView", Appointment,
-                                      params):
-            yield item
+        """The appointments Graph says occur in [start, end) (those starting in it, on the strictest
+        reading; some Graph readings add those overlapping it): each an `Appointment`, or `Unreadable`
+        (one bad appointment does not hide the others).
+
+        Graph documents the window as ``start``/``end``; one community report says Bookings wants
+        ``startDateTime``/``endDateTime``. If the first page is refused (400) with the names in use,
+        the other names are tried once, and kept for the process if Graph takes them."""
+        url = f"{self._business_url(business_id)}/calendarView"
+        names = self.window_parameters
+        served = False
+        try:
+            async for item in self._pages(business_id, url, Appointment, _window(names, start, end)):
+                served = True
+                yield item
+            return
+        except UpstreamError as error:
+            if served or error.status != 400:
+                raise
+            refused = error
+        # Another read of this process may have found the names Graph takes meanwhile.
+        other = self.window_parameters if self.window_parameters != names else \
+            next(pair for pair in WINDOW_PARAMETERS if pair != names)
+        try:
+            async for item in self._pages(business_id, url, Appointment, _window(other, start, end)):
+                self._taken(other, business_id)
+                yield item
+        except UpstreamError as error:
+            if error.status == 400:
+                raise refused from None
+            raise
+        self._taken(other, business_id)  # an empty window: the names were taken all the same
+
+    def _taken(self, names: tuple[str, str], business_id: str) -> None:
+        if self.window_parameters != names:
+            log.warning("Graph refused the calendar view's parameters %s; it takes %s",
+                        "/".join(self.window_parameters), "/".join(names),
+                        extra={"event": "graph_calendar_parameters", "business_id": business_id})
+            self.window_parameters = names
 
     async def customers(self, business_id: str):
         """The business's customers: each a `BookingCustomer`, or `Unreadable`."""
@@ -267,21 +331,49 @@ class GraphClient:
         return response.body if isinstance(response.body, dict) else {}
 
     async def get_appointment(self, business_id: str, appointment_id: str) -> Appointment:
+        """The appointment by id; `UnreadableAppointment` if what Graph answers is not one."""
         url = f"{self._business_url(business_id)}/appointments/{url_quote(appointment_id, safe='')}"
         response = await self.api.request("GET", url, limit_key=business_id)
-        return Appointment.model_validate(response.body)
+        try:
+            return Appointment.model_validate(response.body)
+        except (ValidationError, ValueError, TypeError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UnreadableAppointment("Graph", response.status, "UnreadableAppointment",
+                                        f"appointment {appointment_id} is not a valid appointment: {reason}") from None
+
+    async def get_item(self, business_id: str, collection: str, item_id: str) -> BookingCustomer | BookingService | None:
+        """A customer or service by id; None if Bookings does not have it (any more)."""
+        url = f"{self._business_url(business_id)}/{collection}/{url_quote(item_id, safe='')}"
+        try:
+            response = await self.api.request("GET", url, limit_key=business_id)
+        except UpstreamNotFound as error:
+            if error.code == "ErrorFolderNotFound":
+                raise
+            return None
+        model = BookingCustomer if collection == "customers" else BookingService
+        try:
+            return model.model_validate(response.body)
+        except (ValidationError, ValueError, TypeError):
+            raise UpstreamError("Graph", response.status, "MalformedResponse",
+                                f"the {collection[:-1]} {item_id} could not be read") from None
 
     async def update_appointment(self, business_id: str, appointment_id: str, changes: dict) -> None:
         url = f"{self._business_url(business_id)}/appointments/{url_quote(appointment_id, safe='')}"
-        await self.api.request("PATCH", url, json_body=changes, limit_key=business_id)
+        try:
+            await self.api.request("PATCH", url, json_body=changes, limit_key=business_id)
+        except UpstreamError as error:
+            raise refused_without_reason(error) from error
 
     async def create(self, business_id: str, collection: str, body: dict) -> dict:
         """POST a customer or service; the created entity. A lost answer is `UpstreamAmbiguous`:
         the caller looks it up (by e-mail or name) before it creates it again."""
         # `customers` holds the abstract bookingCustomerBase: Graph needs the concrete type named.
         typed = {"@odata.type": ODATA_TYPES[collection], **body}
-        response = await self.api.request("POST", f"{self._business_url(business_id)}/{collection}", json_body=typed,
-                                          limit_key=business_id)
+        try:
+            response = await self.api.request("POST", f"{self._business_url(business_id)}/{collection}",
+                                              json_body=typed, limit_key=business_id)
+        except UpstreamError as error:
+            raise refused_without_reason(error) from error
         created = response.body if isinstance(response.body, dict) else {}
         if not created.get("id"):
             raise UpstreamError("Graph", response.status, "MalformedResponse", f"the created {collection} had no id")
@@ -289,8 +381,15 @@ class GraphClient:
 
     async def update(self, business_id: str, collection: str, item_id: str, changes: dict) -> None:
         url = f"{self._business_url(business_id)}/{collection}/{url_quote(item_id, safe='')}"
-        await self.api.request("PATCH", url, json_body={"@odata.type": ODATA_TYPES[collection], **changes},
-                               limit_key=business_id)
+        try:
+            await self.api.request("PATCH", url, json_body={"@odata.type": ODATA_TYPES[collection], **changes},
+                                   limit_key=business_id)
+        except UpstreamError as error:
+            raise refused_without_reason(error) from error
+
+
+def _window(names: tuple[str, str], start: datetime, end: datetime) -> dict:
+    return {names[0]: _iso_z(start), names[1]: _iso_z(end)}
 
 
 def _iso_z(moment: datetime) -> str:

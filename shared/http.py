@@ -117,7 +117,7 @@ def error_from_body(service: str, status: int, body: Any, text: str) -> Upstream
         error = body.get("error")
         if isinstance(error, dict):
             code = str(error.get("code") or code)
-            message = str(error.get("message") or message)
+            message = str(error.get("message") or "no reason given")
         elif isinstance(error, str):
             code, message = error, str(body.get("error_description") or message)
     kind = {404: UpstreamNotFound, 409: UpstreamConflict, 412: UpstreamConflict,
@@ -161,9 +161,11 @@ class ApiClient:
                  max_concurrency: int, max_attempts: int = 7, backoff_seconds: float = 0.25,
                  max_backoff_seconds: float = 20.0, max_connections: int = 32,
                  budget: RateBudget | SharedRateBudget | None = None,
-                 shared_slots: Callable[[str], SharedSlots] | None = None):
+                 shared_slots: Callable[[str], SharedSlots] | None = None,
+                 attempts_by_code: dict[str, int] | None = None):
         """`shared_slots(limit_key)`: the app-wide slots of that key, held besides this process's
-        own semaphore while a request is under way."""
+        own semaphore while a request is under way. `attempts_by_code`: fewer attempts for answers
+        with these error codes (e.g. Graph's `UnknownError`, mostly a refusal without a reason)."""
         self.service = service
         self.budget = budget
         self._shared_slots = shared_slots
@@ -171,6 +173,7 @@ class ApiClient:
         self._max_concurrency = max_concurrency
         self._gates: dict[str, asyncio.Semaphore] = defaultdict(lambda: asyncio.Semaphore(self._max_concurrency))
         self.max_attempts = max_attempts
+        self.attempts_by_code = dict(attempts_by_code or {})
         self.backoff_seconds = backoff_seconds
         self.max_backoff_seconds = max_backoff_seconds
         self.requests_sent = 0
@@ -230,9 +233,12 @@ class ApiClient:
                 token = await self._token()
             except UpstreamError as error:
                 failure = error
+                wait = failure.retry_after if isinstance(failure, UpstreamThrottled) else None
+                if wait is not None and wait > MAX_BUDGET_WAIT_SECONDS:
+                    raise  # the token source is throttled for longer than a request waits: put the work off
                 if not failure.retryable or not self._may_retry(attempt, failure, method, url):
                     raise
-                await asyncio.sleep(self._delay(attempt, None))
+                await asyncio.sleep(self._delay(attempt, wait))
                 continue
             try:
                 request_headers = {"Authorization": f"Bearer {token}", **(headers or {})}
@@ -307,7 +313,7 @@ class ApiClient:
         return error_from_body(self.service, response.status_code, body, text)
 
     def _may_retry(self, attempt: int, failure: UpstreamError, method: str, url: str) -> bool:
-        if attempt >= self.max_attempts:
+        if attempt >= self.attempts_by_code.get(failure.code, self.max_attempts):
             log.warning("giving up on %s %s after %d attempts: %s", method, _path(url), attempt, failure,
                         extra={"event": "upstream_gave_up", "service": self.service, "status": failure.status})
             return False

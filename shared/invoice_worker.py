@@ -48,7 +48,7 @@ from shared.invoicing import (_apply, _read, external_document_number, line_desc
 from shared.messages import CustomerSource, Deferred, InvoiceJobPart, PermanentFailure, ServiceSource, throttled_wait
 from shared.runtime import Runtime
 from shared.store import JOBS, UPDATE, Store, fit_string, to_json
-from shared.utf16 import units
+from shared.write_back import note_part
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,6 @@ RUNNING_STALE_AFTER = timedelta(minutes=10)
 """Longer than a function may run (host.json functionTimeout)."""
 MAX_ATTEMPTS = queue_settings().max_dequeue_count
 """Creates without a known outcome before BC is taken to be failing: as often as a message is tried."""
-MARKER = "Invoiced: Business Central draft invoice {number} ({date})"
-NOTES_UNITS = 1000
-"""The longest staff notes the write-back leaves behind, in UTF-16 units. Bookings documents no
-limit; the simulator's strict choice (sandbox/graph/limits.py): notes that would grow past it are
-left as they are (the invoice itself is made all the same)."""
 
 
 def _when(value) -> datetime | None:
@@ -359,8 +354,8 @@ async def _invoice_company(rt: Runtime, store: Store, job_id: str, bc: BcClient,
                         "invoice_id": invoice["id"], "lines": len(work.lines), "amount": amount})
     await store.write_batches(JOBS, [(UPDATE, entity, {"mode": "merge"}) for entity in finished])
     if rt.settings.write_back_to_bookings:
-        await asyncio.gather(*(write_back(rt, [b for b in w.mine if (b.id, w.email) in recorded], links[w.key])
-                               for w in done))
+        await asyncio.gather(*(note_part(rt, store, w.row, [b for b in w.mine if (b.id, w.email) in recorded],
+                                         links[w.key]) for w in done))
     return waiting
 
 
@@ -509,28 +504,3 @@ def _booking_ids(row: dict) -> list[list[str]]:
 
 def _plain(reason: str) -> str:
     return f"No invoice was made: {reason}"[:1000]
-
-
-async def write_back(rt: Runtime, bookings: list[Booking], link: dict) -> None:
-    """Add one marker line per invoice to the appointment's staff notes, keeping their text
-    (lists return notes empty, so each appointment is read by id first) and never twice."""
-    line = MARKER.format(number=link["invoiceNumber"], date=link["date"])
-    graph = rt.graph
-
-    async def one(booking: Booking) -> None:
-        try:
-            appointment = await graph.get_appointment(booking.business_id, booking.id)
-            notes = appointment.service_notes or ""
-            if line in notes.splitlines():
-                return
-            updated = f"{notes.rstrip()}\n{line}" if notes.strip() else line
-            if units(updated) > NOTES_UNITS:
-                log.warning("the staff notes of an appointment are too long to add invoice %s to", link["invoiceNumber"],
-                            extra={"event": "write_back_skipped", "booking_id": booking.id})
-                return
-            await graph.update_appointment(booking.business_id, booking.id, {"serviceNotes": updated})
-        except UpstreamError as error:
-            log.warning("could not note invoice %s on appointment: %s", link["invoiceNumber"], error,
-                        extra={"event": "write_back_failed", "booking_id": booking.id})
-
-    await asyncio.gather(*(one(b) for b in bookings))

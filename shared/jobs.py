@@ -44,7 +44,7 @@ async def job_status(store: Store, job_id: str) -> dict | None:
             invoices.append({"customerEmail": part.get("CustomerEmail"), "invoiceId": part.get("InvoiceId"),
                              "invoiceNumber": part.get("InvoiceNumber"), "amount": part.get("Amount"),
                              "bookingIds": json.loads(part.get("BookingIds") or "[]"),
-                             "companyId": part.get("CompanyId") or None})
+                             "companyId": part.get("CompanyId") or None, "writeBack": _write_back(part)})
         errors.extend(json.loads(part.get("Errors") or "[]"))
     try:
         request = json.loads(header.get("Request") or "{}")
@@ -52,6 +52,18 @@ async def job_status(store: Store, job_id: str) -> dict | None:
         request = {}
     return {"jobId": job_id, "status": status, "bookingCount": int(header.get("BookingCount") or 0),
             "invoices": invoices, "errors": errors, "waiting": waiting, "request": request}
+
+
+def _write_back(part: dict) -> dict | None:
+    """What became of the invoice's note in its appointments (`shared.write_back`): None if
+    none was written (WRITE_BACK_TO_BOOKINGS off, or not yet)."""
+    try:
+        kept = json.loads(part.get("WriteBack") or "null")
+    except ValueError:  # cut to fit the entity: the count stays unknown
+        return {"noted": 0, "notNoted": []}
+    if not isinstance(kept, dict):
+        return None
+    return {"noted": int(kept.get("noted") or 0), "notNoted": list(kept.get("notNoted") or [])}
 
 
 async def recent_jobs(store: Store, limit: int = 25) -> list[dict]:

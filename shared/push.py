@@ -36,7 +36,7 @@ from babel import Locale
 from shared.bc_lookups import first_email
 from shared.bookings import normalise_email, parse_instant
 from shared.directory import KINDS as DIRECTORY_KINDS, link_partition
-from shared.graph import BookingCustomer, BookingService
+from shared.graph import UNKNOWN_ERROR, BookingCustomer, BookingService
 from shared.http import UpstreamAmbiguous, UpstreamError, UpstreamThrottled
 from shared.odata_filter import changed_since_filter
 from shared.runtime import Runtime
@@ -51,6 +51,9 @@ OVERLAP = timedelta(minutes=5)
 """Read BC changes from a little before the watermark: clocks and commit order are not exact, and
 pushing an unchanged record again changes nothing."""
 MAX_ATTEMPTS = 5
+UNKNOWN_ERROR_LOOKUPS = 2
+"""Runs whose list must lack a record whose create Bookings answered `UnknownError` (500) before it
+is taken as refused (one list may miss it: offset paging)."""
 DEFAULT_DURATION = "PT1H"
 """A pushed service's duration: BC items have none; staff adjust it in Bookings."""
 PRICE_TYPE = "fixedPrice"
@@ -206,9 +209,15 @@ SERVICES = Kind("services", "items", ITEM_LINKS, "item", BookingService,
 
 
 async def _push_kind(rt: Runtime, store: Store, kind: Kind, business_id: str, records: list[dict],
-                     existing: list, counts: KindCounts) -> bool:
+                     existing: list, counts: KindCounts, errors: list[str] | None = None) -> bool:
     """Push `records` into one business. True when every record is settled (created, linked,
-    updated or refused for good), so the watermark may move."""
+    updated or refused for good), so the watermark may move. What Bookings refuses in this run is
+    added to `errors` (the sync's, shown by the status).
+
+    A record the business's list did not show but whose link row holds its Bookings id is read by
+    that id before anything is created: Graph may page by offsets, and a list walk during which
+    another record is deleted skips one (it is created only if Bookings no longer has it)."""
+    errors = [] if errors is None else errors
     partition = _partition(business_id)
     rows = {row["RowKey"]: row for row in await store.partition(kind.table, partition)}
     by_key = {}
@@ -227,6 +236,10 @@ async def _push_kind(rt: Runtime, store: Store, kind: Kind, business_id: str, re
                 "UpdatedAt": datetime.now(timezone.utc)}
         found = by_key.get(key)
         try:
+            if found is None and row.get("Status") == "linked" and row.get("BookingsId"):
+                found = await rt.graph.get_item(business_id, kind.name, row["BookingsId"])
+                if found is not None:
+                    by_key.setdefault(key, found)
             if found is not None:
                 changes = kind.changes(bc, wanted, found)
                 if changes:
@@ -243,6 +256,23 @@ async def _push_kind(rt: Runtime, store: Store, kind: Kind, business_id: str, re
             if row.get("Status") == "failed" and row.get("SourceModified") == bc.get("lastModifiedDateTime"):
                 counts.failed += 1
                 continue
+            if row.get("Status") == "creating" and row.get("LastCode") == UNKNOWN_ERROR:
+                # Bookings answered the create UnknownError (500): refused without a reason, or made
+                # after all. Not sent again: it is looked for in two runs' lists, then taken as refused.
+                missing = int(row.get("MissingRuns") or 0) + 1
+                if missing < UNKNOWN_ERROR_LOOKUPS:
+                    await store.upsert(kind.table, {**link, "Status": "creating", "MissingRuns": missing})
+                    settled = False
+                    counts.waiting += 1
+                    continue
+                reason = (f"Bookings refused it without giving a reason ({UNKNOWN_ERROR}) and does not have it; check "
+                          "its values in Business Central (a change there sends it again)")
+                await store.upsert(kind.table, {**link, "Status": "failed", "SourceModified":
+                                                bc.get("lastModifiedDateTime") or "", "LastError": reason,
+                                                "LastCode": "", "MissingRuns": 0})
+                counts.failed += 1
+                errors.append(f"push of {kind.name[:-1]} {key} to {business_id}: {reason}")
+                continue
             if attempts >= MAX_ATTEMPTS:
                 await store.upsert(kind.table, {**link, "Status": "failed", "SourceModified":
                                                 bc.get("lastModifiedDateTime") or "",
@@ -251,7 +281,8 @@ async def _push_kind(rt: Runtime, store: Store, kind: Kind, business_id: str, re
                 continue
             # Recorded before it is sent: a crash or a lost answer leaves "creating", and the next
             # run looks the record up by its key before it creates anything.
-            await store.upsert(kind.table, {**link, "Status": "creating", "BookingsId": "", "Attempts": attempts + 1})
+            await store.upsert(kind.table, {**link, "Status": "creating", "BookingsId": "", "Attempts": attempts + 1,
+                                            "LastCode": "", "MissingRuns": 0})
             created = await rt.graph.create(business_id, kind.name, {**wanted, **kind.on_create})
             await store.upsert(kind.table, {**link, "Status": "linked", "BookingsId": created["id"], "Attempts": 0,
                                             "LastError": ""})
@@ -260,6 +291,8 @@ async def _push_kind(rt: Runtime, store: Store, kind: Kind, business_id: str, re
         except (UpstreamAmbiguous, UpstreamThrottled) as error:
             settled = False
             counts.waiting += 1
+            if isinstance(error, UpstreamAmbiguous) and error.code == UNKNOWN_ERROR:
+                await store.upsert(kind.table, {**link, "LastCode": UNKNOWN_ERROR})
             log.warning("push of %s to %s waits: %s", kind.name, business_id, error,
                         extra={"event": "push_waiting", "business_id": business_id, "kind": kind.name})
         except UpstreamError as error:
@@ -270,6 +303,7 @@ async def _push_kind(rt: Runtime, store: Store, kind: Kind, business_id: str, re
             counts.failed += 1
             await store.upsert(kind.table, {**link, "Status": "failed", "SourceModified":
                                             bc.get("lastModifiedDateTime") or "", "LastError": str(error)[:2000]})
+            errors.append(f"push of {kind.name[:-1]} {key} to {business_id}: {error}"[:500])
             log.warning("Bookings refused a pushed %s: %s", kind.name[:-1], error,
                         extra={"event": "push_refused", "business_id": business_id, "kind": kind.name})
     return settled
@@ -305,7 +339,8 @@ async def _push_business(rt: Runtime, store: Store, kind: Kind, pull, records: l
                          marks: dict, started: datetime) -> None:
     counts = getattr(result, kind.name)
     try:
-        settled = await _push_kind(rt, store, kind, pull.business_id, records, kind.existing(pull), counts)
+        settled = await _push_kind(rt, store, kind, pull.business_id, records, kind.existing(pull), counts,
+                                   result.errors)
     except UpstreamError as error:
         result.errors.append(f"push of {kind.name}: {error}")
         return

@@ -47,7 +47,7 @@ class Runtime:
     @property
     def graph(self):
         from shared.auth import token_provider
-        from shared.graph import MAILBOX_CONCURRENCY, GraphClient
+        from shared.graph import MAILBOX_CONCURRENCY, UNKNOWN_ERROR_ATTEMPTS, GraphClient
         from shared.http import ApiClient
         from shared.store import encode_key
 
@@ -55,7 +55,7 @@ class Runtime:
             tokens = token_provider(self.settings)
             # GraphClient's limit_key is the business id, its mailbox address: case-insensitive.
             api = ApiClient("Graph", tokens.source(GRAPH_SCOPE), timeout=self.settings.http_timeout_seconds,
-                            max_concurrency=MAILBOX_CONCURRENCY,
+                            max_concurrency=MAILBOX_CONCURRENCY, attempts_by_code=UNKNOWN_ERROR_ATTEMPTS,
                             shared_slots=lambda mailbox: self.shared_slots(f"graph/{encode_key(mailbox.lower())}",
                                                                            MAILBOX_CONCURRENCY))
             self._closers.append(api.aclose)

@@ -50,6 +50,9 @@ class Principal:
     username: str
     roles: tuple[str, ...]
     guest: bool = False
+    login_hint: str = ""
+    """The ID token's optional `login_hint` claim (opaque): sent back as `logout_hint` at sign-out,
+    so Entra ID ends this account's session without asking which one."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ def token_key(token: str) -> str:
 def _session(row: dict) -> Session:
     principal = Principal(str(row.get("Oid") or ""), str(row.get("Tid") or ""), str(row.get("Name") or ""),
                           str(row.get("Username") or ""), tuple(json.loads(row.get("Roles") or "[]")),
-                          bool(row.get("Guest")))
+                          bool(row.get("Guest")), str(row.get("LoginHint") or ""))
     return Session(row["PartitionKey"], principal, float(row["CreatedAt"]), float(row["LastSeenAt"]),
                    float(row["RolesAt"]))
 
@@ -83,7 +86,7 @@ async def start(store: Store, principal: Principal, now: float, created_at: floa
     token = secrets.token_urlsafe(32)
     row = {"PartitionKey": token_key(token), "RowKey": ROW, "Oid": principal.oid, "Tid": principal.tid,
            "Name": principal.name, "Username": principal.username, "Roles": json.dumps(list(principal.roles)),
-           "Guest": principal.guest, "CreatedAt": float(now if created_at is None else created_at),
+           "Guest": principal.guest, "LoginHint": principal.login_hint, "CreatedAt": float(now if created_at is None else created_at),
            "LastSeenAt": float(now), "RolesAt": float(now)}
     await store.insert(SESSIONS, row)
     await prune(store, now)

@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import re
 import threading
 import warnings
 from dataclasses import dataclass
@@ -245,8 +246,15 @@ async def complete(settings: Settings, keys: SigningKeys, cookie_header: str | N
     principal = Principal(oid=str(claims["oid"]), tid=str(claims["tid"]), name=str(claims.get("name") or ""),
                           username=str(claims.get("preferred_username") or ""),
                           roles=tuple(str(r) for r in claims.get("roles") or () if isinstance(r, str)),
-                          guest=_is_guest(claims))
+                          guest=_is_guest(claims), login_hint=_login_hint(claims))
     return Completed(principal, next_path, renews)
+
+
+def _login_hint(claims: dict) -> str:
+    """The optional `login_hint` claim (the app registration asks for it: infra's hook), if it is
+    one Entra could take back (opaque, but never markup or a novel)."""
+    hint = claims.get("login_hint")
+    return hint if isinstance(hint, str) and 0 < len(hint) <= 2048 and hint.isprintable() else ""
 
 
 def _entra_error(params: dict[str, str]) -> str:
@@ -254,11 +262,23 @@ def _entra_error(params: dict[str, str]) -> str:
     return f"{params.get('error', '')}{': ' + description[0] if description else ''}"
 
 
+_TENANT_AUTHORITY = re.compile(r"https://[^/?#]+/([0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
+                               r"[0-9a-fA-F]{12})(/|/v2\.0/?)?")
+"""An issuer naming a tenant: v1 ``https://sts.windows.net/{tid}/`` or v2 ``https://…/{tid}/v2.0``."""
+
+
 def _is_guest(claims: dict) -> bool:
-    """A guest (B2B) account: authenticated by another identity provider than the tenant (`idp`
-    differs from `iss`; absent means the same), or the optional `acct` claim says 1."""
+    """A guest (B2B) account: authenticated by another identity provider than the token's own
+    tenant, or the optional `acct` claim says 1. Entra names the provider in `idp` (absent: the
+    issuer) as an issuer URI in either form, v1 or v2, or as a name such as ``live.com``; so
+    `idp` is compared by the tenant it names, and one that names no tenant is another provider."""
+    if claims.get("acct") == 1:
+        return True
     idp = claims.get("idp")
-    return (idp is not None and idp != claims.get("iss")) or claims.get("acct") == 1
+    if idp is None:
+        return False
+    named = _TENANT_AUTHORITY.fullmatch(str(idp))
+    return named is None or named.group(1).lower() != str(claims.get("tid") or "").lower()
 
 
 def authorise(principal: Principal, settings: Settings) -> None:
@@ -275,12 +295,16 @@ def authorise(principal: Principal, settings: Settings) -> None:
         raise NotAllowed("role", role)
 
 
-async def end_session_url(settings: Settings, post_logout_redirect_uri: str) -> str | None:
-    """Entra ID's end-session endpoint for this sign-out, or None if discovery does not name one."""
+async def end_session_url(settings: Settings, post_logout_redirect_uri: str, logout_hint: str = "") -> str | None:
+    """Entra ID's end-session endpoint for this sign-out, or None if discovery does not name one.
+    With the account's `logout_hint` (its ID token's `login_hint`), Entra ends that account's
+    session without asking which account to sign out of (OpenID Connect on the Microsoft identity
+    platform: "Enables sign-out to occur without prompting the user to select an account")."""
     try:
         found = await asyncio.to_thread(provider, settings)
     except DiscoveryFailed:
         return None
     if not found.end_session_endpoint:
         return None
-    return f"{found.end_session_endpoint}?{urlencode({'post_logout_redirect_uri': post_logout_redirect_uri})}"
+    query = {"post_logout_redirect_uri": post_logout_redirect_uri, **({"logout_hint": logout_hint} if logout_hint else {})}
+    return f"{found.end_session_endpoint}?{urlencode(query)}"

@@ -76,3 +76,25 @@ def test_without_a_secret_or_a_federated_credential_the_settings_are_named(world
     assert "AZURE_FEDERATED_IDENTITY_CLIENT_ID" in response.get_body().decode()
     anonymous = body(world.host.http("GET", "health", key=False))
     assert anonymous["failedChecks"] == ["graph", "businessCentral"], "anyone learns which check failed, not why"
+
+
+def token_requests(world) -> int:
+    return sum(count for shape, count in world.sandbox.entra.plan.stats.requests.items()
+               if shape.startswith("POST ") and shape.endswith("/oauth2/v2.0/token"))
+
+
+def test_entra_throttling_defers_the_work_without_a_request_storm(world, monkeypatch):
+    """Entra ID answers a token request 429 with `Retry-After: 60`, and msal answers from that 429
+    for as long: the app asks once, and the sync is put off rather than retried meanwhile."""
+    monkeypatch.setattr("shared.auth._providers", {})  # no cached token: the sync must ask Entra ID
+    assert world.sandbox.entra.plan.knobs.retry_after_seconds == 60
+    world.sandbox.entra.plan.reset_stats()
+    world.sandbox.entra.plan.script("POST", r"/oauth2/v2.0/token$", "429", times=1)
+
+    world.sync_calendars()
+    world.sync_calendars()
+
+    assert token_requests(world) == 1, "asked once within the minute Entra ID named, however often the work runs"
+    last = body(world.host.http("GET", "status"))["lastSync"]
+    assert last["outcome"] != "succeeded"
+    assert any("throttling the app's token requests" in e["message"] for e in last["errors"]), last["errors"]

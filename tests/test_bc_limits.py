@@ -324,12 +324,13 @@ def test_an_item_whose_create_answer_was_lost_is_linked_within_seconds(world, de
 # -- Graph: an appointment's staff notes ------------------------------------------------------------------------
 
 def test_staff_notes_too_long_for_the_marker_are_left_as_they_are_and_the_invoice_is_made(world, caplog):
+    world.graph.configure(app_only_business_rules="off")  # the notes' length is what is tested
     world.configure(WRITE_BACK_TO_BOOKINGS="true")
     full = "n" * 980 + EMOJI * 5  # 990 units: the marker line would pass Bookings' 1,000
     a = appointment(world)
     world.graph.update_appointment(world.business_ids[0], a, serviceNotes=full)
     world.sync()
-    caplog.set_level(logging.WARNING, logger="shared.invoice_worker")
+    caplog.set_level(logging.WARNING, logger="shared.write_back")
 
     job = run_job(world, {"bookingIds": [a]})
 
@@ -337,3 +338,4 @@ def test_staff_notes_too_long_for_the_marker_are_left_as_they_are_and_the_invoic
     assert world.graph.appointment(world.business_ids[0], a)["serviceNotes"] == full
     assert world.graph.writes(kind="appointments", method="PATCH") == [], "nothing sent that Bookings would refuse"
     assert any(getattr(r, "event", None) == "write_back_skipped" for r in caplog.records)
+    assert job["invoices"][0]["writeBack"]["notNoted"][0]["outcome"] == "too-long", "and the job says so"

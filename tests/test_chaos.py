@@ -480,6 +480,13 @@ def configure_faults(run: Run) -> None:
                           calendar_view_omit=rng.choice((0.0, 0.0, 0.1)))
     run.omitted_before = world.graph.omitted_reads
     run.capped = world.graph.options.calendar_view_cap is not None
+    # Bookings' readings the docs leave open, drawn apart so the other draws of a seed stay as they
+    # were: app-only business rules on the write-back, refusals without a reason, offset paging and
+    # empty pages (a walk may skip or repeat an item).
+    bookings = random.Random(run.seed + 7)
+    world.graph.configure(app_only_business_rules=bookings.choice(("strict", "off")),
+                          refusal_style=bookings.choice(("precise", "unknown-400", "unknown-500")),
+                          paging=bookings.choice(("keyset", "offset")), empty_pages=bookings.choice((0.0, 0.0, 0.2)))
     world.sandbox.entra.plan.configure(fault_rate=0.2, fault_kinds=("429", "500", "503", "reset"), seed=run.seed + 2,
                                        retry_after_seconds=0)
     # BC's readings the docs leave open: conversion nodes in the filter count, $schemaversion=2.1.
@@ -491,7 +498,9 @@ def configure_faults(run: Run) -> None:
     options = world.graph.options
     run.note(f"faults: graph {world.graph.plan.knobs.fault_rate:.2f}, bc {world.bc.plan.knobs.fault_rate:.2f}"
              f"{', timeouts' if timeouts else ''}; calendarView {options.calendar_view}, cap "
-             f"{options.calendar_view_cap}, omit {options.calendar_view_omit}")
+             f"{options.calendar_view_cap}, omit {options.calendar_view_omit}; business rules "
+             f"{options.app_only_business_rules}, refusals {options.refusal_style}, paging {options.paging}, "
+             f"empty pages {options.empty_pages}")
     if rng.random() < 0.3:
         # A BC outage on invoice creation long enough to poison some job parts.
         world.bc.plan.script("POST", r"/salesInvoices$", "503", times=rng.randint(4, 24))

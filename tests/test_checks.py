@@ -126,3 +126,30 @@ def test_bookings_read_write_all_alone_is_not_taken_as_enough_for_appointments(w
     assert "add Bookings.Read.All" in warned["message"] and "Grant admin consent" in warned["message"]
     anonymous = body(world.host.http("GET", "health", key=False))
     assert "graph" not in anonymous["failedChecks"], "a warning is not a failed check"
+
+
+def test_a_calendar_graph_refuses_app_only_fails_health_even_with_the_role(world):
+    """App-only calendar reads have been reported refused although the permission is granted
+    ("does not support the token type: App"): the business itself reads fine, its calendar does not."""
+    world.graph.configure(appointment_read_roles=frozenset())
+    found = checks(world)["graph"]
+    assert not found["ok"] and world.business_ids[0] in found["message"]
+    assert "Graph refuses the app's calendar reads (403 ErrorAccessDenied) although the app holds" in found["message"]
+    assert "Bookings.Read.All" in found["message"]
+    assert "graph" in body(world.host.http("GET", "health", key=False))["failedChecks"]
+
+
+def test_calendar_views_under_the_other_parameter_names_are_read_and_the_sync_works(world):
+    """A community report says Bookings wants startDateTime/endDateTime; the app tries them once
+    when the documented start/end are refused."""
+    from tests.test_invoicing import appointment
+
+    world.graph.configure(calendar_view_params="startDateTime/endDateTime")
+    a = appointment(world)
+    found = checks(world)["graph"]
+    assert found["ok"] and "calendars readable" in found["message"]
+    world.sync()
+    assert [row["id"] for row in body(world.host.http("GET", "bookings/uninvoiced"))["value"]] == [a]
+    world.graph.configure(calendar_view_params="start/end")
+    world.sync()
+    assert status(world)["lastSync"]["outcome"] == "succeeded", "and back, should Graph take the documented ones"

@@ -786,9 +786,9 @@ def test_hook_reads_what_azd_provision_writes_to_the_environment():
 
 
 FAKE_AZ = r"""#!PYTHON
-# Stands in for the Azure CLI: `az account show`, `az ad app show|update` (app roles) and
-# `az ad app federated-credential list|create|update`, against the app registration in
-# $FAKE_AZ_STATE (JSON: credentials, appRoles); every call is appended to $FAKE_AZ_LOG.
+# Stands in for the Azure CLI: `az account show`, `az ad app show|update` (app roles, optional
+# claims) and `az ad app federated-credential list|create|update`, against the app registration in
+# $FAKE_AZ_STATE (JSON: credentials, appRoles, optionalClaims); every call is appended to $FAKE_AZ_LOG.
 import json, os, re, sys
 args = sys.argv[1:]
 state = json.load(open(os.environ["FAKE_AZ_STATE"]))
@@ -809,12 +809,28 @@ elif args[:3] == ["ad", "app", "show"]:
     elif query == "appRoles":
         assert option("-o") == "json"
         print(json.dumps(state["appRoles"], indent=2))
+    elif query == "optionalClaims.idToken[?name=='login_hint'].name":
+        assert option("-o") == "tsv"
+        print("\n".join(c["name"] for c in ((state.get("optionalClaims") or {}).get("idToken") or [])
+                        if c["name"] == "login_hint"))
+    elif query == ("{idToken: [optionalClaims.idToken || `[]`, [{name: 'login_hint', essential: `false`}]][], "
+                   "accessToken: optionalClaims.accessToken || `[]`, saml2Token: optionalClaims.saml2Token || `[]`}"):
+        # What JMESPath makes of it (checked with the jmespath package): the lists there are, login_hint added.
+        assert option("-o") == "json"
+        claims = state.get("optionalClaims") or {}
+        print(json.dumps({"idToken": (claims.get("idToken") or []) + [{"name": "login_hint", "essential": False}],
+                          "accessToken": claims.get("accessToken") or [], "saml2Token": claims.get("saml2Token") or []}))
     else:
         sys.exit("unexpected query: " + query)
 elif args[:3] == ["ad", "app", "update"]:
-    value = option("--app-roles")
-    assert value.startswith("@")
-    call["appRoles"] = json.load(open(value[1:]))
+    if "--optional-claims" in args:
+        value = option("--optional-claims")
+        assert value.startswith("@")
+        call["optionalClaims"] = json.load(open(value[1:]))
+    else:
+        value = option("--app-roles")
+        assert value.startswith("@")
+        call["appRoles"] = json.load(open(value[1:]))
 elif args[:4] == ["ad", "app", "federated-credential", "list"]:
     query = option("--query")
     m = re.fullmatch(r"\[\?issuer=='([^']*)' && subject=='([^']*)' && contains\(audiences, '([^']*)'\)\]\.name", query)
@@ -848,7 +864,8 @@ OTHER_ROLE = {"allowedMemberTypes": ["User"], "description": "Read reports", "di
               "id": "6a1e2f4b-0000-4000-8000-000000000001", "isEnabled": True, "value": "Reports.Read"}
 
 
-def run_hook(tmp_path, existing: list[dict], roles: list[dict] | None = None, **env: str):
+def run_hook(tmp_path, existing: list[dict], roles: list[dict] | None = None, optional_claims: dict | None = None,
+             **env: str):
     """Runs the POSIX hook with a stand-in `az` (and `azd`); returns (exit code, output, az calls)."""
     import sys
 
@@ -860,8 +877,8 @@ def run_hook(tmp_path, existing: list[dict], roles: list[dict] | None = None, **
     azd = bin_dir / "azd"
     azd.write_text(FAKE_AZD, encoding="utf-8")
     azd.chmod(0o755)
-    (tmp_path / "state.json").write_text(json.dumps({"credentials": existing, "appRoles": roles or []}),
-                                         encoding="utf-8")
+    (tmp_path / "state.json").write_text(json.dumps({"credentials": existing, "appRoles": roles or [],
+                                                     "optionalClaims": optional_claims}), encoding="utf-8")
     log = tmp_path / "az.log"
     log.write_text("", encoding="utf-8")
     azd_env = {"AZURE_ENV_NAME": "bookings-prod", "ENTRA_CLIENT_ID": APP, "API_IDENTITY_PRINCIPAL_ID": IDENTITY,
@@ -878,6 +895,30 @@ def run_hook(tmp_path, existing: list[dict], roles: list[dict] | None = None, **
 
 def credential_calls(calls: list[dict], verb: str | None = None) -> list[dict]:
     return [c for c in calls if c["args"][2] == "federated-credential" and (verb is None or c["args"][3] == verb)]
+
+
+def role_updates(calls: list[dict]) -> list[dict]:
+    return [c for c in calls if c["args"][:3] == ["ad", "app", "update"] and "--app-roles" in c["args"]]
+
+
+def claims_updates(calls: list[dict]) -> list[dict]:
+    return [c for c in calls if c["args"][:3] == ["ad", "app", "update"] and "--optional-claims" in c["args"]]
+
+
+def test_hook_asks_for_login_hint_in_id_tokens_keeping_the_optional_claims_there_are(tmp_path):
+    """Sign-out sends the ID token's login_hint back as logout_hint, so Entra does not ask which account."""
+    there = {"idToken": [{"name": "email", "essential": False}], "accessToken": [{"name": "ipaddr"}], "saml2Token": []}
+    code, output, calls = run_hook(tmp_path, [], optional_claims=there)
+    assert code == 0, output
+    [update] = claims_updates(calls)
+    assert update["args"][3:5] == ["--id", APP]
+    assert update["optionalClaims"] == {"idToken": [{"name": "email", "essential": False},
+                                                    {"name": "login_hint", "essential": False}],
+                                        "accessToken": [{"name": "ipaddr"}], "saml2Token": []}
+    code, output, calls = run_hook(tmp_path, [], optional_claims=None)
+    assert [c["name"] for c in claims_updates(calls)[0]["optionalClaims"]["idToken"]] == ["login_hint"]
+    code, output, calls = run_hook(tmp_path, [], optional_claims=update["optionalClaims"], ENTRA_CLIENT_SECRET="s")
+    assert code == 0 and claims_updates(calls) == [] and "already puts login_hint" in output
 
 
 def test_hook_adds_the_credential_the_docs_describe(tmp_path):
@@ -944,23 +985,23 @@ def test_hook_needs_the_cli_signed_in_to_the_app_registrations_tenant(tmp_path):
 def test_hook_defines_the_pages_app_role_next_to_the_roles_there_are(tmp_path):
     code, output, calls = run_hook(tmp_path, [], roles=[OTHER_ROLE])
     assert code == 0, output
-    [update] = [c for c in calls if c["args"][:3] == ["ad", "app", "update"]]
+    [update] = role_updates(calls)
     kept, added = update["appRoles"]
     assert kept == OTHER_ROLE, "the roles it had are kept"
     assert added["value"] == "Invoicing.Operator" and added["allowedMemberTypes"] == ["User"]
     assert added["isEnabled"] is True and re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
                                                         added["id"])
     code, output, calls = run_hook(tmp_path, [], roles=[])
-    [update] = [c for c in calls if c["args"][:3] == ["ad", "app", "update"]]
+    [update] = role_updates(calls)
     assert [r["value"] for r in update["appRoles"]] == ["Invoicing.Operator"]
 
 
 def test_hook_leaves_a_defined_role_alone_and_defines_none_for_every_member(tmp_path):
     defined = {**OTHER_ROLE, "value": "Invoicing.Operator", "id": "6a1e2f4b-0000-4000-8000-000000000002"}
     code, output, calls = run_hook(tmp_path, [], roles=[defined])
-    assert code == 0 and not [c for c in calls if c["args"][:3] == ["ad", "app", "update"]]
+    assert code == 0 and not role_updates(calls)
     code, output, calls = run_hook(tmp_path, [], PAGES_APP_ROLE="*")
-    assert code == 0 and not [c for c in calls if c["args"][:3] == ["ad", "app", "show"]]
+    assert code == 0 and not [c for c in calls if c["args"][:3] == ["ad", "app", "show"] and "appRoles" in c["args"][-3]]
     code, output, calls = run_hook(tmp_path, [], PAGES_APP_ROLE="Bad role'")
     assert code != 0 and "not an app role value" in output
 
@@ -992,6 +1033,8 @@ def test_the_windows_hook_does_what_the_posix_one_does():
     update = text[text.index("if ($mine) {"):text.index("else {", text.index("if ($mine) {"))]
     assert "$credential | ConvertTo-Json" in update and "name =" not in update, "no name in the PATCH body"
     assert "az ad app update --id $app --app-roles" in text and "$roles +=" in text
+    assert "optionalClaims.idToken[?name=='login_hint'].name" in text and "name = 'login_hint'" in text
+    assert "az ad app update --id $app --optional-claims" in text
 
 
 def test_readme_says_which_azd_powershell_and_roles_the_hook_needs():

@@ -21,7 +21,6 @@ from shared.ledger import SharedRateBudget
 from shared.limits import SharedSlots
 from shared.runtime import runtime
 from shared.store import encode_key
-from sandbox.graph.app import CONCURRENCY_PER_MAILBOX
 from sandbox.stack import ENVIRONMENT, TENANT
 
 
@@ -277,11 +276,6 @@ def knobs(plan, **changes):
         plan.configure(**before)
 
 
-BOOKINGS_LIMITS = {"max_concurrency": CONCURRENCY_PER_MAILBOX, "max_queued": 0}
-"""`sandbox.graph.app.default_plan`: four at a time per mailbox, the fifth refused with 429 (the
-session's sandbox starts Graph without limits)."""
-
-
 def hammer(hosts, requests_per_instance: int, call) -> list:
     async def instance(number: int):
         return await asyncio.gather(*(call() for _ in range(requests_per_instance)))
@@ -291,7 +285,7 @@ def hammer(hosts, requests_per_instance: int, call) -> list:
 
 def test_two_instances_hammering_one_mailbox_meet_bookings_limit_without_a_429(world, hosts):
     business = world.business_ids[0]
-    with knobs(world.graph.plan, latency_ms=20, **BOOKINGS_LIMITS):
+    with knobs(world.graph.plan, latency_ms=20):  # under Graph's limits: four at once, the fifth a 429
         answers = hammer(hosts, 24, lambda: runtime().graph.get_business(business))
     stats = world.graph.plan.stats
     assert sum(len(each) for each in answers) == 48
@@ -315,7 +309,7 @@ def test_per_process_limits_alone_overrun_the_mailbox(world, hosts):
         await asyncio.gather(*(graph.get_business(business) for _ in range(16)), return_exceptions=True)
         await api.aclose()
 
-    with knobs(world.graph.plan, latency_ms=100, **BOOKINGS_LIMITS):
+    with knobs(world.graph.plan, latency_ms=100):
         on_each(hosts, instance)
     stats = world.graph.plan.stats
     assert stats.peak_in_flight[business.lower()] > 4 and stats.faults["429"] > 0

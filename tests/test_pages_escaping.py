@@ -76,9 +76,11 @@ class FakeAttention:
 
 JOB = {"jobId": HOSTILE, "status": HOSTILE, "bookingCount": 2, "createdAt": ISO,
        "invoices": [{"invoiceNumber": HOSTILE, "invoiceId": HOSTILE, "customerEmail": HOSTILE,
-                     "bookingIds": [HOSTILE], "amount": 10}],
-       "waiting": [{"customerEmail": HOSTILE, "reason": HOSTILE, "until": ISO, "since": ISO},
-                   {"customerEmail": HOSTILE, "reason": HOSTILE, "until": None, "since": None}],
+                     "bookingIds": [HOSTILE], "amount": 10,
+                     "writeBack": {"noted": 0, "notNoted": [{"bookingId": HOSTILE, "outcome": HOSTILE,
+                                                             "message": HOSTILE}]}}],
+       "waiting": [{"customerEmail": HOSTILE, "reason": HOSTILE, "until": ISO, "since": None},
+                   {"customerEmail": HOSTILE, "reason": HOSTILE, "until": None, "since": ISO}],
        "errors": [{"bookingId": HOSTILE, "message": HOSTILE}],
        "request": {"source": "billing", "label": HOSTILE, "period": HOSTILE}}
 CHAIN = {"businesses": [{"id": HOSTILE, "companyId": HOSTILE, "companyName": HOSTILE, "mapped": False,

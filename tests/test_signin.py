@@ -16,10 +16,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from sandbox.entra_idtokens import SPOILS
-from sandbox.stack import CLIENT_ID, OPERATOR_ROLE, TENANT, USER_NAME, USER_USERNAME, seed_users
+from sandbox.stack import CLIENT_ID, OPERATOR_ROLE, TENANT, TENANT_DOMAIN, USER_NAME, USER_USERNAME, seed_users
 from shared import sessions
 from shared.store import SESSIONS
-from tests.helpers import merge_row, rows
+from tests.helpers import body, merge_row, rows
 from shared.signin import session_token
 from tests.signin_helpers import Browser, EntraBrowser, keys_of
 from tests.test_security import JWT, everything_logged
@@ -65,6 +65,26 @@ def test_signing_in_at_entra_id_starts_a_server_side_session_and_opens_the_page(
     assert row["PartitionKey"] == hashlib.sha256(token.encode()).hexdigest()
     assert "bi_signin" not in person.app.values, "the flow cookie is deleted after its callback"
     assert any(c.startswith("bi_signin=;") and "Max-Age=0" in c for c in person.app.set_cookies)
+
+
+def test_a_tenant_configured_by_domain_name_signs_in_with_guid_tokens(world, person):
+    """Entra names a tenant by its GUID whatever name it was asked by: in the issuer the app
+    validates ID tokens against, in `tid` and `iss`."""
+    from shared.oidc import provider
+    from shared.settings import get_settings
+
+    world.configure(AZURE_TENANT_ID=TENANT_DOMAIN)
+    world.monkeypatch.setattr("shared.auth._providers", {})
+
+    found = provider(get_settings())
+    page = person.sign_in("/api/pages/jobs")
+
+    assert found.tenant_id == TENANT and found.issuer.endswith(f"/{TENANT}/v2.0")
+    assert page.status_code == 200 and USER_NAME in text(page)
+    [row] = live_sessions(world)
+    assert row["Tid"] == TENANT
+    world.sync_calendars()  # the app's own tokens come from the tenant named by its domain too
+    assert body(world.host.http("GET", "status"))["lastSync"]["outcome"] == "succeeded"
 
 
 def test_the_sign_in_keeps_no_refresh_token_and_no_token_cache(world, person):
@@ -135,14 +155,34 @@ def test_signing_out_ends_the_session_everywhere_and_at_entra_id(world, person):
     assert signed_out.status_code == 200 and live_sessions(world) == []
     end_session = re.search(r'<a class="button" id="end-session" data-continue="1" href="([^"]+)"', text(signed_out))
     assert end_session, text(signed_out)
-    assert urlsplit(end_session.group(1).replace("&amp;", "&")).path == f"/{TENANT}/oauth2/v2.0/logout"
-    back = person.follow(person.entra.get(end_session.group(1).replace("&amp;", "&")))
+    ending = urlsplit(end_session.group(1).replace("&amp;", "&"))
+    assert ending.path == f"/{TENANT}/oauth2/v2.0/logout"
+    assert parse_qs(ending.query)["logout_hint"], "Entra ends this account's session without asking which"
+    landed = person.entra.get(end_session.group(1).replace("&amp;", "&"))
+    assert landed.status_code == 302, "no account picker"
+    back = person.follow(landed)
     assert back.status_code == 200 and "You are signed out" in text(back)
     replay = world.host.http("GET", "pages/bookings", key=False, headers={"cookie": copied})
     assert replay.status_code == 302 and "/api/pages/signin" in replay.headers["Location"], \
         "a copied cookie is worthless after sign-out"
     silent = person.get("/api/pages/signin?renew=1")
     assert "prompt=none" not in silent.headers["Location"], "nothing left to renew"
+
+
+def test_without_the_login_hint_claim_entra_asks_which_account_to_sign_out_of(world, person):
+    world.sandbox.entra.set_optional_claims(TENANT, CLIENT_ID, [])
+    try:
+        page = person.sign_in("/api/pages/setup")
+    finally:
+        world.sandbox.entra.set_optional_claims(TENANT, CLIENT_ID, ["login_hint"])
+    signed_out = person.app_request("POST", "/api/pages/signout", form={"csrf": person.csrf_of(text(page))})
+    end_session = re.search(r'id="end-session" data-continue="1" href="([^"]+)"', text(signed_out)).group(1)
+
+    asked = person.entra.get(end_session.replace("&amp;", "&"))
+
+    assert "logout_hint" not in end_session
+    assert asked.status_code == 200 and "Which account do you want to sign out of?" in asked.text
+    assert "You are signed out" in text(person.follow(asked)), "the person picks the account, and is back"
 
 
 def test_a_session_unused_for_30_minutes_ends(world, person):
@@ -282,13 +322,36 @@ def test_a_guest_is_refused_unless_guests_are_allowed(world, person):
     assert person.get("/api/pages/jobs").status_code == 200
 
 
-@pytest.mark.parametrize("member_idp", [False, True])
+@pytest.mark.parametrize("member_idp", [None, "issuer", "v1"])
 def test_a_member_gets_in_whether_or_not_entra_names_the_identity_provider(world, person, member_idp):
     world.sandbox.entra.member_idp = member_idp
     try:
         assert person.sign_in().status_code == 200
     finally:
-        world.sandbox.entra.member_idp = False
+        world.sandbox.entra.member_idp = None
+
+
+TID = "8f3c1e2a-0000-4000-8000-00000000e1d0"
+
+
+@pytest.mark.parametrize("claims, guest", [
+    ({}, False),
+    ({"idp": f"https://login.microsoftonline.com/{TID}/v2.0"}, False),
+    ({"idp": f"https://sts.windows.net/{TID}/"}, False),
+    ({"idp": f"https://sts.windows.net/{TID.upper()}/"}, False),
+    ({"idp": "https://sts.windows.net/0c8d5b3e-0000-4000-8000-00000000fab1/"}, True),
+    ({"idp": "live.com"}, True),
+    ({"idp": "google.com"}, True),
+    ({"idp": "mail"}, True),
+    ({"idp": f"https://evil.example/{TID}x/"}, True),
+    ({"acct": 1}, True),
+    ({"acct": 0, "idp": f"https://sts.windows.net/{TID}/"}, False),
+])
+def test_a_guest_is_told_by_the_tenant_idp_names_not_by_its_form(claims, guest):
+    from shared.signin import _is_guest
+
+    issuer = f"https://login.microsoftonline.com/{TID}/v2.0"
+    assert _is_guest({"iss": issuer, "tid": TID, **claims}) is guest
 
 
 def test_refusals_are_logged_with_the_reason(world, caplog):
@@ -366,3 +429,37 @@ def test_a_sign_in_reads_entra_discovery_and_keys_once_per_process(world, person
     finally:
         another.close()
     assert world.sandbox.entra.plan.stats.total_requests - before == 1
+
+
+class _Later:
+    """`time` as PyJWT's key client sees it, `seconds` later: its cool-down between two forced
+    fetches of the key set has passed (no sleeping)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.seconds
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def test_a_rolled_over_key_is_fetched_on_first_sight(world, person, monkeypatch):
+    """Entra rolls its signing keys over; within the hour the app keeps the key set, an ID token
+    signed with a key it has not seen makes it fetch the set again, once, rather than refuse the sign-in."""
+    import jwt.jwks_client
+
+    assert person.sign_in().status_code == 200  # the key set is cached now
+    world.sandbox.entra.rotate_signing_key()
+    monkeypatch.setattr(jwt.jwks_client, "time", _Later(31))
+    before = world.sandbox.entra.plan.stats.requests.copy()
+    another = EntraBrowser(world)
+    try:
+        page = another.sign_in("/api/pages/jobs")
+    finally:
+        another.close()
+
+    assert page.status_code == 200 and USER_NAME in text(page)
+    fetched = {shape: count - before.get(shape, 0) for shape, count in world.sandbox.entra.plan.stats.requests.items()}
+    assert sum(count for shape, count in fetched.items() if shape.endswith("/discovery/v2.0/keys")) == 1

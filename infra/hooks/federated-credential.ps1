@@ -3,7 +3,10 @@
 # ENTRA_CLIENT_ID with the Azure CLI:
 # 1. the app role the operator pages require (PAGES_APP_ROLE, default Invoicing.Operator) is
 #    defined on it, added to the roles it has (assign people to it in Enterprise applications);
-# 2. unless ENTRA_CLIENT_SECRET is set, it trusts the function app's user-assigned managed identity
+# 2. its ID tokens carry the optional claim login_hint (added to the ones it has), which the pages
+#    send back as logout_hint at sign-out: Entra then ends that account's session without asking
+#    the person which account to sign out of;
+# 3. unless ENTRA_CLIENT_SECRET is set, it trusts the function app's user-assigned managed identity
 #    through a federated identity credential, so the app signs in as the app registration with a
 #    token of that identity and no secret exists (Microsoft Entra ID: "Configure an application to
 #    trust a managed identity"). Microsoft requires the app registration and the managed identity
@@ -89,7 +92,34 @@ if ($role -and $role -ne '*') {
   }
 }
 
-# 2. The federated identity credential.
+# 2. The login_hint optional claim in ID tokens ("To use logout_hint, enable the login_hint
+#    optional claim in your client application"); the update replaces the whole optionalClaims.
+$hinted = az ad app show --id $app --query "optionalClaims.idToken[?name=='login_hint'].name" -o tsv
+if ($LASTEXITCODE -ne 0) { exit $LASTEXITCODE }
+if (-not $hinted) {
+  $claims = az ad app show --id $app --query optionalClaims -o json | ConvertFrom-Json
+  if ($LASTEXITCODE -ne 0) { exit $LASTEXITCODE }
+  $optional = [ordered]@{
+    idToken     = @(@($claims.idToken | Where-Object { $_ }) + [pscustomobject]@{ name = 'login_hint'; essential = $false })
+    accessToken = @($claims.accessToken | Where-Object { $_ })
+    saml2Token  = @($claims.saml2Token | Where-Object { $_ })
+  }
+  $claimsFile = New-TemporaryFile
+  try {
+    ConvertTo-Json -InputObject $optional -Depth 5 | Set-Content -Path $claimsFile -Encoding utf8
+    Write-Host "Adding the optional claim login_hint to the ID tokens of app registration $app (sign-out names the account)."
+    az ad app update --id $app --optional-claims "@$($claimsFile.FullName)" --only-show-errors -o none
+    if ($LASTEXITCODE -ne 0) { exit $LASTEXITCODE }
+  }
+  finally {
+    Remove-Item -Path $claimsFile -ErrorAction SilentlyContinue
+  }
+}
+else {
+  Write-Host "App registration $app already puts login_hint in its ID tokens."
+}
+
+# 3. The federated identity credential.
 if ($env:ENTRA_CLIENT_SECRET) {
   Write-Host 'ENTRA_CLIENT_SECRET is set: the app signs in with the client secret; no federated credential needed.'
   exit 0

@@ -3,7 +3,10 @@
 # extension, so this hook sets up the app registration ENTRA_CLIENT_ID with the Azure CLI:
 # 1. the app role the operator pages require (PAGES_APP_ROLE, default Invoicing.Operator) is
 #    defined on it, added to the roles it has (assign people to it in Enterprise applications);
-# 2. unless ENTRA_CLIENT_SECRET is set, it trusts the function app's user-assigned managed identity
+# 2. its ID tokens carry the optional claim login_hint (added to the ones it has), which the pages
+#    send back as logout_hint at sign-out: Entra then ends that account's session without asking
+#    the person which account to sign out of;
+# 3. unless ENTRA_CLIENT_SECRET is set, it trusts the function app's user-assigned managed identity
 #    through a federated identity credential, so the app signs in as the app registration with a
 #    token of that identity and no secret exists (Microsoft Entra ID: "Configure an application to
 #    trust a managed identity"). Microsoft requires the app registration and the managed identity
@@ -70,7 +73,19 @@ if [ -n "$role" ] && [ "$role" != "*" ]; then
   fi
 fi
 
-# 2. The federated identity credential.
+# 2. The login_hint optional claim in ID tokens ("To use logout_hint, enable the login_hint
+#    optional claim in your client application"); the update replaces the whole optionalClaims.
+if [ -z "$(az ad app show --id "$app" --query "optionalClaims.idToken[?name=='login_hint'].name" -o tsv)" ]; then
+  claims_file=$(mktemp)
+  az ad app show --id "$app" -o json --query "{idToken: [optionalClaims.idToken || \`[]\`, [{name: 'login_hint', essential: \`false\`}]][], accessToken: optionalClaims.accessToken || \`[]\`, saml2Token: optionalClaims.saml2Token || \`[]\`}" >"$claims_file"
+  echo "Adding the optional claim login_hint to the ID tokens of app registration $app (sign-out names the account)."
+  az ad app update --id "$app" --optional-claims "@$claims_file" --only-show-errors -o none
+  rm -f "$claims_file"
+else
+  echo "App registration $app already puts login_hint in its ID tokens."
+fi
+
+# 3. The federated identity credential.
 if [ -n "${ENTRA_CLIENT_SECRET:-}" ]; then
   echo "ENTRA_CLIENT_SECRET is set: the app signs in with the client secret; no federated credential needed."
   exit 0

@@ -14,6 +14,8 @@ import json
 import re
 import random
 import threading
+from datetime import datetime, timezone
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -28,7 +30,8 @@ from sandbox.graph.appointments import apply_changes, as_listed, as_read, check_
 from sandbox.graph.batch import parse_batch, run_batch
 from sandbox.graph.data_api import DataApi
 from sandbox.graph.options import GraphOptions
-from sandbox.graph.permissions import RequireGraphPermission
+from sandbox.graph.permissions import RequireGraphPermission, app_only
+from sandbox.graph.rules import violation
 from sandbox.graph.schema import Reader, check_entity_type
 from sandbox.graph.store import Business, Collection
 from sandbox.graph.times import parse_instant
@@ -62,9 +65,14 @@ class GraphSimulator(DataApi):
         self.options = options or GraphOptions()
         self.options.check()
         self._omissions = random.Random(self.plan.knobs.seed)
+        self._empty_pages = random.Random(self.plan.knobs.seed + 1)
         self.omitted_reads = 0
         """Calendar views answered with appointments left out (`GraphOptions.calendar_view_omit`)."""
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self.page_served: Callable[[str, str], None] | None = None
+        """For tests: called with (business id, collection) after each page of a business's collection
+        is made, under the data lock (the data API may be used in it), e.g. to delete a customer
+        while a client walks the list."""
         self._businesses: dict[str, Business] = {}
         self._writes: list[Write] = []
         business = BUSINESSES_PATH + "/{business_id}"
@@ -155,7 +163,20 @@ class GraphSimulator(DataApi):
         return f"{base}('{quote(business.id, safe='')}')/{segment}" if business else base
 
     def _page(self, request: Request, entries: list, context: str, kind: str, project) -> Response:
-        return page(request, entries, context, kind, project, self.page_size)
+        """Call with the lock held."""
+        options = self.options
+        empty = bool(options.empty_pages) and self._empty_pages.random() < options.empty_pages
+        answer = page(request, entries, context, kind, project, self.page_size, options.paging, empty)
+        if self.page_served is not None:
+            self.page_served(request.path_params.get("business_id", ""), kind)
+        return answer
+
+    def _refused(self, error: GraphError) -> GraphError:
+        """A refusal of what a write holds, as `GraphOptions.refusal_style` says Graph answers it."""
+        style = self.options.refusal_style
+        if style == "precise" or error.status != 400:
+            return error
+        return GraphError(500 if style == "unknown-500" else 400, "UnknownError", "")
 
     async def _list_businesses(self, request: Request) -> Response:
         with self._lock:
@@ -173,25 +194,27 @@ class GraphSimulator(DataApi):
                 "isPublished": True, "languageTag": "en-US",
                 "publicUrl": f"https://outlook.office365.com/owa/calendar/{quote(business.id, safe='@')}/bookings/",
                 "address": {"street": "", "city": "", "state": "", "countryOrRegion": "", "postalCode": ""},
-                "businessHours": [], "schedulingPolicy": None,
+                "businessHours": copy.deepcopy(business.business_hours),
+                "schedulingPolicy": copy.deepcopy(business.scheduling_policy),
             }
             return json_response(request, body)
 
     async def _calendar_view(self, request: Request) -> Response:
         params = request.query_params
+        first, last = self.options.calendar_view_params.split("/")
         try:
-            start = parse_instant(params["start"]).timestamp()
-            end = parse_instant(params["end"]).timestamp()
+            start = parse_instant(params[first]).timestamp()
+            end = parse_instant(params[last]).timestamp()
         except (KeyError, ValueError):
             raise GraphError(400, "ErrorInvalidRequest",
-                             "The 'start' and 'end' query parameters are required and must be ISO 8601 "
+                             f"The '{first}' and '{last}' query parameters are required and must be ISO 8601 "
                              "date-times, e.g. 2018-01-01T00:00:00Z.") from None
         with self._lock:
             business = self._accessible(request)
             options = self.options
             entries = business.calendar_view(start, end, overlapping=options.calendar_view == "overlapping",
                                              cap=options.calendar_view_cap)
-            if options.calendar_view_omit and "$skiptoken" not in params:
+            if options.calendar_view_omit and "$skiptoken" not in params and "$skip" not in params:
                 entries = [entry for entry in entries if self._omissions.random() >= options.calendar_view_omit]
                 self.omitted_reads += 1
             zone = options.response_time_zone
@@ -238,10 +261,17 @@ class GraphSimulator(DataApi):
             body.update(selected(item, select_of(request)))
             return json_response(request, body)
 
-    @staticmethod
-    async def _json_object(request: Request) -> dict:
+    async def _body(self, request: Request) -> bytes:
+        """A write's body, refused 413 over Graph's 4 MB write limit."""
+        content = await request.body()
+        limit = self.options.max_write_bytes
+        if limit is not None and len(content) > limit:
+            raise GraphError(413, "RequestEntityTooLarge", "Request entity too large")
+        return content
+
+    async def _json_object(self, request: Request) -> dict:
         try:
-            fields = json.loads(await request.body() or b"null")
+            fields = json.loads(await self._body(request) or b"null")
         except ValueError:
             raise GraphError(400, "BadRequest", "Invalid JSON in the request body.") from None
         if not isinstance(fields, dict):
@@ -250,13 +280,21 @@ class GraphSimulator(DataApi):
 
     async def _patch_appointment(self, request: Request) -> Response:
         fields = await self._json_object(request)
-        if fields.get("@odata.type", "#microsoft.graph.bookingAppointment") != "#microsoft.graph.bookingAppointment":
-            raise GraphError(400, "BadRequest", "A type named '" + str(fields["@odata.type"]) + "' could not be resolved.")
-        fields.pop("@odata.type", None)
-        check_appointment_fields(fields, self.options.field_limits)
+        try:
+            if fields.get("@odata.type", "#microsoft.graph.bookingAppointment") != "#microsoft.graph.bookingAppointment":
+                raise GraphError(400, "BadRequest",
+                                 "A type named '" + str(fields["@odata.type"]) + "' could not be resolved.")
+            fields.pop("@odata.type", None)
+            check_appointment_fields(fields, self.options.field_limits)
+        except GraphError as error:
+            raise self._refused(error) from None
         with self._lock:
             business = self._accessible(request)
             appointment = self._item(request, business.appointments)
+            if self.options.app_only_business_rules == "strict" and app_only(request.scope):
+                broken = violation(business, {**appointment, **fields}, datetime.now(timezone.utc))
+                if broken:
+                    raise self._refused(GraphError(400, "ErrorInvalidRequest", broken))
             apply_changes(business, appointment, fields)
             self._writes.append(write_record("PATCH", "appointments", business.id, appointment["id"]))
         return json_response(request, None, 204)
@@ -269,8 +307,11 @@ class GraphSimulator(DataApi):
 
     async def _create_customer(self, request: Request) -> Response:
         body = await self._json_object(request)
-        check_entity_type(body, "bookingCustomer", self.options.customer_create_needs_odata_type)
-        fields = self._reader("customer").entity("bookingCustomer", body, creating=True)
+        try:
+            check_entity_type(body, "bookingCustomer", self.options.customer_create_needs_odata_type)
+            fields = self._reader("customer").entity("bookingCustomer", body, creating=True)
+        except GraphError as error:
+            raise self._refused(error) from None
         with self._lock:
             business = self._accessible(request)
             customer = new_customer(business.id, fields)
@@ -278,8 +319,11 @@ class GraphSimulator(DataApi):
 
     async def _create_service(self, request: Request) -> Response:
         body = await self._json_object(request)
-        check_entity_type(body, "bookingService", required=False)
-        fields = self._reader("service").entity("bookingService", body, creating=True)
+        try:
+            check_entity_type(body, "bookingService", required=False)
+            fields = self._reader("service").entity("bookingService", body, creating=True)
+        except GraphError as error:
+            raise self._refused(error) from None
         with self._lock:
             business = self._accessible(request)
             service = new_service(business.id, fields)
@@ -307,8 +351,11 @@ class GraphSimulator(DataApi):
         """PATCH one customer or service: the fields checked against the schema, applied, and
         recorded as a write; the business and (a copy of) the item as it now is."""
         body = await self._json_object(request)
-        check_entity_type(body, entity_type, required=False)
-        fields = self._reader(reader).entity(entity_type, body, creating=False)
+        try:
+            check_entity_type(body, entity_type, required=False)
+            fields = self._reader(reader).entity(entity_type, body, creating=False)
+        except GraphError as error:
+            raise self._refused(error) from None
         with self._lock:
             business = self._accessible(request)
             item = self._item(request, getattr(business, kind))
@@ -329,7 +376,7 @@ class GraphSimulator(DataApi):
 
     async def _batch(self, request: Request) -> Response:
         try:
-            payload = json.loads(await request.body() or b"null")
+            payload = json.loads(await self._body(request) or b"null")
         except ValueError:
             raise GraphError(400, "BadRequest", "Invalid batch payload: the body is not JSON.") from None
         items = parse_batch(payload)

@@ -33,6 +33,21 @@ class DataApi:
             elif display_name:
                 existing.display_name = display_name
 
+    def set_scheduling(self, business_id: str, *, business_hours: list[dict] | None = None,
+                       minimum_lead_time: str | None = None, time_zone: str | None = None) -> None:
+        """Set what a business's admin sets in Bookings and apps writing appointments must keep
+        (`sandbox.graph.rules`): its hours (``bookingWorkHours``: ``[{"day": "monday", "timeSlots":
+        [{"startTime": "08:00:00", "endTime": "17:00:00"}]}]``; an empty list: none), the scheduling
+        policy's ``minimumLeadTime`` (an ISO 8601 duration) and the zone the hours are in."""
+        with self._lock:
+            business = self._business(business_id)
+            if business_hours is not None:
+                business.business_hours = copy.deepcopy(business_hours)
+            if minimum_lead_time is not None:
+                business.scheduling_policy["minimumLeadTime"] = minimum_lead_time
+            if time_zone is not None:
+                business.time_zone = time_zone
+
     def load(self, dataset: Dataset) -> None:
         """Replace the services, customers and appointments of the dataset's businesses."""
         for business_id, data in dataset.businesses.items():
@@ -84,6 +99,11 @@ class DataApi:
             business = self._business(business_id)
             apply_changes(business, business.appointments.items[appointment_id], fields)
             return copy.deepcopy(business.appointments.items[appointment_id])
+
+    def delete_customer(self, business_id: str, customer_id: str) -> None:
+        """A staff member deleting a customer in Bookings (KeyError if there is none)."""
+        with self._lock:
+            self._business(business_id).customers.remove(customer_id)
 
     def set_inaccessible(self, business_id: str, inaccessible: bool = True) -> None:
         with self._lock:

@@ -12,6 +12,12 @@ from sandbox.tokens import BOOKINGS_APPOINTMENT_READ_WRITE, BOOKINGS_MANAGE, BOO
 CALENDAR_VIEW_MODES = ("starting", "overlapping")
 ADDRESS_TYPE_MODES = ("dropped", "as-sent", "other")
 CUSTOMER_UPDATE_STATUSES = (200, 204)
+RULE_MODES = ("strict", "off")
+REFUSAL_STYLES = ("precise", "unknown-400", "unknown-500")
+CALENDAR_VIEW_PARAMS = ("start/end", "startDateTime/endDateTime")
+PAGING_MODES = ("keyset", "offset")
+MAX_WRITE_BYTES = 4 * 1024 * 1024
+"""GRAPHDOCS ``concepts/use-the-api.md``: "Write requests in the Microsoft Graph API have a size limit of 4 MB."."""
 
 READ_ROLES = frozenset({BOOKINGS_READ, BOOKINGS_APPOINTMENT_READ_WRITE, BOOKINGS_READ_WRITE, BOOKINGS_MANAGE})
 """Reading a business, its customers and services (the per-API tables)."""
@@ -70,6 +76,27 @@ class GraphOptions:
     docs' example answer shows them) or ``other`` (``type`` stored as ``other``, as the docs' note
     says)."""
 
+    app_only_business_rules: str = "strict"
+    """Whether an app-only PATCH of an appointment must keep the business's rules (`rules`):
+    ``strict`` (not documented either way for a notes-only change: every one is checked, so a past
+    appointment cannot be changed by an app) or ``off``."""
+    refusal_style: str = "precise"
+    """How a write Graph refuses for its content (schema, lengths, business rules) is answered:
+    ``precise`` (400 with a code and a message), or, as reported from Bookings, ``unknown-400`` /
+    ``unknown-500`` (``UnknownError`` with an empty message). Nothing is executed either way."""
+    calendar_view_params: str = "start/end"
+    """The query parameters ``calendarView`` takes: ``start``/``end``, as documented, or (a
+    community report) ``startDateTime``/``endDateTime``; the other pair is a 400."""
+    paging: str = "keyset"
+    """How next links page a collection: ``keyset`` (an opaque ``$skiptoken`` remembering the last
+    item: each item seen once) or ``offset`` (``$skip=n``: an item removed before the cursor during a
+    walk makes the walk skip one, an item added before it repeats one)."""
+    empty_pages: float = 0.0
+    """This fraction of the pages that have a next link are answered with no items (and a next link
+    to the same place): "A page of results might contain zero or more results"."""
+    max_write_bytes: int | None = MAX_WRITE_BYTES
+    """A POST or PATCH body (a ``$batch`` included) longer than this is answered 413 (None: no limit)."""
+
     def check(self) -> None:
         if self.calendar_view not in CALENDAR_VIEW_MODES:
             raise ValueError(f"calendar_view must be one of {CALENDAR_VIEW_MODES}, not {self.calendar_view!r}")
@@ -86,6 +113,17 @@ class GraphOptions:
             raise ValueError(f"customer_update_status must be one of {CUSTOMER_UPDATE_STATUSES}")
         if self.customer_address_type not in ADDRESS_TYPE_MODES:
             raise ValueError(f"customer_address_type must be one of {ADDRESS_TYPE_MODES}")
+        for name, value, allowed in (("app_only_business_rules", self.app_only_business_rules, RULE_MODES),
+                                     ("refusal_style", self.refusal_style, REFUSAL_STYLES),
+                                     ("calendar_view_params", self.calendar_view_params, CALENDAR_VIEW_PARAMS),
+                                     ("paging", self.paging, PAGING_MODES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, not {value!r}")
+        if not 0.0 <= self.empty_pages < 1.0:
+            raise ValueError("empty_pages must be a fraction of at least 0 and below 1")
+        if self.max_write_bytes is not None and (isinstance(self.max_write_bytes, bool)
+                                                 or not isinstance(self.max_write_bytes, int) or self.max_write_bytes < 1):
+            raise ValueError("max_write_bytes must be None or a positive int")
         for name in ("read_roles", "appointment_read_roles", "list_roles", "write_roles", "customer_write_roles",
                      "service_write_roles"):
             if not isinstance(getattr(self, name), frozenset):

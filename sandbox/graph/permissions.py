@@ -44,6 +44,13 @@ def roles_needed(method: str, path: str, options: GraphOptions) -> frozenset[str
     return None
 
 
+def app_only(scope) -> bool:
+    """Whether the request that passed `RequireGraphPermission` carries an app-only token
+    (``idtyp`` ``app``: application permissions)."""
+    claims = (scope.get("state") or {}).get("graph_claims") or {}
+    return claims.get("idtyp") == "app"
+
+
 class RequireGraphPermission:
     """ASGI middleware: refuse a request without a valid Graph token or without the permission."""
 
@@ -60,6 +67,7 @@ class RequireGraphPermission:
                 await _refuse(send, 401, "InvalidAuthenticationToken", str(error),
                               [(b"www-authenticate", _WWW_AUTHENTICATE)])
                 return
+            scope.setdefault("state", {})["graph_claims"] = claims
             needed = roles_needed(scope["method"], scope["path"], self.options)
             if needed is not None and not needed & tokens.roles_of(claims):
                 await _refuse(send, 403, *ACCESS_DENIED)

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 
 from sandbox.graph.times import instant_of
 
+_DEFAULT_POLICY = {"timeSlotInterval": "PT30M", "minimumLeadTime": "PT0S", "maximumAdvance": "P365D",
+                   "sendConfirmationsToOwner": True, "allowStaffSelection": True}
+"""A new business's scheduling policy (`sandbox.graph.rules`; Bookings' own defaults are not documented)."""
+
 
 class Collection:
     """Items in insertion order, each with a stable sequence number for keyset paging."""
@@ -35,6 +39,11 @@ class Business:
     id: str
     display_name: str
     inaccessible: bool = False
+    business_hours: list[dict] = field(default_factory=list)
+    """``bookingWorkHours`` (``day``, ``timeSlots`` of ``startTime``/``endTime``); empty: none to keep."""
+    scheduling_policy: dict = field(default_factory=lambda: dict(_DEFAULT_POLICY))
+    time_zone: str = "UTC"
+    """The zone the business hours are in (the simulator's: v1.0 bookingBusiness names none)."""
     services: Collection = field(default_factory=Collection)
     customers: Collection = field(default_factory=Collection)
     appointments: Collection = field(default_factory=Collection)

@@ -1,9 +1,13 @@
 """What Graph's answers look like on the wire: the error shape, the JSON media type, and the
 paging of collections (an absolute `@odata.nextLink` with an opaque `$skiptoken`).
 
-Paging is keyset-based (the token remembers the last item's key), so a page walk sees every item
-that exists for the whole walk exactly once even when others are added or removed meanwhile.
-Sending `$top` returns that many and *no* next link, as the real service does.
+Graph's paging guide allows both forms of next link ("either a `$skiptoken` or a `$skip` query
+parameter") and pages of "zero or more results"; which one Bookings uses is not documented.
+`keyset` paging (the token remembers the last item's key) lets a page walk see every item that
+exists for the whole walk exactly once even when others are added or removed meanwhile; `offset`
+paging (``$skip=n``) skips an item when one before the cursor is removed during the walk and
+repeats one when one is added before it. Sending `$top` returns that many and *no* next link, as
+the real service does.
 """
 
 from __future__ import annotations
@@ -62,37 +66,52 @@ def json_response(request: Request, body: dict | None, status: int = 200, header
 
 
 def page(request: Request, entries: list[Entry], context: str, kind: str, project: Callable[[dict], dict],
-         page_size: int) -> Response:
-    """One page of `entries` (sorted by key); `page_size` 0 means everything in one answer."""
+         page_size: int, paging: str = "keyset", empty: bool = False) -> Response:
+    """One page of `entries` (sorted by key); `page_size` 0 means everything in one answer.
+    `paging` ``keyset`` or ``offset``; `empty`: answer this page with no items and a next link to
+    the same place (only where more items follow)."""
     params = request.query_params
     for option in _REFUSED_OPTIONS:
-        if option in params:
+        if option in params and not (option == "$skip" and paging == "offset"):
             raise GraphError(400, "BadRequest", f"Query option '{option}' is not supported by this API.")
     top = None
     if "$top" in params:
-        try:
-            top = int(params["$top"])
-        except ValueError:
-            top = -1
-        if top < 0:
-            raise GraphError(400, "BadRequest", f"Invalid value '{params['$top']}' for query option '$top'.")
+        top = _count(params["$top"], "$top")
     first = 0
-    if "$skiptoken" in params:
+    after: tuple = ()
+    if paging == "offset" and "$skip" in params:
+        first = _count(params["$skip"], "$skip")
+    elif "$skiptoken" in params:
         after = _decode_skiptoken(params["$skiptoken"], kind)
         try:
             first = bisect.bisect_right([key for key, _ in entries], after)
         except TypeError:
             raise GraphError(400, "BadRequest", "The $skiptoken is invalid.") from None
     size = top if top is not None else (max(int(page_size), 1) if page_size else len(entries))
-    chunk = entries[first:first + size]
+    held_back = empty and top is None and first < len(entries)
+    chunk = [] if held_back else entries[first:first + size]
     select = select_of(request)
     body: dict[str, Any] = {"@odata.context": context}
     if params.get("$count", "").lower() == "true":
         body["@odata.count"] = len(entries)
     body["value"] = [selected(project(item), select) for _, item in chunk]
-    if top is None and first + size < len(entries):
-        body["@odata.nextLink"] = _next_link(request, _encode_skiptoken(chunk[-1][0], kind))
+    if top is None and (held_back or first + size < len(entries)):
+        if paging == "offset":
+            body["@odata.nextLink"] = _next_link(request, "$skip", str(first + len(chunk)))
+        else:
+            last = chunk[-1][0] if chunk else after
+            body["@odata.nextLink"] = _next_link(request, "$skiptoken", _encode_skiptoken(last, kind))
     return json_response(request, body)
+
+
+def _count(text: str, option: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise GraphError(400, "BadRequest", f"Invalid value '{text}' for query option '{option}'.")
+    return value
 
 
 def select_of(request: Request) -> set[str] | None:
@@ -118,8 +137,8 @@ def _decode_skiptoken(token: str, kind: str) -> tuple:
         raise GraphError(400, "BadRequest", "The $skiptoken is invalid.") from None
 
 
-def _next_link(request: Request, token: str) -> str:
-    pairs = [(k, v) for k, v in request.query_params.multi_items() if k != "$skiptoken"]
-    pairs.append(("$skiptoken", token))
+def _next_link(request: Request, name: str, value: str) -> str:
+    pairs = [(k, v) for k, v in request.query_params.multi_items() if k not in ("$skiptoken", "$skip")]
+    pairs.append((name, value))
     query = "&".join(f"{quote(k, safe='$')}={quote(v, safe=':')}" for k, v in pairs)
     return f"{request.url.scheme}://{request.url.netloc}{quote(request.url.path, safe='/$')}?{query}"

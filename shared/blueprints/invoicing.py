@@ -137,12 +137,30 @@ class DryRun(BaseModel):
     invoices: list[PreviewInvoice]
 
 
+class NotNoted(BaseModel):
+    booking_id: str = Field(alias="bookingId")
+    outcome: Literal["refused", "failed", "gone", "unreadable", "too-long"] = Field(
+        description="refused: Bookings refused the change (e.g. its business rules for apps, or UnknownError); "
+                    "failed: no usable answer after retries; gone: the appointment is no longer in Bookings; "
+                    "unreadable: it could not be read; too-long: the staff notes had no room for the line")
+    message: str
+
+
+class WriteBack(BaseModel):
+    noted: int = Field(description="Bookings whose staff notes carry the invoice's marker line")
+    not_noted: list[NotNoted] = Field(alias="notNoted", description="Bookings whose notes do not, and why (at most "
+                                                                    "50); the invoice is made all the same")
+
+
 class JobInvoice(BaseModel):
     customer_email: str = Field(alias="customerEmail")
     invoice_id: str = Field(alias="invoiceId")
     invoice_number: str | None = Field(alias="invoiceNumber")
     amount: float | None
     booking_ids: list[str] = Field(alias="bookingIds")
+    write_back: WriteBack | None = Field(None, alias="writeBack",
+                                         description="With WRITE_BACK_TO_BOOKINGS: what became of the invoice's "
+                                                     "marker line in its appointments' staff notes")
 
 
 class JobError(BaseModel):

@@ -10,7 +10,7 @@ import azure.functions as func
 from pydantic import BaseModel, Field
 
 from shared.api import ApiRequest, Problem, endpoint
-from shared.checks import setup_checks
+from shared.checks import all_checks
 from shared.directory import directory_health
 from shared.runtime import runtime
 from shared.sync import last_sync
@@ -48,7 +48,9 @@ class DirectoryHealth(BaseModel):
 
 
 class SetupCheck(BaseModel):
-    name: str = Field(examples=["businessCentral"], description="graph | businessCentral | templates | dimensions")
+    name: str = Field(examples=["businessCentral"], description="graph | businessCentral | templates | dimensions | "
+                                                                "bookingsNotes (with WRITE_BACK_TO_BOOKINGS: did Bookings take "
+                                                                "the latest write-back's notes)")
     ok: bool
     message: str = Field(description="What was found, or what to fix and where")
 
@@ -81,7 +83,7 @@ async def _status() -> AppStatus:
     store = await rt.store()
     last = await last_sync(store)
     directory = await directory_health(store, rt.settings)
-    checks = await setup_checks(rt, store)
+    checks = await all_checks(rt, store)
     if last is None:
         status = "never-synced"
     elif last["outcome"] == "succeeded" and not (directory["customerFailures"] or directory["itemFailures"]) \

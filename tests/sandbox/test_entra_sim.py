@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import ssl
 import time
 import uuid
@@ -106,6 +107,37 @@ def test_unknown_tenant_fails_at_discovery_as_in_azure(entra) -> None:
     _, url = entra
     with pytest.raises(ValueError):
         confidential_app(url, SECRET, tenant="nobody.onmicrosoft.com")
+
+
+def test_a_tenant_asked_by_its_domain_name_answers_with_its_guid(entra) -> None:
+    sim, url = entra
+    guid = "7b2e4c1a-0000-4000-8000-00000000d0a1"
+    sim.register_client(guid, CLIENT_ID, SECRET)
+    sim.add_tenant_domain(guid, "fabrikam.example")
+
+    discovery = httpx.get(f"{url}/fabrikam.example/v2.0/.well-known/openid-configuration",
+                          verify=ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])).json()
+    result = confidential_app(url, SECRET, tenant="fabrikam.example").acquire_token_for_client(scopes=[GRAPH_SCOPE])
+
+    assert discovery["issuer"] == f"{url}/{guid}/v2.0" and f"/{guid}/oauth2/v2.0/token" in discovery["token_endpoint"]
+    claims = tokens.verify(f"Bearer {result['access_token']}", tokens.GRAPH_AUDIENCE)
+    assert claims["tid"] == guid and claims["iss"] == f"https://sts.windows.net/{guid}/"
+    with pytest.raises(ValueError):
+        sim.add_tenant_domain(TENANT, "fabrikam.example")
+
+
+def test_a_signing_key_rollover_publishes_the_new_key_first_and_keeps_the_old_one(entra) -> None:
+    sim, url = entra
+    old = sim.signing_key.kid
+    verify = ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+
+    new = sim.rotate_signing_key()
+    listed = [key["kid"] for key in httpx.get(f"{url}/{TENANT}/discovery/v2.0/keys", verify=verify).json()["keys"]]
+    sim.rotate_signing_key(keep_old=False)
+    alone = [key["kid"] for key in httpx.get(f"{url}/{TENANT}/discovery/v2.0/keys", verify=verify).json()["keys"]]
+
+    assert listed == [new, old] and new != old
+    assert alone == [sim.signing_key.kid]
 
 
 def test_certificate_credential_is_accepted_by_client_assertion(entra) -> None:
@@ -840,6 +872,47 @@ def signed_in_browser(stack, app, account: str = stack_module.USER_NAME):
     return http, app.acquire_token_by_auth_code_flow(flow, params)
 
 
+def test_sign_out_asks_which_account_unless_hinted_and_ends_only_that_one(stack) -> None:
+    """"To use `logout_hint`, enable the `login_hint` optional claim": the sandbox's app has it."""
+    stack.entra.add_user(stack_module.TENANT, name="Bo Bookkeeper", username="bo@contoso.example",
+                         app_roles={stack_module.CLIENT_ID: [stack_module.OPERATOR_ROLE]})
+    app = stack_app(stack)
+    http, ada = signed_in_browser(stack, app)
+    try:
+        bo = app.acquire_token_by_auth_code_flow(*_signed_in_again(http, app, "Bo Bookkeeper"))
+        logout = f"{stack.servers['entra-browser'].url}/{stack_module.TENANT}/oauth2/v2.0/logout"
+        asked = http.get(logout, params={"post_logout_redirect_uri": "http://127.0.0.1:7071/auth/callback"})
+        ended = http.get(logout, params={"post_logout_redirect_uri": "http://127.0.0.1:7071/auth/callback",
+                                         "logout_hint": ada["id_token_claims"]["login_hint"]})
+        ada_silent = start_flow(app, prompt="none", login_hint=stack_module.USER_USERNAME)
+        ada_answer = callback_params(http.get(ada_silent["auth_uri"]), "http://127.0.0.1:7071/auth/callback")
+        bo_silent = start_flow(app, prompt="none", login_hint="bo@contoso.example")
+        bo_answer = callback_params(http.get(bo_silent["auth_uri"]), "http://127.0.0.1:7071/auth/callback")
+    finally:
+        http.close()
+    assert ada["id_token_claims"]["login_hint"] != bo["id_token_claims"]["login_hint"]
+    assert asked.status_code == 200 and "Which account do you want to sign out of?" in asked.text
+    assert stack_module.USER_NAME in asked.text and "Bo Bookkeeper" in asked.text
+    assert ended.status_code == 302 and ended.headers["location"] == "http://127.0.0.1:7071/auth/callback"
+    assert ada_answer["error"] == "login_required", "the hinted account's session ended"
+    assert "code" in bo_answer, "the browser's other account stays signed in"
+
+
+def test_an_app_that_does_not_ask_for_login_hint_gets_none(stack) -> None:
+    stack.entra.set_optional_claims(stack_module.TENANT, stack_module.CLIENT_ID, [])
+    try:
+        http, result = signed_in_browser(stack, stack_app(stack))
+        http.close()
+    finally:
+        stack.entra.set_optional_claims(stack_module.TENANT, stack_module.CLIENT_ID, ["login_hint"])
+    assert "login_hint" not in result["id_token_claims"]
+
+
+def _signed_in_again(http: httpx.Client, app, account: str) -> tuple[dict, dict]:
+    flow = start_flow(app)
+    return flow, callback_params(choose(http, flow["auth_uri"], account), "http://127.0.0.1:7071/auth/callback")
+
+
 def test_prompt_none_signs_in_the_hinted_user_of_the_browsers_session_without_a_page(stack) -> None:
     app = stack_app(stack)
     http, _ = signed_in_browser(stack, app)
@@ -857,10 +930,10 @@ def test_prompt_none_signs_in_the_hinted_user_of_the_browsers_session_without_a_
 
 def test_signing_out_ends_the_browsers_session_for_prompt_none(stack) -> None:
     app = stack_app(stack)
-    http, _ = signed_in_browser(stack, app)
+    http, signed_in = signed_in_browser(stack, app)
     try:
         configuration = http.get(f"{stack.servers['entra'].url}/{stack_module.TENANT}/v2.0/.well-known/openid-configuration").json()
-        http.get(configuration["end_session_endpoint"])
+        http.get(configuration["end_session_endpoint"], params={"logout_hint": signed_in["id_token_claims"]["login_hint"]})
         silent = start_flow(app, prompt="none", login_hint=stack_module.USER_USERNAME)
         answer = callback_params(http.get(silent["auth_uri"]), "http://127.0.0.1:7071/auth/callback")
     finally:
@@ -895,15 +968,18 @@ def test_a_guests_id_token_names_their_home_tenant_as_identity_provider(stack) -
     http.close()
     http, member = signed_in_browser(stack, app)
     http.close()
-    stack.entra.member_idp = True
+    named = {}
     try:
-        http, named = signed_in_browser(stack, app)
-        http.close()
+        for form in ("issuer", "v1"):
+            stack.entra.member_idp = form
+            http, named[form] = signed_in_browser(stack, app)
+            http.close()
     finally:
-        stack.entra.member_idp = False
+        stack.entra.member_idp = None
     assert guest["id_token_claims"]["idp"] == f"https://sts.windows.net/{home}/"
     assert "idp" not in member["id_token_claims"]
-    assert named["id_token_claims"]["idp"] == named["id_token_claims"]["iss"]
+    assert named["issuer"]["id_token_claims"]["idp"] == named["issuer"]["id_token_claims"]["iss"]
+    assert named["v1"]["id_token_claims"]["idp"] == f"https://sts.windows.net/{named['v1']['id_token_claims']['tid']}/"
 
 
 @pytest.mark.parametrize("kind, refusal", [

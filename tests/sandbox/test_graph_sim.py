@@ -60,6 +60,14 @@ def default_options(served):
 
 
 @pytest.fixture
+def lenient_rules(served):
+    """Bookings' business rules off for app-only appointment writes (their own tests are in
+    test_graph_sim_variants.py): these tests write the dataset's past appointments."""
+    sim, _ = served
+    sim.configure(app_only_business_rules="off")
+
+
+@pytest.fixture
 def client(served, tls: TlsFiles):
     sim, url = served
     sim.plan.clear()
@@ -213,7 +221,7 @@ def whole_window_default() -> dict:
     return {"start": "2026-01-01T00:00:00Z", "end": "2027-01-01T00:00:00Z"}
 
 
-def test_patched_notes_show_by_id_but_not_in_lists(client, served, dataset) -> None:
+def test_patched_notes_show_by_id_but_not_in_lists(client, served, dataset, lenient_rules) -> None:
     sim, _ = served
     appointment = dataset.businesses[BUSINESS].appointments[0]
     path = f"{business_path()}/appointments/{appointment['id']}"
@@ -306,7 +314,7 @@ def test_customers_and_services_are_paged_lists(client, dataset) -> None:
         assert items == expected
 
 
-def test_batch_runs_inner_requests_and_answers_by_id(client, dataset) -> None:
+def test_batch_runs_inner_requests_and_answers_by_id(client, dataset, lenient_rules) -> None:
     appointment_id = dataset.businesses[BUSINESS].appointments[2]["id"]
     inner = f"{business_path()}/appointments/{appointment_id}"
     response = client.post("/$batch", json={"requests": [
@@ -443,7 +451,7 @@ def test_by_default_times_are_utc_as_stored_and_an_unknown_zone_is_refused(clien
     (["Calendars.ReadWrite", "Mail.Read"], 403, 403, 403),
 ])
 def test_each_operation_needs_one_of_its_documented_application_permissions(
-        served, tls: TlsFiles, dataset, roles, read, write, list_businesses) -> None:
+        served, tls: TlsFiles, dataset, lenient_rules, roles, read, write, list_businesses) -> None:
     _, url = served
     path = f"{business_path()}/appointments/{dataset.businesses[BUSINESS].appointments[3]['id']}"
     with graph_client(url, tls, roles=roles) as http:
@@ -466,7 +474,7 @@ def test_a_missing_permission_is_403_before_the_business_is_looked_up(served, tl
     assert response.status_code == 403 and response.json()["error"]["code"] == "ErrorAccessDenied"
 
 
-def test_the_permissions_an_operation_accepts_are_a_knob(client, served, tls: TlsFiles, dataset) -> None:
+def test_the_permissions_an_operation_accepts_are_a_knob(client, served, tls: TlsFiles, dataset, lenient_rules) -> None:
     sim, url = served
     path = f"{business_path()}/appointments/{dataset.businesses[BUSINESS].appointments[4]['id']}"
     sim.configure(write_roles=READ_ROLES)  # the per-API table's reading: Bookings.Read.All may PATCH
@@ -477,7 +485,7 @@ def test_the_permissions_an_operation_accepts_are_a_knob(client, served, tls: Tl
         assert http.get(f"{business_path()}/calendarView", params=whole_window(dataset)).status_code == 200
 
 
-def test_appointment_notes_are_limited_like_a_services_in_utf16_units(client, dataset) -> None:
+def test_appointment_notes_are_limited_like_a_services_in_utf16_units(client, dataset, lenient_rules) -> None:
     path = f"{business_path()}/appointments/{dataset.businesses[BUSINESS].appointments[6]['id']}"
 
     fits = client.patch(path, json={"serviceNotes": "n" * 998 + "\N{GRINNING FACE}"})  # 1,000 UTF-16 units

@@ -23,7 +23,7 @@ from shared.bc import TEMPLATE_FIELDS, web_client_invoice_url
 from shared.blueprints.pages import chain
 from shared.blueprints.pages.render import STATIC, N_
 from shared.blueprints.pages.web import Page, page, redirect
-from shared.checks import setup_checks
+from shared.checks import all_checks
 from shared.directory import InvalidTemplate, directory_health, list_templates, put_template, validate_template
 from shared.invoicing import (Filters, NotUninvoiced, TooLarge, after_cursor, candidates, encode_cursor,
                               invoice_bookings)
@@ -230,7 +230,7 @@ async def pages_setup(current: Page) -> func.HttpResponse:
 async def _setup(current: Page, store, status: int = 200, template_errors: dict | None = None,
                  edited: dict | None = None) -> func.HttpResponse:
     last = await last_sync(store)
-    checks = await setup_checks(current.rt, store)
+    checks = await all_checks(current.rt, store)
     directory = await directory_health(store)
     templates = await list_templates(store)
     fields = {kind: list(model.model_fields) for kind, model in TEMPLATE_FIELDS.items()}

@@ -123,7 +123,8 @@ async def pages_signin_callback(req: func.HttpRequest) -> func.HttpResponse:
 async def pages_signout(current: Page) -> func.HttpResponse:
     await sessions.end(await current.rt.store(), current.session.key)
     log.info("operator signed out", extra={"event": "pages_signed_out", "user_oid": current.principal.oid})
-    ending = await end_session_url(current.settings, current.site.redirect_uri) if current.site.redirect_uri else None
+    ending = await end_session_url(current.settings, current.site.redirect_uri, current.principal.login_hint) \
+        if current.site.redirect_uri else None
     return _signed_out(current.req, current.site, current.settings.time_zone, ending,
                        cookies=[*current.cookies, cookie(SESSION_COOKIE, "", 0, current.site.secure)])
 
