@@ -83,6 +83,8 @@ class ScriptedFault:
     path: re.Pattern
     kind: str
     remaining: int
+    skip: int = 0
+    """Matching requests still to let through before the fault applies."""
 
 
 @dataclass
@@ -138,14 +140,14 @@ class FaultPlan:
             if "retry_after_omitted" in changes:
                 self._throttled = 0
 
-    def script(self, method: str, path_regex: str, kind: str, times: int = 1) -> None:
+    def script(self, method: str, path_regex: str, kind: str, times: int = 1, skip: int = 0) -> None:
         """The next `times` requests matching `method` and `path_regex` (searched in the path and
-        query string) get `kind`."""
+        query string) get `kind`, after `skip` matching ones went through untouched."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}")
         with self._lock:
             self._scripted.append(
-                ScriptedFault(method.upper(), re.compile(path_regex), kind, times)
+                ScriptedFault(method.upper(), re.compile(path_regex), kind, times, skip)
             )
 
     def clear(self) -> None:
@@ -162,6 +164,9 @@ class FaultPlan:
         with self._lock:
             for scripted in self._scripted:
                 if scripted.remaining > 0 and scripted.method in (method, "*") and scripted.path.search(path):
+                    if scripted.skip > 0:
+                        scripted.skip -= 1
+                        continue
                     scripted.remaining -= 1
                     if scripted.remaining == 0:
                         self._scripted.remove(scripted)

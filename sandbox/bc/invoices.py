@@ -180,7 +180,7 @@ class SalesInvoices(Dimensions):
     # sales invoice lines
 
     def create_line(self, company: Company, invoice_id: str, body: Any, *, api: bool) -> Row:
-        invoice = self._draft(company, invoice_id)
+        self._draft(company, invoice_id)
         values = coerce_body(LINE, body)
         if values.get("documentId", invoice_id) != invoice_id:
             raise dialog('The value for "documentId" cannot be modified.')
@@ -190,10 +190,8 @@ class SalesInvoices(Dimensions):
         existing = [company.tables["salesInvoiceLines"][i].fields["sequence"] for i in company.lines_of[invoice_id]]
         fields["sequence"] = values.get("sequence") or (max(existing, default=0) + 10000)
         if fields["sequence"] in existing:
-            raise BcError(400, "Internal_EntityWithSameKeyExists",
-                          "The record in table Sales Line already exists. Identification fields and values: "
-                          f"Document Type='Invoice',Document No.='{invoice.fields['number']}',"
-                          f"Line No.='{fields['sequence']}'")
+            # SalesInvoiceAggregator.PropagateInsertLine looks for the line before inserting it.
+            raise dialog("You cannot insert a line because a line already exists.")
         fields.update({k: v for k, v in values.items() if k not in ("itemId", "accountId", "lineType",
                                                                      "lineObjectNumber", "sequence")})
         _line_amounts(fields, "discountAmount" in values)

@@ -137,3 +137,37 @@ def test_a_dimension_set_line_changes_the_invoices_etag_and_can_be_changed_and_d
     assert changed.status_code == 200 and changed.json()["valueCode"] == "BERGEN"
     deleted = bc.client.delete(f"{url}({location['id']})", headers={"If-Match": changed.json()["@odata.etag"]})
     assert deleted.status_code == 204 and bc.client.get(url).json()["value"] == []
+
+
+def test_a_line_sent_again_with_its_sequence_is_refused_as_the_aggregator_refuses_it(bc: Bc) -> None:
+    _, _, customer = _setup(bc)
+    item = bc.sim.add_item(bc.company_id, displayName="Massage", type="Service", unitPrice=80)
+    invoice = _draft(bc, customer)
+    url = bc.url(f"salesInvoices({invoice['id']})/salesInvoiceLines")
+
+    first = bc.client.post(url, json={"itemId": item["id"], "quantity": 1, "sequence": 10000})
+    again = bc.client.post(url, json={"itemId": item["id"], "quantity": 1, "sequence": 10000})
+
+    assert first.status_code == 201
+    assert again.status_code == 400 and error_code(again) == "Application_DialogException"
+    assert error_message(again) == "You cannot insert a line because a line already exists."
+    assert len(bc.client.get(url).json()["value"]) == 1
+
+
+def test_a_draft_reads_with_every_lines_dimension_set_lines_in_one_multi_level_expand(bc: Bc) -> None:
+    _, _, customer = _setup(bc)
+    item = bc.sim.add_item(bc.company_id, displayName="Massage", type="Service", unitPrice=80)
+    invoice = _draft(bc, customer)
+    bc.client.post(bc.url(f"salesInvoices({invoice['id']})/dimensionSetLines"),
+                   json={"code": "LOCATION", "valueCode": "OSLO"})
+    bc.client.post(bc.url(f"salesInvoices({invoice['id']})/salesInvoiceLines"), json={"itemId": item["id"]})
+
+    read = bc.client.get(bc.url(f"salesInvoices({invoice['id']})"),
+                         params={"$expand": "dimensionSetLines,salesInvoiceLines($expand=dimensionSetLines)"})
+    wrong = bc.client.get(bc.url(f"salesInvoices({invoice['id']})"),
+                          params={"$expand": "salesInvoiceLines($expand=nothing)"})
+
+    assert read.status_code == 200, read.text
+    [line] = read.json()["salesInvoiceLines"]
+    assert [(d["code"], d["valueCode"]) for d in line["dimensionSetLines"]] == [("LOCATION", "OSLO")]
+    assert wrong.status_code == 400
