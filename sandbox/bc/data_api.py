@@ -106,6 +106,14 @@ class DataApi:
             row = self._backend.block_dimension_value(company, dimension_code, code, blocked)
             return self._backend.present(company, "dimensionValues", row, hidden=True)
 
+    def add_default_dimension(self, company_id: str, source: str, number: str, code: str, value: str) -> None:
+        """A Default Dimension set up in BC: ``source`` one of ``customers``, ``items``,
+        ``salespeople``, ``locations``; ``number`` the record's number or code (``""``: every
+        record of that table), e.g. ``add_default_dimension(c, "customers", "C00010", "LOCATION", "BERGEN")``."""
+        with self._lock, self._backend.atomic(count=False):
+            company = self._backend.company(company_id)
+            self._backend.add_default_dimension(company, source, number, code, value)
+
     def dimension_sets(self, company_id: str) -> dict[str, dict[str, str]]:
         """Every invoice's and line's dimension set (record id → dimension code → value code)."""
         with self._lock:

@@ -132,6 +132,7 @@ CUSTOMER = EntitySpec("customers", "customer", "Customer", {
     "lastModifiedDateTime": RO_DATETIME,
     "customerPostingGroup": _hidden_code(20, "Customer Posting Group"),
     "genBusPostingGroup": _hidden_code(20, "Gen. Bus. Posting Group"),
+    "locationCode": _hidden_code(10, "Location Code"),
 })
 
 ITEM = EntitySpec("items", "item", "Item", {
@@ -174,6 +175,7 @@ INVOICE = EntitySpec("salesInvoices", "salesInvoice", "Sales Header", {
     "totalAmountExcludingTax": RO_DEC, "totalTaxAmount": RO_DEC, "totalAmountIncludingTax": RO_DEC,
     "status": Field("enum", read_only=True, options=INVOICE_STATUSES), "lastModifiedDateTime": RO_DATETIME,
     "phoneNumber": _text(30, "Sell-to Phone No."), "email": _text(80, "Email"),
+    "locationCode": _hidden_code(10, "Location Code"),
 }, source_table="Sales Invoice Entity Aggregate")
 
 LINE = EntitySpec("salesInvoiceLines", "salesInvoiceLine", "Sales Line", {

@@ -59,6 +59,7 @@ class SalesInvoices(Dimensions):
         self._validate_header(values)
         fields.update({k: v for k, v in values.items() if k not in ("customerId", "customerNumber",
                                                                      "billToCustomerId", "billToCustomerNumber")})
+        self.set_dimension_set(company, record_id, self._header_defaults(company, fields))
         if "invoiceDate" in values and "dueDate" not in values:
             fields["dueDate"] = values["invoiceDate"]
         if company.series_problems.get("postedSalesInvoices") == "missing":
@@ -91,7 +92,7 @@ class SalesInvoices(Dimensions):
                           shipToPostCode=c["postalCode"], currencyId=c["currencyId"],
                           currencyCode=c["currencyCode"] or LCY_CODE, paymentTermsId=c["paymentTermsId"],
                           shipmentMethodId=c["shipmentMethodId"], salesperson=c["salespersonCode"],
-                          phoneNumber=c["phoneNumber"], email=c["email"])
+                          phoneNumber=c["phoneNumber"], email=c["email"], locationCode=c["locationCode"])
         bill_to_given = any(k in values for k in ("billToCustomerId", "billToCustomerNumber"))
         if bill_to_given or (new or sell_to_given):
             if bill_to_given:
@@ -107,6 +108,13 @@ class SalesInvoices(Dimensions):
                           billToAddressLine2=bill_to["addressLine2"], billToCity=bill_to["city"],
                           billToCountry=bill_to["country"], billToState=bill_to["state"],
                           billToPostCode=bill_to["postalCode"])
+
+    def _header_defaults(self, company: Company, fields: dict[str, Any]) -> dict[str, str]:
+        """SalesHeader.InitDefaultDimensionSources: bill-to customer, salesperson, (campaign,
+        responsibility center, customer template: not simulated), location."""
+        return self.default_dimensions(company, [
+            ("customers", fields["billToCustomerNumber"]), ("salespeople", fields["salesperson"]),
+            ("locations", fields["locationCode"])])
 
     @staticmethod
     def _validate_header(values: dict[str, Any]) -> None:
@@ -135,6 +143,10 @@ class SalesInvoices(Dimensions):
         self._validate_header(values)
         fields.update({k: v for k, v in values.items() if k not in ("customerId", "customerNumber",
                                                                      "billToCustomerId", "billToCustomerNumber")})
+        if any(name in values for name in ("customerId", "customerNumber", "billToCustomerId", "billToCustomerNumber")):
+            # SalesHeader.CreateDim: a new customer makes the header's set from the default sources
+            # again (what was set by hand is gone); the existing lines are not simulated to follow.
+            self.set_dimension_set(company, fields["id"], self._header_defaults(company, fields))
         self._put(company, "salesInvoices", fields["id"], fields)
         return self._recalculate(company, fields["id"])
 
@@ -197,8 +209,14 @@ class SalesInvoices(Dimensions):
         _line_amounts(fields, "discountAmount" in values)
         row = self._put(company, "salesInvoiceLines", fields["id"], fields)
         self._journal.set(company.lines_of[invoice_id], fields["id"], None)
-        # SalesLine.CreateDim: a new line inherits the header's dimension set as it is now.
-        self.set_dimension_set(company, fields["id"], self.dimension_set(company, invoice_id))
+        # SalesLine.CreateDim: a new line inherits the header's dimension set as it is now, merged
+        # with its item's default dimensions.
+        dimensions = self.dimension_set(company, invoice_id)
+        if fields["lineType"] == "Item":
+            for code, value in self.default_dimensions(company, [("items", fields["lineObjectNumber"])]).items():
+                if code not in dimensions or self.options.line_default_dims_override_header:
+                    dimensions[code] = value
+        self.set_dimension_set(company, fields["id"], dimensions)
         if api:
             self._journal.creates.append("salesInvoiceLines")
         self._recalculate(company, invoice_id)

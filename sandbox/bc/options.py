@@ -39,6 +39,11 @@ class BcOptions:
     filter_counts_conversions: bool = True
     """Undocumented: whether OData's binding inserts conversion nodes for BC's fields (their
     ``MaxLength``/``Scale`` facets). True counts them (strictest); False: a model without facets."""
+    line_default_dims_override_header: bool = True
+    """Docs silent (it depends on the company's Default Dimension Priorities for source code
+    SALES, BASEAPP `DimensionManagement.GetDefaultDimID`): True, a new line takes its item's
+    default value of a dimension the header already has (the item has a priority, the customer
+    none or a lower one); False, the header's value stays (no priorities, or the customer's first)."""
     sales_tax: bool = False
     """A sales-tax (North American) company: BC then skips the sell-to customer's Gen. Bus. Posting
     Group check when an invoice is created. False: the check runs (as in W1 companies)."""

@@ -76,6 +76,9 @@ class Company:
     """(dimension code, value code) → the dimension value's id."""
     dimension_sets: dict[str, dict[str, str]] = field(default_factory=dict)
     """Document or line id → its dimension set (dimension code → value code); none: empty."""
+    default_dimensions: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
+    """(source, number) → its default dimensions (code → value code); number ``""``: every record
+    of the source's table (BC's Account Type Default Dimension)."""
     lines_of: dict[str, dict[str, None]] = field(default_factory=dict)
     """Invoice id → its line ids."""
     series: dict[str, int] = field(default_factory=dict)

@@ -171,3 +171,58 @@ def test_a_draft_reads_with_every_lines_dimension_set_lines_in_one_multi_level_e
     [line] = read.json()["salesInvoiceLines"]
     assert [(d["code"], d["valueCode"]) for d in line["dimensionSetLines"]] == [("LOCATION", "OSLO")]
     assert wrong.status_code == 400
+
+
+def _dimensions_of(bc: Bc, path: str) -> dict[str, str]:
+    lines = bc.client.get(bc.url(f"{path}/dimensionSetLines")).json()["value"]
+    return {line["code"]: line["valueCode"] for line in lines}
+
+
+def test_a_new_invoice_starts_with_the_default_dimensions_of_its_customer_salesperson_and_location(bc: Bc) -> None:
+    _setup(bc)
+    for code, values in (("DEPARTMENT", ("SALES", "ADM")), ("AREA", ("NORTH", "SOUTH"))):
+        bc.sim.add_dimension(bc.company_id, code, code.title())
+        for value in values:
+            bc.sim.add_dimension_value(bc.company_id, code, value, value.title())
+    bc.sim.add_dimension_value(bc.company_id, "LOCATION", "BERGEN", "Bergen")
+    customer = bc.sim.add_customer(bc.company_id, displayName="Dag", salespersonCode="PS", locationCode="BLUE")
+    bc.sim.add_default_dimension(bc.company_id, "customers", customer["number"], "LOCATION", "BERGEN")
+    bc.sim.add_default_dimension(bc.company_id, "customers", "", "LOCATION", "OSLO")  # every customer: the record's wins
+    bc.sim.add_default_dimension(bc.company_id, "salespeople", "PS", "DEPARTMENT", "SALES")
+    bc.sim.add_default_dimension(bc.company_id, "salespeople", "PS", "LOCATION", "OSLO")  # the customer came first
+    bc.sim.add_default_dimension(bc.company_id, "locations", "BLUE", "AREA", "NORTH")
+
+    invoice = _draft(bc, customer)
+
+    assert _dimensions_of(bc, f"salesInvoices({invoice['id']})") == {
+        "LOCATION": "BERGEN", "DEPARTMENT": "SALES", "AREA": "NORTH"}
+    again = bc.client.post(bc.url(f"salesInvoices({invoice['id']})/dimensionSetLines"),
+                           json={"code": "LOCATION", "valueCode": "OSLO"})
+    assert again.status_code == 400 and error_message(again).startswith("The dimension set line already exists.")
+    [location] = [line for line in bc.client.get(bc.url(f"salesInvoices({invoice['id']})/dimensionSetLines")).json()[
+        "value"] if line["code"] == "LOCATION"]
+    changed = bc.client.patch(bc.url(f"salesInvoices({invoice['id']})/dimensionSetLines({location['id']})"),
+                              json={"valueCode": "OSLO"}, headers={"If-Match": location["@odata.etag"]})
+    assert changed.status_code == 200 and changed.json()["valueCode"] == "OSLO"
+
+
+@pytest.mark.parametrize("item_wins", [True, False])
+def test_a_new_line_merges_its_items_default_dimensions_into_the_headers(bc: Bc, item_wins: bool) -> None:
+    _, _, customer = _setup(bc)
+    bc.sim.configure(line_default_dims_override_header=item_wins)
+    bc.sim.add_dimension_value(bc.company_id, "LOCATION", "BERGEN", "Bergen")
+    bc.sim.add_dimension(bc.company_id, "PRODUCT", "Product")
+    bc.sim.add_dimension_value(bc.company_id, "PRODUCT", "HAIR", "Hair")
+    item = bc.sim.add_item(bc.company_id, displayName="Cut", type="Service", unitPrice=40)
+    bc.sim.add_default_dimension(bc.company_id, "items", item["number"], "LOCATION", "BERGEN")
+    bc.sim.add_default_dimension(bc.company_id, "items", "", "PRODUCT", "HAIR")
+    invoice = _draft(bc, customer)
+    bc.client.post(bc.url(f"salesInvoices({invoice['id']})/dimensionSetLines"),
+                   json={"code": "LOCATION", "valueCode": "OSLO"})
+
+    line = bc.client.post(bc.url(f"salesInvoices({invoice['id']})/salesInvoiceLines"),
+                          json={"itemId": item["id"], "quantity": 1}).json()
+
+    assert _dimensions_of(bc, f"salesInvoiceLines({line['id']})") == {
+        "LOCATION": "BERGEN" if item_wins else "OSLO", "PRODUCT": "HAIR"}
+    assert _dimensions_of(bc, f"salesInvoices({invoice['id']})") == {"LOCATION": "OSLO"}
