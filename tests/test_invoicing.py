@@ -344,6 +344,41 @@ def test_a_deleted_draft_makes_its_bookings_uninvoiced_and_a_posted_one_marks_th
     assert counts["bookingsReleased"] == 1 and counts["bookingsPosted"] == 1
 
 
+def test_a_released_draft_is_not_taken_for_posted_and_once_reopened_and_deleted_its_bookings_are_uninvoiced(world):
+    a = appointment(world)
+    world.sync()
+    [made] = run_job(world, {"bookingIds": [a]})["invoices"]
+
+    world.bc.release_invoice(world.company_id, made["invoiceId"])  # BC's API now says "Open", as if posted
+    world.sync()
+    assert {r["AppointmentId"]: r["InvoiceState"] for r in rows(world, BOOKINGS)}[a] != "posted"
+    world.bc.reopen_invoice(world.company_id, made["invoiceId"])
+    world.bc.delete_invoice(world.company_id, made["invoiceId"])
+    world.sync()
+
+    assert [r["id"] for r in uninvoiced(world)["value"]] == [a]
+
+
+@pytest.mark.parametrize("keeps_number", [False, True])
+def test_a_posted_invoice_is_marked_posted_once_bc_shows_it_posted(world, keeps_number):
+    """With one number series for drafts and posted invoices, `Open` cannot tell posted from
+    released: the bookings are marked posted once BC shows the invoice paid."""
+    world.bc.configure(posted_invoice_keeps_number=keeps_number)
+    a = appointment(world)
+    world.sync()
+    [made] = run_job(world, {"bookingIds": [a]})["invoices"]
+
+    world.bc.post_invoice(world.company_id, made["invoiceId"])
+    world.sync()
+    state = {r["AppointmentId"]: r["InvoiceState"] for r in rows(world, BOOKINGS)}[a]
+    assert (state == "posted") is not keeps_number
+    world.bc.pay_invoice(world.company_id, made["invoiceId"])
+    world.sync()
+
+    assert {r["AppointmentId"]: r["InvoiceState"] for r in rows(world, BOOKINGS)}[a] == "posted"
+    assert uninvoiced(world)["value"] == []
+
+
 def test_write_back_adds_one_marker_line_and_keeps_staff_notes(world):
     world.configure(WRITE_BACK_TO_BOOKINGS="true")
     a = appointment(world)

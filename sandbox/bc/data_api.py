@@ -144,10 +144,27 @@ class DataApi:
             self._backend.delete_invoice(company, invoice_id.lower())
 
     def post_invoice(self, company_id: str, invoice_id: str) -> dict:
-        """A user posting a draft: status ``Open``, a posted number (``PS-INV103001``…), same id."""
+        """A user posting a draft (released or not): status ``Open``, a posted number
+        (``PS-INV103001``…; the draft's own with `BcOptions.posted_invoice_keeps_number`), same id."""
+        return self._invoice_action(company_id, invoice_id, "post_invoice")
+
+    def release_invoice(self, company_id: str, invoice_id: str) -> dict:
+        """A user releasing a draft: still unposted, but the API shows status ``Open``, number unchanged;
+        it cannot be changed until it is reopened."""
+        return self._invoice_action(company_id, invoice_id, "release_invoice")
+
+    def reopen_invoice(self, company_id: str, invoice_id: str) -> dict:
+        """A user reopening a released draft: status ``Draft`` again."""
+        return self._invoice_action(company_id, invoice_id, "reopen_invoice")
+
+    def pay_invoice(self, company_id: str, invoice_id: str) -> dict:
+        """A payment applied to a posted invoice in full: status ``Paid``."""
+        return self._invoice_action(company_id, invoice_id, "pay_invoice")
+
+    def _invoice_action(self, company_id: str, invoice_id: str, action: str) -> dict:
         with self._lock, self._backend.atomic(count=False):
             company = self._backend.company(company_id)
-            row = self._backend.post_invoice(company, invoice_id.lower())
+            row = getattr(self._backend, action)(company, invoice_id.lower())
             return self._backend.present(company, "salesInvoices", row, expand=True)
 
     def set_api_template(self, entity: str, company_id: str | None = None, **defaults: Any) -> None:

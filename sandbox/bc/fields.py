@@ -176,6 +176,8 @@ INVOICE = EntitySpec("salesInvoices", "salesInvoice", "Sales Header", {
     "status": Field("enum", read_only=True, options=INVOICE_STATUSES), "lastModifiedDateTime": RO_DATETIME,
     "phoneNumber": _text(30, "Sell-to Phone No."), "email": _text(80, "Email"),
     "locationCode": _hidden_code(10, "Location Code"),
+    "posted": Field("bool", caption="Posted", hidden=True),
+    "released": Field("bool", caption="Released", hidden=True),
 }, source_table="Sales Invoice Entity Aggregate")
 
 LINE = EntitySpec("salesInvoiceLines", "salesInvoiceLine", "Sales Line", {

@@ -4,7 +4,8 @@ An invoice takes its sell-to and bill-to customer (by id or number) and copies w
 from them; a line takes its item and what BC copies from the item. BC's checks run where BC runs
 them: a blocked customer or one without posting groups is refused when the invoice gets its
 customer, an item without posting groups when a line gets the item, a number series that cannot
-assign a number when the invoice is inserted. Only drafts can be changed.
+assign a number when the invoice is inserted. Only drafts can be changed: a released one (which the
+API shows as ``Open``, like a posted one) must be reopened first, a posted one never.
 Totals are recalculated after every change of a line, which gives the invoice a new ETag too,
 as in BC. The simulated company has no tax.
 """
@@ -18,7 +19,8 @@ from typing import Any
 
 from sandbox.bc.errors import BcError, dialog
 from sandbox.bc.fields import INVOICE, LCY_CODE, LINE, ZERO_GUID, coerce_body, money
-from sandbox.bc.rules import check_customer_not_blocked, check_document_phone, check_email_addresses, must_have_value
+from sandbox.bc.rules import (check_customer_not_blocked, check_document_phone, check_email_addresses, field_error,
+                              must_have_value)
 from sandbox.bc.dimensions import Dimensions
 from sandbox.bc.store import MISSING, Company, Row
 
@@ -124,12 +126,36 @@ class SalesInvoices(Dimensions):
         if values.get("email"):
             check_email_addresses(values["email"])
 
-    def _draft(self, company: Company, invoice_id: str) -> Row:
+    def _draft(self, company: Company, invoice_id: str, released: bool = False) -> Row:
+        """An unposted invoice that may be changed (`released`: a released one too)."""
         invoice = self.row(company, "salesInvoices", invoice_id)
-        if invoice.fields["status"] != "Draft":
-            raise dialog(f"The sales invoice {invoice.fields['number']} is posted ({invoice.fields['status']}); "
-                          "only draft invoices can be changed.")
+        if invoice.fields["posted"]:
+            raise dialog("The invoice has been posted and can no longer be modified.")
+        if invoice.fields["released"] and not released:
+            raise field_error("Status must be equal to 'Open'  in Sales Header: Document Type=Invoice, "
+                              f"No.={invoice.fields['number']}. Current value is 'Released'.")
         return invoice
+
+    def release_invoice(self, company: Company, invoice_id: str) -> Row:
+        """Release (ReleaseSalesDocument): the API shows the unposted invoice as ``Open``."""
+        invoice = self._draft(company, invoice_id)
+        lines = [company.tables["salesInvoiceLines"][i].fields for i in company.lines_of.get(invoice_id, {})]
+        if not any(line["lineType"] != "Comment" and line["quantity"] for line in lines):
+            raise dialog("There is nothing to release for the document of type Invoice with the number "
+                         f"{invoice.fields['number']}.")
+        return self._put(company, "salesInvoices", invoice_id, {**invoice.fields, "released": True, "status": "Open"})
+
+    def reopen_invoice(self, company: Company, invoice_id: str) -> Row:
+        invoice = self._draft(company, invoice_id, released=True)
+        return self._put(company, "salesInvoices", invoice_id, {**invoice.fields, "released": False, "status": "Draft"})
+
+    def pay_invoice(self, company: Company, invoice_id: str) -> Row:
+        """The customer ledger entry of a posted invoice closed by a payment: status ``Paid``."""
+        invoice = self.row(company, "salesInvoices", invoice_id)
+        if not invoice.fields["posted"]:
+            raise dialog("The action can be applied to a posted invoice only.")
+        return self._put(company, "salesInvoices", invoice_id, {**invoice.fields, "status": "Paid",
+                                                               "remainingAmount": Decimal(0)})
 
     def modify_invoice(self, company: Company, row: Row, body: Any) -> Row:
         if isinstance(body, dict) and "salesInvoiceLines" in body:
@@ -151,7 +177,7 @@ class SalesInvoices(Dimensions):
         return self._recalculate(company, fields["id"])
 
     def delete_invoice(self, company: Company, invoice_id: str) -> None:
-        invoice = self._draft(company, invoice_id)
+        invoice = self._draft(company, invoice_id, released=True)  # Sales Header OnDelete checks no status
         for line_id in list(company.lines_of.get(invoice_id, {})):
             self._journal.set(company.tables["salesInvoiceLines"], line_id, MISSING)
             self.set_dimension_set(company, line_id, {})
@@ -161,7 +187,7 @@ class SalesInvoices(Dimensions):
         self._journal.set(company.tables["salesInvoices"], invoice_id, MISSING)
 
     def post_invoice(self, company: Company, invoice_id: str) -> Row:
-        invoice = self._draft(company, invoice_id)
+        invoice = self._draft(company, invoice_id, released=True)
         lines = [company.tables["salesInvoiceLines"][i].fields for i in company.lines_of.get(invoice_id, {})]
         if not any(line["lineType"] != "Comment" and line["quantity"] for line in lines):
             raise dialog("There is nothing to post.")
@@ -171,9 +197,12 @@ class SalesInvoices(Dimensions):
             if customer is not None:
                 check_customer_not_blocked(customer.fields, "post")
         fields = dict(invoice.fields)
-        number = self._next_number(company, "postedSalesInvoices")
-        self._index_number(company, "salesInvoices", number, invoice_id, fields["number"])
-        fields.update(number=number, status="Open")
+        if self.options.posted_invoice_keeps_number:
+            number = fields["number"]
+        else:
+            number = self._next_number(company, "postedSalesInvoices")
+            self._index_number(company, "salesInvoices", number, invoice_id, fields["number"])
+        fields.update(number=number, status="Open", posted=True, released=False)
         self._put(company, "salesInvoices", invoice_id, fields)
         return self._recalculate(company, invoice_id)
 

@@ -92,7 +92,7 @@ class MasterRecords(Store):
     def delete_master(self, company: Company, spec: EntitySpec, row: Row) -> None:
         record_id, number = row.fields["id"], row.fields["number"]
         for invoice in company.tables["salesInvoices"].values():
-            if invoice.fields["status"] != "Draft":
+            if invoice.fields["posted"]:
                 continue
             if spec is CUSTOMER and record_id in (invoice.fields["customerId"], invoice.fields["billToCustomerId"]):
                 raise dialog(f"You cannot delete Customer {number} because there is at least one outstanding "

@@ -44,6 +44,11 @@ class BcOptions:
     SALES, BASEAPP `DimensionManagement.GetDefaultDimID`): True, a new line takes its item's
     default value of a dimension the header already has (the item has a priority, the customer
     none or a lower one); False, the header's value stays (no priorities, or the customer's first)."""
+    posted_invoice_keeps_number: bool = False
+    """A company whose Posted Invoice Nos. is the same series as its Invoice Nos.: a posted
+    invoice keeps its draft's number (BC's Sales Header `GetPostingNoSeriesCode`). False (a
+    CRONUS-like setup): it gets the next posted number (PS-INV103001…). With True, a posted invoice
+    (status ``Open``) looks exactly like a released draft through the API."""
     sales_tax: bool = False
     """A sales-tax (North American) company: BC then skips the sell-to customer's Gen. Bus. Posting
     Group check when an invoice is created. False: the check runs (as in W1 companies)."""

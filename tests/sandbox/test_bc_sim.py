@@ -313,6 +313,47 @@ def test_deleted_and_posted_invoices_as_a_bc_user_leaves_them(bc: Bc) -> None:
     assert refused.status_code == 400
 
 
+def test_a_released_draft_reads_open_like_a_posted_invoice_and_can_be_reopened_and_deleted(bc: Bc) -> None:
+    customer = bc.sim.add_customer(bc.company_id, displayName="Grace")
+    item = bc.sim.add_item(bc.company_id, displayName="Session", type="Service", unitPrice=50)
+    draft = bc.client.post(bc.url("salesInvoices"), json={"customerId": customer["id"], "salesInvoiceLines": [
+        {"itemId": item["id"], "quantity": 1}]}).json()
+    url = bc.url(f"salesInvoices({draft['id']})")
+
+    bc.sim.release_invoice(bc.company_id, draft["id"])
+
+    released = bc.client.get(url).json()
+    assert (released["status"], released["number"]) == ("Open", draft["number"])
+    changed = bc.client.patch(url, json={"externalDocumentNumber": "X"}, headers={"If-Match": released["@odata.etag"]})
+    assert changed.status_code == 400 and error_message(changed) == (
+        f"Status must be equal to 'Open'  in Sales Header: Document Type=Invoice, No.={draft['number']}. "
+        "Current value is 'Released'.")
+    line = bc.client.post(f"{url}/salesInvoiceLines", json={"itemId": item["id"], "quantity": 1})
+    assert line.status_code == 400 and "Current value is 'Released'" in error_message(line)
+    bc.sim.reopen_invoice(bc.company_id, draft["id"])
+    assert bc.client.get(url).json()["status"] == "Draft"
+    bc.sim.release_invoice(bc.company_id, draft["id"])
+    bc.sim.delete_invoice(bc.company_id, draft["id"])  # a released draft can be deleted, a posted one not
+    assert bc.client.get(url).status_code == 404
+
+
+@pytest.mark.parametrize("keeps_number", [False, True])
+def test_a_posted_invoice_keeps_the_drafts_number_when_both_series_are_one(bc: Bc, keeps_number: bool) -> None:
+    bc.sim.configure(posted_invoice_keeps_number=keeps_number)
+    customer = bc.sim.add_customer(bc.company_id, displayName="Grace")
+    item = bc.sim.add_item(bc.company_id, displayName="Session", type="Service", unitPrice=50)
+    draft = bc.client.post(bc.url("salesInvoices"), json={"customerId": customer["id"], "salesInvoiceLines": [
+        {"itemId": item["id"], "quantity": 1}]}).json()
+
+    posted = bc.sim.post_invoice(bc.company_id, draft["id"])
+    paid = bc.sim.pay_invoice(bc.company_id, draft["id"])
+
+    assert posted["status"] == "Open" and (posted["number"] == draft["number"]) is keeps_number
+    assert paid["status"] == "Paid"
+    line = bc.client.post(bc.url(f"salesInvoices({draft['id']})/salesInvoiceLines"), json={"itemId": item["id"]})
+    assert error_message(line) == "The invoice has been posted and can no longer be modified."
+
+
 def test_long_lists_are_paged_with_next_links(bc: Bc) -> None:
     for n in range(7):
         bc.sim.add_customer(bc.company_id, displayName=f"Paged {n}")
