@@ -159,6 +159,7 @@ class BcClient:
         self.batch_url = settings.bc_batch_url
         self.timeout_seconds = settings.http_timeout_seconds
         self.execution_limit_seconds = settings.bc_execution_limit_seconds
+        self.queue_timeout_seconds = settings.bc_queue_timeout_seconds
         self._name: tuple[float, str] | None = None
 
     # -- unknown outcomes ----------------------------------------------------------------------
@@ -177,9 +178,12 @@ class BcClient:
 
     def settled_at(self, pending_since: datetime) -> datetime:
         """When no write claimed at `pending_since` can still be running in BC: its send
-        deadline plus BC's execution limit (`BC_EXECUTION_LIMIT_SECONDS`). Only then does looking
-        it up tell for sure whether it happened."""
-        return pending_since + timedelta(seconds=self.send_window_seconds + self.execution_limit_seconds)
+        deadline, plus the longest it may wait in BC's queue for a slot (`BC_QUEUE_TIMEOUT_SECONDS`;
+        BC answers 503 after that and never runs it), plus BC's execution limit once it runs
+        (`BC_EXECUTION_LIMIT_SECONDS`). Only then does looking it up tell for sure whether it
+        happened."""
+        return pending_since + timedelta(seconds=self.send_window_seconds + self.queue_timeout_seconds
+                                         + self.execution_limit_seconds)
 
     def confirm(self, pending_since: datetime, confirming_since: datetime | None = None,
                 attempt: bool = False) -> Wait:

@@ -805,6 +805,42 @@ def test_nothing_executes_later_than_the_execution_limit(bc: Bc) -> None:
     assert emails(bc) == []
 
 
+@pytest.mark.parametrize("counted_from", ["start", "arrival"])
+def test_the_execution_limit_counts_from_when_a_queued_request_gets_its_turn(bc: Bc, counted_from: str) -> None:
+    bc.sim.plan.configure(queued_seconds=0.4, late_seconds=0.3, execution_limit_seconds=0.5, queue_timeout_seconds=1,
+                          execution_limit_from=counted_from)
+    bc.sim.plan.script("POST", r"/customers$", "queued")
+
+    with pytest.raises(httpx.ReadTimeout):
+        bc.client.post(bc.url("customers"), json={"displayName": "Zoe", "email": "zoe@example.com"}, timeout=0.2)
+
+    if counted_from == "start":  # 0.4 s queued, then 0.3 s of its 0.5 s: it lands 0.7 s after it arrived
+        assert wait_until(lambda: emails(bc) == ["zoe@example.com"])
+    else:
+        time.sleep(1.0)
+        assert emails(bc) == []
+
+
+def test_a_request_queued_longer_than_the_queue_timeout_never_runs(bc: Bc) -> None:
+    bc.sim.plan.configure(queued_seconds=0.6, late_seconds=0.1, queue_timeout_seconds=0.3)
+    bc.sim.plan.script("POST", r"/customers$", "queued")
+
+    with pytest.raises(httpx.ReadTimeout):
+        bc.client.post(bc.url("customers"), json={"displayName": "Ada", "email": "ada@example.com"}, timeout=0.2)
+    time.sleep(1.0)
+
+    assert emails(bc) == []
+
+
+def test_a_502_says_when_to_come_back(bc: Bc) -> None:
+    bc.sim.plan.script("GET", r"/customers$", "502")
+
+    response = bc.client.get(bc.url("customers"))
+
+    assert response.status_code == 502 and response.headers["retry-after"]
+    assert bc.client.get(bc.url("customers")).status_code == 200
+
+
 # --- throttling --------------------------------------------------------------------------------------
 
 def test_bc_defaults_are_its_documented_limits() -> None:
