@@ -19,16 +19,15 @@ running the first create any more (`settled_at`)."""
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
-from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.bc_lookups import Lookup, Query, odata_string, pack, term
+from shared.bc_refusals import explain_refusal, web_client_invoice_url  # noqa: F401  (BC's refusals, links)
 from shared.http import (NOT_RUN_STATUS, ApiClient, UpstreamAmbiguous, UpstreamError, UpstreamNotFound, UpstreamThrottled,
                          error_from_body)
 from shared.settings import Settings
@@ -440,49 +439,3 @@ def _entity(body: Any) -> dict:
     if not isinstance(body, dict) or "id" not in body:
         raise UpstreamError("Business Central", None, "MalformedResponse", "the answer had no record")
     return body
-
-
-# -- what a refusal means -------------------------------------------------------------------------
-
-_FIXES: list[tuple[re.Pattern, str]] = [
-    (re.compile(r"(?P<field>Customer Posting Group|Gen\. Bus\. Posting Group) must have a value in "
-                r"Customer: No\.=(?P<number>[^\s.]+)", re.IGNORECASE),
-     "Customer {number} has no {field} in Business Central. Fix: set its {field} on the customer card in "
-     "Business Central, and give the customer template chosen on BC's API Setup page a {field} so that new "
-     "customers get one; then invoice these bookings again."),
-    (re.compile(r"(?P<field>Gen\. Prod\. Posting Group|Inventory Posting Group) must have a value in "
-                r"Item: No\.=(?P<number>[^\s.]+)", re.IGNORECASE),
-     "Item {number} has no {field} in Business Central. Fix: set its {field} on the item card (or set "
-     "generalProductPostingGroupCode in the item template named by ITEM_TEMPLATE, for new items); then "
-     "invoice these bookings again."),
-    (re.compile(r"Customer (?P<number>\S+) is blocked with type (?P<kind>\w+)", re.IGNORECASE),
-     "Customer {number} is blocked in Business Central (Blocked = {kind}). Fix: clear Blocked on the customer "
-     "card if the customer may be invoiced; then invoice these bookings again."),
-    (re.compile(r"Blocked must be equal to 'No'\s+in Item: No\.=(?P<number>[^\s.]+)", re.IGNORECASE),
-     "Item {number} is blocked in Business Central. Fix: clear Blocked on the item card; then invoice these "
-     "bookings again."),
-    (re.compile(r"Invoice Nos\. must have a value|number series|numbers manually|numbers automatically", re.IGNORECASE),
-     "Business Central has no usable number series for sales invoices. Fix: set Invoice Nos. in Sales & "
-     "Receivables Setup to a number series that can assign numbers; then invoice these bookings again."),
-]
-
-
-def explain_refusal(message: str) -> str:
-    """BC's refusal in words a bookkeeper can act on: what is wrong, and what to fix in BC.
-    An unknown refusal is passed on as BC worded it."""
-    for pattern, advice in _FIXES:
-        match = pattern.search(message)
-        if match:
-            return advice.format(**match.groupdict()) + f" (Business Central said: {message})"
-    return f"Business Central refused it: {message}"
-
-
-SALES_INVOICE_PAGE = 43
-
-
-def web_client_invoice_url(settings, company_name: str | None, number: str) -> str:
-    """Where a person opens a draft sales invoice in BC's web client (page 43, filtered to its No.)."""
-    query = [f"page={SALES_INVOICE_PAGE}", "filter=" + quote(f"'No.' IS '{number}'", safe="")]
-    if company_name:
-        query.insert(0, "company=" + quote(company_name, safe=""))
-    return f"{settings.bc_web_client_url}/{settings.tenant_id}/{settings.bc_environment}/?{'&'.join(query)}"

@@ -94,7 +94,13 @@ def collection(backend: Backend, r: ApiRequest, company: Company | None, spec: E
         rules = backend.options.filter_rules(r.query.get("$schemaversion"))
         tree = odata.parse_filter(r.query["$filter"])
         nodes.check(tree, entity, rules)
-        predicate = odata.compile_tree(tree, entity, rules)
+        try:
+            predicate = odata.compile_tree(tree, entity, rules)
+        except odata.NestedCallError:
+            undefined = backend.options.nested_functions_without_2_1
+            if undefined == "error":
+                raise
+            predicate = (lambda fields: False) if undefined == "empty" else (lambda fields: True)
         rows = [row for row in rows if predicate(row.fields)]
     order = [(default_order, False)]
     if r.query.get("$orderby"):

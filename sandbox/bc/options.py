@@ -23,7 +23,12 @@ class BcOptions:
     lower-case literal matches ``tolower(email)``. True: any literal's case matches."""
     nested_functions_need_schema_2_1: bool = True
     """Docs: nested calls are supported from ``$schemaversion=2.1``; before, they "throw an error or
-    return an undefined result". True: refused (400) without ``$schemaversion=2.1``. False: allowed."""
+    return an undefined result". True: not supported without ``$schemaversion=2.1`` (what then
+    happens: `nested_functions_without_2_1`). False: allowed."""
+    nested_functions_without_2_1: str = "empty"
+    """What a nested call gets where it is not supported ("either throws an error or returns an
+    undefined result"): ``"empty"`` (strictest: 200 with nothing, as if no record matched),
+    ``"unfiltered"`` (200 with every record) or ``"error"`` (400)."""
     refuse_blocked_dimension_values: bool = False
     """Docs silent on what the API does with a blocked dimension value. False (the AL source of
     APIV2DimensionSetLines.Page.al, which only checks that the value exists): a draft takes it, and
