@@ -60,6 +60,9 @@ class Knobs:
     rate_limit: int | None = None
     """At most this many requests per key within `rate_window_seconds`, else 429."""
     rate_window_seconds: float = 1.0
+    batch_counts_each_operation: bool = False
+    """A JSON ``$batch`` counts toward `rate_limit` as each of its operations (True) or as one
+    request (False)."""
     fault_rate: float = 0.0
     """Probability that a request gets a fault drawn from `fault_kinds`."""
     fault_kinds: tuple[str, ...] = ("429", "500", "503", "reset", "malformed")
@@ -142,6 +145,13 @@ class FaultPlan:
         self._scripted: list[ScriptedFault] = []
         self._random = random.Random(self.knobs.seed)
         self._throttled = 0
+        self.window_generation = 0
+        """Bumped by `reset_windows`: the rate windows start empty again."""
+
+    def reset_windows(self) -> None:
+        """Forget what the rate limit has counted so far (a test starting afresh)."""
+        with self._lock:
+            self.window_generation += 1
 
     def configure(self, **changes) -> None:
         with self._lock:
@@ -230,6 +240,7 @@ class _KeyGate:
         self.waiting = 0
         self.condition: asyncio.Condition | None = None
         self.recent: deque[float] = deque()
+        self.generation = 0
 
 
 class FaultMiddleware:
@@ -265,6 +276,11 @@ class FaultMiddleware:
                 f"The query string is {len(scope.get('query_string', b''))} characters long; at most {limit} "
                 "are accepted.")))
             return
+        cost = 1
+        if plan.knobs.batch_counts_each_operation and method == "POST" and path.endswith("/$batch"):
+            body = await _read_body(receive)
+            cost = _operations(body)
+            receive = _replay(body)
         key = self.key_of(path)
         gate = self._gates[key]
         if gate.condition is None:
@@ -272,11 +288,11 @@ class FaultMiddleware:
         gate.present += 1
         plan.arrived(key, gate.present)
         try:
-            await self._limited(gate, key, scope, receive, send, arrived)
+            await self._limited(gate, key, scope, receive, send, arrived, cost)
         finally:
             gate.present -= 1
 
-    async def _limited(self, gate: _KeyGate, key: str, scope, receive, send, arrived: float) -> None:
+    async def _limited(self, gate: _KeyGate, key: str, scope, receive, send, arrived: float, cost: int = 1) -> None:
         """The request through the rate and concurrency limits of its key, then served."""
         method, path = scope["method"], scope["path"]
         plan, knobs = self.plan, self.plan.knobs
@@ -286,13 +302,16 @@ class FaultMiddleware:
                 headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
                 rate_gate = self._gates["rate:" + self.rate_key_of(path, headers)]
             now = time.monotonic()
+            if rate_gate.generation != plan.window_generation:
+                rate_gate.recent.clear()
+                rate_gate.generation = plan.window_generation
             while rate_gate.recent and now - rate_gate.recent[0] > knobs.rate_window_seconds:
                 rate_gate.recent.popleft()
-            if len(rate_gate.recent) >= knobs.rate_limit:
+            if len(rate_gate.recent) + cost > knobs.rate_limit:
                 plan.count_fault("429")
                 await self._throttled(send)
                 return
-            rate_gate.recent.append(now)
+            rate_gate.recent.extend([now] * cost)
 
         limit = knobs.max_concurrency
         if limit:
@@ -439,6 +458,28 @@ class FaultMiddleware:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")]})
         await send({"type": "http.response.body", "body": b"{", "more_body": True})
         raise ConnectionResetError("injected connection reset")
+
+
+def _operations(body: bytes) -> int:
+    """The operations of a JSON ``$batch`` body (1 for a body that is not one)."""
+    try:
+        requests = json.loads(body).get("requests")
+    except (ValueError, AttributeError):
+        return 1
+    return max(1, len(requests)) if isinstance(requests, list) else 1
+
+
+def _replay(body: bytes):
+    """An ASGI `receive` that gives the app a body already read."""
+    delivered = False
+
+    async def receive():
+        nonlocal delivered
+        if delivered:
+            return {"type": "http.disconnect"}
+        delivered = True
+        return {"type": "http.request", "body": body, "more_body": False}
+    return receive
 
 
 async def _read_body(receive) -> bytes:

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.bc_lookups import Lookup, Query, odata_string, pack, term
+from shared.bc_lookups import SCHEMA_2_1, Lookup, Query, email_addresses, odata_string, pack, term
 from shared.bc_refusals import explain_refusal, web_client_invoice_url  # noqa: F401  (BC's refusals, links)
 from shared.http import (NOT_RUN_STATUS, ApiClient, UpstreamAmbiguous, UpstreamError, UpstreamNotFound, UpstreamThrottled,
                          error_from_body)
@@ -49,6 +50,9 @@ ITEMS_BY_NAME = Lookup("items", "displayName")
 INVOICES_BY_KEY = Lookup("salesInvoices", "externalDocumentNumber", code=True)
 
 COMPANY_NAME_SECONDS = 3600.0
+NESTED_CHECK_SECONDS = 3600.0
+"""How long an environment's answer to the nested-call check (`BcClient.nested_calls`) is kept."""
+_nested_verdicts: weakref.WeakKeyDictionary[ApiClient, tuple[float, str]] = weakref.WeakKeyDictionary()
 
 SECONDS_PER_CREATE = {"customers": 0.2, "items": 0.2, "salesInvoices": 0.5}
 """A generous estimate of what BC spends creating one record inside a `$batch` (an invoice with
@@ -249,8 +253,10 @@ class BcClient:
         # All-or-nothing batches stop at the first failure; independent ones (reads) should
         # answer every request, which OData only does when asked to continue on error.
         headers = {"Isolation": "snapshot"} if atomic else {"Prefer": "odata.continue-on-error"}
+        # BC does not say whether a `$batch` counts as one request or as each of its operations
+        # toward its 6,000 per 5 minutes: the budget is charged for each (the strictest reading).
         response = await self.api.request("POST", self.batch_url, json_body=payload, headers=headers,
-                                          idempotent=idempotent, send_by=send_by)
+                                          idempotent=idempotent, send_by=send_by, cost=len(requests))
         answers = {str(item.get("id")): item for item in (response.body or {}).get("responses", [])}
         if len(answers) != len(requests):
             raise UpstreamError(self.api.service, response.status, "MalformedResponse",
@@ -276,13 +282,52 @@ class BcClient:
         wanted = lookup.askable(values)
         found: dict[str, list[dict]] = {value: [] for value in {lookup.fold(v) for v in values if v and v.strip()}}
         seen: dict[str, set[str]] = {value: set() for value in found}
-        for records in await self._ask(lookup.entity_set, lookup.queries(wanted)):
+        queries = lookup.queries(wanted)
+        if any(query.fallback for query in queries):
+            verdict = await self.nested_calls()
+            if verdict in ("refused", "untrusted"):
+                log.warning("Business Central %s the nested lookup of %s with $schemaversion=2.1; asked without it",
+                            verdict, lookup.entity_set,
+                            extra={"event": "bc_lookup_fallback", "entity_set": lookup.entity_set, "verdict": verdict})
+                queries = [fallback for query in queries for fallback in query.fallback or (query,)]
+        for records in await self._ask(lookup.entity_set, queries):
             for record in records:
                 for key in lookup.keys_of(record):
                     if key in found and keep(record) and record.get("id") not in seen[key]:
                         seen[key].add(record.get("id"))
                         found[key].append(record)
         return found
+
+    async def nested_calls(self) -> str:
+        """Whether BC's answer to the customer lookup's nested `contains(tolower(email),…)` (with
+        `$schemaversion=2.1`) can be trusted. BC's docs say a nested call where it is not supported
+        "either throws an error or returns an undefined result", and a 200 that silently finds
+        nothing would make the directory create every customer again. So the lookup is tried once
+        with the first address of a customer BC has: `trusted` when BC finds that customer by it
+        and nothing that lacks the address; `refused` on a 400; `untrusted` on any other 200;
+        `unknown` when BC has no customer with an e-mail to try (nothing can be missed then). A
+        verdict is kept `NESTED_CHECK_SECONDS` per environment."""
+        cached = _nested_verdicts.get(self.api)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        sample = await self.list("customers", "email ne ''", {"$top": "1", "$select": "id,email"})
+        addresses = email_addresses(sample[0].get("email")) if sample else []
+        if not addresses:
+            return "unknown"
+        address = addresses[0]
+        try:
+            found = await self.list("customers", f"contains(tolower(email),{odata_string(address)})",
+                                    {"$top": "50", "$select": "id,email", **SCHEMA_2_1})
+        except UpstreamError as error:
+            if error.status != 400:
+                raise
+            verdict = "refused"
+        else:
+            trusted = any(r.get("id") == sample[0].get("id") for r in found) and all(
+                address in (r.get("email") or "").lower() for r in found)
+            verdict = "trusted" if trusted else "untrusted"
+        _nested_verdicts[self.api] = (time.monotonic() + NESTED_CHECK_SECONDS, verdict)
+        return verdict
 
     async def _ask(self, entity_set: str, queries: list[Query]) -> list[list[dict]]:
         """The records each query finds: one GET for a single query, else `$batch`es of 100. A

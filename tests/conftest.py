@@ -73,6 +73,7 @@ def make_world(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, businesses: in
     for plan in (sandbox.graph.plan, sandbox.bc.plan, sandbox.entra.plan):
         plan.clear()
         plan.reset_stats()
+        plan.reset_windows()  # each test starts with the services' rate limits unused
     # Graph's and BC's readings of what the docs leave open, the app's permissions and its place in BC's
     # Entra Applications: back to their defaults (a test may have changed them).
     sandbox.graph.configure(**asdict(GraphOptions()))

@@ -79,8 +79,10 @@ def test_many_new_customers_are_looked_up_within_the_node_limit_in_one_batch(wor
 
     assert len(world.bc.customers(world.company_id)) == 100, "99 created, one linked, none refused"
     assert all(r["Status"] == "linked" for r in rows(world, CUSTOMER_LINKS))
-    assert dict(world.bc.plan.stats.requests) == {"POST /v2.0/{id}/production/api/v2.0/$batch": 2}, \
-        "8 lookup filters in one $batch, 99 creates in another"
+    assert dict(world.bc.plan.stats.requests) == {
+        "POST /v2.0/{id}/production/api/v2.0/$batch": 2,
+        "GET /v2.0/{id}/production/api/v2.0/companies()/customers": 2}, \
+        "8 lookup filters in one $batch, 99 creates in another; the hourly check of BC's nested lookup: two GETs"
 
 
 def test_a_bc_customer_filter_near_the_node_limit_is_taken_by_bc(world):
@@ -173,9 +175,15 @@ def test_email_lists_are_split_as_bcs_mail_management_does():
     assert email_addresses("") == [] and email_addresses("no address") == []
 
 
-@pytest.mark.parametrize("honoured", [True, False], ids=["schemaversion-2.1", "schemaversion-ignored"])
-def test_a_customer_whose_bc_email_lists_several_addresses_is_found_by_any_never_duplicated(world, honoured):
-    world.bc.configure(schema_version_2_1_honoured=honoured)
+@pytest.mark.parametrize("honoured, undefined", [(True, "empty"), (False, "error"), (False, "empty"),
+                                                 (False, "unfiltered")],
+                         ids=["schemaversion-2.1", "ignored-refused", "ignored-answers-nothing", "ignored-answers-all"])
+def test_a_customer_whose_bc_email_lists_several_addresses_is_found_by_any_never_duplicated(world, honoured,
+                                                                                           undefined):
+    """Where BC does not take the nested lookup it "either throws an error or returns an undefined
+    result": a 400, or a 200 with nothing or everything. Neither may make a customer twice."""
+    world.bc.configure(schema_version_2_1_honoured=honoured, nested_functions_without_2_1=undefined)
+    world.bc.add_customer(world.company_id, displayName="Other", email="other@example.com")
     listed = world.bc.add_customer(world.company_id, displayName="Front desk",
                                    email="front@example.com;BOOKS@EXAMPLE.COM")
     upsert_customers(world, [CustomerSource(email="books@example.com", displayName="Books"),
@@ -184,7 +192,8 @@ def test_a_customer_whose_bc_email_lists_several_addresses_is_found_by_any_never
     world.sync()
     job = run_job(world, {"all": True})
 
-    assert [c["id"] for c in world.bc.customers(world.company_id)] == [listed["id"]], "linked, not duplicated"
+    assert [c["id"] for c in world.bc.customers(world.company_id) if c["displayName"] != "Other"] == [listed["id"]], \
+        "linked, not duplicated"
     assert {r["BcId"] for r in rows(world, CUSTOMER_LINKS)} == {listed["id"]}
     assert job["status"] == "succeeded" and world.bc.invoices(world.company_id)[0]["customerId"] == listed["id"]
 
@@ -209,6 +218,24 @@ def test_a_create_answered_503_is_sent_again_at_once_and_made_once(world):
     assert [c["email"] for c in world.bc.customers(world.company_id)] == ["unavailable@example.com"]
     [link] = rows(world, CUSTOMER_LINKS)
     assert link["Status"] == "linked" and not link.get("ConfirmSince"), "no lookup, no settle wait"
+
+
+@pytest.mark.parametrize("each_operation", [True, False], ids=["batch-counts-each-operation", "batch-counts-once"])
+def test_batches_never_take_bc_past_its_rate_limit_however_bc_counts_them(world, monkeypatch, each_operation):
+    """BC does not say whether a `$batch` counts as one request or as each of its operations
+    toward its rate limit: the app charges its budget for each, so it meets no 429 either way."""
+    from tests.test_limits import knobs
+
+    monkeypatch.setattr("shared.bc.REQUESTS_PER_WINDOW", 150)  # BC's 6,000 per 5 minutes, scaled down
+    monkeypatch.setattr("shared.bc.WINDOW_SECONDS", 4.0)
+    world.configure(HTTP_TIMEOUT_SECONDS="60")  # batch sizes follow the timeout: 100 creates a batch
+    with knobs(world.bc.plan, rate_limit=150, rate_window_seconds=4.0, batch_counts_each_operation=each_operation):
+        for round_ in range(2):  # 2 × (8 lookups + 100 creates) operations: more than one window holds
+            upsert_customers(world, [CustomerSource(email=f"r{round_}-{i}@example.com", displayName=f"R {i}")
+                                     for i in range(100)])
+
+    assert len(world.bc.customers(world.company_id)) == 200
+    assert world.bc.plan.stats.faults["429"] == 0, "the app held itself back instead"
 
 
 # -- unknown outcomes: confirmed within seconds -------------------------------------------------------------------

@@ -855,6 +855,7 @@ def test_bc_defaults_are_its_documented_limits() -> None:
 
     assert (knobs.max_concurrency, knobs.max_queued) == (5, 95)
     assert (knobs.rate_limit, knobs.rate_window_seconds) == (6000, 300.0)
+    assert knobs.batch_counts_each_operation, "the strictest reading of a $batch against the rate"
     assert knobs.retry_after_omitted > 0
 
 
@@ -887,6 +888,19 @@ def test_the_rate_limit_is_a_sliding_window_per_principal(bc: Bc, server, tls) -
 
     assert first == [200, 200] and third == 200 and fourth == 429 and other_principal == 200
     assert later == [200, 200, 429], "a fixed window would have allowed three"
+
+
+@pytest.mark.parametrize("each_operation", [True, False])
+def test_a_batch_counts_toward_the_rate_limit_as_each_of_its_operations_unless_configured(
+        bc: Bc, server, tls, each_operation: bool) -> None:
+    bc.sim.plan.configure(rate_limit=4, rate_window_seconds=60.0, batch_counts_each_operation=each_operation)
+    batch = {"requests": [{"id": str(n), "method": "GET", "url": bc.url("customers")} for n in range(3)]}
+    with make_client(server[1], tls, principal=f"batch-counting-{each_operation}") as client:
+        first = client.post("$batch", json=batch).status_code
+        second = client.post("$batch", json=batch).status_code
+
+    assert first == 200
+    assert second == (429 if each_operation else 200), "3 + 3 operations exceed 4; 1 + 1 requests do not"
 
 
 # The web client: page 43 "Sales Invoice" opened by URL ---------------------------------------------
