@@ -29,6 +29,32 @@ _FIXES: list[tuple[re.Pattern, str]] = [
     (re.compile(r"Blocked must be equal to 'No'\s+in Item: No\.=(?P<number>[^\s.]+)", re.IGNORECASE),
      "Item {number} is blocked in Business Central. Fix: clear Blocked on the item card; then invoice these "
      "bookings again."),
+    (re.compile(r"You cannot sell Item (?P<number>\S+) because the Sales Blocked check box is selected", re.IGNORECASE),
+     "Item {number} is blocked for sales in Business Central (Sales Blocked, which BC's API does not show). Fix: "
+     "clear Sales Blocked on the item card if it may be invoiced (or take the service off Bookings); then invoice "
+     "these bookings again."),
+    (re.compile(r"The VAT Posting Setup does not exist\. Identification fields and values: "
+                r"VAT Bus\. Posting Group='(?P<bus>[^']*)',\s*VAT Prod\. Posting Group='(?P<prod>[^']*)'", re.IGNORECASE),
+     "Business Central has no VAT Posting Setup for VAT Bus. Posting Group '{bus}' (the customer's) and VAT Prod. "
+     "Posting Group '{prod}' (the item's). Fix: add that combination on BC's VAT Posting Setup page, or give the "
+     "customer or item groups that have one (and the customer and item templates on BC's API Setup page, for new "
+     "ones); then invoice these bookings again."),
+    (re.compile(r'The "(?P<field>currencyCode|currencyId|paymentTermsId|shipmentMethodId|paymentMethodId|taxAreaId|'
+                r'itemCategoryCode|itemCategoryId|taxGroupCode|taxGroupId|baseUnitOfMeasureId)" does not match to an? '
+                r"(?:specific )?(?P<table>[^.]+?)(?: group)?\.", re.IGNORECASE),
+     "Business Central has no {table} that {field} names. Fix: set {field} in the customer or item template (the "
+     "one CUSTOMER_TEMPLATE or ITEM_TEMPLATE names, PUT /api/templates/…) to a value Business Central has, or "
+     "create that {table} in Business Central; the next sync tries again."),
+    (re.compile(r"The field (?P<caption>Salesperson Code|Gen\. Prod\. Posting Group|Inventory Posting Group) "
+                r"of table (?P<table>Customer|Item) contains a value "
+                r"\((?P<value>[^)]*)\) that cannot be found in the related table \((?P<related>[^)]+)\)", re.IGNORECASE),
+     "Business Central has no {related} '{value}' (the {caption} of the new {table}). Fix: correct it in the "
+     "template that CUSTOMER_TEMPLATE (customers) or ITEM_TEMPLATE (items) names (PUT /api/templates/…), or "
+     "create it in Business Central; the next sync tries again."),
+    (re.compile(r"The Unit of Measure with Code (?P<code>.+?) does not exist", re.IGNORECASE),
+     "Business Central has no Unit of Measure '{code}' (the baseUnitOfMeasureCode of the item template). Fix: "
+     "correct it in the template ITEM_TEMPLATE names (PUT /api/templates/item/…) or create it in Business "
+     "Central; the next sync tries again."),
     (re.compile(r"Invoice Nos\. must have a value|number series|numbers manually|numbers automatically", re.IGNORECASE),
      "Business Central has no usable number series for sales invoices. Fix: set Invoice Nos. in Sales & "
      "Receivables Setup to a number series that can assign numbers; then invoice these bookings again."),

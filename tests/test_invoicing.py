@@ -473,7 +473,13 @@ def test_an_invoice_batch_bc_may_finish_after_the_client_gave_up_bills_each_book
      "no usable number series for sales invoices. Fix: set Invoice Nos."),
     (lambda w: w.bc.set_api_template("items", w.company_id),
      "has no Gen. Prod. Posting Group in Business Central. Fix:"),
-], ids=["customer-posting-group", "number-series", "item-posting-group"])
+    (lambda w: w.bc.set_vat_posting_setup(w.company_id, "DOMESTIC", "STANDARD", exists=False),
+     "has no VAT Posting Setup for VAT Bus. Posting Group 'DOMESTIC' (the customer's) and VAT Prod. Posting Group "
+     "'STANDARD' (the item's). Fix: add that combination on BC's VAT Posting Setup page"),
+    (lambda w: w.bc.set_api_template("items", w.company_id, generalProductPostingGroupCode="SERVICES",
+                                     vatProdPostingGroup="STANDARD", salesBlocked=True),
+     "is blocked for sales in Business Central (Sales Blocked, which BC's API does not show). Fix: clear Sales Blocked"),
+], ids=["customer-posting-group", "number-series", "item-posting-group", "vat-posting-setup", "sales-blocked"])
 def test_an_invoice_bc_refuses_for_its_setup_says_per_booking_what_to_fix_in_bc(world, break_bc, fragment):
     ids = [appointment(world, hours_ago=40 + i, customers=(("setup@example.com", "Setup"),)) for i in range(2)]
     break_bc(world)  # before the customer and the item are created from BC's API Setup templates

@@ -182,6 +182,29 @@ class DataApi:
             for company in companies:
                 company.templates[set_name] = dict(values)
 
+    def setup_id(self, table: str, code: str) -> str:
+        """The id of a setup record (a payment terms' id for ``paymentTermsId``…), `sandbox.bc.setup`."""
+        from sandbox.bc.setup import setup_id
+
+        return setup_id(table, code.upper())
+
+    def add_setup_record(self, company_id: str, table: str, code: str) -> None:
+        """A record a user adds to a setup table (``salespeople``, ``currencies``, ``itemCategories``…)."""
+        with self._lock:
+            self._backend.company(company_id).setup[table].add(code.upper())
+
+    def remove_setup_record(self, company_id: str, table: str, code: str) -> None:
+        with self._lock:
+            self._backend.company(company_id).setup[table].discard(code.upper())
+
+    def set_vat_posting_setup(self, company_id: str, business_group: str, product_group: str,
+                              exists: bool = True) -> None:
+        """Add (or, `exists=False`, delete) the VAT Posting Setup of a business and product group."""
+        pair = (business_group.upper(), product_group.upper())
+        with self._lock:
+            setup = self._backend.company(company_id).vat_posting_setup
+            setup.add(pair) if exists else setup.discard(pair)
+
     def register_app(self, tenant: str, environment: str, client_id: str, registered: bool = True) -> None:
         """An admin adding an app to (or removing it from) the environment's *Microsoft Entra
         Applications* page (every app is on it until removed)."""

@@ -132,6 +132,7 @@ CUSTOMER = EntitySpec("customers", "customer", "Customer", {
     "lastModifiedDateTime": RO_DATETIME,
     "customerPostingGroup": _hidden_code(20, "Customer Posting Group"),
     "genBusPostingGroup": _hidden_code(20, "Gen. Bus. Posting Group"),
+    "vatBusPostingGroup": _hidden_code(20, "VAT Bus. Posting Group"),
     "locationCode": _hidden_code(10, "Location Code"),
 })
 
@@ -144,6 +145,8 @@ ITEM = EntitySpec("items", "item", "Item", {
     "baseUnitOfMeasureCode": _code(10, "Base Unit of Measure"), "generalProductPostingGroupId": GUID_F,
     "generalProductPostingGroupCode": _code(20, "Gen. Prod. Posting Group"), "inventoryPostingGroupId": GUID_F,
     "inventoryPostingGroupCode": _code(20, "Inventory Posting Group"), "lastModifiedDateTime": RO_DATETIME,
+    "vatProdPostingGroup": _hidden_code(20, "VAT Prod. Posting Group"),
+    "salesBlocked": Field("bool", caption="Sales Blocked", hidden=True),
 })
 
 INVOICE_STATUSES = ("Draft", "In_x0020_Review", "Open", "Paid", "Canceled", "Corrective")
@@ -176,6 +179,7 @@ INVOICE = EntitySpec("salesInvoices", "salesInvoice", "Sales Header", {
     "status": Field("enum", read_only=True, options=INVOICE_STATUSES), "lastModifiedDateTime": RO_DATETIME,
     "phoneNumber": _text(30, "Sell-to Phone No."), "email": _text(80, "Email"),
     "locationCode": _hidden_code(10, "Location Code"),
+    "vatBusPostingGroup": _hidden_code(20, "VAT Bus. Posting Group"),
     "posted": Field("bool", caption="Posted", hidden=True),
     "released": Field("bool", caption="Released", hidden=True),
 }, source_table="Sales Invoice Entity Aggregate")

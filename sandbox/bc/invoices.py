@@ -22,6 +22,7 @@ from sandbox.bc.fields import INVOICE, LCY_CODE, LINE, ZERO_GUID, coerce_body, m
 from sandbox.bc.rules import (check_customer_not_blocked, check_document_phone, check_email_addresses, field_error,
                               must_have_value)
 from sandbox.bc.dimensions import Dimensions
+from sandbox.bc.setup import check_vat_posting_setup
 from sandbox.bc.store import MISSING, Company, Row
 
 
@@ -106,6 +107,7 @@ class SalesInvoices(Dimensions):
             if not bill_to["customerPostingGroup"]:
                 raise must_have_value("Customer Posting Group", "Customer", "No.", bill_to["number"])
             fields.update(billToCustomerId=bill_to["id"], billToCustomerNumber=bill_to["number"],
+                          vatBusPostingGroup=bill_to["vatBusPostingGroup"],
                           billToName=bill_to["displayName"], billToAddressLine1=bill_to["addressLine1"],
                           billToAddressLine2=bill_to["addressLine2"], billToCity=bill_to["city"],
                           billToCountry=bill_to["country"], billToState=bill_to["state"],
@@ -221,13 +223,13 @@ class SalesInvoices(Dimensions):
     # sales invoice lines
 
     def create_line(self, company: Company, invoice_id: str, body: Any, *, api: bool) -> Row:
-        self._draft(company, invoice_id)
+        invoice = self._draft(company, invoice_id)
         values = coerce_body(LINE, body)
         if values.get("documentId", invoice_id) != invoice_id:
             raise dialog('The value for "documentId" cannot be modified.')
         fields = {name: f.blank for name, f in LINE.fields.items()}
         fields.update(id=str(uuid.uuid4()), documentId=invoice_id, discountAppliedBeforeTax=True)
-        self._apply_line_object(company, fields, values)
+        self._apply_line_object(company, invoice.fields, fields, values)
         existing = [company.tables["salesInvoiceLines"][i].fields["sequence"] for i in company.lines_of[invoice_id]]
         fields["sequence"] = values.get("sequence") or (max(existing, default=0) + 10000)
         if fields["sequence"] in existing:
@@ -251,8 +253,10 @@ class SalesInvoices(Dimensions):
         self._recalculate(company, invoice_id)
         return row
 
-    def _apply_line_object(self, company: Company, fields: dict[str, Any], values: dict[str, Any]) -> None:
-        """Line type and the item (or account) it sells, with what BC copies from the item."""
+    def _apply_line_object(self, company: Company, header: dict[str, Any], fields: dict[str, Any],
+                           values: dict[str, Any]) -> None:
+        """Line type and the item (or account) it sells, with what BC copies from the item
+        (SalesLine.CopyFromItem), then the VAT Posting Setup of the header's and item's groups."""
         if values.get("itemId") and values.get("accountId"):
             raise dialog('Both "itemId" and "accountId" are specified. Specify only one of them.')
         if "itemId" in values:
@@ -275,8 +279,12 @@ class SalesInvoices(Dimensions):
                               f"Blocked must be equal to 'No'  in Item: No.={i['number']}. Current value is 'Yes'.")
             if not i["generalProductPostingGroupCode"]:
                 raise must_have_value("Gen. Prod. Posting Group", "Item", "No.", i["number"])
+            if i["salesBlocked"]:
+                raise dialog(f"You cannot sell Item {i['number']} because the Sales Blocked check box is selected on "
+                             "the Item card.")
             if i["type"] == "Inventory" and not i["inventoryPostingGroupCode"]:
                 raise must_have_value("Inventory Posting Group", "Item", "No.", i["number"])
+            check_vat_posting_setup(company.vat_posting_setup, header["vatBusPostingGroup"], i["vatProdPostingGroup"])
             fields.update(itemId=i["id"], lineObjectNumber=i["number"], description=i["displayName"],
                           unitPrice=i["unitPrice"], unitOfMeasureCode=i["baseUnitOfMeasureCode"],
                           unitOfMeasureId=i["baseUnitOfMeasureId"])
@@ -299,7 +307,8 @@ class SalesInvoices(Dimensions):
                 raise dialog('The value for "lineObjectNumber" cannot be modified.')
         fields = dict(old)
         if any(name in values for name in ("lineObjectNumber", "itemId", "accountId", "lineType")):
-            self._apply_line_object(company, fields, values)
+            self._apply_line_object(company, self.row(company, "salesInvoices", old["documentId"]).fields, fields,
+                                    values)
         fields.update({k: v for k, v in values.items() if k not in ("itemId", "accountId", "lineType",
                                                                      "lineObjectNumber")})
         _line_amounts(fields, "discountAmount" in values)

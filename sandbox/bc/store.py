@@ -22,6 +22,7 @@ from sandbox.bc.errors import BcError, dialog, not_found
 from sandbox.bc.fields import SPECS, ZERO_GUID, EntitySpec
 from sandbox.bc.options import BcOptions
 from sandbox.bc.rules import must_have_value, table_relation
+from sandbox.bc.setup import VAT_POSTING_SETUP, new_setup
 
 MISSING = object()
 
@@ -43,8 +44,9 @@ NUMBER_SERIES_PROBLEMS = ("exhausted", "missing", "manual")
 """``exhausted``: every line of the series is closed (its Ending No. was reached); ``missing``: the
 setup field is blank; ``manual``: the series has Default Nos. off (numbers only by hand)."""
 
-API_TEMPLATE_DEFAULTS = {"customers": {"customerPostingGroup": "DOMESTIC", "genBusPostingGroup": "DOMESTIC"},
-                         "items": {"generalProductPostingGroupCode": "SERVICES"}}
+API_TEMPLATE_DEFAULTS = {"customers": {"customerPostingGroup": "DOMESTIC", "genBusPostingGroup": "DOMESTIC",
+                                       "vatBusPostingGroup": "DOMESTIC"},
+                         "items": {"generalProductPostingGroupCode": "SERVICES", "vatProdPostingGroup": "STANDARD"}}
 """What a new company's API Setup templates fill in (CRONUS-like), so that records created through
 the API can be invoiced out of the box."""
 
@@ -85,6 +87,10 @@ class Company:
     series_problems: dict[str, str] = field(default_factory=dict)
     """Series → one of `NUMBER_SERIES_PROBLEMS`."""
     templates: dict[str, dict[str, Any]] = field(default_factory=lambda: {"customers": {}, "items": {}})
+    setup: dict[str, set[str]] = field(default_factory=new_setup)
+    """Setup table → its codes (`sandbox.bc.setup.SETUP_TABLES`)."""
+    vat_posting_setup: set[tuple[str, str]] = field(default_factory=lambda: set(VAT_POSTING_SETUP))
+    """(VAT Bus. Posting Group, VAT Prod. Posting Group) pairs that have a VAT Posting Setup."""
     """BC's "API Setup" template per entity set: values for the fields a create request left empty."""
 
 

@@ -675,6 +675,62 @@ def test_a_line_for_an_item_without_posting_groups_is_refused_when_it_gets_the_i
     assert deep.status_code == 400 and len(bc.sim.invoices(bc.company_id)) == 1
 
 
+def test_a_line_needs_the_vat_posting_setup_of_its_customers_and_items_groups(bc: Bc) -> None:
+    customer = bc.sim.add_customer(bc.company_id, displayName="Pia", vatBusPostingGroup="EU")
+    item = bc.sim.add_item(bc.company_id, displayName="Facial", type="Service", vatProdPostingGroup="REDUCED")
+    invoice = bc.client.post(bc.url("salesInvoices"), json={"customerId": customer["id"]}).json()
+    lines = bc.url(f"salesInvoices({invoice['id']})/salesInvoiceLines")
+    assert bc.client.post(lines, json={"itemId": item["id"], "quantity": 1}).status_code == 201
+
+    bc.sim.set_vat_posting_setup(bc.company_id, "EU", "REDUCED", exists=False)
+    refused = bc.client.post(lines, json={"itemId": item["id"], "quantity": 1})
+
+    assert refused.status_code == 404 and error_code(refused) == "Internal_RecordNotFound"
+    assert error_message(refused) == ("The VAT Posting Setup does not exist. Identification fields and values: "
+                                      "VAT Bus. Posting Group='EU',VAT Prod. Posting Group='REDUCED'")
+
+
+def test_a_sales_blocked_item_cannot_be_sold(bc: Bc) -> None:
+    customer = bc.sim.add_customer(bc.company_id, displayName="Quinn")
+    item = bc.sim.add_item(bc.company_id, displayName="Retired service", type="Service", salesBlocked=True)
+
+    refused = bc.client.post(bc.url("salesInvoices"), json={"customerId": customer["id"], "salesInvoiceLines": [
+        {"itemId": item["id"], "quantity": 1}]})
+
+    assert "salesBlocked" not in bc.client.get(bc.url(f"items({item['id']})")).json(), "the API shows Blocked only"
+    assert refused.status_code == 400 and error_code(refused) == "Application_DialogException"
+    assert error_message(refused) == (f"You cannot sell Item {item['number']} because the Sales Blocked check box is "
+                                      "selected on the Item card.")
+
+
+@pytest.mark.parametrize("entity, body, message", [
+    ("customers", {"currencyCode": "XYZ"}, 'The "currencyCode" does not match to a Currency.'),
+    ("customers", {"paymentTermsId": "0b6ea8c8-0000-4000-8000-000000000030"},
+     'The "paymentTermsId" does not match to a Payment Terms.'),
+    ("customers", {"salespersonCode": "NOPE"}, "The field Salesperson Code of table Customer contains a value (NOPE) "
+                                               "that cannot be found in the related table (Salesperson/Purchaser)."),
+    ("items", {"itemCategoryCode": "NOPE"}, 'The "itemCategoryCode" does not match to a Item Category.'),
+    ("items", {"taxGroupCode": "NOPE"}, 'The "taxGroupCode" does not match to a Tax Group.'),
+    ("items", {"baseUnitOfMeasureCode": "NOPE"}, "The Unit of Measure with Code NOPE does not exist."),
+    ("items", {"generalProductPostingGroupCode": "NOPE"}, "The field Gen. Prod. Posting Group of table Item contains "
+                                                          "a value (NOPE) that cannot be found in the related table "
+                                                          "(Gen. Product Posting Group)."),
+])
+def test_a_code_or_id_that_names_no_setup_record_is_refused_with_the_pages_message(bc: Bc, entity: str, body: dict,
+                                                                                   message: str) -> None:
+    refused = bc.client.post(bc.url(entity), json={"displayName": "Ruth", **body})
+    known = {"customers": {"currencyCode": "EUR", "salespersonCode": "JR",
+                           "paymentTermsId": bc.sim.setup_id("paymentTerms", "30 DAYS")},
+             "items": {"itemCategoryCode": "MISC", "taxGroupCode": "TAXABLE", "baseUnitOfMeasureCode": "HOUR",
+                       "generalProductPostingGroupCode": "SERVICES"}}[entity]
+    accepted = bc.client.post(bc.url(entity), json={"displayName": "Sam", **known})
+
+    assert refused.status_code == 400 and error_message(refused) == message
+    assert accepted.status_code == 201, accepted.text
+    bc.sim.add_setup_record(bc.company_id, "salespeople", "NOPE")
+    assert bc.client.post(bc.url("customers"), json={"displayName": "Tea", "salespersonCode": "NOPE"}).status_code == 201
+
+
 @pytest.mark.parametrize("blocked, refused", [("All", True), ("Invoice", True), ("Ship", False), (" ", False)])
 def test_a_blocked_customer_cannot_be_invoiced(bc: Bc, blocked: str, refused: bool) -> None:
     customer = bc.sim.add_customer(bc.company_id, displayName="Otto", blocked=blocked)
