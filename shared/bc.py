@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.bc_lookups import SCHEMA_2_1, Lookup, Query, email_addresses, odata_string, pack, term
+from shared.bc_lookups import SCHEMA_2_1, Lookup, Query, email_addresses, odata_string, pack, query_string, term
 from shared.bc_refusals import explain_refusal, web_client_invoice_url  # noqa: F401  (BC's refusals, links)
 from shared.http import (NOT_RUN_STATUS, ApiClient, UpstreamAmbiguous, UpstreamError, UpstreamNotFound, UpstreamThrottled,
                          error_from_body)
@@ -205,22 +205,22 @@ class BcClient:
         params = dict(extra or {})
         if filter:
             params["$filter"] = filter
-        url: str | None = f"{self.company_url}/{entity_set}"
+        url: str | None = f"{self.company_url}/{entity_set}" + (f"?{query_string(params)}" if params else "")
         found: list[dict] = []
         while url:
-            response = await self.api.request("GET", url, params=params or None)
+            response = await self.api.request("GET", url)
             body = response.body if isinstance(response.body, dict) else {}
             if not isinstance(body.get("value"), list):
                 raise UpstreamError(self.api.service, response.status, "MalformedResponse",
                                     f"the {entity_set} list had no 'value'")
             found.extend(body["value"])
-            url, params = body.get("@odata.nextLink"), None
+            url = body.get("@odata.nextLink")
         return found
 
     async def get(self, entity_set: str, entity_id: str, extra: dict | None = None) -> dict | None:
         try:
-            response = await self.api.request("GET", f"{self.company_url}/{entity_set}({entity_id})",
-                                              params=extra or None)
+            query = f"?{query_string(extra)}" if extra else ""
+            response = await self.api.request("GET", f"{self.company_url}/{entity_set}({entity_id}){query}")
         except UpstreamNotFound:
             return None
         return _entity(response.body)

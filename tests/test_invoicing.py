@@ -125,7 +125,11 @@ def test_filters_and_paging_return_every_booking_exactly_once(world2):
     assert [r["id"] for r in uninvoiced(world, **{"from": start, "to": end})["value"]] == ids[10:15]
 
 
-def test_invoicing_a_selection_makes_one_draft_per_customer_with_lines_in_start_order(world):
+@pytest.mark.parametrize("answer_totals", [False, True], ids=["answer-without-totals", "answer-with-totals"])
+def test_invoicing_a_selection_makes_one_draft_per_customer_with_lines_in_start_order(world, answer_totals):
+    """BC does not say whether the answer to a deep insert shows its lines' totals: the job's
+    amounts are right either way."""
+    world.bc.configure(deep_insert_answer_has_totals=answer_totals)
     world.configure(BOOKINGS_TIME_ZONE="Europe/Paris")
     first = appointment(world, hours_ago=72, minutes=90, price=60, price_type="hourly")
     second = appointment(world, hours_ago=48, price=50)

@@ -23,7 +23,7 @@ from sandbox.bc.backend import Backend
 from sandbox.bc.batch import batch_answer, parse_batch, run_batch
 from sandbox.bc.data_api import DataApi
 from sandbox.bc.errors import BcError
-from sandbox.bc.options import BcOptions
+from sandbox.bc.options import BcOptions, parse_query
 from sandbox.bc.webclient import web_client_app
 from sandbox.bc.wire import NO_BODY, ApiRequest, ApiResponse, error_response, json_response, parse_json
 from sandbox.faults import FaultMiddleware, FaultPlan, Knobs
@@ -141,7 +141,9 @@ class BcSimulator(DataApi):
                 "'PUT' requests are not allowed within Dynamics 365 Business Central OData web services; use PATCH.")))
         body = parse_json(await request.body()) if request.method in ("POST", "PATCH") else NO_BODY
         api_request = ApiRequest(request.method, tenant, environment, request.path_params["path"],
-                                 dict(request.query_params), {k.lower(): v for k, v in request.headers.items()},
+                                 parse_query(request.scope.get("query_string", b"").decode("latin-1"),
+                                             self.options.plus_in_query_is_space),
+                                 {k.lower(): v for k, v in request.headers.items()},
                                  body, root)
         with self._lock:
             response = self._api.handle(api_request)
@@ -157,7 +159,7 @@ class BcSimulator(DataApi):
                 405, "BadRequest_MethodNotAllowed", f"'{request.method}' requests for '$batch' are not allowed.")))
         try:
             inner = parse_batch(parse_json(await request.body()), tenant, environment, root,
-                                self.plan.knobs.max_query_chars)
+                                self.plan.knobs.max_query_chars, self.options.plus_in_query_is_space)
         except BcError as error:
             return json_response(error_response(error))
         if self.batch_item_ms:

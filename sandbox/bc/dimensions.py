@@ -26,11 +26,12 @@ from sandbox.bc.errors import BcError, dialog
 from sandbox.bc.fields import DIMENSION, DIMENSION_SET_LINE, DIMENSION_VALUE, coerce_body
 from sandbox.bc.store import MISSING, Company, Row, Store
 
-PARENT_TYPES = {"salesInvoices": "Sales Invoice", "salesInvoiceLines": "Sales Invoice Line"}
+PARENT_TYPES = {"salesInvoices": "Sales_x0020_Invoice", "salesInvoiceLines": "Sales_x0020_Invoice_x0020_Line"}
 DEFAULT_DIMENSION_SOURCES = {"customers": "Customer", "items": "Item", "salespeople": "Salesperson/Purchaser",
                              "locations": "Location"}
 """The tables whose Default Dimensions the simulator applies, by the name the data API takes."""
-"""Enum "Dimension Set Entry Buffer Parent Type" names of the parents the simulator serves."""
+"""Enum "Dimension Set Entry Buffer Parent Type" members of the parents the simulator serves, as
+OData names an enum member (a space is ``_x0020_``, as in ``lineType``'s ``Fixed_x0020_Asset``)."""
 
 
 class Dimensions(Store):

@@ -228,7 +228,9 @@ DIMENSION_VALUE = EntitySpec("dimensionValues", "dimensionValue", "Dimension Val
 # Dimension Id): `id` is the dimension's id; parent and consolidation fields are Editable = false.
 DIMENSION_SET_LINE = EntitySpec("dimensionSetLines", "dimensionSetLine", "Dimension Set Entry Buffer", {
     "id": GUID_F, "code": _code(20, "Dimension Code"), "consolidationCode": _ro_code(20, "Consolidation Code"),
-    "parentId": RO_GUID, "parentType": Field("text", read_only=True), "displayName": _text(30, "Display Name"),
+    "parentId": RO_GUID, "parentType": Field("enum", read_only=True, options=("Sales_x0020_Invoice",
+                                                                             "Sales_x0020_Invoice_x0020_Line")),
+    "displayName": _text(30, "Display Name"),
     "valueId": GUID_F, "valueCode": _code(20, "Value Code"),
     "valueConsolidationCode": _ro_code(20, "Dimension Value Consolidation Code"),
     "valueDisplayName": _text(50, "Value Display Name"),

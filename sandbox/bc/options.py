@@ -54,6 +54,13 @@ class BcOptions:
     invoice keeps its draft's number (BC's Sales Header `GetPostingNoSeriesCode`). False (a
     CRONUS-like setup): it gets the next posted number (PS-INV103001…). With True, a posted invoice
     (status ``Open``) looks exactly like a released draft through the API."""
+    plus_in_query_is_space: bool = False
+    """Docs silent on whether BC reads ``+`` in a query string as a space (HTML forms do; OData's
+    URL conventions percent-encode a space as ``%20``). False (strictest): ``+`` is a plus sign,
+    so ``$filter=city+eq+'Oslo'`` is a syntax error. True: a space."""
+    deep_insert_answer_has_totals: bool = False
+    """Docs silent on whether the answer to an invoice POST with `salesInvoiceLines` shows the totals
+    its lines made. False (strictest): the totals as the header was inserted (0); True: as stored."""
     sales_tax: bool = False
     """A sales-tax (North American) company: BC then skips the sell-to customer's Gen. Bus. Posting
     Group check when an invoice is created. False: the check runs (as in W1 companies)."""
@@ -64,6 +71,13 @@ class BcOptions:
         return FilterRules(code_literals_upper=self.code_filter_uppercases_literal,
                            case_functions_ignore_case=self.case_functions_ignore_case, nested_functions=nested,
                            max_nodes=self.filter_max_nodes, count_conversions=self.filter_counts_conversions)
+
+
+def parse_query(raw: str, plus_is_space: bool) -> dict[str, str]:
+    """A query string's parameters, ``+`` read as `BcOptions.plus_in_query_is_space` says."""
+    from urllib.parse import parse_qsl
+
+    return dict(parse_qsl(raw if plus_is_space else raw.replace("+", "%2B"), keep_blank_values=True))
 
 
 def _at_least_2_1(version: str | None) -> bool:

@@ -232,7 +232,10 @@ class Store:
         company = self.companies.get(company_id.lower())
         if company is None or (tenant is not None and (company.tenant, company.environment)
                                != (tenant.lower(), (environment or "").lower())):
-            raise BcError(404, "Internal_CompanyNotFound", f"The company '{company_id}' does not exist.")
+            # DOCS webservices/dynamics-error-codes.md gives this message (for a default company).
+            raise BcError(404, "Internal_CompanyNotFound", "Can't process the request because the default company "
+                          "can't be found. You can specify a default company in the service configuration file, or "
+                          "specify one for each tenant, or add a query string in the form of `company=[name]`.")
         return company
 
     @staticmethod

@@ -50,7 +50,7 @@ def test_an_invoice_takes_dimension_set_lines_by_code_and_its_later_lines_inheri
                            json={"code": "LOCATION", "valueCode": "OSLO"})
     assert added.status_code == 201, added.text
     line = added.json()
-    assert (line["id"], line["valueId"], line["parentType"]) == (location["id"], oslo["id"], "Sales Invoice")
+    assert (line["id"], line["valueId"], line["parentType"]) == (location["id"], oslo["id"], "Sales_x0020_Invoice")
     later = bc.client.post(bc.url(f"salesInvoices({invoice['id']})/salesInvoiceLines"),
                            json={"itemId": item["id"], "quantity": 2})
     assert later.status_code == 201, later.text
