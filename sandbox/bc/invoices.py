@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from sandbox.bc.errors import BcError, dialog
@@ -332,6 +332,7 @@ class SalesInvoices(Dimensions):
         return sorted(rows, key=lambda row: row.fields["sequence"])
 
 
+QUANTITY_PRECISION = Decimal("0.00001")
 TOTALS = ("totalAmountExcludingTax", "totalTaxAmount", "totalAmountIncludingTax", "remainingAmount")
 
 
@@ -340,6 +341,8 @@ def _line_amounts(fields: dict[str, Any], amount_given: bool) -> None:
     set the discount amount itself."""
     if fields["lineType"] == "Comment":
         fields.update(quantity=Decimal(0), unitPrice=Decimal(0))
+    # SalesLine Quantity OnValidate: UOMMgt.RoundAndValidateQty, to 0.00001 when the unit has no precision.
+    fields["quantity"] = fields["quantity"].quantize(QUANTITY_PRECISION, ROUND_HALF_UP)
     gross = fields["quantity"] * fields["unitPrice"]
     if fields["discountPercent"] and not amount_given:
         fields["discountAmount"] = money(gross * fields["discountPercent"] / 100)

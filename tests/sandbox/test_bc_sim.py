@@ -703,6 +703,17 @@ def test_a_line_for_an_item_without_posting_groups_is_refused_when_it_gets_the_i
     assert deep.status_code == 400 and len(bc.sim.invoices(bc.company_id)) == 1
 
 
+def test_a_quantity_is_rounded_to_five_decimals_as_bc_rounds_it(bc: Bc) -> None:
+    customer = bc.sim.add_customer(bc.company_id, displayName="Una")
+    item = bc.sim.add_item(bc.company_id, displayName="Massage", type="Service", unitPrice=60)
+
+    invoice = bc.client.post(bc.url("salesInvoices"), params={"$expand": "salesInvoiceLines"}, json={
+        "customerId": customer["id"], "salesInvoiceLines": [{"itemId": item["id"], "quantity": 50 / 60}]}).json()
+
+    [line] = invoice["salesInvoiceLines"]
+    assert line["quantity"] == 0.83333 and line["amountExcludingTax"] == 50.0
+
+
 def test_a_line_needs_the_vat_posting_setup_of_its_customers_and_items_groups(bc: Bc) -> None:
     customer = bc.sim.add_customer(bc.company_id, displayName="Pia", vatBusPostingGroup="EU")
     item = bc.sim.add_item(bc.company_id, displayName="Facial", type="Service", vatProdPostingGroup="REDUCED")
