@@ -179,6 +179,9 @@ param httpTimeoutSeconds string = '60'
 @description('BC_EXECUTION_LIMIT_SECONDS: how long Business Central may go on running a request after the app stopped waiting; unknown outcomes are checked after this.')
 param bcExecutionLimitSeconds string = '600'
 
+@description('BC_QUEUE_TIMEOUT_SECONDS: how long a request may wait in Business Central\'s queue before BC drops it (503); a create of unknown outcome is repeated only after 2 x HTTP_TIMEOUT_SECONDS + this + BC_EXECUTION_LIMIT_SECONDS.')
+param bcQueueTimeoutSeconds string = '480'
+
 @description('BC_WEB_CLIENT_URL: where people open Business Central; the operator pages link each draft invoice there.')
 param bcWebClientUrl string = 'https://businesscentral.dynamics.com'
 
@@ -415,6 +418,7 @@ module api 'app/api.bicep' = {
     bookingsTimeZone: bookingsTimeZone
     httpTimeoutSeconds: httpTimeoutSeconds
     bcExecutionLimitSeconds: bcExecutionLimitSeconds
+    bcQueueTimeoutSeconds: bcQueueTimeoutSeconds
     bcWebClientUrl: bcWebClientUrl
     pagesAllowedRole: pagesAllowedRole
     pagesAllowGuests: pagesAllowGuests

@@ -16,12 +16,18 @@ Fault kinds:
   write commits even if the client has closed the connection.
 - ``408`` / ``504``: answered at once (with the API's error body), and the request is still
   executed ``late_seconds`` after it arrived (``Knobs.late_executes=False``: never).
+- ``queued``: the request waits ``Knobs.queued_seconds`` as if for a slot in the service's queue
+  (longer than the client waits), then runs like a ``late`` one: executed ``late_seconds`` after
+  it got its turn, its answer sent to nobody. One that would wait longer than
+  ``Knobs.queue_timeout_seconds`` is never executed (the service answers 503, to nobody).
+- ``502``: a gateway error with ``Retry-After``; the request was not executed.
 
 A late execution runs in a background task that needs neither the connection nor the ASGI
 ``send``, from a copy of the request body read up front, so it survives the client going away.
-Nothing is executed later than ``Knobs.execution_limit_seconds`` after it arrived (the service
-aborts what runs longer): a later execution is dropped, and a ``late`` request is then answered
-504 at the limit.
+Nothing is executed later than ``Knobs.execution_limit_seconds`` after it started executing
+(``Knobs.execution_limit_from="start"``: after its turn came, however long it was queued) or,
+with ``"arrival"``, after it arrived (the service aborts what runs longer): a later execution is
+dropped, and a ``late`` request is then answered 504 at the limit.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from collections.abc import Callable
 
-FAULT_KINDS = ("429", "500", "503", "timeout", "reset", "malformed", "lost", "late", "408", "504")
+FAULT_KINDS = ("429", "500", "502", "503", "timeout", "reset", "malformed", "lost", "late", "408", "504", "queued")
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,9 @@ class Knobs:
     rate_limit: int | None = None
     """At most this many requests per key within `rate_window_seconds`, else 429."""
     rate_window_seconds: float = 1.0
+    batch_counts_each_operation: bool = False
+    """A JSON ``$batch`` counts toward `rate_limit` as each of its operations (True) or as one
+    request (False)."""
     fault_rate: float = 0.0
     """Probability that a request gets a fault drawn from `fault_kinds`."""
     fault_kinds: tuple[str, ...] = ("429", "500", "503", "reset", "malformed")
@@ -67,7 +76,13 @@ class Knobs:
     late_executes: bool = True
     """``408``/``504``: False for the variant in which the timed-out request is never executed."""
     execution_limit_seconds: float = 600.0
-    """Nothing is executed later than this after it arrived (BC aborts requests after 10 minutes)."""
+    """Nothing is executed later than this after it started (BC aborts requests after 10 minutes)."""
+    execution_limit_from: str = "start"
+    """Where the execution limit counts from: ``"start"``, when the request got its turn (its time
+    queued for a slot not counted: the strictest reading of "Request execution time is limited to
+    10 minutes"), or ``"arrival"``."""
+    queued_seconds: float = 420.0
+    """``queued``: how long the request waits for its turn before it runs."""
     queue_timeout_seconds: float | None = None
     """A request waiting for a concurrency slot longer than this is answered 503 with
     ``Retry-After`` and never executed (BC: queued requests "time out after 8 minutes")."""
@@ -83,6 +98,8 @@ class ScriptedFault:
     path: re.Pattern
     kind: str
     remaining: int
+    skip: int = 0
+    """Matching requests still to let through before the fault applies."""
 
 
 @dataclass
@@ -91,6 +108,8 @@ class Stats:
     """Requests by ``"METHOD /path-shape"``."""
     faults: Counter = field(default_factory=Counter)
     """Injected faults by kind (throttling by the limits counts as ``429``)."""
+    executed_late: int = 0
+    """Requests executed after the client stopped waiting (``late``, ``408``, ``504``, ``queued``)."""
     max_in_flight: Counter = field(default_factory=Counter)
     """Highest number of requests served at once, by key (never above ``max_concurrency``)."""
     peak_in_flight: Counter = field(default_factory=Counter)
@@ -126,6 +145,13 @@ class FaultPlan:
         self._scripted: list[ScriptedFault] = []
         self._random = random.Random(self.knobs.seed)
         self._throttled = 0
+        self.window_generation = 0
+        """Bumped by `reset_windows`: the rate windows start empty again."""
+
+    def reset_windows(self) -> None:
+        """Forget what the rate limit has counted so far (a test starting afresh)."""
+        with self._lock:
+            self.window_generation += 1
 
     def configure(self, **changes) -> None:
         with self._lock:
@@ -138,14 +164,14 @@ class FaultPlan:
             if "retry_after_omitted" in changes:
                 self._throttled = 0
 
-    def script(self, method: str, path_regex: str, kind: str, times: int = 1) -> None:
+    def script(self, method: str, path_regex: str, kind: str, times: int = 1, skip: int = 0) -> None:
         """The next `times` requests matching `method` and `path_regex` (searched in the path and
-        query string) get `kind`."""
+        query string) get `kind`, after `skip` matching ones went through untouched."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}")
         with self._lock:
             self._scripted.append(
-                ScriptedFault(method.upper(), re.compile(path_regex), kind, times)
+                ScriptedFault(method.upper(), re.compile(path_regex), kind, times, skip)
             )
 
     def clear(self) -> None:
@@ -162,6 +188,9 @@ class FaultPlan:
         with self._lock:
             for scripted in self._scripted:
                 if scripted.remaining > 0 and scripted.method in (method, "*") and scripted.path.search(path):
+                    if scripted.skip > 0:
+                        scripted.skip -= 1
+                        continue
                     scripted.remaining -= 1
                     if scripted.remaining == 0:
                         self._scripted.remove(scripted)
@@ -211,6 +240,7 @@ class _KeyGate:
         self.waiting = 0
         self.condition: asyncio.Condition | None = None
         self.recent: deque[float] = deque()
+        self.generation = 0
 
 
 class FaultMiddleware:
@@ -246,6 +276,11 @@ class FaultMiddleware:
                 f"The query string is {len(scope.get('query_string', b''))} characters long; at most {limit} "
                 "are accepted.")))
             return
+        cost = 1
+        if plan.knobs.batch_counts_each_operation and method == "POST" and path.endswith("/$batch"):
+            body = await _read_body(receive)
+            cost = _operations(body)
+            receive = _replay(body)
         key = self.key_of(path)
         gate = self._gates[key]
         if gate.condition is None:
@@ -253,11 +288,11 @@ class FaultMiddleware:
         gate.present += 1
         plan.arrived(key, gate.present)
         try:
-            await self._limited(gate, key, scope, receive, send, arrived)
+            await self._limited(gate, key, scope, receive, send, arrived, cost)
         finally:
             gate.present -= 1
 
-    async def _limited(self, gate: _KeyGate, key: str, scope, receive, send, arrived: float) -> None:
+    async def _limited(self, gate: _KeyGate, key: str, scope, receive, send, arrived: float, cost: int = 1) -> None:
         """The request through the rate and concurrency limits of its key, then served."""
         method, path = scope["method"], scope["path"]
         plan, knobs = self.plan, self.plan.knobs
@@ -267,13 +302,16 @@ class FaultMiddleware:
                 headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
                 rate_gate = self._gates["rate:" + self.rate_key_of(path, headers)]
             now = time.monotonic()
+            if rate_gate.generation != plan.window_generation:
+                rate_gate.recent.clear()
+                rate_gate.generation = plan.window_generation
             while rate_gate.recent and now - rate_gate.recent[0] > knobs.rate_window_seconds:
                 rate_gate.recent.popleft()
-            if len(rate_gate.recent) >= knobs.rate_limit:
+            if len(rate_gate.recent) + cost > knobs.rate_limit:
                 plan.count_fault("429")
                 await self._throttled(send)
                 return
-            rate_gate.recent.append(now)
+            rate_gate.recent.extend([now] * cost)
 
         limit = knobs.max_concurrency
         if limit:
@@ -307,22 +345,22 @@ class FaultMiddleware:
             fault = plan.pick_fault(method, f"{path}?{query}" if query else path)
             if fault:
                 plan.count_fault(fault)
-            await self._serve(fault, scope, receive, send, arrived)
+            await self._serve(fault, scope, receive, send, arrived, time.monotonic())
         finally:
             async with gate.condition:
                 gate.in_flight -= 1
                 gate.condition.notify_all()
 
-    async def _serve(self, fault: str | None, scope, receive, send, arrived: float) -> None:
+    async def _serve(self, fault: str | None, scope, receive, send, arrived: float, started: float) -> None:
         if fault is None:
             await self.app(scope, receive, send)
         elif fault == "429":
             await self._throttled(send)
-        elif fault in ("500", "503"):
+        elif fault in ("500", "502", "503"):
             status = int(fault)
-            code = "InternalServerError" if status == 500 else "ServiceUnavailable"
-            # Services often say when to come back after a 503, as after a 429.
-            headers = [(b"retry-after", str(self.plan.knobs.retry_after_seconds).encode())] if status == 503 else None
+            code = {500: "InternalServerError", 502: "BadGateway", 503: "ServiceUnavailable"}[status]
+            # Services often say when to come back after a 502 or 503, as after a 429.
+            headers = [(b"retry-after", str(self.plan.knobs.retry_after_seconds).encode())] if status != 500 else None
             await self._json(send, status, self.error_body(status, code, "Injected server error."), headers)
         elif fault == "timeout":
             await asyncio.sleep(self.plan.knobs.hang_seconds)
@@ -336,16 +374,26 @@ class FaultMiddleware:
                 return None
             await self.app(scope, receive, swallow)
             await self._drop(send)
-        elif fault in ("late", "408", "504"):
-            await self._late(fault, scope, receive, send, arrived)
+        elif fault in ("late", "408", "504", "queued"):
+            await self._late(fault, scope, receive, send, arrived, started)
 
-    async def _late(self, fault: str, scope, receive, send, arrived: float) -> None:
+    async def _late(self, fault: str, scope, receive, send, arrived: float, started: float) -> None:
         knobs = self.plan.knobs
         body = await _read_body(receive)
         answer: list[dict] = []
         execution = None
-        if (fault == "late" or knobs.late_executes) and knobs.late_seconds <= knobs.execution_limit_seconds:
-            delay = max(0.0, knobs.late_seconds - (time.monotonic() - arrived))
+        if fault == "queued":
+            if knobs.queue_timeout_seconds is not None and knobs.queued_seconds > knobs.queue_timeout_seconds:
+                await asyncio.sleep(knobs.queue_timeout_seconds)  # answered 503 by then, to a client long gone
+                await self._json(send, 503, self.error_body(
+                    503, "ServiceUnavailable", "The request waited too long for its turn and was not processed."),
+                    [(b"retry-after", str(knobs.retry_after_seconds).encode())])
+                return
+            started += knobs.queued_seconds
+        origin = started if knobs.execution_limit_from == "start" else arrived
+        runs_at = (arrived if fault in ("408", "504") else started) + knobs.late_seconds
+        if (fault in ("late", "queued") or knobs.late_executes) and runs_at <= origin + knobs.execution_limit_seconds:
+            delay = max(0.0, runs_at - time.monotonic())
             execution = asyncio.create_task(self._execute_later(dict(scope), body, delay, answer))
             self._background.add(execution)
             execution.add_done_callback(self._background.discard)
@@ -362,7 +410,7 @@ class FaultMiddleware:
             except Exception:
                 pass  # the client is long gone; the execution has committed all the same
         else:
-            await asyncio.sleep(max(0.0, knobs.execution_limit_seconds - (time.monotonic() - arrived)))
+            await asyncio.sleep(max(0.0, origin + knobs.execution_limit_seconds - time.monotonic()))
             await self._json(send, 504, self.error_body(
                 504, "GatewayTimeout", "The request did not complete within the time limit and was aborted."))
 
@@ -385,6 +433,8 @@ class FaultMiddleware:
             await self.app(scope, replay, keep)
         except Exception:
             log.exception("a late execution of %s %s failed", scope.get("method"), scope.get("path"))
+        with self.plan._lock:
+            self.plan.stats.executed_late += 1
 
     async def _throttled(self, send) -> None:
         seconds = self.plan.knobs.retry_after_seconds
@@ -408,6 +458,28 @@ class FaultMiddleware:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")]})
         await send({"type": "http.response.body", "body": b"{", "more_body": True})
         raise ConnectionResetError("injected connection reset")
+
+
+def _operations(body: bytes) -> int:
+    """The operations of a JSON ``$batch`` body (1 for a body that is not one)."""
+    try:
+        requests = json.loads(body).get("requests")
+    except (ValueError, AttributeError):
+        return 1
+    return max(1, len(requests)) if isinstance(requests, list) else 1
+
+
+def _replay(body: bytes):
+    """An ASGI `receive` that gives the app a body already read."""
+    delivered = False
+
+    async def receive():
+        nonlocal delivered
+        if delivered:
+            return {"type": "http.disconnect"}
+        delivered = True
+        return {"type": "http.request", "body": body, "more_body": False}
+    return receive
 
 
 async def _read_body(receive) -> bytes:

@@ -19,16 +19,16 @@ running the first create any more (`settled_at`)."""
 from __future__ import annotations
 
 import logging
-import re
 import time
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
-from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.bc_lookups import Lookup, Query, odata_string, pack, term
+from shared.bc_lookups import SCHEMA_2_1, Lookup, Query, email_addresses, odata_string, pack, query_string, term
+from shared.bc_refusals import explain_refusal, web_client_invoice_url  # noqa: F401  (BC's refusals, links)
 from shared.http import (NOT_RUN_STATUS, ApiClient, UpstreamAmbiguous, UpstreamError, UpstreamNotFound, UpstreamThrottled,
                          error_from_body)
 from shared.settings import Settings
@@ -50,6 +50,9 @@ ITEMS_BY_NAME = Lookup("items", "displayName")
 INVOICES_BY_KEY = Lookup("salesInvoices", "externalDocumentNumber", code=True)
 
 COMPANY_NAME_SECONDS = 3600.0
+NESTED_CHECK_SECONDS = 3600.0
+"""How long an environment's answer to the nested-call check (`BcClient.nested_calls`) is kept."""
+_nested_verdicts: weakref.WeakKeyDictionary[ApiClient, tuple[float, str]] = weakref.WeakKeyDictionary()
 
 SECONDS_PER_CREATE = {"customers": 0.2, "items": 0.2, "salesInvoices": 0.5}
 """A generous estimate of what BC spends creating one record inside a `$batch` (an invoice with
@@ -159,6 +162,7 @@ class BcClient:
         self.batch_url = settings.bc_batch_url
         self.timeout_seconds = settings.http_timeout_seconds
         self.execution_limit_seconds = settings.bc_execution_limit_seconds
+        self.queue_timeout_seconds = settings.bc_queue_timeout_seconds
         self._name: tuple[float, str] | None = None
 
     # -- unknown outcomes ----------------------------------------------------------------------
@@ -177,9 +181,12 @@ class BcClient:
 
     def settled_at(self, pending_since: datetime) -> datetime:
         """When no write claimed at `pending_since` can still be running in BC: its send
-        deadline plus BC's execution limit (`BC_EXECUTION_LIMIT_SECONDS`). Only then does looking
-        it up tell for sure whether it happened."""
-        return pending_since + timedelta(seconds=self.send_window_seconds + self.execution_limit_seconds)
+        deadline, plus the longest it may wait in BC's queue for a slot (`BC_QUEUE_TIMEOUT_SECONDS`;
+        BC answers 503 after that and never runs it), plus BC's execution limit once it runs
+        (`BC_EXECUTION_LIMIT_SECONDS`). Only then does looking it up tell for sure whether it
+        happened."""
+        return pending_since + timedelta(seconds=self.send_window_seconds + self.queue_timeout_seconds
+                                         + self.execution_limit_seconds)
 
     def confirm(self, pending_since: datetime, confirming_since: datetime | None = None,
                 attempt: bool = False) -> Wait:
@@ -198,22 +205,22 @@ class BcClient:
         params = dict(extra or {})
         if filter:
             params["$filter"] = filter
-        url: str | None = f"{self.company_url}/{entity_set}"
+        url: str | None = f"{self.company_url}/{entity_set}" + (f"?{query_string(params)}" if params else "")
         found: list[dict] = []
         while url:
-            response = await self.api.request("GET", url, params=params or None)
+            response = await self.api.request("GET", url)
             body = response.body if isinstance(response.body, dict) else {}
             if not isinstance(body.get("value"), list):
                 raise UpstreamError(self.api.service, response.status, "MalformedResponse",
                                     f"the {entity_set} list had no 'value'")
             found.extend(body["value"])
-            url, params = body.get("@odata.nextLink"), None
+            url = body.get("@odata.nextLink")
         return found
 
     async def get(self, entity_set: str, entity_id: str, extra: dict | None = None) -> dict | None:
         try:
-            response = await self.api.request("GET", f"{self.company_url}/{entity_set}({entity_id})",
-                                              params=extra or None)
+            query = f"?{query_string(extra)}" if extra else ""
+            response = await self.api.request("GET", f"{self.company_url}/{entity_set}({entity_id}){query}")
         except UpstreamNotFound:
             return None
         return _entity(response.body)
@@ -246,8 +253,10 @@ class BcClient:
         # All-or-nothing batches stop at the first failure; independent ones (reads) should
         # answer every request, which OData only does when asked to continue on error.
         headers = {"Isolation": "snapshot"} if atomic else {"Prefer": "odata.continue-on-error"}
+        # BC does not say whether a `$batch` counts as one request or as each of its operations
+        # toward its 6,000 per 5 minutes: the budget is charged for each (the strictest reading).
         response = await self.api.request("POST", self.batch_url, json_body=payload, headers=headers,
-                                          idempotent=idempotent, send_by=send_by)
+                                          idempotent=idempotent, send_by=send_by, cost=len(requests))
         answers = {str(item.get("id")): item for item in (response.body or {}).get("responses", [])}
         if len(answers) != len(requests):
             raise UpstreamError(self.api.service, response.status, "MalformedResponse",
@@ -273,13 +282,52 @@ class BcClient:
         wanted = lookup.askable(values)
         found: dict[str, list[dict]] = {value: [] for value in {lookup.fold(v) for v in values if v and v.strip()}}
         seen: dict[str, set[str]] = {value: set() for value in found}
-        for records in await self._ask(lookup.entity_set, lookup.queries(wanted)):
+        queries = lookup.queries(wanted)
+        if any(query.fallback for query in queries):
+            verdict = await self.nested_calls()
+            if verdict in ("refused", "untrusted"):
+                log.warning("Business Central %s the nested lookup of %s with $schemaversion=2.1; asked without it",
+                            verdict, lookup.entity_set,
+                            extra={"event": "bc_lookup_fallback", "entity_set": lookup.entity_set, "verdict": verdict})
+                queries = [fallback for query in queries for fallback in query.fallback or (query,)]
+        for records in await self._ask(lookup.entity_set, queries):
             for record in records:
                 for key in lookup.keys_of(record):
                     if key in found and keep(record) and record.get("id") not in seen[key]:
                         seen[key].add(record.get("id"))
                         found[key].append(record)
         return found
+
+    async def nested_calls(self) -> str:
+        """Whether BC's answer to the customer lookup's nested `contains(tolower(email),…)` (with
+        `$schemaversion=2.1`) can be trusted. BC's docs say a nested call where it is not supported
+        "either throws an error or returns an undefined result", and a 200 that silently finds
+        nothing would make the directory create every customer again. So the lookup is tried once
+        with the first address of a customer BC has: `trusted` when BC finds that customer by it
+        and nothing that lacks the address; `refused` on a 400; `untrusted` on any other 200;
+        `unknown` when BC has no customer with an e-mail to try (nothing can be missed then). A
+        verdict is kept `NESTED_CHECK_SECONDS` per environment."""
+        cached = _nested_verdicts.get(self.api)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        sample = await self.list("customers", "email ne ''", {"$top": "1", "$select": "id,email"})
+        addresses = email_addresses(sample[0].get("email")) if sample else []
+        if not addresses:
+            return "unknown"
+        address = addresses[0]
+        try:
+            found = await self.list("customers", f"contains(tolower(email),{odata_string(address)})",
+                                    {"$top": "50", "$select": "id,email", **SCHEMA_2_1})
+        except UpstreamError as error:
+            if error.status != 400:
+                raise
+            verdict = "refused"
+        else:
+            trusted = any(r.get("id") == sample[0].get("id") for r in found) and all(
+                address in (r.get("email") or "").lower() for r in found)
+            verdict = "trusted" if trusted else "untrusted"
+        _nested_verdicts[self.api] = (time.monotonic() + NESTED_CHECK_SECONDS, verdict)
+        return verdict
 
     async def _ask(self, entity_set: str, queries: list[Query]) -> list[list[dict]]:
         """The records each query finds: one GET for a single query, else `$batch`es of 100. A
@@ -436,49 +484,3 @@ def _entity(body: Any) -> dict:
     if not isinstance(body, dict) or "id" not in body:
         raise UpstreamError("Business Central", None, "MalformedResponse", "the answer had no record")
     return body
-
-
-# -- what a refusal means -------------------------------------------------------------------------
-
-_FIXES: list[tuple[re.Pattern, str]] = [
-    (re.compile(r"(?P<field>Customer Posting Group|Gen\. Bus\. Posting Group) must have a value in "
-                r"Customer: No\.=(?P<number>[^\s.]+)", re.IGNORECASE),
-     "Customer {number} has no {field} in Business Central. Fix: set its {field} on the customer card in "
-     "Business Central, and give the customer template chosen on BC's API Setup page a {field} so that new "
-     "customers get one; then invoice these bookings again."),
-    (re.compile(r"(?P<field>Gen\. Prod\. Posting Group|Inventory Posting Group) must have a value in "
-                r"Item: No\.=(?P<number>[^\s.]+)", re.IGNORECASE),
-     "Item {number} has no {field} in Business Central. Fix: set its {field} on the item card (or set "
-     "generalProductPostingGroupCode in the item template named by ITEM_TEMPLATE, for new items); then "
-     "invoice these bookings again."),
-    (re.compile(r"Customer (?P<number>\S+) is blocked with type (?P<kind>\w+)", re.IGNORECASE),
-     "Customer {number} is blocked in Business Central (Blocked = {kind}). Fix: clear Blocked on the customer "
-     "card if the customer may be invoiced; then invoice these bookings again."),
-    (re.compile(r"Blocked must be equal to 'No'\s+in Item: No\.=(?P<number>[^\s.]+)", re.IGNORECASE),
-     "Item {number} is blocked in Business Central. Fix: clear Blocked on the item card; then invoice these "
-     "bookings again."),
-    (re.compile(r"Invoice Nos\. must have a value|number series|numbers manually|numbers automatically", re.IGNORECASE),
-     "Business Central has no usable number series for sales invoices. Fix: set Invoice Nos. in Sales & "
-     "Receivables Setup to a number series that can assign numbers; then invoice these bookings again."),
-]
-
-
-def explain_refusal(message: str) -> str:
-    """BC's refusal in words a bookkeeper can act on: what is wrong, and what to fix in BC.
-    An unknown refusal is passed on as BC worded it."""
-    for pattern, advice in _FIXES:
-        match = pattern.search(message)
-        if match:
-            return advice.format(**match.groupdict()) + f" (Business Central said: {message})"
-    return f"Business Central refused it: {message}"
-
-
-SALES_INVOICE_PAGE = 43
-
-
-def web_client_invoice_url(settings, company_name: str | None, number: str) -> str:
-    """Where a person opens a draft sales invoice in BC's web client (page 43, filtered to its No.)."""
-    query = [f"page={SALES_INVOICE_PAGE}", "filter=" + quote(f"'No.' IS '{number}'", safe="")]
-    if company_name:
-        query.insert(0, "company=" + quote(company_name, safe=""))
-    return f"{settings.bc_web_client_url}/{settings.tenant_id}/{settings.bc_environment}/?{'&'.join(query)}"

@@ -82,7 +82,13 @@ class Query:
     fallback: tuple[Query, ...] = ()
 
     def url(self, entity_set: str) -> str:
-        return f"{entity_set}?{urlencode({'$filter': self.filter, **self.params})}"
+        return f"{entity_set}?{query_string({'$filter': self.filter, **self.params})}"
+
+
+def query_string(params: dict) -> str:
+    """A query string with spaces as `%20`, never `+`: OData's URL conventions percent-encode them,
+    and BC does not say it reads `+` as a space."""
+    return urlencode(params, quote_via=quote)
 
 
 _OR = len(quote(" or ", safe=""))

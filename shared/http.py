@@ -137,21 +137,23 @@ class RateBudget:
         self._sent: deque[float] = deque()
         self._lock = asyncio.Lock()
 
-    async def acquire(self, service: str) -> None:
+    async def acquire(self, service: str, count: int = 1) -> None:
+        """Room for `count` requests (a `$batch` may count as each of its operations)."""
         async with self._lock:
-            now = time.monotonic()
-            while self._sent and now - self._sent[0] >= self.window:
-                self._sent.popleft()
-            if len(self._sent) >= self.limit:
-                wait = self._sent[0] + self.window - now
-                if wait > MAX_BUDGET_WAIT_SECONDS:
-                    throttled = UpstreamThrottled(service, None, "ClientRateBudget",
-                                                  f"{self.limit} requests in {self.window:.0f} s already sent")
-                    throttled.retry_after = wait
-                    raise throttled
-                await asyncio.sleep(wait)
-                self._sent.popleft()
-            self._sent.append(time.monotonic())
+            for _ in range(count):
+                now = time.monotonic()
+                while self._sent and now - self._sent[0] >= self.window:
+                    self._sent.popleft()
+                if len(self._sent) >= self.limit:
+                    wait = self._sent[0] + self.window - now
+                    if wait > MAX_BUDGET_WAIT_SECONDS:
+                        throttled = UpstreamThrottled(service, None, "ClientRateBudget",
+                                                      f"{self.limit} requests in {self.window:.0f} s already sent")
+                        throttled.retry_after = wait
+                        raise throttled
+                    await asyncio.sleep(wait)
+                    self._sent.popleft()
+                self._sent.append(time.monotonic())
 
 
 class ApiClient:
@@ -210,7 +212,8 @@ class ApiClient:
     async def request(self, method: str, url: str, *, json_body: Any = None,
                       params: dict | None = None, headers: dict | None = None,
                       limit_key: str = "*", idempotent: bool | None = None,
-                      send_by: float | None = None, decode: Callable[[bytes], Any] | None = None) -> ApiResponse:
+                      send_by: float | None = None, decode: Callable[[bytes], Any] | None = None,
+                      cost: int = 1) -> ApiResponse:
         """Send one request with retries; return the parsed answer or raise `UpstreamError`.
 
         `decode` reads a successful answer's raw bytes instead of `json.loads` (a pydantic
@@ -219,7 +222,9 @@ class ApiClient:
 
         `send_by` (a `time.monotonic()` deadline) bounds when the request may still be sent, a
         retry included: the caller promises that nothing it started lands later than that plus
-        the service's execution limit. Past it, `UpstreamThrottled` (certainly not sent)."""
+        the service's execution limit. Past it, `UpstreamThrottled` (certainly not sent).
+
+        `cost`: what the request takes of the rate budget (a `$batch`: one per operation in it)."""
         idempotent = method in ("GET", "PUT", "DELETE", "PATCH", "HEAD") if idempotent is None else idempotent
         token_refreshed = False
         attempt = 0
@@ -246,7 +251,7 @@ class ApiClient:
                 # wait for a slot.
                 async with self._gates[limit_key], self._shared_slot(limit_key):
                     if self.budget is not None:
-                        await self.budget.acquire(self.service)
+                        await self.budget.acquire(self.service, cost)
                     if send_by is not None and time.monotonic() > send_by:
                         raise self._late("sent", None)
                     self.requests_sent += 1

@@ -346,8 +346,11 @@ async def _invoice_company(rt: Runtime, store: Store, job_id: str, bc: BcClient,
         errors = work.errors + [{"bookingId": b.id, "message": "the booking was released before it was invoiced"}
                                 for b in work.mine if (b.id, work.email) not in recorded]
         amount = invoice.get("totalAmountIncludingTax")
-        if amount is None:
-            amount = round(sum(line["quantity"] * line["unitPrice"] for line in work.lines), 2)
+        lines_total = round(sum(line["quantity"] * line["unitPrice"] for line in work.lines), 2)
+        if amount is None or (not amount and lines_total):
+            # BC does not say whether a deep insert's answer shows the totals of its lines: an answer
+            # without them gives the lines' own total (before tax).
+            amount = lines_total
         finished.append(_finished(work.row, "succeeded", invoice, amount, [b.id for b in written], errors))
         log.info("draft invoice %s for job part %s", invoice.get("number"), work.key,
                  extra={"event": "invoice_created", "job_id": job_id, "part": work.index,

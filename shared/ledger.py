@@ -85,20 +85,26 @@ class SharedRateBudget:
         self._wanting = 0
         """Requests of this process asking for a ticket right now (the claim is sized to them)."""
 
-    async def acquire(self, service: str) -> None:
-        self._wanting += 1
+    async def acquire(self, service: str, count: int = 1) -> None:
+        """Tickets for `count` requests (a `$batch` may count as each of its operations)."""
+        self._wanting += count
+        need = count
         try:
             async with self._lock:
-                if self._tickets == 0 or time.monotonic() >= self._usable_until:
-                    started = time.monotonic()
-                    try:
-                        await self._claim_tickets(service)
-                    finally:
-                        self.stats.claim_seconds += time.monotonic() - started
-                self._tickets -= 1
-                self.stats.granted += 1
+                while need:
+                    if self._tickets == 0 or time.monotonic() >= self._usable_until:
+                        started = time.monotonic()
+                        try:
+                            await self._claim_tickets(service)
+                        finally:
+                            self.stats.claim_seconds += time.monotonic() - started
+                    taken = min(self._tickets, need)
+                    self._tickets -= taken
+                    need -= taken
+                    self._wanting -= taken
+                    self.stats.granted += taken
         finally:
-            self._wanting -= 1
+            self._wanting -= need
 
     async def _claim_tickets(self, service: str) -> None:
         self._finish_claim()

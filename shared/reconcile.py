@@ -1,8 +1,15 @@
 """Reconciliation with Business Central, run by every sync.
 
-A draft invoice deleted in BC makes its bookings uninvoiced again; a posted invoice (Open, Paid…)
-marks them posted. Job parts whose last attempt could not ask BC whether their invoice exists are
-checked again here, so their bookings end up either recorded or released, never stuck."""
+A draft invoice deleted in BC makes its bookings uninvoiced again; a posted invoice marks them
+posted. BC's API shows a *released* draft with status `Open`, as it shows a posted invoice that
+is not paid yet, and a released draft can still be reopened and deleted; the API publishes nothing
+else that tells the two apart. So an `Open` invoice counts as posted only once its number is no
+longer the draft's (posting gave it a posted number), or once it is `Paid`, `Canceled` or
+`Corrective`, which only a posted invoice can be. An `Open` invoice with its draft's number
+(released, or posted in a company whose posted invoices keep the draft's number) is followed on
+every sync until then; if it disappears, its bookings are uninvoiced again. Job parts whose last
+attempt could not ask BC whether their invoice exists are checked again here, so their bookings
+end up either recorded or released, never stuck."""
 
 from __future__ import annotations
 
@@ -21,7 +28,17 @@ from shared.store import BOOKINGS, INVOICE_QUEUE, JOBS, Store
 
 log = logging.getLogger(__name__)
 
-POSTED_STATUSES = {"Open", "Paid", "Canceled", "Corrective"}
+POSTED_ONLY_STATUSES = {"Paid", "Canceled", "Corrective"}
+"""Statuses only a posted invoice has (SalesInvoiceAggregator: an unposted Sales Header is
+`Draft`, `In Review` or, released, `Open`)."""
+
+
+def is_posted(current: dict, draft_number: str | None) -> bool:
+    """Whether BC's invoice is certainly posted, given the number the app's draft had."""
+    status = current.get("status")
+    if status in POSTED_ONLY_STATUSES:
+        return True
+    return status == "Open" and bool(draft_number) and current.get("number") != draft_number
 
 
 async def reconcile_invoices(rt: Runtime, store: Store) -> dict:
@@ -60,7 +77,7 @@ async def reconcile_invoices(rt: Runtime, store: Store) -> dict:
                 if current is None:
                     del booking.invoices[email]
                     changed = True
-                elif current.get("status") in POSTED_STATUSES:
+                elif is_posted(current, invoice.get("invoiceNumber")):
                     invoice["posted"] = True
                     invoice["postedNumber"] = current.get("number")
                     changed = True

@@ -76,9 +76,14 @@ class Settings(BaseSettings):
     time_zone: str = Field("UTC", alias="BOOKINGS_TIME_ZONE")
     http_timeout_seconds: float = Field(60.0, gt=0, le=600, alias="HTTP_TIMEOUT_SECONDS")
     bc_execution_limit_seconds: float = Field(600.0, gt=0, le=3600, alias="BC_EXECUTION_LIMIT_SECONDS")
-    """How long Business Central may go on executing a request after it arrived (its documented
-    limit is 10 minutes). A write whose outcome is unknown (timeout, lost answer) is looked up,
-    and repeated if missing, only once this has passed: before, BC may still be creating it."""
+    """How long Business Central may go on executing a request once it has started (its documented
+    limit is 10 minutes). A write whose outcome is unknown (timeout, lost answer) is repeated, if a
+    lookup does not find it, only once this and `bc_queue_timeout_seconds` have passed: before,
+    BC may still be creating it."""
+    bc_queue_timeout_seconds: float = Field(480.0, ge=0, le=3600, alias="BC_QUEUE_TIMEOUT_SECONDS")
+    """How long a request may wait in Business Central's queue for one of its 5 slots before BC
+    gives up on it with 503 (documented: 8 minutes). A request the app stopped waiting for may
+    start only then, so it counts toward the settle time too."""
     push_customers: bool = Field(False, alias="PUSH_CUSTOMERS_TO_BOOKINGS")
     """Each sync also puts BC customers (persons with an e-mail) into every Bookings business."""
     push_items: bool = Field(False, alias="PUSH_ITEMS_TO_BOOKINGS")

@@ -18,7 +18,9 @@ from sandbox.tokens import APP_ROLES
 pytest_plugins = ["tests.plugins.chaos"]
 
 BC_EXECUTION_LIMIT_SECONDS = 1
-"""The simulated BC's execution limit in tests: nothing it is asked lands later than this."""
+"""The simulated BC's execution limit in tests: nothing it is asked lands later than this after it started."""
+BC_QUEUE_TIMEOUT_SECONDS = 1
+"""The simulated BC's queue in tests: a request waiting longer for a slot is answered 503, never run."""
 
 
 @pytest.fixture(scope="session")
@@ -71,6 +73,7 @@ def make_world(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, businesses: in
     for plan in (sandbox.graph.plan, sandbox.bc.plan, sandbox.entra.plan):
         plan.clear()
         plan.reset_stats()
+        plan.reset_windows()  # each test starts with the services' rate limits unused
     # Graph's and BC's readings of what the docs leave open, the app's permissions and its place in BC's
     # Entra Applications: back to their defaults (a test may have changed them).
     sandbox.graph.configure(**asdict(GraphOptions()))
@@ -83,12 +86,14 @@ def make_world(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, businesses: in
     sandbox.bc.register_app(TENANT, ENVIRONMENT, CLIENT_ID)
     # What BC finishes after the client gave up lands within the execution limit the app assumes.
     sandbox.bc.plan.configure(execution_limit_seconds=BC_EXECUTION_LIMIT_SECONDS,
-                              late_seconds=0.9 * BC_EXECUTION_LIMIT_SECONDS, late_executes=True)
+                              late_seconds=0.9 * BC_EXECUTION_LIMIT_SECONDS, late_executes=True,
+                              queue_timeout_seconds=BC_QUEUE_TIMEOUT_SECONDS)
     sandbox.graph.page_size = 100
     # Business Central may go on running a request for 10 minutes after the app gave up on it, and
     # the app waits that long before it looks for the outcome; the simulated BC is quicker.
     overrides = {"BOOKINGS_BUSINESS_IDS": ",".join(business_ids), "BC_COMPANY_ID": company_id,
-                 "HTTP_TIMEOUT_SECONDS": "3", "BC_EXECUTION_LIMIT_SECONDS": str(BC_EXECUTION_LIMIT_SECONDS)}
+                 "HTTP_TIMEOUT_SECONDS": "3", "BC_EXECUTION_LIMIT_SECONDS": str(BC_EXECUTION_LIMIT_SECONDS),
+                 "BC_QUEUE_TIMEOUT_SECONDS": str(BC_QUEUE_TIMEOUT_SECONDS)}
     for name, value in sandbox.env(**overrides).items():
         monkeypatch.setenv(name, value)
     for name in ("CUSTOMER_TEMPLATE", "ITEM_TEMPLATE", "SYNC_CUSTOMERS", "SYNC_ITEMS", "INVOICE_FREE_BOOKINGS",

@@ -19,6 +19,7 @@ from shared.store import CUSTOMER_LINKS, ITEM_LINKS, JOBS
 from shared.utf16 import cut, units
 from tests.helpers import body, rows
 from tests.test_invoicing import appointment, invoice, run_job
+from tests.sandbox.test_bc_sim import wait_until
 from tests.test_pages import Browser
 
 EMOJI = "\N{GRINNING FACE}"  # 1 code point, 2 UTF-16 units
@@ -78,8 +79,10 @@ def test_many_new_customers_are_looked_up_within_the_node_limit_in_one_batch(wor
 
     assert len(world.bc.customers(world.company_id)) == 100, "99 created, one linked, none refused"
     assert all(r["Status"] == "linked" for r in rows(world, CUSTOMER_LINKS))
-    assert dict(world.bc.plan.stats.requests) == {"POST /v2.0/{id}/production/api/v2.0/$batch": 2}, \
-        "8 lookup filters in one $batch, 99 creates in another"
+    assert dict(world.bc.plan.stats.requests) == {
+        "POST /v2.0/{id}/production/api/v2.0/$batch": 2,
+        "GET /v2.0/{id}/production/api/v2.0/companies()/customers": 2}, \
+        "8 lookup filters in one $batch, 99 creates in another; the hourly check of BC's nested lookup: two GETs"
 
 
 def test_a_bc_customer_filter_near_the_node_limit_is_taken_by_bc(world):
@@ -172,9 +175,15 @@ def test_email_lists_are_split_as_bcs_mail_management_does():
     assert email_addresses("") == [] and email_addresses("no address") == []
 
 
-@pytest.mark.parametrize("honoured", [True, False], ids=["schemaversion-2.1", "schemaversion-ignored"])
-def test_a_customer_whose_bc_email_lists_several_addresses_is_found_by_any_never_duplicated(world, honoured):
-    world.bc.configure(schema_version_2_1_honoured=honoured)
+@pytest.mark.parametrize("honoured, undefined", [(True, "empty"), (False, "error"), (False, "empty"),
+                                                 (False, "unfiltered")],
+                         ids=["schemaversion-2.1", "ignored-refused", "ignored-answers-nothing", "ignored-answers-all"])
+def test_a_customer_whose_bc_email_lists_several_addresses_is_found_by_any_never_duplicated(world, honoured,
+                                                                                           undefined):
+    """Where BC does not take the nested lookup it "either throws an error or returns an undefined
+    result": a 400, or a 200 with nothing or everything. Neither may make a customer twice."""
+    world.bc.configure(schema_version_2_1_honoured=honoured, nested_functions_without_2_1=undefined)
+    world.bc.add_customer(world.company_id, displayName="Other", email="other@example.com")
     listed = world.bc.add_customer(world.company_id, displayName="Front desk",
                                    email="front@example.com;BOOKS@EXAMPLE.COM")
     upsert_customers(world, [CustomerSource(email="books@example.com", displayName="Books"),
@@ -183,7 +192,8 @@ def test_a_customer_whose_bc_email_lists_several_addresses_is_found_by_any_never
     world.sync()
     job = run_job(world, {"all": True})
 
-    assert [c["id"] for c in world.bc.customers(world.company_id)] == [listed["id"]], "linked, not duplicated"
+    assert [c["id"] for c in world.bc.customers(world.company_id) if c["displayName"] != "Other"] == [listed["id"]], \
+        "linked, not duplicated"
     assert {r["BcId"] for r in rows(world, CUSTOMER_LINKS)} == {listed["id"]}
     assert job["status"] == "succeeded" and world.bc.invoices(world.company_id)[0]["customerId"] == listed["id"]
 
@@ -210,13 +220,31 @@ def test_a_create_answered_503_is_sent_again_at_once_and_made_once(world):
     assert link["Status"] == "linked" and not link.get("ConfirmSince"), "no lookup, no settle wait"
 
 
+@pytest.mark.parametrize("each_operation", [True, False], ids=["batch-counts-each-operation", "batch-counts-once"])
+def test_batches_never_take_bc_past_its_rate_limit_however_bc_counts_them(world, monkeypatch, each_operation):
+    """BC does not say whether a `$batch` counts as one request or as each of its operations
+    toward its rate limit: the app charges its budget for each, so it meets no 429 either way."""
+    from tests.test_limits import knobs
+
+    monkeypatch.setattr("shared.bc.REQUESTS_PER_WINDOW", 150)  # BC's 6,000 per 5 minutes, scaled down
+    monkeypatch.setattr("shared.bc.WINDOW_SECONDS", 4.0)
+    world.configure(HTTP_TIMEOUT_SECONDS="60")  # batch sizes follow the timeout: 100 creates a batch
+    with knobs(world.bc.plan, rate_limit=150, rate_window_seconds=4.0, batch_counts_each_operation=each_operation):
+        for round_ in range(2):  # 2 × (8 lookups + 100 creates) operations: more than one window holds
+            upsert_customers(world, [CustomerSource(email=f"r{round_}-{i}@example.com", displayName=f"R {i}")
+                                     for i in range(100)])
+
+    assert len(world.bc.customers(world.company_id)) == 200
+    assert world.bc.plan.stats.faults["429"] == 0, "the app held itself back instead"
+
+
 # -- unknown outcomes: confirmed within seconds -------------------------------------------------------------------
 
 def test_the_lookups_after_an_unknown_outcome_start_within_seconds_and_back_off():
     from datetime import datetime, timedelta, timezone
 
     lost = datetime(2026, 5, 4, 10, 0, tzinfo=timezone.utc)
-    settled = lost + timedelta(minutes=12)
+    settled = lost + timedelta(minutes=20)  # production: 2 × 60 s + BC's 8-minute queue + its 10-minute limit
     schedule, now = [], lost
     while now < settled:
         now = next_lookup(lost, now, settled)
@@ -224,7 +252,7 @@ def test_the_lookups_after_an_unknown_outcome_start_within_seconds_and_back_off(
 
     assert schedule[:4] == [2.0, 6.0, 14.0, 29.0], "seconds at first"
     assert max(b - a for a, b in zip(schedule, schedule[1:], strict=False)) == max(CONFIRM_DELAYS) == 120.0
-    assert schedule[-1] == 720.0 and len(schedule) == 12, "a dozen lookups over BC's execution limit, then settled"
+    assert schedule[-1] == 1200.0 and len(schedule) == 16, "16 lookups over BC's queue and execution limits, then settled"
 
 
 @pytest.fixture
@@ -244,7 +272,7 @@ def invoice_lookups(world) -> int:
 
 def test_a_job_whose_create_answer_was_lost_finishes_in_seconds_not_after_the_settle_time(world, deferrals):
     """Median time from a lost answer to a finished job, where BC has the invoice: under 30 s,
-    counted from the delays the app chose (the production settle time is 12 minutes)."""
+    counted from the delays the app chose (the production settle time is 20 minutes)."""
     world.configure(BC_EXECUTION_LIMIT_SECONDS="600")  # production: a late create may land up to 10 min later
     scenarios = [("lost", "3"), ("504", "3"), ("408", "3"), ("late", "0.5")]
     waited, walls = [], []
@@ -294,6 +322,39 @@ def test_the_job_says_it_waits_for_bc_to_confirm_and_since_when(world):
     assert "waiting for Business Central to confirm, since" in page
     assert "attente de la confirmation de Business Central, depuis" in french
     assert world.bc.invoices(world.company_id) == [], "nothing created again before BC settles"
+
+
+def test_a_create_bc_kept_in_its_queue_and_ran_after_the_client_gave_up_is_made_once(world):
+    """BC may keep a request waiting for a slot up to its queue timeout, then run it up to its
+    execution limit: the app creates an invoice again only once both have passed (here up to 6 s in
+    the queue, 1 s to run, the client giving up after 0.5 s)."""
+    world.configure(HTTP_TIMEOUT_SECONDS="0.5", BC_QUEUE_TIMEOUT_SECONDS="6")
+    world.bc.plan.configure(queue_timeout_seconds=6, queued_seconds=5)  # then runs 0.9 s later (limit 1 s)
+    ids = [appointment(world, customers=(("queued@example.com", "Queued"),))]
+    world.sync()
+    world.bc.plan.script("POST", r"/salesInvoices$", "queued", times=1)
+
+    job = run_job(world, {"bookingIds": ids})
+
+    assert world.bc.plan.stats.faults["queued"] == 1 and job["status"] == "succeeded", job
+    assert wait_until(lambda: world.bc.plan.stats.executed_late == 1, seconds=10), "BC ran the queued create"
+    assert len(world.bc.invoices(world.company_id)) == 1, "created once"
+
+
+def test_a_create_answered_502_is_an_unknown_outcome_made_once(world):
+    """BC documents 502 with `Retry-After` ("temporarily unavailable"), not whether the request
+    ran: the invoice is looked for, and created again only once BC cannot be running it."""
+    world.configure(HTTP_TIMEOUT_SECONDS="0.5")
+    world.bc.plan.configure(retry_after_seconds=0)
+    ids = [appointment(world, customers=(("gateway@example.com", "Gateway"),))]
+    world.sync()
+    world.bc.plan.script("POST", r"/salesInvoices$", "502", times=1)
+
+    job = run_job(world, {"bookingIds": ids})
+
+    assert world.bc.plan.stats.faults["502"] == 1 and job["status"] == "succeeded", job
+    assert invoice_lookups(world) >= 1, "looked for before it was created again"
+    assert len(world.bc.invoices(world.company_id)) == 1
 
 
 def test_a_customer_whose_create_answer_was_lost_is_linked_within_seconds(world, deferrals):

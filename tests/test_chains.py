@@ -135,6 +135,38 @@ def test_a_lost_answer_to_the_dimensions_makes_no_second_dimension_or_line(chain
     assert draft["salesInvoiceLines"][0]["dimensions"] == {"LOCATION": "OSLO"}
 
 
+def test_a_lost_answer_to_the_lines_makes_no_second_line_and_keeps_the_draft(chain):
+    first, second = appointment(chain, hours_ago=30), appointment(chain, hours_ago=50)
+    chain.sync()
+    chain.bc.plan.script("POST", r"/\$batch$", "lost", times=1, skip=1)  # the lines' batch, after the dimensions'
+
+    job = run_job(chain, {"bookingIds": [first, second]})
+
+    assert chain.bc.plan.stats.faults["lost"] == 1 and job["status"] == "succeeded", job
+    [draft] = chain.bc.invoices(chain.company_id)
+    assert [line["sequence"] for line in draft["salesInvoiceLines"]] == [10000, 20000]
+    assert all(line["dimensions"] == {"LOCATION": "OSLO"} for line in draft["salesInvoiceLines"])
+    assert job["invoices"][0]["invoiceNumber"] == draft["number"]
+
+
+@pytest.mark.parametrize("item_wins", [True, False])
+def test_default_dimensions_in_bc_never_replace_the_configured_value_on_the_header_or_a_line(chain, item_wins):
+    chain.bc.configure(line_default_dims_override_header=item_wins)
+    customer = chain.bc.add_customer(chain.company_id, displayName="Alice", email="alice@example.com")
+    item = chain.bc.add_item(chain.company_id, displayName="Haircut", type="Service", unitPrice=50)
+    chain.bc.add_default_dimension(chain.company_id, "customers", customer["number"], "LOCATION", "BERGEN")
+    chain.bc.add_default_dimension(chain.company_id, "items", item["number"], "LOCATION", "STOCKHOLM")
+    first, second = appointment(chain, hours_ago=30), appointment(chain, hours_ago=50)  # Oslo: LOCATION=OSLO
+    chain.sync()
+
+    job = run_job(chain, {"bookingIds": [first, second]})
+
+    assert job["status"] == "succeeded", job
+    [draft] = chain.bc.invoices(chain.company_id)
+    assert draft["customerId"] == customer["id"] and draft["dimensions"] == {"LOCATION": "OSLO"}
+    assert [line["dimensions"] for line in draft["salesInvoiceLines"]] == [{"LOCATION": "OSLO"}] * 2
+
+
 def test_a_draft_bc_stops_answering_for_is_completed_by_the_next_attempt(chain, monkeypatch):
     monkeypatch.setattr("shared.messages.THROTTLED_DEFER_SECONDS", 1.0)
     chain.bc.plan.configure(retry_after_seconds=0)

@@ -588,12 +588,22 @@ def change_the_outside_world(run: Run) -> None:
     """Users at work: drafts deleted and posted in BC, appointments cancelled and repriced."""
     world, rng = run.world, run.rng
     drafts = [i for i in world.bc.invoices(world.company_id) if i["status"] == "Draft"]
+    released = []
     for draft in drafts:
         roll = rng.random()
         if roll < 0.25:
             world.bc.delete_invoice(world.company_id, draft["id"])
         elif roll < 0.5:
             world.bc.post_invoice(world.company_id, draft["id"])
+        elif roll < 0.6:  # released: BC's API shows it "Open", as if posted, until it is reopened
+            world.bc.release_invoice(world.company_id, draft["id"])
+            released.append(draft["id"])
+    if released:
+        run.sync()
+        run.drain()
+        for invoice_id in released:  # reopened and deleted: its bookings must be invoiced again
+            world.bc.reopen_invoice(world.company_id, invoice_id)
+            world.bc.delete_invoice(world.company_id, invoice_id)
     open_rows = [r for r in run.uninvoiced() if r["invoiceable"]]
     for row in rng.sample(open_rows, k=min(2, len(open_rows))):
         world.graph.delete_appointment(row["businessId"], row["id"])
@@ -602,7 +612,8 @@ def change_the_outside_world(run: Run) -> None:
         if row["id"] not in run.deleted:
             world.graph.update_appointment(row["businessId"], row["id"], price=round(row["price"] + 7.5, 2))
             run.repriced.add(row["id"])
-    run.note(f"{len(drafts)} drafts: some deleted, some posted; {len(run.deleted)} appointments cancelled")
+    run.note(f"{len(drafts)} drafts: some deleted, some posted, {len(released)} released, reopened and deleted; "
+             f"{len(run.deleted)} appointments cancelled")
     run.together(run.sync, run.sync)
     run.drain()
 

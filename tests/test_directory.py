@@ -38,7 +38,8 @@ def bc_customers(world, email: str | None = None) -> list[dict]:
 
 
 def test_new_customer_gets_template_defaults_overridden_by_bookings_fields(world):
-    assert put_template(world, "customer", "SALON", {"paymentTermsId": "0b6ea8c8-0000-4000-8000-000000000030",
+    terms = world.bc.setup_id("paymentTerms", "30 DAYS")  # BC takes only the id of payment terms it has
+    assert put_template(world, "customer", "SALON", {"paymentTermsId": terms,
                                                      "currencyCode": "EUR", "city": "Template City"}).status_code == 200
     world.configure(CUSTOMER_TEMPLATE="SALON")
     world.host.send("directory-upserts", customer_message("new@example.com", city="Lyon", phone="+33 1 23"))
@@ -48,7 +49,7 @@ def test_new_customer_gets_template_defaults_overridden_by_bookings_fields(world
     [created] = bc_customers(world, "new@example.com")
     assert created["type"] == "Person"
     assert created["currencyCode"] == "EUR"
-    assert created["paymentTermsId"] == "0b6ea8c8-0000-4000-8000-000000000030"
+    assert created["paymentTermsId"] == terms
     assert created["city"] == "Lyon", "mapped Bookings fields win over template defaults"
     assert created["displayName"] == "Alice Example" and created["phoneNumber"] == "+33 1 23"
     [link] = rows(world, CUSTOMER_LINKS)
@@ -267,7 +268,9 @@ def test_one_batch_of_new_customers_and_items_costs_a_few_bc_requests(world):
     assert len(world.bc.customers(world.company_id)) == 40
     assert len(world.bc.items(world.company_id)) == 5, "services BC knows by one name share one item"
     assert len({r["BcId"] for r in rows(world, ITEM_LINKS)}) == 5 and len(rows(world, ITEM_LINKS)) == 10
-    assert world.bc.plan.stats.total_requests <= 4, dict(world.bc.plan.stats.requests)
+    # lookups and creates of each kind (a $batch or a GET each), and one GET looking for a customer
+    # to check BC's nested lookup with (a new company has none yet)
+    assert world.bc.plan.stats.total_requests <= 5, dict(world.bc.plan.stats.requests)
 
 
 def test_a_customer_bc_refuses_is_poisoned_at_once_with_bcs_reason(world):
@@ -280,6 +283,24 @@ def test_a_customer_bc_refuses_is_poisoned_at_once_with_bcs_reason(world):
     assert poisoned["dequeueCount"] == 1 and "Business Central refused" in poisoned["reason"]
     [link] = rows(world, CUSTOMER_LINKS)
     assert link["Status"] == "failed" and link["LastError"]
+
+
+@pytest.mark.parametrize("template, fragment", [
+    ({"salespersonCode": "NOPE"}, "Business Central has no Salesperson/Purchaser 'NOPE' (the Salesperson Code of the "
+                                  "new Customer). Fix: correct it in the template"),
+    ({"currencyCode": "XYZ"}, "Business Central has no Currency that currencyCode names. Fix: set currencyCode in the "
+                              "customer or item template"),
+], ids=["salesperson", "currency"])
+def test_a_template_value_bc_has_no_record_of_is_reported_with_bcs_message_and_the_fix(world, template, fragment):
+    assert put_template(world, "customer", "TYPO", template).status_code == 200  # types and lengths are fine
+    world.configure(CUSTOMER_TEMPLATE="TYPO")
+    world.host.send("directory-upserts", customer_message("typo@example.com"))
+    world.host.drain()
+
+    [poisoned] = world.host.peek_poison("directory-upserts")
+    [link] = rows(world, CUSTOMER_LINKS)
+    assert fragment in poisoned["reason"] and link["Status"] == "failed" and fragment in link["LastError"]
+    assert bc_customers(world, "typo@example.com") == []
 
 
 def test_customers_are_upserted_while_the_calendar_is_still_being_read(world):
@@ -333,7 +354,10 @@ def test_a_batch_of_new_customers_is_looked_up_in_one_request(world):
 
     assert len(world.bc.customers(world.company_id)) == 100
     assert Counter(world.bc.plan.stats.requests) == Counter({
-        "POST /v2.0/{id}/production/api/v2.0/$batch": 2}), "one $batch of 8 lookups (13 addresses each, BC's node limit), one $batch of 100 creates"
+        "POST /v2.0/{id}/production/api/v2.0/$batch": 2,
+        "GET /v2.0/{id}/production/api/v2.0/companies()/customers": 1}), \
+        "one $batch of 8 lookups (13 addresses each, BC's node limit), one $batch of 100 creates, and one GET for a " \
+        "customer to check BC's nested lookup with (a new company has none)"
 
 
 # -- Business Central as it really behaves ------------------------------------------------------

@@ -125,7 +125,11 @@ def test_filters_and_paging_return_every_booking_exactly_once(world2):
     assert [r["id"] for r in uninvoiced(world, **{"from": start, "to": end})["value"]] == ids[10:15]
 
 
-def test_invoicing_a_selection_makes_one_draft_per_customer_with_lines_in_start_order(world):
+@pytest.mark.parametrize("answer_totals", [False, True], ids=["answer-without-totals", "answer-with-totals"])
+def test_invoicing_a_selection_makes_one_draft_per_customer_with_lines_in_start_order(world, answer_totals):
+    """BC does not say whether the answer to a deep insert shows its lines' totals: the job's
+    amounts are right either way."""
+    world.bc.configure(deep_insert_answer_has_totals=answer_totals)
     world.configure(BOOKINGS_TIME_ZONE="Europe/Paris")
     first = appointment(world, hours_ago=72, minutes=90, price=60, price_type="hourly")
     second = appointment(world, hours_ago=48, price=50)
@@ -344,6 +348,41 @@ def test_a_deleted_draft_makes_its_bookings_uninvoiced_and_a_posted_one_marks_th
     assert counts["bookingsReleased"] == 1 and counts["bookingsPosted"] == 1
 
 
+def test_a_released_draft_is_not_taken_for_posted_and_once_reopened_and_deleted_its_bookings_are_uninvoiced(world):
+    a = appointment(world)
+    world.sync()
+    [made] = run_job(world, {"bookingIds": [a]})["invoices"]
+
+    world.bc.release_invoice(world.company_id, made["invoiceId"])  # BC's API now says "Open", as if posted
+    world.sync()
+    assert {r["AppointmentId"]: r["InvoiceState"] for r in rows(world, BOOKINGS)}[a] != "posted"
+    world.bc.reopen_invoice(world.company_id, made["invoiceId"])
+    world.bc.delete_invoice(world.company_id, made["invoiceId"])
+    world.sync()
+
+    assert [r["id"] for r in uninvoiced(world)["value"]] == [a]
+
+
+@pytest.mark.parametrize("keeps_number", [False, True])
+def test_a_posted_invoice_is_marked_posted_once_bc_shows_it_posted(world, keeps_number):
+    """With one number series for drafts and posted invoices, `Open` cannot tell posted from
+    released: the bookings are marked posted once BC shows the invoice paid."""
+    world.bc.configure(posted_invoice_keeps_number=keeps_number)
+    a = appointment(world)
+    world.sync()
+    [made] = run_job(world, {"bookingIds": [a]})["invoices"]
+
+    world.bc.post_invoice(world.company_id, made["invoiceId"])
+    world.sync()
+    state = {r["AppointmentId"]: r["InvoiceState"] for r in rows(world, BOOKINGS)}[a]
+    assert (state == "posted") is not keeps_number
+    world.bc.pay_invoice(world.company_id, made["invoiceId"])
+    world.sync()
+
+    assert {r["AppointmentId"]: r["InvoiceState"] for r in rows(world, BOOKINGS)}[a] == "posted"
+    assert uninvoiced(world)["value"] == []
+
+
 def test_write_back_adds_one_marker_line_and_keeps_staff_notes(world):
     world.graph.configure(app_only_business_rules="off")  # Bookings' lenient reading (tests/test_write_back.py: both)
     world.configure(WRITE_BACK_TO_BOOKINGS="true")
@@ -439,7 +478,13 @@ def test_an_invoice_batch_bc_may_finish_after_the_client_gave_up_bills_each_book
      "no usable number series for sales invoices. Fix: set Invoice Nos."),
     (lambda w: w.bc.set_api_template("items", w.company_id),
      "has no Gen. Prod. Posting Group in Business Central. Fix:"),
-], ids=["customer-posting-group", "number-series", "item-posting-group"])
+    (lambda w: w.bc.set_vat_posting_setup(w.company_id, "DOMESTIC", "STANDARD", exists=False),
+     "has no VAT Posting Setup for VAT Bus. Posting Group 'DOMESTIC' (the customer's) and VAT Prod. Posting Group "
+     "'STANDARD' (the item's). Fix: add that combination on BC's VAT Posting Setup page"),
+    (lambda w: w.bc.set_api_template("items", w.company_id, generalProductPostingGroupCode="SERVICES",
+                                     vatProdPostingGroup="STANDARD", salesBlocked=True),
+     "is blocked for sales in Business Central (Sales Blocked, which BC's API does not show). Fix: clear Sales Blocked"),
+], ids=["customer-posting-group", "number-series", "item-posting-group", "vat-posting-setup", "sales-blocked"])
 def test_an_invoice_bc_refuses_for_its_setup_says_per_booking_what_to_fix_in_bc(world, break_bc, fragment):
     ids = [appointment(world, hours_ago=40 + i, customers=(("setup@example.com", "Setup"),)) for i in range(2)]
     break_bc(world)  # before the customer and the item are created from BC's API Setup templates

@@ -248,6 +248,22 @@ def test_two_instances_share_one_rate_budget_and_no_window_holds_more_than_the_l
         assert 15 / 5 <= claims < 15, "tickets are claimed a few at a time (at most five), not one by one"
 
 
+def test_a_batch_takes_a_ticket_for_each_of_its_operations_and_no_window_holds_more(hosts):
+    granted: list[float] = []
+
+    async def instance(number: int) -> SharedRateBudget:
+        budget = SharedRateBudget(store(), "test/batches", 30, 2.0, chunk=10, ticket_seconds=0.5,
+                                  clock_skew_seconds=0.1)
+        for _ in range(3):
+            await budget.acquire("Test", 12)  # a $batch of 12 operations
+            granted.extend([time.monotonic()] * 12)
+        return budget
+
+    budgets = on_each(hosts, instance)
+    assert len(granted) == 72 and all(budget.stats.granted == 36 for budget in budgets)
+    assert windows_within(granted, 2.0, 30), "no 2-second window holds more than 30 operations"
+
+
 def test_a_request_beyond_the_shared_budget_is_held_back_for_later_on_every_instance(hosts):
     async def two_then_refused(number: int) -> UpstreamThrottled:
         budget = SharedRateBudget(store(), "test/small", 2, 60.0, ticket_seconds=1.0)

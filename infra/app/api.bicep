@@ -39,6 +39,7 @@ param writeBackToBookings string
 param bookingsTimeZone string
 param httpTimeoutSeconds string
 param bcExecutionLimitSeconds string
+param bcQueueTimeoutSeconds string
 param bcWebClientUrl string
 param pagesAllowedRole string
 param pagesAllowGuests string
@@ -95,6 +96,7 @@ var appSettings = {
   BOOKINGS_TIME_ZONE: bookingsTimeZone
   HTTP_TIMEOUT_SECONDS: httpTimeoutSeconds
   BC_EXECUTION_LIMIT_SECONDS: bcExecutionLimitSeconds
+  BC_QUEUE_TIMEOUT_SECONDS: bcQueueTimeoutSeconds
   BC_WEB_CLIENT_URL: bcWebClientUrl
   PAGES_ALLOWED_ROLE: pagesAllowedRole
   PAGES_ALLOW_GUESTS: pagesAllowGuests

@@ -32,22 +32,26 @@ class Backend(MasterRecords, SalesInvoices, CountryRegions):
         return company_id
 
     def present(self, company: Company | None, set_name: str, row: Row, select: list[str] | None = None,
-                expand: bool | tuple[str, ...] = False, hidden: bool = False) -> dict[str, Any]:
+                expand: bool | tuple[str, ...] | dict[str, dict] = False, hidden: bool = False) -> dict[str, Any]:
         """A record as the API shows it; `hidden`: with the fields only a BC user sees (data API).
-        `expand`: an invoice's navigation properties to include (True: its lines; the data API
-        also shows each one's dimension set)."""
+        `expand`: the navigation properties to include, each with what to expand inside it (True:
+        an invoice's lines; the data API also shows each one's dimension set)."""
         spec = spec_of(set_name)
         names = select or (list(spec.fields) if hidden else spec.public())
         result: dict[str, Any] = {"@odata.etag": etag(row.version)}
         result.update((name, json_value(row.fields[name])) for name in names)
-        expanded = ("salesInvoiceLines",) if expand is True else expand or ()
-        if company is not None and "salesInvoiceLines" in expanded:
-            result["salesInvoiceLines"] = [self.present(company, "salesInvoiceLines", line, hidden=hidden)
+        if expand is True:
+            expand = {"salesInvoiceLines": {}}
+        elif not isinstance(expand, dict):
+            expand = {name: {} for name in expand or ()}
+        if company is not None and "salesInvoiceLines" in expand:
+            result["salesInvoiceLines"] = [self.present(company, "salesInvoiceLines", line,
+                                                        expand=expand["salesInvoiceLines"], hidden=hidden)
                                            for line in self.lines(company, row.fields["id"])]
-        if company is not None and "dimensionSetLines" in expanded:
+        if company is not None and "dimensionSetLines" in expand:
             result["dimensionSetLines"] = [self.present(company, "dimensionSetLines", line) for line in
                                            self.dimension_set_lines(company, set_name, row.fields["id"], row.version)]
-        if company is not None and "dimensionValues" in expanded:
+        if company is not None and "dimensionValues" in expand:
             result["dimensionValues"] = [self.present(company, "dimensionValues", value)
                                          for value in self.values_of(company, row.fields["id"])]
         if hidden and company is not None and set_name in ("salesInvoices", "salesInvoiceLines"):

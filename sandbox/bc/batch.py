@@ -11,10 +11,11 @@ a snapshot batch by its failures, never by an inner 201.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from sandbox.bc.api import Api
 from sandbox.bc.errors import BcError
+from sandbox.bc.options import parse_query
 from sandbox.bc.wire import INNER_JSON_TYPE, NO_BODY, ApiRequest, ApiResponse, error_response, parse_json
 
 MAX_BATCH_REQUESTS = 100
@@ -28,7 +29,7 @@ class _Rollback(Exception):
 
 
 def parse_batch(body: Any, tenant: str, environment: str, root: str,
-                max_query_chars: int | None = None) -> list[InnerRequest]:
+                max_query_chars: int | None = None, plus_is_space: bool = False) -> list[InnerRequest]:
     """The inner requests of a JSON ``$batch`` body, or the 400 BC gives for a bad envelope. An
     inner request whose query string is longer than `max_query_chars` is answered 414 (the
     strictest reading: BC's docs give no limit, inside a batch or out)."""
@@ -36,8 +37,11 @@ def parse_batch(body: Any, tenant: str, environment: str, root: str,
         raise BcError(400, "BadRequest", "Invalid Request Body: a JSON batch needs a 'requests' array.")
     requests = body["requests"]
     if len(requests) > MAX_BATCH_REQUESTS:
-        raise BcError(400, "BadRequest", f"The batch contains {len(requests)} operations; the maximum number of "
-                                         f"'{MAX_BATCH_REQUESTS}' operations per $batch request was exceeded.")
+        # As reported from BC online (https://demiliani.com/2021/01/12/dynamics-365-business-central-batch-api-calls-
+        # and-max-number-of-operations/); the docs give the limit only.
+        raise BcError(400, "Unknown", "The current batch message contains too many parts. A maximum number of "
+                                      f"'{MAX_BATCH_REQUESTS}' query operations and change sets are allowed in a batch "
+                                      "message.")
     result = []
     for number, item in enumerate(requests):
         if not (isinstance(item, dict) and isinstance(item.get("url"), str) and isinstance(item.get("method"), str)):
@@ -62,7 +66,7 @@ def parse_batch(body: Any, tenant: str, environment: str, root: str,
         elif raw_body is None:
             raw_body = NO_BODY
         depends_on = item.get("dependsOn") or []
-        query = dict(parse_qsl(split.query, keep_blank_values=True))
+        query = parse_query(split.query, plus_is_space)
         api_request = ApiRequest(method, tenant, environment, path, query,
                                  {str(k).lower(): str(v) for k, v in headers.items()}, raw_body, root)
         if max_query_chars is not None and len(split.query) > max_query_chars:

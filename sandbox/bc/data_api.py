@@ -106,6 +106,14 @@ class DataApi:
             row = self._backend.block_dimension_value(company, dimension_code, code, blocked)
             return self._backend.present(company, "dimensionValues", row, hidden=True)
 
+    def add_default_dimension(self, company_id: str, source: str, number: str, code: str, value: str) -> None:
+        """A Default Dimension set up in BC: ``source`` one of ``customers``, ``items``,
+        ``salespeople``, ``locations``; ``number`` the record's number or code (``""``: every
+        record of that table), e.g. ``add_default_dimension(c, "customers", "C00010", "LOCATION", "BERGEN")``."""
+        with self._lock, self._backend.atomic(count=False):
+            company = self._backend.company(company_id)
+            self._backend.add_default_dimension(company, source, number, code, value)
+
     def dimension_sets(self, company_id: str) -> dict[str, dict[str, str]]:
         """Every invoice's and line's dimension set (record id → dimension code → value code)."""
         with self._lock:
@@ -136,10 +144,27 @@ class DataApi:
             self._backend.delete_invoice(company, invoice_id.lower())
 
     def post_invoice(self, company_id: str, invoice_id: str) -> dict:
-        """A user posting a draft: status ``Open``, a posted number (``PS-INV103001``…), same id."""
+        """A user posting a draft (released or not): status ``Open``, a posted number
+        (``PS-INV103001``…; the draft's own with `BcOptions.posted_invoice_keeps_number`), same id."""
+        return self._invoice_action(company_id, invoice_id, "post_invoice")
+
+    def release_invoice(self, company_id: str, invoice_id: str) -> dict:
+        """A user releasing a draft: still unposted, but the API shows status ``Open``, number unchanged;
+        it cannot be changed until it is reopened."""
+        return self._invoice_action(company_id, invoice_id, "release_invoice")
+
+    def reopen_invoice(self, company_id: str, invoice_id: str) -> dict:
+        """A user reopening a released draft: status ``Draft`` again."""
+        return self._invoice_action(company_id, invoice_id, "reopen_invoice")
+
+    def pay_invoice(self, company_id: str, invoice_id: str) -> dict:
+        """A payment applied to a posted invoice in full: status ``Paid``."""
+        return self._invoice_action(company_id, invoice_id, "pay_invoice")
+
+    def _invoice_action(self, company_id: str, invoice_id: str, action: str) -> dict:
         with self._lock, self._backend.atomic(count=False):
             company = self._backend.company(company_id)
-            row = self._backend.post_invoice(company, invoice_id.lower())
+            row = getattr(self._backend, action)(company, invoice_id.lower())
             return self._backend.present(company, "salesInvoices", row, expand=True)
 
     def set_api_template(self, entity: str, company_id: str | None = None, **defaults: Any) -> None:
@@ -156,6 +181,29 @@ class DataApi:
             companies = [self._backend.company(company_id)] if company_id else self._backend.companies.values()
             for company in companies:
                 company.templates[set_name] = dict(values)
+
+    def setup_id(self, table: str, code: str) -> str:
+        """The id of a setup record (a payment terms' id for ``paymentTermsId``…), `sandbox.bc.setup`."""
+        from sandbox.bc.setup import setup_id
+
+        return setup_id(table, code.upper())
+
+    def add_setup_record(self, company_id: str, table: str, code: str) -> None:
+        """A record a user adds to a setup table (``salespeople``, ``currencies``, ``itemCategories``…)."""
+        with self._lock:
+            self._backend.company(company_id).setup[table].add(code.upper())
+
+    def remove_setup_record(self, company_id: str, table: str, code: str) -> None:
+        with self._lock:
+            self._backend.company(company_id).setup[table].discard(code.upper())
+
+    def set_vat_posting_setup(self, company_id: str, business_group: str, product_group: str,
+                              exists: bool = True) -> None:
+        """Add (or, `exists=False`, delete) the VAT Posting Setup of a business and product group."""
+        pair = (business_group.upper(), product_group.upper())
+        with self._lock:
+            setup = self._backend.company(company_id).vat_posting_setup
+            setup.add(pair) if exists else setup.discard(pair)
 
     def register_app(self, tenant: str, environment: str, client_id: str, registered: bool = True) -> None:
         """An admin adding an app to (or removing it from) the environment's *Microsoft Entra

@@ -9,6 +9,12 @@ validation, so lines that already exist keep theirs; a line takes the header's s
 created (SalesLine.CreateDim inherits ``SalesHeader."Dimension Set ID"``). Whether a value is
 blocked is checked when the invoice is posted (DimensionManagement.CheckDimValuePosting), unless
 `BcOptions.refuse_blocked_dimension_values` makes the page refuse it at once.
+
+Default dimensions (a BC user's Default Dimensions of a customer, item, salesperson or location,
+or of every record of that table) give a new document its first dimension set: a sales header
+those of its bill-to customer, its salesperson and its location, in that order (without Default
+Dimension Priorities the first source that has a dimension wins), a line the header's set
+merged with its item's (`BcOptions.line_default_dims_override_header`: whose value wins).
 """
 
 from __future__ import annotations
@@ -20,8 +26,12 @@ from sandbox.bc.errors import BcError, dialog
 from sandbox.bc.fields import DIMENSION, DIMENSION_SET_LINE, DIMENSION_VALUE, coerce_body
 from sandbox.bc.store import MISSING, Company, Row, Store
 
-PARENT_TYPES = {"salesInvoices": "Sales Invoice", "salesInvoiceLines": "Sales Invoice Line"}
-"""Enum "Dimension Set Entry Buffer Parent Type" names of the parents the simulator serves."""
+PARENT_TYPES = {"salesInvoices": "Sales_x0020_Invoice", "salesInvoiceLines": "Sales_x0020_Invoice_x0020_Line"}
+DEFAULT_DIMENSION_SOURCES = {"customers": "Customer", "items": "Item", "salespeople": "Salesperson/Purchaser",
+                             "locations": "Location"}
+"""The tables whose Default Dimensions the simulator applies, by the name the data API takes."""
+"""Enum "Dimension Set Entry Buffer Parent Type" members of the parents the simulator serves, as
+OData names an enum member (a space is ``_x0020_``, as in ``lineType``'s ``Fixed_x0020_Asset``)."""
 
 
 class Dimensions(Store):
@@ -61,6 +71,32 @@ class Dimensions(Store):
             raise dialog(f"Dimension Value {dimension_code} - {code} is missing.")
         row = company.tables["dimensionValues"][record_id]
         return self._put(company, "dimensionValues", record_id, {**row.fields, "blocked": blocked})
+
+    def add_default_dimension(self, company: Company, source: str, number: str, code: str, value: str) -> None:
+        """A Default Dimension of a record (``number``) or of its whole table (``number`` blank)."""
+        if source not in DEFAULT_DIMENSION_SOURCES:
+            raise ValueError(f"source must be one of {', '.join(DEFAULT_DIMENSION_SOURCES)}, not {source!r}")
+        number, code, value = number.strip().upper(), code.strip().upper(), value.strip().upper()
+        if number and source in company.numbers and number not in company.numbers[source]:
+            raise dialog(f"The {DEFAULT_DIMENSION_SOURCES[source]} does not exist. Identification fields and values: "
+                         f"No.='{number}'")
+        if self.dimension_value(company, code, value) is None:
+            raise dialog(f"Dimension Value {code} - {value} is missing.")
+        key = (source, number)
+        self._journal.set(company.default_dimensions, key, company.default_dimensions.get(key, {}) | {code: value})
+
+    def default_dimensions(self, company: Company, sources: list[tuple[str, str]]) -> dict[str, str]:
+        """DimensionManagement.GetDefaultDimID without priorities: for each source in turn (one
+        with a number), its record's Default Dimensions, then its table's; a dimension takes the
+        first value found."""
+        found: dict[str, str] = {}
+        for source, number in sources:
+            if not number:
+                continue
+            for key in ((source, number), (source, "")):
+                for code, value in sorted(company.default_dimensions.get(key, {}).items()):
+                    found.setdefault(code, value)
+        return found
 
     # lookups
 

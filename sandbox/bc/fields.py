@@ -132,6 +132,8 @@ CUSTOMER = EntitySpec("customers", "customer", "Customer", {
     "lastModifiedDateTime": RO_DATETIME,
     "customerPostingGroup": _hidden_code(20, "Customer Posting Group"),
     "genBusPostingGroup": _hidden_code(20, "Gen. Bus. Posting Group"),
+    "vatBusPostingGroup": _hidden_code(20, "VAT Bus. Posting Group"),
+    "locationCode": _hidden_code(10, "Location Code"),
 })
 
 ITEM = EntitySpec("items", "item", "Item", {
@@ -143,6 +145,8 @@ ITEM = EntitySpec("items", "item", "Item", {
     "baseUnitOfMeasureCode": _code(10, "Base Unit of Measure"), "generalProductPostingGroupId": GUID_F,
     "generalProductPostingGroupCode": _code(20, "Gen. Prod. Posting Group"), "inventoryPostingGroupId": GUID_F,
     "inventoryPostingGroupCode": _code(20, "Inventory Posting Group"), "lastModifiedDateTime": RO_DATETIME,
+    "vatProdPostingGroup": _hidden_code(20, "VAT Prod. Posting Group"),
+    "salesBlocked": Field("bool", caption="Sales Blocked", hidden=True),
 })
 
 INVOICE_STATUSES = ("Draft", "In_x0020_Review", "Open", "Paid", "Canceled", "Corrective")
@@ -174,6 +178,10 @@ INVOICE = EntitySpec("salesInvoices", "salesInvoice", "Sales Header", {
     "totalAmountExcludingTax": RO_DEC, "totalTaxAmount": RO_DEC, "totalAmountIncludingTax": RO_DEC,
     "status": Field("enum", read_only=True, options=INVOICE_STATUSES), "lastModifiedDateTime": RO_DATETIME,
     "phoneNumber": _text(30, "Sell-to Phone No."), "email": _text(80, "Email"),
+    "locationCode": _hidden_code(10, "Location Code"),
+    "vatBusPostingGroup": _hidden_code(20, "VAT Bus. Posting Group"),
+    "posted": Field("bool", caption="Posted", hidden=True),
+    "released": Field("bool", caption="Released", hidden=True),
 }, source_table="Sales Invoice Entity Aggregate")
 
 LINE = EntitySpec("salesInvoiceLines", "salesInvoiceLine", "Sales Line", {
@@ -220,7 +228,9 @@ DIMENSION_VALUE = EntitySpec("dimensionValues", "dimensionValue", "Dimension Val
 # Dimension Id): `id` is the dimension's id; parent and consolidation fields are Editable = false.
 DIMENSION_SET_LINE = EntitySpec("dimensionSetLines", "dimensionSetLine", "Dimension Set Entry Buffer", {
     "id": GUID_F, "code": _code(20, "Dimension Code"), "consolidationCode": _ro_code(20, "Consolidation Code"),
-    "parentId": RO_GUID, "parentType": Field("text", read_only=True), "displayName": _text(30, "Display Name"),
+    "parentId": RO_GUID, "parentType": Field("enum", read_only=True, options=("Sales_x0020_Invoice",
+                                                                             "Sales_x0020_Invoice_x0020_Line")),
+    "displayName": _text(30, "Display Name"),
     "valueId": GUID_F, "valueCode": _code(20, "Value Code"),
     "valueConsolidationCode": _ro_code(20, "Dimension Value Consolidation Code"),
     "valueDisplayName": _text(50, "Value Display Name"),

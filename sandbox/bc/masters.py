@@ -15,6 +15,7 @@ from typing import Any
 from sandbox.bc.errors import dialog
 from sandbox.bc.fields import CODE_IDS, CUSTOMER, ITEM, LCY_CODE, ZERO_GUID, EntitySpec, coerce_body, derived_id
 from sandbox.bc.rules import check_customer_phone, check_email_addresses
+from sandbox.bc.setup import check_references
 from sandbox.bc.store import MISSING, Company, Row, Store
 
 
@@ -22,10 +23,11 @@ def user_defaults(spec: EntitySpec, values: dict[str, Any]) -> dict[str, Any]:
     """What a BC user's customer/item template gives a record entered in BC (CRONUS-like posting
     groups); a test passes a blank value to make a record without one."""
     if spec is CUSTOMER:
-        return {"customerPostingGroup": "DOMESTIC", "genBusPostingGroup": "DOMESTIC"}
+        return {"customerPostingGroup": "DOMESTIC", "genBusPostingGroup": "DOMESTIC", "vatBusPostingGroup": "DOMESTIC"}
     if values.get("type") == "Inventory":
-        return {"generalProductPostingGroupCode": "RETAIL", "inventoryPostingGroupCode": "RESALE"}
-    return {"generalProductPostingGroupCode": "SERVICES"}
+        return {"generalProductPostingGroupCode": "RETAIL", "inventoryPostingGroupCode": "RESALE",
+                "vatProdPostingGroup": "STANDARD"}
+    return {"generalProductPostingGroupCode": "SERVICES", "vatProdPostingGroup": "STANDARD"}
 
 
 class MasterRecords(Store):
@@ -74,6 +76,7 @@ class MasterRecords(Store):
             if values.get("email"):
                 check_email_addresses(values["email"])
         self._check_relations(company, spec, values)
+        check_references(company.setup, spec, values)
 
     def modify_master(self, company: Company, spec: EntitySpec, row: Row, body: Any, *, api: bool = True) -> Row:
         values = coerce_body(spec, body, hidden=not api)
@@ -92,7 +95,7 @@ class MasterRecords(Store):
     def delete_master(self, company: Company, spec: EntitySpec, row: Row) -> None:
         record_id, number = row.fields["id"], row.fields["number"]
         for invoice in company.tables["salesInvoices"].values():
-            if invoice.fields["status"] != "Draft":
+            if invoice.fields["posted"]:
                 continue
             if spec is CUSTOMER and record_id in (invoice.fields["customerId"], invoice.fields["billToCustomerId"]):
                 raise dialog(f"You cannot delete Customer {number} because there is at least one outstanding "

@@ -51,6 +51,11 @@ class ODataError(Exception):
     code = "BadRequest"
 
 
+class NestedCallError(ODataError):
+    """A nested function call without ``$schemaversion=2.1``: refused, or (`BcOptions`) answered
+    with an undefined result."""
+
+
 class FilterValueError(ODataError):
     """A literal that AL cannot put into the field's filter (BC's ``NavFilterException``)."""
 
@@ -393,7 +398,7 @@ class _Compiler:
             return _Operand(kind, name, None, lambda row: normalize(kind, row.get(name)))
         if isinstance(node, Call) and node.name in _TEXT_FUNCTIONS:
             if nested and not self.rules.nested_functions:
-                raise ODataError(
+                raise NestedCallError(
                     f"Nested function calls such as '{node.name}' inside another function are supported only "
                     "with $schemaversion=2.1 or later.")
             inner = self._operand(node.args[0], nested=True)

@@ -23,7 +23,12 @@ class BcOptions:
     lower-case literal matches ``tolower(email)``. True: any literal's case matches."""
     nested_functions_need_schema_2_1: bool = True
     """Docs: nested calls are supported from ``$schemaversion=2.1``; before, they "throw an error or
-    return an undefined result". True: refused (400) without ``$schemaversion=2.1``. False: allowed."""
+    return an undefined result". True: not supported without ``$schemaversion=2.1`` (what then
+    happens: `nested_functions_without_2_1`). False: allowed."""
+    nested_functions_without_2_1: str = "empty"
+    """What a nested call gets where it is not supported ("either throws an error or returns an
+    undefined result"): ``"empty"`` (strictest: 200 with nothing, as if no record matched),
+    ``"unfiltered"`` (200 with every record) or ``"error"`` (400)."""
     refuse_blocked_dimension_values: bool = False
     """Docs silent on what the API does with a blocked dimension value. False (the AL source of
     APIV2DimensionSetLines.Page.al, which only checks that the value exists): a draft takes it, and
@@ -39,6 +44,23 @@ class BcOptions:
     filter_counts_conversions: bool = True
     """Undocumented: whether OData's binding inserts conversion nodes for BC's fields (their
     ``MaxLength``/``Scale`` facets). True counts them (strictest); False: a model without facets."""
+    line_default_dims_override_header: bool = True
+    """Docs silent (it depends on the company's Default Dimension Priorities for source code
+    SALES, BASEAPP `DimensionManagement.GetDefaultDimID`): True, a new line takes its item's
+    default value of a dimension the header already has (the item has a priority, the customer
+    none or a lower one); False, the header's value stays (no priorities, or the customer's first)."""
+    posted_invoice_keeps_number: bool = False
+    """A company whose Posted Invoice Nos. is the same series as its Invoice Nos.: a posted
+    invoice keeps its draft's number (BC's Sales Header `GetPostingNoSeriesCode`). False (a
+    CRONUS-like setup): it gets the next posted number (PS-INV103001…). With True, a posted invoice
+    (status ``Open``) looks exactly like a released draft through the API."""
+    plus_in_query_is_space: bool = False
+    """Docs silent on whether BC reads ``+`` in a query string as a space (HTML forms do; OData's
+    URL conventions percent-encode a space as ``%20``). False (strictest): ``+`` is a plus sign,
+    so ``$filter=city+eq+'Oslo'`` is a syntax error. True: a space."""
+    deep_insert_answer_has_totals: bool = False
+    """Docs silent on whether the answer to an invoice POST with `salesInvoiceLines` shows the totals
+    its lines made. False (strictest): the totals as the header was inserted (0); True: as stored."""
     sales_tax: bool = False
     """A sales-tax (North American) company: BC then skips the sell-to customer's Gen. Bus. Posting
     Group check when an invoice is created. False: the check runs (as in W1 companies)."""
@@ -49,6 +71,13 @@ class BcOptions:
         return FilterRules(code_literals_upper=self.code_filter_uppercases_literal,
                            case_functions_ignore_case=self.case_functions_ignore_case, nested_functions=nested,
                            max_nodes=self.filter_max_nodes, count_conversions=self.filter_counts_conversions)
+
+
+def parse_query(raw: str, plus_is_space: bool) -> dict[str, str]:
+    """A query string's parameters, ``+`` read as `BcOptions.plus_in_query_is_space` says."""
+    from urllib.parse import parse_qsl
+
+    return dict(parse_qsl(raw if plus_is_space else raw.replace("+", "%2B"), keep_blank_values=True))
 
 
 def _at_least_2_1(version: str | None) -> bool:

@@ -22,6 +22,7 @@ from sandbox.bc.errors import BcError, dialog, not_found
 from sandbox.bc.fields import SPECS, ZERO_GUID, EntitySpec
 from sandbox.bc.options import BcOptions
 from sandbox.bc.rules import must_have_value, table_relation
+from sandbox.bc.setup import VAT_POSTING_SETUP, new_setup
 
 MISSING = object()
 
@@ -43,8 +44,9 @@ NUMBER_SERIES_PROBLEMS = ("exhausted", "missing", "manual")
 """``exhausted``: every line of the series is closed (its Ending No. was reached); ``missing``: the
 setup field is blank; ``manual``: the series has Default Nos. off (numbers only by hand)."""
 
-API_TEMPLATE_DEFAULTS = {"customers": {"customerPostingGroup": "DOMESTIC", "genBusPostingGroup": "DOMESTIC"},
-                         "items": {"generalProductPostingGroupCode": "SERVICES"}}
+API_TEMPLATE_DEFAULTS = {"customers": {"customerPostingGroup": "DOMESTIC", "genBusPostingGroup": "DOMESTIC",
+                                       "vatBusPostingGroup": "DOMESTIC"},
+                         "items": {"generalProductPostingGroupCode": "SERVICES", "vatProdPostingGroup": "STANDARD"}}
 """What a new company's API Setup templates fill in (CRONUS-like), so that records created through
 the API can be invoiced out of the box."""
 
@@ -76,12 +78,19 @@ class Company:
     """(dimension code, value code) → the dimension value's id."""
     dimension_sets: dict[str, dict[str, str]] = field(default_factory=dict)
     """Document or line id → its dimension set (dimension code → value code); none: empty."""
+    default_dimensions: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
+    """(source, number) → its default dimensions (code → value code); number ``""``: every record
+    of the source's table (BC's Account Type Default Dimension)."""
     lines_of: dict[str, dict[str, None]] = field(default_factory=dict)
     """Invoice id → its line ids."""
     series: dict[str, int] = field(default_factory=dict)
     series_problems: dict[str, str] = field(default_factory=dict)
     """Series → one of `NUMBER_SERIES_PROBLEMS`."""
     templates: dict[str, dict[str, Any]] = field(default_factory=lambda: {"customers": {}, "items": {}})
+    setup: dict[str, set[str]] = field(default_factory=new_setup)
+    """Setup table → its codes (`sandbox.bc.setup.SETUP_TABLES`)."""
+    vat_posting_setup: set[tuple[str, str]] = field(default_factory=lambda: set(VAT_POSTING_SETUP))
+    """(VAT Bus. Posting Group, VAT Prod. Posting Group) pairs that have a VAT Posting Setup."""
     """BC's "API Setup" template per entity set: values for the fields a create request left empty."""
 
 
@@ -223,7 +232,10 @@ class Store:
         company = self.companies.get(company_id.lower())
         if company is None or (tenant is not None and (company.tenant, company.environment)
                                != (tenant.lower(), (environment or "").lower())):
-            raise BcError(404, "Internal_CompanyNotFound", f"The company '{company_id}' does not exist.")
+            # DOCS webservices/dynamics-error-codes.md gives this message (for a default company).
+            raise BcError(404, "Internal_CompanyNotFound", "Can't process the request because the default company "
+                          "can't be found. You can specify a default company in the service configuration file, or "
+                          "specify one for each tenant, or add a query string in the form of `company=[name]`.")
         return company
 
     @staticmethod

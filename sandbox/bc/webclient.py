@@ -128,7 +128,7 @@ def find_draft(bc: BcSimulator, tenant: str, environment: str, company: str | No
             if chosen is None:
                 return f"There is no company '{company}' in environment '{environment}'."
         for row in chosen.tables["salesInvoices"].values():
-            if row.fields["number"] == number and row.fields["status"] in _DRAFT_STATUSES:
+            if row.fields["number"] == number and not row.fields["posted"]:
                 invoice = backend.present(chosen, "salesInvoices", row, expand=True)
                 return chosen.row.fields["name"], invoice
         return (f"The Sales Header does not exist. Identification fields and values: "

@@ -50,7 +50,7 @@ def test_an_invoice_takes_dimension_set_lines_by_code_and_its_later_lines_inheri
                            json={"code": "LOCATION", "valueCode": "OSLO"})
     assert added.status_code == 201, added.text
     line = added.json()
-    assert (line["id"], line["valueId"], line["parentType"]) == (location["id"], oslo["id"], "Sales Invoice")
+    assert (line["id"], line["valueId"], line["parentType"]) == (location["id"], oslo["id"], "Sales_x0020_Invoice")
     later = bc.client.post(bc.url(f"salesInvoices({invoice['id']})/salesInvoiceLines"),
                            json={"itemId": item["id"], "quantity": 2})
     assert later.status_code == 201, later.text
@@ -137,3 +137,92 @@ def test_a_dimension_set_line_changes_the_invoices_etag_and_can_be_changed_and_d
     assert changed.status_code == 200 and changed.json()["valueCode"] == "BERGEN"
     deleted = bc.client.delete(f"{url}({location['id']})", headers={"If-Match": changed.json()["@odata.etag"]})
     assert deleted.status_code == 204 and bc.client.get(url).json()["value"] == []
+
+
+def test_a_line_sent_again_with_its_sequence_is_refused_as_the_aggregator_refuses_it(bc: Bc) -> None:
+    _, _, customer = _setup(bc)
+    item = bc.sim.add_item(bc.company_id, displayName="Massage", type="Service", unitPrice=80)
+    invoice = _draft(bc, customer)
+    url = bc.url(f"salesInvoices({invoice['id']})/salesInvoiceLines")
+
+    first = bc.client.post(url, json={"itemId": item["id"], "quantity": 1, "sequence": 10000})
+    again = bc.client.post(url, json={"itemId": item["id"], "quantity": 1, "sequence": 10000})
+
+    assert first.status_code == 201
+    assert again.status_code == 400 and error_code(again) == "Application_DialogException"
+    assert error_message(again) == "You cannot insert a line because a line already exists."
+    assert len(bc.client.get(url).json()["value"]) == 1
+
+
+def test_a_draft_reads_with_every_lines_dimension_set_lines_in_one_multi_level_expand(bc: Bc) -> None:
+    _, _, customer = _setup(bc)
+    item = bc.sim.add_item(bc.company_id, displayName="Massage", type="Service", unitPrice=80)
+    invoice = _draft(bc, customer)
+    bc.client.post(bc.url(f"salesInvoices({invoice['id']})/dimensionSetLines"),
+                   json={"code": "LOCATION", "valueCode": "OSLO"})
+    bc.client.post(bc.url(f"salesInvoices({invoice['id']})/salesInvoiceLines"), json={"itemId": item["id"]})
+
+    read = bc.client.get(bc.url(f"salesInvoices({invoice['id']})"),
+                         params={"$expand": "dimensionSetLines,salesInvoiceLines($expand=dimensionSetLines)"})
+    wrong = bc.client.get(bc.url(f"salesInvoices({invoice['id']})"),
+                          params={"$expand": "salesInvoiceLines($expand=nothing)"})
+
+    assert read.status_code == 200, read.text
+    [line] = read.json()["salesInvoiceLines"]
+    assert [(d["code"], d["valueCode"]) for d in line["dimensionSetLines"]] == [("LOCATION", "OSLO")]
+    assert wrong.status_code == 400
+
+
+def _dimensions_of(bc: Bc, path: str) -> dict[str, str]:
+    lines = bc.client.get(bc.url(f"{path}/dimensionSetLines")).json()["value"]
+    return {line["code"]: line["valueCode"] for line in lines}
+
+
+def test_a_new_invoice_starts_with_the_default_dimensions_of_its_customer_salesperson_and_location(bc: Bc) -> None:
+    _setup(bc)
+    for code, values in (("DEPARTMENT", ("SALES", "ADM")), ("AREA", ("NORTH", "SOUTH"))):
+        bc.sim.add_dimension(bc.company_id, code, code.title())
+        for value in values:
+            bc.sim.add_dimension_value(bc.company_id, code, value, value.title())
+    bc.sim.add_dimension_value(bc.company_id, "LOCATION", "BERGEN", "Bergen")
+    customer = bc.sim.add_customer(bc.company_id, displayName="Dag", salespersonCode="PS", locationCode="BLUE")
+    bc.sim.add_default_dimension(bc.company_id, "customers", customer["number"], "LOCATION", "BERGEN")
+    bc.sim.add_default_dimension(bc.company_id, "customers", "", "LOCATION", "OSLO")  # every customer: the record's wins
+    bc.sim.add_default_dimension(bc.company_id, "salespeople", "PS", "DEPARTMENT", "SALES")
+    bc.sim.add_default_dimension(bc.company_id, "salespeople", "PS", "LOCATION", "OSLO")  # the customer came first
+    bc.sim.add_default_dimension(bc.company_id, "locations", "BLUE", "AREA", "NORTH")
+
+    invoice = _draft(bc, customer)
+
+    assert _dimensions_of(bc, f"salesInvoices({invoice['id']})") == {
+        "LOCATION": "BERGEN", "DEPARTMENT": "SALES", "AREA": "NORTH"}
+    again = bc.client.post(bc.url(f"salesInvoices({invoice['id']})/dimensionSetLines"),
+                           json={"code": "LOCATION", "valueCode": "OSLO"})
+    assert again.status_code == 400 and error_message(again).startswith("The dimension set line already exists.")
+    [location] = [line for line in bc.client.get(bc.url(f"salesInvoices({invoice['id']})/dimensionSetLines")).json()[
+        "value"] if line["code"] == "LOCATION"]
+    changed = bc.client.patch(bc.url(f"salesInvoices({invoice['id']})/dimensionSetLines({location['id']})"),
+                              json={"valueCode": "OSLO"}, headers={"If-Match": location["@odata.etag"]})
+    assert changed.status_code == 200 and changed.json()["valueCode"] == "OSLO"
+
+
+@pytest.mark.parametrize("item_wins", [True, False])
+def test_a_new_line_merges_its_items_default_dimensions_into_the_headers(bc: Bc, item_wins: bool) -> None:
+    _, _, customer = _setup(bc)
+    bc.sim.configure(line_default_dims_override_header=item_wins)
+    bc.sim.add_dimension_value(bc.company_id, "LOCATION", "BERGEN", "Bergen")
+    bc.sim.add_dimension(bc.company_id, "PRODUCT", "Product")
+    bc.sim.add_dimension_value(bc.company_id, "PRODUCT", "HAIR", "Hair")
+    item = bc.sim.add_item(bc.company_id, displayName="Cut", type="Service", unitPrice=40)
+    bc.sim.add_default_dimension(bc.company_id, "items", item["number"], "LOCATION", "BERGEN")
+    bc.sim.add_default_dimension(bc.company_id, "items", "", "PRODUCT", "HAIR")
+    invoice = _draft(bc, customer)
+    bc.client.post(bc.url(f"salesInvoices({invoice['id']})/dimensionSetLines"),
+                   json={"code": "LOCATION", "valueCode": "OSLO"})
+
+    line = bc.client.post(bc.url(f"salesInvoices({invoice['id']})/salesInvoiceLines"),
+                          json={"itemId": item["id"], "quantity": 1}).json()
+
+    assert _dimensions_of(bc, f"salesInvoiceLines({line['id']})") == {
+        "LOCATION": "BERGEN" if item_wins else "OSLO", "PRODUCT": "HAIR"}
+    assert _dimensions_of(bc, f"salesInvoices({invoice['id']})") == {"LOCATION": "OSLO"}

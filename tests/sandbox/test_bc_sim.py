@@ -55,11 +55,19 @@ def server(tls: TlsFiles) -> Iterator[tuple[BcSimulator, str]]:
         yield sim, running.url
 
 
+def _spaces_as_percent_20(request: httpx.Request) -> None:
+    """httpx writes a space in `params` as `+`, which BC need not read as one (`BcOptions.plus_in_query_is_space`);
+    a `+` in a value is `%2B`, so every `+` httpx wrote is a space."""
+    if b"+" in request.url.query:
+        request.url = request.url.copy_with(query=request.url.query.replace(b"+", b"%20"))
+
+
 def make_client(url: str, tls: TlsFiles, principal: str = "client", **options) -> httpx.Client:
     token = tokens.issue(tokens.BC_AUDIENCE, TENANT, principal)
     return httpx.Client(base_url=f"{url}/v2.0/{TENANT}/{ENVIRONMENT}/api/v2.0/",
                         verify=ssl.create_default_context(cafile=str(tls.ca_bundle)),
-                        headers={"Authorization": f"Bearer {token}"}, **{"timeout": 10, **options})
+                        headers={"Authorization": f"Bearer {token}"},
+                        event_hooks={"request": [_spaces_as_percent_20]}, **{"timeout": 10, **options})
 
 
 @pytest.fixture
@@ -201,7 +209,12 @@ def test_deep_insert_creates_an_invoice_with_its_lines_and_totals(bc: Bc) -> Non
     assert invoice["customerNumber"] == customer["number"] and invoice["customerName"] == "Chloé"
     assert [line["amountExcludingTax"] for line in invoice["salesInvoiceLines"]] == [120, 45.5]
     assert [line["sequence"] for line in invoice["salesInvoiceLines"]] == [10000, 20000]
-    assert invoice["totalAmountIncludingTax"] == 165.5
+    assert invoice["totalAmountIncludingTax"] == 0, "the answer's totals are the header's as inserted (strictest)"
+    assert bc.client.get(bc.url(f"salesInvoices({invoice['id']})")).json()["totalAmountIncludingTax"] == 165.5
+    bc.sim.configure(deep_insert_answer_has_totals=True)
+    again = bc.client.post(bc.url("salesInvoices"), json={"customerId": customer["id"], "salesInvoiceLines": [
+        {"itemId": item["id"], "quantity": 1, "unitPrice": 45.5}]})
+    assert again.json()["totalAmountIncludingTax"] == 45.5
     found = bc.client.get(bc.url("salesInvoices"), params={"$filter": "externalDocumentNumber eq 'BK-7F3A'"})
     assert [i["id"] for i in found.json()["value"]] == [invoice["id"]]
     assert bc.sim.creates["salesInvoiceLines"] >= 2
@@ -262,7 +275,9 @@ def test_batch_of_101_requests_is_refused(bc: Bc) -> None:
 
     response = bc.client.post("$batch", json={"requests": requests})
 
-    assert response.status_code == 400 and error_code(response) == "BadRequest"
+    assert response.status_code == 400 and error_code(response) == "Unknown"
+    assert error_message(response) == ("The current batch message contains too many parts. A maximum number of '100' "
+                                       "query operations and change sets are allowed in a batch message.")
 
 
 def test_a_lost_answer_still_creates_the_customer(bc: Bc) -> None:
@@ -311,6 +326,47 @@ def test_deleted_and_posted_invoices_as_a_bc_user_leaves_them(bc: Bc) -> None:
     assert again["number"].startswith("PS-INV")
     refused = bc.client.delete(bc.url(f"salesInvoices({second['id']})"), headers={"If-Match": "*"})
     assert refused.status_code == 400
+
+
+def test_a_released_draft_reads_open_like_a_posted_invoice_and_can_be_reopened_and_deleted(bc: Bc) -> None:
+    customer = bc.sim.add_customer(bc.company_id, displayName="Grace")
+    item = bc.sim.add_item(bc.company_id, displayName="Session", type="Service", unitPrice=50)
+    draft = bc.client.post(bc.url("salesInvoices"), json={"customerId": customer["id"], "salesInvoiceLines": [
+        {"itemId": item["id"], "quantity": 1}]}).json()
+    url = bc.url(f"salesInvoices({draft['id']})")
+
+    bc.sim.release_invoice(bc.company_id, draft["id"])
+
+    released = bc.client.get(url).json()
+    assert (released["status"], released["number"]) == ("Open", draft["number"])
+    changed = bc.client.patch(url, json={"externalDocumentNumber": "X"}, headers={"If-Match": released["@odata.etag"]})
+    assert changed.status_code == 400 and error_message(changed) == (
+        f"Status must be equal to 'Open'  in Sales Header: Document Type=Invoice, No.={draft['number']}. "
+        "Current value is 'Released'.")
+    line = bc.client.post(f"{url}/salesInvoiceLines", json={"itemId": item["id"], "quantity": 1})
+    assert line.status_code == 400 and "Current value is 'Released'" in error_message(line)
+    bc.sim.reopen_invoice(bc.company_id, draft["id"])
+    assert bc.client.get(url).json()["status"] == "Draft"
+    bc.sim.release_invoice(bc.company_id, draft["id"])
+    bc.sim.delete_invoice(bc.company_id, draft["id"])  # a released draft can be deleted, a posted one not
+    assert bc.client.get(url).status_code == 404
+
+
+@pytest.mark.parametrize("keeps_number", [False, True])
+def test_a_posted_invoice_keeps_the_drafts_number_when_both_series_are_one(bc: Bc, keeps_number: bool) -> None:
+    bc.sim.configure(posted_invoice_keeps_number=keeps_number)
+    customer = bc.sim.add_customer(bc.company_id, displayName="Grace")
+    item = bc.sim.add_item(bc.company_id, displayName="Session", type="Service", unitPrice=50)
+    draft = bc.client.post(bc.url("salesInvoices"), json={"customerId": customer["id"], "salesInvoiceLines": [
+        {"itemId": item["id"], "quantity": 1}]}).json()
+
+    posted = bc.sim.post_invoice(bc.company_id, draft["id"])
+    paid = bc.sim.pay_invoice(bc.company_id, draft["id"])
+
+    assert posted["status"] == "Open" and (posted["number"] == draft["number"]) is keeps_number
+    assert paid["status"] == "Paid"
+    line = bc.client.post(bc.url(f"salesInvoices({draft['id']})/salesInvoiceLines"), json={"itemId": item["id"]})
+    assert error_message(line) == "The invoice has been posted and can no longer be modified."
 
 
 def test_long_lists_are_paged_with_next_links(bc: Bc) -> None:
@@ -401,14 +457,34 @@ def test_tolower_applies_to_the_field_so_a_mixed_case_literal_finds_nothing_unle
     assert names(find(bc, "customers", "tolower(email) eq 'Bob@example.com'")) == ["Bob Stone"]
 
 
-def test_nested_filter_functions_need_schema_version_2_1(bc: Bc) -> None:
-    bc.sim.add_customer(bc.company_id, displayName="Bob Stone", email="Bob@Example.COM")
+def test_a_plus_in_a_query_string_is_a_plus_sign_unless_configured(bc: Bc, tls) -> None:
+    bc.sim.add_customer(bc.company_id, displayName="Oslo Salon", city="Oslo")
+    plus = bc.url("customers") + "?$filter=city+eq+'Oslo'"
+    encoded = bc.url("customers") + "?$filter=city%20eq%20'Oslo'"
+    raw = httpx.Client(base_url=bc.client.base_url, headers=bc.client.headers,  # no rewriting of `+`
+                       verify=ssl.create_default_context(cafile=str(tls.ca_bundle)))
 
-    refused = find(bc, "customers", "contains(tolower(email),'bob@')")
+    with raw:
+        assert raw.get(plus).status_code == 400 and names(raw.get(encoded)) == ["Oslo Salon"]
+        bc.sim.configure(plus_in_query_is_space=True)
+        assert names(raw.get(plus)) == ["Oslo Salon"]
+
+
+@pytest.mark.parametrize("undefined", ["empty", "unfiltered", "error"])
+def test_nested_filter_functions_need_schema_version_2_1(bc: Bc, undefined: str) -> None:
+    bc.sim.configure(nested_functions_without_2_1=undefined)
+    bc.sim.add_customer(bc.company_id, displayName="Bob Stone", email="Bob@Example.COM")
+    bc.sim.add_customer(bc.company_id, displayName="Eve", email="eve@example.com")
+
+    without = find(bc, "customers", "contains(tolower(email),'bob@')")
     accepted = find(bc, "customers", "contains(tolower(email),'bob@')", **{"$schemaversion": "2.1"})
 
-    assert refused.status_code == 400 and "$schemaversion=2.1" in error_message(refused)
     assert names(accepted) == ["Bob Stone"]
+    if undefined == "error":
+        assert without.status_code == 400 and "$schemaversion=2.1" in error_message(without)
+    else:  # "either throws an error or returns an undefined result": here a 200 the client cannot trust
+        assert without.status_code == 200
+        assert names(without) == ([] if undefined == "empty" else ["Bob Stone", "Eve"])
 
 
 def test_code_fields_are_stored_upper_case_and_compared_with_the_literal_as_sent(bc: Bc) -> None:
@@ -627,6 +703,73 @@ def test_a_line_for_an_item_without_posting_groups_is_refused_when_it_gets_the_i
     assert deep.status_code == 400 and len(bc.sim.invoices(bc.company_id)) == 1
 
 
+def test_a_quantity_is_rounded_to_five_decimals_as_bc_rounds_it(bc: Bc) -> None:
+    customer = bc.sim.add_customer(bc.company_id, displayName="Una")
+    item = bc.sim.add_item(bc.company_id, displayName="Massage", type="Service", unitPrice=60)
+
+    invoice = bc.client.post(bc.url("salesInvoices"), params={"$expand": "salesInvoiceLines"}, json={
+        "customerId": customer["id"], "salesInvoiceLines": [{"itemId": item["id"], "quantity": 50 / 60}]}).json()
+
+    [line] = invoice["salesInvoiceLines"]
+    assert line["quantity"] == 0.83333 and line["amountExcludingTax"] == 50.0
+
+
+def test_a_line_needs_the_vat_posting_setup_of_its_customers_and_items_groups(bc: Bc) -> None:
+    customer = bc.sim.add_customer(bc.company_id, displayName="Pia", vatBusPostingGroup="EU")
+    item = bc.sim.add_item(bc.company_id, displayName="Facial", type="Service", vatProdPostingGroup="REDUCED")
+    invoice = bc.client.post(bc.url("salesInvoices"), json={"customerId": customer["id"]}).json()
+    lines = bc.url(f"salesInvoices({invoice['id']})/salesInvoiceLines")
+    assert bc.client.post(lines, json={"itemId": item["id"], "quantity": 1}).status_code == 201
+
+    bc.sim.set_vat_posting_setup(bc.company_id, "EU", "REDUCED", exists=False)
+    refused = bc.client.post(lines, json={"itemId": item["id"], "quantity": 1})
+
+    assert refused.status_code == 404 and error_code(refused) == "Internal_RecordNotFound"
+    assert error_message(refused) == ("The VAT Posting Setup does not exist. Identification fields and values: "
+                                      "VAT Bus. Posting Group='EU',VAT Prod. Posting Group='REDUCED'")
+
+
+def test_a_sales_blocked_item_cannot_be_sold(bc: Bc) -> None:
+    customer = bc.sim.add_customer(bc.company_id, displayName="Quinn")
+    item = bc.sim.add_item(bc.company_id, displayName="Retired service", type="Service", salesBlocked=True)
+
+    refused = bc.client.post(bc.url("salesInvoices"), json={"customerId": customer["id"], "salesInvoiceLines": [
+        {"itemId": item["id"], "quantity": 1}]})
+
+    assert "salesBlocked" not in bc.client.get(bc.url(f"items({item['id']})")).json(), "the API shows Blocked only"
+    assert refused.status_code == 400 and error_code(refused) == "Application_DialogException"
+    assert error_message(refused) == (f"You cannot sell Item {item['number']} because the Sales Blocked check box is "
+                                      "selected on the Item card.")
+
+
+@pytest.mark.parametrize("entity, body, message", [
+    ("customers", {"currencyCode": "XYZ"}, 'The "currencyCode" does not match to a Currency.'),
+    ("customers", {"paymentTermsId": "0b6ea8c8-0000-4000-8000-000000000030"},
+     'The "paymentTermsId" does not match to a Payment Terms.'),
+    ("customers", {"salespersonCode": "NOPE"}, "The field Salesperson Code of table Customer contains a value (NOPE) "
+                                               "that cannot be found in the related table (Salesperson/Purchaser)."),
+    ("items", {"itemCategoryCode": "NOPE"}, 'The "itemCategoryCode" does not match to a Item Category.'),
+    ("items", {"taxGroupCode": "NOPE"}, 'The "taxGroupCode" does not match to a Tax Group.'),
+    ("items", {"baseUnitOfMeasureCode": "NOPE"}, "The Unit of Measure with Code NOPE does not exist."),
+    ("items", {"generalProductPostingGroupCode": "NOPE"}, "The field Gen. Prod. Posting Group of table Item contains "
+                                                          "a value (NOPE) that cannot be found in the related table "
+                                                          "(Gen. Product Posting Group)."),
+])
+def test_a_code_or_id_that_names_no_setup_record_is_refused_with_the_pages_message(bc: Bc, entity: str, body: dict,
+                                                                                   message: str) -> None:
+    refused = bc.client.post(bc.url(entity), json={"displayName": "Ruth", **body})
+    known = {"customers": {"currencyCode": "EUR", "salespersonCode": "JR",
+                           "paymentTermsId": bc.sim.setup_id("paymentTerms", "30 DAYS")},
+             "items": {"itemCategoryCode": "MISC", "taxGroupCode": "TAXABLE", "baseUnitOfMeasureCode": "HOUR",
+                       "generalProductPostingGroupCode": "SERVICES"}}[entity]
+    accepted = bc.client.post(bc.url(entity), json={"displayName": "Sam", **known})
+
+    assert refused.status_code == 400 and error_message(refused) == message
+    assert accepted.status_code == 201, accepted.text
+    bc.sim.add_setup_record(bc.company_id, "salespeople", "NOPE")
+    assert bc.client.post(bc.url("customers"), json={"displayName": "Tea", "salespersonCode": "NOPE"}).status_code == 201
+
+
 @pytest.mark.parametrize("blocked, refused", [("All", True), ("Invoice", True), ("Ship", False), (" ", False)])
 def test_a_blocked_customer_cannot_be_invoiced(bc: Bc, blocked: str, refused: bool) -> None:
     customer = bc.sim.add_customer(bc.company_id, displayName="Otto", blocked=blocked)
@@ -764,6 +907,42 @@ def test_nothing_executes_later_than_the_execution_limit(bc: Bc) -> None:
     assert emails(bc) == []
 
 
+@pytest.mark.parametrize("counted_from", ["start", "arrival"])
+def test_the_execution_limit_counts_from_when_a_queued_request_gets_its_turn(bc: Bc, counted_from: str) -> None:
+    bc.sim.plan.configure(queued_seconds=0.4, late_seconds=0.3, execution_limit_seconds=0.5, queue_timeout_seconds=1,
+                          execution_limit_from=counted_from)
+    bc.sim.plan.script("POST", r"/customers$", "queued")
+
+    with pytest.raises(httpx.ReadTimeout):
+        bc.client.post(bc.url("customers"), json={"displayName": "Zoe", "email": "zoe@example.com"}, timeout=0.2)
+
+    if counted_from == "start":  # 0.4 s queued, then 0.3 s of its 0.5 s: it lands 0.7 s after it arrived
+        assert wait_until(lambda: emails(bc) == ["zoe@example.com"])
+    else:
+        time.sleep(1.0)
+        assert emails(bc) == []
+
+
+def test_a_request_queued_longer_than_the_queue_timeout_never_runs(bc: Bc) -> None:
+    bc.sim.plan.configure(queued_seconds=0.6, late_seconds=0.1, queue_timeout_seconds=0.3)
+    bc.sim.plan.script("POST", r"/customers$", "queued")
+
+    with pytest.raises(httpx.ReadTimeout):
+        bc.client.post(bc.url("customers"), json={"displayName": "Ada", "email": "ada@example.com"}, timeout=0.2)
+    time.sleep(1.0)
+
+    assert emails(bc) == []
+
+
+def test_a_502_says_when_to_come_back(bc: Bc) -> None:
+    bc.sim.plan.script("GET", r"/customers$", "502")
+
+    response = bc.client.get(bc.url("customers"))
+
+    assert response.status_code == 502 and response.headers["retry-after"]
+    assert bc.client.get(bc.url("customers")).status_code == 200
+
+
 # --- throttling --------------------------------------------------------------------------------------
 
 def test_bc_defaults_are_its_documented_limits() -> None:
@@ -771,6 +950,7 @@ def test_bc_defaults_are_its_documented_limits() -> None:
 
     assert (knobs.max_concurrency, knobs.max_queued) == (5, 95)
     assert (knobs.rate_limit, knobs.rate_window_seconds) == (6000, 300.0)
+    assert knobs.batch_counts_each_operation, "the strictest reading of a $batch against the rate"
     assert knobs.retry_after_omitted > 0
 
 
@@ -803,6 +983,19 @@ def test_the_rate_limit_is_a_sliding_window_per_principal(bc: Bc, server, tls) -
 
     assert first == [200, 200] and third == 200 and fourth == 429 and other_principal == 200
     assert later == [200, 200, 429], "a fixed window would have allowed three"
+
+
+@pytest.mark.parametrize("each_operation", [True, False])
+def test_a_batch_counts_toward_the_rate_limit_as_each_of_its_operations_unless_configured(
+        bc: Bc, server, tls, each_operation: bool) -> None:
+    bc.sim.plan.configure(rate_limit=4, rate_window_seconds=60.0, batch_counts_each_operation=each_operation)
+    batch = {"requests": [{"id": str(n), "method": "GET", "url": bc.url("customers")} for n in range(3)]}
+    with make_client(server[1], tls, principal=f"batch-counting-{each_operation}") as client:
+        first = client.post("$batch", json=batch).status_code
+        second = client.post("$batch", json=batch).status_code
+
+    assert first == 200
+    assert second == (429 if each_operation else 200), "3 + 3 operations exceed 4; 1 + 1 requests do not"
 
 
 # The web client: page 43 "Sales Invoice" opened by URL ---------------------------------------------
