@@ -51,6 +51,15 @@ class QueueStats:
 _indexed: dict[int, dict] = {}
 
 
+async def _cancel_all_but(current: asyncio.Task | None) -> None:
+    """Cancel every other task of the running loop and wait until they have ended."""
+    others = [task for task in asyncio.all_tasks() if task is not current]
+    for task in others:
+        task.cancel()
+    if others:
+        await asyncio.wait(others, timeout=10)
+
+
 def indexed_functions(app: func.FunctionApp) -> dict:
     """`app.get_functions()` validates names and may be called once per app: index once."""
     if id(app) not in _indexed:
@@ -72,28 +81,40 @@ class FunctionHost:
         self._thread.start()
         self._queue_clients: dict[str, QueueClient] = {}
         self._created: set[str] = set()
+        self._closed = False
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def run(self, coroutine, timeout: float | None = None) -> Any:
         """Run a coroutine on the host's loop (where the app's clients live)."""
+        if self._closed:
+            coroutine.close()
+            raise RuntimeError("the function host is closed")
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     def close(self) -> None:
+        """Stop as the Functions host does: what still runs is cancelled (a test that failed or
+        was interrupted may leave a drain or a function behind), then every client is closed,
+        then the loop. Whoever waits on this host gets an answer at once, never a hang."""
         async def shutdown() -> None:
-            from shared.runtime import _runtimes
+            from shared.runtime import close_runtimes
 
+            await _cancel_all_but(asyncio.current_task())
             for client in self._queue_clients.values():
                 await client.close()
-            current = _runtimes.get(asyncio.get_running_loop())
-            if current:
-                await current.aclose()
+            await close_runtimes()
+            await _cancel_all_but(asyncio.current_task())
 
+        if self._closed:
+            return
         try:
             self.run(shutdown(), timeout=30)
         finally:
+            self._closed = True
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
+            if not self._thread.is_alive():
+                self._loop.close()
 
     def __enter__(self) -> FunctionHost:
         return self
