@@ -36,6 +36,10 @@ from shared.hostconfig import queue_settings
 log = logging.getLogger(__name__)
 
 MIN_POLLING_SECONDS = 0.1  # the queue listener's first back-off step after an empty poll
+FIRST_LOOK_SECONDS = 0.05
+LOOK_AGAIN_SECONDS = 0.5
+"""While draining, a queue found empty is looked at again after 50 ms, doubling up to half a second
+(messages deferred for whole seconds are picked up within half a second)."""
 
 
 @dataclass
@@ -262,27 +266,52 @@ class FunctionHost:
         `newBatchThreshold` are still running, so work never waits for a whole batch. While
         `while_running` (a trigger) has not finished, an empty poll is repeated after a delay that
         starts at 100 ms and doubles up to `maxPollingInterval`, as the host's queue listener
-        backs off."""
+        backs off.
+
+        While functions run, a queue found empty is looked at again after `FIRST_LOOK_SECONDS`,
+        doubling up to `LOOK_AGAIN_SECONDS`, and at once when a function finishes (what it did may
+        have queued work anywhere). When nothing runs and nothing is visible, what is left is
+        counted instead (messages deferred, or in another instance's hands), and only queues
+        that hold some are looked at, with the same back-off: a drain that waits costs storage a
+        few requests a second, not dozens."""
         triggers = {q: fn for q, fn in self._queue_triggers().items() if only is None or q in only}
         for queue in triggers:
             await self._ensure_queue(queue)
         deadline = time.monotonic() + timeout
         running: dict[str, set[asyncio.Task]] = {queue: set() for queue in triggers}
+        due = dict.fromkeys(triggers, 0.0)
+        """When each queue is looked at next (`time.monotonic()`)."""
+        pause = dict.fromkeys(triggers, FIRST_LOOK_SECONDS)
         backoff = MIN_POLLING_SECONDS
+
+        def start(queue: str, messages: list) -> None:
+            for message in messages:
+                task = asyncio.create_task(self._handle(queue, triggers[queue], message))
+                running[queue].add(task)
+                task.add_done_callback(running[queue].discard)
+
         while True:
             fetched = False
-            for queue, fn in triggers.items():
-                if len(running[queue]) <= self.settings.new_batch_threshold:
-                    for message in await self._receive(queue):
-                        task = asyncio.create_task(self._handle(queue, fn, message))
-                        running[queue].add(task)
-                        task.add_done_callback(running[queue].discard)
-                        fetched = True
+            now = time.monotonic()
+            for queue in triggers:
+                if len(running[queue]) > self.settings.new_batch_threshold or now < due[queue]:
+                    continue
+                messages = await self._receive(queue)
+                start(queue, messages)
+                if messages:
+                    fetched = True
+                    due[queue], pause[queue] = 0.0, FIRST_LOOK_SECONDS
+                else:
+                    due[queue] = now + pause[queue]
+                    pause[queue] = min(pause[queue] * 2, LOOK_AGAIN_SECONDS)
             if fetched:
                 backoff = MIN_POLLING_SECONDS
             busy = set().union(*running.values())
             if busy:
-                await asyncio.wait(busy, timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
+                wait = max(min(due.values()) - time.monotonic(), 0.0)
+                done, _ = await asyncio.wait(busy, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+                if done:
+                    due, pause = dict.fromkeys(triggers, 0.0), dict.fromkeys(triggers, FIRST_LOOK_SECONDS)
                 continue
             if fetched:
                 continue
@@ -291,19 +320,41 @@ class FunctionHost:
             if while_running is not None and not while_running.done():
                 await asyncio.wait({while_running}, timeout=backoff)
                 backoff = min(backoff * 2, self.settings.max_polling_interval_seconds)
+                due, pause = dict.fromkeys(triggers, 0.0), dict.fromkeys(triggers, FIRST_LOOK_SECONDS)
                 continue
             if while_running is not None and while_running.exception() is not None:
                 return self.stats
-            remaining = 0
+            # Every queue was just found empty and nothing runs here.
+            if not await self._wait_for_invisible(triggers, start, deadline, timeout):
+                return self.stats
+            due, pause = dict.fromkeys(triggers, 0.0), dict.fromkeys(triggers, FIRST_LOOK_SECONDS)
+
+    async def _wait_for_invisible(self, triggers: dict, start, deadline: float, timeout: float) -> bool:
+        """Until a message left in `triggers`' queues can be taken (True, and it is started) or
+        none is left (False)."""
+        pause = FIRST_LOOK_SECONDS
+        while True:
+            holding = []
             for queue in triggers:
                 try:
                     properties = await self._client(queue).get_queue_properties()
                 except Exception:  # noqa: BLE001 - queue not created yet
                     continue
-                remaining += properties.approximate_message_count or 0
-            if remaining == 0:
-                return self.stats
-            await asyncio.sleep(min(0.05 + self.retry_delay / 4, 0.5))
+                if properties.approximate_message_count:
+                    holding.append(queue)
+            if not holding:
+                return False
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"queues still busy after {timeout} s")
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, LOOK_AGAIN_SECONDS)
+            found = False
+            for queue in holding:
+                messages = await self._receive(queue)
+                start(queue, messages)
+                found = found or bool(messages)
+            if found:
+                return True
 
     async def _receive(self, queue: str) -> list:
         try:
