@@ -16,7 +16,7 @@ requests and triggers land on either, and both drain the queues at once. Then th
 - no booking stays claimed, every job ends, every failure is visible (job errors, poison
   reasons, sync runs in health), nothing is cancelled that still exists in Bookings.
 
-`--chaos-runs N` sets the number of runs (3 in `make test`, 200 in `make chaos`); a failing run
+`--chaos-runs N` sets the number of runs (3 in `make test`, 30 in `make test-long`, 200 in `make chaos`); a failing run
 names its seed and its steps, and `--chaos-seed S` replays it alone (thread timing varies, so a
 replay is close to, not always exactly, the original run).
 
@@ -52,7 +52,7 @@ from shared.store import BOOKINGS, CUSTOMER_LINKS, ITEM_LINKS, JOBS
 from sandbox.host import FunctionHost
 from tests.conftest import make_world
 from tests.helpers import body, merge_row, peek_raw, rows
-from tests.plugins.chaos import DEFAULT_CHAOS_RUNS, TALLY
+from tests.plugins.chaos import TALLY, chaos_runs
 
 BASE_SEED = 20_240_000
 QUEUES = ("directory-upserts", "invoice-jobs", "sync-requests", "sync-businesses")
@@ -62,8 +62,7 @@ FAULTS = ("429", "500", "503", "reset", "malformed")
 def pytest_generate_tests(metafunc):
     if "chaos_seed" in metafunc.fixturenames:
         replay = metafunc.config.getoption("chaos_seed", None)
-        runs = metafunc.config.getoption("chaos_runs", DEFAULT_CHAOS_RUNS)
-        seeds = [replay] if replay is not None else [BASE_SEED + i for i in range(runs)]
+        seeds = [replay] if replay is not None else [BASE_SEED + i for i in range(chaos_runs(metafunc.config))]
         metafunc.parametrize("chaos_seed", seeds, ids=[f"seed{s}" for s in seeds])
 
 
