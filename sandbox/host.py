@@ -32,6 +32,7 @@ from azure.functions.queue import QueueMessage
 from azure.storage.queue.aio import QueueClient
 
 from shared.hostconfig import queue_settings
+from shared.store import client_options
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,24 @@ FIRST_LOOK_SECONDS = 0.05
 LOOK_AGAIN_SECONDS = 0.5
 """While draining, a queue found empty is looked at again after 50 ms, doubling up to half a second
 (messages deferred for whole seconds are picked up within half a second)."""
+RECOUNT_SECONDS = 2.0
+"""A drain waiting for invisible messages counts them again this often, or as soon as a host of
+this process finished a message (the hosts of a test share one storage account)."""
+
+
+class _Activity:
+    """How many queue messages the hosts of this process have finished with, or sent."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def bump(self) -> None:
+        with self._lock:
+            self.count += 1
+
+
+_activity = _Activity()
 
 
 @dataclass
@@ -219,7 +238,8 @@ class FunctionHost:
     def _client(self, queue: str) -> QueueClient:
         client = self._queue_clients.get(queue)
         if client is None:
-            client = self._queue_clients[queue] = QueueClient.from_connection_string(self.connection_string, queue)
+            client = self._queue_clients[queue] = QueueClient.from_connection_string(self.connection_string, queue,
+                                                                                      **client_options())
         return client
 
     async def _ensure_queue(self, queue: str) -> QueueClient:
@@ -269,8 +289,8 @@ class FunctionHost:
         backs off.
 
         While functions run, a queue found empty is looked at again after `FIRST_LOOK_SECONDS`,
-        doubling up to `LOOK_AGAIN_SECONDS`, and at once when a function finishes (what it did may
-        have queued work anywhere). When nothing runs and nothing is visible, what is left is
+        doubling up to `LOOK_AGAIN_SECONDS` (back to the first step when it held messages), and at
+        once when a function finishes (what it did may have queued work anywhere). When nothing runs and nothing is visible, what is left is
         counted instead (messages deferred, or in another instance's hands), and only queues
         that hold some are looked at, with the same back-off: a drain that waits costs storage a
         few requests a second, not dozens."""
@@ -310,8 +330,8 @@ class FunctionHost:
             if busy:
                 wait = max(min(due.values()) - time.monotonic(), 0.0)
                 done, _ = await asyncio.wait(busy, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-                if done:
-                    due, pause = dict.fromkeys(triggers, 0.0), dict.fromkeys(triggers, FIRST_LOOK_SECONDS)
+                if done:  # look again at once, without starting the back-off over
+                    due = dict.fromkeys(triggers, 0.0)
                 continue
             if fetched:
                 continue
@@ -331,19 +351,22 @@ class FunctionHost:
 
     async def _wait_for_invisible(self, triggers: dict, start, deadline: float, timeout: float) -> bool:
         """Until a message left in `triggers`' queues can be taken (True, and it is started) or
-        none is left (False)."""
+        none is left (False). Only the queues that held some at the last count are looked at."""
         pause = FIRST_LOOK_SECONDS
+        holding: list[str] = []
+        counted_at, seen = 0.0, None
         while True:
-            holding = []
-            for queue in triggers:
-                try:
-                    properties = await self._client(queue).get_queue_properties()
-                except Exception:  # noqa: BLE001 - queue not created yet
-                    continue
-                if properties.approximate_message_count:
-                    holding.append(queue)
-            if not holding:
-                return False
+            if seen != _activity.count or time.monotonic() - counted_at >= RECOUNT_SECONDS:
+                seen, counted_at, holding = _activity.count, time.monotonic(), []
+                for queue in triggers:
+                    try:
+                        properties = await self._client(queue).get_queue_properties()
+                    except Exception:  # noqa: BLE001 - queue not created yet
+                        continue
+                    if properties.approximate_message_count:
+                        holding.append(queue)
+                if not holding:
+                    return False
             if time.monotonic() > deadline:
                 raise TimeoutError(f"queues still busy after {timeout} s")
             await asyncio.sleep(pause)
@@ -387,11 +410,13 @@ class FunctionHost:
                 self.stats.poisoned += 1
             else:
                 await client.update_message(message.id, message.pop_receipt, visibility_timeout=int(self.retry_delay))
+            _activity.bump()
             return
         await client.delete_message(message.id, message.pop_receipt)
         self.stats.processed += 1
         self.stats.by_queue[queue] = self.stats.by_queue.get(queue, 0) + 1
         self.stats.finished_at.append((queue, time.perf_counter()))
+        _activity.bump()
 
     def _decode(self, content: str) -> bytes:
         if self.settings.message_encoding == "base64":
@@ -428,5 +453,6 @@ class FunctionHost:
             else text
         async def send() -> None:
             await (await self._ensure_queue(queue)).send_message(content)
+            _activity.bump()
 
         self.run(send(), 60)
