@@ -328,7 +328,9 @@ class FunctionHost:
                 backoff = MIN_POLLING_SECONDS
             busy = set().union(*running.values())
             if busy:
-                wait = max(min(due.values()) - time.monotonic(), 0.0)
+                # Until a function finishes or a queue with room for more is due to be looked at.
+                lookable = [due[q] for q in triggers if len(running[q]) <= self.settings.new_batch_threshold]
+                wait = max(min(lookable) - time.monotonic(), 0.0) if lookable else None
                 done, _ = await asyncio.wait(busy, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
                 if done:  # look again at once, without starting the back-off over
                     due = dict.fromkeys(triggers, 0.0)
