@@ -402,8 +402,11 @@ def add_bc_records(run: Run) -> None:
 def configure_faults(run: Run) -> None:
     world, rng = run.world, run.rng
     timeouts = rng.random() < 0.2
-    if timeouts:
-        world.configure(HTTP_TIMEOUT_SECONDS="0.5")
+    # Work whose outcome in BC is unknown waits 2 x HTTP_TIMEOUT_SECONDS + BC_EXECUTION_LIMIT_SECONDS,
+    # in whole seconds, before BC is asked what became of it: 2 s here (3 s in runs where BC also
+    # holds requests past the client's timeout), the simulated BC keeping to the same limit.
+    limit = 0.7 if timeouts else 0.5
+    world.configure(HTTP_TIMEOUT_SECONDS="0.5", BC_EXECUTION_LIMIT_SECONDS=str(limit))
     extra = ("timeout",) if timeouts else ()
     # A customer or service the push creates may be created although its answer is lost.
     pushing = ("lost",) if run.push else ()
@@ -414,7 +417,7 @@ def configure_faults(run: Run) -> None:
     finishes_late = ("408", "504") + (("late",) if timeouts else ())
     world.bc.plan.configure(fault_rate=rng.uniform(0.05, 0.2), fault_kinds=FAULTS + ("lost", "lost") + finishes_late
                             + extra, seed=run.seed + 1, retry_after_seconds=0, hang_seconds=1.0,
-                            late_seconds=0.9, late_executes=rng.random() < 0.7,
+                            execution_limit_seconds=limit, late_seconds=limit - 0.1, late_executes=rng.random() < 0.7,
                             retry_after_omitted=rng.choice((0.0, 0.5)))
     # Graph's two readings of "occurs in the date range", a read that silently stops (a capped
     # page) and reads that silently leave an appointment out: none may cancel what still exists.
