@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from sandbox.queuewatch import WATCH
 from sandbox.server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,6 +97,7 @@ class Azurite:
                 blobs.delete_container(container.name)
             except ResourceNotFoundError:
                 pass
+        WATCH.forget(f"http://127.0.0.1:{self.queue_port}/{ACCOUNT}")
 
     def __enter__(self) -> Azurite:
         return self.start()

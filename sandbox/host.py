@@ -32,33 +32,20 @@ from azure.functions.queue import QueueMessage
 from azure.storage.queue.aio import QueueClient
 
 from shared.hostconfig import queue_settings
+from sandbox.queuewatch import WATCH, install
 from shared.store import client_options
 
 log = logging.getLogger(__name__)
 
 MIN_POLLING_SECONDS = 0.1  # the queue listener's first back-off step after an empty poll
-FIRST_LOOK_SECONDS = 0.05
-LOOK_AGAIN_SECONDS = 0.5
-"""While draining, a queue found empty is looked at again after 50 ms, doubling up to half a second
-(messages deferred for whole seconds are picked up within half a second)."""
+LOOK_AGAIN_SECONDS = 1.0
+"""A drain looks at a queue nothing was seen sent to at least this often (a message sent by
+another process; what this process sends is seen at once, `sandbox.queuewatch`)."""
+WAKE_SECONDS = 0.05
+"""How often a drain checks what this process sent (no storage request)."""
 RECOUNT_SECONDS = 2.0
-"""A drain waiting for invisible messages counts them again this often, or as soon as a host of
-this process finished a message (the hosts of a test share one storage account)."""
-
-
-class _Activity:
-    """How many queue messages the hosts of this process have finished with, or sent."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.count = 0
-
-    def bump(self) -> None:
-        with self._lock:
-            self.count += 1
-
-
-_activity = _Activity()
+"""How often a drain that waits for messages in other hands counts them, unless a host of this
+process finished one or sent one meanwhile (then at once)."""
 
 
 @dataclass
@@ -99,6 +86,7 @@ class FunctionHost:
         self.function_key = secrets.token_urlsafe(24)
         self.stats = QueueStats()
         self._functions = indexed_functions(app)
+        install()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="functions-host", daemon=True)
         self._thread.start()
@@ -283,103 +271,84 @@ class FunctionHost:
     async def _drain(self, timeout: float, only: list[str] | None,
                      while_running: asyncio.Future | None = None) -> QueueStats:
         """Like the host: fetch `batchSize` messages, and fetch again as soon as no more than
-        `newBatchThreshold` are still running, so work never waits for a whole batch. While
-        `while_running` (a trigger) has not finished, an empty poll is repeated after a delay that
-        starts at 100 ms and doubles up to `maxPollingInterval`, as the host's queue listener
-        backs off.
-
-        While functions run, a queue found empty is looked at again after `FIRST_LOOK_SECONDS`,
-        doubling up to `LOOK_AGAIN_SECONDS` (back to the first step when it held messages), and at
-        once when a function finishes (what it did may have queued work anywhere). When nothing runs and nothing is visible, what is left is
-        counted instead (messages deferred, or in another instance's hands), and only queues
-        that hold some are looked at, with the same back-off: a drain that waits costs storage a
-        few requests a second, not dozens."""
+        `newBatchThreshold` are still running, so work never waits for a whole batch. A queue
+        found empty is looked at again after 100 ms, doubling up to `maxPollingInterval` while
+        `while_running` (a trigger, or a listener's stop) has not finished, as the host's queue
+        listener backs off, and up to `LOOK_AGAIN_SECONDS` otherwise; and at once when this
+        process sent it a message that is now visible (`sandbox.queuewatch`), as the host is told
+        of messages its own functions add. When nothing runs here and nothing is visible, what is
+        left is counted (messages in another instance's hands, or sent where this process cannot
+        see): none left, the drain is over."""
         triggers = {q: fn for q, fn in self._queue_triggers().items() if only is None or q in only}
         for queue in triggers:
             await self._ensure_queue(queue)
         deadline = time.monotonic() + timeout
         running: dict[str, set[asyncio.Task]] = {queue: set() for queue in triggers}
-        due = dict.fromkeys(triggers, 0.0)
-        """When each queue is looked at next (`time.monotonic()`)."""
-        pause = dict.fromkeys(triggers, FIRST_LOOK_SECONDS)
-        backoff = MIN_POLLING_SECONDS
-
-        def start(queue: str, messages: list) -> None:
-            for message in messages:
-                task = asyncio.create_task(self._handle(queue, triggers[queue], message))
-                running[queue].add(task)
-                task.add_done_callback(running[queue].discard)
+        urls = {queue: self._client(queue).url for queue in triggers}
+        looked = dict.fromkeys(triggers, float("-inf"))
+        """When each queue was last looked at (`time.monotonic()`, taken before the look)."""
+        ceiling = self.settings.max_polling_interval_seconds if while_running is not None else LOOK_AGAIN_SECONDS
+        pause = dict.fromkeys(triggers, MIN_POLLING_SECONDS)
+        counted = (-1, float("-inf"))
+        """`WATCH.changes` and the time of the last count that found messages left."""
 
         while True:
-            fetched = False
             now = time.monotonic()
-            for queue in triggers:
-                if len(running[queue]) > self.settings.new_batch_threshold or now < due[queue]:
+            fetched = False
+            for queue, fn in triggers.items():
+                if len(running[queue]) > self.settings.new_batch_threshold:
                     continue
+                if now - looked[queue] < pause[queue] and not WATCH.due(urls[queue], looked[queue], now):
+                    continue
+                looked[queue] = now
                 messages = await self._receive(queue)
-                start(queue, messages)
+                for message in messages:
+                    task = asyncio.create_task(self._handle(queue, fn, message))
+                    running[queue].add(task)
+                    task.add_done_callback(running[queue].discard)
                 if messages:
                     fetched = True
-                    due[queue], pause[queue] = 0.0, FIRST_LOOK_SECONDS
+                    pause[queue] = MIN_POLLING_SECONDS
+                    if len(messages) >= self.settings.batch_size:
+                        looked[queue] = float("-inf")  # more may be waiting
                 else:
-                    due[queue] = now + pause[queue]
-                    pause[queue] = min(pause[queue] * 2, LOOK_AGAIN_SECONDS)
-            if fetched:
-                backoff = MIN_POLLING_SECONDS
+                    pause[queue] = min(pause[queue] * 2, ceiling)
             busy = set().union(*running.values())
             if busy:
-                # Until a function finishes or a queue with room for more is due to be looked at.
-                lookable = [due[q] for q in triggers if len(running[q]) <= self.settings.new_batch_threshold]
-                wait = max(min(lookable) - time.monotonic(), 0.0) if lookable else None
-                done, _ = await asyncio.wait(busy, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-                if done:  # look again at once, without starting the back-off over
-                    due = dict.fromkeys(triggers, 0.0)
+                await asyncio.wait(busy, timeout=WAKE_SECONDS, return_when=asyncio.FIRST_COMPLETED)
                 continue
             if fetched:
                 continue
-            if time.monotonic() > deadline:
+            if now > deadline:
                 raise TimeoutError(f"queues still busy after {timeout} s")
-            if while_running is not None and not while_running.done():
-                await asyncio.wait({while_running}, timeout=backoff)
-                backoff = min(backoff * 2, self.settings.max_polling_interval_seconds)
-                due, pause = dict.fromkeys(triggers, 0.0), dict.fromkeys(triggers, FIRST_LOOK_SECONDS)
-                continue
-            if while_running is not None and while_running.exception() is not None:
-                return self.stats
-            # Every queue was just found empty and nothing runs here.
-            if not await self._wait_for_invisible(triggers, start, deadline, timeout):
-                return self.stats
-            due, pause = dict.fromkeys(triggers, 0.0), dict.fromkeys(triggers, FIRST_LOOK_SECONDS)
+            if while_running is not None:
+                if not while_running.done():
+                    await asyncio.wait({while_running}, timeout=WAKE_SECONDS)
+                    continue
+                if while_running.exception() is not None:
+                    return self.stats
+            # Nothing runs here and nothing visible was found: what is left is counted, again as
+            # soon as another host of the process finished or sent something, unless a message
+            # this process sent is yet to become visible (then every `RECOUNT_SECONDS`: it may
+            # have been removed meanwhile).
+            coming = any(WATCH.coming(urls[queue], now) for queue in triggers)
+            if (WATCH.changes != counted[0] and now - counted[1] >= MIN_POLLING_SECONDS and not coming) \
+                    or now - counted[1] >= RECOUNT_SECONDS:
+                changes = WATCH.changes
+                if not await self._anything_left(triggers):
+                    return self.stats
+                counted = (changes, time.monotonic())
+            await asyncio.sleep(WAKE_SECONDS)
 
-    async def _wait_for_invisible(self, triggers: dict, start, deadline: float, timeout: float) -> bool:
-        """Until a message left in `triggers`' queues can be taken (True, and it is started) or
-        none is left (False). Only the queues that held some at the last count are looked at."""
-        pause = FIRST_LOOK_SECONDS
-        holding: list[str] = []
-        counted_at, seen = 0.0, None
-        while True:
-            if seen != _activity.count or time.monotonic() - counted_at >= RECOUNT_SECONDS:
-                seen, counted_at, holding = _activity.count, time.monotonic(), []
-                for queue in triggers:
-                    try:
-                        properties = await self._client(queue).get_queue_properties()
-                    except Exception:  # noqa: BLE001 - queue not created yet
-                        continue
-                    if properties.approximate_message_count:
-                        holding.append(queue)
-                if not holding:
-                    return False
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"queues still busy after {timeout} s")
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, LOOK_AGAIN_SECONDS)
-            found = False
-            for queue in holding:
-                messages = await self._receive(queue)
-                start(queue, messages)
-                found = found or bool(messages)
-            if found:
+    async def _anything_left(self, triggers) -> bool:
+        for queue in triggers:
+            try:
+                properties = await self._client(queue).get_queue_properties()
+            except Exception:  # noqa: BLE001 - queue not created yet
+                continue
+            if properties.approximate_message_count:
                 return True
+        return False
 
     async def _receive(self, queue: str) -> list:
         try:
@@ -412,13 +381,13 @@ class FunctionHost:
                 self.stats.poisoned += 1
             else:
                 await client.update_message(message.id, message.pop_receipt, visibility_timeout=int(self.retry_delay))
-            _activity.bump()
+            WATCH.finished()
             return
         await client.delete_message(message.id, message.pop_receipt)
         self.stats.processed += 1
         self.stats.by_queue[queue] = self.stats.by_queue.get(queue, 0) + 1
         self.stats.finished_at.append((queue, time.perf_counter()))
-        _activity.bump()
+        WATCH.finished()
 
     def _decode(self, content: str) -> bytes:
         if self.settings.message_encoding == "base64":
@@ -455,6 +424,5 @@ class FunctionHost:
             else text
         async def send() -> None:
             await (await self._ensure_queue(queue)).send_message(content)
-            _activity.bump()
 
         self.run(send(), 60)
