@@ -38,9 +38,6 @@ from shared.store import client_options
 log = logging.getLogger(__name__)
 
 MIN_POLLING_SECONDS = 0.1  # the queue listener's first back-off step after an empty poll
-LOOK_AGAIN_SECONDS = 1.0
-"""A drain looks at a queue nothing was seen sent to at least this often (a message sent by
-another process; what this process sends is seen at once, `sandbox.queuewatch`)."""
 WAKE_SECONDS = 0.05
 """How often a drain checks what this process sent (no storage request)."""
 RECOUNT_SECONDS = 2.0
@@ -272,11 +269,9 @@ class FunctionHost:
                      while_running: asyncio.Future | None = None) -> QueueStats:
         """Like the host: fetch `batchSize` messages, and fetch again as soon as no more than
         `newBatchThreshold` are still running, so work never waits for a whole batch. A queue
-        found empty is looked at again after 100 ms, doubling up to `maxPollingInterval` while
-        `while_running` (a trigger, or a listener's stop) has not finished, as the host's queue
-        listener backs off, and up to `LOOK_AGAIN_SECONDS` otherwise; and at once when this
-        process sent it a message that is now visible (`sandbox.queuewatch`), as the host is told
-        of messages its own functions add. When nothing runs here and nothing is visible, what is
+        found empty is looked at again after 100 ms, doubling up to `maxPollingInterval`, as the
+        host's queue listener backs off; and at once when this process sent it a message that is
+        now visible (`sandbox.queuewatch`), as the host is told of messages its own functions add. When nothing runs here and nothing is visible, what is
         left is counted (messages in another instance's hands, or sent where this process cannot
         see): none left, the drain is over."""
         triggers = {q: fn for q, fn in self._queue_triggers().items() if only is None or q in only}
@@ -287,7 +282,7 @@ class FunctionHost:
         urls = {queue: self._client(queue).url for queue in triggers}
         looked = dict.fromkeys(triggers, float("-inf"))
         """When each queue was last looked at (`time.monotonic()`, taken before the look)."""
-        ceiling = self.settings.max_polling_interval_seconds if while_running is not None else LOOK_AGAIN_SECONDS
+        ceiling = self.settings.max_polling_interval_seconds
         pause = dict.fromkeys(triggers, MIN_POLLING_SECONDS)
         counted = (-1, float("-inf"))
         """`WATCH.changes` and the time of the last count that found messages left."""
