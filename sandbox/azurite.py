@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+from sandbox.queuewatch import WATCH
 from sandbox.server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +45,8 @@ class Azurite:
                    "--queueHost", "127.0.0.1", "--queuePort", str(self.queue_port),
                    "--tableHost", "127.0.0.1", "--tablePort", str(self.table_port)]
         self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                         start_new_session=True, cwd=self._workspace)
+                                         start_new_session=True, cwd=self._workspace,
+                                         preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         deadline = time.monotonic() + 60
         for port in (self.blob_port, self.queue_port, self.table_port):
             while not _listening(port):
@@ -56,14 +60,17 @@ class Azurite:
         return self
 
     def stop(self) -> None:
+        """Azurite waits for idle keep-alive connections to close before it exits, and pooled
+        clients never close theirs: it gets a second, then it is killed (it keeps nothing)."""
         if self._process and self._process.poll() is None:
             try:
                 os.killpg(self._process.pid, signal.SIGTERM)
-                self._process.wait(timeout=10)
+                self._process.wait(timeout=1)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 try:
                     os.killpg(self._process.pid, signal.SIGKILL)
-                except ProcessLookupError:
+                    self._process.wait(timeout=10)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
                     pass
         shutil.rmtree(self._workspace, ignore_errors=True)
 
@@ -90,12 +97,20 @@ class Azurite:
                 blobs.delete_container(container.name)
             except ResourceNotFoundError:
                 pass
+        WATCH.forget(f"http://127.0.0.1:{self.queue_port}/{ACCOUNT}")
 
     def __enter__(self) -> Azurite:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the child, before Azurite starts: the kernel sends it SIGTERM when the process that
+    started it dies, however it dies (killed, crashed), so no Azurite outlives its tests or demo."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _listening(port: int) -> bool:

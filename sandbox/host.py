@@ -32,10 +32,17 @@ from azure.functions.queue import QueueMessage
 from azure.storage.queue.aio import QueueClient
 
 from shared.hostconfig import queue_settings
+from sandbox.queuewatch import WATCH, install
+from shared.store import transport_settings
 
 log = logging.getLogger(__name__)
 
 MIN_POLLING_SECONDS = 0.1  # the queue listener's first back-off step after an empty poll
+WAKE_SECONDS = 0.05
+"""How often a drain checks what this process sent (no storage request)."""
+RECOUNT_SECONDS = 2.0
+"""How often a drain that waits for messages in other hands counts them, unless a host of this
+process finished one or sent one meanwhile (then at once)."""
 
 
 @dataclass
@@ -49,6 +56,15 @@ class QueueStats:
 
 
 _indexed: dict[int, dict] = {}
+
+
+async def _cancel_all_but(current: asyncio.Task | None) -> None:
+    """Cancel every other task of the running loop and wait until they have ended."""
+    others = [task for task in asyncio.all_tasks() if task is not current]
+    for task in others:
+        task.cancel()
+    if others:
+        await asyncio.wait(others, timeout=10)
 
 
 def indexed_functions(app: func.FunctionApp) -> dict:
@@ -67,33 +83,46 @@ class FunctionHost:
         self.function_key = secrets.token_urlsafe(24)
         self.stats = QueueStats()
         self._functions = indexed_functions(app)
+        install()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="functions-host", daemon=True)
         self._thread.start()
         self._queue_clients: dict[str, QueueClient] = {}
         self._created: set[str] = set()
+        self._closed = False
 
     # -- lifecycle -----------------------------------------------------------------------------
 
     def run(self, coroutine, timeout: float | None = None) -> Any:
         """Run a coroutine on the host's loop (where the app's clients live)."""
+        if self._closed:
+            coroutine.close()
+            raise RuntimeError("the function host is closed")
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     def close(self) -> None:
+        """Stop as the Functions host does: what still runs is cancelled (a test that failed or
+        was interrupted may leave a drain or a function behind), then every client is closed,
+        then the loop. Whoever waits on this host gets an answer at once, never a hang."""
         async def shutdown() -> None:
-            from shared.runtime import _runtimes
+            from shared.runtime import close_runtimes
 
+            await _cancel_all_but(asyncio.current_task())
             for client in self._queue_clients.values():
                 await client.close()
-            current = _runtimes.get(asyncio.get_running_loop())
-            if current:
-                await current.aclose()
+            await close_runtimes()
+            await _cancel_all_but(asyncio.current_task())
 
+        if self._closed:
+            return
         try:
             self.run(shutdown(), timeout=30)
         finally:
+            self._closed = True
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
+            if not self._thread.is_alive():
+                self._loop.close()
 
     def __enter__(self) -> FunctionHost:
         return self
@@ -194,10 +223,8 @@ class FunctionHost:
     def _client(self, queue: str) -> QueueClient:
         client = self._queue_clients.get(queue)
         if client is None:
-            # No proxy look-ups per poll (two thread hops each): the real host's polling is not the
-            # worker's CPU, so this host's should cost the measured worker as little as it can.
             client = self._queue_clients[queue] = QueueClient.from_connection_string(self.connection_string, queue,
-                                                                                     use_env_settings=False)
+                                                                                      **transport_settings())
         return client
 
     async def _ensure_queue(self, queue: str) -> QueueClient:
@@ -241,51 +268,82 @@ class FunctionHost:
     async def _drain(self, timeout: float, only: list[str] | None,
                      while_running: asyncio.Future | None = None) -> QueueStats:
         """Like the host: fetch `batchSize` messages, and fetch again as soon as no more than
-        `newBatchThreshold` are still running, so work never waits for a whole batch. While
-        `while_running` (a trigger) has not finished, an empty poll is repeated after a delay that
-        starts at 100 ms and doubles up to `maxPollingInterval`, as the host's queue listener
-        backs off."""
+        `newBatchThreshold` are still running, so work never waits for a whole batch. A queue
+        found empty is looked at again after 100 ms, doubling up to `maxPollingInterval`, as the
+        host's queue listener backs off; and at once when this process sent it a message that is
+        now visible (`sandbox.queuewatch`), as the host is told of messages its own functions add. When nothing runs here and nothing is visible, what is
+        left is counted (messages in another instance's hands, or sent where this process cannot
+        see): none left, the drain is over."""
         triggers = {q: fn for q, fn in self._queue_triggers().items() if only is None or q in only}
         for queue in triggers:
             await self._ensure_queue(queue)
         deadline = time.monotonic() + timeout
         running: dict[str, set[asyncio.Task]] = {queue: set() for queue in triggers}
-        backoff = MIN_POLLING_SECONDS
+        urls = {queue: self._client(queue).url for queue in triggers}
+        looked = dict.fromkeys(triggers, float("-inf"))
+        """When each queue was last looked at (`time.monotonic()`, taken before the look)."""
+        ceiling = self.settings.max_polling_interval_seconds
+        pause = dict.fromkeys(triggers, MIN_POLLING_SECONDS)
+        counted = (-1, float("-inf"))
+        """`WATCH.changes` and the time of the last count that found messages left."""
+
         while True:
+            now = time.monotonic()
             fetched = False
             for queue, fn in triggers.items():
-                if len(running[queue]) <= self.settings.new_batch_threshold:
-                    for message in await self._receive(queue):
-                        task = asyncio.create_task(self._handle(queue, fn, message))
-                        running[queue].add(task)
-                        task.add_done_callback(running[queue].discard)
-                        fetched = True
-            if fetched:
-                backoff = MIN_POLLING_SECONDS
+                if len(running[queue]) > self.settings.new_batch_threshold:
+                    continue
+                if now - looked[queue] < pause[queue] and not WATCH.due(urls[queue], looked[queue], now):
+                    continue
+                looked[queue] = now
+                messages = await self._receive(queue)
+                for message in messages:
+                    task = asyncio.create_task(self._handle(queue, fn, message))
+                    running[queue].add(task)
+                    task.add_done_callback(running[queue].discard)
+                if messages:
+                    fetched = True
+                    pause[queue] = MIN_POLLING_SECONDS
+                    if len(messages) >= self.settings.batch_size:
+                        looked[queue] = float("-inf")  # more may be waiting
+                else:
+                    pause[queue] = min(pause[queue] * 2, ceiling)
             busy = set().union(*running.values())
             if busy:
-                await asyncio.wait(busy, timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(busy, timeout=WAKE_SECONDS, return_when=asyncio.FIRST_COMPLETED)
                 continue
             if fetched:
                 continue
-            if time.monotonic() > deadline:
+            if now > deadline:
                 raise TimeoutError(f"queues still busy after {timeout} s")
-            if while_running is not None and not while_running.done():
-                await asyncio.wait({while_running}, timeout=backoff)
-                backoff = min(backoff * 2, self.settings.max_polling_interval_seconds)
-                continue
-            if while_running is not None and while_running.exception() is not None:
-                return self.stats
-            remaining = 0
-            for queue in triggers:
-                try:
-                    properties = await self._client(queue).get_queue_properties()
-                except Exception:  # noqa: BLE001 - queue not created yet
+            if while_running is not None:
+                if not while_running.done():
+                    await asyncio.wait({while_running}, timeout=WAKE_SECONDS)
                     continue
-                remaining += properties.approximate_message_count or 0
-            if remaining == 0:
-                return self.stats
-            await asyncio.sleep(min(0.05 + self.retry_delay / 4, 0.5))
+                if while_running.exception() is not None:
+                    return self.stats
+            # Nothing runs here and nothing visible was found: what is left is counted, again as
+            # soon as another host of the process finished or sent something, unless a message
+            # this process sent is yet to become visible (then every `RECOUNT_SECONDS`: it may
+            # have been removed meanwhile).
+            coming = any(WATCH.coming(urls[queue], now) for queue in triggers)
+            if (WATCH.changes != counted[0] and now - counted[1] >= MIN_POLLING_SECONDS and not coming) \
+                    or now - counted[1] >= RECOUNT_SECONDS:
+                changes = WATCH.changes
+                if not await self._anything_left(triggers):
+                    return self.stats
+                counted = (changes, time.monotonic())
+            await asyncio.sleep(WAKE_SECONDS)
+
+    async def _anything_left(self, triggers) -> bool:
+        for queue in triggers:
+            try:
+                properties = await self._client(queue).get_queue_properties()
+            except Exception:  # noqa: BLE001 - queue not created yet
+                continue
+            if properties.approximate_message_count:
+                return True
+        return False
 
     async def _receive(self, queue: str) -> list:
         try:
@@ -318,11 +376,13 @@ class FunctionHost:
                 self.stats.poisoned += 1
             else:
                 await client.update_message(message.id, message.pop_receipt, visibility_timeout=int(self.retry_delay))
+            WATCH.finished()
             return
         await client.delete_message(message.id, message.pop_receipt)
         self.stats.processed += 1
         self.stats.by_queue[queue] = self.stats.by_queue.get(queue, 0) + 1
         self.stats.finished_at.append((queue, time.perf_counter()))
+        WATCH.finished()
 
     def _decode(self, content: str) -> bytes:
         if self.settings.message_encoding == "base64":

@@ -64,12 +64,16 @@ class ServerThread:
             time.sleep(0.01)
         return self
 
-    def stop(self) -> None:
-        """Stop without a graceful wait: closing an idle keep-alive TLS connection waits for the
-        client's close_notify, which pooled clients (requests, httpx) never send, so a graceful
-        shutdown would hang until the TLS shutdown timeout."""
+    def stop_soon(self) -> None:
+        """Tell the server to stop, without waiting (several servers stop side by side). Without a
+        graceful wait: closing an idle keep-alive TLS connection waits for the client's
+        close_notify, which pooled clients (requests, httpx) never send, so a graceful shutdown
+        would hang until the TLS shutdown timeout."""
         self._server.should_exit = True
         self._server.force_exit = True
+
+    def stop(self) -> None:
+        self.stop_soon()
         self._thread.join(timeout=10)
 
     def __enter__(self) -> ServerThread:

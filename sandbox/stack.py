@@ -147,6 +147,8 @@ class SandboxStack(ExitStack):
             servers["entra-browser"] = self.enter_context(ServerThread(entra.browser_app, None, name="entra-browser"))
             servers["bc-web"] = self.enter_context(ServerThread(bc.web_app, None, name="bc-web"))
             entra.browser_base_url = servers["entra-browser"].url
+            # On exit (last in, first out) every server is told to stop first, then each is joined.
+            self.callback(lambda: [server.stop_soon() for server in servers.values()])
         except BaseException:
             self.close()
             raise

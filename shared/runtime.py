@@ -131,6 +131,9 @@ class Runtime:
 
 
 _runtimes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Runtime] = weakref.WeakKeyDictionary()
+_replaced: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[Runtime]] = weakref.WeakKeyDictionary()
+"""Runtimes replaced after a settings change, per loop: requests of theirs may still be running, so
+their clients are closed with the loop's (`close_runtimes`), never left to the garbage collector."""
 
 
 def runtime() -> Runtime:
@@ -141,5 +144,14 @@ def runtime() -> Runtime:
     if current is None or current.settings is not settings:
         if current is not None:
             current.retire()
+            _replaced.setdefault(loop, []).append(current)
         current = _runtimes[loop] = Runtime(settings)
     return current
+
+
+async def close_runtimes() -> None:
+    """Close every client made on the running loop: the current runtime's and those replaced
+    since. For whoever owns the loop (the worker, a test host), when it stops."""
+    loop = asyncio.get_running_loop()
+    for made in [*_replaced.pop(loop, []), *filter(None, [_runtimes.pop(loop, None)])]:
+        await made.aclose()

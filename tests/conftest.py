@@ -90,9 +90,11 @@ def make_world(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch, businesses: in
                               queue_timeout_seconds=BC_QUEUE_TIMEOUT_SECONDS)
     sandbox.graph.page_size = 100
     # Business Central may go on running a request for 10 minutes after the app gave up on it, and
-    # the app waits that long before it looks for the outcome; the simulated BC is quicker.
+    # the app waits that long before it looks for the outcome; the simulated BC is quicker. A write
+    # whose answer is lost is looked up 2 x HTTP_TIMEOUT_SECONDS + BC_EXECUTION_LIMIT_SECONDS after it
+    # was claimed (3 s here): the simulators answer in milliseconds, a second is plenty.
     overrides = {"BOOKINGS_BUSINESS_IDS": ",".join(business_ids), "BC_COMPANY_ID": company_id,
-                 "HTTP_TIMEOUT_SECONDS": "3", "BC_EXECUTION_LIMIT_SECONDS": str(BC_EXECUTION_LIMIT_SECONDS),
+                 "HTTP_TIMEOUT_SECONDS": "1", "BC_EXECUTION_LIMIT_SECONDS": str(BC_EXECUTION_LIMIT_SECONDS),
                  "BC_QUEUE_TIMEOUT_SECONDS": str(BC_QUEUE_TIMEOUT_SECONDS)}
     for name, value in sandbox.env(**overrides).items():
         monkeypatch.setenv(name, value)

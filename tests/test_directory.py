@@ -306,8 +306,10 @@ def test_a_template_value_bc_has_no_record_of_is_reported_with_bcs_message_and_t
 def test_customers_are_upserted_while_the_calendar_is_still_being_read(world):
     dataset = generate(appointments=60, customers=20, services=3, business_ids=world.business_ids, seed=5)
     world.graph.load(dataset)
-    # The first calendarView answer hangs, then times out (504): the pull takes a while.
-    world.graph.plan.configure(hang_seconds=1.0, retry_after_seconds=0)
+    # The first calendarView answer hangs, then times out (504): the pull takes longer than the
+    # host takes to look at the directory queue again (up to half a second), even on a busy machine.
+    world.configure(HTTP_TIMEOUT_SECONDS="5")
+    world.graph.plan.configure(hang_seconds=2.5, retry_after_seconds=0)
     world.graph.plan.script("GET", r"/calendarView", "timeout", times=1)
 
     world.host.run_listening(world.host.timer_async("sync_bookings"))

@@ -24,14 +24,15 @@ from shared.messages import InvoiceJobPart, SyncRequest, directory_upsert, sync_
 from shared.store import BOOKINGS, CUSTOMER_LINKS, ITEM_LINKS, JOBS, TEMPLATES
 from tests.conftest import make_world
 from tests.helpers import body, peek_raw, queue_client, rows
-from tests.plugins.chaos import TALLY
+from tests.plugins.chaos import BUDGET, TALLY
 
 MAX_BODY = 1_048_576
 QUEUES = ("directory-upserts", "invoice-jobs", "sync-requests", "sync-businesses")
 
 
 def fuzz(examples: int):
-    return settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+    """`examples` inputs in `make test`, more under `--long` (`make test-long`)."""
+    return settings(max_examples=BUDGET.examples(examples), deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                            HealthCheck.filter_too_much])
 
@@ -181,7 +182,7 @@ def resolve_request(world, request) -> bytes:
 
 # -- HTTP routes ----------------------------------------------------------------------------------
 
-@fuzz(140)
+@fuzz(60)
 @given(data=st.data())
 def test_any_invoice_request_is_answered_2xx_or_a_4xx_problem_and_a_rejected_one_claims_nothing(pworld, data):
     world = pworld
@@ -441,7 +442,7 @@ def quiet_sync_requests(pworld):
 
 @pytest.mark.parametrize("queue", QUEUES)
 def test_any_queue_message_is_processed_or_poisoned_with_a_reason_and_never_lost(pworld, quiet_sync_requests, queue):
-    examples = {"directory-upserts": 70, "invoice-jobs": 70, "sync-requests": 30, "sync-businesses": 30}[queue]
+    examples = {"directory-upserts": 30, "invoice-jobs": 30, "sync-requests": 15, "sync-businesses": 15}[queue]
 
     @fuzz(examples)
     @given(text=message_shapes(queue), encode=st.booleans())

@@ -328,7 +328,7 @@ def test_a_silently_capped_read_cancels_nothing_that_still_exists(world):
 
 def test_a_window_is_read_in_weekly_slices_side_by_side_within_four_requests_per_mailbox(world):
     load(world, appointments=250)
-    world.graph.plan.configure(latency_ms=30)
+    world.graph.plan.configure(latency_ms=150)  # slices overlap even on a busy machine
     world.sync_calendars()
 
     calendar_reads = sum(n for path, n in world.graph.plan.stats.requests.items() if "/calendarView" in path)
