@@ -87,26 +87,26 @@ class SharedRateBudget:
 
     async def acquire(self, service: str, count: int = 1) -> None:
         """Tickets for `count` requests (a `$batch` may count as each of its operations)."""
+        if not 1 <= count <= self.limit:
+            raise ValueError(f"a request of {count} operations never fits a budget of {self.limit}")
         self._wanting += count
-        need = count
         try:
             async with self._lock:
-                while need:
-                    if self._tickets == 0 or time.monotonic() >= self._usable_until:
-                        started = time.monotonic()
-                        try:
-                            await self._claim_tickets(service)
-                        finally:
-                            self.stats.claim_seconds += time.monotonic() - started
-                    taken = min(self._tickets, need)
-                    self._tickets -= taken
-                    need -= taken
-                    self._wanting -= taken
-                    self.stats.granted += taken
+                # All of a request's tickets come from one claim taken before it is sent: tickets
+                # gathered from an older claim while waiting for room would be spent after that
+                # claim's ticket time, outside the window it was counted in.
+                if self._tickets < count or time.monotonic() >= self._usable_until:
+                    started = time.monotonic()
+                    try:
+                        await self._claim_tickets(service, count)
+                    finally:
+                        self.stats.claim_seconds += time.monotonic() - started
+                self._tickets -= count
+                self.stats.granted += count
         finally:
-            self._wanting -= need
+            self._wanting -= count
 
-    async def _claim_tickets(self, service: str) -> None:
+    async def _claim_tickets(self, service: str, need: int) -> None:
         self._finish_claim()
         while True:
             fresh = self._cached is None
@@ -119,13 +119,13 @@ class SharedRateBudget:
                 grants = [_Grant(g.id, g.until, g.count - unused) if g.id == claim_id else g for g in grants]
                 grants = [grant for grant in grants if grant.count > 0]
             room = self.limit - sum(grant.count for grant in grants)
-            if room <= 0:
+            if room < need:
                 if fresh:  # else read it again before deciding
                     await self._wait_for_room(service, min(grant.until for grant in grants) - now)
                 continue
             # The work in hand: what this process used of its last claim (doubled), and at least
-            # every request asking now.
-            size = min(max(self._next_size, self._wanting), self.chunk, room)
+            # every request asking now; never less than the request in hand.
+            size = max(min(max(self._next_size, self._wanting), self.chunk, room), need)
             claim = _Grant(uuid.uuid4().hex[:12], now + self.ticket_seconds + self.window + self.clock_skew_seconds, size)
             written = [*grants, claim]
             try:

@@ -264,6 +264,22 @@ def test_a_batch_takes_a_ticket_for_each_of_its_operations_and_no_window_holds_m
     assert windows_within(granted, 2.0, 30), "no 2-second window holds more than 30 operations"
 
 
+def test_a_batch_bigger_than_a_claim_is_sent_on_tickets_of_one_claim_never_on_stale_ones(hosts):
+    async def scenario(number: int) -> SharedRateBudget:
+        budget = SharedRateBudget(store(), "test/one-claim", 30, 60.0, chunk=10, ticket_seconds=60.0)
+        await budget.acquire("Test", 3)
+        await budget.acquire("Test", 12)  # 7 tickets left are not enough: a fresh claim holds all 12
+        return budget
+
+    async def too_big() -> None:
+        await SharedRateBudget(store(), "test/one-claim", 30, 60.0).acquire("Test", 31)
+
+    [budget] = on_each(hosts[:1], scenario)
+    assert budget.stats.granted == 15 and budget.stats.claims == 2
+    with pytest.raises(ValueError):
+        hosts[0].run(too_big(), 30)
+
+
 def test_a_request_beyond_the_shared_budget_is_held_back_for_later_on_every_instance(hosts):
     async def two_then_refused(number: int) -> UpstreamThrottled:
         budget = SharedRateBudget(store(), "test/small", 2, 60.0, ticket_seconds=1.0)

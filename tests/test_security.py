@@ -87,6 +87,7 @@ def sent_filters(monkeypatch) -> list[str]:
     async def spy(self, method, url, **kwargs):
         if kwargs.get("params") and "$filter" in kwargs["params"]:
             seen.append(kwargs["params"]["$filter"])
+        seen.extend(parse_qs(urlsplit(url).query).get("$filter", []))
         inner = (kwargs.get("json_body") or {}).get("requests", []) if url.endswith("$batch") else []
         seen.extend(f for request in inner for f in parse_qs(urlsplit(request["url"]).query).get("$filter", []))
         return await real(self, method, url, **kwargs)
