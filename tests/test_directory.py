@@ -169,8 +169,8 @@ def test_a_missing_template_poisons_the_message_naming_it_and_the_status_reports
 
 def test_a_message_that_keeps_failing_lands_in_poison_after_max_dequeue_count(world):
     world.bc.plan.configure(retry_after_seconds=0)
-    # Customers are looked up in a $batch (by the address and within address lists): BC fails it.
-    world.bc.plan.script("*", r"/customers|/\$batch$", "500", times=1000)
+    # Every customer read (the nested-lookup check, the lookups' $batch) finds BC unavailable (503, Retry-After: 0).
+    world.bc.plan.script("*", r"/customers|/\$batch$", "503", times=1000)
     world.host.send("directory-upserts", customer_message("down@example.com"))
     world.host.drain()
     world.bc.plan.clear()
