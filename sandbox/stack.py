@@ -17,6 +17,7 @@ a secret-less app authenticate as `CLIENT_ID` with the identity's token instead.
 from __future__ import annotations
 
 import os
+import shutil
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -125,6 +126,7 @@ class SandboxStack(ExitStack):
         super().__enter__()
         try:
             tls = make_tls_files()
+            self.callback(shutil.rmtree, tls.ca_bundle.parent, ignore_errors=True)  # last, after the servers
             azurite = self.enter_context(Azurite())
             # Entra ID throttles token requests with 429 and "a Retry-After: 60 header" (MSAL's docs).
             entra = EntraSimulator(FaultPlan(Knobs(retry_after_seconds=ENTRA_RETRY_AFTER_SECONDS)),
