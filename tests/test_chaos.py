@@ -77,6 +77,8 @@ def chaos_world(sandbox, monkeypatch):
     made = make_world(sandbox, monkeypatch, businesses=2)
     # Deferred webhook syncs come back after 30 s in production; a second is enough here.
     monkeypatch.setattr("shared.blueprints.sync.RETRY_WHEN_BUSY_SECONDS", 1)
+    # Work an API kept throttling without saying how long waits a minute in production; a second here.
+    monkeypatch.setattr("shared.messages.THROTTLED_DEFER_SECONDS", 1.0)
     # A fresh token provider per run, so token requests meet Entra ID's faults too.
     monkeypatch.setattr("shared.auth._providers", {})
     # The Functions host logs at Information (host.json): every app log record is built.
