@@ -494,9 +494,11 @@ def _keys_by_company(rt: Runtime, rows: list[tuple[int, dict]], keys: list[str])
 
 
 async def _keep_for_check(store: Store, row: dict, message: str) -> None:
-    await _finish(store, row, "failed", errors=[{"bookingId": None, "message": message}])
-    await store.update(JOBS, {"PartitionKey": row["PartitionKey"], "RowKey": row["RowKey"], "NeedsCheck": True},
-                       etag=None)
+    """Failed, with its claims kept for reconciliation to check, in one write: a part written
+    failed without `NeedsCheck` (the process dying between two writes) would have its claims
+    released as stale by the next sync, though BC may hold its invoice."""
+    entity = _finished(row, "failed", errors=[{"bookingId": None, "message": message}]) | {"NeedsCheck": True}
+    await store.update(JOBS, entity, etag=None)
 
 
 def _booking_ids(row: dict) -> list[list[str]]:

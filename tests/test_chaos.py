@@ -1105,3 +1105,36 @@ def test_a_transient_entra_id_failure_is_retried_like_any_upstream_fault(world, 
     assert world.sandbox.entra.plan.stats.faults[fault] == 1
     last = body(world.host.http("GET", "status"))["lastSync"]
     assert last["outcome"] == "succeeded", last["errors"]
+
+
+def test_a_part_given_up_while_bc_is_unreachable_keeps_its_bookings_though_the_process_dies_mid_way(world, monkeypatch):
+    """Found by seed 20240029: a part's create may have worked (its answer was lost), every
+    attempt to ask BC failed, and the process died right after writing the part's outcome. The
+    bookings must stay reserved until BC is asked (it has the invoice), never be billed again."""
+    ids = [_appointment(world, hours_ago=30)]
+    world.sync()
+    world.bc.plan.configure(retry_after_seconds=0)
+    world.bc.plan.script("POST", r"/salesInvoices$", "lost", times=1)
+    world.bc.plan.script("GET", r"/salesInvoices", "503", times=100_000)
+    from shared.store import Store
+
+    fired: list[str] = []
+    real = Store.update
+
+    async def dies_after_writing_a_failed_part(self, name, entity, *args, **kwargs):
+        written = await real(self, name, entity, *args, **kwargs)
+        if name == JOBS and entity.get("Status") == "failed" and not fired:
+            fired.append(entity["RowKey"])
+            raise Crash(f"process died after update {name}")
+        return written
+
+    monkeypatch.setattr(Store, "update", dies_after_writing_a_failed_part)
+    shorten_recovery_windows(monkeypatch)
+    response = world.host.http("POST", "invoices", body={"bookingIds": ids})
+    world.host.drain()
+    world.bc.plan.clear()
+
+    assert response.status_code == 202 and fired
+    findings = _settled(world, {body(response)["jobId"]})
+    assert len(world.bc.invoices(world.company_id)) == 1, "billed once"
+    assert not findings.problems, findings.problems
