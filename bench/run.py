@@ -188,7 +188,7 @@ class Bench:
         into a scratch table the floor claims and records."""
         from azure.data.tables import TableServiceClient
 
-        from shared.store import BOOKINGS
+        from shared.storage.store import BOOKINGS
 
         with TableServiceClient.from_connection_string(self.sb.azurite.connection_string) as service:
             source = service.get_table_client(BOOKINGS)
@@ -232,7 +232,7 @@ class Bench:
 # -- the workloads ---------------------------------------------------------------------------------
 
 def _summary(result: dict, bound, kind: str, floor: dict) -> dict:
-    from shared.store import BOOKINGS
+    from shared.storage.store import BOOKINGS
 
     app = result["app"]
     requests = result["requests"]
