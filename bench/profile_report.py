@@ -28,7 +28,7 @@ PARTS: list[tuple[str, Callable[[Key], bool], str]] = [
     ("  pydantic validation", lambda k: k[0] == "~" and ("validate_json" in k[2] or "validate_python" in k[2]), "tot"),
     ("bookings built", lambda k: k[0].endswith("shared/flows/bookings.py") and k[2] == "from_appointment", "cum"),
     ("content hash and table entity", lambda k: k[0].endswith("shared/flows/bookings.py") and k[2] == "sync_entity", "cum"),
-    ("stored rows read", lambda k: k[0].endswith("shared/flows/sync/run.py") and k[2] == "stored_slice", "cum"),
+    ("stored rows read", lambda k: k[0].endswith("shared/flows/sync/calendar.py") and k[2] == "stored_slice", "cum"),
     ("table transactions", lambda k: k[0].endswith("shared/storage/store.py") and k[2] == "transact", "cum"),
     ("  of which the SDK's multipart (email package)", lambda k: "/email/" in k[0], "tot"),
     ("directory upserts (BC and link rows)", lambda k: k[0].endswith("shared/flows/directory/resolver.py")

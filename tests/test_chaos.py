@@ -24,8 +24,8 @@ What the runs rely on in the app (keep these names, or change them here too): cr
 injected at `shared.storage.store.Store` writes (`insert`, `upsert`, `update`, `delete`, `transact`,
 `send`) and after `shared.upstream.http.ApiClient.request` writes; the windows after which the app takes
 over a dead process's work are shortened from minutes to seconds through
-`shared.flows.directory.resolver.CLAIM_STALE_AFTER`/`WAIT_FOR_OTHER_SECONDS`, `shared.flows.invoicing.reconcile.STALE_CLAIMING`/
-`STALE_PART`, `shared.flows.invoicing.worker.RUNNING_STALE_AFTER` and `shared.web.blueprints.sync.RETRY_WHEN_BUSY_SECONDS`; `shared.upstream.auth._providers` is
+`shared.flows.directory.claims.CLAIM_STALE_AFTER`/`WAIT_FOR_OTHER_SECONDS`, `shared.flows.invoicing.reconcile.STALE_CLAIMING`/
+`STALE_PART`, `shared.flows.invoicing.parts.RUNNING_STALE_AFTER` and `shared.web.blueprints.sync.RETRY_WHEN_BUSY_SECONDS`; `shared.upstream.auth._providers` is
 emptied per run so tokens are requested under faults; the `shared` loggers log at INFO, as the
 Functions host does with this host.json."""
 
@@ -185,13 +185,13 @@ def shorten_recovery_windows(monkeypatch) -> None:
     claim's window stays far longer than a live resolution takes in these runs. A job part that
     is still alive may be queued again after its window: that is one more duplicate delivery,
     which the app must bear anyway (queues deliver at least once)."""
-    monkeypatch.setattr("shared.flows.directory.resolver.CLAIM_STALE_AFTER", timedelta(seconds=10))
+    monkeypatch.setattr("shared.flows.directory.claims.CLAIM_STALE_AFTER", timedelta(seconds=10))
     monkeypatch.setattr("shared.flows.directory.resolver.WAIT_FOR_OTHER_SECONDS", 12.0)
     monkeypatch.setattr("shared.flows.invoicing.reconcile.STALE_CLAIMING", timedelta(seconds=2))
     monkeypatch.setattr("shared.flows.invoicing.reconcile.STALE_PART", timedelta(seconds=6))
     # A part left "running" by a process that died, and queued again by the reconciliation, is
     # taken over once its holder cannot still be running (a function's timeout in production).
-    monkeypatch.setattr("shared.flows.invoicing.worker.RUNNING_STALE_AFTER", timedelta(seconds=15))
+    monkeypatch.setattr("shared.flows.invoicing.parts.RUNNING_STALE_AFTER", timedelta(seconds=15))
 
 
 class FailureLog(logging.Handler):

@@ -11,7 +11,7 @@ import uuid
 from collections import Counter
 
 from sandbox.data import generate
-from shared.flows.directory.resolver import CUSTOMER_PARTITION
+from shared.flows.directory.links import CUSTOMER_PARTITION
 from shared.flows.messages import (CustomerBatchUpsert, CustomerSource, CustomerUpsert, ItemBatchUpsert, ItemUpsert,
                              ServiceSource, encode)
 from shared.storage.store import CUSTOMER_LINKS, ITEM_LINKS

@@ -473,7 +473,7 @@ def test_someone_known_only_from_appointments_is_taken_from_the_latest_and_not_q
 
 
 def test_a_dense_calendar_is_read_in_shorter_slices_so_a_slice_holds_about_2000_rows():
-    from shared.flows.sync.run import SHORTEST_SLICE, SUB_WINDOW, slice_length, sub_windows
+    from shared.flows.sync.calendar import SHORTEST_SLICE, SUB_WINDOW, slice_length, sub_windows
 
     start = NOW
     end = NOW + timedelta(days=90)

@@ -31,12 +31,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "shared").rglob("*.py")) + [ROOT / "function_app.py"]
 LEVELS = {"debug", "info", "warning", "error", "exception", "critical", "log"}
 
-# Parts of event names built at run time → the values they take. Each value must still appear as a
-# string in that module; a new dynamic part fails the test until it is added here.
+# Parts of event names built at run time → the values they take, and the module that gives them
+# (None: the same module). Each value must still appear as a string in that module; a new dynamic
+# part fails the test until it is added here.
 DYNAMIC_PARTS = {
-    ("shared/flows/invoicing/worker.py", "status"): ("succeeded", "failed"),      # _finished(row, status, …)
-    ("shared/flows/directory/resolver.py", "kind.name"): ("customer", "item"),           # Kind("customer", …)
-    ("shared/flows/directory/resolver.py", "origin"): ("created", "linked"),             # Link.origin
+    ("shared/flows/invoicing/parts.py", "status"): (("succeeded", "failed"), None),  # finished_entity(row, status, …)
+    ("shared/flows/directory/claims.py", "kind.name"): (("customer", "item"),        # Kind("customer", …)
+                                                        "shared/flows/directory/links.py"),
+    ("shared/flows/directory/claims.py", "origin"): (("created", "linked"),          # Link.origin
+                                                     "shared/flows/directory/resolver.py"),
 }
 
 SNAKE_CASE = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)+")
@@ -104,8 +107,10 @@ def event_names(path: str, tree: ast.Module, node: ast.expr) -> tuple[str, ...]:
 
 def dynamic_part(path: str, tree: ast.Module, node: ast.expr) -> tuple[str, ...]:
     source = ast.unparse(node)
-    values = DYNAMIC_PARTS.get((path, source))
+    values, given_in = DYNAMIC_PARTS.get((path, source), ((), None))
     assert values, f"{path}: an event name is built from `{source}`; add its values to DYNAMIC_PARTS"
+    if given_in is not None:
+        tree = ast.parse((ROOT / given_in).read_text(encoding="utf-8"), given_in)
     missing = set(values) - string_constants(tree)
     assert not missing, f"{path}: `{source}` no longer takes {missing}; update DYNAMIC_PARTS"
     return values
@@ -184,7 +189,9 @@ def sync_run_count_keys(all_trees: dict[str, ast.Module]) -> set[str]:
     sync = all_trees["shared/flows/sync/run.py"]
     summed = next(node for node in sync.body
                   if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "SUMMED")
-    counts_class = next(node for node in sync.body if isinstance(node, ast.ClassDef) and node.name == "BusinessCounts")
+    calendar = all_trees["shared/flows/sync/calendar.py"]
+    counts_class = next(node for node in calendar.body
+                        if isinstance(node, ast.ClassDef) and node.name == "BusinessCounts")
     fields = {node.target.id for node in counts_class.body if isinstance(node, ast.AnnAssign)}
     keys = {element.value for element in summed.value.elts}
     assert fields <= keys, f"BusinessCounts fields not added up in last_sync: {fields - keys}"

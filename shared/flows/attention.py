@@ -10,8 +10,8 @@ import asyncio
 import json
 from dataclasses import dataclass, field
 
-from shared.flows.directory.resolver import refusals
-from shared.flows.invoicing.jobs import REASON_CODES, Candidate, Filters, candidates
+from shared.flows.directory.health import refusals
+from shared.flows.invoicing.uninvoiced import REASON_CODES, Candidate, Filters, candidates
 from shared.runtime import Runtime
 from shared.storage.store import QUEUES, Store
 

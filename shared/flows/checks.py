@@ -15,7 +15,8 @@ from datetime import datetime, timedelta, timezone
 
 from shared.upstream.bc import API_ROLE
 from shared.flows.invoicing.dimensions import company_dimensions, problems_in, refusals_of, wanted_in
-from shared.flows.directory.resolver import CUSTOMER, ITEM, get_template
+from shared.flows.directory.links import CUSTOMER, ITEM
+from shared.flows.directory.templates import get_template
 from shared.upstream.graph import CUSTOMER_WRITE_ROLES, GENEROUS_ROLE, READ_ROLES, SERVICE_WRITE_ROLES, WRITE_ROLES
 from shared.upstream.errors import UpstreamError
 from shared.runtime import Runtime

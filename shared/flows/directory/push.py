@@ -33,14 +33,15 @@ from datetime import datetime, timedelta, timezone
 
 from babel import Locale
 
-from shared.upstream.bc_lookups import first_email
 from shared.flows.bookings import normalise_email, parse_instant
-from shared.flows.directory.resolver import KINDS as DIRECTORY_KINDS, link_partition
-from shared.upstream.graph import UNKNOWN_ERROR, BookingCustomer, BookingService
-from shared.upstream.errors import UpstreamAmbiguous, UpstreamError, UpstreamThrottled
+from shared.flows.directory.links import KINDS as DIRECTORY_KINDS
+from shared.flows.directory.links import link_partition
 from shared.odata_filter import changed_since_filter
 from shared.runtime import Runtime
 from shared.storage.store import CUSTOMER_LINKS, ITEM_LINKS, Store, encode_key
+from shared.upstream.bc_lookups import first_email
+from shared.upstream.errors import UpstreamAmbiguous, UpstreamError, UpstreamThrottled
+from shared.upstream.graph import UNKNOWN_ERROR, BookingCustomer, BookingService
 from shared.upstream.utf16 import cut
 
 log = logging.getLogger(__name__)

@@ -1,11 +1,12 @@
-"""Directory: Bookings customers and services as BC customers and service items.
+"""Resolving Bookings customers and services to BC customers and service items, exactly once.
 
 Each customer (by normalised e-mail) and each service (by id) has a link row. Resolving claims
-the row with an ETag before it looks BC up or creates anything, so two workers never create the
-same customer; a create whose answer was lost is found again by e-mail (items: by name) before it
-is repeated. New records get the named template's defaults, overridden by the Bookings fields;
-existing BC records keep their values (only blanks are filled). The same resolution serves the
-queue-triggered upsert and the invoice worker, so no booking ever needs manual linking."""
+the row with an ETag (`claims`) before it looks BC up or creates anything, so two workers never
+create the same customer; a create whose answer was lost is found again by e-mail (items: by
+name) before it is repeated. New records get the named template's defaults (`templates`),
+overridden by the Bookings fields; existing BC records keep their values (only blanks are
+filled). The same resolution serves the queue-triggered upsert (`upsert_from_message`) and the
+invoice worker, so no booking ever needs manual linking."""
 
 from __future__ import annotations
 
@@ -13,37 +14,41 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 import weakref
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from azure.core import MatchConditions
-from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
-from azure.data.tables import TableTransactionError
-from pydantic import ValidationError
+from azure.core.exceptions import ResourceModifiedError
 
-from shared.storage import leases
-from shared.upstream.bc import TEMPLATE_FIELDS, BcClient, Wait, explain_refusal
-from shared.hostconfig import queue_settings
+from shared.flows.directory.claims import Claim, LinkClaims, Wanted
 from shared.flows.directory.customer_fields import Countries, Mapped, drop_refused, map_customer, minimal
-from shared.upstream.errors import NOT_RUN_STATUS, UpstreamAmbiguous, UpstreamConflict, UpstreamError, UpstreamThrottled
-from shared.flows.messages import (CustomerBatchUpsert, kept_by_an_earlier_business, same_source_data, CustomerSource, CustomerUpsert, Deferred, DirectoryUpsertMessage,
-                             PermanentFailure, ServiceSource, throttled_wait)
+from shared.flows.directory.links import CUSTOMER, ITEM, Kind, Link, company_scoped, link_of, masked, stored_time
+from shared.flows.directory.templates import template_defaults
+from shared.flows.messages import (
+    CustomerBatchUpsert,
+    CustomerSource,
+    CustomerUpsert,
+    Deferred,
+    DirectoryUpsertMessage,
+    PermanentFailure,
+    ServiceSource,
+    throttled_wait,
+)
+from shared.hostconfig import queue_settings
 from shared.runtime import Runtime
+from shared.storage import leases
+from shared.storage.store import Store, encode_key, to_json
+from shared.upstream.bc import BcClient, Wait, explain_refusal
+from shared.upstream.errors import NOT_RUN_STATUS, UpstreamAmbiguous, UpstreamConflict, UpstreamError, UpstreamThrottled
 from shared.upstream.utf16 import cut
-from shared.storage.store import (CREATE, CUSTOMER_LINKS, ITEM_LINKS, MAX_BATCH, TEMPLATES, UPDATE, Store, encode_key,
-                          fit_string, to_json)
 
 log = logging.getLogger(__name__)
 
 ITEM_NAME_UNITS = 100
 """Item "Description" is Text[100]: UTF-16 units, as BC counts."""
-CUSTOMER_PARTITION = "customer"
-ITEM_PARTITION = "item"
+
 ITEMS_IN_FLIGHT = "directory/items-in-flight.json"
 """Item names whose create may still be running in BC, and since when: `Resolver._names_in_flight`."""
-CLAIM_STALE_AFTER = timedelta(seconds=90)
+
 WAIT_FOR_OTHER_SECONDS = 45.0
 CREATE_ROUNDS = 3
 """A customer refused for a field is created again without it: at most this many tries."""
@@ -51,124 +56,9 @@ MAX_ATTEMPTS = queue_settings().max_dequeue_count
 """Creates without a known outcome before BC is taken to be failing: as often as a message is tried."""
 
 
-class TemplateNotFound(PermanentFailure):
-    pass
-
-
 class LinkBusy(Exception):
     """Another worker is resolving the same customer/item right now; retry later."""
 
-
-@dataclass(frozen=True)
-class Link:
-    key: str
-    bc_id: str
-    bc_number: str | None
-    origin: str
-    """`created` (from a template by this service) or `linked` (an existing BC record)."""
-
-
-@dataclass(frozen=True)
-class Kind:
-    name: str
-    table: str
-    partition: str
-    entity_set: str
-    setting: str
-
-
-CUSTOMER = Kind("customer", CUSTOMER_LINKS, CUSTOMER_PARTITION, "customers", "CUSTOMER_TEMPLATE")
-ITEM = Kind("item", ITEM_LINKS, ITEM_PARTITION, "items", "ITEM_TEMPLATE")
-KINDS = {"customer": CUSTOMER, "item": ITEM}
-
-
-def link_partition(kind: Kind, company_id: str | None, settings) -> str:
-    """Link rows are per BC company: a customer of two businesses that bill into two companies
-    is one BC customer in each. `BC_COMPANY_ID`'s rows keep the kind's own partition (so links
-    made before businesses had companies of their own stay valid); another company's are
-    `<kind>@<company id>`."""
-    if not company_id or company_id == settings.bc_company_id:
-        return kind.partition
-    return f"{kind.partition}@{company_id}"
-
-
-def link_partitions(kind: Kind, settings) -> dict[str, str]:
-    """Partition → company, for every company the businesses bill into."""
-    companies = settings.companies or [settings.bc_company_id]
-    return {link_partition(kind, company, settings): company for company in companies}
-
-
-def company_scoped(name: str, company_id: str | None, settings) -> str:
-    """A lease or blob name of the directory, one per company (BC_COMPANY_ID's keeps its name)."""
-    return name if not company_id or company_id == settings.bc_company_id else f"{name}@{company_id}"
-
-
-# -- templates ---------------------------------------------------------------------------------
-
-_template_cache: dict[tuple, tuple[float, dict]] = {}
-TEMPLATE_CACHE_SECONDS = 15.0
-
-
-async def get_template(store: Store, kind: str, code: str) -> dict | None:
-    row = await store.get(TEMPLATES, kind, encode_key(code))
-    return json.loads(row["Fields"]) if row else None
-
-
-async def template_defaults(store: Store, kind: Kind, code: str | None) -> dict:
-    """The defaults of the template named in settings; {} when none is named."""
-    if not code:
-        return {}
-    cache_key = (id(store), kind.name, code)
-    cached = _template_cache.get(cache_key)
-    if cached and cached[0] > time.monotonic():
-        return cached[1]
-    fields = await get_template(store, kind.name, code)
-    if fields is None:
-        raise TemplateNotFound(f"The {kind.name} template '{code}' named in {kind.setting} does not exist; "
-                               f"create it with PUT /api/templates/{kind.name}/{code}.")
-    _template_cache[cache_key] = (time.monotonic() + TEMPLATE_CACHE_SECONDS, fields)
-    return fields
-
-
-class InvalidTemplate(ValueError):
-    """A template names fields a template may not set, or values BC would refuse; `problems`
-    are (field, message) pairs, for an HTTP problem or a form's inline errors."""
-
-    def __init__(self, problems: list[tuple[str, str]]):
-        super().__init__("The template is not valid: " + "; ".join(message for _, message in problems) + ".")
-        self.problems = problems
-
-
-def validate_template(kind: str, body: object) -> dict:
-    """The template's fields as BC takes them (`CustomerFields` / `ItemFields`), or `InvalidTemplate`."""
-    try:
-        return TEMPLATE_FIELDS[kind].model_validate(body).model_dump(exclude_none=True)
-    except ValidationError as error:
-        problems = []
-        for item in error.errors()[:20]:
-            name = ".".join(str(part) for part in item["loc"])
-            message = (f"'{name}' is not a field a {kind} template may set"
-                       if item["type"] == "extra_forbidden" else item["msg"])
-            problems.append((name, message))
-        raise InvalidTemplate(problems) from None
-
-
-async def put_template(store: Store, kind: str, code: str, fields: dict) -> dict:
-    now = datetime.now(timezone.utc)
-    await store.upsert(TEMPLATES, {"PartitionKey": kind, "RowKey": encode_key(code), "Code": code,
-                                   "Fields": to_json(fields), "UpdatedAt": now}, merge=False)
-    _template_cache.clear()
-    return {"kind": kind, "code": code, "fields": fields, "updatedAt": now}
-
-
-async def list_templates(store: Store) -> list[dict]:
-    rows = await store.query(TEMPLATES)
-    return [{"kind": row["PartitionKey"], "code": row.get("Code") or row["RowKey"],
-             "fields": json.loads(row.get("Fields") or "{}"), "updatedAt": row.get("UpdatedAt")}
-            for row in sorted(rows, key=lambda r: (r["PartitionKey"], r["RowKey"]))]
-
-
-# -- mapping to BC fields ----------------------------------------------------------------------
 
 def item_fields(source: ServiceSource) -> dict:
     return {"displayName": cut(source.display_name.strip(), ITEM_NAME_UNITS).strip(),
@@ -208,31 +98,7 @@ async def _read_countries(bc: BcClient) -> Countries:
     return Countries(await bc.countries())
 
 
-# -- resolution --------------------------------------------------------------------------------
-
-@dataclass
-class Wanted:
-    """One customer/item to resolve: its key, the Bookings fields, and how BC would know it."""
-    key: str
-    mapped: Mapped
-    lookup: str
-    source_hash: str | None = None
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A link row taken by this worker: its ETag, and since when an earlier worker may have sent
-    a create for it (None: certainly never, or its outcome is known)."""
-    etag: str
-    earlier_pending: datetime | None
-    at: datetime
-    attempts: int = 0
-    """Attempts that ended without a known outcome so far (see `Wait.attempt`)."""
-    confirming: datetime | None = None
-    """Since when an earlier create's outcome is unknown (BC is being asked to confirm it)."""
-
-
-class Resolver:
+class Resolver(LinkClaims):
     """Find or create BC records for customers/items, exactly once across workers, in bulk.
 
     Per call: link rows are read; unlinked ones are claimed (ETag); BC is searched for all of
@@ -251,12 +117,9 @@ class Resolver:
         """`expect_new`: most records are probably not linked yet (the sync's upserts), so the
         link rows are claimed by insert straight away; a row that exists fails the insert and
         that group is read and claimed the usual way."""
-        self.rt, self.store, self.bc = rt, store, bc
-        self.company = bc.company_id
-        self.owner = uuid.uuid4().hex
+        super().__init__(rt, store, bc.company_id)
+        self.bc = bc
         self.expect_new = expect_new
-        self._claimed_for: dict[str, str] = {}
-        """The Bookings data (`SourceHash`) each key is resolved for: written on its claim."""
 
     async def customers(self, entries: list[tuple[CustomerSource, str | None]]) -> dict[str, Link]:
         countries = await bc_countries(self.bc) if any(s.country for s, _ in entries) else None
@@ -289,13 +152,13 @@ class Resolver:
             for key, want in list(pending.items()):
                 row = rows.get(encode_key(key))
                 if row and row.get("Status") == "linked" and row.get("BcId"):
-                    links[key] = _link(row)
+                    links[key] = link_of(row)
                     if self._changed_since(row.get("SourceHash"), want.source_hash):
                         refreshes.append(self._refresh(kind, row, links[key], want.mapped.fields, want.source_hash))
                     del pending[key]
-                elif row and row.get("Status") == "waiting" and _when(row.get("WaitUntil")) \
-                        and _when(row.get("WaitUntil")) > now:
-                    waits[key] = Wait(_when(row["WaitUntil"]), _when(row.get("PendingSince")),
+                elif row and row.get("Status") == "waiting" and stored_time(row.get("WaitUntil")) \
+                        and stored_time(row.get("WaitUntil")) > now:
+                    waits[key] = Wait(stored_time(row["WaitUntil"]), stored_time(row.get("PendingSince")),
                                       row.get("LastError") or "waiting for Business Central")
                     del pending[key]
                 elif self._made_by_another(row, want, now):
@@ -312,7 +175,7 @@ class Resolver:
             if pending:
                 if time.monotonic() > deadline:
                     raise LinkBusy(f"another worker has been resolving {kind.name} "
-                                   f"{', '.join(_mask(k) for k in list(pending)[:3])} for too long")
+                                   f"{', '.join(masked(k) for k in list(pending)[:3])} for too long")
                 await asyncio.sleep(0.2)
         if waits:
             until = max(wait.until for wait in waits.values())
@@ -320,29 +183,6 @@ class Resolver:
             raise Deferred((until - datetime.now(timezone.utc)).total_seconds(),
                            f"{len(waits)} {kind.name}(s) wait until {until:%H:%M:%S} UTC: {reason}")
         return links
-
-    def _pk(self, kind: Kind) -> str:
-        """The link rows' partition of this resolver's company."""
-        return link_partition(kind, self.company, self.rt.settings)
-
-    def _made_by_another(self, row: dict | None, want: Wanted, now: datetime) -> bool:
-        """A fresh claim of another worker that came from the same Bookings data (another
-        business's sync queued the same customer): nothing for this message to wait for. Were
-        that worker to fail, the next sync queues the record again."""
-        return bool(row and want.source_hash and self._claimed_by_another(row, now)
-                    and same_source_data(row.get("ClaimedFor"), want.source_hash))
-
-    def _claimed_by_another(self, row: dict, now: datetime) -> bool:
-        """Another worker holds a fresh claim on the link row."""
-        claimed_at = row.get("ClaimedAt")
-        return bool(row.get("Status") == "linking" and row.get("Owner") != self.owner and claimed_at
-                    and now - claimed_at < CLAIM_STALE_AFTER)
-
-    def _changed_since(self, recorded: str | None, incoming: str | None) -> bool:
-        """Whether Bookings data differs from what the link row records: not when it is the
-        same data (from whichever business), nor when an earlier business keeps the record."""
-        return bool(incoming) and recorded != incoming and not same_source_data(recorded, incoming) and \
-            not kept_by_an_earlier_business(recorded, incoming, self.rt.settings.business_ids)
 
     async def _link_claimed(self, kind: Kind, wanted: list[Wanted], claims: dict[str, Claim], find
                             ) -> tuple[dict[str, Link], dict[str, Wait]]:
@@ -425,7 +265,7 @@ class Resolver:
         if failures:
             first_error = next(iter(failures.values()))
             if all(_permanent(error) for error in failures.values()):
-                reasons = "; ".join(f"{_mask(key)}: {error}" for key, error in list(failures.items())[:5])
+                reasons = "; ".join(f"{masked(key)}: {error}" for key, error in list(failures.items())[:5])
                 raise PermanentFailure(f"Business Central refused {len(failures)} {kind.name}(s): {reasons}") \
                     from first_error
             raise first_error
@@ -460,7 +300,7 @@ class Resolver:
                                            attempt=answer.status is not None and answer.status not in NOT_RUN_STATUS)
                 elif kind is CUSTOMER and (drop_refused(want.mapped, answer.message)
                                            or minimal(want.mapped, answer.message)):
-                    log.warning("customer %s refused by BC; trying again with fields left out: %s", _mask(want.key),
+                    log.warning("customer %s refused by BC; trying again with fields left out: %s", masked(want.key),
                                 ", ".join(sorted(want.mapped.left_out)),
                                 extra={"event": "customer_fields_left_out", "status": answer.status})
                     retry.append(want)
@@ -474,41 +314,6 @@ class Resolver:
             failures.setdefault(want.key, PermanentFailure(f"Business Central kept refusing the {kind.name}"))
         return created, failures, waits
 
-    async def _record_links(self, kind: Kind, found: list[tuple[Wanted, dict, str]], claims: dict[str, Claim]
-                            ) -> dict[str, Link]:
-        """Write the links (one transaction per 100, guarded by our claims' ETags)."""
-        now = datetime.now(timezone.utc)
-        entities = {}
-        for want, record, origin in found:
-            entity = {"PartitionKey": self._pk(kind), "RowKey": encode_key(want.key), "Key": want.key,
-                      "Status": "linked", "BcId": record["id"], "BcNumber": record.get("number") or "",
-                      "Origin": origin, "Owner": "", "LastError": "", "UpdatedAt": now, "PendingSince": "",
-                      "WaitUntil": "", "Attempts": 0, "LeftOut": fit_string(want.mapped.summary(), 4000)}
-            if want.source_hash:
-                entity["SourceHash"] = want.source_hash
-            entities[want.key] = entity
-            left_out = sorted(want.mapped.left_out)
-            log.info("%s %s %s as %s%s", kind.name, origin, _mask(want.key), record.get("number"),
-                     f" without {', '.join(left_out)}" if left_out else "",
-                     extra={"event": f"{kind.name}_{origin}", "bc_id": record["id"], "left_out": ",".join(left_out)})
-        keys = list(entities)
-        for start in range(0, len(keys), MAX_BATCH):
-            chunk = keys[start:start + MAX_BATCH]
-            try:
-                await self.store.transact(kind.table, [
-                    (UPDATE, entities[key], {"mode": "merge", "etag": claims[key].etag,
-                                             "match_condition": MatchConditions.IfNotModified}) for key in chunk])
-                continue
-            except (TableTransactionError, ResourceModifiedError, ResourceNotFoundError):
-                pass
-            for key in chunk:
-                try:
-                    await self.store.update(kind.table, entities[key], etag=claims[key].etag)
-                except (ResourceModifiedError, ResourceNotFoundError):
-                    # We were slow and another worker took over the claim: it finds this record in BC.
-                    log.warning("lost the claim on %s %s after linking it", kind.name, _mask(key))
-        return {want.key: Link(want.key, record["id"], record.get("number"), origin) for want, record, origin in found}
-
     async def _names_in_flight(self, names: list[str], now: datetime) -> dict[str, datetime]:
         """Items are found in BC by name but waited for by service id, so two services of one name
         must not see BC differently: one may not create a name whose create by the other may
@@ -518,73 +323,12 @@ class Resolver:
         blob = company_scoped("directory", self.company, self.rt.settings) + ITEMS_IN_FLIGHT.removeprefix("directory")
         raw = await self.store.read_blob(blob)
         recorded = {name: when for name, text in (json.loads(raw) if raw else {}).items()
-                    if (when := _when(text)) and self.bc.settled_at(when) > now}
+                    if (when := stored_time(text)) and self.bc.settled_at(when) > now}
         in_flight = {name: recorded[name] for name in names if name in recorded}
         recorded |= {name: now for name in names if name not in in_flight}
         await self.store.write_blob(blob, to_json({n: t.isoformat() for n, t in recorded.items()}).encode(),
                                     "application/json")
         return in_flight
-
-    def _claim_operation(self, kind: Kind, key: str, row: dict | None, now: datetime) -> tuple | None:
-        """The table operation that takes a link row for this worker; None if another worker
-        holds a fresh claim on it. The claim marks a create as possibly sent from now on."""
-        claim = {"PartitionKey": self._pk(kind), "RowKey": encode_key(key), "Key": key, "Status": "linking",
-                 "Owner": self.owner, "ClaimedAt": now, "PendingSince": now.isoformat(),
-                 "ClaimedFor": self._claimed_for.get(key, "")}
-        if row is None:
-            return (CREATE, claim)
-        if self._claimed_by_another(row, now):
-            return None
-        return (UPDATE, claim, {"mode": "replace", "etag": row.metadata["etag"],
-                                "match_condition": MatchConditions.IfNotModified})
-
-    async def _claim_all(self, kind: Kind, rows: dict[str, dict | None]) -> dict[str, Claim]:
-        """Claim many link rows in one transaction (they share a partition); if another worker
-        got in between, claim them one by one."""
-        now = datetime.now(timezone.utc)
-        operations = {key: op for key, row in rows.items() if (op := self._claim_operation(kind, key, row, now))}
-        earlier = {key: _when(row.get("PendingSince")) if row else None for key, row in rows.items()}
-        attempts = {key: int(row.get("Attempts") or 0) if row else 0 for key, row in rows.items()}
-        confirming = {key: _when(row.get("ConfirmSince")) if row else None for key, row in rows.items()}
-        claimed: dict[str, Claim] = {}
-        keys = list(operations)
-        for start in range(0, len(keys), MAX_BATCH):
-            chunk = keys[start:start + MAX_BATCH]
-            try:
-                answers = await self.store.transact(kind.table, [operations[key] for key in chunk])
-                claimed |= {key: Claim(answer["etag"], earlier[key], now, attempts[key], confirming[key])
-                            for key, answer in zip(chunk, answers, strict=True)}
-                continue
-            except (TableTransactionError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
-                pass
-            for key in chunk:
-                etag = await self._claim_one(kind, operations[key])
-                if etag:
-                    claimed[key] = Claim(etag, earlier[key], now, attempts[key], confirming[key])
-        return claimed
-
-    async def _claim_new(self, kind: Kind, keys: list[str]) -> dict[str, Claim]:
-        """Claim link rows by inserting them, one transaction per 100, without reading first. A
-        transaction fails whole if any of its rows exists: its keys are left to the read path."""
-        now = datetime.now(timezone.utc)
-        claimed: dict[str, Claim] = {}
-        for start in range(0, len(keys), MAX_BATCH):
-            chunk = keys[start:start + MAX_BATCH]
-            try:
-                answers = await self.store.transact(kind.table, [self._claim_operation(kind, key, None, now)
-                                                                 for key in chunk])
-            except (TableTransactionError, ResourceExistsError):
-                continue
-            claimed |= {key: Claim(answer["etag"], None, now) for key, answer in zip(chunk, answers, strict=True)}
-        return claimed
-
-    async def _claim_one(self, kind: Kind, operation: tuple) -> str | None:
-        try:
-            if operation[0] == CREATE:
-                return (await self.store.insert(kind.table, operation[1]))["etag"]
-            return (await self.store.update(kind.table, operation[1], etag=operation[2]["etag"], merge=False))["etag"]
-        except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
-            return None
 
     async def _fill_blanks(self, kind: Kind, record: dict, mapped: dict) -> None:
         for _ in range(3):
@@ -615,42 +359,6 @@ class Resolver:
         except ResourceModifiedError:
             pass
 
-    async def _mark_waiting(self, kind: Kind, key: str, wait: Wait, claim: Claim) -> None:
-        log.warning("%s %s waits until %s: %s", kind.name, _mask(key), wait.until.isoformat(), wait.reason,
-                    extra={"event": f"{kind.name}_waiting"})
-        try:
-            await self.store.update(kind.table, {
-                "PartitionKey": self._pk(kind), "RowKey": encode_key(key), "Key": key, "Status": "waiting",
-                "Owner": "", "WaitUntil": wait.until.isoformat(), "LastError": wait.reason[:2000],
-                "PendingSince": wait.pending_since.isoformat() if wait.pending_since else "",
-                "ConfirmSince": wait.confirming_since.isoformat() if wait.confirming_since else "",
-                "Attempts": claim.attempts + (1 if wait.attempt else 0),
-                "UpdatedAt": datetime.now(timezone.utc)}, etag=claim.etag)
-        except (ResourceModifiedError, ResourceNotFoundError):
-            pass
-
-    async def _mark_failed(self, kind: Kind, row_key: str, key: str, reason: str, etag: str | None,
-                           pending_since: datetime | None) -> None:
-        try:
-            await self.store.update(kind.table, {"PartitionKey": self._pk(kind), "RowKey": row_key, "Key": key,
-                                                 "Status": "failed", "Owner": "", "LastError": reason[:2000],
-                                                 "PendingSince": pending_since.isoformat() if pending_since else "",
-                                                 "Attempts": 0, "UpdatedAt": datetime.now(timezone.utc)}, etag=etag)
-        except (ResourceModifiedError, ResourceNotFoundError):
-            pass
-
-
-def _when(value) -> datetime | None:
-    """A stored ISO time (or a datetime), None when blank."""
-    if not value:
-        return None
-    if isinstance(value, datetime):
-        return value
-    try:
-        return datetime.fromisoformat(str(value))
-    except ValueError:
-        return None
-
 
 def _permanent(error: Exception) -> bool:
     """Retrying cannot help: a missing template, or BC refusing the record itself (4xx)."""
@@ -658,35 +366,6 @@ def _permanent(error: Exception) -> bool:
         return True
     return isinstance(error, UpstreamError) and not isinstance(error, UpstreamAmbiguous) and not error.retryable \
         and error.status is not None and 400 <= error.status < 500
-
-
-def _link(row: dict) -> Link:
-    return Link(row.get("Key") or row["RowKey"], row["BcId"], row.get("BcNumber") or None,
-                row.get("Origin") or "linked")
-
-
-def _mask(key: str) -> str:
-    """E-mail addresses are personal data: log only enough to recognise one."""
-    if "@" not in key:
-        return key
-    local, _, domain = key.partition("@")
-    return f"{local[:2]}…@{domain}"
-
-
-async def record_failure(store: Store, kind_name: str, key: str, reason: str, partition: str | None = None) -> None:
-    """Make a failure visible on the link row (health, invoice reasons) without a claim.
-    `partition`: the company's (`link_partition`); BC_COMPANY_ID's when not given."""
-    kind = KINDS[kind_name]
-    partition = partition or kind.partition
-    row_key = encode_key(key)
-    row = await store.get(kind.table, partition, row_key)
-    if row and row.get("Status") == "linked":
-        await store.update(kind.table, {"PartitionKey": partition, "RowKey": row_key,
-                                        "LastError": reason[:2000]}, etag=None)
-        return
-    await store.upsert(kind.table, {"PartitionKey": partition, "RowKey": row_key, "Key": key,
-                                    "Status": "failed", "Owner": "", "LastError": reason[:2000],
-                                    "UpdatedAt": datetime.now(timezone.utc)})
 
 
 def company_of_source(rt: Runtime, source: CustomerSource | ServiceSource) -> str:
@@ -713,51 +392,3 @@ async def upsert_from_message(rt: Runtime, message: DirectoryUpsertMessage) -> d
         resolver = Resolver(rt, store, rt.bc_for(company), expect_new=True)
         links |= await (resolver.customers(entries) if customers else resolver.items(entries))
     return links
-
-
-async def _rows_of_companies(store: Store, kind: Kind, settings, condition: str, select: list[str]) -> list[dict]:
-    """Link rows of every company's partition that meet `condition` (an OData filter)."""
-    partitions = link_partitions(kind, settings) if settings is not None else {kind.partition: None}
-    found = await asyncio.gather(*(store.query(kind.table, f"PartitionKey eq @pk and ({condition})",
-                                               [*select, "PartitionKey"], {"pk": partition})
-                                   for partition in partitions))
-    return [row | {"companyId": partitions[row["PartitionKey"]]} for rows in found for row in rows]
-
-
-async def directory_health(store: Store, settings=None) -> dict:
-    """Customers and items BC refused, waiting ones, and customers created with fields left out,
-    over every company the businesses bill into."""
-    failures = {"customer": 0, "item": 0}
-    recent, left_out = [], []
-    waiting = 0
-    for kind in (CUSTOMER, ITEM):
-        rows = await _rows_of_companies(store, kind, settings, "Status eq 'failed' or Status eq 'waiting'",
-                                        ["RowKey", "Key", "Status", "LastError", "UpdatedAt"])
-        failures[kind.name] = sum(1 for r in rows if r.get("Status") == "failed")
-        waiting += sum(1 for r in rows if r.get("Status") == "waiting")
-        recent += [{"kind": kind.name, "key": _mask(r.get("Key") or r["RowKey"]), "reason": r.get("LastError"),
-                    "at": r.get("UpdatedAt")} for r in rows if r.get("Status") == "failed"]
-    partial = await _rows_of_companies(store, CUSTOMER, settings, "Status eq 'linked' and LeftOut ne ''",
-                                       ["RowKey", "Key", "LeftOut", "UpdatedAt"])
-    left_out = [{"kind": "customer", "key": _mask(r.get("Key") or r["RowKey"]), "leftOut": r.get("LeftOut"),
-                 "at": r.get("UpdatedAt")} for r in partial]
-    for entries in (recent, left_out):
-        entries.sort(key=lambda r: r["at"] or datetime.min.replace(tzinfo=timezone.utc), reverse=True)
-        for item in entries:
-            item["at"] = item["at"].isoformat() if item["at"] else None
-    return {"customerFailures": failures["customer"], "itemFailures": failures["item"], "recent": recent[:10],
-            "waiting": waiting, "customersWithFieldsLeftOut": len(left_out), "leftOut": left_out[:10]}
-
-
-async def refusals(store: Store, settings=None, limit: int = 200) -> list[dict]:
-    """Customers and items BC refused (in any company), newest first, with BC's reason (and the
-    fix, where known), for signed-in operators: keys are shown whole, unlike in the anonymous
-    health answer."""
-    found = []
-    for kind in (CUSTOMER, ITEM):
-        rows = await _rows_of_companies(store, kind, settings, "Status eq 'failed'",
-                                        ["RowKey", "Key", "LastError", "UpdatedAt"])
-        found += [{"kind": kind.name, "key": r.get("Key") or r["RowKey"], "reason": r.get("LastError") or "",
-                   "at": r.get("UpdatedAt"), "companyId": r["companyId"]} for r in rows]
-    found.sort(key=lambda r: r["at"] or datetime.min.replace(tzinfo=timezone.utc), reverse=True)
-    return found[:limit]

@@ -26,7 +26,8 @@ from azure.core.exceptions import ResourceExistsError, ResourceModifiedError
 from babel.dates import format_date
 from cronsim import CronSim
 
-from shared.flows.invoicing.jobs import HEADER, Dating, Filters, invoice_bookings, new_job_id
+from shared.flows.invoicing.jobs import HEADER, Dating, invoice_bookings, new_job_id
+from shared.flows.invoicing.uninvoiced import Filters
 from shared.flows.invoicing.reconcile import STALE_CLAIMING
 from shared.runtime import Runtime
 from shared.storage.store import JOBS, Store

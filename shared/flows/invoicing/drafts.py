@@ -328,7 +328,7 @@ async def _delete(bc: BcClient, draft: Draft) -> None:
 
 async def complete_parts(store: Store, bc: BcClient, works: list, invoices: dict[str, dict],
                          refused: dict[str, str], claimed_at: datetime) -> None:
-    """Complete the drafts of job parts (`shared.flows.invoicing.worker.PartWork`) with invoice dimensions.
+    """Complete the drafts of job parts (`shared.flows.invoicing.parts.PartWork`) with invoice dimensions.
     A draft that must wait leaves `invoices` (the part gets `wait`); one BC refused leaves it too
     and is in `refused` (a refused dimension is recorded for the health checks); a complete one
     is in `invoices` as BC has it now."""

@@ -20,7 +20,8 @@ from datetime import datetime, timedelta, timezone
 
 from shared.flows.bookings import Booking
 from shared.upstream.errors import UpstreamError
-from shared.flows.invoicing.jobs import HEADER, _apply, external_document_number, part_key, refs_of, release
+from shared.flows.invoicing.claims import _apply, release
+from shared.flows.invoicing.jobs import HEADER, external_document_number, part_key, refs_of
 from shared.runtime import Runtime
 from shared.settings import SettingsError
 from shared.flows.messages import Deferred, InvoiceJobPart, encode
@@ -100,7 +101,8 @@ async def _recheck_parts(rt: Runtime, store: Store) -> int:
     """Parts whose bookings stayed reserved because BC could not say whether their invoice
     exists: record the invoice if it does; release the bookings once BC certainly has none and
     cannot still be creating one."""
-    from shared.flows.invoicing.worker import company_of_part, invoice_parts, pending_since
+    from shared.flows.invoicing.parts import company_of_part, pending_since
+    from shared.flows.invoicing.worker import invoice_parts
 
     checked = 0
     now = datetime.now(timezone.utc)

@@ -27,154 +27,39 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
-from azure.core import MatchConditions
-from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
-from azure.data.tables import TableTransactionError
-
-from shared.upstream.bc import BcClient, Wait, explain_refusal
-from shared.flows.invoicing.dimensions import parse_dimension_set
-from shared.flows.invoicing.dimensions import problem_of as dimension_problem
-from shared.flows.invoicing.drafts import complete_parts, numbered
 from shared.flows.bookings import Booking
 from shared.flows.directory.resolver import Resolver
-from shared.hostconfig import queue_settings
-from shared.upstream.errors import NOT_RUN_STATUS, UpstreamAmbiguous, UpstreamError
-from shared.flows.invoicing.jobs import (_apply, _read, external_document_number, line_description, part_key,
-                              refs_of, release, snapshot_of)
-from shared.flows.messages import CustomerSource, Deferred, InvoiceJobPart, PermanentFailure, ServiceSource, throttled_wait
-from shared.runtime import Runtime
-from shared.storage.store import JOBS, UPDATE, Store, fit_string, to_json
+from shared.flows.invoicing.claims import _apply, _read, release
+from shared.flows.invoicing.dimensions import problem_of as dimension_problem
+from shared.flows.invoicing.drafts import complete_parts, numbered
+from shared.flows.invoicing.jobs import external_document_number, line_description, part_key, refs_of, snapshot_of
+from shared.flows.invoicing.parts import (
+    PartWork,
+    claim_parts,
+    company_of_part,
+    finish_part,
+    finished_entity,
+    park,
+    pending_since,
+    sort_bookings,
+    unclaim_parts,
+    unfinished_parts,
+)
 from shared.flows.invoicing.write_back import note_part
+from shared.flows.messages import CustomerSource, Deferred, InvoiceJobPart, ServiceSource, throttled_wait
+from shared.hostconfig import queue_settings
+from shared.runtime import Runtime
+from shared.storage.store import JOBS, UPDATE, Store
+from shared.upstream.bc import BcClient, Wait, explain_refusal
+from shared.upstream.errors import NOT_RUN_STATUS, UpstreamAmbiguous, UpstreamError
 
 log = logging.getLogger(__name__)
 
-RUNNING_STALE_AFTER = timedelta(minutes=10)
-"""Longer than a function may run (host.json functionTimeout)."""
 MAX_ATTEMPTS = queue_settings().max_dequeue_count
 """Creates without a known outcome before BC is taken to be failing: as often as a message is tried."""
-
-
-def _when(value) -> datetime | None:
-    return datetime.fromisoformat(value) if isinstance(value, str) and value else None
-
-
-def pending_since(row: dict) -> datetime | None:
-    """Since when a create for this part may have been sent (None: never). Rows claimed before
-    `PendingSince` existed carry only `RunningSince`, which is no later."""
-    value = row.get("PendingSince")
-    if isinstance(value, str):
-        return datetime.fromisoformat(value) if value else None
-    return row.get("RunningSince")
-
-
-@dataclass
-class PartWork:
-    index: int
-    row: dict
-    key: str
-    email: str
-    earlier: datetime | None
-    """An earlier attempt may have sent this part's invoice since then: it must be looked up, and
-    may be created only once BC cannot still be running that attempt."""
-    mine: list[Booking] = field(default_factory=list)
-    errors: list[dict] = field(default_factory=list)
-    lines: list[dict] = field(default_factory=list)
-    etag: str | None = None
-    wait: Wait | None = None
-    """Set for a part that must wait for BC."""
-    all_lines: list[dict] = field(default_factory=list)
-    """A draft made in steps (invoice dimensions): every line as sent, numbered."""
-
-    @property
-    def dimensions(self) -> dict[str, str]:
-        """The invoice dimension values of the part's business (`INVOICE_DIMENSIONS`)."""
-        return parse_dimension_set(self.row.get("Dimensions"))
-    confirming: datetime | None = None
-    """Since when an earlier create's outcome is unknown (BC is being asked to confirm it)."""
-
-    @property
-    def attempts(self) -> int:
-        """Attempts that ended without a known outcome so far (see `Wait.attempt`)."""
-        return int(self.row.get("Attempts") or 0)
-
-
-async def _unfinished(store: Store, job_id: str, indexes: list[int], owner: str
-                      ) -> tuple[list[PartWork], list[int], datetime | None]:
-    """The unfinished parts this invocation could take; and the parts that wait for BC (and until
-    when), for the message to come back to."""
-    if indexes and indexes[-1] - indexes[0] < 2 * len(indexes):
-        # A job's messages name runs of consecutive parts: one range query instead of many keys.
-        rows = await store.get_range(JOBS, job_id, part_key(indexes[0]), part_key(indexes[-1]))
-    else:
-        rows = await store.get_many(JOBS, job_id, [part_key(index) for index in indexes])
-    if not any(part_key(index) in rows for index in indexes):
-        raise PermanentFailure(f"invoicing job {job_id} has no part {', '.join(map(str, indexes[:10]))}")
-    now = datetime.now(timezone.utc)
-    takeable, later, until = [], [], None
-    for index in indexes:
-        row = rows.get(part_key(index))
-        if row is None or row.get("Status") in ("succeeded", "failed"):
-            continue
-        since = row.get("RunningSince")
-        if row.get("Status") == "running" and row.get("Owner") not in (owner, None, "") and since \
-                and now - since < RUNNING_STALE_AFTER:
-            continue  # another copy of this message is working on it
-        wait_until = row.get("WaitUntil")
-        if row.get("Status") == "waiting" and wait_until and datetime.fromisoformat(wait_until) > now:
-            later.append(index)
-            until = max(until or now, datetime.fromisoformat(wait_until))
-            continue
-        takeable.append(PartWork(index, row, external_document_number(job_id, index), row["CustomerEmail"],
-                                 pending_since(row), etag=row.metadata["etag"],
-                                 confirming=_when(row.get("ConfirmSince"))))
-    return takeable, later, until
-
-
-def _sort(work: PartWork, job_id: str, found: list[Booking | None]) -> None:
-    """Which of the part's bookings are still its own to invoice."""
-    refs = refs_of(work.row)
-    bookings = [b for b in found if b is not None]
-    for booking in bookings:
-        recorded = booking.invoices.get(work.email, {})
-        if booking.claims.get(work.email) == job_id or recorded.get("jobId") == job_id:
-            work.mine.append(booking)
-        else:
-            work.errors.append({"bookingId": booking.id,
-                                "message": "the booking was released before it was invoiced"})
-    if len(refs) > len(bookings):
-        work.errors.append({"bookingId": None, "message": f"{len(refs) - len(bookings)} booking(s) no longer exist"})
-    work.mine.sort(key=lambda b: (b.start, b.id))
-
-
-async def _claim(store: Store, works: list[PartWork], owner: str, now: datetime) -> list[PartWork]:
-    """Take the parts for this message (ETag-guarded, as read), so two copies of a message never
-    ask BC for the same invoice at once; a part someone else changed meanwhile is left to them.
-    `owner` is the queue message id, so the host's retry of a crashed message takes its own parts
-    back. The claim marks each part as possibly sent to BC from now on."""
-    def operation(work: PartWork) -> tuple:
-        return (UPDATE, {"PartitionKey": work.row["PartitionKey"], "RowKey": work.row["RowKey"], "Status": "running",
-                         "Owner": owner, "RunningSince": now, "PendingSince": now.isoformat(), "WaitUntil": "",
-                         "Note": ""},
-                {"mode": "merge", "etag": work.etag, "match_condition": MatchConditions.IfNotModified})
-
-    if not works:
-        return []
-    try:
-        await store.transact(JOBS, [operation(work) for work in works])
-        return works
-    except (TableTransactionError, ResourceModifiedError, ResourceNotFoundError):
-        taken = []
-        for work in works:
-            try:
-                await store.update(JOBS, operation(work)[1], etag=work.etag)
-                taken.append(work)
-            except (ResourceModifiedError, ResourceNotFoundError):
-                continue
-        return taken
 
 
 async def find_or_create_invoices(bc: BcClient, works: list[PartWork], bodies: dict[str, dict], claimed_at: datetime
@@ -223,7 +108,7 @@ async def invoice_parts(rt: Runtime, message: InvoiceJobPart, owner: str | None 
     store = await rt.store()
     job_id = message.job_id
     owner = owner or uuid.uuid4().hex
-    parts, later, until = await _unfinished(store, job_id, message.part_indexes(), owner)
+    parts, later, until = await unfinished_parts(store, job_id, message.part_indexes(), owner)
     if parts:
         waiting = await _invoice(rt, store, job_id, parts, owner)
         later += [w.index for w in waiting]
@@ -274,7 +159,7 @@ async def _invoice_company(rt: Runtime, store: Store, job_id: str, bc: BcClient,
         bookings_and_items(),
         resolver.customers([(CustomerSource(email=w.email, displayName=(w.row.get("CustomerName") or "")[:200] or None),
                              None) for w in parts]),
-        _claim(store, parts, owner, claimed_at),
+        claim_parts(store, parts, owner, claimed_at),
         return_exceptions=True)
     if isinstance(claimed, BaseException):
         raise claimed
@@ -284,18 +169,18 @@ async def _invoice_company(rt: Runtime, store: Store, job_id: str, bc: BcClient,
                 raise result
         of_part, items = read
         for work in claimed:
-            _sort(work, job_id, of_part[work.key])
+            sort_bookings(work, job_id, of_part[work.key])
         for work in [w for w in claimed if not w.mine]:
-            await _finish(store, work.row, "failed", errors=work.errors)
+            await finish_part(store, work.row, "failed", errors=work.errors)
         parts = [w for w in claimed if w.mine]
     except Deferred as deferred:
         # The directory must wait for BC first; nothing was sent for these parts.
         retry_at = datetime.now(timezone.utc) + timedelta(seconds=deferred.seconds)
         for work in claimed:
-            await _wait(store, work, Wait(retry_at, work.earlier, deferred.reason))
+            await park(store, work, Wait(retry_at, work.earlier, deferred.reason))
         return claimed
     except BaseException:
-        await _unclaim(store, claimed)
+        await unclaim_parts(store, claimed)
         raise
     zone = rt.settings.time_zone
     today = datetime.now(ZoneInfo(zone)).date().isoformat()
@@ -328,11 +213,11 @@ async def _invoice_company(rt: Runtime, store: Store, job_id: str, bc: BcClient,
                          claimed_at)
     for work in [w for w in parts if w.key in refused]:
         await release(store, job_id, refs_of(work.row), work.email)
-        await _finish(store, work.row, "failed", errors=work.errors + [
+        await finish_part(store, work.row, "failed", errors=work.errors + [
             {"bookingId": b.id, "message": _plain(refused[work.key])} for b in work.mine])
     waiting = [w for w in parts if w.wait]
     for work in waiting:
-        await _wait(store, work, work.wait)
+        await park(store, work, work.wait)
     done = [w for w in parts if w.key in invoices]
     links = {w.key: {"invoiceId": invoices[w.key]["id"], "invoiceNumber": invoices[w.key].get("number"),
                      "jobId": job_id, "date": invoices[w.key].get("invoiceDate") or today,
@@ -351,7 +236,7 @@ async def _invoice_company(rt: Runtime, store: Store, job_id: str, bc: BcClient,
             # BC does not say whether a deep insert's answer shows the totals of its lines: an answer
             # without them gives the lines' own total (before tax).
             amount = lines_total
-        finished.append(_finished(work.row, "succeeded", invoice, amount, [b.id for b in written], errors))
+        finished.append(finished_entity(work.row, "succeeded", invoice, amount, [b.id for b in written], errors))
         log.info("draft invoice %s for job part %s", invoice.get("number"), work.key,
                  extra={"event": "invoice_created", "job_id": job_id, "part": work.index,
                         "invoice_id": invoice["id"], "lines": len(work.lines), "amount": amount})
@@ -360,31 +245,6 @@ async def _invoice_company(rt: Runtime, store: Store, job_id: str, bc: BcClient,
         await asyncio.gather(*(note_part(rt, store, w.row, [b for b in w.mine if (b.id, w.email) in recorded],
                                          links[w.key]) for w in done))
     return waiting
-
-
-async def _unclaim(store: Store, works: list[PartWork]) -> None:
-    """Nothing was sent for these claimed parts after all: whoever takes them next need not wait
-    for BC on our account (the claim's `PendingSince` goes back to what it was)."""
-    for work in works:
-        try:
-            await store.update(JOBS, {"PartitionKey": work.row["PartitionKey"], "RowKey": work.row["RowKey"],
-                                      "PendingSince": work.earlier.isoformat() if work.earlier else ""}, etag=None)
-        except Exception:  # noqa: BLE001 - best effort: the claim stays, and a retry waits a little longer
-            log.warning("could not give back the claim of job part %s", work.key,
-                        extra={"event": "invoice_job_part_unclaim_failed", "job_id": work.row["PartitionKey"]})
-
-
-async def _wait(store: Store, work: PartWork, wait: Wait) -> None:
-    """The part waits for BC: still running as far as the job is concerned, with a note why."""
-    work.wait = wait
-    log.warning("invoice job part %s waits until %s: %s", work.key, wait.until.isoformat(), wait.reason,
-                extra={"event": "invoice_job_part_waiting", "job_id": work.row["PartitionKey"], "part": work.index})
-    await store.update(JOBS, {"PartitionKey": work.row["PartitionKey"], "RowKey": work.row["RowKey"],
-                              "Status": "waiting", "Owner": "", "WaitUntil": wait.until.isoformat(),
-                              "PendingSince": wait.pending_since.isoformat() if wait.pending_since else "",
-                              "ConfirmSince": wait.confirming_since.isoformat() if wait.confirming_since else "",
-                              "Attempts": work.attempts + (1 if wait.attempt else 0), "Note": wait.reason[:1000]},
-                       etag=None)
 
 
 async def _record(store: Store, job_id: str, done: list[PartWork], links: dict[str, dict]) -> set[tuple[str, str]]:
@@ -415,25 +275,6 @@ async def _record(store: Store, job_id: str, done: list[PartWork], links: dict[s
     written, _ = await _apply(store, list(bookings.values()), record)
     kept = {b.id for b in written}
     return {pair for pair in recorded if pair[0] in kept}
-
-
-def _finished(row: dict, status: str, invoice: dict | None = None, amount: float | None = None,
-              booking_ids: list[str] | None = None, errors: list[dict] | None = None) -> dict:
-    entity = {"PartitionKey": row["PartitionKey"], "RowKey": row["RowKey"], "Status": status,
-              "Errors": fit_string(to_json(errors or []), 30_000), "FinishedAt": datetime.now(timezone.utc)}
-    if invoice:
-        entity |= {"InvoiceId": invoice["id"], "InvoiceNumber": invoice.get("number") or "",
-                   "Amount": float(amount or 0), "BookingIds": fit_string(to_json(booking_ids or []), 30_000)}
-    log.log(logging.INFO if status == "succeeded" else logging.ERROR, "invoice job part %s %s", row["RowKey"], status,
-            extra={"event": "invoice_job_part_" + status, "job_id": row["PartitionKey"], "part": row["RowKey"],
-                   "errors": len(errors or []),
-                   # The first error, shortened: what the workbook groups failed parts by.
-                   "reason": (errors[0].get("message") or "")[:120] if errors else ""})
-    return entity
-
-
-async def _finish(store: Store, row: dict, status: str, errors: list[dict] | None = None) -> None:
-    await store.update(JOBS, _finished(row, status, errors=errors), etag=None)
 
 
 async def give_up(rt: Runtime, message: InvoiceJobPart, reason: str, owner: str | None = None) -> None:
@@ -472,18 +313,10 @@ async def give_up(rt: Runtime, message: InvoiceJobPart, reason: str, owner: str 
                                               "the bookings stay reserved until a sync confirms no invoice was made.")
             continue
         released = await release(store, message.job_id, refs_of(row), row["CustomerEmail"])
-        await _finish(store, row, "failed", errors=[{"bookingId": ref[1], "message": _plain(reason)}
+        await finish_part(store, row, "failed", errors=[{"bookingId": ref[1], "message": _plain(reason)}
                                                     for ref in _booking_ids(row)])
         log.error("invoice job part %s failed; %d bookings released", row["RowKey"], released,
                   extra={"event": "invoice_job_part_released", "job_id": message.job_id, "released": released})
-
-
-def company_of_part(rt: Runtime, row: dict) -> str:
-    """The company a job part invoices into (parts made before companies per business: BC_COMPANY_ID's)."""
-    company = row.get("CompanyId") or rt.settings.bc_company_id
-    if not company:
-        rt.settings.require("bc_company_id")
-    return company
 
 
 def _keys_by_company(rt: Runtime, rows: list[tuple[int, dict]], keys: list[str]) -> dict[str, list[str]]:
@@ -494,7 +327,7 @@ def _keys_by_company(rt: Runtime, rows: list[tuple[int, dict]], keys: list[str])
 
 
 async def _keep_for_check(store: Store, row: dict, message: str) -> None:
-    await _finish(store, row, "failed", errors=[{"bookingId": None, "message": message}])
+    await finish_part(store, row, "failed", errors=[{"bookingId": None, "message": message}])
     await store.update(JOBS, {"PartitionKey": row["PartitionKey"], "RowKey": row["RowKey"], "NeedsCheck": True},
                        etag=None)
 

@@ -10,9 +10,9 @@ from pydantic import BaseModel, Field
 from shared.web.api import ApiRequest, ApiResult, BadRequest, ProblemField, endpoint
 from shared.upstream.bc import CustomerFields, ItemFields
 from shared.web.blueprints.common import send_later, send_to_poison
-from shared.flows.directory.resolver import (KINDS, InvalidTemplate, company_of_source, link_partition, list_templates, put_template,
-                              record_failure, upsert_from_message,
-                              validate_template)
+from shared.flows.directory.links import KINDS, link_partition, record_failure
+from shared.flows.directory.resolver import company_of_source, upsert_from_message
+from shared.flows.directory.templates import InvalidTemplate, list_templates, put_template, validate_template
 from shared.flows.messages import CustomerBatchUpsert, CustomerUpsert, DirectoryUpsertMessage, directory_upsert, process_message
 from shared.runtime import runtime
 from shared.storage.store import DIRECTORY_QUEUE

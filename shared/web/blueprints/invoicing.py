@@ -14,8 +14,8 @@ from shared.web.api import ApiRequest, ApiResult, BadRequest, Conflict, NotFound
 from shared.flows.invoicing.billing import run_billing
 from shared.web.blueprints.common import send_later, send_to_poison
 from shared.flows.invoicing.worker import give_up, invoice_parts
-from shared.flows.invoicing.jobs import (Filters, NotUninvoiced, TooLarge, after_cursor, candidates, encode_cursor,
-                              invoice_bookings)
+from shared.flows.invoicing.jobs import TooLarge, invoice_bookings
+from shared.flows.invoicing.uninvoiced import Filters, NotUninvoiced, after_cursor, candidates, encode_cursor
 from shared.flows.invoicing.job_status import job_status
 from shared.flows.messages import InvoiceJobPart, process_message
 from shared.runtime import runtime

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from shared.web.api import ApiRequest, Problem, endpoint
 from shared.flows.checks import all_checks
-from shared.flows.directory.resolver import directory_health
+from shared.flows.directory.health import directory_health
 from shared.runtime import runtime
 from shared.flows.sync.run import last_sync
 

@@ -24,9 +24,10 @@ from shared.web.blueprints.pages import chain
 from shared.web.blueprints.pages.render import STATIC, N_
 from shared.web.blueprints.pages.web import Page, page, redirect
 from shared.flows.checks import all_checks
-from shared.flows.directory.resolver import InvalidTemplate, directory_health, list_templates, put_template, validate_template
-from shared.flows.invoicing.jobs import (Filters, NotUninvoiced, TooLarge, after_cursor, candidates, encode_cursor,
-                              invoice_bookings)
+from shared.flows.directory.health import directory_health
+from shared.flows.directory.templates import InvalidTemplate, list_templates, put_template, validate_template
+from shared.flows.invoicing.jobs import TooLarge, invoice_bookings
+from shared.flows.invoicing.uninvoiced import Filters, NotUninvoiced, after_cursor, candidates, encode_cursor
 from shared.flows.invoicing.job_status import job_status, recent_jobs
 from shared.settings import settings_in_force
 from shared.web.signin import PAGES_PREFIX

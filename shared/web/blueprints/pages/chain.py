@@ -8,7 +8,7 @@ import asyncio
 
 from shared.flows.invoicing.billing import billing_runs, next_run
 from shared.upstream.errors import UpstreamError
-from shared.flows.invoicing.jobs import Candidate
+from shared.flows.invoicing.uninvoiced import Candidate
 from shared.runtime import Runtime
 from shared.settings import SettingsError
 from shared.storage.store import Store
