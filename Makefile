@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 # simulators, deferred messages), so more processes than cores still pay: on this 2-core machine
 # the suite took 4 min 13 s in 2 processes, 3 min 0 s in 3 and 2 min 30 s in 4 (one quiet run each).
 WORKERS ?= 4
-CHAOS_WORKERS ?= 4
+CHAOS_WORKERS ?= 6
 
 .PHONY: setup chromium browser demo serve test test-long screenshots bench bench-scale chaos lint i18n clean
 

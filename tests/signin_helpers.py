@@ -93,7 +93,10 @@ class Browser:
                                              "content-type": "application/x-www-form-urlencoded", **(headers or {})})
 
 
-class _Form(HTMLParser):
+class PickerForm(HTMLParser):
+    """A sign-in page as a browser sees it: the form's action, hidden fields and buttons (each with
+    its accessible name, whitespace collapsed)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.action: str | None = None
@@ -116,6 +119,7 @@ class _Form(HTMLParser):
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "button" and self._button is not None:
+            self._button["label"] = " ".join(self._button["label"].split())
             self.buttons.append(self._button)
             self._button = None
 
@@ -164,9 +168,9 @@ class EntraBrowser:
                 continue
             if hasattr(response, "text") and "Pick an account" in response.text and account is not None \
                     and response.status_code == 200:
-                form = _Form()
+                form = PickerForm()
                 form.feed(response.text)
-                button = next(b for b in form.buttons if account in " ".join(b["label"].split()))
+                button = next(b for b in form.buttons if account in b["label"])
                 where = urlsplit(str(response.url))
                 origin = f"{where.scheme}://{where.netloc}"
                 response = self.entra.post(origin + form.action, data={**form.hidden, button["name"]: button["value"]})
@@ -179,6 +183,6 @@ class EntraBrowser:
         return self.follow(self.get(path), account)
 
     def csrf_of(self, html: str) -> str:
-        form = _Form()
+        form = PickerForm()
         form.feed(html)
         return form.hidden.get("csrf", "")

@@ -24,7 +24,7 @@ What the runs rely on in the app (keep these names, or change them here too): cr
 injected at `shared.storage.store.Store` writes (`insert`, `upsert`, `update`, `delete`, `transact`,
 `send`) and after `shared.upstream.http.ApiClient.request` writes; the windows after which the app takes
 over a dead process's work are shortened from minutes to seconds through
-`shared.flows.directory.claims.CLAIM_STALE_AFTER`/`WAIT_FOR_OTHER_SECONDS`, `shared.flows.invoicing.reconcile.STALE_CLAIMING`/
+`shared.flows.directory.claims.CLAIM_STALE_AFTER`/`resolver.WAIT_FOR_OTHER_SECONDS`, `shared.flows.invoicing.reconcile.STALE_CLAIMING`/
 `STALE_PART`, `shared.flows.invoicing.parts.RUNNING_STALE_AFTER` and `shared.web.blueprints.sync.RETRY_WHEN_BUSY_SECONDS`; `shared.upstream.auth._providers` is
 emptied per run so tokens are requested under faults; the `shared` loggers log at INFO, as the
 Functions host does with this host.json."""
@@ -77,6 +77,8 @@ def chaos_world(sandbox, monkeypatch):
     made = make_world(sandbox, monkeypatch, businesses=2)
     # Deferred webhook syncs come back after 30 s in production; a second is enough here.
     monkeypatch.setattr("shared.web.blueprints.sync.RETRY_WHEN_BUSY_SECONDS", 1)
+    # Work an API kept throttling without saying how long waits a minute in production; a second here.
+    monkeypatch.setattr("shared.flows.messages.THROTTLED_DEFER_SECONDS", 1.0)
     # A fresh token provider per run, so token requests meet Entra ID's faults too.
     monkeypatch.setattr("shared.upstream.auth._providers", {})
     # The Functions host logs at Information (host.json): every app log record is built.

@@ -1105,3 +1105,15 @@ def test_infra_sets_and_outputs_the_redirect_uri_the_pages_sign_in_with():
     expression = "empty(pagesRedirectUri) ? defaultRedirectUri : pagesRedirectUri"
     assert wiring["PAGES_REDIRECT_URI"] == expression
     assert f"output PAGES_REDIRECT_URI string = {expression}" in api.text, "the output is the setting"
+
+
+def test_every_file_and_test_fidelity_names_exists():
+    """`sandbox/FIDELITY.md` is read as the simulators' contract: a row that cites a moved file or
+    a renamed test points the reader nowhere."""
+    text = (ROOT / "sandbox" / "FIDELITY.md").read_text(encoding="utf-8")
+    missing = sorted({path for path in re.findall(r"`((?:shared|sandbox|tests|bench)/[\w/]+\.py)", text)
+                      if not (ROOT / path).is_file()})
+    assert not missing, f"FIDELITY.md names files that do not exist: {missing}"
+    for path, name in sorted(set(re.findall(r"`(tests/[\w/]+\.py)::(test_\w+)", text))):
+        source = (ROOT / path).read_text(encoding="utf-8")
+        assert re.search(rf"def {name}\w*\(", source), f"FIDELITY.md names {path}::{name}, which does not exist"

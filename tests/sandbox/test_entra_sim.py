@@ -11,7 +11,6 @@ import ssl
 import time
 import uuid
 import warnings
-from html.parser import HTMLParser
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
@@ -29,6 +28,7 @@ from sandbox.entra import EntraSimulator
 from sandbox.graph import GraphSimulator
 from sandbox.server import ServerThread
 from sandbox.tls import TlsFiles, make_tls_files
+from tests.signin_helpers import PickerForm
 
 TENANT = "contoso.onmicrosoft.com"
 CLIENT_ID = "0b1d2c3e-4f50-4a6b-8c7d-9e0f1a2b3c4d"
@@ -315,38 +315,8 @@ def test_business_central_refuses_an_app_missing_from_microsoft_entra_applicatio
 CALLBACK = "http://127.0.0.1/auth/callback"  # a loopback redirect URI: any port matches it
 
 
-class _Form(HTMLParser):
-    """The account picker as a browser sees it: the form's action, hidden fields and buttons."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.action: str | None = None
-        self.hidden: dict[str, str] = {}
-        self.buttons: list[dict] = []
-        self._button: dict | None = None
-
-    def handle_starttag(self, tag: str, attrs: list) -> None:
-        attributes = dict(attrs)
-        if tag == "form":
-            self.action = attributes.get("action")
-        elif tag == "input" and attributes.get("type") == "hidden":
-            self.hidden[attributes["name"]] = attributes.get("value", "")
-        elif tag == "button":
-            self._button = {"name": attributes.get("name"), "value": attributes.get("value"), "label": ""}
-
-    def handle_data(self, data: str) -> None:
-        if self._button is not None:
-            self._button["label"] += data
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "button" and self._button is not None:
-            self._button["label"] = " ".join(self._button["label"].split())
-            self.buttons.append(self._button)
-            self._button = None
-
-
-def parse_form(page: str) -> _Form:
-    form = _Form()
+def parse_form(page: str) -> PickerForm:
+    form = PickerForm()
     form.feed(page)
     return form
 
