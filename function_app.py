@@ -4,8 +4,8 @@ Thin on purpose: the app and one blueprint per area. The work lives in `shared/`
 
 import azure.functions as func
 
-from shared.blueprints import directory, invoicing, pages, status, sync
-from shared.blueprints.pages import account
+from shared.web.blueprints import directory, invoicing, pages, status, sync
+from shared.web.blueprints.pages import account
 from shared.telemetry import configure_logging
 
 configure_logging()

@@ -179,7 +179,7 @@ class Floor:
             return {"seconds": round(time.perf_counter() - clock, 3), "created": len(created)}
         from azure.data.tables.aio import TableClient
 
-        from shared.store import transport_settings
+        from shared.storage.store import transport_settings
 
         # The storage client as the app makes it (no per-request proxy look-ups), so the floor
         # pays for storage no more than the app must.
@@ -201,10 +201,10 @@ class Floor:
     async def _mark_all(table, etags: dict[tuple[str, str], str], state: str) -> dict[tuple[str, str], str]:
         """One ETag-guarded merge per booking, ≤ 100 per transaction and partition, all
         transactions at once; returns the new ETags. Sent as the app sends transactions
-        (`shared.table_batch`: the SDK's own `submit_transaction` costs about ten times the CPU)."""
+        (`shared.storage.table_batch`: the SDK's own `submit_transaction` costs about ten times the CPU)."""
         from azure.core import MatchConditions
 
-        from shared.table_batch import submit
+        from shared.storage.table_batch import submit
 
         by_partition: dict[str, list[tuple[str, str]]] = {}
         for key in etags:

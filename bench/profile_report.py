@@ -23,20 +23,20 @@ from collections.abc import Callable
 Key = tuple[str, int, str]
 
 PARTS: list[tuple[str, Callable[[Key], bool], str]] = [
-    ("Graph pages: HTTP, JSON, validation", lambda k: k[0].endswith("shared/graph.py") and k[2] == "_pages", "cum"),
+    ("Graph pages: HTTP, JSON, validation", lambda k: k[0].endswith("shared/upstream/graph.py") and k[2] == "_pages", "cum"),
     ("  JSON decoding (json, orjson)", lambda k: "/json/" in k[0] or "orjson" in k[2], "tot"),
     ("  pydantic validation", lambda k: k[0] == "~" and ("validate_json" in k[2] or "validate_python" in k[2]), "tot"),
-    ("bookings built", lambda k: k[0].endswith("shared/bookings.py") and k[2] == "from_appointment", "cum"),
-    ("content hash and table entity", lambda k: k[0].endswith("shared/bookings.py") and k[2] == "sync_entity", "cum"),
-    ("stored rows read", lambda k: k[0].endswith("shared/sync.py") and k[2] == "stored_slice", "cum"),
-    ("table transactions", lambda k: k[0].endswith("shared/store.py") and k[2] == "transact", "cum"),
+    ("bookings built", lambda k: k[0].endswith("shared/flows/bookings.py") and k[2] == "from_appointment", "cum"),
+    ("content hash and table entity", lambda k: k[0].endswith("shared/flows/bookings.py") and k[2] == "sync_entity", "cum"),
+    ("stored rows read", lambda k: k[0].endswith("shared/flows/sync/calendar.py") and k[2] == "stored_slice", "cum"),
+    ("table transactions", lambda k: k[0].endswith("shared/storage/store.py") and k[2] == "transact", "cum"),
     ("  of which the SDK's multipart (email package)", lambda k: "/email/" in k[0], "tot"),
-    ("directory upserts (BC and link rows)", lambda k: k[0].endswith("shared/directory.py")
+    ("directory upserts (BC and link rows)", lambda k: k[0].endswith("shared/flows/directory/resolver.py")
      and k[2] == "upsert_from_message", "cum"),
-    ("shared slots: taking, releasing, renewing", lambda k: (k[0].endswith("shared/limits.py") and k[2] in (
-        "_take", "_release", "_watch_turns", "_release_idle")) or (k[0].endswith("shared/leases.py")
+    ("shared slots: taking, releasing, renewing", lambda k: (k[0].endswith("shared/upstream/limits.py") and k[2] in (
+        "_take", "_release", "_watch_turns", "_release_idle")) or (k[0].endswith("shared/storage/leases.py")
                                                                   and k[2] == "_keep_renewed"), "cum"),
-    ("rate ledger", lambda k: k[0].endswith(("shared/limits.py", "shared/ledger.py")) and k[2] == "acquire", "cum"),
+    ("rate ledger", lambda k: k[0].endswith(("shared/upstream/limits.py", "shared/upstream/ledger.py")) and k[2] == "acquire", "cum"),
     ("logging", lambda k: "/logging/" in k[0], "tot"),
     ("queue polling of the in-process host (harness)", lambda k: k[0].endswith("sandbox/host.py")
      and k[2] == "_receive", "cum"),

@@ -57,7 +57,7 @@ async def _last_sync(host) -> dict | None:
     from shared.runtime import runtime
 
     try:
-        from shared.sync import last_sync
+        from shared.flows.sync.run import last_sync
     except ImportError:
         last_sync = None
     if last_sync is not None:

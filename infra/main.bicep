@@ -243,7 +243,7 @@ var tags = { 'azd-env-name': environmentName }
 var functionAppName = '${abbrs.webSitesFunctions}api-${resourceToken}'
 var deploymentStorageContainerName = 'app-package-${take(functionAppName, 32)}-${take(toLower(uniqueString(functionAppName, resourceToken)), 7)}'
 // The app's bookkeeping blobs (leases, run summaries; the operator may read them) and the pages'
-// signing keys (shared/signing_keys.py; only the app's identity reads them).
+// signing keys (shared/web/signing_keys.py; only the app's identity reads them).
 var bookkeepingContainerName = 'bookings-invoicing'
 var pagesKeysContainerName = 'pages-keys'
 

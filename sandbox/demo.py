@@ -20,7 +20,7 @@ from sandbox.faults import Knobs
 from sandbox.graph import default_plan
 from sandbox.host import FunctionHost
 from sandbox.stack import SandboxStack
-from shared.store import SYNC_BUSINESS_QUEUE
+from shared.storage.store import SYNC_BUSINESS_QUEUE
 
 BUSINESSES = ["contoso-salon@contoso.onmicrosoft.com", "contoso-clinic@contoso.onmicrosoft.com"]
 LOCATIONS = {BUSINESSES[0]: ("SALON", "Contoso Salon, Oslo"), BUSINESSES[1]: ("CLINIC", "Contoso Clinic, Bergen")}
@@ -197,7 +197,7 @@ def run(host: FunctionHost, sandbox, dataset) -> None:
     _print_job(call(host, "GET", f"invoices/jobs/{accepted['jobId']}"))
 
     heading("Billing run (timer billing_run, BILLING_PERIOD=month)")
-    from shared.billing import last_closed_period
+    from shared.flows.invoicing.billing import last_closed_period
     from datetime import datetime, timezone
 
     period = last_closed_period("month", "Europe/Paris", datetime.now(timezone.utc))
@@ -268,7 +268,7 @@ def _links(host: FunctionHost) -> dict:
 
 def _jobs(host: FunctionHost) -> list[dict]:
     """The latest jobs as the jobs page lists them."""
-    from shared.jobs import recent_jobs
+    from shared.flows.invoicing.job_status import recent_jobs
     from shared.runtime import runtime
 
     async def read() -> list[dict]:

@@ -26,6 +26,7 @@ runs unchanged against it:
   ``api://AzureADTokenExchange`` a v2.0 token signed RS256 (``iss``
   ``https://login.microsoftonline.com/{tenant}/v2.0``, ``sub`` = ``oid`` = the identity's principal
   id), the assertion an app trusting the identity sends to the token endpoint.
+  Federated credentials and the managed identity are `sandbox.entra_identities`.
 
 Every Graph or Business Central token carries, in its ``roles`` claim, the application permissions
 granted to that client (or to the managed identity) on the token's audience — by default exactly
@@ -43,15 +44,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 import secrets
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from urllib.parse import parse_qs, unquote
 
 from starlette.applications import Starlette
@@ -60,60 +57,21 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from sandbox import tokens
+from sandbox.entra_identities import (
+    KNOWN_AUDIENCES,
+    RegisteredClient,
+    Roles,
+    WorkloadIdentities,
+    granted_roles,
+    oauth_error,
+    oauth_fault_body,
+)
 from sandbox.entra_signin import OAuthError, UserSignIn
 from sandbox.entra_signout import UserSignOut
-from sandbox.entra_tenants import TenantNamesAndKeys, TenantByGuid
+from sandbox.entra_tenants import TenantByGuid, TenantNamesAndKeys
 from sandbox.faults import FaultMiddleware, FaultPlan
 
-KNOWN_AUDIENCES = (tokens.GRAPH_AUDIENCE, tokens.BC_AUDIENCE)
-MSI_API_VERSION = "2019-08-01"
-MAX_FEDERATED_CREDENTIALS = 20
-"""Entra: "A maximum of 20 federated identity credentials can be added to an application"."""
 _ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-_FIC_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{2,119}")
-_FIC_LIMIT = 600
-_FIC_HELP = ("Check your federated identity credential Subject, Audience and Issuer against the presented "
-             "assertion. https://learn.microsoft.com/entra/workload-id/workload-identity-federation")
-_MSI_SELECTORS = ("client_id", "principal_id", "object_id", "mi_res_id")
-
-# Throttling and server faults injected by FaultMiddleware, in Entra's own vocabulary.
-_FAULT_ERRORS = {
-    429: ("temporarily_unavailable", 90055),
-    500: ("server_error", 50000),
-    503: ("temporarily_unavailable", 90033),
-    504: ("server_error", 50000),
-}
-
-
-def _oauth_body(error: str, code: int, description: str) -> dict:
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
-    trace_id, correlation_id = str(uuid.uuid4()), str(uuid.uuid4())
-    return {
-        "error": error,
-        "error_description": (f"AADSTS{code}: {description} Trace ID: {trace_id} "
-                              f"Correlation ID: {correlation_id} Timestamp: {now}"),
-        "error_codes": [code],
-        "timestamp": now,
-        "trace_id": trace_id,
-        "correlation_id": correlation_id,
-        "error_uri": f"https://login.microsoftonline.com/error?code={code}",
-    }
-
-
-def oauth_fault_body(status: int, code: str, message: str) -> dict:
-    """FaultMiddleware error body: the OAuth error shape msal parses, not Graph's."""
-    error, aadsts = _FAULT_ERRORS.get(status, ("server_error", 50000))
-    return _oauth_body(error, aadsts, message)
-
-
-def _oauth_error(status: int, error: str, code: int, description: str) -> JSONResponse:
-    return JSONResponse(_oauth_body(error, code, description), status_code=status,
-                        headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
-
-
-def _msi_error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"statusCode": status, "message": message,
-                         "correlationId": str(uuid.uuid4())}, status_code=status)
 
 
 def _audience_of_scope(scope: str) -> str | None:
@@ -134,65 +92,7 @@ def _jwt_claims(assertion: str) -> dict | None:
     return claims if isinstance(claims, dict) else None
 
 
-Roles = Mapping[str, Iterable[str]]
-"""Granted application permissions by audience, e.g. ``{tokens.BC_AUDIENCE: ["API.ReadWrite.All"]}``."""
-
-
-def _granted(roles: Roles | None) -> dict[str, tuple[str, ...]]:
-    chosen = tokens.APP_ROLES if roles is None else roles
-    unknown = set(chosen) - set(KNOWN_AUDIENCES)
-    if unknown:
-        raise ValueError(f"unknown audience(s) {sorted(unknown)}; known: {KNOWN_AUDIENCES}")
-    if any(isinstance(granted, str) for granted in chosen.values()):
-        raise TypeError("roles per audience must be a list of permission names, not one string")
-    return {audience: tuple(dict.fromkeys(granted)) for audience, granted in chosen.items()}
-
-
-@dataclass(frozen=True)
-class _FederatedCredential:
-    name: str
-    issuer: str
-    subject: str
-    audiences: tuple[str, ...]
-    description: str
-
-    def as_dict(self) -> dict:
-        return {"name": self.name, "issuer": self.issuer, "subject": self.subject,
-                "audiences": list(self.audiences), "description": self.description}
-
-
-@dataclass
-class _Client:
-    tenant: str
-    client_id: str
-    secret: str | None
-    roles: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    redirect_uris: list[str] = field(default_factory=list)
-    federated_credentials: list[_FederatedCredential] = field(default_factory=list)
-    optional_claims: tuple[str, ...] = ()
-    """Optional ID token claims the app registration asks for (`set_optional_claims`)."""
-
-
-def _check_federated_credential(name: str, issuer: str, subject: str, audiences: Iterable[str]) -> tuple[str, ...]:
-    """What Graph and Entra refuse when a federated identity credential is written (not what they
-    accept and only fail at token exchange: a wrong issuer, subject or audience is stored as given)."""
-    if not isinstance(name, str) or not _FIC_NAME.fullmatch(name):
-        raise ValueError(f"Federated Identity Credential name '{name}' is invalid: 3-120 characters, letters, "
-                         "digits, '-' or '_', the first a letter or digit")
-    if isinstance(audiences, str):
-        raise TypeError("audiences is a list with one audience, not one string")
-    chosen = tuple(audiences)
-    if len(chosen) != 1:
-        raise ValueError("Federated identity credentials must have exactly one audience.")
-    for label, value in (("issuer", issuer), ("subject", subject), ("audience", chosen[0])):
-        if not isinstance(value, str) or not value:
-            raise ValueError(f"a federated identity credential needs a non-empty {label}")
-        if len(value) > _FIC_LIMIT:
-            raise ValueError(f"a federated identity credential's {label} has at most {_FIC_LIMIT} characters")
-    return chosen
-
-
-class EntraSimulator(UserSignIn, UserSignOut, TenantNamesAndKeys):
+class EntraSimulator(UserSignIn, UserSignOut, TenantNamesAndKeys, WorkloadIdentities):
     """Token issuer for the app's service principal and its managed identity, and sign-in of the
     tenant's users into the app (`add_user`, `register_redirect_uri`; `sandbox.entra_signin`).
 
@@ -220,10 +120,10 @@ class EntraSimulator(UserSignIn, UserSignOut, TenantNamesAndKeys):
         self.token_lifetime_seconds = token_lifetime_seconds
         self.managed_identity_token_lifetime_seconds: int | None = None
         """Lifetime of the managed identity's tokens; None: `token_lifetime_seconds`."""
-        self._managed_identity_roles = _granted(managed_identity_roles)
+        self._managed_identity_roles = granted_roles(managed_identity_roles)
         self.tokens_issued: Counter[str] = Counter()
         self._lock = threading.Lock()
-        self._clients: dict[tuple[str, str], _Client] = {}
+        self._clients: dict[tuple[str, str], RegisteredClient] = {}
         self._tenants: set[str] = set()
         self._domains: dict[str, str] = {}
         self._init_sign_in()
@@ -249,18 +149,18 @@ class EntraSimulator(UserSignIn, UserSignOut, TenantNamesAndKeys):
         grants what the app needs (`tokens.APP_ROLES`); an audience left out gets tokens
         without a ``roles`` claim. Registering a client again keeps its redirect URIs and federated
         identity credentials."""
-        granted = _granted(roles)
+        granted = granted_roles(roles)
         with self._lock:
             self._tenants.add(tenant.lower())
             key = (tenant.lower(), client_id.lower())
             old = self._clients.get(key)
-            self._clients[key] = _Client(tenant, client_id, secret, granted, old.redirect_uris if old else [],
+            self._clients[key] = RegisteredClient(tenant, client_id, secret, granted, old.redirect_uris if old else [],
                                          old.federated_credentials if old else [], old.optional_claims if old else ())
 
     def set_roles(self, tenant: str, client_id: str, audience: str, roles: Iterable[str]) -> None:
         """Grant exactly `roles` to a registered client on `audience` (an empty list revokes all);
         tokens issued from now on carry them. KeyError for an unknown client."""
-        granted = _granted({audience: roles})[audience]
+        granted = granted_roles({audience: roles})[audience]
         with self._lock:
             self._clients[(tenant.lower(), client_id.lower())].roles[audience] = granted
 
@@ -268,62 +168,6 @@ class EntraSimulator(UserSignIn, UserSignOut, TenantNamesAndKeys):
         """The permissions a registered client holds, per audience."""
         with self._lock:
             return dict(self._clients[(tenant.lower(), client_id.lower())].roles)
-
-    def add_federated_credential(self, tenant: str, client_id: str, *, name: str, issuer: str, subject: str,
-                                 audiences: Iterable[str] = (tokens.TOKEN_EXCHANGE_AUDIENCE,),
-                                 description: str = "") -> None:
-        """Add a federated identity credential to a registered app (Graph's
-        ``POST /applications/{id}/federatedIdentityCredentials``): the app then accepts, as its
-        client assertion, a token whose ``iss``, ``sub`` and ``aud`` are exactly `issuer`, `subject`
-        and the one audience. To trust the simulator's managed identity: `issuer`
-        ``tokens.entra_issuer(managed_identity_tenant)``, `subject` `managed_identity_principal_id`.
-
-        KeyError for an unknown client; ValueError for what Entra refuses when the credential is
-        written: a name that is not 3-120 letters, digits, ``-`` or ``_`` (the first a letter or
-        digit) or is taken, not exactly one audience, an empty value or one over 600 characters, an
-        issuer and subject the app already trusts, a 21st credential. A wrong issuer, subject or
-        audience is accepted, as in Entra, and fails only at token exchange."""
-        chosen = _check_federated_credential(name, issuer, subject, audiences)
-        credential = _FederatedCredential(name, issuer, subject, chosen, description)
-        with self._lock:
-            client = self._clients[(tenant.lower(), client_id.lower())]
-            held = client.federated_credentials
-            if any(c.name.lower() == name.lower() for c in held):
-                raise ValueError(f"the app already has a federated identity credential named {name!r}")
-            if any(c.issuer == issuer and c.subject == subject for c in held):
-                raise ValueError("Issuer and subject combination already exists for this application.")
-            if len(held) >= MAX_FEDERATED_CREDENTIALS:
-                raise ValueError(f"an application has at most {MAX_FEDERATED_CREDENTIALS} federated identity credentials")
-            held.append(credential)
-
-    def remove_federated_credential(self, tenant: str, client_id: str, name: str) -> None:
-        """Delete an app's federated identity credential by name; KeyError if there is none."""
-        with self._lock:
-            client = self._clients[(tenant.lower(), client_id.lower())]
-            kept = [c for c in client.federated_credentials if c.name.lower() != name.lower()]
-            if len(kept) == len(client.federated_credentials):
-                raise KeyError(f"no federated identity credential named {name!r} on {client_id}")
-            client.federated_credentials = kept
-
-    def federated_credentials(self, tenant: str, client_id: str) -> list[dict]:
-        """An app's federated identity credentials (``name``, ``issuer``, ``subject``, ``audiences``…)."""
-        with self._lock:
-            return [c.as_dict() for c in self._clients[(tenant.lower(), client_id.lower())].federated_credentials]
-
-    def set_managed_identity_roles(self, audience: str, roles: Iterable[str]) -> None:
-        """Grant exactly `roles` to the managed identity on `audience` (app role assignments)."""
-        granted = _granted({audience: roles})[audience]
-        with self._lock:
-            self._managed_identity_roles[audience] = granted
-
-    @property
-    def managed_identity_roles(self) -> dict[str, tuple[str, ...]]:
-        with self._lock:
-            return dict(self._managed_identity_roles)
-
-    def managed_identity_env(self, base_url: str) -> dict[str, str]:
-        """The variables App Service / Functions set when the app has a managed identity."""
-        return {"IDENTITY_ENDPOINT": f"{base_url}/msi/token", "IDENTITY_HEADER": self.identity_header}
 
     def _issue(self, audience: str, tenant: str, client_id: str, roles: Mapping[str, tuple[str, ...]],
                lifetime_seconds: int | None = None) -> str:
@@ -336,7 +180,7 @@ class EntraSimulator(UserSignIn, UserSignOut, TenantNamesAndKeys):
     async def _openid_configuration(self, request: Request) -> JSONResponse:
         tenant = request.path_params["tenant"]
         if not self._known_tenant(tenant):
-            return _oauth_error(400, "invalid_tenant", 90002,
+            return oauth_error(400, "invalid_tenant", 90002,
                                 f"Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID.")
         base = f"{str(request.base_url).rstrip('/')}/{tenant}"
         browser = f"{self._browser_base(request)}/{tenant}"
@@ -373,18 +217,18 @@ class EntraSimulator(UserSignIn, UserSignOut, TenantNamesAndKeys):
 
         grant_type = form.get("grant_type")
         if grant_type not in ("client_credentials", "authorization_code", "refresh_token"):
-            return _oauth_error(400, "unsupported_grant_type", 70003,
+            return oauth_error(400, "unsupported_grant_type", 70003,
                                 "The app requested an unsupported grant type "
                                 f"'{form.get('grant_type', '')}'.")
         if not client_id:
-            return _oauth_error(400, "invalid_request", 900144,
+            return oauth_error(400, "invalid_request", 900144,
                                 "The request body must contain the following parameter: 'client_id'.")
         if not self._known_tenant(tenant):
-            return _oauth_error(400, "invalid_tenant", 90002, f"Tenant '{tenant}' not found.")
+            return oauth_error(400, "invalid_tenant", 90002, f"Tenant '{tenant}' not found.")
         with self._lock:
             client = self._clients.get((tenant.lower(), client_id.lower()))
         if client is None:
-            return _oauth_error(401, "invalid_client", 700016,
+            return oauth_error(401, "invalid_client", 700016,
                                 f"Application with identifier '{client_id}' was not found in the "
                                 f"directory '{tenant}'.")
         denial = self._authenticate(client, secret, form)
@@ -396,20 +240,20 @@ class EntraSimulator(UserSignIn, UserSignOut, TenantNamesAndKeys):
             redeem = self.redeem_code if grant_type == "authorization_code" else self.redeem_refresh_token
             grant = redeem(tenant, client.client_id, form)
         except OAuthError as refused:
-            return _oauth_error(refused.status, refused.error, refused.code, refused.description)
+            return oauth_error(refused.status, refused.error, refused.code, refused.description)
         body = self.user_tokens(grant, _issuer(request, tenant), client_info=form.get("client_info") == "1",
                                 lifetime_seconds=self.token_lifetime_seconds)
         return JSONResponse(body, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
 
-    def _client_credentials(self, client: _Client, form: dict[str, str]) -> JSONResponse:
+    def _client_credentials(self, client: RegisteredClient, form: dict[str, str]) -> JSONResponse:
         scopes = form.get("scope", "").split()
         if len(scopes) != 1:
-            return _oauth_error(400, "invalid_scope", 70011,
+            return oauth_error(400, "invalid_scope", 70011,
                                 "The provided value for the input parameter 'scope' is not valid. "
                                 "The client credentials flow takes exactly one '<resource>/.default' scope.")
         audience = _audience_of_scope(scopes[0])
         if audience is None:
-            return _oauth_error(400, "invalid_scope", 1002012,
+            return oauth_error(400, "invalid_scope", 1002012,
                                 f"The provided value for scope {scopes[0]} is not valid. Client "
                                 "credential flows must have a scope value with /.default suffixed "
                                 "to the resource identifier (application ID URI).")
@@ -419,133 +263,37 @@ class EntraSimulator(UserSignIn, UserSignOut, TenantNamesAndKeys):
              "ext_expires_in": self.token_lifetime_seconds, "access_token": access_token},
             headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
 
-    def _authenticate(self, client: _Client, secret: str | None, form: dict[str, str]) -> JSONResponse | None:
+    def _authenticate(self, client: RegisteredClient, secret: str | None, form: dict[str, str]) -> JSONResponse | None:
         assertion = form.get("client_assertion")
         if assertion:
             if form.get("client_assertion_type") != _ASSERTION_TYPE:
-                return _oauth_error(400, "invalid_request", 700025,
+                return oauth_error(400, "invalid_request", 700025,
                                     "client_assertion_type must be "
                                     f"'{_ASSERTION_TYPE}'.")
             claims = _jwt_claims(assertion)
             if claims is None:
-                return _oauth_error(401, "invalid_client", 700027,
+                return oauth_error(401, "invalid_client", 700027,
                                     "Client assertion failed signature validation.")
             if client.client_id not in (claims.get("iss"), claims.get("sub")):
                 return self._federated(client, assertion, claims)
             if claims.get("iss") != client.client_id or claims.get("sub") != client.client_id:
-                return _oauth_error(401, "invalid_client", 700021,
+                return oauth_error(401, "invalid_client", 700021,
                                     "Client assertion application identifier doesn't match "
                                     "'client_id' parameter.")
             if claims.get("exp") is not None and claims["exp"] < time.time():
-                return _oauth_error(401, "invalid_client", 700024,
+                return oauth_error(401, "invalid_client", 700024,
                                     "Client assertion is not within its valid time range.")
             return None
         if not secret:
-            return _oauth_error(401, "invalid_client", 7000218,
+            return oauth_error(401, "invalid_client", 7000218,
                                 "The request body must contain the following parameter: "
                                 "'client_assertion' or 'client_secret'.")
         if client.secret is None or not secrets.compare_digest(secret, client.secret):
-            return _oauth_error(401, "invalid_client", 7000215,
+            return oauth_error(401, "invalid_client", 7000215,
                                 "Invalid client secret provided. Ensure the secret being sent in "
                                 f"the request is the client secret value, not the client secret ID, "
                                 f"for a secret added to app '{client.client_id}'.")
         return None
-
-    def _federated(self, client: _Client, assertion: str, claims: dict) -> JSONResponse | None:
-        """A federated identity credential: the assertion must match one of the client's credentials
-        (issuer, then subject, then audience, each compared exactly), be signed by the simulator
-        (the only issuer it can check: its own managed identity) and be within its time range."""
-        with self._lock:
-            held = list(client.federated_credentials)
-        if not held:
-            return _oauth_error(401, "invalid_client", 70025,
-                                "Client application has no configured federated identity credentials.")
-        issuer, subject = claims.get("iss"), claims.get("sub")
-        audience = claims.get("aud")
-        presented = [a for a in (audience if isinstance(audience, list) else [audience]) if isinstance(a, str)]
-        by_issuer = [c for c in held if c.issuer == issuer]
-        if not by_issuer:
-            return _oauth_error(401, "invalid_client", 700211,
-                                "No matching federated identity record found for presented assertion issuer "
-                                f"'{issuer}'. {_FIC_HELP}")
-        try:
-            self._verify_signed(assertion)
-        except tokens.InvalidToken as refused:
-            return _oauth_error(401, "invalid_client", 700027,
-                                f"Client assertion failed signature validation. (Reason - {refused})")
-        now = time.time()
-        expires, not_before = claims.get("exp"), claims.get("nbf", 0)
-        if (not isinstance(expires, (int, float)) or not isinstance(not_before, (int, float))
-                or expires <= now or not_before > now):
-            return _oauth_error(401, "invalid_client", 700024,
-                                "Client assertion is not within its valid time range. Current time: "
-                                f"{_iso(now)}, assertion valid from {_iso(not_before)}, expiry time of "
-                                f"assertion {_iso(expires)}.")
-        by_subject = [c for c in by_issuer if c.subject == subject]
-        if not by_subject:
-            return _oauth_error(401, "invalid_client", 700213,
-                                "No matching federated identity record found for presented assertion subject "
-                                f"'{subject}'. {_FIC_HELP}")
-        if not any(a in c.audiences for c in by_subject for a in presented):
-            return _oauth_error(401, "invalid_client", 700212,
-                                "No matching federated identity record found for presented assertion audience "
-                                f"'{audience}'. {_FIC_HELP}")
-        return None
-
-    async def _managed_identity_token(self, request: Request) -> JSONResponse:
-        if not secrets.compare_digest(request.headers.get("x-identity-header", ""), self.identity_header):
-            return _msi_error(401, "The X-IDENTITY-HEADER header is missing or does not match.")
-        params = request.query_params
-        if params.get("api-version") != MSI_API_VERSION:
-            return _msi_error(400, f"Unsupported or missing api-version; expected {MSI_API_VERSION}.")
-        resource = params.get("resource")
-        if not resource:
-            return _msi_error(400, "The 'resource' query parameter is required.")
-        selectors = [name for name in _MSI_SELECTORS if params.get(name)]
-        if len(selectors) > 1:
-            return _msi_error(400, f"Only one of {', '.join(_MSI_SELECTORS)} may be given; got {', '.join(selectors)}.")
-        identity = {"client_id": self.managed_identity_client_id, "principal_id": self.managed_identity_principal_id,
-                    "object_id": self.managed_identity_principal_id, "mi_res_id": self.managed_identity_resource_id}
-        if selectors and params[selectors[0]].lower() != identity[selectors[0]].lower():
-            return _msi_error(400, "Unable to load the proper Managed Identity.")
-        audience = resource.removesuffix("/.default").rstrip("/")
-        lifetime = self.managed_identity_token_lifetime_seconds
-        lifetime = self.token_lifetime_seconds if lifetime is None else lifetime
-        now = int(time.time())
-        if audience == tokens.TOKEN_EXCHANGE_AUDIENCE:
-            access_token = self._issue_exchange_token(now, lifetime)
-        elif audience in KNOWN_AUDIENCES:
-            access_token = self._issue(audience, self.managed_identity_tenant, self.managed_identity_client_id,
-                                       self._managed_identity_roles, lifetime)
-        else:
-            return _msi_error(400, f"AADSTS500011: The resource principal named {resource} was not "
-                                   "found in the tenant.")
-        return JSONResponse({
-            "access_token": access_token,
-            "expires_on": str(now + lifetime),
-            "not_before": str(now),
-            "resource": resource,
-            "token_type": "Bearer",
-            "client_id": self.managed_identity_client_id,
-        })
-
-    def _issue_exchange_token(self, now: int, lifetime: int) -> str:
-        """The managed identity's token for ``api://AzureADTokenExchange``: a v2.0 app token signed
-        by Entra (RS256, the JWKS key), the assertion of a federated identity credential."""
-        with self._lock:
-            self.tokens_issued[tokens.TOKEN_EXCHANGE_AUDIENCE] += 1
-        tenant, principal = self.managed_identity_tenant, self.managed_identity_principal_id
-        return self.signing_key.sign({
-            "aud": tokens.TOKEN_EXCHANGE_AUDIENCE, "iss": tokens.entra_issuer(tenant), "iat": now, "nbf": now,
-            "exp": now + lifetime, "azp": self.managed_identity_client_id, "appid": self.managed_identity_client_id,
-            "idtyp": "app", "oid": principal, "sub": principal, "tid": tenant,
-            "uti": base64.urlsafe_b64encode(secrets.token_bytes(16)).rstrip(b"=").decode(), "ver": "2.0"})
-
-
-def _iso(seconds: object) -> str:
-    if not isinstance(seconds, (int, float)):
-        return str(seconds)
-    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%m/%d/%Y %H:%M:%S")
 
 
 def _issuer(request: Request, tenant: str) -> str:

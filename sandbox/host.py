@@ -33,7 +33,7 @@ from azure.storage.queue.aio import QueueClient
 
 from shared.hostconfig import queue_settings
 from sandbox.queuewatch import WATCH, install
-from shared.store import transport_settings
+from shared.storage.store import transport_settings
 
 log = logging.getLogger(__name__)
 

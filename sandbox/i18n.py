@@ -14,7 +14,7 @@ from babel.messages.catalog import Catalog
 from babel.messages.extract import extract_from_dir
 from babel.messages.pofile import read_po, write_po
 
-from shared.blueprints.pages.render import DEFAULT_LANGUAGE, HERE, LANGUAGES, catalog_path
+from shared.web.blueprints.pages.render import DEFAULT_LANGUAGE, HERE, LANGUAGES, catalog_path
 
 METHODS = [("templates/**.html", "jinja2"), ("**.py", "python")]
 OPTIONS = {"templates/**.html": {"extensions": "jinja2.ext.i18n", "newstyle_gettext": "true",

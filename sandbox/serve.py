@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl
 
 from sandbox.host import FunctionHost
 from sandbox.server import ServerThread, free_port
-from shared.signin import CALLBACK_PATH
+from shared.web.signin import CALLBACK_PATH
 
 log = logging.getLogger(__name__)
 

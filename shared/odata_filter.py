@@ -20,7 +20,7 @@ Two jobs, one parser:
   signatures take an unbounded `Edm.String`). The app does not know every field's type, so it
   counts an upper bound: a conversion for every field under a comparison or a function and for
   every non-text value compared. For the app's own lookups (text fields, text values) that is the
-  exact count. `shared/bc.py` sizes its lookup chunks with it; see `sandbox/FIDELITY.md`."""
+  exact count. `shared/upstream/bc.py` sizes its lookup chunks with it; see `sandbox/FIDELITY.md`."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ setting fails only the function that needs it.
 
 The upstream limits hold for the whole app, however many instances it runs on: Graph's 4 requests
 per mailbox and BC's 5 per environment are slots shared through storage, BC's 6,000 requests per
-5 minutes a shared budget (`shared/limits.py`)."""
+5 minutes a shared budget (`shared/upstream/limits.py`)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class Runtime:
     _closers: list = field(default_factory=list)
 
     async def store(self):
-        from shared.store import Store
+        from shared.storage.store import Store
 
         if self._store is None:
             self._store = Store(self.settings)
@@ -46,10 +46,10 @@ class Runtime:
 
     @property
     def graph(self):
-        from shared.auth import token_provider
-        from shared.graph import MAILBOX_CONCURRENCY, UNKNOWN_ERROR_ATTEMPTS, GraphClient
-        from shared.http import ApiClient
-        from shared.store import encode_key
+        from shared.upstream.auth import token_provider
+        from shared.upstream.graph import MAILBOX_CONCURRENCY, UNKNOWN_ERROR_ATTEMPTS, GraphClient
+        from shared.upstream.http import ApiClient
+        from shared.storage.store import encode_key
 
         if self._graph is None:
             tokens = token_provider(self.settings)
@@ -75,10 +75,10 @@ class Runtime:
     def bc_for(self, company_id: str):
         """The client of one company. Every company of the environment shares one `ApiClient`:
         BC's limits are per environment and principal, not per company."""
-        from shared.auth import token_provider
-        from shared.bc import ENVIRONMENT_CONCURRENCY, REQUESTS_PER_WINDOW, WINDOW_SECONDS, BcClient
-        from shared.http import ApiClient
-        from shared.ledger import SharedRateBudget
+        from shared.upstream.auth import token_provider
+        from shared.upstream.bc import ENVIRONMENT_CONCURRENCY, REQUESTS_PER_WINDOW, WINDOW_SECONDS, BcClient
+        from shared.upstream.http import ApiClient
+        from shared.upstream.ledger import SharedRateBudget
 
         client = self._bc.get(company_id)
         if client is not None:
@@ -99,8 +99,8 @@ class Runtime:
         return client
 
     def shared_slots(self, name: str, count: int, max_hold_seconds: float | None = None):
-        """The app-wide request slots `name` (`shared/limits.py`), one pool per name and loop."""
-        from shared.limits import SharedSlots
+        """The app-wide request slots `name` (`shared/upstream/limits.py`), one pool per name and loop."""
+        from shared.upstream.limits import SharedSlots
 
         pool = self._slots.get(name)
         if pool is None:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import pytest
 
 from sandbox.host import FunctionHost
-from shared.store import SYNC_BUSINESS_QUEUE
+from shared.storage.store import SYNC_BUSINESS_QUEUE
 from sandbox.bc.options import BcOptions
 from sandbox.graph.options import GraphOptions
 from sandbox.stack import CLIENT_ID, ENVIRONMENT, TENANT, Sandbox, SandboxStack, seed_users

@@ -7,7 +7,7 @@ import json
 from azure.data.tables import TableServiceClient, UpdateMode
 from azure.storage.queue import QueueClient
 
-from shared.store import BOOKINGS, decode_key
+from shared.storage.store import BOOKINGS, decode_key
 
 
 def rows(world, table: str, filter: str | None = None) -> list[dict]:

@@ -18,10 +18,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import httpx
 
 from sandbox.stack import CLIENT_ID, OPERATOR_ROLE, TENANT, USER_NAME
-from shared import sessions
-from shared.sessions import Principal
-from shared.signin import csrf_token, session_cookie
-from shared.signing_keys import signing_keys
+from shared.web import sessions
+from shared.web.sessions import Principal
+from shared.web.signin import csrf_token, session_cookie
+from shared.web.signing_keys import signing_keys
 
 LOCAL = "http://localhost:7071"
 

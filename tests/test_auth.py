@@ -10,7 +10,7 @@ import json
 import pytest
 
 from sandbox.stack import CLIENT_ID, FEDERATED_CREDENTIAL, TENANT
-from shared.auth import AuthenticationFailed, TokenProvider
+from shared.upstream.auth import AuthenticationFailed, TokenProvider
 from shared.settings import BC_SCOPE, GRAPH_SCOPE, SettingsError, get_settings
 from tests.helpers import body
 
@@ -86,7 +86,7 @@ def token_requests(world) -> int:
 def test_entra_throttling_defers_the_work_without_a_request_storm(world, monkeypatch):
     """Entra ID answers a token request 429 with `Retry-After: 60`, and msal answers from that 429
     for as long: the app asks once, and the sync is put off rather than retried meanwhile."""
-    monkeypatch.setattr("shared.auth._providers", {})  # no cached token: the sync must ask Entra ID
+    monkeypatch.setattr("shared.upstream.auth._providers", {})  # no cached token: the sync must ask Entra ID
     assert world.sandbox.entra.plan.knobs.retry_after_seconds == 60
     world.sandbox.entra.plan.reset_stats()
     world.sandbox.entra.plan.script("POST", r"/oauth2/v2.0/token$", "429", times=1)

@@ -11,12 +11,12 @@ import pytest
 
 from sandbox.bc import nodes, odata
 from sandbox.bc.fields import CUSTOMER, INVOICE, ITEM
-from shared.bc import CONFIRM_DELAYS, CUSTOMERS_BY_EMAIL, INVOICES_BY_KEY, ITEMS_BY_NAME, next_lookup
-from shared.bc_lookups import MAX_QUERY_CHARS, NODE_BUDGET, QUERY_BUDGET, email_addresses
-from shared.messages import CustomerBatchUpsert, CustomerSource, CustomerUpsert, ItemUpsert, ServiceSource, encode
+from shared.upstream.bc import CONFIRM_DELAYS, CUSTOMERS_BY_EMAIL, INVOICES_BY_KEY, ITEMS_BY_NAME, next_lookup
+from shared.upstream.bc_lookups import MAX_QUERY_CHARS, NODE_BUDGET, QUERY_BUDGET, email_addresses
+from shared.flows.messages import CustomerBatchUpsert, CustomerSource, CustomerUpsert, ItemUpsert, ServiceSource, encode
 from shared.odata_filter import MAX_NODES, node_count
-from shared.store import CUSTOMER_LINKS, ITEM_LINKS, JOBS
-from shared.utf16 import cut, units
+from shared.storage.store import CUSTOMER_LINKS, ITEM_LINKS, JOBS
+from shared.upstream.utf16 import cut, units
 from tests.helpers import body, rows
 from tests.test_invoicing import appointment, invoice, run_job
 from tests.sandbox.test_bc_sim import wait_until
@@ -226,8 +226,8 @@ def test_batches_never_take_bc_past_its_rate_limit_however_bc_counts_them(world,
     toward its rate limit: the app charges its budget for each, so it meets no 429 either way."""
     from tests.test_limits import knobs
 
-    monkeypatch.setattr("shared.bc.REQUESTS_PER_WINDOW", 150)  # BC's 6,000 per 5 minutes, scaled down
-    monkeypatch.setattr("shared.bc.WINDOW_SECONDS", 4.0)
+    monkeypatch.setattr("shared.upstream.bc.REQUESTS_PER_WINDOW", 150)  # BC's 6,000 per 5 minutes, scaled down
+    monkeypatch.setattr("shared.upstream.bc.WINDOW_SECONDS", 4.0)
     world.configure(HTTP_TIMEOUT_SECONDS="60")  # batch sizes follow the timeout: 100 creates a batch
     with knobs(world.bc.plan, rate_limit=150, rate_window_seconds=4.0, batch_counts_each_operation=each_operation):
         for round_ in range(2):  # 2 × (8 lookups + 100 creates) operations: more than one window holds
@@ -257,7 +257,7 @@ def test_the_lookups_after_an_unknown_outcome_start_within_seconds_and_back_off(
 
 @pytest.fixture
 def deferrals(caplog):
-    caplog.set_level(logging.INFO, logger="shared.messages")
+    caplog.set_level(logging.INFO, logger="shared.flows.messages")
 
     def chosen(queue: str) -> list[int]:
         return [r.delay_seconds for r in caplog.records
@@ -391,7 +391,7 @@ def test_staff_notes_too_long_for_the_marker_are_left_as_they_are_and_the_invoic
     a = appointment(world)
     world.graph.update_appointment(world.business_ids[0], a, serviceNotes=full)
     world.sync()
-    caplog.set_level(logging.WARNING, logger="shared.write_back")
+    caplog.set_level(logging.WARNING, logger="shared.flows.invoicing.write_back")
 
     job = run_job(world, {"bookingIds": [a]})
 

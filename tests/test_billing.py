@@ -10,10 +10,10 @@ from datetime import date, datetime, timedelta, timezone
 from azure.data.tables import TableServiceClient
 
 from sandbox.data import graph_datetime
-from shared.billing import PARTITION, last_closed_period, next_run, period_of, run_billing
-from shared.invoicing import HEADER
+from shared.flows.invoicing.billing import PARTITION, last_closed_period, next_run, period_of, run_billing
+from shared.flows.invoicing.jobs import HEADER
 from shared.settings import Settings
-from shared.store import JOBS
+from shared.storage.store import JOBS
 from tests.helpers import body, rows
 from tests.test_invoicing import run_job, uninvoiced
 

@@ -19,8 +19,8 @@ def make_chain(sandbox, monkeypatch) -> World:
     ("Contoso Sweden AB"); each location's invoices carry LOCATION=<its code>, which both
     companies have set up."""
     made = make_world(sandbox, monkeypatch, businesses=3)
-    monkeypatch.setattr("shared.checks._cache", {})
-    monkeypatch.setattr("shared.dimensions._checked", {})
+    monkeypatch.setattr("shared.flows.checks._cache", {})
+    monkeypatch.setattr("shared.flows.invoicing.dimensions._checked", {})
     made.second_company = sandbox.bc.add_company(TENANT, ENVIRONMENT, name="Contoso Sweden AB")
     for company in (made.company_id, made.second_company):
         sandbox.bc.add_dimension(company, "LOCATION", "Location")
@@ -114,7 +114,7 @@ def test_a_blocked_value_never_leaves_a_half_made_draft(chain, refused_at_once):
         assert "LOCATION=OSLO" in checks(chain)["dimensions"]["message"]
         chain.bc.block_dimension_value(chain.company_id, "LOCATION", "OSLO", blocked=False)
         assert run_job(chain, {"bookingIds": [ident]})["status"] == "succeeded"
-        chain.monkeypatch.setattr("shared.checks._cache", {})
+        chain.monkeypatch.setattr("shared.flows.checks._cache", {})
         assert checks(chain)["dimensions"]["ok"]
     else:  # BC takes it on the draft (API v2.0 cannot tell): the draft is whole, posting refuses it
         assert job["status"] == "succeeded"
@@ -168,7 +168,7 @@ def test_default_dimensions_in_bc_never_replace_the_configured_value_on_the_head
 
 
 def test_a_draft_bc_stops_answering_for_is_completed_by_the_next_attempt(chain, monkeypatch):
-    monkeypatch.setattr("shared.messages.THROTTLED_DEFER_SECONDS", 1.0)
+    monkeypatch.setattr("shared.flows.messages.THROTTLED_DEFER_SECONDS", 1.0)
     chain.bc.plan.configure(retry_after_seconds=0)
     ident = appointment(chain, business=2)
     chain.sync()

@@ -21,11 +21,11 @@ names its seed and its steps, and `--chaos-seed S` replays it alone (thread timi
 replay is close to, not always exactly, the original run).
 
 What the runs rely on in the app (keep these names, or change them here too): crashes are
-injected at `shared.store.Store` writes (`insert`, `upsert`, `update`, `delete`, `transact`,
-`send`) and after `shared.http.ApiClient.request` writes; the windows after which the app takes
+injected at `shared.storage.store.Store` writes (`insert`, `upsert`, `update`, `delete`, `transact`,
+`send`) and after `shared.upstream.http.ApiClient.request` writes; the windows after which the app takes
 over a dead process's work are shortened from minutes to seconds through
-`shared.directory.CLAIM_STALE_AFTER`/`WAIT_FOR_OTHER_SECONDS`, `shared.reconcile.STALE_CLAIMING`/
-`STALE_PART`, `shared.invoice_worker.RUNNING_STALE_AFTER` and `shared.blueprints.sync.RETRY_WHEN_BUSY_SECONDS`; `shared.auth._providers` is
+`shared.flows.directory.claims.CLAIM_STALE_AFTER`/`resolver.WAIT_FOR_OTHER_SECONDS`, `shared.flows.invoicing.reconcile.STALE_CLAIMING`/
+`STALE_PART`, `shared.flows.invoicing.parts.RUNNING_STALE_AFTER` and `shared.web.blueprints.sync.RETRY_WHEN_BUSY_SECONDS`; `shared.upstream.auth._providers` is
 emptied per run so tokens are requested under faults; the `shared` loggers log at INFO, as the
 Functions host does with this host.json."""
 
@@ -46,10 +46,10 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 
 from sandbox.data import generate, graph_datetime
-from shared.bc_lookups import email_addresses
-from shared.bookings import Booking, normalise_email
-from shared.invoicing import line_description
-from shared.store import BOOKINGS, CUSTOMER_LINKS, ITEM_LINKS, JOBS
+from shared.upstream.bc_lookups import email_addresses
+from shared.flows.bookings import Booking, normalise_email
+from shared.flows.invoicing.jobs import line_description
+from shared.storage.store import BOOKINGS, CUSTOMER_LINKS, ITEM_LINKS, JOBS
 from sandbox.host import FunctionHost
 from tests.conftest import make_world
 from tests.helpers import body, merge_row, peek_raw, rows
@@ -76,11 +76,11 @@ def chaos_world(sandbox, monkeypatch):
     saved = [asdict(plan.knobs) for plan in plans]
     made = make_world(sandbox, monkeypatch, businesses=2)
     # Deferred webhook syncs come back after 30 s in production; a second is enough here.
-    monkeypatch.setattr("shared.blueprints.sync.RETRY_WHEN_BUSY_SECONDS", 1)
+    monkeypatch.setattr("shared.web.blueprints.sync.RETRY_WHEN_BUSY_SECONDS", 1)
     # Work an API kept throttling without saying how long waits a minute in production; a second here.
-    monkeypatch.setattr("shared.messages.THROTTLED_DEFER_SECONDS", 1.0)
+    monkeypatch.setattr("shared.flows.messages.THROTTLED_DEFER_SECONDS", 1.0)
     # A fresh token provider per run, so token requests meet Entra ID's faults too.
-    monkeypatch.setattr("shared.auth._providers", {})
+    monkeypatch.setattr("shared.upstream.auth._providers", {})
     # The Functions host logs at Information (host.json): every app log record is built.
     app_log = logging.getLogger("shared")
     level = app_log.level
@@ -153,8 +153,8 @@ class Crashes:
 def arm_crashes(monkeypatch, crashes: Crashes) -> None:
     """Wrap the app's storage writes and upstream writes with the run's crash points, and
     shorten the windows after which the app takes over what a dead process left behind."""
-    from shared.http import ApiClient
-    from shared.store import Store
+    from shared.upstream.http import ApiClient
+    from shared.storage.store import Store
 
     for name in STORE_WRITES:
         real = getattr(Store, name)
@@ -187,13 +187,13 @@ def shorten_recovery_windows(monkeypatch) -> None:
     claim's window stays far longer than a live resolution takes in these runs. A job part that
     is still alive may be queued again after its window: that is one more duplicate delivery,
     which the app must bear anyway (queues deliver at least once)."""
-    monkeypatch.setattr("shared.directory.CLAIM_STALE_AFTER", timedelta(seconds=10))
-    monkeypatch.setattr("shared.directory.WAIT_FOR_OTHER_SECONDS", 12.0)
-    monkeypatch.setattr("shared.reconcile.STALE_CLAIMING", timedelta(seconds=2))
-    monkeypatch.setattr("shared.reconcile.STALE_PART", timedelta(seconds=6))
+    monkeypatch.setattr("shared.flows.directory.claims.CLAIM_STALE_AFTER", timedelta(seconds=10))
+    monkeypatch.setattr("shared.flows.directory.resolver.WAIT_FOR_OTHER_SECONDS", 12.0)
+    monkeypatch.setattr("shared.flows.invoicing.reconcile.STALE_CLAIMING", timedelta(seconds=2))
+    monkeypatch.setattr("shared.flows.invoicing.reconcile.STALE_PART", timedelta(seconds=6))
     # A part left "running" by a process that died, and queued again by the reconciliation, is
     # taken over once its holder cannot still be running (a function's timeout in production).
-    monkeypatch.setattr("shared.invoice_worker.RUNNING_STALE_AFTER", timedelta(seconds=15))
+    monkeypatch.setattr("shared.flows.invoicing.parts.RUNNING_STALE_AFTER", timedelta(seconds=15))
 
 
 class FailureLog(logging.Handler):
@@ -1036,7 +1036,7 @@ def test_two_businesses_offering_a_service_of_the_same_name_share_one_bc_item(wo
 
 def crash_at(monkeypatch, write: str, target: str) -> list[str]:
     """Kill the process at the first `write` to `target` (a table or queue), before it happens."""
-    from shared.store import Store
+    from shared.storage.store import Store
 
     fired: list[str] = []
 
@@ -1096,7 +1096,7 @@ def test_a_job_whose_message_was_never_sent_is_queued_again_and_bills_once(world
 def test_a_transient_entra_id_failure_is_retried_like_any_upstream_fault(world, monkeypatch, fault):
     """A token request that meets one 500 (or a dropped connection) must not fail the sync: the
     spec retries every 5xx/429/timeout with backoff, and Entra ID is an upstream like the others."""
-    monkeypatch.setattr("shared.auth._providers", {})  # no cached token: the sync must ask Entra ID
+    monkeypatch.setattr("shared.upstream.auth._providers", {})  # no cached token: the sync must ask Entra ID
     _appointment(world, hours_ago=30)
     world.sandbox.entra.plan.script("POST", r"/oauth2/v2.0/token$", fault, times=1)
 
@@ -1116,7 +1116,7 @@ def test_a_part_given_up_while_bc_is_unreachable_keeps_its_bookings_though_the_p
     world.bc.plan.configure(retry_after_seconds=0)
     world.bc.plan.script("POST", r"/salesInvoices$", "lost", times=1)
     world.bc.plan.script("GET", r"/salesInvoices", "503", times=100_000)
-    from shared.store import Store
+    from shared.storage.store import Store
 
     fired: list[str] = []
     real = Store.update

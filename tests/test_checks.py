@@ -13,7 +13,7 @@ from tests.helpers import body
 @pytest.fixture(autouse=True)
 def fresh_checks(monkeypatch):
     """Checks are cached per process for five minutes; each test starts without."""
-    monkeypatch.setattr("shared.checks._cache", {})
+    monkeypatch.setattr("shared.flows.checks._cache", {})
 
 
 def status(world) -> dict:
@@ -41,7 +41,7 @@ def test_a_company_bc_does_not_have_fails_the_check_naming_the_settings_to_fix(w
 
 
 def test_credentials_entra_id_refuses_fail_the_check_saying_what_to_check(world, monkeypatch):
-    monkeypatch.setattr("shared.auth._providers", {})
+    monkeypatch.setattr("shared.upstream.auth._providers", {})
     world.configure(AZURE_CLIENT_SECRET="not-the-secret")
     found = checks(world)["businessCentral"]
     assert not found["ok"] and "Check the app's credentials (AZURE_CLIENT_ID" in found["message"]
@@ -67,7 +67,7 @@ def test_bc_is_asked_once_however_often_health_and_status_are_polled(world):
 @pytest.fixture
 def fresh_tokens(monkeypatch):
     """Tokens carry the permissions granted when they were issued: start without cached ones."""
-    monkeypatch.setattr("shared.auth._providers", {})
+    monkeypatch.setattr("shared.upstream.auth._providers", {})
 
 
 def test_a_missing_graph_read_permission_is_named_with_where_to_grant_it(world, fresh_tokens):
@@ -117,7 +117,7 @@ def test_bookings_read_write_all_alone_is_not_taken_as_enough_for_appointments(w
     assert not refused["ok"] and "lacks the Microsoft Graph application permission Bookings.Read.All" in refused["message"]
 
     monkeypatch_cache = world.monkeypatch
-    monkeypatch_cache.setattr("shared.checks._cache", {})
+    monkeypatch_cache.setattr("shared.flows.checks._cache", {})
     from sandbox.graph.options import READ_ROLES
     world.graph.configure(appointment_read_roles=READ_ROLES)
     warned = checks(world)["graph"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from shared.customer_fields import Countries, Mapped, accepted_email, drop_refused, map_customer
-from shared.messages import CustomerSource
+from shared.flows.directory.customer_fields import Countries, Mapped, accepted_email, drop_refused, map_customer
+from shared.flows.messages import CustomerSource
 
 BC_COUNTRIES = Countries([{"code": code, "displayName": name} for code, name in (
     ("US", "United States"), ("GB", "United Kingdom"), ("NO", "Norway"), ("DE", "Germany"), ("NL", "Netherlands"),

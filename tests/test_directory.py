@@ -11,10 +11,10 @@ import uuid
 from collections import Counter
 
 from sandbox.data import generate
-from shared.directory import CUSTOMER_PARTITION
-from shared.messages import (CustomerBatchUpsert, CustomerSource, CustomerUpsert, ItemBatchUpsert, ItemUpsert,
+from shared.flows.directory.links import CUSTOMER_PARTITION
+from shared.flows.messages import (CustomerBatchUpsert, CustomerSource, CustomerUpsert, ItemBatchUpsert, ItemUpsert,
                              ServiceSource, encode)
-from shared.store import CUSTOMER_LINKS, ITEM_LINKS
+from shared.storage.store import CUSTOMER_LINKS, ITEM_LINKS
 from tests.helpers import body, rows
 
 
@@ -463,10 +463,10 @@ def test_a_create_bc_may_finish_after_the_client_gave_up_makes_one_customer(worl
 
 
 def test_throttling_without_retry_after_defers_the_upsert_and_never_poisons_it(world, monkeypatch):
-    from shared.http import ApiClient
+    from shared.upstream.http import ApiClient
 
     monkeypatch.setattr(ApiClient, "_delay", lambda self, attempt, retry_after: 0.01)  # retry at once
-    monkeypatch.setattr("shared.messages.THROTTLED_DEFER_SECONDS", 1.0)  # come back after a second, not a minute
+    monkeypatch.setattr("shared.flows.messages.THROTTLED_DEFER_SECONDS", 1.0)  # come back after a second, not a minute
     world.bc.plan.configure(retry_after_omitted=1.0)
     world.bc.plan.script("POST", r"/customers$", "429", times=7 * 3)  # three whole invocations' worth of retries
     world.host.send("directory-upserts", customer_message("busy@example.com"))

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from shared.http import MAX_BUDGET_WAIT_SECONDS, RateBudget, UpstreamThrottled
+from shared.upstream.errors import MAX_BUDGET_WAIT_SECONDS, UpstreamThrottled
+from shared.upstream.http import RateBudget
 
 
 def test_the_rate_budget_lets_the_quota_through_then_holds_work_back_for_later():

@@ -23,8 +23,8 @@ import pytest
 import yaml
 
 from shared.settings import Settings, setting_names
-from shared.signing_keys import KEYS_CONTAINER
-from shared.store import CONTAINER
+from shared.web.signing_keys import KEYS_CONTAINER
+from shared.storage.store import CONTAINER
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -1096,7 +1096,7 @@ def test_azure_yaml_names_the_function_service_and_points_at_infra():
 
 
 def test_infra_sets_and_outputs_the_redirect_uri_the_pages_sign_in_with():
-    from shared.signin import CALLBACK_PATH
+    from shared.web.signin import CALLBACK_PATH
 
     main, api = bicep("main.bicep").text, bicep("app/api.bicep")
     assert "output PAGES_REDIRECT_URI string = api.outputs.PAGES_REDIRECT_URI" in main

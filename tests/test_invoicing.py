@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from sandbox.data import graph_datetime
-from shared.store import BOOKINGS
+from shared.storage.store import BOOKINGS
 from tests.helpers import body, rows
 
 NOW = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
@@ -250,7 +250,7 @@ def test_a_lost_create_response_does_not_make_a_second_invoice(world):
 def test_a_crash_between_bc_create_and_recording_does_not_bill_twice(world, monkeypatch):
     ids = [appointment(world, hours_ago=40 + i) for i in range(3)]
     world.sync()
-    import shared.invoice_worker as worker
+    import shared.flows.invoicing.worker as worker
 
     real_apply, crashes = worker._apply, []
 
@@ -291,7 +291,7 @@ def test_a_fresh_job_creates_its_invoices_in_one_batch_without_looking_them_up(w
 
 @pytest.mark.parametrize(("parts", "per_message"), [(1, 1), (6, 2), (200, 40), (1000, 50), (5000, 50)])
 def test_a_job_is_spread_over_at_least_as_many_messages_as_bc_serves_at_once(parts, per_message):
-    from shared.invoicing import parts_per_message
+    from shared.flows.invoicing.jobs import parts_per_message
 
     assert parts_per_message(parts) == per_message
 

@@ -8,7 +8,7 @@ import logging
 import pytest
 from azure.storage.blob.aio import BlobLeaseClient
 
-from shared import leases
+from shared.storage import leases
 from shared.runtime import runtime
 
 
@@ -79,7 +79,7 @@ def test_the_holder_keeps_renewing_until_it_releases(world, monkeypatch):
 
 
 def test_a_lease_lost_to_another_holder_is_reported_not_renewed(world, caplog):
-    caplog.set_level(logging.WARNING, logger="shared.leases")
+    caplog.set_level(logging.WARNING, logger="shared.storage.leases")
 
     async def scenario():
         s = await store()

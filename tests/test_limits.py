@@ -1,4 +1,4 @@
-"""The upstream limits held for the whole app (`shared/limits.py`), against the real Azurite: two
+"""The upstream limits held for the whole app (`shared/upstream/limits.py`), against the real Azurite: two
 in-process hosts stand for two instances of the scaled-out app, each with its own event loop,
 store and clients, sharing only the storage account (and the simulators)."""
 
@@ -15,12 +15,13 @@ import pytest
 
 from azure.core.exceptions import ResourceNotFoundError
 
-from shared.graph import MAILBOX_CONCURRENCY
-from shared.http import MAX_BUDGET_WAIT_SECONDS, ApiClient, UpstreamThrottled
-from shared.ledger import SharedRateBudget
-from shared.limits import SharedSlots
+from shared.upstream.graph import MAILBOX_CONCURRENCY
+from shared.upstream.errors import MAX_BUDGET_WAIT_SECONDS, UpstreamThrottled
+from shared.upstream.http import ApiClient
+from shared.upstream.ledger import SharedRateBudget
+from shared.upstream.limits import SharedSlots
 from shared.runtime import runtime
-from shared.store import encode_key
+from shared.storage.store import encode_key
 from sandbox.stack import ENVIRONMENT, TENANT
 
 
@@ -327,8 +328,8 @@ def test_two_instances_hammering_one_mailbox_meet_bookings_limit_without_a_429(w
 
 def test_per_process_limits_alone_overrun_the_mailbox(world, hosts):
     """What the shared slots prevent: each instance keeps its own four, the mailbox gets eight."""
-    from shared.auth import token_provider
-    from shared.graph import GraphClient
+    from shared.upstream.auth import token_provider
+    from shared.upstream.graph import GraphClient
     from shared.settings import GRAPH_SCOPE, get_settings
 
     business = world.business_ids[0]

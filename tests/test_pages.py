@@ -11,7 +11,7 @@ import pytest
 from babel.messages.catalog import Catalog
 
 from sandbox.i18n import extract, read
-from shared.blueprints.pages.render import DEFAULT_LANGUAGE, LANGUAGES, translations
+from shared.web.blueprints.pages.render import DEFAULT_LANGUAGE, LANGUAGES, translations
 from tests.signin_helpers import Browser
 from tests.helpers import body
 from tests.test_invoicing import appointment
@@ -277,7 +277,7 @@ def test_signing_out_ends_the_session_in_the_browser(world):
 
 
 def test_a_long_list_is_shown_page_by_page_with_its_filters(world, monkeypatch):
-    monkeypatch.setattr("shared.blueprints.pages.ROWS_SHOWN", 2)
+    monkeypatch.setattr("shared.web.blueprints.pages.ROWS_SHOWN", 2)
     for hours in (100, 90, 80, 70, 60):
         appointment(world, hours_ago=hours, customers=(("pat@example.com", "Pat"),))
     appointment(world, hours_ago=50, customers=(("other@example.com", "Other"),))

@@ -15,8 +15,8 @@ import pytest
 from sandbox.serve import AppServer
 from sandbox.stack import USER_NAME
 from tests.conftest import make_world
-from shared.sessions import ROLES_SECONDS
-from shared.store import SESSIONS
+from shared.web.sessions import ROLES_SECONDS
+from shared.storage.store import SESSIONS
 from tests.helpers import body, merge_row, rows
 from tests.test_invoicing import appointment
 

@@ -12,7 +12,7 @@ import pytest
 
 from sandbox.serve import AppServer
 from sandbox.stack import USER_NAME
-from shared.billing import last_closed_period
+from shared.flows.invoicing.billing import last_closed_period
 from tests.test_billing import bill, booking
 from tests.test_chains import chain, make_chain  # noqa: F401 - the three-location, two-company world
 from tests.test_invoicing import appointment

@@ -12,10 +12,10 @@ import pytest
 from jinja2 import nodes
 
 from sandbox.host import indexed_functions
-from shared.bc import TEMPLATE_FIELDS
-from shared.blueprints.pages import FILTER_FIELDS
-from shared.blueprints.pages.render import LANGUAGES, N_, TEMPLATES, environment, render
-from shared.sessions import Principal
+from shared.upstream.bc import TEMPLATE_FIELDS
+from shared.web.blueprints.pages import FILTER_FIELDS
+from shared.web.blueprints.pages.render import LANGUAGES, N_, TEMPLATES, environment, render
+from shared.web.sessions import Principal
 from tests.signin_helpers import Browser
 
 PROBE = "<x-probe a=\"1\" b='2'>"
@@ -152,7 +152,7 @@ def test_only_constant_message_ids_reach_the_translation_functions():
 
 
 def test_a_message_with_runtime_values_escapes_them_and_keeps_a_percent():
-    from shared.blueprints.pages.render import say
+    from shared.web.blueprints.pages.render import say
 
     shown = say("de", N_("Template %(name)s saved.", name=HOSTILE))
     assert PROBE not in shown and "&lt;x-probe" in shown and "100%" in shown

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from sandbox.data import generate, graph_datetime
-from shared.messages import InvoiceJobPart, SyncRequest, directory_upsert, sync_part
-from shared.store import BOOKINGS, CUSTOMER_LINKS, ITEM_LINKS, JOBS, TEMPLATES
+from shared.flows.messages import InvoiceJobPart, SyncRequest, directory_upsert, sync_part
+from shared.storage.store import BOOKINGS, CUSTOMER_LINKS, ITEM_LINKS, JOBS, TEMPLATES
 from tests.conftest import make_world
 from tests.helpers import body, peek_raw, queue_client, rows
 from tests.plugins.chaos import BUDGET, TALLY
@@ -436,7 +436,7 @@ def check_queue_message(world, queue: str, text: str, encode: bool) -> None:
 def quiet_sync_requests(pworld):
     """Valid sync requests run a sync each; the deferred ones come back after 1 s, not 30."""
     with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setattr("shared.blueprints.sync.RETRY_WHEN_BUSY_SECONDS", 1)
+        monkeypatch.setattr("shared.web.blueprints.sync.RETRY_WHEN_BUSY_SECONDS", 1)
         yield
 
 

@@ -9,7 +9,7 @@ import pytest
 from sandbox.stack import CLIENT_ID, TENANT
 from sandbox.tokens import BOOKINGS_APPOINTMENT_READ_WRITE, BOOKINGS_READ, BOOKINGS_READ_WRITE, GRAPH_AUDIENCE
 from shared.settings import SettingsError, get_settings
-from shared.store import CUSTOMER_LINKS
+from shared.storage.store import CUSTOMER_LINKS
 from tests.helpers import body, rows
 from tests.test_invoicing import appointment
 
@@ -22,7 +22,7 @@ def enable_push(world, customers: bool = True, items: bool = True, roles: list[s
     """The push turned on, with the Graph permissions it needs granted (tokens carry the roles
     granted when they were issued: start without cached ones)."""
     world.sandbox.entra.set_roles(TENANT, CLIENT_ID, GRAPH_AUDIENCE, roles)
-    world.monkeypatch.setattr("shared.auth._providers", {})
+    world.monkeypatch.setattr("shared.upstream.auth._providers", {})
     world.configure(PUSH_CUSTOMERS_TO_BOOKINGS=str(customers).lower(), PUSH_ITEMS_TO_BOOKINGS=str(items).lower(),
                     **settings)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from shared.reconcile import recover_stale_claims
+from shared.flows.invoicing.reconcile import recover_stale_claims
 from shared.runtime import runtime
 from tests.test_invoicing import appointment, invoice, uninvoiced
 
@@ -19,7 +19,7 @@ def recover(world, minutes_later: int) -> dict:
 def test_a_crash_while_claiming_is_released_once_the_claim_is_stale(world, monkeypatch):
     ids = [appointment(world, hours_ago=30 + i) for i in range(3)]
     world.sync()
-    import shared.invoicing as invoicing
+    import shared.flows.invoicing.jobs as invoicing
 
     def crash(*args, **kwargs):
         raise RuntimeError("process died while claiming")
@@ -37,7 +37,7 @@ def test_a_crash_while_claiming_is_released_once_the_claim_is_stale(world, monke
 def test_a_job_whose_messages_were_lost_is_queued_again_and_completes_once(world, monkeypatch):
     ids = [appointment(world, hours_ago=30 + i) for i in range(2)]
     world.sync()
-    from shared.store import Store
+    from shared.storage.store import Store
 
     real_send_many = Store.send_many
 

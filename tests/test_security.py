@@ -15,8 +15,8 @@ import pytest
 from sandbox.data import graph_datetime
 from sandbox.host import indexed_functions
 from sandbox.stack import CLIENT_SECRET
-from shared.messages import CustomerSource, CustomerUpsert, ItemUpsert, ServiceSource, encode
-from shared.store import CUSTOMER_LINKS, ITEM_LINKS
+from shared.flows.messages import CustomerSource, CustomerUpsert, ItemUpsert, ServiceSource, encode
+from shared.storage.store import CUSTOMER_LINKS, ITEM_LINKS
 from tests.helpers import body, rows
 
 ANONYMOUS = {"health", "openapi"}
@@ -79,7 +79,7 @@ INJECTION = "x' or email ne 'y"
 
 def sent_filters(monkeypatch) -> list[str]:
     """Every `$filter` the app sends to an upstream API."""
-    from shared.http import ApiClient
+    from shared.upstream.http import ApiClient
 
     seen: list[str] = []
     real = ApiClient.request
@@ -178,7 +178,7 @@ def test_a_sync_run_survives_info_logging_as_the_functions_host_enables_it(world
 
 
 def test_no_secret_key_or_token_is_ever_logged_even_when_things_fail(world, monkeypatch, caplog):
-    monkeypatch.setattr("shared.auth._providers", {})  # tokens are requested while the logs are captured
+    monkeypatch.setattr("shared.upstream.auth._providers", {})  # tokens are requested while the logs are captured
     world.configure(HTTP_TIMEOUT_SECONDS="0.5")  # unknown outcomes are waited out: keep the waits short
     start = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
     for index in range(12):
@@ -246,7 +246,7 @@ def test_an_invalid_setting_answers_503_naming_it_without_a_stack_trace(world):
 
 
 def test_an_unexpected_error_answers_500_with_nothing_of_its_insides(world, monkeypatch):
-    from shared.store import Store
+    from shared.storage.store import Store
 
     async def broken(*args, **kwargs):
         raise RuntimeError("internal detail: /srv/app/shared/store.py password=hunter2")

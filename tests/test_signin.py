@@ -17,10 +17,10 @@ import pytest
 
 from sandbox.entra_idtokens import SPOILS
 from sandbox.stack import CLIENT_ID, OPERATOR_ROLE, TENANT, TENANT_DOMAIN, USER_NAME, USER_USERNAME, seed_users
-from shared import sessions
-from shared.store import SESSIONS
+from shared.web import sessions
+from shared.storage.store import SESSIONS
 from tests.helpers import body, merge_row, rows
-from shared.signin import session_token
+from shared.web.signin import session_token
 from tests.signin_helpers import Browser, EntraBrowser, keys_of
 from tests.test_security import JWT, everything_logged
 
@@ -70,11 +70,11 @@ def test_signing_in_at_entra_id_starts_a_server_side_session_and_opens_the_page(
 def test_a_tenant_configured_by_domain_name_signs_in_with_guid_tokens(world, person):
     """Entra names a tenant by its GUID whatever name it was asked by: in the issuer the app
     validates ID tokens against, in `tid` and `iss`."""
-    from shared.oidc import provider
+    from shared.web.oidc import provider
     from shared.settings import get_settings
 
     world.configure(AZURE_TENANT_ID=TENANT_DOMAIN)
-    world.monkeypatch.setattr("shared.auth._providers", {})
+    world.monkeypatch.setattr("shared.upstream.auth._providers", {})
 
     found = provider(get_settings())
     page = person.sign_in("/api/pages/jobs")
@@ -97,7 +97,7 @@ def test_the_sign_in_keeps_no_refresh_token_and_no_token_cache(world, person):
     person.follow(person.entra.get(authorize))
 
     assert len(world.sandbox.entra._refresh_tokens) == before, "Entra issued no refresh token"
-    from shared import signin
+    from shared.web import signin
 
     assert not [name for name in vars(signin) if isinstance(getattr(signin, name), dict)
                 and any(hasattr(v, "get_accounts") for v in getattr(signin, name).values())]
@@ -224,7 +224,7 @@ def test_the_domain_clock_decides_the_timeouts(world):
 
 
 def test_sessions_nobody_can_use_any_more_are_deleted_at_the_next_sign_in(world, monkeypatch):
-    monkeypatch.setattr("shared.sessions._pruned", weakref.WeakKeyDictionary())
+    monkeypatch.setattr("shared.web.sessions._pruned", weakref.WeakKeyDictionary())
 
     async def scenario():
         from shared.runtime import runtime
@@ -348,7 +348,7 @@ TID = "8f3c1e2a-0000-4000-8000-00000000e1d0"
     ({"acct": 0, "idp": f"https://sts.windows.net/{TID}/"}, False),
 ])
 def test_a_guest_is_told_by_the_tenant_idp_names_not_by_its_form(claims, guest):
-    from shared.signin import _is_guest
+    from shared.web.signin import _is_guest
 
     issuer = f"https://login.microsoftonline.com/{TID}/v2.0"
     assert _is_guest({"iss": issuer, "tid": TID, **claims}) is guest

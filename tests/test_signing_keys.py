@@ -9,11 +9,11 @@ import time
 
 from azure.storage.blob import BlobServiceClient
 
-from shared import signing_keys
-from shared.signin import session_cookie, session_token
-from shared.signing_keys import (ACTIVATE_SECONDS, KEYS_BLOB, KEYS_CONTAINER, LEGACY_KEY_BLOB, MIN_KEY_BYTES,
+from shared.web import signing_keys
+from shared.web.signin import session_cookie, session_token
+from shared.web.signing_keys import (ACTIVATE_SECONDS, KEYS_BLOB, KEYS_CONTAINER, LEGACY_KEY_BLOB, MIN_KEY_BYTES,
                                  RETAIN_SECONDS, ROTATE_AFTER_SECONDS)
-from shared.store import CONTAINER
+from shared.storage.store import CONTAINER
 from tests.signin_helpers import Browser
 
 DAY = 86400

@@ -7,7 +7,7 @@ import asyncio
 
 from shared.runtime import runtime
 from shared.settings import Settings
-from shared.store import (BOOKINGS, CREATE, DELETE, MAX_STRING_CHARS, TRUNCATION_MARKER, UPDATE, UPSERT, Store, decode_key,
+from shared.storage.store import (BOOKINGS, CREATE, DELETE, MAX_STRING_CHARS, TRUNCATION_MARKER, UPDATE, UPSERT, Store, decode_key,
                           encode_key, fit_string)
 from tests.helpers import rows
 

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 
 from sandbox.data import generate, graph_datetime
 from shared.runtime import runtime
-from shared.store import BOOKINGS
+from shared.storage.store import BOOKINGS
 from tests.helpers import body, bookings, rows
 
 
@@ -172,7 +172,7 @@ def test_group_and_single_customer_fields_are_both_read(world):
 
 
 def test_overlapping_runs_do_not_corrupt_anything(world, caplog):
-    caplog.set_level(logging.INFO, logger="shared.sync")
+    caplog.set_level(logging.INFO, logger="shared.flows.sync.run")
     load(world)
     world.graph.plan.configure(latency_ms=20)
     errors = []
@@ -228,7 +228,7 @@ def test_window_excludes_appointments_outside_lookback(world):
 
 
 def test_upsert_messages_hold_at_most_100_entries_and_stay_within_the_queue_size_limit():
-    from shared.messages import CustomerBatchUpsert, CustomerSource, CustomerUpsert, pack
+    from shared.flows.messages import CustomerBatchUpsert, CustomerSource, CustomerUpsert, pack
 
     long = "x" * 90
     entries = [CustomerUpsert(customer=CustomerSource(email=f"{long[:60]}{i}@example.com", displayName=long,
@@ -247,8 +247,8 @@ def test_upsert_messages_hold_at_most_100_entries_and_stay_within_the_queue_size
 
 
 def test_several_webhook_calls_while_queued_make_one_sync_run(world, caplog, monkeypatch):
-    monkeypatch.setattr("shared.blueprints.sync.RETRY_WHEN_BUSY_SECONDS", 1)  # not 30 s: the merging is the point
-    caplog.set_level(logging.INFO, logger="shared.sync")
+    monkeypatch.setattr("shared.web.blueprints.sync.RETRY_WHEN_BUSY_SECONDS", 1)  # not 30 s: the merging is the point
+    caplog.set_level(logging.INFO, logger="shared.flows.sync.run")
     load(world, appointments=10)
     for _ in range(4):
         assert world.host.http("POST", "sync").status_code == 202
@@ -428,7 +428,7 @@ def test_each_business_is_synced_on_its_own_and_health_shows_each_outcome(world2
 
 
 def test_a_sync_message_for_a_business_is_processed_or_deferred_never_run_twice_at_once(world, caplog):
-    caplog.set_level(logging.INFO, logger="shared.sync")
+    caplog.set_level(logging.INFO, logger="shared.flows.sync.run")
     load(world, appointments=30)
     world.graph.plan.configure(latency_ms=20)
     world.host.timer("sync_bookings")
@@ -443,7 +443,7 @@ def test_a_sync_message_for_a_business_is_processed_or_deferred_never_run_twice_
 
 
 def test_a_queued_part_for_a_business_no_longer_configured_is_dropped_not_retried(world2, caplog):
-    caplog.set_level(logging.INFO, logger="shared.blueprints.sync")
+    caplog.set_level(logging.INFO, logger="shared.web.blueprints.sync")
     load(world2, appointments=20)
     world2.host.http("POST", "sync")
     world2.host.drain(queues=["sync-requests"])  # the run is fanned out, its parts wait
@@ -473,7 +473,7 @@ def test_someone_known_only_from_appointments_is_taken_from_the_latest_and_not_q
 
 
 def test_a_dense_calendar_is_read_in_shorter_slices_so_a_slice_holds_about_2000_rows():
-    from shared.sync import SHORTEST_SLICE, SUB_WINDOW, slice_length, sub_windows
+    from shared.flows.sync.calendar import SHORTEST_SLICE, SUB_WINDOW, slice_length, sub_windows
 
     start = NOW
     end = NOW + timedelta(days=90)

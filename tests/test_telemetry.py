@@ -31,12 +31,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "shared").rglob("*.py")) + [ROOT / "function_app.py"]
 LEVELS = {"debug", "info", "warning", "error", "exception", "critical", "log"}
 
-# Parts of event names built at run time → the values they take. Each value must still appear as a
-# string in that module; a new dynamic part fails the test until it is added here.
+# Parts of event names built at run time → the values they take, and the module that gives them
+# (None: the same module). Each value must still appear as a string in that module; a new dynamic
+# part fails the test until it is added here.
 DYNAMIC_PARTS = {
-    ("shared/invoice_worker.py", "status"): ("succeeded", "failed"),      # _finished(row, status, …)
-    ("shared/directory.py", "kind.name"): ("customer", "item"),           # Kind("customer", …)
-    ("shared/directory.py", "origin"): ("created", "linked"),             # Link.origin
+    ("shared/flows/invoicing/parts.py", "status"): (("succeeded", "failed"), None),  # finished_entity(row, status, …)
+    ("shared/flows/directory/claims.py", "kind.name"): (("customer", "item"),        # Kind("customer", …)
+                                                        "shared/flows/directory/links.py"),
+    ("shared/flows/directory/claims.py", "origin"): (("created", "linked"),          # Link.origin
+                                                     "shared/flows/directory/resolver.py"),
 }
 
 SNAKE_CASE = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)+")
@@ -104,8 +107,10 @@ def event_names(path: str, tree: ast.Module, node: ast.expr) -> tuple[str, ...]:
 
 def dynamic_part(path: str, tree: ast.Module, node: ast.expr) -> tuple[str, ...]:
     source = ast.unparse(node)
-    values = DYNAMIC_PARTS.get((path, source))
+    values, given_in = DYNAMIC_PARTS.get((path, source), ((), None))
     assert values, f"{path}: an event name is built from `{source}`; add its values to DYNAMIC_PARTS"
+    if given_in is not None:
+        tree = ast.parse((ROOT / given_in).read_text(encoding="utf-8"), given_in)
     missing = set(values) - string_constants(tree)
     assert not missing, f"{path}: `{source}` no longer takes {missing}; update DYNAMIC_PARTS"
     return values
@@ -181,14 +186,16 @@ def returned_count_keys(tree: ast.Module, name: str) -> set[str]:
 def sync_run_count_keys(all_trees: dict[str, ast.Module]) -> set[str]:
     """The numbers of a sync run: what `last_sync` adds up over the businesses (`SUMMED`), the
     run's `seconds`, and what reconciliation returns (merged into the run's counts)."""
-    sync = all_trees["shared/sync.py"]
+    sync = all_trees["shared/flows/sync/run.py"]
     summed = next(node for node in sync.body
                   if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "SUMMED")
-    counts_class = next(node for node in sync.body if isinstance(node, ast.ClassDef) and node.name == "BusinessCounts")
+    calendar = all_trees["shared/flows/sync/calendar.py"]
+    counts_class = next(node for node in calendar.body
+                        if isinstance(node, ast.ClassDef) and node.name == "BusinessCounts")
     fields = {node.target.id for node in counts_class.body if isinstance(node, ast.AnnAssign)}
     keys = {element.value for element in summed.value.elts}
     assert fields <= keys, f"BusinessCounts fields not added up in last_sync: {fields - keys}"
-    return keys | {"seconds"} | returned_count_keys(all_trees["shared/reconcile.py"], "reconcile_invoices")
+    return keys | {"seconds"} | returned_count_keys(all_trees["shared/flows/invoicing/reconcile.py"], "reconcile_invoices")
 
 
 def spread_keys(path: str, func: ast.AST, value: ast.expr, all_trees: dict[str, ast.Module]) -> tuple[set[str], str]:
@@ -197,7 +204,7 @@ def spread_keys(path: str, func: ast.AST, value: ast.expr, all_trees: dict[str, 
         value = bindings(func).get(value.id)
     if not (isinstance(value, ast.DictComp) and isinstance(value.key, ast.JoinedStr)):
         raise AssertionError(f"{path}: a `**spread` in an extra; teach tests/test_telemetry.py to expand it")
-    if path == "shared/sync.py" and "counts.items()" == ast.unparse(value.generators[0].iter):
+    if path == "shared/flows/sync/run.py" and "counts.items()" == ast.unparse(value.generators[0].iter):
         prefix = "".join(part.value for part in value.key.values if isinstance(part, ast.Constant))
         if re.fullmatch(r"\w+", prefix) and len(value.key.values) == 2:
             return {prefix + key for key in sync_run_count_keys(all_trees)}, ""
@@ -455,7 +462,7 @@ def exported():
     provider.add_log_record_processor(SimpleLogRecordProcessor(memory))
     handler = LoggingHandler(logger_provider=provider)
     root = logging.getLogger()
-    names = telemetry.APP_LOGGERS + telemetry.QUIET_LOGGERS + ("shared.sync", "shared.api")
+    names = telemetry.APP_LOGGERS + telemetry.QUIET_LOGGERS + ("shared.flows.sync.run", "shared.web.api")
     levels = {name: logging.getLogger(name).level for name in names} | {"": root.level}
     root.addHandler(handler)
     root.setLevel(logging.INFO)  # the worker's level
@@ -469,15 +476,15 @@ def exported():
 
 
 def test_extra_keys_become_custom_dimensions_as_is_and_exceptions_go_to_exceptions(exported):
-    log = logging.getLogger("shared.sync")
+    log = logging.getLogger("shared.flows.sync.run")
     log.info("sync run %s %s", "r1", "succeeded", extra={
         "event": "sync_run_finished", "run_id": "r1", "outcome": "succeeded", "count_seconds": 1.25,
         "count_fetched": 3})
-    logging.getLogger("shared.leases").warning("lease", extra={"event": "lease_renewal_failed", "lost": False})
+    logging.getLogger("shared.storage.leases").warning("lease", extra={"event": "lease_renewal_failed", "lost": False})
     try:
         raise RuntimeError("boom")
     except RuntimeError:
-        logging.getLogger("shared.api").exception("x failed", extra={"event": "http_failed", "function": "x"})
+        logging.getLogger("shared.web.api").exception("x failed", extra={"event": "http_failed", "function": "x"})
     sent = {envelope.data.base_data.properties["event"]: envelope for envelope, _ in exported()}
     finished = sent["sync_run_finished"]
     assert finished.data.base_type == "MessageData"  # the traces table
@@ -505,7 +512,7 @@ def test_configure_logging_keeps_sdk_http_logging_out_and_the_app_in(exported):
     logging.getLogger("urllib3.connectionpool").debug("Starting new HTTPS connection")
     logging.getLogger("azure.core.pipeline.policies.http_logging_policy").warning("sdk warning")
     logging.getLogger("msal.application").error("msal error")
-    logging.getLogger("shared.sync").info("app info", extra={"event": "sync_skipped", "trigger": "timer"})
+    logging.getLogger("shared.flows.sync.run").info("app info", extra={"event": "sync_skipped", "trigger": "timer"})
     logging.getLogger("function_app").info("function app info")
     bodies = [record.body for _, record in exported()]
     assert bodies == ["sdk warning", "msal error", "app info", "function app info"]

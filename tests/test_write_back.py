@@ -110,7 +110,7 @@ def test_a_sync_meets_an_unreadable_appointment_read_by_id_and_leaves_it_as_it_w
 def test_a_future_appointment_within_the_business_rules_is_noted_under_the_strict_reading(world):
     """The rules bind what the app writes, not whether it may write at all: a change that keeps them goes through."""
     from shared.runtime import runtime
-    from shared.write_back import write_back
+    from shared.flows.invoicing.write_back import write_back
 
     a = appointment(world, hours_ago=-48)
     booking = SimpleNamespace(business_id=world.business_ids[0], id=a)

@@ -6,7 +6,8 @@ answers at ``https://api.businesscentral.dynamics.com/v2.0/…``, so the app onl
 are read-only, the validation messages) and the documented OData behaviour, including the parts
 an integration tends to get wrong; `sandbox/FIDELITY.md` lists each behaviour with its source.
 
-Modules, bottom up: `errors` (BC's error shape), `odata` (the ``$filter`` engine), `fields`
+Modules, bottom up: `errors` (BC's error shape), `odata_syntax` (the ``$filter`` grammar), `odata` (the ``$filter``
+engine), `fields`
 (entity specs and value coercion), `options` (switches for what the docs leave open), `rules`
 (BC's field validations and their messages), `store` (state, transactions, number series),
 `masters` (customers, items), `countries` (Country/Region), `invoices` (sales invoices and

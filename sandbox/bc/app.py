@@ -97,7 +97,7 @@ class BcSimulator(DataApi):
         routes.append(Route("/{path:path}", self._not_found, methods=methods))
         self.app = FaultMiddleware(Starlette(routes=routes), self.plan, key_of=_environment_key,
                                    error_body=_bc_error_body, rate_key_of=_principal_key)
-        self.web_app = web_client_app(self)
+        self.web_app = web_client_app(self._backend, self._lock)
 
     @property
     def creates(self) -> Counter:

@@ -30,8 +30,8 @@ OData/WebApi `src/Microsoft.AspNet.OData.Shared/Query/Validators/FilterQueryVali
 
 from __future__ import annotations
 
-from sandbox.bc.odata import (CODE, NUMBER, STRING, Call, Compare, EntityType, FilterRules, Literal, Logical, Not,
-                              ODataError, Property)
+from sandbox.bc.odata import EntityType, FilterRules
+from sandbox.bc.odata_syntax import CODE, NUMBER, STRING, Call, Compare, Literal, Logical, Not, ODataError, Property
 
 MESSAGE = ("The node count limit of '{limit}' has been exceeded. To increase the limit, set the 'MaxNodeCount' "
            "property on EnableQueryAttribute or ODataValidationSettings.")

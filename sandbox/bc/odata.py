@@ -22,44 +22,46 @@ query the app sends here also works against the real service:
   so an app that relies on it would work here and fail in production.
 
 Every malformed expression raises `ODataError` (reported as 400 by the simulator), never anything
-else.
+else. The grammar (tokens, tree, parser) is `sandbox.bc.odata_syntax`; this module compiles a
+parsed filter against an entity, and reads `$select` and `$orderby`.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import re
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
+from sandbox.bc.odata_syntax import (
+    BOOL,
+    BOOLEAN_FUNCTIONS,
+    CODE,
+    DATE,
+    DATETIME,
+    GUID,
+    NUMBER,
+    STRING,
+    TEXT_FUNCTIONS,
+    TEXT_KINDS,
+    Call,
+    Compare,
+    FilterValueError,
+    Literal,
+    Logical,
+    NestedCallError,
+    Not,
+    ODataError,
+    Parser,
+    Property,
+    parse_datetime,
+    parse_filter,
+)
 from sandbox.text import utf16_length
-
-STRING, CODE, GUID, NUMBER, BOOL, DATE, DATETIME = "string", "code", "guid", "number", "bool", "date", "datetime"
-TEXT_KINDS = (STRING, CODE)
-"""Both are ``Edm.String``; a CODE field holds upper-case values (AL ``Code[n]``)."""
 
 _EDM = {STRING: "Edm.String", CODE: "Edm.String", GUID: "Edm.Guid", NUMBER: "Edm.Decimal", BOOL: "Edm.Boolean",
         DATE: "Edm.Date", DATETIME: "Edm.DateTimeOffset", "null": "null"}
-
-
-class ODataError(Exception):
-    """A query option Business Central would refuse with 400 Bad Request."""
-
-    code = "BadRequest"
-
-
-class NestedCallError(ODataError):
-    """A nested function call without ``$schemaversion=2.1``: refused, or (`BcOptions`) answered
-    with an undefined result."""
-
-
-class FilterValueError(ODataError):
-    """A literal that AL cannot put into the field's filter (BC's ``NavFilterException``)."""
-
-    code = "Application_FilterErrorException"
 
 
 @dataclass(frozen=True)
@@ -103,220 +105,6 @@ class EntityType:
         return self.properties[name]
 
 
-# --- tokens -----------------------------------------------------------------------------------
-
-_TOKEN = re.compile(
-    r"""
-    (?P<ws>\s+)
-  | (?P<string>'(?:[^']|'')*')
-  | (?P<guid>[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}(?![\w-]))
-  | (?P<datetime>\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:\d{2}))
-  | (?P<date>\d{4}-\d{2}-\d{2}(?![\w:]))
-  | (?P<number>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?[mMdDlLfF]?(?![\w.]))
-  | (?P<name>[A-Za-z_][A-Za-z0-9_]*(?:/[A-Za-z_][A-Za-z0-9_]*)*)
-  | (?P<open>\()
-  | (?P<close>\))
-  | (?P<comma>,)
-    """,
-    re.VERBOSE,
-)
-
-
-@dataclass(frozen=True)
-class _Token:
-    kind: str
-    text: str
-    position: int
-
-
-def _tokenize(text: str) -> list[_Token]:
-    tokens: list[_Token] = []
-    position = 0
-    while position < len(text):
-        match = _TOKEN.match(text, position)
-        if not match:
-            raise ODataError(f"Syntax error at position {position} in '{text}'.")
-        kind = match.lastgroup or ""
-        if kind != "ws":
-            tokens.append(_Token(kind, match.group(0), position))
-        position = match.end()
-    return tokens
-
-
-# --- syntax tree ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Literal:
-    kind: str
-    """STRING, GUID, NUMBER, BOOL, DATE, DATETIME or ``null``."""
-    value: Any
-
-
-@dataclass(frozen=True)
-class Property:
-    name: str
-
-
-@dataclass(frozen=True)
-class Call:
-    name: str
-    args: tuple
-
-
-@dataclass(frozen=True)
-class Compare:
-    op: str
-    left: Any
-    right: Any
-
-
-@dataclass(frozen=True)
-class Logical:
-    """``and``/``or`` over a flat tuple, so that a long chain does not nest deeply."""
-
-    op: str
-    operands: tuple
-
-
-@dataclass(frozen=True)
-class Not:
-    operand: Any
-
-
-_COMPARISONS = ("eq", "ne", "gt", "ge", "lt", "le")
-_BOOLEAN_FUNCTIONS = ("contains", "startswith", "endswith")
-_TEXT_FUNCTIONS = ("tolower", "toupper")
-
-
-class _Parser:
-    def __init__(self, text: str):
-        self.text = text
-        self.tokens = _tokenize(text)
-        self.index = 0
-
-    def parse(self):
-        if not self.tokens:
-            raise ODataError("The $filter expression is empty.")
-        node = self._or()
-        if self.index < len(self.tokens):
-            token = self.tokens[self.index]
-            raise ODataError(f"Syntax error at position {token.position} in '{self.text}'.")
-        return node
-
-    def _peek(self) -> _Token | None:
-        return self.tokens[self.index] if self.index < len(self.tokens) else None
-
-    def _take(self, kind: str | None = None, text: str | None = None) -> _Token:
-        token = self._peek()
-        if token is None:
-            raise ODataError(f"Expression expected at position {len(self.text)} in '{self.text}'.")
-        if (kind and token.kind != kind) or (text and token.text.lower() != text):
-            raise ODataError(f"Syntax error at position {token.position} in '{self.text}'.")
-        self.index += 1
-        return token
-
-    def _keyword(self, *words: str) -> str | None:
-        token = self._peek()
-        if token and token.kind == "name" and token.text.lower() in words:
-            self.index += 1
-            return token.text.lower()
-        return None
-
-    def _or(self):
-        operands = [self._and()]
-        while self._keyword("or"):
-            operands.append(self._and())
-        return operands[0] if len(operands) == 1 else Logical("or", tuple(operands))
-
-    def _and(self):
-        operands = [self._not()]
-        while self._keyword("and"):
-            operands.append(self._not())
-        return operands[0] if len(operands) == 1 else Logical("and", tuple(operands))
-
-    def _not(self):
-        if self._keyword("not"):
-            return Not(self._not())
-        return self._comparison()
-
-    def _comparison(self):
-        left = self._primary()
-        op = self._keyword(*_COMPARISONS, "in", "has", "add", "sub", "mul", "div", "mod")
-        if op is None:
-            return left
-        if op == "in":
-            raise ODataError("The 'in' operator is not supported by the Business Central API; "
-                             "combine 'eq' conditions on the same field with 'or'.")
-        if op not in _COMPARISONS:
-            raise ODataError(f"The operator '{op}' is not supported.")
-        return Compare(op, left, self._primary())
-
-    def _primary(self):
-        token = self._take()
-        if token.kind == "open":
-            node = self._or()
-            self._take("close")
-            return node
-        if token.kind == "string":
-            return Literal(STRING, token.text[1:-1].replace("''", "'"))
-        if token.kind == "guid":
-            return Literal(GUID, token.text.lower())
-        if token.kind == "date":
-            try:
-                return Literal(DATE, dt.date.fromisoformat(token.text).isoformat())
-            except ValueError as error:
-                raise ODataError(f"Unrecognized 'Edm.Date' literal '{token.text}'.") from error
-        if token.kind == "datetime":
-            return Literal(DATETIME, _parse_datetime(token.text))
-        if token.kind == "number":
-            try:
-                return Literal(NUMBER, Decimal(token.text.rstrip("mMdDlLfF")))
-            except InvalidOperation as error:
-                raise ODataError(f"Unrecognized number literal '{token.text}'.") from error
-        if token.kind == "name":
-            word = token.text
-            if word.lower() in ("true", "false"):
-                return Literal(BOOL, word.lower() == "true")
-            if word.lower() == "null":
-                return Literal("null", None)
-            nxt = self._peek()
-            if nxt and nxt.kind == "open":
-                return self._call(word)
-            if "/" in word:
-                raise ODataError(f"Navigation in '$filter' ('{word}') is not supported.")
-            return Property(word)
-        raise ODataError(f"Syntax error at position {token.position} in '{self.text}'.")
-
-    def _call(self, name: str):
-        self._take("open")
-        args = []
-        if self._peek() and self._peek().kind == "close":
-            self._take("close")
-        else:
-            args.append(self._or())
-            while self._peek() and self._peek().kind == "comma":
-                self._take("comma")
-                args.append(self._or())
-            self._take("close")
-        lowered = name.lower()
-        if lowered not in _BOOLEAN_FUNCTIONS + _TEXT_FUNCTIONS:
-            raise ODataError(f"An unknown function with name '{name}' was found.")
-        expected = 2 if lowered in _BOOLEAN_FUNCTIONS else 1
-        if len(args) != expected:
-            raise ODataError(f"The function '{name}' takes {expected} argument(s), not {len(args)}.")
-        return Call(lowered, tuple(args))
-
-
-def _parse_datetime(text: str) -> str:
-    try:
-        value = dt.datetime.fromisoformat(text)
-    except ValueError as error:
-        raise ODataError(f"Unrecognized 'Edm.DateTimeOffset' literal '{text}'.") from error
-    return value.astimezone(dt.UTC).isoformat(timespec="microseconds")
-
-
-# --- checking and compiling -------------------------------------------------------------------
-
 Predicate = Callable[[Mapping[str, Any]], bool]
 
 
@@ -331,7 +119,7 @@ def normalize(kind: str, value: Any) -> Any:
     if kind == NUMBER:
         return Decimal(str(value))
     if kind == DATETIME:
-        return _parse_datetime(str(value))
+        return parse_datetime(str(value))
     return value
 
 
@@ -383,7 +171,7 @@ class _Compiler:
             return lambda row: not inner(row)
         if isinstance(node, Compare):
             return self._compare(node)
-        if isinstance(node, Call) and node.name in _BOOLEAN_FUNCTIONS:
+        if isinstance(node, Call) and node.name in BOOLEAN_FUNCTIONS:
             return self._text_function(node)
         if isinstance(node, Property) and self.entity.type_of(node.name) == BOOL:
             name = node.name
@@ -396,7 +184,7 @@ class _Compiler:
             kind = self.entity.type_of(node.name)
             name = node.name
             return _Operand(kind, name, None, lambda row: normalize(kind, row.get(name)))
-        if isinstance(node, Call) and node.name in _TEXT_FUNCTIONS:
+        if isinstance(node, Call) and node.name in TEXT_FUNCTIONS:
             if nested and not self.rules.nested_functions:
                 raise NestedCallError(
                     f"Nested function calls such as '{node.name}' inside another function are supported only "
@@ -434,7 +222,7 @@ class _Compiler:
         if isinstance(left, Literal) and not isinstance(right, Literal):
             op = {"gt": "lt", "lt": "gt", "ge": "le", "le": "ge"}.get(op, op)
             left, right = right, left
-        if isinstance(left, Call) and left.name in _BOOLEAN_FUNCTIONS:
+        if isinstance(left, Call) and left.name in BOOLEAN_FUNCTIONS:
             if not (isinstance(right, Literal) and right.kind == BOOL and op in ("eq", "ne")):
                 raise ODataError(f"The function '{left.name}' can only be compared with true or false.")
             inner = self._text_function(left)
@@ -507,14 +295,6 @@ _OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
 }
 
 
-def parse_filter(text: str):
-    """A `$filter`'s syntax tree."""
-    try:
-        return _Parser(text).parse()
-    except RecursionError as error:
-        raise ODataError("The $filter expression is nested too deeply.") from error
-
-
 def compile_tree(tree, entity: EntityType, rules: FilterRules | None = None) -> Predicate:
     """Type-check a parsed `$filter`; the result tells whether a (stored) record matches."""
     try:
@@ -531,7 +311,7 @@ def compile_filter(text: str, entity: EntityType, rules: FilterRules | None = No
 def filter_fields(text: str) -> set[str]:
     """The properties a `$filter` refers to (used to check the filters BC insists on)."""
     try:
-        return _fields_of(_Parser(text).parse())
+        return _fields_of(Parser(text).parse())
     except RecursionError as error:
         raise ODataError("The $filter expression is nested too deeply.") from error
 

@@ -24,7 +24,9 @@ from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
 if TYPE_CHECKING:
-    from sandbox.bc.app import BcSimulator
+    import threading
+
+    from sandbox.bc.backend import Backend
 
 SALES_INVOICE_PAGE = "43"
 """Page 43 "Sales Invoice" (SourceTable "Sales Header", Document Type Invoice): the unposted ones."""
@@ -111,11 +113,10 @@ def _invoice_page(company: str, invoice: dict) -> HTMLResponse:
     return _page(title, body)
 
 
-def find_draft(bc: BcSimulator, tenant: str, environment: str, company: str | None,
+def find_draft(backend: Backend, lock: threading.Lock, tenant: str, environment: str, company: str | None,
                number: str) -> tuple[str, dict] | str:
     """(company name, the draft invoice with its lines), or why there is none."""
-    with bc._lock:
-        backend = bc._backend
+    with lock:
         companies = backend.companies_of(tenant, environment)
         if not companies:
             return f"There is no environment '{environment}' in tenant '{tenant}'."
@@ -135,8 +136,9 @@ def find_draft(bc: BcSimulator, tenant: str, environment: str, company: str | No
                 f"Document Type='Invoice',No.='{number}'")
 
 
-def web_client_app(bc: BcSimulator) -> Starlette:
-    """The web client's routes for a `BcSimulator`: ``GET /webclient/{tenant}/{environment}/``."""
+def web_client_app(backend: Backend, lock: threading.Lock) -> Starlette:
+    """The web client's routes over a `BcSimulator`'s backend (read under the simulator's `lock`):
+    ``GET /webclient/{tenant}/{environment}/``."""
 
     async def page(request: Request) -> HTMLResponse:
         tenant, environment = request.path_params["tenant"], request.path_params["environment"]
@@ -152,7 +154,7 @@ def web_client_app(bc: BcSimulator) -> Starlette:
             return _problem("Filter not simulated", "The simulated web client finds a Sales Invoice by 'No.' only.",
                             400)
         number = conditions["No."].strip().upper()  # a Code field
-        found = find_draft(bc, tenant, environment, params.get("company"), number)
+        found = find_draft(backend, lock, tenant, environment, params.get("company"), number)
         if isinstance(found, str):
             return _problem("Sales Invoice not found", found, 404)
         return _invoice_page(*found)

@@ -1,0 +1,1 @@
+"""Invoicing: uninvoiced bookings, jobs, and the worker that makes each job's BC draft invoices."""
