@@ -25,6 +25,8 @@ import uuid
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 
+from urllib.parse import quote, urlencode
+
 import httpx
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError
@@ -92,6 +94,9 @@ class Naive:
         scope = GRAPH_SCOPE if api == "graph" else BC_SCOPE
         headers = {"Authorization": f"Bearer {self._token(scope)}", **kwargs.pop("headers", {})}
         self.requests[api] += 1
+        params = kwargs.pop("params", None)
+        if params:  # spaces as %20: BC does not document reading + in a query string as a space
+            url = f"{url}?{urlencode(params, quote_via=quote)}"
         response = self.http.request(method, url, headers=headers, **kwargs)
         response.raise_for_status()
         return response

@@ -59,6 +59,9 @@ INVOICES_BY_KEY = Lookup("salesInvoices", "externalDocumentNumber", code=True)
 COMPANY_NAME_SECONDS = 3600.0
 NESTED_CHECK_SECONDS = 3600.0
 """How long an environment's answer to the nested-call check (`BcClient.nested_calls`) is kept."""
+NESTED_UNKNOWN_SECONDS = 60.0
+"""How long "BC has no customer with an e-mail to try" is kept: a first sync into an empty company
+looks customers up every few seconds, and asking again each time was a third of its BC requests."""
 _nested_verdicts: weakref.WeakKeyDictionary[ApiClient, tuple[float, str]] = weakref.WeakKeyDictionary()
 
 SECONDS_PER_CREATE = {"customers": 0.2, "items": 0.2, "salesInvoices": 0.5}
@@ -312,7 +315,7 @@ class BcClient:
         nothing would make the directory create every customer again. So the lookup is tried once
         with the first address of a customer BC has: `trusted` when BC finds that customer by it
         and nothing that lacks the address; `refused` on a 400; `untrusted` on any other 200;
-        `unknown` when BC has no customer with an e-mail to try (nothing can be missed then). A
+        `unknown` when BC has no customer with an e-mail to try (nothing can be missed then; kept a minute). A
         verdict is kept `NESTED_CHECK_SECONDS` per environment."""
         cached = _nested_verdicts.get(self.api)
         if cached and cached[0] > time.monotonic():
@@ -320,6 +323,7 @@ class BcClient:
         sample = await self.list("customers", "email ne ''", {"$top": "1", "$select": "id,email"})
         addresses = email_addresses(sample[0].get("email")) if sample else []
         if not addresses:
+            _nested_verdicts[self.api] = (time.monotonic() + NESTED_UNKNOWN_SECONDS, "unknown")
             return "unknown"
         address = addresses[0]
         try:
