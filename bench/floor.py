@@ -26,11 +26,10 @@ import time
 from datetime import datetime, timedelta, timezone
 
 import httpx
-from urllib.parse import quote, urlencode
-
 import orjson
 
 from bench.model import BC_BATCH_MAX, BC_CONCURRENCY, GRAPH_CONCURRENCY, bc_batched_seconds
+from shared.upstream.bc_lookups import query_string
 
 
 class Floor:
@@ -60,7 +59,7 @@ class Floor:
 
     async def _get(self, url: str, scope: str, params: dict | None = None) -> dict:
         if params:  # spaces as %20, as the app sends them
-            url = f"{url}?{urlencode(params, quote_via=quote)}"
+            url = f"{url}?{query_string(params)}"
         response = await self.http.get(url, headers={"Authorization": f"Bearer {self.tokens[scope]}"})
         response.raise_for_status()
         return orjson.loads(response.content)  # the cheapest parse there is: the floor pays no more than the app

@@ -25,12 +25,12 @@ import uuid
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 
-from urllib.parse import quote, urlencode
-
 import httpx
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError
 from azure.data.tables import TableServiceClient, UpdateMode
+
+from shared.upstream.bc_lookups import query_string
 
 BOOKINGS = "naivebookings"
 LINKS = "naivelinks"
@@ -96,7 +96,7 @@ class Naive:
         self.requests[api] += 1
         params = kwargs.pop("params", None)
         if params:  # spaces as %20: BC does not document reading + in a query string as a space
-            url = f"{url}?{urlencode(params, quote_via=quote)}"
+            url = f"{url}?{query_string(params)}"
         response = self.http.request(method, url, headers=headers, **kwargs)
         response.raise_for_status()
         return response
