@@ -198,6 +198,25 @@ def test_a_customer_whose_bc_email_lists_several_addresses_is_found_by_any_never
     assert job["status"] == "succeeded" and world.bc.invoices(world.company_id)[0]["customerId"] == listed["id"]
 
 
+def test_an_empty_company_never_spares_another_company_of_the_environment_the_nested_lookup_check(world):
+    """"No customer with an e-mail to test BC's nested lookup with" is one company's state: kept a
+    minute for it, it must not stand for a company of the same environment that has customers, whose
+    lookups would then trust an answer BC may leave undefined."""
+    from sandbox.stack import ENVIRONMENT, TENANT
+    from shared.runtime import runtime
+
+    world.bc.configure(schema_version_2_1_honoured=False, nested_functions_without_2_1="empty")
+    empty = world.bc.add_company(TENANT, ENVIRONMENT, name="Empty Ltd")
+    world.bc.add_customer(world.company_id, displayName="Front desk", email="front@example.com;books@example.com")
+
+    async def verdicts() -> tuple[str, str, str]:
+        rt = runtime()
+        return (await rt.bc_for(empty).nested_calls(), await rt.bc_for(world.company_id).nested_calls(),
+                await rt.bc_for(empty).nested_calls())
+
+    assert world.host.run(verdicts(), 30) == ("unknown", "untrusted", "untrusted")
+
+
 def test_an_address_that_is_only_part_of_another_customers_address_never_links_to_it(world):
     victim = world.bc.add_customer(world.company_id, displayName="Victim", email="victim@example.com;x@example.com")
     upsert_customers(world, [CustomerSource(email="tim@example.com", displayName="Tim")])  # `contains` finds Victim

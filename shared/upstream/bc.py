@@ -63,6 +63,9 @@ NESTED_UNKNOWN_SECONDS = 60.0
 """How long "BC has no customer with an e-mail to try" is kept: a first sync into an empty company
 looks customers up every few seconds, and asking again each time was a third of its BC requests."""
 _nested_verdicts: weakref.WeakKeyDictionary[ApiClient, tuple[float, str]] = weakref.WeakKeyDictionary()
+_no_sample_until: weakref.WeakKeyDictionary[ApiClient, dict[str, float]] = weakref.WeakKeyDictionary()
+"""Per environment, per company: until when "this company has no customer with an e-mail" holds.
+Whether BC honours nested calls is the environment's; having a customer to test it with is a company's."""
 
 SECONDS_PER_CREATE = {"customers": 0.2, "items": 0.2, "salesInvoices": 0.5}
 """A generous estimate of what BC spends creating one record inside a `$batch` (an invoice with
@@ -315,15 +318,17 @@ class BcClient:
         nothing would make the directory create every customer again. So the lookup is tried once
         with the first address of a customer BC has: `trusted` when BC finds that customer by it
         and nothing that lacks the address; `refused` on a 400; `untrusted` on any other 200;
-        `unknown` when BC has no customer with an e-mail to try (nothing can be missed then; kept a minute). A
+        `unknown` when BC has no customer with an e-mail to try (nothing can be missed then; kept a minute for that company). A
         verdict is kept `NESTED_CHECK_SECONDS` per environment."""
         cached = _nested_verdicts.get(self.api)
         if cached and cached[0] > time.monotonic():
             return cached[1]
+        if _no_sample_until.get(self.api, {}).get(self.company_id, 0.0) > time.monotonic():
+            return "unknown"
         sample = await self.list("customers", "email ne ''", {"$top": "1", "$select": "id,email"})
         addresses = email_addresses(sample[0].get("email")) if sample else []
         if not addresses:
-            _nested_verdicts[self.api] = (time.monotonic() + NESTED_UNKNOWN_SECONDS, "unknown")
+            _no_sample_until.setdefault(self.api, {})[self.company_id] = time.monotonic() + NESTED_UNKNOWN_SECONDS
             return "unknown"
         address = addresses[0]
         try:
