@@ -60,12 +60,10 @@ COMPANY_NAME_SECONDS = 3600.0
 NESTED_CHECK_SECONDS = 3600.0
 """How long an environment's answer to the nested-call check (`BcClient.nested_calls`) is kept."""
 NESTED_UNKNOWN_SECONDS = 60.0
-"""How long "BC has no customer with an e-mail to try" is kept: a first sync into an empty company
-looks customers up every few seconds, and asking again each time was a third of its BC requests."""
+"""How long "no customer with an e-mail to try" is kept (asked before each lookup, a third of a first sync's BC requests)."""
 _nested_verdicts: weakref.WeakKeyDictionary[ApiClient, tuple[float, str]] = weakref.WeakKeyDictionary()
 _no_sample_until: weakref.WeakKeyDictionary[ApiClient, dict[str, float]] = weakref.WeakKeyDictionary()
-"""Per environment, per company: until when "this company has no customer with an e-mail" holds.
-Whether BC honours nested calls is the environment's; having a customer to test it with is a company's."""
+"""Until when a company has no customer with an e-mail (nested calls are the environment's; samples a company's)."""
 
 SECONDS_PER_CREATE = {"customers": 0.2, "items": 0.2, "salesInvoices": 0.5}
 """A generous estimate of what BC spends creating one record inside a `$batch` (an invoice with
