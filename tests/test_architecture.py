@@ -16,6 +16,8 @@ and under `if TYPE_CHECKING:` (a type is too)."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -168,3 +170,13 @@ def test_no_module_is_over_500_lines(package):
     long = {str(path.relative_to(ROOT)): lines for path in sorted((ROOT / package).rglob("*.py"))
             if (lines := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert long == {}, f"split by concern: {long}"
+
+
+def test_starting_the_app_leaves_the_page_and_sign_in_libraries_for_the_first_page():
+    """The Functions host imports `function_app` on every cold start, and most instances only sync
+    and invoice: Jinja2, Babel and PyJWT (with cryptography's X.509, about 30 ms together) load when a
+    page or a sign-in first needs them (`make bench` holds the import to 1.3x its dependencies)."""
+    code = ("import sys, function_app; "
+            "print(sorted(m for m in ('jinja2', 'babel', 'jwt', 'cryptography.x509') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -15,12 +15,15 @@ import hashlib
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-import jwt
 import requests
 
 from shared.settings import Settings
+
+if TYPE_CHECKING:
+    import jwt
 
 SKEW_SECONDS = 300
 """Clock skew allowed on `exp`, `nbf` and `iat` (Microsoft.IdentityModel's default is 5 minutes)."""
@@ -101,6 +104,8 @@ def provider(settings: Settings) -> Provider:
 
 
 def _keys(jwks_uri: str) -> jwt.PyJWKClient:
+    import jwt  # PyJWT brings cryptography's X.509 (13 ms): only a sign-in needs it, not every instance's start
+
     with _lock:
         client = _key_clients.get(jwks_uri)
         if client is None:
@@ -118,6 +123,8 @@ def nonce_hash(nonce: str) -> str:
 def validate(token: str, found: Provider, client_id: str, nonce: str) -> dict:
     """The claims of a valid ID token for this app, tenant and sign-in (`nonce` as sent in the
     authorize request); `InvalidIdToken` otherwise. Blocking (the key set may be fetched)."""
+    import jwt
+
     try:
         if jwt.get_unverified_header(token).get("alg") != "RS256":  # no "none", no HMAC with the public key
             raise InvalidIdToken("signature")

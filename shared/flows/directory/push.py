@@ -31,7 +31,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from babel import Locale
 
 from shared.flows.bookings import normalise_email, parse_instant
 from shared.flows.directory.links import KINDS as DIRECTORY_KINDS
@@ -82,6 +81,8 @@ def _country_name(code: str | None) -> str | None:
     which the other direction maps back to the code."""
     if not code:
         return None
+    from babel import Locale  # only the directory worker needs it: keep it out of app start-up
+
     return Locale("en").territories.get(code.upper(), code)
 
 

@@ -23,7 +23,6 @@ from datetime import date, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError
-from babel.dates import format_date
 from cronsim import CronSim
 
 from shared.flows.invoicing.jobs import HEADER, Dating, invoice_bookings, new_job_id
@@ -59,6 +58,8 @@ def period_of(kind: str, day: date, zone: str) -> Period:
     """The month or ISO week `day` falls in."""
     tz = ZoneInfo(zone)
     if kind == "month":
+        from babel.dates import format_date  # only billing runs need it: keep it out of app start-up
+
         first = day.replace(day=1)
         following = (first + timedelta(days=32)).replace(day=1)
         return Period(f"{first:%Y-%m}", format_date(first, "MMMM y", locale="en"),

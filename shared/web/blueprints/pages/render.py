@@ -23,19 +23,18 @@ from zoneinfo import ZoneInfo
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from babel import Locale, UnknownLocaleError
-from babel.core import negotiate_locale
-from babel.dates import format_date, format_time, get_timezone_name
-from babel.messages.mofile import write_mo
-from babel.messages.pofile import read_po
-from babel.numbers import format_decimal
-from babel.support import NullTranslations, Translations
-from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup, escape
 
 from shared.flows.bookings import parse_instant
+
+if TYPE_CHECKING:
+    from babel.support import NullTranslations
+    from jinja2 import Environment
+
+# Babel and Jinja2 are imported where they are used (about 16 ms): an instance that only syncs and
+# invoices never shows a page, and the Functions host imports the app on every cold start.
 
 HERE = Path(__file__).parent
 TEMPLATES = HERE / "templates"
@@ -70,6 +69,10 @@ def catalog_path(language: str) -> Path:
 
 @cache
 def translations(language: str) -> NullTranslations:
+    from babel.messages.mofile import write_mo
+    from babel.messages.pofile import read_po
+    from babel.support import NullTranslations, Translations
+
     path = catalog_path(language)
     if language == DEFAULT_LANGUAGE or not path.exists():
         return NullTranslations()
@@ -83,6 +86,8 @@ def translations(language: str) -> NullTranslations:
 
 def choose_language(requested: str | None, cookie: str | None, accept_language: str | None) -> str:
     """An explicit choice (the switcher, then its cookie), else the browser's preference."""
+    from babel.core import negotiate_locale
+
     for choice in (requested, cookie):
         if choice in LANGUAGES:
             return choice
@@ -109,6 +114,8 @@ class Formats:
     """Locale-aware formatting of what the pages show."""
 
     def __init__(self, language: str, time_zone: str):
+        from babel import Locale, UnknownLocaleError
+
         try:
             self.locale = Locale.parse(language)
         except (UnknownLocaleError, ValueError):
@@ -116,6 +123,8 @@ class Formats:
         self.zone = ZoneInfo(time_zone)
 
     def when(self, value: str | datetime | None) -> str:
+        from babel.dates import format_date, format_time
+
         moment = parse_instant(value)
         if moment is None:
             return ""
@@ -131,16 +140,22 @@ class Formats:
         return moment.astimezone(self.zone).date().isoformat() if moment else ""
 
     def amount(self, value: float | Decimal | str | None) -> str:
+        from babel.numbers import format_decimal
+
         if value is None or value == "":
             return ""
         return format_decimal(Decimal(str(value)), format="#,##0.00", locale=self.locale)
 
     def number(self, value: float | Decimal | int | None) -> str:
+        from babel.numbers import format_decimal
+
         if value is None:
             return ""
         return format_decimal(Decimal(str(value)).normalize(), locale=self.locale)
 
     def zone_name(self) -> str:
+        from babel.dates import get_timezone_name
+
         return get_timezone_name(self.zone, locale=self.locale)
 
 
@@ -155,6 +170,8 @@ def say(language: str, value: Message | str | None) -> Markup:
 
 @cache
 def environment(language: str) -> Environment:
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, undefined=StrictUndefined,
                       extensions=["jinja2.ext.i18n"], trim_blocks=True, lstrip_blocks=True)
     catalog = translations(language)
