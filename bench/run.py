@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bench.machine import machine as measured_on
 from bench.report import per_unit, plot, ratio, table, targets
 
 
@@ -429,9 +429,7 @@ def main() -> None:
 
     results: dict = {"generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
                      "quick": args.quick, "plan": plan.__dict__,
-                     "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                 "platform": platform.platform(),
-                                 "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
+                     "machine": measured_on(),
                      "cost_model": {"graph": {"latency_ms": 60, "max_concurrency_per_mailbox": 4, "page_size": 100},
                                     "bc": {"latency_ms": 120, "max_concurrency": 5, "batch_item_ms": 20,
                                            "max_queued": None},
@@ -478,6 +476,7 @@ def main() -> None:
     machine = results["machine"]
     print(f"\nload average (1, 5, 15 min) at the start {machine['load_average_at_start']}, at the end "
           f"{machine['load_average_at_end']} on {machine['cpus']} cores: well above 0 means other work shared them")
+    print(f"commit {machine['commit']}")
     print(f"wrote {out / 'latest.json'} and {out / 'scaling.png'} in {results['bench_seconds']:.0f} s")
     if results["bench_seconds"] > 600:
         print("warning: the benchmark took longer than its 10-minute budget")

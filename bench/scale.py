@@ -23,7 +23,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bench.machine import machine as measured_on
 from bench.run import APP_SETTINGS_TO_CLEAR, RESULTS, ROOT, Bench, log
 from bench.scale_report import cpu_targets, per_unit, plot, table
 
@@ -339,9 +339,7 @@ def main() -> None:
 
     results: dict = {"generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
                      "quick": args.quick, "plan": plan.__dict__,
-                     "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                 "platform": platform.platform(),
-                                 "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
+                     "machine": measured_on(),
                      "cost_model": {"graph": {"latency_ms": 60, "max_concurrency_per_mailbox": 4, "page_size": 100},
                                     "bc": {"latency_ms": 120, "max_concurrency": 5, "batch_item_ms": 20,
                                            "max_queued": None},
@@ -374,9 +372,14 @@ def main() -> None:
     print(table(results))
     for target in results["targets"]:
         print(f"  [{'met' if target['met'] else 'NOT met'}] {target['target']}: {target['measured']}")
+    if results["per_unit"]:
+        from bench.capacity import markdown
+
+        print("\nExpected capacity (README, Capacity; `python -m bench.capacity` prints it again):\n")
+        print(markdown(results))
     machine = results["machine"]
     print(f"  load average at the start {machine['load_average_at_start']}, at the end {machine['load_average_at_end']} "
-          f"on {machine['cpus']} cores")
+          f"on {machine['cpus']} cores; commit {machine['commit']}")
     for problem in problems:
         print(f"  PROBLEM: {problem}")
     written = f"{out / name}.json" + ("" if args.only else f" and {name}.png")
