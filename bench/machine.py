@@ -11,12 +11,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def commit() -> str:
-    """The short commit of the working tree, with "+changes" when it differs from it."""
+    """The short commit of the working tree, with "+changes" when its tracked files differ from it
+    (the bench's own results, which a previous run rewrote, aside)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
 
     head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results") else "")
 
 
 def machine() -> dict:
