@@ -23,7 +23,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results" / "scale.json"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "scale.json"
 
 RUNS_PER_MONTH = 30 * 24 * 4
 """A sync every 15 minutes."""
@@ -111,8 +112,20 @@ def executions_line(businesses: int) -> str:
     return f"{businesses} businesses: {executions:,} executions a month, ${dollars:.2f}"
 
 
+def function_timeout_seconds() -> float:
+    """host.json's `functionTimeout` (hh:mm:ss): one business's sync must finish within it."""
+    hours, minutes, seconds = json.loads((ROOT / "host.json").read_text())["functionTimeout"].split(":")
+    return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
 def _duration(seconds: float) -> str:
-    return f"~{seconds:.0f} s" if seconds < 120 else f"~{seconds / 60:.0f} min"
+    text = f"~{seconds:.0f} s" if seconds < 120 else f"~{seconds / 60:.0f} min"
+    limit = function_timeout_seconds()
+    if seconds > limit:
+        text += f": over the {limit / 60:.0f}-minute `functionTimeout` (raise it; Flex allows it)"
+    elif seconds > 0.7 * limit:
+        text += f": near the {limit / 60:.0f}-minute `functionTimeout`"
+    return text
 
 
 def _rounded(value: float) -> str:
