@@ -10,8 +10,9 @@ bench-scale` prints it too, after its measurements. The model (README, *Capacity
   businesses and appointments), its measured CPU is used instead.
 - A business alone on its instance is billed for its run time (it waits on Graph longer than it
   computes): measured where a calendar of that size was measured, else fitted like the CPU (the
-  seconds a business takes whatever its size, plus those per 1,000 appointments). Several businesses are billed for their CPU, spread over the
-  instances; the run takes the longer of the slowest business and the CPU per instance.
+  seconds a business takes whatever its size, plus those per 1,000 appointments). Several
+  businesses are billed for their CPU, spread over the instances; the run takes the longer of the
+  slowest business and the CPU per instance.
 - Graph requests: the fitted requests per business (its customers' pages included, 1,000
   customers in the fit) plus those per 1,000 appointments.
 """

@@ -31,7 +31,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-
 from shared.flows.bookings import normalise_email, parse_instant
 from shared.flows.directory.links import KINDS as DIRECTORY_KINDS
 from shared.flows.directory.links import link_partition
