@@ -22,8 +22,10 @@ with what to fix; a draft found complete is never deleted."""
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from typing import TypeVar
 from urllib.parse import quote, urlencode
 
 from shared.upstream.bc import CONFIRM_DELAYS, MAX_BATCH_REQUESTS, BcClient, Wait, explain_refusal
@@ -31,6 +33,8 @@ from shared.flows.invoicing.dimensions import clear_refusal, record_refusal
 from shared.upstream.errors import UpstreamAmbiguous, UpstreamError, error_from_body
 from shared.flows.messages import throttled_wait
 from shared.storage.store import Store
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -116,28 +120,37 @@ async def complete(bc: BcClient, drafts: list[Draft]) -> None:
             await _delete(bc, draft)
 
 
+async def _get_each(bc: BcClient, items: list[T], url_of: Callable[[T], str],
+                    draft_of: Callable[[T], Draft]) -> AsyncIterator[tuple[T, dict]]:
+    """GETs in `$batch`es of 100 (BC answers every one): each item with its answer. When a whole
+    batch fails, its items' drafts wait."""
+    for start in range(0, len(items), MAX_BATCH_REQUESTS):
+        chunk = items[start:start + MAX_BATCH_REQUESTS]
+        try:
+            answers = await bc.batch([{"method": "GET", "url": url_of(item)} for item in chunk])
+        except UpstreamError as error:
+            for item in chunk:
+                draft = draft_of(item)
+                draft.wait = draft.wait or _later(draft, error)
+            continue
+        for pair in zip(chunk, answers, strict=True):
+            yield pair
+
+
 async def _read(bc: BcClient, drafts: list[Draft], params: dict) -> dict[str, dict]:
     """Each draft as BC has it now (one `$batch` of GETs per 100). A draft BC no longer has is
     refused; one that cannot be read now waits. Returns the answers by draft key."""
     found: dict[str, dict] = {}
     query = urlencode(params, quote_via=quote, safe="$,()=")
-    for start in range(0, len(drafts), MAX_BATCH_REQUESTS):
-        chunk = drafts[start:start + MAX_BATCH_REQUESTS]
-        try:
-            answers = await bc.batch([{"method": "GET", "url": f"{d.path}?{query}"} for d in chunk])
-        except UpstreamError as error:
-            for draft in chunk:
-                draft.wait = draft.wait or _later(draft, error)
-            continue
-        for draft, answer in zip(chunk, answers, strict=True):
-            status, body = int(answer.get("status") or 0), answer.get("body")
-            if status == 404:
-                draft.refusal = "the draft was deleted in Business Central while the app was making it"
-            elif 200 <= status < 300 and isinstance(body, dict) and "id" in body:
-                draft.take(body)
-                found[draft.key] = body
-            else:
-                draft.wait = draft.wait or _later(draft, error_from_body(bc.api.service, status, body, ""))
+    async for draft, answer in _get_each(bc, drafts, lambda d: f"{d.path}?{query}", lambda d: d):
+        status, body = int(answer.get("status") or 0), answer.get("body")
+        if status == 404:
+            draft.refusal = "the draft was deleted in Business Central while the app was making it"
+        elif 200 <= status < 300 and isinstance(body, dict) and "id" in body:
+            draft.take(body)
+            found[draft.key] = body
+        else:
+            draft.wait = draft.wait or _later(draft, error_from_body(bc.api.service, status, body, ""))
     return found
 
 
@@ -222,22 +235,14 @@ async def _align(bc: BcClient, parents: list[Parent]) -> None:
 
 async def _reread(bc: BcClient, parents: list[Parent]) -> None:
     """The dimension set lines of these parents as BC has them now."""
-    for start in range(0, len(parents), MAX_BATCH_REQUESTS):
-        chunk = parents[start:start + MAX_BATCH_REQUESTS]
-        try:
-            answers = await bc.batch([{"method": "GET", "url": f"{p.path}/dimensionSetLines"} for p in chunk])
-        except UpstreamError as error:
-            for parent in chunk:
-                parent.draft.wait = parent.draft.wait or _later(parent.draft, error)
-            continue
-        for parent, answer in zip(chunk, answers, strict=True):
-            body = answer.get("body")
-            if 200 <= int(answer.get("status") or 0) < 300 and isinstance(body, dict):
-                parent.have.clear()
-                parent.have.update(_by_code(body.get("value")))
-            else:
-                error = error_from_body(bc.api.service, int(answer.get("status") or 0), body, "")
-                parent.draft.wait = parent.draft.wait or _later(parent.draft, error)
+    async for parent, answer in _get_each(bc, parents, lambda p: f"{p.path}/dimensionSetLines", lambda p: p.draft):
+        body = answer.get("body")
+        if 200 <= int(answer.get("status") or 0) < 300 and isinstance(body, dict):
+            parent.have.clear()
+            parent.have.update(_by_code(body.get("value")))
+        else:
+            error = error_from_body(bc.api.service, int(answer.get("status") or 0), body, "")
+            parent.draft.wait = parent.draft.wait or _later(parent.draft, error)
 
 
 async def _add_lines(bc: BcClient, drafts: list[Draft]) -> None:
