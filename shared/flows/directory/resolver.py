@@ -137,13 +137,16 @@ class Resolver(LinkClaims):
         links: dict[str, Link] = {}
         waits: dict[str, Wait] = {}
         deadline = time.monotonic() + WAIT_FOR_OTHER_SECONDS
-        if self.expect_new:
-            claimed = await self._claim_new(kind, list(pending))
+
+        async def link(claimed: dict[str, Claim]) -> None:
+            """Looks up or creates the records this worker claimed, which are pending no more."""
             if claimed:
-                batch = [pending.pop(key) for key in claimed]
-                found, waiting = await self._link_claimed(kind, batch, claimed, find)
-                links |= found
-                waits |= waiting
+                found, waiting = await self._link_claimed(kind, [pending.pop(key) for key in claimed], claimed, find)
+                links.update(found)
+                waits.update(waiting)
+
+        if self.expect_new:
+            await link(await self._claim_new(kind, list(pending)))
         while pending:
             rows = await self.store.get_many(kind.table, self._pk(kind), [encode_key(key) for key in pending])
             now = datetime.now(timezone.utc)
@@ -166,12 +169,7 @@ class Resolver(LinkClaims):
                 else:
                     unlinked[key] = row
             await asyncio.gather(*refreshes)  # side by side, within BC's 5 requests at a time
-            claimed = await self._claim_all(kind, unlinked)
-            if claimed:
-                batch = [pending.pop(key) for key in claimed]
-                found, waiting = await self._link_claimed(kind, batch, claimed, find)
-                links |= found
-                waits |= waiting
+            await link(await self._claim_all(kind, unlinked))
             if pending:
                 if time.monotonic() > deadline:
                     raise LinkBusy(f"another worker has been resolving {kind.name} "
