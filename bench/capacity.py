@@ -119,9 +119,8 @@ def function_timeout_seconds() -> float:
     return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
 
 
-def _duration(seconds: float) -> str:
+def _duration(seconds: float, limit: float) -> str:
     text = f"~{seconds:.0f} s" if seconds < 120 else f"~{seconds / 60:.0f} min"
-    limit = function_timeout_seconds()
     if seconds > limit:
         text += f": over the {limit / 60:.0f}-minute `functionTimeout` (raise it; Flex allows it)"
     elif seconds > 0.7 * limit:
@@ -137,10 +136,11 @@ def markdown(scale: dict) -> str:
     lines = ["| businesses | appointments in the window | per business | instances | unchanged run | "
              "Graph requests a run | app CPU a run | GB-s a month | about a month |",
              "|---|---|---|---|---|---|---|---|---|"]
+    limit = function_timeout_seconds()
     for e in estimates(scale):
         cpu = f"{e.cpu_seconds:.1f} s" + (" (measured)" if e.cpu_measured else "")
         lines.append(f"| {e.businesses} | {e.appointments:,} | {e.per_business:,} | {e.instances} | "
-                     f"{_duration(e.run_seconds)} | {e.graph_requests:,} | {cpu} | "
+                     f"{_duration(e.run_seconds, limit)} | {e.graph_requests:,} | {cpu} | "
                      f"{_rounded(e.gb_seconds_a_month)} ({e.billed_for}) | ${e.dollars_a_month:.0f} |")
     lines += ["", "Executions: " + "; ".join(executions_line(n) for n in (20, 80, 200)) + "."]
     return "\n".join(lines)
